@@ -1,0 +1,279 @@
+"""The `qlin` command line: parse, call the API (api.py), render. The only module that imports
+typer or rich. Results go to stdout (one JSON object with --json), everything else to stderr.
+
+Exit codes: 0 ok, 1 a user error (one line on stderr, no traceback unless --debug), 2 usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import ACT_GRANULARITIES, KERNELS, MODES, QuantConfig, load_recipe
+from .errors import QlinError
+from .qfile import write_atomic, check_output
+from .report import json_safe, to_markdown
+
+app = typer.Typer(
+    name="qlin",
+    help="Post-training int8 quantization of the nn.Linear layers of a PyTorch model.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+# Wide tables when piped (rich would assume 80 columns); the terminal's width otherwise.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+
+# Exit code of each error kind: one table. Anything not a QlinError is a bug: also 1, one line.
+EXIT_CODES: dict[type[BaseException], int] = {QlinError: 1, click.UsageError: 2}
+
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", help="Architecture for a state dict: package.module:factory or file.py:factory."),
+]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-pickle", help="Unpickle a module with classes of its own (runs code from the file).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+DeviceOpt = Annotated[Literal["cpu", "cuda"], typer.Option("--device", help="Device to pack and run on.")]
+InputsOpt = Annotated[
+    Optional[Path],
+    typer.Option("--inputs", help="Model inputs (.safetensors or .pt): a tensor, or a dict of tensors as keyword arguments."),
+]
+
+
+def _print_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2) + "\n")
+
+
+def _shape(value: Any) -> str:
+    if value is None:
+        return "-"
+    return "(" + ", ".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+@app.command()
+def quantize(
+    source: Annotated[Path, typer.Argument(help="Float checkpoint: .pt/.pth/.bin or .safetensors.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file [default: <stem>.int8.safetensors].")] = None,
+    mode: Annotated[Optional[Literal[MODES]], typer.Option(help="dynamic (default) or weight-only.")] = None,
+    granularity: Annotated[Optional[Literal["tensor", "channel"]], typer.Option(help="Weight scales: channel (default) or tensor.")] = None,
+    symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Weight zero point 0 (default) or fitted.")] = None,
+    act_granularity: Annotated[Optional[Literal[ACT_GRANULARITIES]], typer.Option(help="Dynamic activations: token (default, batch-invariant) or tensor (batch-dependent).")] = None,
+    kernel: Annotated[Optional[Literal[KERNELS]], typer.Option(help="Kernel request; auto picks per layer.")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Regex on module paths to keep in float (repeatable; adds to the recipe's).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML recipe (see configs/); flags override it.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here, and as Markdown beside it (.md).")] = None,
+    inputs: InputsOpt = None,
+    model: ModelOpt = None,
+    trust_pickle: TrustOpt = False,
+    device: DeviceOpt = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quantize every nn.Linear of SOURCE to int8 and write a qlin safetensors file."""
+    from .api import quantize_checkpoint
+
+    recipe = load_recipe(config) if config is not None else {}
+    flags = dict(mode=mode, granularity=granularity, symmetric=symmetric, act_granularity=act_granularity, kernel=kernel)
+    merged = {**recipe, **{k: v for k, v in flags.items() if v is not None}}
+    if kernel is not None and act_granularity is None and "act_granularity" in recipe:
+        merged.pop("act_granularity")  # let the new kernel decide
+    if skip:
+        merged["skip"] = [*recipe.get("skip", []), *skip]
+    cfg = QuantConfig.from_dict(merged, origin=str(config) if config else "options")
+    if report is not None:
+        for p in (report, report.with_suffix(".md")):
+            check_output(p, force=force, inputs=(source,))
+
+    with Progress(
+        TextColumn("[bold]quantizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
+
+        result = quantize_checkpoint(
+            source, output, cfg, model=model, trust_pickle=trust_pickle, inputs=inputs,
+            device=device, force=force, progress=progress,
+        )
+    if report is not None:
+        write_atomic(report, (json.dumps(json_safe(result), indent=2) + "\n").encode(), force=force)
+        write_atomic(report.with_suffix(".md"), to_markdown(result).encode(), force=force)
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(title=f"qlin quantize {result['source']} -> {result['output']}", title_justify="left")
+    for col in ("layer", "weight shape", "scale shape", "kernel", "weight SQNR dB", "bytes float -> int8", "note"):
+        table.add_column(col, justify="right" if col in ("weight SQNR dB", "bytes float -> int8") else "left")
+    for r in result["layers"]:
+        note = r["reason"] if r["status"] == "skipped" else ("" if r["batch_invariant"] else "batch-dependent")
+        if r["status"] == "quantized" and r["kernel_reason"].startswith("fallback"):
+            note = r["kernel_reason"]
+        table.add_row(
+            r["name"] or "(root)", _shape(r["weight_shape"]), _shape(r["scale_shape"]), r["kernel"] or "float",
+            _num(r["weight_sqnr_db"]), f"{r['bytes_float']:,} -> {r['bytes_int8']:,}", note,
+        )
+    out.print(table)
+    t, probe = result["totals"], result["probe"]
+    out.print(
+        f"layers: {t['layers_quantized']} quantized, {t['layers_skipped']} kept float   "
+        f"file: {t['size_float_bytes']:,} -> {t['size_int8_bytes']:,} bytes ({t['compression']:.2f}x smaller)   "
+        f"Linear weights: {t['linear_bytes_float']:,} -> {t['linear_bytes_int8']:,} bytes"
+    )
+    if probe.get("sqnr_db") is not None:
+        out.print(
+            f"model output on {probe['description']} ({probe['compared']}): "
+            f"SQNR {probe['sqnr_db']:.2f} dB, cosine {probe['cosine']:.5f}, max abs err {probe['max_abs_err']:.3g}"
+        )
+    else:
+        out.print(f"model output: not measured ({probe['note']})")
+    out.print(f"wrote {result['output']}" + (f", {report} and {report.with_suffix('.md')}" if report else ""))
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A qlin file, or a float checkpoint.")],
+    model: ModelOpt = None,
+    trust_pickle: TrustOpt = False,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a qlin file's metadata and layers, or the Linear layers of a float checkpoint."""
+    from .api import inspect_path
+
+    info = inspect_path(file, model=model, trust_pickle=trust_pickle, device=device)
+    if as_json:
+        _print_json(info)
+        return
+    if info["kind"] == "qlin":
+        for key, value in info["metadata"].items():
+            out.print(f"{key}: {value}")
+        out.print(f"config: {json.dumps(info['config'])}")
+        table = Table(title=f"{info['path']}: {len(info['layers'])} Linear layers", title_justify="left")
+        cols = ("layer", "weight", "scale shape", "zero point shape", "granularity", "symmetric",
+                "scale min", "scale max", "kernel here", "note")
+        for col in cols:
+            table.add_column(col)
+        for r in info["layers"]:
+            if r["status"] != "quantized":
+                table.add_row(r["name"] or "(root)", _shape(r["weight_shape"]), *["-"] * 7, f"float: {r['reason']}")
+                continue
+            note = r["kernel_reason"] + ("" if r["batch_invariant"] else "; results depend on the batch")
+            table.add_row(
+                r["name"] or "(root)", f"{r['weight_dtype']} {_shape(r['weight_shape'])}", _shape(r["scale_shape"]),
+                _shape(r["zero_point_shape"]), r["granularity"], str(r["symmetric"]).lower(),
+                f"{r['scale_min']:.3g}", f"{r['scale_max']:.3g}", r["kernel"], note,
+            )
+        out.print(table)
+        return
+    table = Table(title=f"{info['path']}: {info['kind']}, {info['note']}", title_justify="left")
+    for col in ("layer", "weight shape", "scale shape per tensor", "scale shape per channel"):
+        table.add_column(col)
+    for r in info["layers"]:
+        table.add_row(r["name"] or "(root)", _shape(r["weight_shape"]), _shape(r["scale_shape_per_tensor"]),
+                      _shape(r["scale_shape_per_channel"]))
+    out.print(table)
+
+
+@app.command("eval")
+def evaluate(
+    source: Annotated[Path, typer.Argument(help="The float checkpoint.")],
+    quantized: Annotated[Path, typer.Argument(help="The qlin file made from it.")],
+    inputs: Annotated[Path, typer.Option("--inputs", help="Inputs: a tensor (samples first) or a dict of tensors as keyword arguments.")],
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="Class index per sample, for accuracy.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward pass.")] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed passes over the inputs.")] = 5,
+    model: ModelOpt = None,
+    trust_pickle: TrustOpt = False,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the float and the int8 model on the same inputs and compare them."""
+    from .api import evaluate_checkpoint
+
+    r = evaluate_checkpoint(
+        source, quantized, inputs, labels, model=model, trust_pickle=trust_pickle,
+        batch_size=batch_size, repeats=repeats, device=device,
+    )
+    if as_json:
+        _print_json(r)
+        return
+    table = Table(title=f"qlin eval: {source} vs {quantized} on {r['samples']} samples ({r['compared']})",
+                  title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("SQNR dB", _num(r["sqnr_db"])), ("cosine (mean per sample)", _num(r["cosine"], 6)),
+        ("max abs error", f"{r['max_abs_err']:.4g}"), ("MSE", f"{r['mse']:.4g}"),
+        ("top-1 agreement", _num(r["top1_agreement"], 4)),
+        ("accuracy float", _num(r["accuracy_float"], 4)), ("accuracy int8", _num(r["accuracy_int8"], 4)),
+        (f"latency float ms (batch {r['batch_size']}, {r['threads']} threads)", _num(r["latency_float_ms"], 3)),
+        ("latency int8 ms", _num(r["latency_int8_ms"], 3)), ("speedup", f"{r['speedup']:.2f}x"),
+        ("size float bytes", f"{r['size_float_bytes']:,}"), ("size int8 bytes", f"{r['size_int8_bytes']:,}"),
+        ("kernels", ", ".join(f"{k} x{v}" for k, v in r["kernels"].items())),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    if not r["source_matches"]:
+        err.print("note: the qlin file records another source file (sha256 differs)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning errors into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+    try:
+        code = app(args=args, prog_name="qlin", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.UsageError as exc:
+        if debug:
+            raise
+        hint = f" (see 'qlin {exc.ctx.command.name} --help')" if exc.ctx and exc.ctx.command.name != "qlin" else ""
+        err.print(f"error: {exc.format_message()}{hint}", markup=False)
+        code = EXIT_CODES[click.UsageError]
+    except click.exceptions.Abort:
+        err.print("interrupted", markup=False)
+        code = 130
+    except QlinError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", markup=False, soft_wrap=True)
+        code = EXIT_CODES[QlinError]
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        code = 130
+    except Exception as exc:  # a bug in qlin: still one line, the traceback with --debug
+        if debug:
+            raise
+        err.print(f"error: internal error {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                  markup=False, soft_wrap=True)
+        code = 1
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

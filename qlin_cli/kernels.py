@@ -1,0 +1,274 @@
+"""int8 matmul kernels: which one runs (selection), preparing its operands once (packing), and
+running it. The only module that touches quantized tensors (qint8) or `torch.ops.quantized`.
+
+Kernels (weights `(N, K)` int8 = `(out_features, in_features)`, activations `x` `(M, K)`):
+
+| name          | activations                        | op                                   | devices   |
+|---------------|------------------------------------|--------------------------------------|-----------|
+| `int_mm`      | int8, symmetric, per token/tensor  | `torch._int_mm` (int32 accumulation) | CPU, CUDA |
+| `fbgemm`      | uint8, per tensor (batch-dependent)| prepacked `quantized.linear_dynamic` | CPU       |
+| `weight_only` | float                              | `torch._weight_int8pack_mm`          | CPU, CUDA |
+| `dequant`     | float                              | `F.linear` on dequantized weights    | any       |
+
+`dequant` is never chosen by `auto` for a mode it does not implement faithfully: it is the
+reported fallback of weight-only mode where `_weight_int8pack_mm` cannot run.
+
+Selection (`select_kernel`) is a pure function of the request, mode, activation granularity,
+device, dtype and shape, and of what this torch build and CPU offer; it never times anything, so
+the same machine always picks the same kernel and the saved file never depends on it.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .primitives import dequantize, quantize_activations
+
+__all__ = [
+    "KernelChoice",
+    "IntMMRules",
+    "INT_MM_RULES",
+    "cpu_features",
+    "select_kernel",
+    "pack",
+]
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernel a layer runs on this machine, and why."""
+
+    name: str  # int_mm | fbgemm | weight_only | dequant
+    reason: str
+    batch_invariant: bool  # a row's output never depends on the other rows of the batch
+
+    @property
+    def fallback(self) -> bool:
+        return self.reason.startswith("fallback")
+
+
+@dataclass(frozen=True)
+class IntMMRules:
+    """Shape rules of `torch._int_mm` on a device; packing pads to meet them.
+
+    Padding K and N with zeros leaves every integer dot product unchanged, and padding M adds
+    rows that are dropped, so padded results are bit-identical to unpadded ones.
+    """
+
+    k_multiple: int = 1
+    n_multiple: int = 1
+    min_m: int = 1
+
+
+# CUDA's _int_mm wants M > 16 and K, N multiples of 8; the CPU kernel takes any shape.
+INT_MM_RULES = {"cpu": IntMMRules(), "cuda": IntMMRules(k_multiple=8, n_multiple=8, min_m=17)}
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """CPU flags that matter to int8 kernels (avx512_vnni, avx_vnni, amx_int8, ...), from
+    /proc/cpuinfo; empty where that is not readable."""
+    wanted = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(set(line.split(":", 1)[1].split()) & wanted)
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _quiet(fn, *args):
+    """Call a quantized-tensor op with its deprecation warnings kept from the user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args)
+
+
+@functools.cache
+def _fbgemm_missing() -> str | None:
+    """Why fbgemm's dynamic kernel cannot run in this build/CPU, or None if it can."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"fbgemm needs an x86-64 CPU, this is {platform.machine()}"
+    engines = torch.backends.quantized.supported_engines
+    if not ({"fbgemm", "x86"} & set(engines)) or not hasattr(torch.ops.quantized, "linear_dynamic"):
+        return "this torch build has no fbgemm quantized engine"
+    return None
+
+
+def _fbgemm_reduce_range() -> bool:
+    """fbgemm's 8-bit activations can saturate int16 sums on CPUs without VNNI; only there is the
+    7-bit activation range (reduce_range) needed."""
+    return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_features())
+
+
+@functools.cache
+def _weight_int8pack_missing(device_type: str, dtype: torch.dtype, k: int, n: int) -> str | None:
+    """Run `_weight_int8pack_mm` once on zeros of this layer's shape; None if it works, else why."""
+    try:
+        torch._weight_int8pack_mm(
+            torch.zeros(1, k, dtype=dtype, device=device_type),
+            torch.zeros(n, k, dtype=torch.int8, device=device_type),
+            torch.ones(n, dtype=dtype, device=device_type),
+        )
+    except (RuntimeError, NotImplementedError, AttributeError) as exc:
+        return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def select_kernel(
+    *,
+    request: str,
+    mode: str,
+    act_granularity: str | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    in_features: int,
+    out_features: int,
+) -> KernelChoice:
+    """The kernel a layer runs on `device` for activations of `dtype`. Deterministic."""
+    device = torch.device(device)
+    if mode == "weight-only":
+        missing = _weight_int8pack_missing(device.type, dtype, in_features, out_features)
+        if missing is None:
+            why = "requested" if request == "weight_only" else "auto: weight-only mode"
+            return KernelChoice("weight_only", why, True)
+        return KernelChoice(
+            "dequant", f"fallback: torch._weight_int8pack_mm cannot run ({missing})", True
+        )
+    per_token = act_granularity == "token"
+    if request in ("auto", "fbgemm") and not per_token:
+        missing = "fbgemm runs on CPU only" if device.type != "cpu" else _fbgemm_missing()
+        if missing is None and dtype != torch.float32:
+            missing = f"fbgemm takes float32 activations, not {dtype}"
+        if missing is None:
+            rr = ", reduce_range (no VNNI)" if _fbgemm_reduce_range() else ""
+            why = "requested" if request == "fbgemm" else "auto: per-tensor activations on CPU"
+            return KernelChoice("fbgemm", why + rr, False)
+        if request == "fbgemm":
+            return KernelChoice("int_mm", f"fallback: {missing}", False)
+    why = "requested" if request == "int_mm" else f"auto: per-{act_granularity} int8 activations"
+    return KernelChoice("int_mm", why, per_token)
+
+
+class _IntMM:
+    """`torch._int_mm` with symmetric dynamic activations.
+
+    y[m, n] = a[m] * s[n] * (sum_k qx[m, k] * qw[n, k] - z[n] * sum_k qx[m, k]) + b[n]
+    The weight is stored transposed `(K, N)` and contiguous, padded to the device's shape rules.
+    """
+
+    def __init__(self, weight, scale, zero_point, bias, per_token: bool, rules: IntMMRules):
+        n, k = weight.shape
+        self.n, self.k, self.per_token, self.min_m = n, k, per_token, rules.min_m
+        self.pad_k, self.pad_n = -k % rules.k_multiple, -n % rules.n_multiple
+        self.wt = F.pad(weight, (0, self.pad_k, 0, self.pad_n)).t().contiguous()  # (Kp, Np)
+        self.scale = scale.float().reshape(-1) if scale.dim() else scale.float()  # (N,) or ()
+        zp = zero_point.to(torch.int32)
+        self.zero_point = zp if bool(zp.any()) else None
+        self.bias = None if bias is None else bias.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        q, a = quantize_activations(x, self.per_token)  # (M, K) int8, (M, 1) or ()
+        qp = q
+        if self.pad_k or m < self.min_m:
+            qp = F.pad(q, (0, self.pad_k, 0, max(0, self.min_m - m)))
+        acc = torch._int_mm(qp, self.wt)  # (M', Np) int32, exact
+        if qp is not q or self.pad_n:
+            acc = acc[:m, : self.n]
+        if self.zero_point is not None:
+            acc = acc - q.sum(dim=1, keepdim=True, dtype=torch.int32) * self.zero_point
+        y = acc.to(torch.float32)
+        y.mul_(a)
+        y.mul_(self.scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+class _Fbgemm:
+    """Prepacked fbgemm `quantized.linear_dynamic`: uint8 activations with one scale per call."""
+
+    def __init__(self, weight, scale, zero_point, bias):
+        if scale.dim() == 0:
+            qw = _quiet(torch._make_per_tensor_quantized_tensor, weight, float(scale), int(zero_point))
+        else:
+            qw = _quiet(
+                torch._make_per_channel_quantized_tensor,
+                weight, scale.double(), zero_point.to(torch.int64), 0,
+            )
+        self.packed = _quiet(torch.ops.quantized.linear_prepack, qw, None if bias is None else bias.float())
+        self.reduce_range = _fbgemm_reduce_range()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, self.reduce_range)
+
+
+class _WeightOnly:
+    """`torch._weight_int8pack_mm`: float activations times int8 weights `(N, K)` with per-row
+    scales. Asymmetric weights subtract `rowsum(x) * s * z` afterwards."""
+
+    def __init__(self, weight, scale, zero_point, bias, dtype):
+        n = weight.shape[0]
+        self.weight = weight.contiguous()
+        s = scale.float().expand(n).contiguous()
+        self.scale = s.to(dtype)
+        zp = zero_point.to(torch.float32).expand(n)
+        self.zp_scale = (s * zp).to(dtype) if bool(zp.any()) else None
+        self.bias = None if bias is None else bias.to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.scale.dtype).contiguous()
+        y = torch._weight_int8pack_mm(x, self.weight, self.scale)
+        if self.zp_scale is not None:
+            y = y - x.sum(dim=1, keepdim=True) * self.zp_scale
+        return y if self.bias is None else y.add_(self.bias)
+
+
+class _Dequant:
+    """Fallback: a float matmul on the dequantized weight (no int8 arithmetic at all)."""
+
+    def __init__(self, weight, scale, zero_point, bias, dtype):
+        self.weight = dequantize(weight, scale, zero_point).to(dtype)
+        self.bias = None if bias is None else bias.to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+def pack(
+    choice: KernelChoice,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    act_granularity: str | None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    rules: IntMMRules | None = None,
+):
+    """Prepare the operands of `choice.name` once, on `device`; returns a callable
+    `(M, K) float -> (M, N)` in the input's dtype. `rules` overrides the device's `_int_mm`
+    shape rules (tests use it to exercise the CUDA padding on CPU)."""
+    device = torch.device(device)
+    weight, scale, zero_point = weight.to(device), scale.to(device), zero_point.to(device)
+    bias = None if bias is None else bias.to(device)
+    if choice.name == "int_mm":
+        rules = rules or INT_MM_RULES.get(device.type, IntMMRules())
+        return _IntMM(weight, scale, zero_point, bias, act_granularity == "token", rules)
+    if choice.name == "fbgemm":
+        return _Fbgemm(weight, scale, zero_point, bias)
+    if choice.name == "weight_only":
+        return _WeightOnly(weight, scale, zero_point, bias, dtype)
+    if choice.name == "dequant":
+        return _Dequant(weight, scale, zero_point, bias, dtype)
+    raise AssertionError(f"unknown kernel {choice.name}")

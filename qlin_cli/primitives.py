@@ -1,0 +1,135 @@
+"""Affine int8 quantization math, the one home of it.
+
+    q = clamp(round(x / s) + z, qmin, qmax)        x ~ s * (q - z)
+
+Weights `(out_features, in_features)`: scale and zero point have shape `()` per tensor and
+`(out_features,)` per channel (see `Granularity`). Symmetric: z = 0, s = amax / 127, q in
+[-127, 127]. Asymmetric: the range [min(x, 0), max(x, 0)] maps onto [-128, 127].
+
+`amin_amax` is the one reduction; observers (calibration) use it too, so calibration and
+direct quantization share the same math.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Granularity
+from .errors import InputError
+
+__all__ = [
+    "QMIN",
+    "QMAX",
+    "MIN_SCALE",
+    "amin_amax",
+    "check_finite",
+    "qparams_from_range",
+    "choose_qparams",
+    "quantize",
+    "dequantize",
+    "quantize_activations",
+    "sqnr_db",
+]
+
+QMIN, QMAX = -128, 127
+SYM_QMAX = 127  # symmetric ranges stay in [-127, 127] so that negation is exact
+MIN_SCALE = 1e-12  # scale given to an all-zero row/tensor instead of 0 (no division by zero)
+
+
+def _expand(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A scale/zero point of shape `()` or `(C,)` viewed to broadcast against an `ndim` tensor
+    whose dim 0 has C elements."""
+    return t if t.dim() == 0 else t.reshape(t.shape + (1,) * (ndim - 1))
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise InputError naming `what` if `x` holds NaN or Inf."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise InputError(f"{what} has {bad} non-finite value(s) (NaN or Inf); fix the model first")
+
+
+def amin_amax(x: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of `x` over the dims `granularity` collapses, as float32 of the scale shape:
+    `()` per tensor, `(x.shape[0],)` per channel."""
+    flat = x.detach().float()
+    flat = flat.reshape(-1) if granularity.kind == "tensor" else flat.reshape(x.shape[0], -1)
+    lo, hi = torch.aminmax(flat, dim=-1)
+    return lo, hi
+
+
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (int8) of the same shape as `lo`/`hi` for a range.
+
+    Symmetric: s = max(|lo|, |hi|) / 127, z = 0. Asymmetric: the range is widened to include 0,
+    s = (hi - lo) / 255, z = round(-128 - lo / s), so that 0.0 is exactly representable.
+    A zero-width range gets scale MIN_SCALE.
+    """
+    lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
+    hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
+    if symmetric:
+        scale = (torch.maximum(-lo, hi) / SYM_QMAX).clamp_min(MIN_SCALE)
+        zero_point = torch.zeros_like(scale, dtype=torch.int8)
+    else:
+        scale = ((hi - lo) / (QMAX - QMIN)).clamp_min(MIN_SCALE)
+        zero_point = torch.round(QMIN - lo / scale).clamp(QMIN, QMAX).to(torch.int8)
+    return scale, zero_point
+
+
+def choose_qparams(
+    x: torch.Tensor, granularity: Granularity, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (int8) for `x` `(out, in)`; shapes `()` or `(out,)`."""
+    lo, hi = amin_amax(x, granularity)
+    return qparams_from_range(lo, hi, symmetric)
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, symmetric: bool = True
+) -> torch.Tensor:
+    """int8 values of `x` (any float dtype, computed in float32) for a scale/zero point of shape
+    `()` or `(x.shape[0],)`. Symmetric results stay in [-127, 127]."""
+    s = _expand(scale.float(), x.dim())
+    z = _expand(zero_point.to(torch.int32), x.dim())
+    lo = -SYM_QMAX if symmetric else QMIN
+    q = torch.round(x.float() / s) + z
+    return q.clamp_(lo, QMAX).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """float32 `s * (q - z)` with scale/zero point of shape `()` or `(q.shape[0],)`."""
+    s = _expand(scale.float(), q.dim())
+    z = _expand(zero_point.to(torch.int32), q.dim())
+    return (q.to(torch.int32) - z).float() * s
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(sum ref^2 / sum (ref - approx)^2).
+    +inf when the two are equal."""
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum()
+    signal = ref.pow(2).sum()
+    if float(noise) == 0.0:
+        return float("inf")
+    if float(signal) == 0.0:
+        return float("-inf")
+    return float(10.0 * torch.log10(signal / noise))
+
+
+def quantize_activations(x: torch.Tensor, per_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric dynamic int8 quantization of activations `x` `(M, K)` (any float dtype).
+
+    Returns `q` int8 `(M, K)` and the float32 scale: `(M, 1)` per token (each row's values and
+    scale depend on that row alone, so results do not depend on the batch), `()` per tensor.
+    Same math as `qparams_from_range(-amax, amax, symmetric=True)` followed by `quantize`.
+    """
+    xf = x if x.dtype == torch.float32 else x.float()
+    if per_token:
+        amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=1, keepdim=True)
+    else:
+        amax = torch.linalg.vector_norm(xf, ord=float("inf"))
+    scale = (amax / SYM_QMAX).clamp_min_(MIN_SCALE)
+    # |x / scale| <= 127 by construction, so no clamp is needed before the cast.
+    return torch.round(xf / scale).to(torch.int8), scale

@@ -1,0 +1,304 @@
+"""The qlin file (safetensors, format version 1): write atomically and deterministically, read
+with validation, and load into a float model skeleton.
+
+Per quantized layer `<name>`: `<name>.weight` int8 `(out, in)`, `<name>.weight_scale` float32
+`()` or `(out,)`, `<name>.weight_zero_point` int8 of the scale's shape, `<name>.bias` (float,
+unchanged, if the layer has one). Every other tensor of the model as in its float state dict.
+`__metadata__`: format, format_version, qlin_version, torch_version, source_name,
+source_sha256, config (JSON), plan (JSON list, one entry per nn.Linear).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from .config import Granularity, QuantConfig
+from .errors import ConfigError, FormatError, OutputError
+from .qlinear import QuantizedLinear
+from .swap import QuantizeResult, find_linears, swap_module
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "QFile",
+    "save_quantized",
+    "read_qfile",
+    "load_quantized",
+    "write_atomic",
+    "check_output",
+]
+
+FORMAT = "qlin"
+FORMAT_VERSION = 1
+LAYER_TENSORS = ("weight", "weight_scale", "weight_zero_point", "bias")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def check_output(path: str | Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    """Refuse an output that is an input, exists without `force`, or whose folder is missing."""
+    path = Path(path)
+    for src in inputs:
+        if path.resolve() == Path(src).resolve():
+            raise OutputError(f"output {path} is the input file; choose another -o")
+    if path.is_dir():
+        raise OutputError(f"output {path} is a directory")
+    if path.exists() and not force:
+        raise OutputError(f"output {path} exists; pass --force to overwrite it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output folder {parent} is not writable")
+    return path
+
+
+def write_atomic(path: str | Path, data: bytes, *, force: bool) -> Path:
+    """Write `data` to a temporary file in `path`'s folder, then move it into place: readers see
+    the old file or the whole new one, never a part. Without `force` an existing file is kept."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"cannot write in {folder}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if path appeared meanwhile: never clobber
+            except FileExistsError:
+                raise OutputError(f"output {path} exists; pass --force to overwrite it") from None
+            except OSError:
+                if path.exists():
+                    raise OutputError(f"output {path} exists; pass --force to overwrite it") from None
+                os.replace(tmp, path)  # filesystems without hard links
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with a canonical header (sorted metadata, tensors by offset), so the
+    same content always gives the same bytes (the library's metadata order is not stable)."""
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__", {})
+    ordered = {"__metadata__": dict(sorted(meta.items()))}
+    ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
+
+
+def _file_tensors(model: nn.Module, plan: list[dict]) -> dict[str, torch.Tensor]:
+    """The model's state dict as the file stores it: aliases of a quantized layer dropped, every
+    tensor contiguous, on CPU, and owning its memory (safetensors refuses shared storage)."""
+    alias_prefixes = tuple(f"{a}." for e in plan if e["status"] == "quantized" for a in e["aliases"])
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in model.state_dict().items():
+        if alias_prefixes and key.startswith(alias_prefixes):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def save_quantized(
+    result: QuantizeResult,
+    path: str | Path,
+    *,
+    force: bool = False,
+    source_name: str = "",
+    source_sha256: str = "",
+) -> Path:
+    """Write `result` as a qlin file at `path` (atomically; byte-identical for the same input)."""
+    path = check_output(path, force=force)
+    plan = result.plan()
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "qlin_version": _version(),
+        "torch_version": torch.__version__,
+        "source_name": source_name,
+        "source_sha256": source_sha256,
+        "config": result.config.to_json(),
+        "plan": json.dumps(plan, sort_keys=True, separators=(",", ":")),
+    }
+    data = _canonical_safetensors(_file_tensors(result.model, plan), metadata)
+    return write_atomic(path, data, force=force)
+
+
+@dataclass
+class QFile:
+    """A validated qlin file."""
+
+    path: Path
+    metadata: dict[str, str]
+    config: QuantConfig
+    plan: list[dict]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def quantized(self) -> list[dict]:
+        return [e for e in self.plan if e["status"] == "quantized"]
+
+
+def _bad(path: Path, msg: str) -> FormatError:
+    return FormatError(f"{path}: {msg}")
+
+
+def _validate_layer(path: Path, e: dict, tensors: dict[str, torch.Tensor]) -> None:
+    name, out_f, in_f = e["name"], e["out_features"], e["in_features"]
+    try:
+        gran = Granularity(e["granularity"])
+    except ConfigError:
+        raise _bad(path, f"layer {name!r} has unknown granularity {e['granularity']!r}") from None
+    want = {
+        "weight": (torch.int8, (out_f, in_f)),
+        "weight_scale": (torch.float32, gran.scale_shape((out_f, in_f))),
+        "weight_zero_point": (torch.int8, gran.scale_shape((out_f, in_f))),
+    }
+    for suffix, (dtype, shape) in want.items():
+        t = tensors.get(f"{name}.{suffix}")
+        if t is None:
+            raise _bad(path, f"layer {name!r} has no tensor {name}.{suffix}")
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise _bad(
+                path, f"{name}.{suffix} is {t.dtype} {tuple(t.shape)}, the plan says {dtype} {shape}"
+            )
+    bias = tensors.get(f"{name}.bias")
+    if e["has_bias"] != (bias is not None):
+        raise _bad(path, f"layer {name!r}: bias {'missing' if e['has_bias'] else 'unexpected'}")
+    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (out_f,)):
+        raise _bad(path, f"{name}.bias is {bias.dtype} {tuple(bias.shape)}, expected float ({out_f},)")
+    if not bool(torch.isfinite(tensors[f"{name}.weight_scale"]).all()) or bool(
+        (tensors[f"{name}.weight_scale"] <= 0).any()
+    ):
+        raise _bad(path, f"{name}.weight_scale has values that are not finite and positive")
+
+
+_PLAN_FIELDS = {"name": str, "in_features": int, "out_features": int, "has_bias": bool, "status": str, "aliases": list}
+
+
+def read_qfile(path: str | Path) -> QFile:
+    """Open and validate a qlin file: names, dtypes and shapes against its plan."""
+    from .sources import check_file
+
+    path = check_file(path, "qlin file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise _bad(path, f"not a valid safetensors file ({msg})") from None
+    if metadata.get("format") != FORMAT:
+        raise _bad(path, "not a qlin file (its metadata has no format=qlin); is it a float checkpoint?")
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise _bad(path, f"format_version {metadata.get('format_version')!r} is not a number") from None
+    if version > FORMAT_VERSION:
+        raise _bad(path, f"written in qlin format version {version}; this qlin reads up to {FORMAT_VERSION}: upgrade qlin")
+    if version < 1:
+        raise _bad(path, f"format_version {version} is not valid")
+    try:
+        config = QuantConfig.from_dict(json.loads(metadata["config"]))
+        plan = json.loads(metadata["plan"])
+    except KeyError as exc:
+        raise _bad(path, f"metadata has no {exc.args[0]!r}") from None
+    except (json.JSONDecodeError, ConfigError, TypeError) as exc:
+        raise _bad(path, f"metadata config/plan is invalid ({exc})") from None
+    if not isinstance(plan, list) or not all(isinstance(e, dict) for e in plan):
+        raise _bad(path, "metadata plan is not a list of layers")
+    for e in plan:
+        for key, typ in _PLAN_FIELDS.items():
+            if not isinstance(e.get(key), typ):
+                raise _bad(path, f"plan entry {e.get('name', '?')!r} has no valid {key!r}")
+    quantized_names = set()
+    for e in plan:
+        if e["status"] == "quantized":
+            _validate_layer(path, e, tensors)
+            quantized_names.add(e["name"])
+    for key in tensors:
+        layer, _, suffix = key.rpartition(".")
+        if suffix in ("weight_scale", "weight_zero_point") and layer not in quantized_names:
+            raise _bad(path, f"tensor {key} belongs to no quantized layer of the plan")
+    return QFile(path, metadata, config, plan, tensors)
+
+
+@torch.no_grad()
+def load_quantized(model: nn.Module, path: str | Path, *, device: torch.device | str = "cpu") -> nn.Module:
+    """Turn a float model skeleton (same architecture as the quantized one) into the int8 model
+    stored at `path`, packed for `device`. Changes `model` in place and returns it (a new module
+    if the model itself is one quantized `nn.Linear`)."""
+    qf = read_qfile(path)
+    linears = {name: m for name, m, _, _ in find_linears(model)}
+    state = dict(qf.tensors)
+    swapped = []
+    for e in qf.quantized:
+        linear = linears.get(e["name"])
+        if linear is None or (linear.in_features, linear.out_features) != (e["in_features"], e["out_features"]):
+            raise FormatError(
+                f"{qf.path}: the model has no nn.Linear {e['name']!r} of shape "
+                f"({e['out_features']}, {e['in_features']}); is it the model the file was made from?"
+            )
+        q = QuantizedLinear(
+            e["in_features"], e["out_features"], bias=e["has_bias"], mode=e["mode"],
+            granularity=Granularity(e["granularity"]), symmetric=e["symmetric"],
+            act_granularity=e["act_granularity"], kernel=e["kernel_request"],
+            dtype=linear.weight.dtype,
+        )
+        for alias in [e["name"], *e["aliases"]]:
+            model = swap_module(model, alias, q)
+            if alias != e["name"]:
+                for suffix in LAYER_TENSORS:
+                    if f"{e['name']}.{suffix}" in state:
+                        state[f"{alias}.{suffix}"] = state[f"{e['name']}.{suffix}"]
+        swapped.append(q)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        first = missing[0] if missing else unexpected[0]
+        raise FormatError(
+            f"{qf.path} does not fit the model: {len(missing)} missing and {len(unexpected)} "
+            f"unexpected tensors (e.g. {first!r})"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise FormatError(f"{qf.path} does not fit the model: {lines[0] if lines else exc}") from None
+    model.to(device)
+    for q in swapped:
+        q.pack(device)
+    return model.eval()

@@ -1,0 +1,265 @@
+"""Float sources in: checkpoints, model factories, and input/label tensors.
+
+Nothing here unpickles code unless the caller says `trust_pickle=True`: state dicts load with
+`torch.load(weights_only=True)`, and a whole pickled module loads the same way with an allowlist
+of the `torch.nn` module classes it names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .errors import InputError
+
+__all__ = ["Source", "read_checkpoint", "load_source", "load_factory", "load_tensors", "file_sha256", "check_file"]
+
+
+@dataclass
+class Source:
+    """A float model and where it came from."""
+
+    model: nn.Module
+    path: Path
+    kind: str  # "pickled module" | "state dict" | "safetensors state dict"
+    sha256: str
+    size_bytes: int
+
+
+def check_file(path: str | Path, what: str = "file") -> Path:
+    """`path` as a Path if it is an existing, readable, non-empty regular file; else InputError."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a directory, not a file")
+    try:
+        with path.open("rb") as f:
+            if not f.read(1):
+                raise InputError(f"{what} {path} is empty")
+    except PermissionError:
+        raise InputError(f"{what} {path} is not readable (permission denied)") from None
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def load_factory(spec: str) -> Callable[[], nn.Module]:
+    """Resolve `package.module:function` or `path/to/file.py:function` (relative to the current
+    folder, which is put on sys.path as `python -m` does)."""
+    mod_name, sep, fn_name = spec.partition(":")
+    if not sep or not mod_name or not fn_name:
+        raise InputError(f"--model {spec!r} must look like package.module:factory or file.py:factory")
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        if mod_name.endswith(".py"):
+            file = Path(mod_name)
+            if not file.is_file():
+                raise InputError(f"--model {spec!r}: file {file} does not exist")
+            module_spec = importlib.util.spec_from_file_location(file.stem, file)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[file.stem] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except InputError:
+        raise
+    except Exception as exc:  # importing user code can raise anything
+        raise InputError(f"--model {spec!r}: cannot import {mod_name!r} ({_one_line(exc)})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise InputError(f"--model {spec!r}: {mod_name!r} has no callable {fn_name!r}")
+    return fn
+
+
+def _build(spec: str) -> nn.Module:
+    fn = load_factory(spec)
+    try:
+        model = fn()
+    except Exception as exc:
+        raise InputError(f"--model {spec!r}: the factory raised {_one_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--model {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _nn_class(name: str) -> type | None:
+    """The torch.nn Module class that a pickle global like 'torch.nn.modules.linear.Linear'
+    names, or None if it names anything else."""
+    mod_name, _, attr = name.rpartition(".")
+    if not mod_name.startswith("torch.nn.modules"):
+        return None
+    obj = getattr(sys.modules.get(mod_name) or importlib.import_module(mod_name), attr, None)
+    return obj if inspect.isclass(obj) and issubclass(obj, nn.Module) else None
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """torch.load with weights_only, allowing the torch.nn module classes the file names."""
+    if trust_pickle:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)  # the user trusts it
+        except Exception as exc:
+            raise InputError(f"{path} could not be unpickled: {_one_line(exc)}") from None
+    allowed = []
+    if zipfile.is_zipfile(path):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as exc:
+            raise InputError(f"{path} is not a readable PyTorch checkpoint ({_one_line(exc)})") from None
+        for name in names:
+            cls = _nn_class(name)
+            if cls is None:
+                raise InputError(
+                    f"{path} pickles {name}, which is not a torch.nn class, and unpickling it "
+                    "could run code: pass --trust-pickle if you trust the file, or give a state "
+                    "dict with --model package.module:factory"
+                )
+            allowed.append(cls)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()
+        detail = first[0][:200] if first else "unsupported content"
+        raise InputError(
+            f"{path} cannot be loaded safely ({detail}); pass --trust-pickle if you trust the file"
+        ) from None
+    except Exception as exc:
+        raise InputError(f"{path} is not a PyTorch checkpoint or safetensors file ({_one_line(exc)})") from None
+
+
+def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{what} {path} is not a valid safetensors file ({_one_line(exc)})") from None
+
+
+def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    """A state dict (str -> Tensor), unwrapping {'state_dict': ...} / {'model': ...}; else None."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict) and len(obj) <= 4:
+                obj = obj[key]
+                break
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return obj
+    return None
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, spec: str) -> None:
+    result_keys = set(model.state_dict())
+    missing = sorted(result_keys - set(state))
+    unexpected = sorted(set(state) - result_keys)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
+        raise InputError(f"{path} does not fit --model {spec}: keys {', '.join(parts)}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        detail = lines[0] if lines else _one_line(exc)
+        raise InputError(f"{path} does not fit --model {spec}: {detail}") from None
+
+
+def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[Any, str]:
+    """What a checkpoint file holds, safely: (an nn.Module, "pickled module") or (a state dict,
+    "state dict" / "safetensors state dict"). Raises InputError for anything else."""
+    path = check_file(path, "source")
+    if path.suffix == ".safetensors":
+        state = _read_safetensors(path, "source")
+        _reject_qlin_file(path)
+        return state, "safetensors state dict"
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        return obj, "pickled module"
+    state = _as_state_dict(obj)
+    if state is None:
+        raise InputError(f"{path} holds a {type(obj).__name__}, not a model or a state dict")
+    return state, "state dict"
+
+
+def load_source(
+    path: str | Path, *, model: str | None = None, trust_pickle: bool = False
+) -> Source:
+    """Load a float model from a checkpoint.
+
+    - `.safetensors`: a state dict; needs `model` (`package.module:factory`).
+    - anything else: `torch.load`; a state dict needs `model`; a whole pickled module loads
+      without it when built from torch.nn classes only, else only with `trust_pickle`.
+    """
+    path = check_file(path, "source")
+    obj, kind = read_checkpoint(path, trust_pickle=trust_pickle)
+    if isinstance(obj, nn.Module):
+        built = obj
+    else:
+        if model is None:
+            raise InputError(
+                f"{path} is a state dict ({len(obj)} tensors): pass --model package.module:factory "
+                "to say which architecture it belongs to"
+            )
+        built = _build(model)
+        _load_state(built, obj, path, model)
+    built.eval()
+    return Source(built, path, kind, file_sha256(path), path.stat().st_size)
+
+
+def _reject_qlin_file(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        if (f.metadata() or {}).get("format") == "qlin":
+            raise InputError(f"{path} is already a qlin int8 file; pass the float checkpoint")
+
+
+def load_tensors(path: str | Path, what: str = "inputs") -> torch.Tensor | dict[str, torch.Tensor]:
+    """Model inputs or labels: one tensor whose first dimension is samples, or a dict of such
+    tensors (passed as keyword arguments). A safetensors file or a dict holding exactly one tensor
+    gives that tensor."""
+    path = check_file(path, what)
+    if path.suffix == ".safetensors":
+        obj: Any = _read_safetensors(path, what)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InputError(f"{what} {path} cannot be loaded as tensors ({_one_line(exc)})") from None
+    if isinstance(obj, dict) and len(obj) == 1:
+        obj = next(iter(obj.values()))
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() == 0:
+            raise InputError(f"{what} {path} holds a scalar; the first dimension must be samples")
+        return obj
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sizes = {k: v.shape[0] if v.dim() else None for k, v in obj.items()}
+        if len(set(sizes.values())) != 1 or None in sizes.values():
+            raise InputError(f"{what} {path}: tensors disagree on the number of samples {sizes}")
+        return obj
+    raise InputError(f"{what} {path} holds a {type(obj).__name__}, not a tensor or a dict of tensors")

@@ -1,0 +1,183 @@
+"""Find the `nn.Linear` layers of a model, decide each one's fate (the plan), quantize and swap.
+
+The plan is the per-layer record that goes into the qlin file's metadata: for every Linear,
+quantized with which scheme, or skipped and why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .config import QuantConfig
+from .errors import InputError
+from .primitives import dequantize, sqnr_db
+from .qlinear import QuantizedLinear
+
+__all__ = ["LayerRecord", "QuantizeResult", "quantize_model", "find_linears", "swap_module"]
+
+Progress = Callable[[int, int, str], None]  # (layers done, layers total, layer name)
+
+
+@dataclass
+class LayerRecord:
+    """One `nn.Linear` of the model and what qlin did with it."""
+
+    name: str
+    in_features: int
+    out_features: int
+    has_bias: bool
+    dtype: str  # the float weight's dtype, e.g. "float32"
+    status: str  # "quantized" | "skipped"
+    reason: str = ""  # why skipped
+    aliases: list[str] = field(default_factory=list)  # other module paths of the same module
+    mode: str | None = None
+    granularity: str | None = None
+    symmetric: bool | None = None
+    act_granularity: str | None = None
+    kernel_request: str | None = None
+    # measured on this machine, not saved in the plan:
+    kernel: str | None = None
+    kernel_reason: str | None = None
+    batch_invariant: bool | None = None
+    weight_sqnr_db: float | None = None
+    bytes_float: int = 0
+    bytes_int8: int = 0
+
+    PLAN_KEYS = (
+        "name", "in_features", "out_features", "has_bias", "dtype", "status", "reason", "aliases",
+        "mode", "granularity", "symmetric", "act_granularity", "kernel_request",
+    )
+
+    def plan_entry(self) -> dict:
+        """The part of the record that the qlin file stores (machine-independent)."""
+        d = asdict(self)
+        return {k: d[k] for k in self.PLAN_KEYS}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["weight_sqnr_db"] is not None and math.isinf(d["weight_sqnr_db"]):
+            d["weight_sqnr_db"] = None if d["weight_sqnr_db"] < 0 else 999.0
+        return d
+
+
+@dataclass
+class QuantizeResult:
+    """The quantized model (the input model, changed in place, unless the model itself was a bare
+    `nn.Linear`), the config used, and one record per `nn.Linear`."""
+
+    model: nn.Module
+    config: QuantConfig
+    layers: list[LayerRecord]
+
+    @property
+    def quantized(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.status == "quantized"]
+
+    def plan(self) -> list[dict]:
+        return [r.plan_entry() for r in self.layers]
+
+
+def _skip_reason(name: str, module: nn.Linear, parent: nn.Module | None, config: QuantConfig) -> str:
+    pattern = config.skips(name)
+    if pattern is not None:
+        return f"matches --skip {pattern!r}"
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads this layer's weight directly"
+    if type(module).forward is not nn.Linear.forward:
+        return (
+            f"{type(module).__qualname__} overrides nn.Linear.forward; swapping it for a plain "
+            "int8 linear would change the model"
+        )
+    if not module.weight.is_floating_point():
+        return f"weight dtype {module.weight.dtype} is not a float dtype"
+    return ""
+
+
+def find_linears(model: nn.Module) -> list[tuple[str, nn.Linear, list[str], nn.Module | None]]:
+    """Every distinct `nn.Linear` (isinstance) in module order: (first path, module, other paths
+    of the same module object, parent module)."""
+    paths: dict[int, list[str]] = {}
+    modules: dict[int, nn.Linear] = {}
+    parents: dict[int, nn.Module | None] = {}
+    named = dict(model.named_modules(remove_duplicate=False))
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Linear):
+            paths.setdefault(id(m), []).append(name)
+            modules[id(m)] = m
+            if id(m) not in parents:
+                parents[id(m)] = named[name.rpartition(".")[0]] if name else None
+    return [(p[0], modules[i], p[1:], parents[i]) for i, p in paths.items()]
+
+
+def swap_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put `new` at module path `path` of `model`; returns the (possibly new) root."""
+    if path == "":
+        return new
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+    return model
+
+
+def _layer_bytes(linear: nn.Linear, q: QuantizedLinear | None) -> tuple[int, int]:
+    def nbytes(t):
+        return 0 if t is None else t.numel() * t.element_size()
+
+    before = nbytes(linear.weight) + nbytes(linear.bias)
+    if q is None:
+        return before, before
+    return before, sum(nbytes(t) for t in q.state_dict().values())
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> QuantizeResult:
+    """Replace every planned `nn.Linear` of `model` (in place) by a packed `QuantizedLinear`.
+
+    Raises InputError if the model has no `nn.Linear` or a weight is not finite.
+    """
+    config = config or QuantConfig()
+    model.eval()
+    linears = find_linears(model)
+    if not linears:
+        raise InputError(f"the model ({type(model).__name__}) has no nn.Linear layer to quantize")
+    records = []
+    for i, (name, linear, aliases, parent) in enumerate(linears):
+        reason = _skip_reason(name, linear, parent, config)
+        rec = LayerRecord(
+            name=name, in_features=linear.in_features, out_features=linear.out_features,
+            has_bias=linear.bias is not None, dtype=str(linear.weight.dtype).removeprefix("torch."),
+            status="skipped" if reason else "quantized",
+            reason=reason, aliases=aliases,
+        )
+        if not reason:
+            q = QuantizedLinear.from_float(
+                linear, mode=config.mode, granularity=config.granularity,
+                symmetric=config.symmetric, act_granularity=config.act_granularity,
+                kernel=config.kernel, name=name,
+            ).pack(device)
+            deq = dequantize(q.weight, q.weight_scale, q.weight_zero_point)
+            rec.weight_sqnr_db = sqnr_db(linear.weight, deq)
+            rec.mode, rec.granularity, rec.symmetric = config.mode, str(config.granularity), config.symmetric
+            rec.act_granularity, rec.kernel_request = config.act_granularity, config.kernel
+            rec.kernel, rec.kernel_reason = q.kernel.name, q.kernel.reason
+            rec.batch_invariant = q.kernel.batch_invariant
+            rec.bytes_float, rec.bytes_int8 = _layer_bytes(linear, q)
+            for path in [name, *aliases]:
+                model = swap_module(model, path, q)
+        else:
+            rec.bytes_float, rec.bytes_int8 = _layer_bytes(linear, None)
+        records.append(rec)
+        if progress is not None:
+            progress(i + 1, len(linears), name)
+    return QuantizeResult(model=model, config=config, layers=records)
