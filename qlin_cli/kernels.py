@@ -46,7 +46,9 @@ class KernelChoice:
 
     name: str  # int_mm | fbgemm | weight_only | dequant
     reason: str
-    batch_invariant: bool  # a row's output never depends on the other rows of the batch
+    # a row's output never depends on the other rows of the batch (tested, not assumed: float
+    # GEMMs such as dequant's F.linear block differently by batch size and are not)
+    batch_invariant: bool
 
     @property
     def fallback(self) -> bool:
@@ -118,7 +120,7 @@ def _weight_int8pack_missing(device_type: str, dtype: torch.dtype, k: int, n: in
             torch.zeros(n, k, dtype=torch.int8, device=device_type),
             torch.ones(n, dtype=dtype, device=device_type),
         )
-    except (RuntimeError, NotImplementedError, AttributeError) as exc:
+    except Exception as exc:  # a probe: any failure (no such op, device, dtype, shape) means "no"
         return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
     return None
 
@@ -141,7 +143,7 @@ def select_kernel(
             why = "requested" if request == "weight_only" else "auto: weight-only mode"
             return KernelChoice("weight_only", why, True)
         return KernelChoice(
-            "dequant", f"fallback: torch._weight_int8pack_mm cannot run ({missing})", True
+            "dequant", f"fallback: torch._weight_int8pack_mm cannot run ({missing})", False
         )
     per_token = act_granularity == "token"
     if request in ("auto", "fbgemm") and not per_token:

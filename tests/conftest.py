@@ -1,0 +1,46 @@
+"""Shared fixtures: the device list (CPU always, CUDA where there is one) and the sample models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_models"
+if str(ROOT) not in sys.path:  # so that `sample_models.encoder:build` imports
+    sys.path.insert(0, str(ROOT))
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Every numeric test runs on CPU, and on CUDA where there is one."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def digits_test():
+    from safetensors.torch import load_file
+
+    inputs = load_file(SAMPLES / "digits_test.safetensors")["inputs"]
+    labels = load_file(SAMPLES / "digits_test_labels.safetensors")["labels"]
+    return inputs, labels
+
+
+def load_digits_mlp() -> torch.nn.Module:
+    with torch.serialization.safe_globals([torch.nn.Sequential, torch.nn.Linear, torch.nn.ReLU]):
+        return torch.load(SAMPLES / "digits_mlp.pt", weights_only=True).eval()
+
+
+def load_encoder() -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    from sample_models.encoder import build
+
+    model = build()
+    model.load_state_dict(load_file(SAMPLES / "encoder.safetensors"))
+    return model.eval()

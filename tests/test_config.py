@@ -1,0 +1,80 @@
+"""QuantConfig validation and TOML recipes."""
+
+from pathlib import Path
+
+import pytest
+
+from qlin_cli.config import PER_CHANNEL, PER_TENSOR, Granularity, QuantConfig, load_recipe
+from qlin_cli.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults():
+    c = QuantConfig()
+    assert (c.mode, c.granularity, c.symmetric, c.act_granularity, c.kernel, c.skip) == (
+        "dynamic", PER_CHANNEL, True, "token", "auto", ())
+
+
+def test_act_granularity_follows_the_kernel():
+    assert QuantConfig(kernel="fbgemm").act_granularity == "tensor"
+    assert QuantConfig(kernel="int_mm").act_granularity == "token"
+    assert QuantConfig(mode="weight-only").act_granularity is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mode": "static8"}, "mode = 'static8' is not valid"),
+        ({"granularity": "group"}, "unknown granularity 'group'"),
+        ({"kernel": "cublas"}, "kernel = 'cublas' is not valid"),
+        ({"kernel": "weight_only"}, "needs --mode weight-only"),
+        ({"mode": "weight-only", "kernel": "int_mm"}, "weight-only mode takes"),
+        ({"kernel": "fbgemm", "act_granularity": "token"}, "fbgemm' quantizes activations per tensor"),
+        ({"skip": ["("]}, "not a valid regex"),
+        ({"symmetric": "yes"}, "symmetric must be true or false"),
+    ],
+)
+def test_invalid_configs_say_how_to_fix(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        QuantConfig(**kwargs)
+
+
+def test_dict_round_trip_and_json_is_canonical():
+    c = QuantConfig(granularity="tensor", symmetric=False, skip=("head", r"^blocks\.0"))
+    assert c.granularity is not PER_TENSOR and c.granularity == PER_TENSOR
+    assert QuantConfig.from_dict(c.to_dict()) == c
+    assert c.to_json() == QuantConfig.from_dict(c.to_dict()).to_json()
+    with pytest.raises(ConfigError, match="unknown key 'bits'"):
+        QuantConfig.from_dict({"bits": 4})
+
+
+def test_skips_first_matching_pattern():
+    c = QuantConfig(skip=("head$", "fc"))
+    assert c.skips("blocks.0.fc1") == "fc" and c.skips("head") == "head$" and c.skips("embed") is None
+
+
+def test_granularity_scale_shapes():
+    assert Granularity("tensor").scale_shape((1024, 512)) == ()
+    assert Granularity("channel").scale_shape((1024, 512)) == (1024,)
+
+
+@pytest.mark.parametrize("name", ["default", "weight-only", "per-tensor"])
+def test_shipped_recipes_load(name):
+    data = load_recipe(CONFIGS / f"{name}.toml")
+    QuantConfig.from_dict(data)
+
+
+def test_recipe_errors_name_file_key_and_line(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('mode = "dynamic"\n\nbitz = 4\n')
+    with pytest.raises(ConfigError, match=rf"{p}:3: unknown key 'bitz'"):
+        load_recipe(p)
+    p.write_text('# comment\ngranularity = "group"\n')
+    with pytest.raises(ConfigError, match=rf"{p}:2: unknown granularity 'group'"):
+        load_recipe(p)
+    p.write_text("mode = \n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_recipe(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "missing.toml")

@@ -1,0 +1,158 @@
+"""Each kernel against a float reference built from the dequantized weights, exact integer
+emulations, the CUDA shape rules (padding) exercised on CPU, and kernel selection."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlin_cli.config import PER_CHANNEL, PER_TENSOR
+from qlin_cli.kernels import INT_MM_RULES, IntMMRules, KernelChoice, pack, select_kernel
+from qlin_cli.primitives import choose_qparams, dequantize, quantize, quantize_activations, sqnr_db
+
+KERNELS = [("int_mm", "token"), ("int_mm", "tensor"), ("fbgemm", "tensor"), ("weight_only", None), ("dequant", None)]
+
+
+def _layer(out_f=96, in_f=80, gran=PER_CHANNEL, sym=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * torch.linspace(0.2, 2.0, out_f)[:, None] / in_f**0.5
+    b = torch.randn(out_f, generator=g)
+    s, z = choose_qparams(w, gran, sym)
+    return quantize(w, s, z, sym), s, z, b
+
+
+def _choice(name, act):
+    return KernelChoice(name, "test", act != "tensor")
+
+
+def _runnable(name, device):
+    return not (name == "fbgemm" and device != "cpu")
+
+
+@pytest.mark.parametrize("name, act", KERNELS)
+@pytest.mark.parametrize("gran", [PER_TENSOR, PER_CHANNEL], ids=str)
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_kernel_matches_dequantized_float_reference(name, act, gran, sym, device):
+    if not _runnable(name, device):
+        pytest.skip("fbgemm is CPU only")
+    q, s, z, b = _layer(gran=gran, sym=sym)
+    x = torch.randn(33, q.shape[1], generator=torch.Generator().manual_seed(1))
+    run = pack(_choice(name, act), q, s, z, b, act_granularity=act, device=device)
+    y = run(x.to(device)).cpu()
+    assert y.shape == (33, q.shape[0]) and y.dtype == torch.float32
+    ref = F.linear(x, dequantize(q, s, z), b)
+    # float activations: only float rounding; int8 activations: ~ 40 dB on Gaussian inputs
+    bound = 80.0 if name in ("weight_only", "dequant") else 35.0
+    assert sqnr_db(ref, y) > bound
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("sym", [True, False])
+def test_int_mm_equals_exact_integer_emulation(per_token, sym):
+    q, s, z, b = _layer(sym=sym)
+    x = torch.randn(17, q.shape[1], generator=torch.Generator().manual_seed(2))
+    run = pack(_choice("int_mm", "token" if per_token else "tensor"), q, s, z, b,
+               act_granularity="token" if per_token else "tensor", device="cpu")
+    qx, a = quantize_activations(x, per_token)
+    zcol = z.long().reshape(-1, 1) if z.dim() else z.long()  # (N, 1) or ()
+    acc = qx.long() @ (q.long() - zcol).T  # exact integer (M, N)
+    expected = acc.double() * a.double() * s.double() + b.double()
+    assert torch.allclose(run(x).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 13, 7), (1, 16, 8), (40, 8, 24), (5, 33, 1)])
+@pytest.mark.parametrize("sym", [True, False])
+def test_cuda_shape_rules_pad_without_changing_results(shape, sym):
+    """CUDA's _int_mm wants M > 16 and K, N multiples of 8: packing pads K and N, running pads M.
+    The padded path (forced here on CPU) is bit-identical to the unpadded one."""
+    m, k, n = shape
+    q, s, z, b = _layer(out_f=n, in_f=k, sym=sym)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
+    plain = pack(_choice("int_mm", "token"), q, s, z, b, act_granularity="token", device="cpu")
+    padded = pack(_choice("int_mm", "token"), q, s, z, b, act_granularity="token", device="cpu",
+                  rules=INT_MM_RULES["cuda"])
+    assert padded.wt.shape[0] % 8 == 0 and padded.wt.shape[1] % 8 == 0
+    assert torch.equal(plain(x), padded(x))
+    assert INT_MM_RULES["cuda"] == IntMMRules(8, 8, 17)
+
+
+@pytest.mark.parametrize("name, act", [("int_mm", "token"), ("weight_only", None)])
+def test_batch_invariant_kernels_give_bit_identical_rows(name, act, device):
+    """A row's output alone and inside any batch (other rows 1000x larger) is bit-identical."""
+    q, s, z, b = _layer(out_f=64, in_f=48)
+    run = pack(_choice(name, act), q, s, z, b, act_granularity=act, device=device)
+    row = torch.randn(1, 48, generator=torch.Generator().manual_seed(4)).to(device)
+    alone = run(row)
+    for batch in (1, 7, 32, 300):
+        others = torch.randn(batch, 48, generator=torch.Generator().manual_seed(batch)).to(device) * 1000
+        for pos in (0, batch // 2, batch):
+            full = torch.cat([others[:pos], row, others[pos:]])
+            assert torch.equal(run(full)[pos : pos + 1], alone), (batch, pos)
+
+
+def test_kernels_that_are_not_batch_invariant_say_so():
+    """Float GEMMs block differently by batch size, and per-tensor activation scales follow the
+    largest row: these kernels are reported as batch-dependent."""
+    assert not _select(act_granularity="tensor").batch_invariant
+    assert not _select(request="int_mm", act_granularity="tensor").batch_invariant
+
+
+def test_per_tensor_activations_depend_on_the_batch():
+    q, s, z, b = _layer(out_f=64, in_f=48)
+    row = torch.randn(1, 48, generator=torch.Generator().manual_seed(4))
+    big = torch.randn(8, 48) * 1000
+    for name in ("fbgemm", "int_mm"):
+        run = pack(_choice(name, "tensor"), q, s, z, b, act_granularity="tensor", device="cpu")
+        assert not torch.equal(run(torch.cat([row, big]))[:1], run(row))
+
+
+def test_output_dtype_follows_input_dtype():
+    q, s, z, b = _layer()
+    x = torch.randn(4, q.shape[1], dtype=torch.bfloat16)
+    for name, act in [("int_mm", "token"), ("weight_only", None), ("dequant", None)]:
+        run = pack(_choice(name, act), q, s, z, b, act_granularity=act, device="cpu", dtype=torch.bfloat16)
+        assert run(x).dtype == torch.bfloat16
+
+
+def _select(**kw):
+    args = dict(request="auto", mode="dynamic", act_granularity="token", device="cpu",
+                dtype=torch.float32, in_features=64, out_features=32)
+    args.update(kw)
+    return select_kernel(**args)
+
+
+def test_auto_selection_table():
+    c = _select()
+    assert (c.name, c.batch_invariant, c.fallback) == ("int_mm", True, False)
+    c = _select(act_granularity="tensor")
+    assert (c.name, c.batch_invariant) == ("fbgemm", False)
+    c = _select(mode="weight-only", act_granularity=None)
+    assert (c.name, c.batch_invariant) == ("weight_only", True)
+    c = _select(request="int_mm", act_granularity="tensor")
+    assert (c.name, c.batch_invariant, c.reason) == ("int_mm", False, "requested")
+    assert _select() == _select()  # deterministic
+
+
+def test_fbgemm_falls_back_with_a_reason_where_it_cannot_run():
+    c = _select(request="fbgemm", act_granularity="tensor", device="cuda")
+    assert c.name == "int_mm" and c.fallback and "CPU only" in c.reason
+    c = _select(request="fbgemm", act_granularity="tensor", dtype=torch.bfloat16)
+    assert c.name == "int_mm" and "float32" in c.reason
+    c = _select(act_granularity="tensor", device="cuda")  # auto: no fbgemm on CUDA, int_mm
+    assert c.name == "int_mm" and not c.fallback
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_weight_only_on_a_device_that_cannot_run_it_falls_back_to_dequant():
+    c = _select(mode="weight-only", act_granularity=None, device="cuda")
+    assert c.name == "dequant" and c.fallback and "_weight_int8pack_mm cannot run" in c.reason
+    assert not c.batch_invariant
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kernels_match_cpu():
+    q, s, z, b = _layer()
+    x = torch.randn(40, q.shape[1])
+    for name, act in [("int_mm", "token"), ("weight_only", None)]:
+        cpu = pack(_choice(name, act), q, s, z, b, act_granularity=act, device="cpu")(x)
+        gpu = pack(_choice(name, act), q, s, z, b, act_granularity=act, device="cuda")(x.cuda()).cpu()
+        assert sqnr_db(cpu, gpu) > 60
