@@ -1,0 +1,145 @@
+"""The qlin file: layout, bit-identical round trips, byte-identical writes, validation."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import load_digits_mlp, load_encoder
+from qlin_cli import QuantConfig, load_quantized, quantize_model, read_qfile, save_quantized
+from qlin_cli.errors import FormatError, OutputError
+from qlin_cli.qfile import FORMAT_VERSION, write_atomic
+
+CONFIGS = [
+    QuantConfig(),
+    QuantConfig(granularity="tensor", symmetric=False),
+    QuantConfig(kernel="fbgemm"),
+    QuantConfig(mode="weight-only", symmetric=False),
+    QuantConfig(skip=("fc1",)),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.to_json())
+def test_round_trip_is_bit_identical(config, tmp_path, digits_test, device):
+    inputs, _ = digits_test
+    model = load_encoder()
+    result = quantize_model(model, config, device=device)
+    path = save_quantized(result, tmp_path / "enc.safetensors", source_name="enc", source_sha256="ab")
+    loaded = load_quantized(load_encoder(), path, device=device)
+    x = inputs[:50].to(device)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    for a, b in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1])
+
+
+def test_layout_matches_the_design(tmp_path):
+    result = quantize_model(load_encoder(), QuantConfig(skip=("head",)))
+    path = save_quantized(result, tmp_path / "e.safetensors", source_name="encoder.safetensors", source_sha256="00")
+    tensors = load_file(path)
+    assert tensors["blocks.0.fc1.weight"].dtype == torch.int8 and tensors["blocks.0.fc1.weight"].shape == (512, 128)
+    assert tensors["blocks.0.fc1.weight_scale"].dtype == torch.float32
+    assert tensors["blocks.0.fc1.weight_scale"].shape == (512,)
+    assert tensors["blocks.0.fc1.weight_zero_point"].dtype == torch.int8
+    assert tensors["blocks.0.fc1.bias"].dtype == torch.float32
+    assert tensors["head.weight"].dtype == torch.float32 and "head.weight_scale" not in tensors  # skipped
+    assert tensors["pos_embed"].shape == (8, 128) and tensors["norm.weight"].dtype == torch.float32
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "qlin" and meta["format_version"] == str(FORMAT_VERSION)
+    assert meta["source_name"] == "encoder.safetensors" and meta["torch_version"] == torch.__version__
+    assert {"qlin_version", "source_sha256", "config", "plan"} <= set(meta)
+    plan = {e["name"]: e for e in json.loads(meta["plan"])}
+    assert plan["head"]["status"] == "skipped" and "head" in plan["head"]["reason"]
+    assert plan["embed"]["granularity"] == "channel" and plan["embed"]["kernel_request"] == "auto"
+    assert json.loads(meta["config"])["skip"] == ["head"]
+
+
+def test_per_tensor_scales_are_scalars(tmp_path):
+    result = quantize_model(load_digits_mlp(), QuantConfig(granularity="tensor"))
+    tensors = load_file(save_quantized(result, tmp_path / "m.safetensors"))
+    assert tensors["0.weight_scale"].shape == () and tensors["0.weight_zero_point"].shape == ()
+
+
+def test_same_input_gives_byte_identical_files(tmp_path):
+    digests = set()
+    for i in range(2):
+        result = quantize_model(load_encoder(), QuantConfig())
+        path = save_quantized(result, tmp_path / f"{i}.safetensors", source_name="e", source_sha256="x")
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+
+
+def test_no_overwrite_without_force_and_no_temp_files(tmp_path):
+    target = tmp_path / "out.bin"
+    write_atomic(target, b"first", force=False)
+    with pytest.raises(OutputError, match="--force"):
+        write_atomic(target, b"second", force=False)
+    assert target.read_bytes() == b"first"
+    write_atomic(target, b"second", force=True)
+    assert target.read_bytes() == b"second"
+    assert sorted(os.listdir(tmp_path)) == ["out.bin"]
+    with pytest.raises(OutputError, match="exists"):
+        save_quantized(quantize_model(load_digits_mlp()), target)
+
+
+def _tamper(src, dst, *, tensors=None, drop=(), meta=None):
+    t = load_file(src)
+    with safe_open(src, "pt") as f:
+        m = dict(f.metadata())
+    t.update(tensors or {})
+    for k in drop:
+        t.pop(k)
+    m.update(meta or {})
+    save_file(t, dst, metadata=m)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("q") / "good.safetensors"
+    return save_quantized(quantize_model(load_digits_mlp()), path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(tensors={"0.weight_scale": torch.ones(256, dtype=torch.float64)}), r"0.weight_scale is torch.float64"),
+        (dict(tensors={"0.weight_scale": torch.ones(())}), r"0.weight_scale is torch.float32 \(\), the plan says"),
+        (dict(tensors={"2.weight": torch.zeros(256, 256)}), r"2.weight is torch.float32"),
+        (dict(drop=("4.weight_zero_point",)), r"layer '4' has no tensor 4.weight_zero_point"),
+        (dict(drop=("0.bias",)), r"layer '0': bias missing"),
+        (dict(tensors={"9.weight_scale": torch.ones(3)}), r"9.weight_scale belongs to no quantized layer"),
+        (dict(tensors={"0.weight_scale": torch.zeros(256)}), r"not finite and positive"),
+        (dict(meta={"format_version": "2"}), r"format version 2; this qlin reads up to 1: upgrade"),
+        (dict(meta={"format": "other"}), r"not a qlin file"),
+        (dict(meta={"plan": "[{"}), r"metadata config/plan is invalid"),
+        (dict(meta={"config": '{"mode": "int4"}'}), r"metadata config/plan is invalid"),
+        (dict(meta={"plan": '[{"name": 3}]'}), r"plan entry 3 has no valid 'name'"),
+    ],
+)
+def test_tampered_files_are_rejected_with_a_clear_message(good_file, tmp_path, change, message):
+    bad = _tamper(good_file, tmp_path / "bad.safetensors", **change)
+    with pytest.raises(FormatError, match=message):
+        read_qfile(bad)
+
+
+def test_truncated_and_garbage_files(good_file, tmp_path):
+    data = good_file.read_bytes()
+    for cut in (4, 100, len(data) // 2, len(data) - 1):
+        p = tmp_path / f"cut{cut}.safetensors"
+        p.write_bytes(data[:cut])
+        with pytest.raises(FormatError, match="not a valid safetensors file"):
+            read_qfile(p)
+
+
+def test_loading_into_the_wrong_skeleton_fails_clearly(good_file):
+    with pytest.raises(FormatError, match=r"no nn.Linear '0' of shape \(256, 64\)"):
+        load_quantized(torch.nn.Sequential(torch.nn.Linear(3, 3)), good_file)

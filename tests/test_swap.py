@@ -1,0 +1,129 @@
+"""Finding and swapping nn.Linear layers; QuantizedLinear; accuracy on the sample models."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import load_digits_mlp, load_encoder
+from qlin_cli import QuantConfig, QuantizedLinear, quantize_model
+from qlin_cli.config import PER_CHANNEL
+from qlin_cli.errors import InputError
+from qlin_cli.primitives import sqnr_db
+
+
+class ScaledLinear(nn.Linear):
+    """A unit-scaling style layer: its forward is not x @ W.T + b."""
+
+    def forward(self, x):
+        return super().forward(x) / self.in_features**0.5
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(16, 16)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16, bias=False))])
+        self.heads = nn.ModuleDict({"a": nn.Linear(16, 4), "b": self.shared})
+        self.scaled = ScaledLinear(16, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        x = self.shared(x) + self.scaled(x)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = self.blocks[0](x)
+        return self.heads["a"](self.heads["b"](x))
+
+
+def test_swaps_every_plain_linear_and_skips_with_reasons(device):
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 5, 16)
+    ref = model(x)
+    result = quantize_model(model, QuantConfig(), device=device)
+    by_name = {r.name: r for r in result.layers}
+    assert set(by_name) == {"shared", "blocks.0.0", "blocks.0.2", "heads.a", "scaled", "attn.out_proj"}
+    assert by_name["shared"].aliases == ["heads.b"] and by_name["shared"].status == "quantized"
+    assert model.shared is model.heads["b"] and isinstance(model.shared, QuantizedLinear)
+    assert "overrides nn.Linear.forward" in by_name["scaled"].reason and type(model.scaled) is ScaledLinear
+    assert "MultiheadAttention" in by_name["attn.out_proj"].reason
+    assert isinstance(model.blocks[0][2], QuantizedLinear) and model.blocks[0][2].bias is None
+    y = model(x.to(device)).cpu()
+    assert y.shape == ref.shape and sqnr_db(ref, y) > 30
+
+
+def test_skip_patterns_keep_layers_float():
+    model = load_digits_mlp()
+    result = quantize_model(model, QuantConfig(skip=(r"^4$",)))
+    assert [r.status for r in result.layers] == ["quantized", "quantized", "skipped"]
+    assert result.layers[2].reason == "matches --skip '^4$'" and type(model[4]) is nn.Linear
+
+
+def test_layer_records_sizes_and_sqnr():
+    model = load_digits_mlp()
+    result = quantize_model(model)
+    first = result.layers[0]
+    assert (first.out_features, first.in_features) == (256, 64)
+    assert first.bytes_float == 256 * 64 * 4 + 256 * 4
+    assert first.bytes_int8 == 256 * 64 + 256 * 4 + 256 + 256 * 4  # weight, scale, zero point, bias
+    assert 38 < first.weight_sqnr_db < 60
+    assert first.kernel == "int_mm" and first.batch_invariant
+
+
+def test_model_without_linear_is_an_error():
+    with pytest.raises(InputError, match="no nn.Linear layer"):
+        quantize_model(nn.Sequential(nn.ReLU()))
+
+
+def test_non_finite_weight_names_the_layer():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("inf")
+    with pytest.raises(InputError, match=r"layer '1': weight has 1 non-finite"):
+        quantize_model(model)
+
+
+def test_bare_linear_root_is_returned_swapped():
+    lin = nn.Linear(8, 4)
+    result = quantize_model(lin)
+    assert isinstance(result.model, QuantizedLinear) and result.layers[0].name == ""
+
+
+def test_quantized_linear_shapes_dtypes_and_nd_inputs():
+    lin = nn.Linear(512, 1024)
+    q = QuantizedLinear.from_float(lin, mode="dynamic", granularity=PER_CHANNEL, symmetric=True,
+                                   act_granularity="token").pack("cpu")
+    assert q.weight.shape == (1024, 512) and q.weight.dtype == torch.int8
+    assert q.weight_scale.shape == (1024,) and q.weight_zero_point.shape == (1024,)
+    assert set(q.state_dict()) == {"weight", "weight_scale", "weight_zero_point", "bias"}
+    x = torch.randn(2, 3, 512)
+    assert q(x).shape == (2, 3, 1024)
+    with pytest.raises(RuntimeError, match="before pack"):
+        QuantizedLinear.from_float(lin, mode="dynamic", granularity=PER_CHANNEL, symmetric=True,
+                                   act_granularity="token")(x)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [QuantConfig(), QuantConfig(granularity="tensor"), QuantConfig(kernel="fbgemm"), QuantConfig(mode="weight-only")],
+    ids=["dynamic-channel", "dynamic-tensor", "fbgemm", "weight-only"],
+)
+def test_digits_int8_accuracy_within_one_point_of_float(config, digits_test):
+    inputs, labels = digits_test
+    model = load_digits_mlp()
+    with torch.no_grad():
+        acc_float = float((model(inputs).argmax(1) == labels).float().mean())
+        quantize_model(model, config)
+        acc_int8 = float((model(inputs).argmax(1) == labels).float().mean())
+    assert acc_float > 0.95
+    assert abs(acc_int8 - acc_float) <= 0.01
+
+
+def test_encoder_output_sqnr(digits_test):
+    inputs, _ = digits_test
+    model = load_encoder()
+    with torch.no_grad():
+        ref = model(inputs)
+        quantize_model(model)
+        out = model(inputs)
+    assert sqnr_db(ref, out) > 35
+    assert torch.nn.functional.cosine_similarity(ref, out).mean() > 0.999
