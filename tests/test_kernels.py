@@ -156,3 +156,15 @@ def test_cuda_kernels_match_cpu():
         cpu = pack(_choice(name, act), q, s, z, b, act_granularity=act, device="cpu")(x)
         gpu = pack(_choice(name, act), q, s, z, b, act_granularity=act, device="cuda")(x.cuda()).cpu()
         assert sqnr_db(cpu, gpu) > 60
+
+
+def test_no_warnings_reach_the_user():
+    """Quantized-tensor creation is deprecated in torch; the kernel module keeps its warnings."""
+    import warnings
+
+    q, s, z, b = _layer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name, act in KERNELS:
+            pack(_choice(name, act), q, s, z, b, act_granularity=act, device="cpu")(torch.randn(3, q.shape[1]))
+    assert [str(w.message) for w in caught] == []
