@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -35,8 +34,10 @@ app = typer.Typer(
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
-# Exit code of each error kind: one table. Anything not a QlinError is a bug: also 1, one line.
-EXIT_CODES: dict[type[BaseException], int] = {QlinError: 1, click.UsageError: 2}
+# Exit code of each error kind, by class name anywhere in the error's MRO (typer may vendor its
+# own copy of click, so click's classes are matched by name). One table; anything else is a
+# bug in qlin: also exit 1, one line, traceback with --debug.
+EXIT_CODES = {"QlinError": 1, "UsageError": 2, "Abort": 130, "KeyboardInterrupt": 130}
 
 
 ModelOpt = Annotated[
@@ -247,31 +248,27 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
     try:
         code = app(args=args, prog_name="qlin", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.UsageError as exc:
+    except (Exception, KeyboardInterrupt) as exc:
         if debug:
             raise
-        hint = f" (see 'qlin {exc.ctx.command.name} --help')" if exc.ctx and exc.ctx.command.name != "qlin" else ""
-        err.print(f"error: {exc.format_message()}{hint}", markup=False)
-        code = EXIT_CODES[click.UsageError]
-    except click.exceptions.Abort:
-        err.print("interrupted", markup=False)
-        code = 130
-    except QlinError as exc:
-        if debug:
-            raise
-        err.print(f"error: {exc}", markup=False, soft_wrap=True)
-        code = EXIT_CODES[QlinError]
-    except KeyboardInterrupt:
-        err.print("interrupted", markup=False)
-        code = 130
-    except Exception as exc:  # a bug in qlin: still one line, the traceback with --debug
-        if debug:
-            raise
-        err.print(f"error: internal error {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-                  markup=False, soft_wrap=True)
-        code = 1
+        kinds = [c.__name__ for c in type(exc).__mro__]
+        kind = next((k for k in kinds if k in EXIT_CODES), None)
+        if kind == "UsageError" and "NoArgsIsHelpError" in kinds:
+            message = exc.format_message().rstrip()  # the help text
+        elif kind == "UsageError":
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see 'qlin {ctx.command.name} --help')" if ctx and ctx.command.name != "qlin" else ""
+            message = f"error: {exc.format_message()}{hint}"
+        elif kind in ("Abort", "KeyboardInterrupt"):
+            message = "interrupted"
+        elif kind == "QlinError":
+            message = f"error: {exc}"
+        else:
+            message = f"error: internal error {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+        err.print(message, markup=False, soft_wrap=True)
+        code = EXIT_CODES.get(kind, 1)
     sys.exit(code or 0)
 
 
