@@ -151,14 +151,19 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 def inspect_path(
-    path: str | Path, *, model: str | None = None, trust_pickle: bool = False, device: str = "cpu"
+    path: str | Path, *, model: str | None = None, trust_pickle: bool = False, device: str = "cpu",
+    verify: bool = False,
 ) -> dict:
     """Describe a qlin file (metadata, every layer's tensors and this machine's kernel) or a
-    float checkpoint (its Linear layers and the scale shape each would get)."""
+    float checkpoint (its Linear layers and the scale shape each would get). `verify` also
+    recomputes a qlin file's payload sha256 (a mismatch is a FormatError)."""
     path = check_file(path, "file")
     dev = check_device(device)
-    if _metadata(path).get("format") == FORMAT:
-        qf = read_qfile(path)
+    is_qlin = _metadata(path).get("format") == FORMAT
+    if verify and not is_qlin:
+        raise ConfigError(f"--verify checks qlin files; {path} is not one")
+    if is_qlin:
+        qf = read_qfile(path, verify=verify)
         layers = []
         for e in qf.plan:
             row: dict[str, Any] = {
@@ -187,6 +192,7 @@ def inspect_path(
         return {
             "path": str(path), "kind": "qlin", "metadata": meta, "config": qf.config.to_dict(),
             "layers": layers, "tensors": len(qf.tensors), "size_bytes": path.stat().st_size,
+            "verified": verify,
         }
     if model is not None:
         obj, kind = load_source(path, model=model, trust_pickle=trust_pickle).model, "state dict + --model"

@@ -156,12 +156,13 @@ def inspect(
     model: ModelOpt = None,
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
+    verify: Annotated[bool, typer.Option("--verify", help="Recompute the payload sha256 of a qlin file.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a qlin file's metadata and layers, or the Linear layers of a float checkpoint."""
     from .api import inspect_path
 
-    info = inspect_path(file, model=model, trust_pickle=trust_pickle, device=device)
+    info = inspect_path(file, model=model, trust_pickle=trust_pickle, device=device, verify=verify)
     if as_json:
         _print_json(info)
         return
@@ -185,6 +186,8 @@ def inspect(
                 f"{r['scale_min']:.3g}", f"{r['scale_max']:.3g}", r["kernel"], note,
             )
         out.print(table)
+        if info["verified"]:
+            out.print(f"payload sha256 verified: {info['metadata']['payload_sha256']}")
         return
     table = Table(title=f"{info['path']}: {info['kind']}, {info['note']}", title_justify="left")
     for col in ("layer", "weight shape", "scale shape per tensor", "scale shape per channel"):

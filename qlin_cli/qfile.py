@@ -10,6 +10,7 @@ source_sha256, config (JSON), plan (JSON list, one entry per nn.Linear).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -34,6 +35,7 @@ __all__ = [
     "read_qfile",
     "load_quantized",
     "write_atomic",
+    "verify_payload",
     "check_output",
 ]
 
@@ -100,18 +102,26 @@ def write_atomic(path: str | Path, data: bytes, *, force: bool) -> Path:
     return path
 
 
+def _split(raw: bytes) -> tuple[int, bytes]:
+    """(header length, tensor payload) of safetensors bytes."""
+    n = int.from_bytes(raw[:8], "little")
+    return n, raw[8 + n :]
+
+
 def _canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes with a canonical header (sorted metadata, tensors by offset), so the
-    same content always gives the same bytes (the library's metadata order is not stable)."""
+    same content always gives the same bytes (the library's metadata order is not stable).
+    Adds `payload_sha256`, the sha256 of every byte after the header."""
     raw = save(tensors, metadata=metadata)
-    n = int.from_bytes(raw[:8], "little")
+    n, payload = _split(raw)
     header = json.loads(raw[8 : 8 + n])
     meta = header.pop("__metadata__", {})
+    meta["payload_sha256"] = hashlib.sha256(payload).hexdigest()
     ordered = {"__metadata__": dict(sorted(meta.items()))}
     ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
     text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
+    return len(text).to_bytes(8, "little") + text + payload
 
 
 def _file_tensors(model: nn.Module, plan: list[dict]) -> dict[str, torch.Tensor]:
@@ -209,8 +219,22 @@ def _validate_layer(path: Path, e: dict, tensors: dict[str, torch.Tensor]) -> No
 _PLAN_FIELDS = {"name": str, "in_features": int, "out_features": int, "has_bias": bool, "status": str, "aliases": list}
 
 
-def read_qfile(path: str | Path) -> QFile:
-    """Open and validate a qlin file: names, dtypes and shapes against its plan."""
+def verify_payload(path: Path, metadata: dict[str, str]) -> None:
+    """Recompute the sha256 of the tensor payload and compare it with the recorded one."""
+    recorded = metadata.get("payload_sha256")
+    if not recorded:
+        raise _bad(path, "records no payload_sha256 to verify against")
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        actual = hashlib.file_digest(f, "sha256").hexdigest()
+    if actual != recorded:
+        raise _bad(path, f"tensor payload sha256 {actual[:12]}... does not match the recorded {recorded[:12]}...: the file was changed or damaged")
+
+
+def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
+    """Open and validate a qlin file: names, dtypes and shapes against its plan, always; the
+    payload's sha256 against the recorded one with `verify`."""
     from .sources import check_file
 
     path = check_file(path, "qlin file")
@@ -253,15 +277,20 @@ def read_qfile(path: str | Path) -> QFile:
         layer, _, suffix = key.rpartition(".")
         if suffix in ("weight_scale", "weight_zero_point") and layer not in quantized_names:
             raise _bad(path, f"tensor {key} belongs to no quantized layer of the plan")
+    if verify:
+        verify_payload(path, metadata)
     return QFile(path, metadata, config, plan, tensors)
 
 
 @torch.no_grad()
-def load_quantized(model: nn.Module, path: str | Path, *, device: torch.device | str = "cpu") -> nn.Module:
+def load_quantized(
+    model: nn.Module, path: str | Path, *, device: torch.device | str = "cpu", verify: bool = False
+) -> nn.Module:
     """Turn a float model skeleton (same architecture as the quantized one) into the int8 model
     stored at `path`, packed for `device`. Changes `model` in place and returns it (a new module
-    if the model itself is one quantized `nn.Linear`)."""
-    qf = read_qfile(path)
+    if the model itself is one quantized `nn.Linear`). Shapes and dtypes are always checked; with
+    `verify` the payload's sha256 too."""
+    qf = read_qfile(path, verify=verify)
     linears = {name: m for name, m, _, _ in find_linears(model)}
     state = dict(qf.tensors)
     swapped = []

@@ -143,3 +143,20 @@ def test_truncated_and_garbage_files(good_file, tmp_path):
 def test_loading_into_the_wrong_skeleton_fails_clearly(good_file):
     with pytest.raises(FormatError, match=r"no nn.Linear '0' of shape \(256, 64\)"):
         load_quantized(torch.nn.Sequential(torch.nn.Linear(3, 3)), good_file)
+
+
+def test_payload_sha256_is_recorded_and_verified(good_file, tmp_path):
+    qf = read_qfile(good_file, verify=True)
+    data = good_file.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert qf.metadata["payload_sha256"] == hashlib.sha256(data[8 + n :]).hexdigest()
+    flipped = bytearray(data)
+    idx = data.index(bytes(qf.tensors["2.weight"][0, :8].view(torch.uint8).tolist()), 8 + n)
+    flipped[idx] ^= 0x01  # one bit of an int8 weight: shapes and dtypes still fine
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(flipped))
+    assert not torch.equal(read_qfile(bad).tensors["2.weight"], qf.tensors["2.weight"])  # loads unverified
+    with pytest.raises(FormatError, match="payload sha256 .* does not match"):
+        read_qfile(bad, verify=True)
+    with pytest.raises(FormatError, match="does not match"):
+        load_quantized(load_digits_mlp(), bad, verify=True)
