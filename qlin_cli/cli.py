@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import ACT_GRANULARITIES, KERNELS, MODES, QuantConfig, load_recipe
-from .errors import QlinError
+from .errors import ConfigError, QlinError
 from .qfile import write_atomic, check_output
 from .report import json_safe, to_markdown
 
@@ -100,6 +100,10 @@ def quantize(
         merged["skip"] = [*recipe.get("skip", []), *skip]
     cfg = QuantConfig.from_dict(merged, origin=str(config) if config else "options")
     if report is not None:
+        if report.suffix == ".md":
+            raise ConfigError(
+                f"--report {report}: give the JSON path (e.g. report.json); the Markdown twin is written beside it as .md"
+            )
         for p in (report, report.with_suffix(".md")):
             check_output(p, force=force, inputs=(source,))
 

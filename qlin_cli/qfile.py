@@ -188,10 +188,21 @@ def _bad(path: Path, msg: str) -> FormatError:
 
 def _validate_layer(path: Path, e: dict, tensors: dict[str, torch.Tensor]) -> None:
     name, out_f, in_f = e["name"], e["out_features"], e["in_features"]
-    try:
-        gran = Granularity(e["granularity"])
-    except ConfigError:
-        raise _bad(path, f"layer {name!r} has unknown granularity {e['granularity']!r}") from None
+    if out_f < 1 or in_f < 1:
+        raise _bad(path, f"layer {name!r} has shape ({out_f}, {in_f})")
+    try:  # the layer's scheme must be one qlin can run
+        scheme = QuantConfig(
+            mode=e.get("mode"), granularity=e.get("granularity"), symmetric=e.get("symmetric"),
+            act_granularity=e.get("act_granularity"), kernel=e.get("kernel_request"),
+        )
+    except (ConfigError, TypeError) as exc:
+        raise _bad(path, f"layer {name!r} has an invalid scheme ({exc})") from None
+    if scheme.act_granularity != e.get("act_granularity") or not isinstance(e.get("dtype", "float32"), str):
+        raise _bad(path, f"layer {name!r} has an invalid scheme")
+    dtype = getattr(torch, e.get("dtype", "float32"), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise _bad(path, f"layer {name!r} has dtype {e.get('dtype')!r}, not a float dtype")
+    gran = scheme.granularity
     want = {
         "weight": (torch.int8, (out_f, in_f)),
         "weight_scale": (torch.float32, gran.scale_shape((out_f, in_f))),

@@ -12,7 +12,9 @@ import importlib
 import importlib.util
 import inspect
 import pickle
+import re
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +126,11 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         except Exception as exc:
             raise InputError(f"{path} could not be unpickled: {_one_line(exc)}") from None
     allowed = []
-    if zipfile.is_zipfile(path):
+    if not zipfile.is_zipfile(path):
+        with path.open("rb") as f:
+            if f.read(1) != b"\x80":  # torch.save writes a zip archive or a protocol 2+ pickle
+                raise InputError(f"{path} is not a PyTorch checkpoint or safetensors file (neither a zip archive nor a pickle)")
+    else:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception as exc:
@@ -139,16 +145,29 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                 )
             allowed.append(cls)
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()
-        detail = first[0][:200] if first else "unsupported content"
+        detail = _unpickling_detail(exc)
         raise InputError(
             f"{path} cannot be loaded safely ({detail}); pass --trust-pickle if you trust the file"
         ) from None
     except Exception as exc:
         raise InputError(f"{path} is not a PyTorch checkpoint or safetensors file ({_one_line(exc)})") from None
+
+
+def _unpickling_detail(exc: Exception) -> str:
+    """The useful line of torch's weights_only refusal (e.g. 'Unsupported global: GLOBAL x.Y')."""
+    text = str(exc)
+    match = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", text)
+    if match:
+        return f"it pickles {match.group(1)}, which could run code"
+    match = re.search(r"(Unsupported operand \d+|Unsupported class [\w.]+)", text)
+    if match:
+        return match.group(1)
+    lines = text.split("WeightsUnpickler error:")[-1].strip().splitlines()
+    return lines[0][:160] if lines else "unsupported content"
 
 
 def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -248,7 +267,9 @@ def load_tensors(path: str | Path, what: str = "inputs") -> torch.Tensor | dict[
         obj: Any = _read_safetensors(path, what)
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise InputError(f"{what} {path} cannot be loaded as tensors ({_one_line(exc)})") from None
     if isinstance(obj, dict) and len(obj) == 1:
