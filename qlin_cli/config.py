@@ -23,11 +23,13 @@ __all__ = [
     "MODES",
     "KERNELS",
     "ACT_GRANULARITIES",
+    "OBSERVER_NAMES",
     "QuantConfig",
     "load_recipe",
 ]
 
-MODES = ("dynamic", "weight-only")  # "static" arrives with calibration (issue 3)
+MODES = ("dynamic", "weight-only", "static")
+OBSERVER_NAMES = ("minmax", "absmax", "moving-average", "percentile", "mse")  # see observers.py
 KERNELS = ("auto", "fbgemm", "int_mm", "weight_only")
 ACT_GRANULARITIES = ("token", "tensor")
 _GRANULARITY_KINDS = ("tensor", "channel")
@@ -71,8 +73,10 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 class QuantConfig:
     """What qlin does to each planned `nn.Linear`.
 
-    mode: `dynamic` (int8 weights and int8 activations quantized at each call) or
-        `weight-only` (int8 weights, float activations).
+    mode: `dynamic` (int8 weights and int8 activations quantized at each call),
+        `weight-only` (int8 weights, float activations) or `static` (int8 weights and int8
+        activations with a scale and zero point calibrated once, per tensor; needs calibration
+        data).
     granularity: weight scale granularity, `channel` (default) or `tensor`.
     symmetric: weights with zero point 0 and values in [-127, 127]; False gives an
         asymmetric range [-128, 127] with a zero point per scale.
@@ -83,6 +87,13 @@ class QuantConfig:
     kernel: `auto` picks per layer on the machine that packs the model; a forced kernel is used
         where it can run and falls back, with the reason reported, where it cannot.
     skip: regular expressions; a layer whose module path matches any (re.search) stays float.
+    observer: how calibration turns a layer's inputs into the static activation range
+        (minmax, absmax, moving-average, percentile, mse).
+    weight_observer: how a weight's range is chosen (minmax by default).
+    percentile: the percentile of the `percentile` observers.
+    smooth: SmoothQuant's alpha in (0, 1], or None (off): per input channel factors
+        s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) move activation outliers into the weights.
+        Needs calibration data.
     """
 
     mode: str = "dynamic"
@@ -91,6 +102,14 @@ class QuantConfig:
     act_granularity: str | None = None
     kernel: str = "auto"
     skip: tuple[str, ...] = field(default_factory=tuple)
+    observer: str = "minmax"
+    weight_observer: str = "minmax"
+    percentile: float = 99.99
+    smooth: float | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.mode == "static" or self.smooth is not None
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -109,6 +128,17 @@ class QuantConfig:
                 re.compile(pattern)
             except re.error as exc:
                 raise ConfigError(f"skip pattern {pattern!r} is not a valid regex: {exc}") from None
+        _choice("observer", self.observer, OBSERVER_NAMES)
+        _choice("weight_observer", self.weight_observer, OBSERVER_NAMES)
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
+            raise ConfigError(f"percentile = {self.percentile!r} is not valid: use a number in (50, 100]")
+        object.__setattr__(self, "percentile", float(self.percentile))
+        if self.smooth is not None:
+            if isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float)) or not 0 < self.smooth <= 1:
+                raise ConfigError(f"smooth = {self.smooth!r} is not valid: SmoothQuant's alpha is in (0, 1], e.g. 0.5")
+            object.__setattr__(self, "smooth", float(self.smooth))
+            if self.mode == "weight-only":
+                raise ConfigError("smooth moves activation outliers into weights; it needs --mode dynamic or static")
         if self.mode == "weight-only":
             if self.act_granularity is not None:
                 raise ConfigError("act_granularity applies to dynamic mode only; drop it for weight-only")
@@ -120,6 +150,11 @@ class QuantConfig:
             return
         if self.kernel == "weight_only":
             raise ConfigError("kernel 'weight_only' needs --mode weight-only")
+        if self.mode == "static":
+            if self.act_granularity not in (None, "tensor"):
+                raise ConfigError("static mode calibrates one activation scale per tensor; drop act_granularity")
+            object.__setattr__(self, "act_granularity", "tensor")
+            return
         if self.act_granularity is None:
             object.__setattr__(self, "act_granularity", "tensor" if self.kernel == "fbgemm" else "token")
         _choice("act_granularity", self.act_granularity, ACT_GRANULARITIES)
@@ -152,14 +187,6 @@ class QuantConfig:
                 f"{origin}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}"
             )
         return cls(**data)
-
-    def replace(self, **changes: Any) -> "QuantConfig":
-        """A copy with `changes` applied (None values are ignored, so CLI defaults don't override)."""
-        data = self.to_dict()
-        data.update({k: v for k, v in changes.items() if v is not None})
-        if "kernel" in changes and "act_granularity" not in changes:
-            data["act_granularity"] = None  # re-derive from the new kernel
-        return QuantConfig.from_dict(data)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

@@ -146,6 +146,17 @@ def select_kernel(
             "dequant", f"fallback: torch._weight_int8pack_mm cannot run ({missing})", False
         )
     per_token = act_granularity == "token"
+    if mode == "static":
+        missing = "fbgemm runs on CPU only" if device.type != "cpu" else _fbgemm_missing()
+        if missing is None and _fbgemm_reduce_range():
+            missing = "full-range static uint8 activations can saturate fbgemm without VNNI"
+        if missing is None and dtype != torch.float32:
+            missing = f"fbgemm takes float32 activations, not {dtype}"
+        if request == "fbgemm" and missing is None:
+            return KernelChoice("fbgemm", "requested", True)
+        why = f"fallback: {missing}" if request == "fbgemm" else (
+            "requested" if request == "int_mm" else "auto: static int8 activations")
+        return KernelChoice("int_mm", why, True)
     if request in ("auto", "fbgemm") and not per_token:
         missing = "fbgemm runs on CPU only" if device.type != "cpu" else _fbgemm_missing()
         if missing is None and dtype != torch.float32:
@@ -161,13 +172,20 @@ def select_kernel(
 
 
 class _IntMM:
-    """`torch._int_mm` with symmetric dynamic activations.
+    """`torch._int_mm` with int8 activations: dynamic symmetric (per token or per tensor), or
+    static with a calibrated scale s_x and zero point z_x.
 
-    y[m, n] = a[m] * s[n] * (sum_k qx[m, k] * qw[n, k] - z[n] * sum_k qx[m, k]) + b[n]
-    The weight is stored transposed `(K, N)` and contiguous, padded to the device's shape rules.
+    With the weight `(N, K)` int8, its scale s[n] and zero point z[n], and activations qx:
+        acc[m, n] = sum_k (qx[m, k] - z_x) * (qw[n, k] - z[n])
+                  = qx @ qw.T - z_x * colsum[n] - z[n] * rowsum(qx)[m] + K * z_x * z[n]
+        y[m, n]   = a[m] * s[n] * acc[m, n] + b[n]       (a = per-token/tensor scale, or s_x)
+    The weight is stored transposed `(K, N)` and contiguous, padded to the device's shape rules;
+    colsum and the scale products are computed once here. `smooth` `(K,)` (SmoothQuant) divides
+    the activations before they are quantized.
     """
 
-    def __init__(self, weight, scale, zero_point, bias, per_token: bool, rules: IntMMRules):
+    def __init__(self, weight, scale, zero_point, bias, per_token: bool, rules: IntMMRules,
+                 act_qparams=None, smooth=None):
         n, k = weight.shape
         self.n, self.k, self.per_token, self.min_m = n, k, per_token, rules.min_m
         self.pad_k, self.pad_n = -k % rules.k_multiple, -n % rules.n_multiple
@@ -176,10 +194,34 @@ class _IntMM:
         zp = zero_point.to(torch.int32)
         self.zero_point = zp if bool(zp.any()) else None
         self.bias = None if bias is None else bias.float()
+        self.smooth = None if smooth is None else smooth.float()
+        self.static = act_qparams is not None
+        if self.static:
+            s_x, z_x = act_qparams
+            z_x = int(z_x)
+            self.act_divisor = s_x.float() if self.smooth is None else s_x.float() * self.smooth  # () or (K,)
+            self.act_zero_point = z_x
+            self.out_scale = self.scale * s_x.float()  # (N,) or ()
+            correction = torch.zeros(n, dtype=torch.int32, device=weight.device)
+            if z_x:
+                correction += z_x * weight.to(torch.int32).sum(dim=1)
+            if z_x and self.zero_point is not None:
+                correction -= k * z_x * self.zero_point
+            self.correction = correction if bool(correction.any()) else None
+
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.static:
+            q = torch.round(x.float() / self.act_divisor)
+            if self.act_zero_point:
+                q.add_(self.act_zero_point)
+            return q.clamp_(-128, 127).to(torch.int8), None
+        if self.smooth is not None:
+            x = x.float() / self.smooth
+        return quantize_activations(x, self.per_token)  # (M, K) int8, (M, 1) or ()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
-        q, a = quantize_activations(x, self.per_token)  # (M, K) int8, (M, 1) or ()
+        q, a = self._quantize(x)
         qp = q
         if self.pad_k or m < self.min_m:
             qp = F.pad(q, (0, self.pad_k, 0, max(0, self.min_m - m)))
@@ -188,18 +230,25 @@ class _IntMM:
             acc = acc[:m, : self.n]
         if self.zero_point is not None:
             acc = acc - q.sum(dim=1, keepdim=True, dtype=torch.int32) * self.zero_point
+        if self.static and self.correction is not None:
+            acc = acc - self.correction
         y = acc.to(torch.float32)
-        y.mul_(a)
-        y.mul_(self.scale)
+        if self.static:
+            y.mul_(self.out_scale)
+        else:
+            y.mul_(a)
+            y.mul_(self.scale)
         if self.bias is not None:
             y.add_(self.bias)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 class _Fbgemm:
-    """Prepacked fbgemm `quantized.linear_dynamic`: uint8 activations with one scale per call."""
+    """fbgemm with prepacked weights. Dynamic: `quantized.linear_dynamic` (uint8 activations,
+    one scale per call). Static: `quantized.linear_with_input_q_dq_qweight_dq_output_fp32`
+    (uint8 activations with the calibrated scale; qlin's int8 zero point z is fbgemm's z + 128)."""
 
-    def __init__(self, weight, scale, zero_point, bias):
+    def __init__(self, weight, scale, zero_point, bias, act_qparams=None, smooth=None):
         if scale.dim() == 0:
             qw = _quiet(torch._make_per_tensor_quantized_tensor, weight, float(scale), int(zero_point))
         else:
@@ -209,9 +258,16 @@ class _Fbgemm:
             )
         self.packed = _quiet(torch.ops.quantized.linear_prepack, qw, None if bias is None else bias.float())
         self.reduce_range = _fbgemm_reduce_range()
+        self.smooth = None if smooth is None else smooth.float()
+        self.act = None if act_qparams is None else (float(act_qparams[0]), int(act_qparams[1]) + 128)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, self.reduce_range)
+        if self.smooth is not None:
+            x = x / self.smooth
+        x = x.contiguous()
+        if self.act is None:
+            return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, *self.act, self.packed)
 
 
 class _WeightOnly:
@@ -257,18 +313,24 @@ def pack(
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
     rules: IntMMRules | None = None,
+    act_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
+    smooth: torch.Tensor | None = None,
 ):
     """Prepare the operands of `choice.name` once, on `device`; returns a callable
-    `(M, K) float -> (M, N)` in the input's dtype. `rules` overrides the device's `_int_mm`
-    shape rules (tests use it to exercise the CUDA padding on CPU)."""
+    `(M, K) float -> (M, N)` in the input's dtype. `act_qparams` (scale `()`, zero point `()`)
+    makes activations static; `smooth` `(K,)` divides them first (SmoothQuant). `rules`
+    overrides the device's `_int_mm` shape rules (tests use it to exercise CUDA's on CPU)."""
     device = torch.device(device)
     weight, scale, zero_point = weight.to(device), scale.to(device), zero_point.to(device)
     bias = None if bias is None else bias.to(device)
+    smooth = None if smooth is None else smooth.to(device)
+    if act_qparams is not None:
+        act_qparams = (act_qparams[0].to(device), act_qparams[1].to(device))
     if choice.name == "int_mm":
         rules = rules or INT_MM_RULES.get(device.type, IntMMRules())
-        return _IntMM(weight, scale, zero_point, bias, act_granularity == "token", rules)
+        return _IntMM(weight, scale, zero_point, bias, act_granularity == "token", rules, act_qparams, smooth)
     if choice.name == "fbgemm":
-        return _Fbgemm(weight, scale, zero_point, bias)
+        return _Fbgemm(weight, scale, zero_point, bias, act_qparams, smooth)
     if choice.name == "weight_only":
         return _WeightOnly(weight, scale, zero_point, bias, dtype)
     if choice.name == "dequant":

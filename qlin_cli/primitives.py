@@ -49,11 +49,17 @@ def check_finite(x: torch.Tensor, what: str) -> None:
         raise InputError(f"{what} has {bad} non-finite value(s) (NaN or Inf); fix the model first")
 
 
-def amin_amax(x: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of `x` over the dims `granularity` collapses, as float32 of the scale shape:
-    `()` per tensor, `(x.shape[0],)` per channel."""
+def amin_amax(
+    x: torch.Tensor, granularity: Granularity, axis: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of `x` as float32: `()` per tensor, `(x.shape[axis],)` per channel (axis 0 for
+    weights `(out, in)`: one per row; axis 1 for activations `(tokens, in)`: one per input
+    channel)."""
     flat = x.detach().float()
-    flat = flat.reshape(-1) if granularity.kind == "tensor" else flat.reshape(x.shape[0], -1)
+    if granularity.kind == "tensor":
+        flat = flat.reshape(-1)
+    else:
+        flat = flat.movedim(axis, 0).reshape(x.shape[axis], -1)
     lo, hi = torch.aminmax(flat, dim=-1)
     return lo, hi
 

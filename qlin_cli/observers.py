@@ -1,0 +1,208 @@
+"""Observers: they watch a stream of tensors (weights, or a layer's inputs during calibration)
+and turn what they saw into a range, then into a scale and zero point.
+
+Every observer keeps bounded state (a running min/max, or a fixed-size histogram per channel),
+whatever the number of samples, and reduces with `primitives.amin_amax`, the same helper the
+direct quantization uses.
+
+Tensors are seen as `(rows, channels)` along `axis`: weights `(out, in)` have their channels on
+axis 0 (one scale per output row), activations `(tokens, in)` on axis 1 (per input channel,
+as SmoothQuant needs). Per tensor the range is a scalar.
+
+| name             | range                                                           |
+|------------------|-----------------------------------------------------------------|
+| `minmax`         | running min and max (the default)                               |
+| `absmax`         | running max of abs; always symmetric                            |
+| `moving-average` | EMA of each batch's min and max (activations)                   |
+| `percentile`     | the p-th and (100 - p)-th percentiles of everything seen        |
+| `mse`            | the clipping range, shrunk from min/max, with the least int8 MSE |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Granularity
+from .errors import ConfigError
+from .primitives import MIN_SCALE, QMAX, QMIN, SYM_QMAX, amin_amax, check_finite, qparams_from_range
+
+__all__ = ["OBSERVERS", "Observer", "make_observer"]
+
+
+class Observer:
+    """Base: a running min/max. Subclasses change how a batch updates the range."""
+
+    name = "minmax"
+
+    def __init__(self, granularity: Granularity, axis: int = 0, what: str = "tensor") -> None:
+        self.granularity, self.axis, self.what = granularity, axis, what
+        self.lo: torch.Tensor | None = None  # () per tensor, (C,) per channel
+        self.hi: torch.Tensor | None = None
+
+    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_finite(x, self.what)
+        return amin_amax(x, self.granularity, self.axis)
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = self._batch_range(x)
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lo is None:
+            raise ConfigError(f"{self.what}: the observer saw no data (was the layer run during calibration?)")
+        return self.lo, self.hi
+
+    def qparams(self, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale (float32) and zero point (int8), of shape `()` or `(C,)`."""
+        lo, hi = self.range()
+        return qparams_from_range(lo, hi, symmetric)
+
+
+class AbsMaxObserver(Observer):
+    """Running max of |x|: the range [-amax, amax], for symmetric quantization."""
+
+    name = "absmax"
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = super().range()
+        amax = torch.maximum(-lo, hi)
+        return -amax, amax
+
+    def qparams(self, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.range()
+        return qparams_from_range(lo, hi, True)
+
+
+class MovingAverageObserver(Observer):
+    """Exponential moving average of each batch's min and max (factor `averaging`)."""
+
+    name = "moving-average"
+
+    def __init__(self, granularity: Granularity, axis: int = 0, what: str = "tensor", averaging: float = 0.01):
+        super().__init__(granularity, axis, what)
+        self.averaging = averaging
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = self._batch_range(x)
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo = self.lo + self.averaging * (lo - self.lo)
+            self.hi = self.hi + self.averaging * (hi - self.hi)
+
+
+class HistogramObserver(Observer):
+    """A fixed-size histogram per channel (or one per tensor) over the range seen so far.
+
+    When a batch widens the range, the old counts move to the new bins by their bin centres.
+    """
+
+    bins = 2048
+
+    def __init__(self, granularity: Granularity, axis: int = 0, what: str = "tensor") -> None:
+        super().__init__(granularity, axis, what)
+        self.hist: torch.Tensor | None = None  # (C, bins) float64 counts; C = 1 per tensor
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x as (C, n) float32: one row per channel (one row per tensor)."""
+        x = x.detach().float()
+        if self.granularity.kind == "tensor":
+            return x.reshape(1, -1)
+        return x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)
+
+    def _bin(self, values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        width = (hi - lo).clamp_min(MIN_SCALE)[:, None]
+        return ((values - lo[:, None]) / width * self.bins).long().clamp_(0, self.bins - 1)
+
+    def update(self, x: torch.Tensor) -> None:
+        old_lo, old_hi = self.lo, self.hi
+        super().update(x)
+        lo, hi = self.lo.reshape(-1), self.hi.reshape(-1)
+        hist = torch.zeros(lo.shape[0], self.bins, dtype=torch.float64)
+        if self.hist is not None:  # move old counts to the (possibly wider) new bins
+            olo, ohi = old_lo.reshape(-1), old_hi.reshape(-1)
+            centres = olo[:, None] + (torch.arange(self.bins) + 0.5) / self.bins * (ohi - olo)[:, None]
+            hist.scatter_add_(1, self._bin(centres, lo, hi), self.hist)
+        rows = self._rows(x)
+        hist.scatter_add_(1, self._bin(rows, lo, hi), torch.ones_like(rows, dtype=torch.float64))
+        self.hist = hist
+
+    def _centres(self) -> torch.Tensor:
+        lo, hi = self.lo.reshape(-1), self.hi.reshape(-1)
+        return lo[:, None] + (torch.arange(self.bins) + 0.5) / self.bins * (hi - lo)[:, None]
+
+    def _shaped(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.lo.shape).float()
+
+
+class PercentileObserver(HistogramObserver):
+    """The `percentile`-th and (100 - percentile)-th percentiles of all values seen."""
+
+    name = "percentile"
+
+    def __init__(self, granularity: Granularity, axis: int = 0, what: str = "tensor", percentile: float = 99.99):
+        super().__init__(granularity, axis, what)
+        if not 50.0 < percentile <= 100.0:
+            raise ConfigError(f"percentile {percentile} must be in (50, 100]")
+        self.percentile = percentile
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        super().range()
+        cdf = self.hist.cumsum(1)
+        total = cdf[:, -1:]
+        q = self.percentile / 100.0
+        lo_idx = torch.searchsorted(cdf, total * (1.0 - q)).clamp_(max=self.bins - 1)
+        hi_idx = torch.searchsorted(cdf, total * q).clamp_(max=self.bins - 1)
+        lo, hi = self.lo.reshape(-1, 1), self.hi.reshape(-1, 1)
+        width = (hi - lo) / self.bins
+        p_lo = (lo + lo_idx * width).squeeze(1)  # the lower edge of the bin holding the low percentile
+        p_hi = (lo + (hi_idx + 1) * width).squeeze(1)  # the upper edge of the high one
+        return self._shaped(torch.maximum(p_lo, lo.squeeze(1))), self._shaped(torch.minimum(p_hi, hi.squeeze(1)))
+
+
+class MSEObserver(HistogramObserver):
+    """The clipping range [a * min, a * max], a in a grid over (0, 1], with the least int8
+    round-trip MSE over the histogram of all values seen."""
+
+    name = "mse"
+    grid = torch.linspace(0.05, 1.0, 96)
+
+    def qparams(self, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self._best_range(symmetric)
+        return qparams_from_range(lo, hi, symmetric)
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._best_range(symmetric=False)
+
+    def _best_range(self, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        lo0, hi0 = super().range()
+        lo0, hi0 = lo0.reshape(-1), hi0.reshape(-1)
+        centres, counts = self._centres(), self.hist  # (C, bins)
+        best_err = torch.full_like(lo0, float("inf"), dtype=torch.float64)
+        best_lo, best_hi = lo0.clone(), hi0.clone()
+        for a in self.grid.tolist():
+            lo, hi = lo0 * a, hi0 * a
+            s, z = qparams_from_range(lo, hi, symmetric)
+            s, z = s[:, None].double(), z[:, None].double()
+            qlo = -SYM_QMAX if symmetric else QMIN
+            q = torch.clamp(torch.round(centres.double() / s) + z, qlo, QMAX)
+            err = (((q - z) * s - centres) ** 2 * counts).sum(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+        return self._shaped(best_lo), self._shaped(best_hi)
+
+
+OBSERVERS = {cls.name: cls for cls in (Observer, AbsMaxObserver, MovingAverageObserver, PercentileObserver, MSEObserver)}
+
+
+def make_observer(name: str, granularity: Granularity, axis: int = 0, what: str = "tensor", **options) -> Observer:
+    """An observer by name (see OBSERVERS); `options` are its parameters (e.g. percentile=99.9)."""
+    try:
+        cls = OBSERVERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown observer {name!r}: use one of {', '.join(OBSERVERS)}") from None
+    return cls(granularity, axis, what, **options)
