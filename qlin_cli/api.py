@@ -76,18 +76,37 @@ def quantize_checkpoint(
     model: str | None = None,
     trust_pickle: bool = False,
     inputs: str | Path | None = None,
+    calib: str | Path | None = None,
+    calib_samples: int | None = None,
+    batch_size: int = 32,
     device: str = "cpu",
     force: bool = False,
     progress: Progress | None = None,
+    calib_progress: Progress | None = None,
 ) -> dict:
-    """Load a float checkpoint, quantize it, write the qlin file and return the report."""
+    """Load a float checkpoint, quantize it, write the qlin file and return the report.
+
+    `inputs` is the probe batch for the model-level error; `calib` the calibration data
+    (static mode and SmoothQuant need it), of which the first `calib_samples` are used.
+    """
     config = config or QuantConfig()
     source_path = check_file(source_path, "source")
     output = Path(output) if output is not None else default_output(source_path)
     check_output(output, force=force, inputs=(source_path,))
     dev = check_device(device)
+    if batch_size < 1 or (calib_samples is not None and calib_samples < 1):
+        raise ConfigError("--batch-size and --calib-samples must be at least 1")
+    if config.needs_calibration and calib is None:
+        what = "static mode" if config.mode == "static" else "SmoothQuant (--smooth)"
+        raise ConfigError(f"{what} needs calibration data: pass --calib FILE (inputs the model takes)")
     if inputs is not None:
         inputs = check_file(inputs, "inputs")
+    calib_data = None
+    if calib is not None:
+        calib_data = load_tensors(calib, "calibration data")
+        if calib_samples is not None:
+            calib_data = next(batches(calib_data, calib_samples))
+        calib_data = _to_device(calib_data, dev)
     source = load_source(source_path, model=model, trust_pickle=trust_pickle)
     float_model = source.model.to(dev)
     if not find_linears(float_model):
@@ -102,7 +121,10 @@ def quantize_checkpoint(
         if inputs is not None:
             raise
         reference, compared, probe_note = None, None, f"{exc}; pass --inputs FILE to measure it"
-    result = quantize_model(float_model, config, device=dev, progress=progress)
+    result = quantize_model(
+        float_model, config, calib=calib_data, batch_size=batch_size, device=dev,
+        progress=progress, calib_progress=calib_progress,
+    )
     probe_report: dict[str, Any] = {"description": description, "compared": compared, "note": probe_note}
     if reference is not None:
         out, _ = first_tensor(run_model(result.model, probe, "int8 model"))
@@ -117,6 +139,7 @@ def quantize_checkpoint(
         "output": str(output),
         "config": result.config.to_dict(),
         "device": str(dev),
+        "calibration": None if calib is None else {"file": str(calib), "samples": num_samples(calib_data), "batch_size": batch_size},
         "layers": rows,
         "probe": probe_report,
         "totals": {
@@ -186,7 +209,13 @@ def inspect_path(
                     scale_min=float(scale.min()), scale_max=float(scale.max()),
                     kernel=choice.name, kernel_reason=choice.reason,
                     batch_invariant=choice.batch_invariant,
+                    weight_observer=e.get("weight_observer"), observer=e.get("observer"), smooth=e.get("smooth"),
                 )
+                if e["mode"] == "static":
+                    row.update(
+                        input_scale=float(qf.tensors[f"{e['name']}.input_scale"]),
+                        input_zero_point=int(qf.tensors[f"{e['name']}.input_zero_point"]),
+                    )
             layers.append(row)
         meta = {k: v for k, v in qf.metadata.items() if k not in ("config", "plan")}
         return {

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import ACT_GRANULARITIES, KERNELS, MODES, QuantConfig, load_recipe
+from .config import ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, QuantConfig, load_recipe
 from .errors import ConfigError, QlinError
 from .qfile import write_atomic, check_output
 from .report import json_safe, to_markdown
@@ -73,7 +73,7 @@ def _num(value: Any, digits: int = 2) -> str:
 def quantize(
     source: Annotated[Path, typer.Argument(help="Float checkpoint: .pt/.pth/.bin or .safetensors.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file [default: <stem>.int8.safetensors].")] = None,
-    mode: Annotated[Optional[Literal[MODES]], typer.Option(help="dynamic (default) or weight-only.")] = None,
+    mode: Annotated[Optional[Literal[MODES]], typer.Option(help="dynamic (default), weight-only, or static (needs --calib).")] = None,
     granularity: Annotated[Optional[Literal["tensor", "channel"]], typer.Option(help="Weight scales: channel (default) or tensor.")] = None,
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Weight zero point 0 (default) or fitted.")] = None,
     act_granularity: Annotated[Optional[Literal[ACT_GRANULARITIES]], typer.Option(help="Dynamic activations: token (default, batch-invariant) or tensor (batch-dependent).")] = None,
@@ -82,6 +82,13 @@ def quantize(
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML recipe (see configs/); flags override it.")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here, and as Markdown beside it (.md).")] = None,
     inputs: InputsOpt = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration inputs (same formats as --inputs); static mode and --smooth need them.")] = None,
+    calib_samples: Annotated[Optional[int], typer.Option("--calib-samples", help="Use the first N calibration samples.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per calibration forward pass.")] = 32,
+    observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--observer", help="Static activation range: minmax (default), absmax, moving-average, percentile, mse.")] = None,
+    weight_observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--weight-observer", help="Weight range: minmax (default), absmax, percentile, mse.")] = None,
+    percentile: Annotated[Optional[float], typer.Option("--percentile", help="Percentile of the percentile observers [default: 99.99].")] = None,
+    smooth: Annotated[Optional[float], typer.Option("--smooth", help="SmoothQuant alpha in (0, 1], e.g. 0.5 (needs --calib).")] = None,
     model: ModelOpt = None,
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
@@ -92,7 +99,10 @@ def quantize(
     from .api import quantize_checkpoint
 
     recipe = load_recipe(config) if config is not None else {}
-    flags = dict(mode=mode, granularity=granularity, symmetric=symmetric, act_granularity=act_granularity, kernel=kernel)
+    flags = dict(
+        mode=mode, granularity=granularity, symmetric=symmetric, act_granularity=act_granularity, kernel=kernel,
+        observer=observer, weight_observer=weight_observer, percentile=percentile, smooth=smooth,
+    )
     merged = {**recipe, **{k: v for k, v in flags.items() if v is not None}}
     if kernel is not None and act_granularity is None and "act_granularity" in recipe:
         merged.pop("act_granularity")  # let the new kernel decide
@@ -117,8 +127,9 @@ def quantize(
             bar.update(task, completed=done, total=total, description=name)
 
         result = quantize_checkpoint(
-            source, output, cfg, model=model, trust_pickle=trust_pickle, inputs=inputs,
-            device=device, force=force, progress=progress,
+            source, output, cfg, model=model, trust_pickle=trust_pickle, inputs=inputs, calib=calib,
+            calib_samples=calib_samples, batch_size=batch_size, device=device, force=force,
+            progress=progress, calib_progress=progress,
         )
     if report is not None:
         write_atomic(report, (json.dumps(json_safe(result), indent=2) + "\n").encode(), force=force)
@@ -127,16 +138,26 @@ def quantize(
         _print_json(result)
         return
     table = Table(title=f"qlin quantize {result['source']} -> {result['output']}", title_justify="left")
-    for col in ("layer", "weight shape", "scale shape", "kernel", "weight SQNR dB", "bytes float -> int8", "note"):
-        table.add_column(col, justify="right" if col in ("weight SQNR dB", "bytes float -> int8") else "left")
+    static = result["config"]["mode"] == "static"
+    calibrated = result["calibration"] is not None
+    cols = ["layer", "weight shape", "scale shape", "kernel", "weight SQNR dB"]
+    cols += ["output SQNR dB"] if calibrated else []
+    cols += ["input range", "input scale"] if static else []
+    cols += ["bytes float -> int8", "note"]
+    for col in cols:
+        table.add_column(col, justify="right" if "SQNR" in col or "bytes" in col or "input" in col else "left")
     for r in result["layers"]:
         note = r["reason"] if r["status"] == "skipped" else ("" if r["batch_invariant"] else "batch-dependent")
         if r["status"] == "quantized" and r["kernel_reason"].startswith("fallback"):
             note = r["kernel_reason"]
-        table.add_row(
-            r["name"] or "(root)", _shape(r["weight_shape"]), _shape(r["scale_shape"]), r["kernel"] or "float",
-            _num(r["weight_sqnr_db"]), f"{r['bytes_float']:,} -> {r['bytes_int8']:,}", note,
-        )
+        cells = [r["name"] or "(root)", _shape(r["weight_shape"]), _shape(r["scale_shape"]), r["kernel"] or "float",
+                 _num(r["weight_sqnr_db"])]
+        cells += [_num(r["output_sqnr_db"])] if calibrated else []
+        if static:
+            rng = r["input_range"]
+            cells += [f"[{rng[0]:.3g}, {rng[1]:.3g}]" if rng else "-",
+                      f"{r['input_scale']:.3g} (z={r['input_zero_point']})" if r["input_scale"] is not None else "-"]
+        table.add_row(*cells, f"{r['bytes_float']:,} -> {r['bytes_int8']:,}", note)
     out.print(table)
     t, probe = result["totals"], result["probe"]
     out.print(
@@ -184,6 +205,10 @@ def inspect(
                 table.add_row(r["name"] or "(root)", _shape(r["weight_shape"]), *["-"] * 7, f"float: {r['reason']}")
                 continue
             note = r["kernel_reason"] + ("" if r["batch_invariant"] else "; results depend on the batch")
+            if r["mode"] == "static":
+                note += f"; static input scale {r['input_scale']:.3g}, zero point {r['input_zero_point']} ({r['observer']})"
+            if r["smooth"] is not None:
+                note += f"; SmoothQuant alpha {r['smooth']}"
             table.add_row(
                 r["name"] or "(root)", f"{r['weight_dtype']} {_shape(r['weight_shape'])}", _shape(r["scale_shape"]),
                 _shape(r["zero_point_shape"]), r["granularity"], str(r["symmetric"]).lower(),

@@ -41,7 +41,8 @@ class Observer:
 
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_finite(x, self.what)
-        return amin_amax(x, self.granularity, self.axis)
+        lo, hi = amin_amax(x, self.granularity, self.axis)
+        return lo.cpu(), hi.cpu()  # observer state lives on the CPU, whatever the data's device
 
     def update(self, x: torch.Tensor) -> None:
         lo, hi = self._batch_range(x)
@@ -108,7 +109,7 @@ class HistogramObserver(Observer):
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """x as (C, n) float32: one row per channel (one row per tensor)."""
-        x = x.detach().float()
+        x = x.detach().float().cpu()
         if self.granularity.kind == "tensor":
             return x.reshape(1, -1)
         return x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)

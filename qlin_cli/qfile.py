@@ -3,7 +3,9 @@ with validation, and load into a float model skeleton.
 
 Per quantized layer `<name>`: `<name>.weight` int8 `(out, in)`, `<name>.weight_scale` float32
 `()` or `(out,)`, `<name>.weight_zero_point` int8 of the scale's shape, `<name>.bias` (float,
-unchanged, if the layer has one). Every other tensor of the model as in its float state dict.
+unchanged, if the layer has one); static mode adds `<name>.input_scale` float32 `()` and
+`<name>.input_zero_point` int8 `()`, SmoothQuant `<name>.smooth_scale` float32 `(in,)`.
+Every other tensor of the model as in its float state dict.
 `__metadata__`: format, format_version, qlin_version, torch_version, source_name,
 source_sha256, config (JSON), plan (JSON list, one entry per nn.Linear).
 """
@@ -41,7 +43,7 @@ __all__ = [
 
 FORMAT = "qlin"
 FORMAT_VERSION = 1
-LAYER_TENSORS = ("weight", "weight_scale", "weight_zero_point", "bias")
+LAYER_TENSORS = ("weight", "weight_scale", "weight_zero_point", "bias", "input_scale", "input_zero_point", "smooth_scale")
 
 
 def _version() -> str:
@@ -194,6 +196,8 @@ def _validate_layer(path: Path, e: dict, tensors: dict[str, torch.Tensor]) -> No
         scheme = QuantConfig(
             mode=e.get("mode"), granularity=e.get("granularity"), symmetric=e.get("symmetric"),
             act_granularity=e.get("act_granularity"), kernel=e.get("kernel_request"),
+            weight_observer=e.get("weight_observer", "minmax"), observer=e.get("observer") or "minmax",
+            smooth=e.get("smooth"),
         )
     except (ConfigError, TypeError) as exc:
         raise _bad(path, f"layer {name!r} has an invalid scheme ({exc})") from None
@@ -208,6 +212,13 @@ def _validate_layer(path: Path, e: dict, tensors: dict[str, torch.Tensor]) -> No
         "weight_scale": (torch.float32, gran.scale_shape((out_f, in_f))),
         "weight_zero_point": (torch.int8, gran.scale_shape((out_f, in_f))),
     }
+    if scheme.mode == "static":
+        want.update(input_scale=(torch.float32, ()), input_zero_point=(torch.int8, ()))
+    if e.get("smooth") is not None:
+        want["smooth_scale"] = (torch.float32, (in_f,))
+    for suffix in ("input_scale", "input_zero_point", "smooth_scale"):
+        if suffix not in want and f"{name}.{suffix}" in tensors:
+            raise _bad(path, f"tensor {name}.{suffix} does not belong to a {scheme.mode} layer")
     for suffix, (dtype, shape) in want.items():
         t = tensors.get(f"{name}.{suffix}")
         if t is None:
@@ -221,10 +232,10 @@ def _validate_layer(path: Path, e: dict, tensors: dict[str, torch.Tensor]) -> No
         raise _bad(path, f"layer {name!r}: bias {'missing' if e['has_bias'] else 'unexpected'}")
     if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (out_f,)):
         raise _bad(path, f"{name}.bias is {bias.dtype} {tuple(bias.shape)}, expected float ({out_f},)")
-    if not bool(torch.isfinite(tensors[f"{name}.weight_scale"]).all()) or bool(
-        (tensors[f"{name}.weight_scale"] <= 0).any()
-    ):
-        raise _bad(path, f"{name}.weight_scale has values that are not finite and positive")
+    for suffix in ("weight_scale", "input_scale", "smooth_scale"):
+        t = tensors.get(f"{name}.{suffix}")
+        if suffix in want and (not bool(torch.isfinite(t).all()) or bool((t <= 0).any())):
+            raise _bad(path, f"{name}.{suffix} has values that are not finite and positive")
 
 
 _PLAN_FIELDS = {"name": str, "in_features": int, "out_features": int, "has_bias": bool, "status": str, "aliases": list}
@@ -286,7 +297,7 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
             quantized_names.add(e["name"])
     for key in tensors:
         layer, _, suffix = key.rpartition(".")
-        if suffix in ("weight_scale", "weight_zero_point") and layer not in quantized_names:
+        if suffix in LAYER_TENSORS[1:] and suffix != "bias" and layer not in quantized_names:
             raise _bad(path, f"tensor {key} belongs to no quantized layer of the plan")
     if verify:
         verify_payload(path, metadata)
@@ -316,7 +327,7 @@ def load_quantized(
             e["in_features"], e["out_features"], bias=e["has_bias"], mode=e["mode"],
             granularity=Granularity(e["granularity"]), symmetric=e["symmetric"],
             act_granularity=e["act_granularity"], kernel=e["kernel_request"],
-            dtype=linear.weight.dtype,
+            dtype=linear.weight.dtype, smooth=e.get("smooth") is not None,
         )
         for alias in [e["name"], *e["aliases"]]:
             model = swap_module(model, alias, q)

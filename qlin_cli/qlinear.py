@@ -1,8 +1,9 @@
 """QuantizedLinear: the int8 replacement of an `nn.Linear`.
 
 Its buffers are exactly what the qlin file stores for a layer (`weight` int8 `(out, in)`,
-`weight_scale` float32 `()` or `(out,)`, `weight_zero_point` int8 of the scale's shape, and
-`bias`), so `state_dict()` is the file's content. The kernel's packed operands are derived from
+`weight_scale` float32 `()` or `(out,)`, `weight_zero_point` int8 of the scale's shape, `bias`;
+static mode adds `input_scale` float32 `()` and `input_zero_point` int8 `()`, SmoothQuant adds
+`smooth_scale` float32 `(in,)`), so `state_dict()` is the file's content. The kernel's packed operands are derived from
 those buffers by `pack()` and never saved.
 """
 
@@ -13,7 +14,8 @@ import torch.nn as nn
 
 from .config import Granularity
 from .kernels import KernelChoice, pack, select_kernel
-from .primitives import check_finite, choose_qparams, quantize
+from .observers import make_observer
+from .primitives import check_finite, quantize
 
 __all__ = ["QuantizedLinear"]
 
@@ -36,6 +38,7 @@ class QuantizedLinear(nn.Module):
         act_granularity: str | None,
         kernel: str = "auto",
         dtype: torch.dtype = torch.float32,
+        smooth: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -46,6 +49,10 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(sshape, dtype=torch.float32))
         self.register_buffer("weight_zero_point", torch.zeros(sshape, dtype=torch.int8))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        static = mode == "static"
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32) if static else None)
+        self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int8) if static else None)
+        self.register_buffer("smooth_scale", torch.ones(in_features, dtype=torch.float32) if smooth else None)
         self.kernel: KernelChoice | None = None
         self._run = None
 
@@ -53,8 +60,15 @@ class QuantizedLinear(nn.Module):
     def from_float(
         cls, linear: nn.Linear, *, mode: str, granularity: Granularity, symmetric: bool,
         act_granularity: str | None, kernel: str = "auto", name: str = "layer",
+        weight_observer: str = "minmax", input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
+        smooth_scale: torch.Tensor | None = None,
     ) -> "QuantizedLinear":
-        """Quantize `linear.weight` `(out, in)` with the given scheme (not yet packed)."""
+        """Quantize `linear.weight` `(out, in)` with the given scheme (not yet packed).
+
+        `input_qparams` (scale `()`, zero point `()`) are static mode's calibrated activation
+        parameters; `smooth_scale` `(in,)` multiplies the weight's columns (SmoothQuant) and
+        divides the activations at run time.
+        """
         w = linear.weight.detach()
         check_finite(w, f"layer {name!r}: weight")
         if linear.bias is not None:
@@ -62,14 +76,24 @@ class QuantizedLinear(nn.Module):
         q = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode,
             granularity=granularity, symmetric=symmetric, act_granularity=act_granularity,
-            kernel=kernel, dtype=w.dtype,
+            kernel=kernel, dtype=w.dtype, smooth=smooth_scale is not None,
         )
-        scale, zp = choose_qparams(w, granularity, symmetric)
+        if smooth_scale is not None:
+            w = w.float() * smooth_scale  # (out, in) * (in,)
+            q.smooth_scale.copy_(smooth_scale)
+        observer = make_observer(weight_observer, granularity, axis=0, what=f"layer {name!r}: weight")
+        observer.update(w)
+        scale, zp = observer.qparams(symmetric)
         q.weight.copy_(quantize(w, scale, zp, symmetric))
         q.weight_scale.copy_(scale)
         q.weight_zero_point.copy_(zp)
         if linear.bias is not None:
             q.bias.copy_(linear.bias.detach())
+        if mode == "static":
+            if input_qparams is None:
+                raise ValueError("static mode needs input_qparams from calibration")
+            q.input_scale.copy_(input_qparams[0])
+            q.input_zero_point.copy_(input_qparams[1])
         return q
 
     def pack(self, device: torch.device | str = "cpu", **pack_options) -> "QuantizedLinear":
@@ -80,9 +104,11 @@ class QuantizedLinear(nn.Module):
             device=device, dtype=self.dtype, in_features=self.in_features,
             out_features=self.out_features,
         )
+        act = None if self.input_scale is None else (self.input_scale, self.input_zero_point)
         self._run = pack(
             self.kernel, self.weight, self.weight_scale, self.weight_zero_point, self.bias,
-            act_granularity=self.act_granularity, device=device, dtype=self.dtype, **pack_options,
+            act_granularity=self.act_granularity, device=device, dtype=self.dtype,
+            act_qparams=act, smooth=self.smooth_scale, **pack_options,
         )
         return self
 
@@ -97,4 +123,5 @@ class QuantizedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
             f"granularity={self.granularity}, symmetric={self.symmetric}, kernel={kernel}"
+            + (", smoothed" if self.smooth_scale is not None else "")
         )

@@ -13,10 +13,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .calibrate import LayerCalibration, calibrate
 from .config import QuantConfig
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .primitives import dequantize, sqnr_db
 from .qlinear import QuantizedLinear
+from .report import Inputs
 
 __all__ = ["LayerRecord", "QuantizeResult", "quantize_model", "find_linears", "swap_module"]
 
@@ -40,6 +42,9 @@ class LayerRecord:
     symmetric: bool | None = None
     act_granularity: str | None = None
     kernel_request: str | None = None
+    weight_observer: str | None = None
+    observer: str | None = None  # static mode's activation observer
+    smooth: float | None = None  # SmoothQuant alpha
     # measured on this machine, not saved in the plan:
     kernel: str | None = None
     kernel_reason: str | None = None
@@ -47,10 +52,15 @@ class LayerRecord:
     weight_sqnr_db: float | None = None
     bytes_float: int = 0
     bytes_int8: int = 0
+    output_sqnr_db: float | None = None  # the layer's output on calibration inputs, int8 vs float
+    input_range: tuple[float, float] | None = None  # static: calibrated range of the (smoothed) input
+    input_scale: float | None = None
+    input_zero_point: int | None = None
 
     PLAN_KEYS = (
         "name", "in_features", "out_features", "has_bias", "dtype", "status", "reason", "aliases",
         "mode", "granularity", "symmetric", "act_granularity", "kernel_request",
+        "weight_observer", "observer", "smooth",
     )
 
     def plan_entry(self) -> dict:
@@ -60,8 +70,9 @@ class LayerRecord:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["weight_sqnr_db"] is not None and math.isinf(d["weight_sqnr_db"]):
-            d["weight_sqnr_db"] = None if d["weight_sqnr_db"] < 0 else 999.0
+        for key in ("weight_sqnr_db", "output_sqnr_db"):
+            if d[key] is not None and math.isinf(d[key]):
+                d[key] = None if d[key] < 0 else 999.0
         return d
 
 
@@ -139,37 +150,60 @@ def quantize_model(
     model: nn.Module,
     config: QuantConfig | None = None,
     *,
+    calib: Inputs | None = None,
+    batch_size: int = 32,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    calib_progress: Progress | None = None,
 ) -> QuantizeResult:
     """Replace every planned `nn.Linear` of `model` (in place) by a packed `QuantizedLinear`.
 
+    `calib`: calibration inputs (a tensor whose first dimension is samples, or a dict of such
+    tensors as keyword arguments), run in batches of `batch_size`. Static mode and SmoothQuant
+    need them; with them any mode also reports each layer's output SQNR on those inputs.
     Raises InputError if the model has no `nn.Linear` or a weight is not finite.
     """
     config = config or QuantConfig()
+    if config.needs_calibration and calib is None:
+        what = "static mode" if config.mode == "static" else "SmoothQuant (smooth)"
+        raise ConfigError(f"{what} needs calibration data: pass --calib FILE (inputs the model takes)")
     model.eval()
     linears = find_linears(model)
     if not linears:
         raise InputError(f"the model ({type(model).__name__}) has no nn.Linear layer to quantize")
+    reasons = {name: _skip_reason(name, linear, parent, config) for name, linear, _, parent in linears}
+    planned = {name: linear for name, linear, _, _ in linears if not reasons[name]}
+    stats = {}
+    if calib is not None and planned:
+        stats = calibrate(model, planned, calib, config, batch_size=batch_size, progress=calib_progress)
     records = []
     for i, (name, linear, aliases, parent) in enumerate(linears):
-        reason = _skip_reason(name, linear, parent, config)
+        reason = reasons[name]
         rec = LayerRecord(
             name=name, in_features=linear.in_features, out_features=linear.out_features,
             has_bias=linear.bias is not None, dtype=str(linear.weight.dtype).removeprefix("torch."),
-            status="skipped" if reason else "quantized",
-            reason=reason, aliases=aliases,
+            status="skipped" if reason else "quantized", reason=reason, aliases=aliases,
         )
         if not reason:
+            cal = stats.get(name, LayerCalibration())
             q = QuantizedLinear.from_float(
                 linear, mode=config.mode, granularity=config.granularity,
                 symmetric=config.symmetric, act_granularity=config.act_granularity,
-                kernel=config.kernel, name=name,
+                kernel=config.kernel, name=name, weight_observer=config.weight_observer,
+                input_qparams=cal.input_qparams, smooth_scale=cal.smooth_scale,
             ).pack(device)
             deq = dequantize(q.weight, q.weight_scale, q.weight_zero_point)
+            if cal.smooth_scale is not None:
+                deq = deq / cal.smooth_scale
             rec.weight_sqnr_db = sqnr_db(linear.weight, deq)
+            if cal.sample is not None:
+                rec.output_sqnr_db = sqnr_db(linear(cal.sample), q(cal.sample))
             rec.mode, rec.granularity, rec.symmetric = config.mode, str(config.granularity), config.symmetric
             rec.act_granularity, rec.kernel_request = config.act_granularity, config.kernel
+            rec.weight_observer, rec.smooth = config.weight_observer, config.smooth
+            if config.mode == "static":
+                rec.observer, rec.input_range = config.observer, cal.input_range
+                rec.input_scale, rec.input_zero_point = float(q.input_scale), int(q.input_zero_point)
             rec.kernel, rec.kernel_reason = q.kernel.name, q.kernel.reason
             rec.batch_invariant = q.kernel.batch_invariant
             rec.bytes_float, rec.bytes_int8 = _layer_bytes(linear, q)

@@ -708,7 +708,7 @@ USAGE_ERRORS = {
     "unknown --mode value": (["--mode", "foo"], "foo"),
     "unknown --granularity value": (["--granularity", "row"], "row"),
     "unknown option": (["--bogus"], "--bogus"),
-    "--batch-size is not an eval option of quantize": (["--batch-size", "3"], "--batch-size"),
+    "--labels is not an option of quantize": (["--labels", "x"], "--labels"),
 }
 
 
