@@ -165,11 +165,13 @@ class PercentileObserver(HistogramObserver):
 
 
 class MSEObserver(HistogramObserver):
-    """The clipping range [a * min, a * max], a in a grid over (0, 1], with the least int8
-    round-trip MSE over the histogram of all values seen."""
+    """The clipping range [a * min, a * max], a on a log grid over [0.001, 1], with the least
+    expected int8 error over the histogram of all values seen: each value clipped costs
+    (value - edge)^2; each value inside costs its rounding error at the bin centre where bins
+    are finer than the quantization step, and step^2 / 12 where they are coarser."""
 
     name = "mse"
-    grid = torch.linspace(0.05, 1.0, 96)
+    grid = torch.logspace(-3, 0, 121, dtype=torch.float64)
 
     def qparams(self, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self._best_range(symmetric)
@@ -180,21 +182,25 @@ class MSEObserver(HistogramObserver):
 
     def _best_range(self, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         lo0, hi0 = super().range()
-        lo0, hi0 = lo0.reshape(-1), hi0.reshape(-1)
-        centres, counts = self._centres(), self.hist  # (C, bins)
-        best_err = torch.full_like(lo0, float("inf"), dtype=torch.float64)
-        best_lo, best_hi = lo0.clone(), hi0.clone()
-        for a in self.grid.tolist():
-            lo, hi = lo0 * a, hi0 * a
-            s, z = qparams_from_range(lo, hi, symmetric)
-            s, z = s[:, None].double(), z[:, None].double()
-            qlo = -SYM_QMAX if symmetric else QMIN
-            q = torch.clamp(torch.round(centres.double() / s) + z, qlo, QMAX)
-            err = (((q - z) * s - centres) ** 2 * counts).sum(1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
-        return self._shaped(best_lo), self._shaped(best_hi)
+        lo0, hi0 = lo0.reshape(-1).double().clamp(max=0), hi0.reshape(-1).double().clamp(min=0)
+        if symmetric:
+            amax = torch.maximum(-lo0, hi0)
+            lo0, hi0 = -amax, amax
+        centres, counts = self._centres().double(), self.hist  # (C, bins)
+        a = self.grid[:, None, None]  # (G, 1, 1)
+        lo, hi = lo0[None, :, None] * a, hi0[None, :, None] * a  # (G, C, 1)
+        levels = 2 * SYM_QMAX if symmetric else QMAX - QMIN
+        step = ((hi - lo) / levels).clamp_min(MIN_SCALE)
+        clipped = (lo - centres).clamp_min(0) ** 2 + (centres - hi).clamp_min(0) ** 2  # (G, C, bins)
+        zero = torch.round(-lo / step) if not symmetric else torch.zeros_like(step)  # z - qmin
+        rounded = (torch.round(centres / step + zero) - zero) * step
+        width = ((hi0 - lo0) / self.bins)[None, :, None]
+        noise = torch.where(width < step, (rounded - centres) ** 2, step**2 / 12)
+        inside = ((centres >= lo) & (centres <= hi)).double() * noise
+        err = ((clipped + inside) * counts).sum(-1)  # (G, C)
+        best = err.argmin(dim=0)  # (C,)
+        pick = self.grid[best]
+        return self._shaped(lo0 * pick), self._shaped(hi0 * pick)
 
 
 OBSERVERS = {cls.name: cls for cls in (Observer, AbsMaxObserver, MovingAverageObserver, PercentileObserver, MSEObserver)}
