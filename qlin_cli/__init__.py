@@ -9,11 +9,22 @@
 
 __version__ = "0.1.0"
 
-from .config import PER_CHANNEL, PER_TENSOR, Granularity, QuantConfig
-from .errors import QlinError
-from .qfile import load_quantized, read_qfile, save_quantized
-from .qlinear import QuantizedLinear
-from .swap import QuantizeResult, quantize_model
+# The public names load on first use (PEP 562), so that `qlin` can start, and be interrupted,
+# before torch is imported.
+_EXPORTS = {
+    "Granularity": "config", "PER_TENSOR": "config", "PER_CHANNEL": "config", "QuantConfig": "config",
+    "QlinError": "errors", "QuantizedLinear": "qlinear", "QuantizeResult": "swap",
+    "quantize_model": "swap", "save_quantized": "qfile", "load_quantized": "qfile", "read_qfile": "qfile",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'qlin_cli' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",

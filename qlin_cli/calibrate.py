@@ -75,53 +75,57 @@ def smooth_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float)
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
-    layers: dict[str, nn.Linear],
+    layers: dict[str, tuple[nn.Linear, QuantConfig]],
     inputs: Inputs,
-    config: QuantConfig,
     *,
     batch_size: int = 32,
     progress: Progress | None = None,
 ) -> dict[str, LayerCalibration]:
-    """Observe the inputs of `layers` on `inputs`: one pass, or two with SmoothQuant and static
-    mode (the static range is observed on the smoothed inputs)."""
+    """Observe the inputs of `layers` (name -> (layer, its config)) on `inputs`: one pass, or two
+    when SmoothQuant and static mode meet (the static range is observed on smoothed inputs)."""
     result = {name: LayerCalibration() for name in layers}
+    modules = {name: linear for name, (linear, _) in layers.items()}
 
     def keep_sample(name: str, x: torch.Tensor) -> None:
         if result[name].sample is None:
             result[name].sample = x[:SAMPLE_ROWS].clone()
 
-    if config.smooth is not None:
-        absmax = {n: make_observer("absmax", PER_CHANNEL, axis=1, what=f"layer {n!r}: calibration input") for n in layers}
+    smoothed = {n: lc.smooth for n, (_, lc) in layers.items() if lc.smooth is not None}
+    static = {n: lc for n, (_, lc) in layers.items() if lc.mode == "static"}
+    if smoothed:
+        absmax = {n: make_observer("absmax", PER_CHANNEL, axis=1, what=f"layer {n!r}: calibration input") for n in smoothed}
 
         def watch_smooth(name: str, x: torch.Tensor) -> None:
             keep_sample(name, x)
-            absmax[name].update(x)
+            if name in absmax:
+                absmax[name].update(x)
 
-        with input_hooks(layers, watch_smooth):
+        with input_hooks(modules, watch_smooth):
             _run_all(model, inputs, batch_size, progress, "calibrating (SmoothQuant)")
-        for name, linear in layers.items():
-            result[name].smooth_scale = smooth_factors(absmax[name].range()[1], linear.weight, config.smooth)
+        for name, alpha in smoothed.items():
+            result[name].smooth_scale = smooth_factors(absmax[name].range()[1], modules[name].weight, alpha)
 
-    if config.mode == "static":
+    if static:
         observers = {
-            n: make_observer(config.observer, PER_TENSOR, axis=1, what=f"layer {n!r}: calibration input",
-                             **({"percentile": config.percentile} if config.observer == "percentile" else {}))
-            for n in layers
+            n: make_observer(lc.observer, PER_TENSOR, axis=1, what=f"layer {n!r}: calibration input",
+                             **({"percentile": lc.percentile} if lc.observer == "percentile" else {}))
+            for n, lc in static.items()
         }
 
         def watch_static(name: str, x: torch.Tensor) -> None:
             keep_sample(name, x)
-            smooth = result[name].smooth_scale
-            observers[name].update(x if smooth is None else x / smooth.to(x.device))
+            if name in observers:
+                smooth = result[name].smooth_scale
+                observers[name].update(x if smooth is None else x / smooth.to(x.device))
 
-        with input_hooks(layers, watch_static):
+        with input_hooks(modules, watch_static):
             _run_all(model, inputs, batch_size, progress, "calibrating")
         for name, obs in observers.items():
             lo, hi = obs.range()
             result[name].input_range = (float(lo), float(hi))
-            # asymmetric per tensor: activations after ReLU/GELU are one-sided
+            # asymmetric per tensor (activations after ReLU/GELU are one-sided), unless absmax
             result[name].input_qparams = obs.qparams(symmetric=obs.name == "absmax")
-    elif config.smooth is None:  # dynamic or weight-only with data: only the samples
-        with input_hooks(layers, keep_sample):
+    if not smoothed and not static:  # nothing to calibrate: only keep samples to measure with
+        with input_hooks(modules, keep_sample):
             run_model(model, next(batches(inputs, batch_size)), "model during calibration")
     return result

@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 a user error (one line on stderr, no traceback unless --debu
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -103,12 +104,8 @@ def quantize(
         mode=mode, granularity=granularity, symmetric=symmetric, act_granularity=act_granularity, kernel=kernel,
         observer=observer, weight_observer=weight_observer, percentile=percentile, smooth=smooth,
     )
-    merged = {**recipe, **{k: v for k, v in flags.items() if v is not None}}
-    if kernel is not None and act_granularity is None and "act_granularity" in recipe:
-        merged.pop("act_granularity")  # let the new kernel decide
-    if skip:
-        merged["skip"] = [*recipe.get("skip", []), *skip]
-    cfg = QuantConfig.from_dict(merged, origin=str(config) if config else "options")
+    base = QuantConfig.from_dict(recipe, origin=str(config) if config else "options")
+    cfg = base.with_changes(**flags, skip=[*base.skip, *skip] if skip else None)
     if report is not None:
         if report.suffix == ".md":
             raise ConfigError(
@@ -276,9 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C -> KeyboardInterrupt below
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         code = app(args=args, prog_name="qlin", standalone_mode=False)
     except typer.Exit as exc:
         code = exc.exit_code

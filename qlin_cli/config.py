@@ -32,6 +32,9 @@ MODES = ("dynamic", "weight-only", "static")
 OBSERVER_NAMES = ("minmax", "absmax", "moving-average", "percentile", "mse")  # see observers.py
 KERNELS = ("auto", "fbgemm", "int_mm", "weight_only")
 ACT_GRANULARITIES = ("token", "tensor")
+# What a per-layer recipe rule may set ([[layers]] tables; "match" is a regex on the module path)
+RULE_KEYS = ("match", "skip", "mode", "granularity", "symmetric", "act_granularity", "kernel",
+             "observer", "weight_observer", "percentile", "smooth")
 _GRANULARITY_KINDS = ("tensor", "channel")
 
 
@@ -94,6 +97,9 @@ class QuantConfig:
     smooth: SmoothQuant's alpha in (0, 1], or None (off): per input channel factors
         s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) move activation outliers into the weights.
         Needs calibration data.
+    layers: per-layer rules, each a dict with `match` (a regex, re.search on the module path)
+        and any of RULE_KEYS; the FIRST rule that matches a layer applies to it (`skip: true`
+        keeps it float, other keys override this config for that layer).
     """
 
     mode: str = "dynamic"
@@ -106,10 +112,34 @@ class QuantConfig:
     weight_observer: str = "minmax"
     percentile: float = 99.99
     smooth: float | None = None
+    layers: tuple[dict, ...] = field(default_factory=tuple)
 
     @property
     def needs_calibration(self) -> bool:
-        return self.mode == "static" or self.smooth is not None
+        """True if any layer (by default or through a rule) is static or smoothed."""
+        own = self.mode == "static" or self.smooth is not None
+        return own or any(self.with_changes(**_overrides(r)).needs_calibration for r in self.layers if not r.get("skip"))
+
+    def with_changes(self, **changes: Any) -> "QuantConfig":
+        """A copy with `changes` applied; None values are ignored. A new mode or kernel re-derives
+        act_granularity unless `changes` sets it too."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        data = self.to_dict()
+        if ("mode" in changes or "kernel" in changes) and "act_granularity" not in changes:
+            data["act_granularity"] = None
+        data.update(changes)
+        return QuantConfig.from_dict(data)
+
+    def rule_for(self, name: str) -> dict | None:
+        """The first per-layer rule whose `match` finds module path `name`, or None."""
+        return next((r for r in self.layers if re.search(r["match"], name)), None)
+
+    def for_layer(self, name: str) -> "QuantConfig":
+        """The config that applies to layer `name` (this one, or changed by its rule)."""
+        rule = self.rule_for(name)
+        if rule is None:
+            return self
+        return self.with_changes(**_overrides(rule), layers=())
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -123,6 +153,7 @@ class QuantConfig:
         if isinstance(self.skip, str):
             object.__setattr__(self, "skip", (self.skip,))
         object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "layers", tuple(_check_rule(r, i) for i, r in enumerate(self.layers)))
         for pattern in self.skip:
             try:
                 re.compile(pattern)
@@ -139,6 +170,15 @@ class QuantConfig:
             object.__setattr__(self, "smooth", float(self.smooth))
             if self.mode == "weight-only":
                 raise ConfigError("smooth moves activation outliers into weights; it needs --mode dynamic or static")
+        self._resolve_scheme()
+        for i, rule in enumerate(self.layers):
+            try:
+                self.with_changes(**_overrides(rule), layers=())
+            except ConfigError as exc:
+                raise ConfigError(f"layers[{i}] (match {rule['match']!r}): {exc}") from None
+
+    def _resolve_scheme(self) -> None:
+        """Check mode/kernel/act_granularity together and fill in act_granularity."""
         if self.mode == "weight-only":
             if self.act_granularity is not None:
                 raise ConfigError("act_granularity applies to dynamic mode only; drop it for weight-only")
@@ -173,6 +213,7 @@ class QuantConfig:
         d = dataclasses.asdict(self)
         d["granularity"] = str(self.granularity)
         d["skip"] = list(self.skip)
+        d["layers"] = [dict(r) for r in self.layers]
         return d
 
     def to_json(self) -> str:
@@ -187,6 +228,30 @@ class QuantConfig:
                 f"{origin}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}"
             )
         return cls(**data)
+
+
+def _overrides(rule: dict) -> dict:
+    return {k: v for k, v in rule.items() if k not in ("match", "skip")}
+
+
+def _check_rule(rule: Any, index: int) -> dict:
+    """Validate one per-layer rule (keys, regex, types); the combination is checked by
+    QuantConfig when a layer's config is derived."""
+    where = f"layers[{index}]"
+    if not isinstance(rule, dict):
+        raise ConfigError(f"{where} must be a table with 'match' and overrides, not {type(rule).__name__}")
+    unknown = sorted(set(rule) - set(RULE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; a rule may set {', '.join(RULE_KEYS)}")
+    if not isinstance(rule.get("match"), str):
+        raise ConfigError(f"{where} needs match = \"REGEX\" (the module paths it applies to)")
+    try:
+        re.compile(rule["match"])
+    except re.error as exc:
+        raise ConfigError(f"{where}: match {rule['match']!r} is not a valid regex: {exc}") from None
+    if not isinstance(rule.get("skip", False), bool):
+        raise ConfigError(f"{where}: skip must be true or false")
+    return dict(sorted(rule.items()))
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -206,10 +271,24 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
 
-    def where(key: str) -> str:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if re.match(rf"\s*{re.escape(key)}\s*=", line):
-                return f"{path}:{lineno}"
+    lines = text.splitlines()
+
+    def where(key: str | None, rule: int | None = None) -> str:
+        """path:line of `key` (at top level, or inside the rule-th [[layers]] table)."""
+        start, stop = 0, len(lines)
+        tables = [i for i, ln in enumerate(lines) if ln.strip().startswith("[")]
+        if rule is None:
+            stop = tables[0] if tables else stop
+        else:
+            heads = [i for i, ln in enumerate(lines) if ln.strip() == "[[layers]]"]
+            if rule < len(heads):
+                start = heads[rule]
+                stop = next((t for t in tables if t > start), len(lines))
+                if key is None:
+                    return f"{path}:{start + 1}"
+        for i in range(start, stop):
+            if key and re.match(rf"\s*{re.escape(key)}\s*=", lines[i]):
+                return f"{path}:{i + 1}"
         return str(path)
 
     known = {f.name for f in dataclasses.fields(QuantConfig)}
@@ -219,6 +298,13 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     try:
         QuantConfig.from_dict(data)
     except (ConfigError, TypeError) as exc:
-        key = next((k for k in data if k in str(exc)), None)
-        raise ConfigError(f"{where(key) if key else path}: {exc}") from None
+        msg = str(exc)
+        m = re.match(r"layers\[(\d+)\]", msg)
+        if m:
+            rule = data["layers"][int(m.group(1))] if isinstance(data.get("layers"), list) else {}
+            detail = msg.split(": ", 1)[-1]
+            key = next((k for k in (rule if isinstance(rule, dict) else {}) if repr(k) in detail or detail.startswith(k)), None)
+            raise ConfigError(f"{where(key, int(m.group(1)))}: {msg}") from None
+        key = next((k for k in data if k in msg), None)
+        raise ConfigError(f"{where(key) if key else path}: {msg}") from None
     return data

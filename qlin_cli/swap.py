@@ -97,6 +97,9 @@ def _skip_reason(name: str, module: nn.Linear, parent: nn.Module | None, config:
     pattern = config.skips(name)
     if pattern is not None:
         return f"matches --skip {pattern!r}"
+    rule = config.rule_for(name)
+    if rule is not None and rule.get("skip"):
+        return f"recipe rule match={rule['match']!r} skips it"
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads this layer's weight directly"
     if type(module).forward is not nn.Linear.forward:
@@ -172,10 +175,10 @@ def quantize_model(
     if not linears:
         raise InputError(f"the model ({type(model).__name__}) has no nn.Linear layer to quantize")
     reasons = {name: _skip_reason(name, linear, parent, config) for name, linear, _, parent in linears}
-    planned = {name: linear for name, linear, _, _ in linears if not reasons[name]}
+    planned = {name: (linear, config.for_layer(name)) for name, linear, _, _ in linears if not reasons[name]}
     stats = {}
     if calib is not None and planned:
-        stats = calibrate(model, planned, calib, config, batch_size=batch_size, progress=calib_progress)
+        stats = calibrate(model, planned, calib, batch_size=batch_size, progress=calib_progress)
     records = []
     for i, (name, linear, aliases, parent) in enumerate(linears):
         reason = reasons[name]
@@ -185,12 +188,13 @@ def quantize_model(
             status="skipped" if reason else "quantized", reason=reason, aliases=aliases,
         )
         if not reason:
+            lc = planned[name][1]  # this layer's config
             cal = stats.get(name, LayerCalibration())
             q = QuantizedLinear.from_float(
-                linear, mode=config.mode, granularity=config.granularity,
-                symmetric=config.symmetric, act_granularity=config.act_granularity,
-                kernel=config.kernel, name=name, weight_observer=config.weight_observer,
-                input_qparams=cal.input_qparams, smooth_scale=cal.smooth_scale,
+                linear, mode=lc.mode, granularity=lc.granularity, symmetric=lc.symmetric,
+                act_granularity=lc.act_granularity, kernel=lc.kernel, name=name,
+                weight_observer=lc.weight_observer, input_qparams=cal.input_qparams,
+                smooth_scale=cal.smooth_scale,
             ).pack(device)
             deq = dequantize(q.weight, q.weight_scale, q.weight_zero_point)
             if cal.smooth_scale is not None:
@@ -198,11 +202,11 @@ def quantize_model(
             rec.weight_sqnr_db = sqnr_db(linear.weight, deq)
             if cal.sample is not None:
                 rec.output_sqnr_db = sqnr_db(linear(cal.sample), q(cal.sample))
-            rec.mode, rec.granularity, rec.symmetric = config.mode, str(config.granularity), config.symmetric
-            rec.act_granularity, rec.kernel_request = config.act_granularity, config.kernel
-            rec.weight_observer, rec.smooth = config.weight_observer, config.smooth
-            if config.mode == "static":
-                rec.observer, rec.input_range = config.observer, cal.input_range
+            rec.mode, rec.granularity, rec.symmetric = lc.mode, str(lc.granularity), lc.symmetric
+            rec.act_granularity, rec.kernel_request = lc.act_granularity, lc.kernel
+            rec.weight_observer, rec.smooth = lc.weight_observer, lc.smooth
+            if lc.mode == "static":
+                rec.observer, rec.input_range = lc.observer, cal.input_range
                 rec.input_scale, rec.input_zero_point = float(q.input_scale), int(q.input_zero_point)
             rec.kernel, rec.kernel_reason = q.kernel.name, q.kernel.reason
             rec.batch_invariant = q.kernel.batch_invariant

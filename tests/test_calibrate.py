@@ -32,7 +32,7 @@ def test_hooks_are_removed_even_when_the_forward_fails():
             model(torch.randn(2, 3))  # wrong input size
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
     with pytest.raises(InputError, match="do not fit the model during calibration"):
-        calibrate(model, layers, torch.randn(8, 3), QuantConfig(mode="static"))
+        calibrate(model, {k: (m, QuantConfig(mode="static")) for k, m in layers.items()}, torch.randn(8, 3))
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
 
 
@@ -88,7 +88,7 @@ def test_static_mode_is_batch_invariant(kernel, calib, digits_test):
 def test_calibration_memory_is_bounded(calib):
     model = load_digits_mlp()
     big = calib.repeat(8, 1)  # 2048 samples
-    stats = calibrate(model, {"0": model[0]}, big, QuantConfig(mode="static", observer="mse"), batch_size=64)
+    stats = calibrate(model, {"0": (model[0], QuantConfig(mode="static", observer="mse"))}, big, batch_size=64)
     assert stats["0"].sample.shape[0] <= SAMPLE_ROWS
 
 

@@ -141,7 +141,7 @@ def test_quantize_pickled_module_json(tmp_path, capsys):
     assert r["config"] == {
         "mode": "dynamic", "granularity": "channel", "symmetric": True, "act_granularity": "token",
         "kernel": "auto", "skip": [], "observer": "minmax", "weight_observer": "minmax",
-        "percentile": 99.99, "smooth": None,
+        "percentile": 99.99, "smooth": None, "layers": [],
     }
     assert [l["name"] for l in r["layers"]] == DIGITS_LAYERS
     assert [l["weight_shape"] for l in r["layers"]] == DIGITS_SHAPES
