@@ -59,7 +59,7 @@ def test_granularity_scale_shapes():
     assert Granularity("channel").scale_shape((1024, 512)) == (1024,)
 
 
-@pytest.mark.parametrize("name", ["default", "weight-only", "per-tensor"])
+@pytest.mark.parametrize("name", ["default", "weight-only", "per-tensor", "w8a8-static", "smoothquant"])
 def test_shipped_recipes_load(name):
     data = load_recipe(CONFIGS / f"{name}.toml")
     QuantConfig.from_dict(data)
@@ -78,3 +78,32 @@ def test_recipe_errors_name_file_key_and_line(tmp_path):
         load_recipe(p)
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(tmp_path / "missing.toml")
+
+
+def test_layer_rules_first_match_wins():
+    c = QuantConfig(mode="static", layers=[
+        {"match": "head$", "skip": True},
+        {"match": "fc2", "mode": "dynamic"},
+        {"match": "fc", "kernel": "fbgemm", "observer": "mse"},
+    ])
+    assert c.for_layer("blocks.0.fc2").mode == "dynamic"  # rule 2, not rule 3
+    assert c.for_layer("blocks.0.fc2").act_granularity == "token"  # re-derived for dynamic
+    fc1 = c.for_layer("blocks.0.fc1")
+    assert (fc1.mode, fc1.kernel, fc1.observer) == ("static", "fbgemm", "mse")
+    assert c.for_layer("embed") is c and c.rule_for("head") == {"match": "head$", "skip": True}
+    assert QuantConfig(layers=[{"match": "x", "mode": "static"}]).needs_calibration
+    assert QuantConfig.from_dict(c.to_dict()) == c
+
+
+def test_recipe_rule_errors_point_at_the_rule(tmp_path):
+    p = tmp_path / "r.toml"
+    base = 'mode = "static"\n\n[[layers]]\nmatch = "head"\nskip = true\n\n[[layers]]\nmatch = "fc2"\n'
+    p.write_text(base + "bits = 4\n")
+    with pytest.raises(ConfigError, match=rf"{p}:9: layers\[1\]: unknown key 'bits'"):
+        load_recipe(p)
+    p.write_text(base + 'kernel = "weight_only"\n')
+    with pytest.raises(ConfigError, match=rf"{p}:9: layers\[1\] \(match 'fc2'\): kernel 'weight_only' needs"):
+        load_recipe(p)
+    p.write_text(base.replace('"fc2"', '"("'))
+    with pytest.raises(ConfigError, match=rf"{p}:8: layers\[1\]: match '\(' is not a valid regex"):
+        load_recipe(p)

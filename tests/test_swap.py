@@ -127,3 +127,17 @@ def test_encoder_output_sqnr(digits_test):
         out = model(inputs)
     assert sqnr_db(ref, out) > 35
     assert torch.nn.functional.cosine_similarity(ref, out).mean() > 0.999
+
+
+def test_recipe_rules_apply_per_layer(digits_test):
+    from safetensors.torch import load_file
+
+    from conftest import SAMPLES
+
+    calib = load_file(SAMPLES / "digits_calib.safetensors")["inputs"]
+    config = QuantConfig(mode="static", layers=[{"match": "^4$", "skip": True}, {"match": "^2$", "mode": "dynamic"}])
+    result = quantize_model(load_digits_mlp(), config, calib=calib)
+    modes = [(r.name, r.status, r.mode) for r in result.layers]
+    assert modes == [("0", "quantized", "static"), ("2", "quantized", "dynamic"), ("4", "skipped", None)]
+    assert result.layers[2].reason == "recipe rule match='^4$' skips it"
+    assert result.layers[1].input_scale is None and result.layers[0].input_scale > 0
