@@ -20,6 +20,7 @@ from .qfile import FORMAT, check_output, load_quantized, read_qfile, save_quanti
 from .qlinear import QuantizedLinear
 from .report import compare_outputs, first_tensor, median_latency_ms, num_samples, run_model, batches
 from .sources import check_file, load_source, load_tensors, read_checkpoint
+from .fallback import quantize_to_target
 from .swap import Progress, find_linears, quantize_model
 
 __all__ = ["quantize_checkpoint", "inspect_path", "evaluate_checkpoint", "default_output", "check_device"]
@@ -79,6 +80,8 @@ def quantize_checkpoint(
     calib: str | Path | None = None,
     calib_samples: int | None = None,
     batch_size: int = 32,
+    min_sqnr: float | None = None,
+    eval_inputs: str | Path | None = None,
     device: str = "cpu",
     force: bool = False,
     progress: Progress | None = None,
@@ -88,6 +91,8 @@ def quantize_checkpoint(
 
     `inputs` is the probe batch for the model-level error; `calib` the calibration data
     (static mode and SmoothQuant need it), of which the first `calib_samples` are used.
+    `min_sqnr` keeps the most sensitive layers in float until the output SQNR on `eval_inputs`
+    (or on the calibration data) reaches it.
     """
     config = config or QuantConfig()
     source_path = check_file(source_path, "source")
@@ -101,6 +106,8 @@ def quantize_checkpoint(
         raise ConfigError(f"{what} needs calibration data: pass --calib FILE (inputs the model takes)")
     if inputs is not None:
         inputs = check_file(inputs, "inputs")
+    if min_sqnr is not None and eval_inputs is None and calib is None:
+        raise ConfigError("--min-sqnr measures the model on data: pass --eval-inputs FILE or --calib FILE")
     calib_data = None
     if calib is not None:
         calib_data = load_tensors(calib, "calibration data")
@@ -121,10 +128,12 @@ def quantize_checkpoint(
         if inputs is not None:
             raise
         reference, compared, probe_note = None, None, f"{exc}; pass --inputs FILE to measure it"
-    result = quantize_model(
-        float_model, config, calib=calib_data, batch_size=batch_size, device=dev,
-        progress=progress, calib_progress=calib_progress,
-    )
+    common = dict(calib=calib_data, batch_size=batch_size, device=dev, progress=progress, calib_progress=calib_progress)
+    if min_sqnr is None:
+        result = quantize_model(float_model, config, **common)
+    else:
+        data = calib_data if eval_inputs is None else _to_device(load_tensors(eval_inputs, "eval inputs"), dev)
+        result = quantize_to_target(float_model, config, min_sqnr_db=min_sqnr, eval_inputs=data, **common)
     probe_report: dict[str, Any] = {"description": description, "compared": compared, "note": probe_note}
     if reference is not None:
         out, _ = first_tensor(run_model(result.model, probe, "int8 model"))
@@ -142,6 +151,7 @@ def quantize_checkpoint(
         "calibration": None if calib is None else {"file": str(calib), "samples": num_samples(calib_data), "batch_size": batch_size},
         "layers": rows,
         "probe": probe_report,
+        "fallback": result.fallback,
         "totals": {
             "layers_total": len(rows),
             "layers_quantized": len(quantized),

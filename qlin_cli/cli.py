@@ -90,6 +90,8 @@ def quantize(
     weight_observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--weight-observer", help="Weight range: minmax (default), absmax, percentile, mse.")] = None,
     percentile: Annotated[Optional[float], typer.Option("--percentile", help="Percentile of the percentile observers [default: 99.99].")] = None,
     smooth: Annotated[Optional[float], typer.Option("--smooth", help="SmoothQuant alpha in (0, 1], e.g. 0.5 (needs --calib).")] = None,
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="Keep the most sensitive layers float until the output SQNR (dB) reaches this.")] = None,
+    eval_inputs: Annotated[Optional[Path], typer.Option("--eval-inputs", help="Data for --min-sqnr [default: the --calib data].")] = None,
     model: ModelOpt = None,
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
@@ -125,7 +127,8 @@ def quantize(
 
         result = quantize_checkpoint(
             source, output, cfg, model=model, trust_pickle=trust_pickle, inputs=inputs, calib=calib,
-            calib_samples=calib_samples, batch_size=batch_size, device=device, force=force,
+            calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr, eval_inputs=eval_inputs,
+            device=device, force=force,
             progress=progress, calib_progress=progress,
         )
     if report is not None:
@@ -169,6 +172,10 @@ def quantize(
         )
     else:
         out.print(f"model output: not measured ({probe['note']})")
+    fb = result["fallback"]
+    if fb is not None:
+        out.print(f"accuracy fallback to {fb['target_sqnr_db']:g} dB: all int8 gave {fb['initial_sqnr_db']:.2f} dB"
+                  + "".join(f"; {st['layer']} float -> {st['sqnr_db_after']:.2f} dB" for st in fb["steps"]))
     out.print(f"wrote {result['output']}" + (f", {report} and {report.with_suffix('.md')}" if report else ""))
 
 

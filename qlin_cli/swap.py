@@ -84,6 +84,7 @@ class QuantizeResult:
     model: nn.Module
     config: QuantConfig
     layers: list[LayerRecord]
+    fallback: dict | None = None  # accuracy-aware fallback steps (fallback.quantize_to_target)
 
     @property
     def quantized(self) -> list[LayerRecord]:
