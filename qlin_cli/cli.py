@@ -21,7 +21,7 @@ from rich.table import Table
 from .config import ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, QuantConfig, load_recipe
 from .errors import ConfigError, QlinError
 from .qfile import write_atomic, check_output
-from .report import json_safe, to_markdown
+from .report import json_safe, summary_lines, to_markdown
 
 app = typer.Typer(
     name="qlin",
@@ -159,23 +159,8 @@ def quantize(
                       f"{r['input_scale']:.3g} (z={r['input_zero_point']})" if r["input_scale"] is not None else "-"]
         table.add_row(*cells, f"{r['bytes_float']:,} -> {r['bytes_int8']:,}", note)
     out.print(table)
-    t, probe = result["totals"], result["probe"]
-    out.print(
-        f"layers: {t['layers_quantized']} quantized, {t['layers_skipped']} kept float   "
-        f"file: {t['size_float_bytes']:,} -> {t['size_int8_bytes']:,} bytes ({t['compression']:.2f}x smaller)   "
-        f"Linear weights: {t['linear_bytes_float']:,} -> {t['linear_bytes_int8']:,} bytes"
-    )
-    if probe.get("sqnr_db") is not None:
-        out.print(
-            f"model output on {probe['description']} ({probe['compared']}): "
-            f"SQNR {probe['sqnr_db']:.2f} dB, cosine {probe['cosine']:.5f}, max abs err {probe['max_abs_err']:.3g}"
-        )
-    else:
-        out.print(f"model output: not measured ({probe['note']})")
-    fb = result["fallback"]
-    if fb is not None:
-        out.print(f"accuracy fallback to {fb['target_sqnr_db']:g} dB: all int8 gave {fb['initial_sqnr_db']:.2f} dB"
-                  + "".join(f"; {st['layer']} float -> {st['sqnr_db_after']:.2f} dB" for st in fb["steps"]))
+    for line in summary_lines(result):
+        out.print(line)
     out.print(f"wrote {result['output']}" + (f", {report} and {report.with_suffix('.md')}" if report else ""))
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "batches",
     "run_model",
     "median_latency_ms",
+    "summary_lines",
     "to_markdown",
     "json_safe",
 ]
@@ -139,37 +140,47 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def summary_lines(report: dict) -> list[str]:
+    """The quantize report's totals, model-level error and fallback steps, one line each."""
+    t, probe = report["totals"], report["probe"]
+    lines = [
+        f"layers: {t['layers_quantized']} of {t['layers_total']} quantized, {t['layers_skipped']} kept float",
+        f"file size: {t['size_float_bytes']:,} -> {t['size_int8_bytes']:,} bytes ({t['compression']:.2f}x smaller); "
+        f"Linear weights: {t['linear_bytes_float']:,} -> {t['linear_bytes_int8']:,} bytes",
+    ]
+    if probe.get("sqnr_db") is not None:
+        lines.append(
+            f"model output on {probe['description']} ({probe['compared']}): SQNR {_fmt(probe['sqnr_db'])} dB, "
+            f"cosine {_fmt(probe['cosine'], 5)}, max abs err {probe['max_abs_err']:.3g}"
+        )
+    else:
+        lines.append(f"model output: not measured ({probe.get('note', '')})")
+    fb = report.get("fallback")
+    if fb is not None:
+        lines.append(
+            f"accuracy fallback to {fb['target_sqnr_db']:g} dB: all int8 gave {fb['initial_sqnr_db']:.2f} dB"
+            + "".join(f"; {st['layer']} float -> {st['sqnr_db_after']:.2f} dB" for st in fb["steps"])
+        )
+    return lines
+
+
 def to_markdown(report: dict) -> str:
-    """The quantize report as Markdown: totals, then one row per layer."""
-    t = report["totals"]
+    """The quantize report as Markdown: summary lines, then one row per layer."""
     lines = [
         f"# qlin quantize report: {report['source']}",
         "",
         f"- output: `{report['output']}`",
         f"- config: `{report['config']}`",
-        f"- file size: {t['size_float_bytes']} -> {t['size_int8_bytes']} bytes "
-        f"({_fmt(t['compression'])}x smaller)",
-        f"- Linear weights: {t['linear_bytes_float']} -> {t['linear_bytes_int8']} bytes; "
-        f"{t['layers_quantized']} of {t['layers_total']} layers quantized",
-    ]
-    probe = report["probe"]
-    if probe.get("sqnr_db") is not None:
-        lines.append(
-            f"- model output on {probe['description']}: SQNR {_fmt(probe['sqnr_db'])} dB, "
-            f"cosine {_fmt(probe['cosine'], 5)} (compared: {probe['compared']})"
-        )
-    else:
-        lines.append(f"- model output: not measured ({probe.get('note', '')})")
-    lines += [
+        *(f"- {line}" for line in summary_lines(report)),
         "",
-        "| layer | weight shape | scale shape | kernel | weight SQNR dB | bytes float -> int8 | note |",
-        "|---|---|---|---|---|---|---|",
+        "| layer | weight shape | scale shape | kernel | weight SQNR dB | output SQNR dB | bytes float -> int8 | note |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["layers"]:
         note = r["reason"] if r["status"] == "skipped" else (r.get("kernel_reason") or "")
         lines.append(
             f"| {r['name'] or '(root)'} | {_fmt(r['weight_shape'])} | {_fmt(r.get('scale_shape'))} | "
-            f"{r.get('kernel') or 'float'} | {_fmt(r.get('weight_sqnr_db'))} | "
+            f"{r.get('kernel') or 'float'} | {_fmt(r.get('weight_sqnr_db'))} | {_fmt(r.get('output_sqnr_db'))} | "
             f"{r['bytes_float']} -> {r['bytes_int8']} | {note} |"
         )
     return "\n".join(lines) + "\n"

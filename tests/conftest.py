@@ -31,6 +31,19 @@ def digits_test():
     return inputs, labels
 
 
+@pytest.fixture
+def isolate_imports(monkeypatch, tmp_path_factory):
+    """load_factory puts the current folder on sys.path and registers file.py modules in
+    sys.modules: undo both after the test, so tests don't see each other's helper modules."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    for name in set(sys.modules) - before:
+        if str(getattr(sys.modules[name], "__file__", "") or "").startswith(base):
+            del sys.modules[name]
+
+
 def load_digits_mlp() -> torch.nn.Module:
     with torch.serialization.safe_globals([torch.nn.Sequential, torch.nn.Linear, torch.nn.ReLU]):
         return torch.load(SAMPLES / "digits_mlp.pt", weights_only=True).eval()

@@ -103,16 +103,8 @@ def small_mlp() -> nn.Sequential:
 
 
 @pytest.fixture(autouse=True)
-def _isolate_imports(monkeypatch, tmp_path_factory):
-    """load_factory puts the current folder on sys.path and registers file.py modules in
-    sys.modules: undo both so that tests don't see each other's helper modules."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-    yield
-    base = str(tmp_path_factory.getbasetemp())
-    for name in set(sys.modules) - before:
-        if str(getattr(sys.modules[name], "__file__", "") or "").startswith(base):
-            del sys.modules[name]
+def _isolate(isolate_imports):
+    """Every test here may import factories: undo that afterwards."""
 
 
 @pytest.fixture(scope="module")

@@ -59,16 +59,22 @@ def test_json_safe_and_markdown():
     report = {
         "source": "m.pt", "output": "m.int8.safetensors", "config": {"mode": "dynamic"},
         "totals": {"size_float_bytes": 400, "size_int8_bytes": 100, "compression": 4.0,
-                   "linear_bytes_float": 300, "linear_bytes_int8": 80, "layers_quantized": 1, "layers_total": 2},
-        "probe": {"sqnr_db": 41.5, "cosine": 0.99999, "description": "8 samples", "compared": "output"},
+                   "linear_bytes_float": 300, "linear_bytes_int8": 80, "layers_quantized": 1, "layers_total": 2,
+                   "layers_skipped": 1},
+        "probe": {"sqnr_db": 41.5, "cosine": 0.99999, "description": "8 samples", "compared": "output",
+                  "max_abs_err": 0.01},
+        "fallback": {"target_sqnr_db": 40.0, "initial_sqnr_db": 38.5, "final_sqnr_db": 41.5,
+                     "steps": [{"layer": "head", "alone_sqnr_db": 30.0, "sqnr_db_after": 41.5}]},
         "layers": [
             {"name": "fc", "status": "quantized", "weight_shape": [4, 8], "scale_shape": [4], "kernel": "int_mm",
-             "weight_sqnr_db": 44.0, "bytes_float": 144, "bytes_int8": 56, "reason": "", "kernel_reason": "auto"},
+             "weight_sqnr_db": 44.0, "output_sqnr_db": 41.0, "bytes_float": 144, "bytes_int8": 56, "reason": "",
+             "kernel_reason": "auto"},
             {"name": "head", "status": "skipped", "weight_shape": [2, 4], "scale_shape": None, "kernel": None,
              "weight_sqnr_db": None, "bytes_float": 40, "bytes_int8": 40, "reason": "matches --skip 'head'"},
         ],
     }
     md = to_markdown(report)
-    assert "| fc | (4, 8) | (4,) | int_mm | 44.00 | 144 -> 56 | auto |" in md
-    assert "| head | (2, 4) | - | float | - | 40 -> 40 | matches --skip 'head' |" in md
+    assert "| fc | (4, 8) | (4,) | int_mm | 44.00 | 41.00 | 144 -> 56 | auto |" in md
+    assert "| head | (2, 4) | - | float | - | - | 40 -> 40 | matches --skip 'head' |" in md
     assert "SQNR 41.50 dB" in md and "4.00x smaller" in md
+    assert "- accuracy fallback to 40 dB: all int8 gave 38.50 dB; head float -> 41.50 dB" in md
