@@ -106,6 +106,8 @@ def quantize_checkpoint(
         raise ConfigError(f"{what} needs calibration data: pass --calib FILE (inputs the model takes)")
     if inputs is not None:
         inputs = check_file(inputs, "inputs")
+    if calib_samples is not None and calib is None:
+        raise ConfigError("--calib-samples needs --calib FILE")
     if min_sqnr is not None and eval_inputs is None and calib is None:
         raise ConfigError("--min-sqnr measures the model on data: pass --eval-inputs FILE or --calib FILE")
     calib_data = None
@@ -148,7 +150,11 @@ def quantize_checkpoint(
         "output": str(output),
         "config": result.config.to_dict(),
         "device": str(dev),
-        "calibration": None if calib is None else {"file": str(calib), "samples": num_samples(calib_data), "batch_size": batch_size},
+        "calibration": None if calib is None else {
+            "file": str(calib), "samples": num_samples(calib_data), "batch_size": batch_size,
+            # without static layers or SmoothQuant, the data only measures each layer's output SQNR
+            "used_for": "calibration" if config.needs_calibration else "measuring the first batch",
+        },
         "layers": rows,
         "probe": probe_report,
         "fallback": result.fallback,

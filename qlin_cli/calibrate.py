@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .config import PER_CHANNEL, PER_TENSOR, QuantConfig
 from .observers import make_observer
+from .primitives import check_finite
 from .report import Inputs, batches, num_samples, run_model
 
 __all__ = ["LayerCalibration", "input_hooks", "calibrate", "smooth_factors"]
@@ -88,6 +89,7 @@ def calibrate(
 
     def keep_sample(name: str, x: torch.Tensor) -> None:
         if result[name].sample is None:
+            check_finite(x, f"layer {name!r}: calibration input", "check the calibration data")
             result[name].sample = x[:SAMPLE_ROWS].clone()
 
     smoothed = {n: lc.smooth for n, (_, lc) in layers.items() if lc.smooth is not None}

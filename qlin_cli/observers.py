@@ -36,11 +36,12 @@ class Observer:
 
     def __init__(self, granularity: Granularity, axis: int = 0, what: str = "tensor") -> None:
         self.granularity, self.axis, self.what = granularity, axis, what
+        self.fix = "check the calibration data" if "calibration" in what else "fix the model first"
         self.lo: torch.Tensor | None = None  # () per tensor, (C,) per channel
         self.hi: torch.Tensor | None = None
 
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_finite(x, self.what)
+        check_finite(x, self.what, self.fix)
         lo, hi = amin_amax(x, self.granularity, self.axis)
         return lo.cpu(), hi.cpu()  # observer state lives on the CPU, whatever the data's device
 
@@ -96,19 +97,23 @@ class MovingAverageObserver(Observer):
 
 
 class HistogramObserver(Observer):
-    """A fixed-size histogram per channel (or one per tensor) over the range seen so far.
-
-    When a batch widens the range, the old counts move to the new bins by their bin centres.
+    """The distribution of everything seen, per channel (or per tensor), in bounded memory:
+    `points` `(C, P)` ascending with their `counts`. While a channel has seen no more than `bins`
+    values they are kept exactly (a weight row, say); past that, a fixed histogram of `bins`
+    bins over the range seen so far, whose old counts move to the new bins when a batch widens
+    the range.
     """
 
     bins = 2048
 
     def __init__(self, granularity: Granularity, axis: int = 0, what: str = "tensor") -> None:
         super().__init__(granularity, axis, what)
-        self.hist: torch.Tensor | None = None  # (C, bins) float64 counts; C = 1 per tensor
+        self.points: torch.Tensor | None = None  # (C, P) float32, ascending
+        self.counts: torch.Tensor | None = None  # (C, P) float64
+        self.width: torch.Tensor | None = None  # (C, 1): 0 for exact values, else the bin width
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x as (C, n) float32: one row per channel (one row per tensor)."""
+        """x as (C, n) float32 on the CPU: one row per channel (one row per tensor)."""
         x = x.detach().float().cpu()
         if self.granularity.kind == "tensor":
             return x.reshape(1, -1)
@@ -119,21 +124,21 @@ class HistogramObserver(Observer):
         return ((values - lo[:, None]) / width * self.bins).long().clamp_(0, self.bins - 1)
 
     def update(self, x: torch.Tensor) -> None:
-        old_lo, old_hi = self.lo, self.hi
         super().update(x)
+        rows = self._rows(x)
+        if self.points is None and rows.shape[1] <= self.bins:
+            self.points = rows.sort(dim=1).values
+            self.counts = torch.ones_like(self.points, dtype=torch.float64)
+            self.width = torch.zeros(rows.shape[0], 1)
+            return
         lo, hi = self.lo.reshape(-1), self.hi.reshape(-1)
         hist = torch.zeros(lo.shape[0], self.bins, dtype=torch.float64)
-        if self.hist is not None:  # move old counts to the (possibly wider) new bins
-            olo, ohi = old_lo.reshape(-1), old_hi.reshape(-1)
-            centres = olo[:, None] + (torch.arange(self.bins) + 0.5) / self.bins * (ohi - olo)[:, None]
-            hist.scatter_add_(1, self._bin(centres, lo, hi), self.hist)
-        rows = self._rows(x)
+        if self.points is not None:
+            hist.scatter_add_(1, self._bin(self.points, lo, hi), self.counts)
         hist.scatter_add_(1, self._bin(rows, lo, hi), torch.ones_like(rows, dtype=torch.float64))
-        self.hist = hist
-
-    def _centres(self) -> torch.Tensor:
-        lo, hi = self.lo.reshape(-1), self.hi.reshape(-1)
-        return lo[:, None] + (torch.arange(self.bins) + 0.5) / self.bins * (hi - lo)[:, None]
+        self.width = ((hi - lo) / self.bins)[:, None]
+        self.points = lo[:, None] + (torch.arange(self.bins) + 0.5) * self.width
+        self.counts = hist
 
     def _shaped(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(self.lo.shape).float()
@@ -152,16 +157,16 @@ class PercentileObserver(HistogramObserver):
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         super().range()
-        cdf = self.hist.cumsum(1)
+        cdf = self.counts.cumsum(1)
         total = cdf[:, -1:]
         q = self.percentile / 100.0
-        lo_idx = torch.searchsorted(cdf, total * (1.0 - q)).clamp_(max=self.bins - 1)
-        hi_idx = torch.searchsorted(cdf, total * q).clamp_(max=self.bins - 1)
-        lo, hi = self.lo.reshape(-1, 1), self.hi.reshape(-1, 1)
-        width = (hi - lo) / self.bins
-        p_lo = (lo + lo_idx * width).squeeze(1)  # the lower edge of the bin holding the low percentile
-        p_hi = (lo + (hi_idx + 1) * width).squeeze(1)  # the upper edge of the high one
-        return self._shaped(torch.maximum(p_lo, lo.squeeze(1))), self._shaped(torch.minimum(p_hi, hi.squeeze(1)))
+        last = self.points.shape[1] - 1
+        lo_idx = torch.searchsorted(cdf, total * (1.0 - q)).clamp_(max=last)
+        hi_idx = torch.searchsorted(cdf, total * q).clamp_(max=last)
+        half = self.width.squeeze(1) / 2  # a histogram bin's outer edge; 0 for exact values
+        p_lo = torch.maximum(self.points.gather(1, lo_idx).squeeze(1) - half, self.lo.reshape(-1))
+        p_hi = torch.minimum(self.points.gather(1, hi_idx).squeeze(1) + half, self.hi.reshape(-1))
+        return self._shaped(p_lo), self._shaped(p_hi)
 
 
 class MSEObserver(HistogramObserver):
@@ -171,7 +176,8 @@ class MSEObserver(HistogramObserver):
     are finer than the quantization step, and step^2 / 12 where they are coarser."""
 
     name = "mse"
-    grid = torch.logspace(-3, 0, 121, dtype=torch.float64)
+    # shrink factors: a coarse grid down to 0.1% of the range, then a fine one around the best
+    grid = torch.unique(torch.cat([torch.logspace(-3, 0, 25), torch.linspace(0.8, 1.0, 11)]))
 
     def qparams(self, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self._best_range(symmetric)
@@ -182,25 +188,36 @@ class MSEObserver(HistogramObserver):
 
     def _best_range(self, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         lo0, hi0 = super().range()
-        lo0, hi0 = lo0.reshape(-1).double().clamp(max=0), hi0.reshape(-1).double().clamp(min=0)
+        lo0, hi0 = lo0.reshape(-1).clamp(max=0), hi0.reshape(-1).clamp(min=0)  # (C,)
         if symmetric:
             amax = torch.maximum(-lo0, hi0)
             lo0, hi0 = -amax, amax
-        centres, counts = self._centres().double(), self.hist  # (C, bins)
-        a = self.grid[:, None, None]  # (G, 1, 1)
-        lo, hi = lo0[None, :, None] * a, hi0[None, :, None] * a  # (G, C, 1)
+        centres, counts, width = self.points, self.counts.float(), self.width  # (C, P), (C, P), (C, 1)
         levels = 2 * SYM_QMAX if symmetric else QMAX - QMIN
-        step = ((hi - lo) / levels).clamp_min(MIN_SCALE)
-        clipped = (lo - centres).clamp_min(0) ** 2 + (centres - hi).clamp_min(0) ** 2  # (G, C, bins)
-        zero = torch.round(-lo / step) if not symmetric else torch.zeros_like(step)  # z - qmin
-        rounded = (torch.round(centres / step + zero) - zero) * step
-        width = ((hi0 - lo0) / self.bins)[None, :, None]
-        noise = torch.where(width < step, (rounded - centres) ** 2, step**2 / 12)
-        inside = ((centres >= lo) & (centres <= hi)).double() * noise
-        err = ((clipped + inside) * counts).sum(-1)  # (G, C)
-        best = err.argmin(dim=0)  # (C,)
-        pick = self.grid[best]
-        return self._shaped(lo0 * pick), self._shaped(hi0 * pick)
+
+        def error(a: torch.Tensor) -> torch.Tensor:  # a: (C,) shrink factors -> (C,) error
+            lo, hi = (lo0 * a)[:, None], (hi0 * a)[:, None]
+            step = ((hi - lo) / levels).clamp_min(MIN_SCALE)
+            zero = torch.zeros_like(step) if symmetric else torch.round(-lo / step)  # z - qmin
+            rounded = (torch.round(centres / step + zero) - zero) * step
+            noise = torch.where(width < step, (rounded - centres) ** 2, step**2 / 12)
+            inside = (centres >= lo) & (centres <= hi)
+            clipped = (lo - centres).clamp_min(0) ** 2 + (centres - hi).clamp_min(0) ** 2
+            return ((clipped + inside * noise) * counts).sum(1)
+
+        best_err = torch.full_like(lo0, float("inf"))
+        best = torch.ones_like(lo0)
+        coarse = [torch.full_like(lo0, a) for a in self.grid.tolist()]
+        for stage in range(2):  # one (C, P) slice at a time: memory stays O(C * P)
+            candidates = coarse if stage == 0 else [
+                (best * f).clamp(max=1.0) for f in torch.linspace(0.85, 1.15, 31).tolist()
+            ]
+            for a in candidates:
+                err = error(a)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better, a, best)
+        return self._shaped(lo0 * best), self._shaped(hi0 * best)
 
 
 OBSERVERS = {cls.name: cls for cls in (Observer, AbsMaxObserver, MovingAverageObserver, PercentileObserver, MSEObserver)}

@@ -42,11 +42,11 @@ def _expand(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t if t.dim() == 0 else t.reshape(t.shape + (1,) * (ndim - 1))
 
 
-def check_finite(x: torch.Tensor, what: str) -> None:
-    """Raise InputError naming `what` if `x` holds NaN or Inf."""
+def check_finite(x: torch.Tensor, what: str, fix: str = "fix the model first") -> None:
+    """Raise InputError naming `what` (and saying `fix`) if `x` holds NaN or Inf."""
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise InputError(f"{what} has {bad} non-finite value(s) (NaN or Inf); fix the model first")
+        raise InputError(f"{what} has {bad} non-finite value(s) (NaN or Inf); {fix}")
 
 
 def amin_amax(

@@ -60,7 +60,7 @@ class QuantizedLinear(nn.Module):
     def from_float(
         cls, linear: nn.Linear, *, mode: str, granularity: Granularity, symmetric: bool,
         act_granularity: str | None, kernel: str = "auto", name: str = "layer",
-        weight_observer: str = "minmax", input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
+        weight_observer: str = "minmax", weight_percentile: float = 99.99, input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
         smooth_scale: torch.Tensor | None = None,
     ) -> "QuantizedLinear":
         """Quantize `linear.weight` `(out, in)` with the given scheme (not yet packed).
@@ -81,7 +81,8 @@ class QuantizedLinear(nn.Module):
         if smooth_scale is not None:
             w = w.float() * smooth_scale  # (out, in) * (in,)
             q.smooth_scale.copy_(smooth_scale)
-        observer = make_observer(weight_observer, granularity, axis=0, what=f"layer {name!r}: weight")
+        options = {"percentile": weight_percentile} if weight_observer == "percentile" else {}
+        observer = make_observer(weight_observer, granularity, axis=0, what=f"layer {name!r}: weight", **options)
         observer.update(w)
         scale, zp = observer.qparams(symmetric)
         q.weight.copy_(quantize(w, scale, zp, symmetric))

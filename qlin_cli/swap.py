@@ -194,7 +194,8 @@ def quantize_model(
             q = QuantizedLinear.from_float(
                 linear, mode=lc.mode, granularity=lc.granularity, symmetric=lc.symmetric,
                 act_granularity=lc.act_granularity, kernel=lc.kernel, name=name,
-                weight_observer=lc.weight_observer, input_qparams=cal.input_qparams,
+                weight_observer=lc.weight_observer, weight_percentile=lc.percentile,
+                input_qparams=cal.input_qparams,
                 smooth_scale=cal.smooth_scale,
             ).pack(device)
             deq = dequantize(q.weight, q.weight_scale, q.weight_zero_point)

@@ -76,13 +76,26 @@ def test_mse_keeps_the_full_range_of_uniform_data():
 @pytest.mark.parametrize("name", sorted(OBSERVERS))
 def test_state_is_bounded_and_per_channel_shapes(name):
     obs = make_observer(name, PER_CHANNEL, axis=1)
-    sizes = set()
-    for _ in range(5):
+    sizes = []
+    for _ in range(6):
         obs.update(torch.randn(1000, 16))
-        sizes.add(sum(t.numel() for t in vars(obs).values() if isinstance(t, torch.Tensor)))
-    assert len(sizes) == 1  # state does not grow with the number of samples
+        sizes.append(sum(t.numel() for t in vars(obs).values() if isinstance(t, torch.Tensor)))
+    assert len(set(sizes[1:])) == 1  # state does not grow with the number of samples
+    assert max(sizes) <= 16 * (2 * 2048 + 1) + 64
     s, z = obs.qparams(True)
     assert s.shape == (16,) and z.shape == (16,) and bool((s > 0).all())
+
+
+def test_small_data_is_kept_exactly_and_large_data_in_bins():
+    """A weight row of 128 values is kept exactly (the percentile is one of its values); past
+    `bins` values per channel the observer switches to a fixed histogram."""
+    w = torch.randn(4, 128)
+    obs = make_observer("percentile", PER_CHANNEL, axis=0, percentile=99.0)
+    obs.update(w)
+    hi = obs.range()[1]
+    assert all(float(hi[i]) in w[i].tolist() for i in range(4))
+    obs.update(torch.randn(4, 4096))
+    assert obs.points.shape == (4, 2048)
 
 
 def test_errors():
