@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C -> KeyboardInterrupt below
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         code = app(args=args, prog_name="qlin", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into a silent exit code 130
+            err.print("interrupted", markup=False)
     except typer.Exit as exc:
         code = exc.exit_code
     except (Exception, KeyboardInterrupt) as exc:
@@ -290,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             message = f"error: internal error {type(exc).__name__}: {exc} (run with --debug for the traceback)"
         err.print(message, markup=False, soft_wrap=True)
         code = EXIT_CODES.get(kind, 1)
+
     sys.exit(code or 0)
 
 

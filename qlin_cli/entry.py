@@ -14,6 +14,8 @@ def _interrupted_while_starting(signum, frame):
 
 def main() -> None:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
-    from .cli import main as run  # imports torch, typer and rich
-
+    try:
+        from .cli import main as run  # imports torch, typer and rich
+    except KeyboardInterrupt:  # raised by an import itself rather than by the signal
+        _interrupted_while_starting(signal.SIGINT, None)
     run()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,8 @@ def check_output(path: str | Path, *, force: bool, inputs: tuple[Path, ...] = ()
     if path.exists() and not force:
         raise OutputError(f"output {path} exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"output folder {parent} is a file, not a folder")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
@@ -75,11 +77,14 @@ def write_atomic(path: str | Path, data: bytes, *, force: bool) -> Path:
     the old file or the whole new one, never a part. Without `force` an existing file is kept."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    # The name is chosen before the file exists, so a Ctrl-C at any point after this line
+    # reaches the `finally` that removes it (mkstemp could be interrupted after creating it).
+    tmp = str(folder / f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise OutputError(f"cannot write in {folder}: {exc.strerror}") from None
-    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise OutputError(f"cannot write in {folder}: {exc.strerror}") from None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -110,15 +115,28 @@ def _split(raw: bytes) -> tuple[int, bytes]:
     return n, raw[8 + n :]
 
 
+_HASH_KEYS = ("payload_sha256", "header_sha256")
+
+
+def _header_digest(header: dict) -> str:
+    """sha256 of the header's meaning: every tensor's name, dtype, shape and offsets, and all
+    metadata but the two hashes (so renaming or swapping tensors is caught, not only bit flips)."""
+    meta = {k: v for k, v in header.get("__metadata__", {}).items() if k not in _HASH_KEYS}
+    body = {**{k: v for k, v in header.items() if k != "__metadata__"}, "__metadata__": meta}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes with a canonical header (sorted metadata, tensors by offset), so the
     same content always gives the same bytes (the library's metadata order is not stable).
-    Adds `payload_sha256`, the sha256 of every byte after the header."""
+    Adds `payload_sha256` (every byte after the header) and `header_sha256` (_header_digest)."""
     raw = save(tensors, metadata=metadata)
     n, payload = _split(raw)
     header = json.loads(raw[8 : 8 + n])
-    meta = header.pop("__metadata__", {})
+    meta = header.setdefault("__metadata__", {})
     meta["payload_sha256"] = hashlib.sha256(payload).hexdigest()
+    meta["header_sha256"] = _header_digest(header)
+    header.pop("__metadata__")
     ordered = {"__metadata__": dict(sorted(meta.items()))}
     ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
     text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
@@ -242,16 +260,21 @@ _PLAN_FIELDS = {"name": str, "in_features": int, "out_features": int, "has_bias"
 
 
 def verify_payload(path: Path, metadata: dict[str, str]) -> None:
-    """Recompute the sha256 of the tensor payload and compare it with the recorded one."""
-    recorded = metadata.get("payload_sha256")
-    if not recorded:
-        raise _bad(path, "records no payload_sha256 to verify against")
+    """Recompute the sha256 of the tensor payload and of the header, and compare them with the
+    recorded ones."""
+    for key in _HASH_KEYS:
+        if not metadata.get(key):
+            raise _bad(path, f"records no {key} to verify against")
     with path.open("rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        f.seek(8 + n)
-        actual = hashlib.file_digest(f, "sha256").hexdigest()
-    if actual != recorded:
-        raise _bad(path, f"tensor payload sha256 {actual[:12]}... does not match the recorded {recorded[:12]}...: the file was changed or damaged")
+        header = json.loads(f.read(n))
+        payload = hashlib.file_digest(f, "sha256").hexdigest()
+    for what, actual, recorded in (
+        ("tensor payload", payload, metadata["payload_sha256"]),
+        ("header (tensor names, shapes, offsets, metadata)", _header_digest(header), metadata["header_sha256"]),
+    ):
+        if actual != recorded:
+            raise _bad(path, f"{what} sha256 {actual[:12]}... does not match the recorded {recorded[:12]}...: the file was changed or damaged")
 
 
 def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
@@ -282,14 +305,16 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
         plan = json.loads(metadata["plan"])
     except KeyError as exc:
         raise _bad(path, f"metadata has no {exc.args[0]!r}") from None
-    except (json.JSONDecodeError, ConfigError, TypeError) as exc:
-        raise _bad(path, f"metadata config/plan is invalid ({exc})") from None
+    except (ValueError, RecursionError, ConfigError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise _bad(path, f"metadata config/plan is invalid ({str(exc)[:160]})") from None
     if not isinstance(plan, list) or not all(isinstance(e, dict) for e in plan):
         raise _bad(path, "metadata plan is not a list of layers")
     for e in plan:
         for key, typ in _PLAN_FIELDS.items():
-            if not isinstance(e.get(key), typ):
+            if not isinstance(e.get(key), typ) or (typ is int and isinstance(e.get(key), bool)):
                 raise _bad(path, f"plan entry {e.get('name', '?')!r} has no valid {key!r}")
+        if not all(isinstance(a, str) for a in e["aliases"]):
+            raise _bad(path, f"plan entry {e['name']!r} has aliases that are not module paths")
     quantized_names = set()
     for e in plan:
         if e["status"] == "quantized":
@@ -313,7 +338,9 @@ def load_quantized(
     if the model itself is one quantized `nn.Linear`). Shapes and dtypes are always checked; with
     `verify` the payload's sha256 too."""
     qf = read_qfile(path, verify=verify)
-    linears = {name: m for name, m, _, _ in find_linears(model)}
+    found = find_linears(model)
+    linears = {name: m for name, m, _, _ in found}
+    aliases = {name: sorted(a) for name, _, a, _ in found}
     state = dict(qf.tensors)
     swapped = []
     for e in qf.quantized:
@@ -322,6 +349,11 @@ def load_quantized(
             raise FormatError(
                 f"{qf.path}: the model has no nn.Linear {e['name']!r} of shape "
                 f"({e['out_features']}, {e['in_features']}); is it the model the file was made from?"
+            )
+        if sorted(e["aliases"]) != aliases[e["name"]]:
+            raise FormatError(
+                f"{qf.path}: layer {e['name']!r} is shared at {e['aliases']} in the file but at "
+                f"{aliases[e['name']]} in the model; is it the model the file was made from?"
             )
         q = QuantizedLinear(
             e["in_features"], e["out_features"], bias=e["has_bias"], mode=e["mode"],
