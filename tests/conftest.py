@@ -44,6 +44,48 @@ def isolate_imports(monkeypatch, tmp_path_factory):
             del sys.modules[name]
 
 
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run `qlin ARGS` in-process: (exit code, stdout, stderr)."""
+    from qlin_cli.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    code = exc.value.code
+    return (0 if code is None else code), captured.out, captured.err
+
+
+def cli_json(capsys, *args) -> dict:
+    """Run `qlin ARGS --json` in-process, expect exit 0, and parse stdout as one JSON object."""
+    import json
+
+    code, out, err = cli(capsys, *args, "--json")
+    assert code == 0, err
+    return json.loads(out)  # the whole of stdout is one JSON object (json.loads rejects extra data)
+
+
+def tamper(src: Path, dst: Path, *, tensors=None, drop=(), meta=None, plan=None) -> Path:
+    """A copy of qlin file `src` with tensors replaced/added/dropped and metadata changed;
+    `plan(list) -> list` edits the plan. The recorded hashes are left stale: validation must
+    fail before any hash check."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(src)
+    with safe_open(src, "pt") as f:
+        m = dict(f.metadata())
+    t.update(tensors or {})
+    for k in drop:
+        t.pop(k)
+    m.update(meta or {})
+    if plan is not None:
+        m["plan"] = json.dumps(plan(json.loads(m["plan"])))
+    save_file(t, dst, metadata=m)
+    return dst
+
+
 def load_digits_mlp() -> torch.nn.Module:
     with torch.serialization.safe_globals([torch.nn.Sequential, torch.nn.Linear, torch.nn.ReLU]):
         return torch.load(SAMPLES / "digits_mlp.pt", weights_only=True).eval()

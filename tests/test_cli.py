@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from conftest import cli, cli_json
 from qlin_cli.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,21 +46,6 @@ INSPECT_QLIN_KEYS = {"name", "weight_shape", "scale_shape", "zero_point_shape", 
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run `qlin ARGS` in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    code = exc.value.code
-    return (0 if code is None else code), captured.out, captured.err
-
-
-def cli_json(capsys, *args) -> dict:
-    code, out, err = cli(capsys, *args, "--json")
-    assert code == 0, err
-    return json.loads(out)  # the whole of stdout is one JSON object (json.loads rejects extra data)
 
 
 def subprocess_qlin(*args, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import cli, cli_json
 from qlin_cli import read_qfile
 from qlin_cli.cli import main
 
@@ -51,19 +52,6 @@ def _invoke(args) -> int:
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in args])
     return 0 if exc.value.code is None else exc.value.code
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """`qlin ARGS` in-process: (exit code, stdout, stderr)."""
-    code = _invoke(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def cli_json(capsys, *args) -> dict:
-    code, out, err = cli(capsys, *args, "--json")
-    assert code == 0, err
-    return json.loads(out)
 
 
 def run_captured(*args) -> tuple[int, str, str]:

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import load_digits_mlp, load_encoder
+from conftest import load_digits_mlp, load_encoder, tamper
 from qlin_cli import QuantConfig, load_quantized, quantize_model, read_qfile, save_quantized
 from qlin_cli.errors import FormatError, OutputError
 from qlin_cli.qfile import FORMAT_VERSION, write_atomic
@@ -90,18 +90,6 @@ def test_no_overwrite_without_force_and_no_temp_files(tmp_path):
         save_quantized(quantize_model(load_digits_mlp()), target)
 
 
-def _tamper(src, dst, *, tensors=None, drop=(), meta=None):
-    t = load_file(src)
-    with safe_open(src, "pt") as f:
-        m = dict(f.metadata())
-    t.update(tensors or {})
-    for k in drop:
-        t.pop(k)
-    m.update(meta or {})
-    save_file(t, dst, metadata=m)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def good_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("q") / "good.safetensors"
@@ -126,7 +114,7 @@ def good_file(tmp_path_factory):
     ],
 )
 def test_tampered_files_are_rejected_with_a_clear_message(good_file, tmp_path, change, message):
-    bad = _tamper(good_file, tmp_path / "bad.safetensors", **change)
+    bad = tamper(good_file, tmp_path / "bad.safetensors", **change)
     with pytest.raises(FormatError, match=message):
         read_qfile(bad)
 

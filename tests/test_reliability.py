@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import qlin_cli
+from conftest import cli, tamper
 from qlin_cli import QlinError, load_quantized, quantize_model, read_qfile, save_quantized
 from qlin_cli.api import inspect_path
 from qlin_cli.cli import main
@@ -56,15 +57,6 @@ QLIN_ROOT = Path(qlin_cli.__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run `qlin ARGS` in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    code = exc.value.code
-    return (0 if code is None else code), captured.out, captured.err
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -116,23 +108,6 @@ def split_header(raw: bytes) -> tuple[dict, bytes]:
 def join_header(header: dict, payload: bytes) -> bytes:
     text = json.dumps(header).encode()
     return len(text).to_bytes(8, "little") + text + payload
-
-
-def tamper(src: Path, dst: Path, *, tensors=None, drop=(), meta=None, plan=None) -> Path:
-    """A copy of qlin file `src` with tensors replaced/added/dropped and metadata changed;
-    `plan(list) -> list` edits the plan. The recorded payload sha256 is left stale: validation
-    must fail before any hash check."""
-    t = load_file(src)
-    with safe_open(src, "pt") as f:
-        m = dict(f.metadata())
-    t.update(tensors or {})
-    for k in drop:
-        t.pop(k)
-    m.update(meta or {})
-    if plan is not None:
-        m["plan"] = json.dumps(plan(json.loads(m["plan"])))
-    save_file(t, dst, metadata=m)
-    return dst
 
 
 # load_factory (--model) puts the current folder on sys.path: conftest's fixture undoes it
