@@ -132,10 +132,8 @@ def quantize_activations(x: torch.Tensor, per_token: bool = True) -> tuple[torch
     Same math as `qparams_from_range(-amax, amax, symmetric=True)` followed by `quantize`.
     """
     xf = x if x.dtype == torch.float32 else x.float()
-    if per_token:
-        amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=1, keepdim=True)
-    else:
-        amax = torch.linalg.vector_norm(xf, ord=float("inf"))
+    # abs().amax() is ~20x faster on CPU than vector_norm(ord=inf) or aminmax (torch 2.13)
+    amax = xf.abs().amax(dim=1, keepdim=True) if per_token else xf.abs().amax()
     scale = (amax / SYM_QMAX).clamp_min_(MIN_SCALE)
     # |x / scale| <= 127 by construction, so no clamp is needed before the cast.
     return torch.round(xf / scale).to(torch.int8), scale
