@@ -222,11 +222,9 @@ class _IntMM:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         q, a = self._quantize(x)
-        qp = q
-        if self.pad_k or m < self.min_m:
-            qp = F.pad(q, (0, self.pad_k, 0, max(0, self.min_m - m)))
-        acc = torch._int_mm(qp, self.wt)  # (M', Np) int32, exact
-        if qp is not q or self.pad_n:
+        padded = self.pad_k or m < self.min_m
+        acc = torch._int_mm(F.pad(q, (0, self.pad_k, 0, max(0, self.min_m - m))) if padded else q, self.wt)
+        if padded or self.pad_n:  # (M', Np) int32, exact -> (M, N)
             acc = acc[:m, : self.n]
         if self.zero_point is not None:
             acc = acc - q.sum(dim=1, keepdim=True, dtype=torch.int32) * self.zero_point

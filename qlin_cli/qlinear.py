@@ -116,6 +116,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._run is None:
             raise RuntimeError("QuantizedLinear used before pack(); call quantize_model or load_quantized")
+        if x.dim() == 2:  # (M, in) -> (M, out): the common case, without reshapes
+            return self._run(x)
         y = self._run(x.reshape(-1, self.in_features))  # (M, out_features)
         return y.reshape(*x.shape[:-1], self.out_features)
 
