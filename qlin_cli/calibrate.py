@@ -22,7 +22,7 @@ from .report import Inputs, batches, num_samples, run_model
 __all__ = ["LayerCalibration", "input_hooks", "calibrate", "smooth_factors"]
 
 SAMPLE_ROWS = 256  # input rows kept per layer to measure its output SQNR after quantization
-Progress = Callable[[int, int, str], None]
+Progress = Callable[[int, int, str], None]  # (steps done, steps total, what: a layer or a stage)
 
 
 @dataclass

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .calibrate import LayerCalibration, calibrate
+from .calibrate import LayerCalibration, Progress, calibrate
 from .config import QuantConfig
 from .errors import ConfigError, InputError
 from .primitives import dequantize, sqnr_db
@@ -21,9 +20,6 @@ from .qlinear import QuantizedLinear
 from .report import Inputs
 
 __all__ = ["LayerRecord", "QuantizeResult", "quantize_model", "find_linears", "swap_module"]
-
-Progress = Callable[[int, int, str], None]  # (layers done, layers total, layer name)
-
 
 @dataclass
 class LayerRecord:
