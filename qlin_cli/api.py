@@ -19,18 +19,24 @@ from .kernels import select_kernel
 from .qfile import FORMAT, check_output, load_quantized, read_qfile, save_quantized
 from .qlinear import QuantizedLinear
 from .report import compare_outputs, first_tensor, median_latency_ms, num_samples, run_model, batches
-from .sources import check_file, load_source, load_tensors, read_checkpoint
+from .sources import check_file, check_source, load_source, load_tensors, read_checkpoint
 from .fallback import quantize_to_target
 from .swap import Progress, find_linears, quantize_model
+from .export import CT_FORMAT, FORMATS, check_output_dir, save_compressed_tensors
+from .hf import HF_KIND, hf_probe_inputs
 
 __all__ = ["quantize_checkpoint", "inspect_path", "evaluate_checkpoint", "default_output", "check_device"]
 
 PROBE_SAMPLES = 64
 
 
-def default_output(source: Path) -> Path:
-    """`<stem>.int8.safetensors` beside the source."""
-    return source.with_name(f"{source.stem}.int8.safetensors")
+def default_output(source: Path, format: str = "qlin") -> Path:
+    """`<stem>.int8.safetensors` beside the source (a folder's whole name is its stem); for
+    `format="compressed-tensors"` the folder `<stem>-int8-compressed-tensors`."""
+    stem = source.name if source.is_dir() else source.stem
+    if format == CT_FORMAT:
+        return source.with_name(f"{stem}-int8-compressed-tensors")
+    return source.with_name(f"{stem}.int8.safetensors")
 
 
 def check_device(device: str) -> torch.device:
@@ -49,6 +55,10 @@ def _probe_inputs(model: nn.Module, inputs_path: Path | None) -> tuple[Any, str]
         inputs = load_tensors(inputs_path, "inputs")
         n = min(PROBE_SAMPLES, num_samples(inputs))
         return next(batches(inputs, n)), f"{n} samples of {inputs_path.name}"
+    tokens = hf_probe_inputs(model)  # a transformers text model takes token ids
+    if tokens is not None:
+        ids = tokens["input_ids"]
+        return tokens, f"random token ids {tuple(ids.shape)} with an all-ones attention mask"
     in_features = find_linears(model)[0][1].in_features
     gen = torch.Generator().manual_seed(0)
     return torch.randn(8, in_features, generator=gen), f"a random normal batch (8, {in_features})"
@@ -84,10 +94,13 @@ def quantize_checkpoint(
     eval_inputs: str | Path | None = None,
     device: str = "cpu",
     force: bool = False,
+    format: str = "qlin",
     progress: Progress | None = None,
     calib_progress: Progress | None = None,
 ) -> dict:
-    """Load a float checkpoint, quantize it, write the qlin file and return the report.
+    """Load a float checkpoint (or a Hugging Face model folder), quantize it, write the qlin file
+    (or, with `format="compressed-tensors"`, a compressed-tensors model folder) and return the
+    report.
 
     `inputs` is the probe batch for the model-level error; `calib` the calibration data
     (static mode and SmoothQuant need it), of which the first `calib_samples` are used.
@@ -95,9 +108,18 @@ def quantize_checkpoint(
     (or on the calibration data) reaches it.
     """
     config = config or QuantConfig()
-    source_path = check_file(source_path, "source")
-    output = Path(output) if output is not None else default_output(source_path)
-    check_output(output, force=force, inputs=(source_path,))
+    if format not in FORMATS:
+        raise ConfigError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
+    source_path = check_source(source_path)
+    output = Path(output) if output is not None else default_output(source_path, format)
+    if format == CT_FORMAT:
+        if config.smooth is not None:
+            raise ConfigError(
+                "--format compressed-tensors cannot express SmoothQuant (no per-input-channel factor): drop --smooth"
+            )
+        check_output_dir(output, force=force, inputs=(source_path, *(Path(p) for p in (inputs, calib, eval_inputs) if p)))
+    else:
+        check_output(output, force=force, inputs=(source_path,))
     dev = check_device(device)
     if batch_size < 1 or (calib_samples is not None and calib_samples < 1):
         raise ConfigError("--batch-size and --calib-samples must be at least 1")
@@ -140,14 +162,21 @@ def quantize_checkpoint(
     if reference is not None:
         out, _ = first_tensor(run_model(result.model, probe, "int8 model"))
         probe_report.update(compare_outputs(reference, out))
-    save_quantized(result, output, force=force, source_name=source_path.name, source_sha256=source.sha256)
+    if format == CT_FORMAT:
+        hf_folder = source_path if source.kind.startswith(HF_KIND) else None
+        save_compressed_tensors(result, output, force=force, source_dir=hf_folder,
+                                source_name=source_path.name, source_sha256=source.sha256)
+        size_out = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
+    else:
+        save_quantized(result, output, force=force, source_name=source_path.name, source_sha256=source.sha256)
+        size_out = output.stat().st_size
     rows = _layer_rows(result.layers)
     quantized = result.quantized
-    size_out = output.stat().st_size
     return {
         "source": str(source_path),
         "source_kind": source.kind,
         "output": str(output),
+        "format": format,
         "config": result.config.to_dict(),
         "device": str(dev),
         "calibration": None if calib is None else {

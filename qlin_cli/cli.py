@@ -72,8 +72,9 @@ def _num(value: Any, digits: int = 2) -> str:
 
 @app.command()
 def quantize(
-    source: Annotated[Path, typer.Argument(help="Float checkpoint: .pt/.pth/.bin or .safetensors.")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file [default: <stem>.int8.safetensors].")] = None,
+    source: Annotated[Path, typer.Argument(help="Float checkpoint: .pt/.pth/.bin or .safetensors, or a Hugging Face model folder.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file, or folder for --format compressed-tensors [default: <stem>.int8.safetensors or <stem>-int8-compressed-tensors].")] = None,
+    out_format: Annotated[Literal["qlin", "compressed-tensors"], typer.Option("--format", help="qlin (a qlin safetensors file, the default) or compressed-tensors (a model folder for transformers/vLLM).")] = "qlin",
     mode: Annotated[Optional[Literal[MODES]], typer.Option(help="dynamic (default), weight-only, or static (needs --calib).")] = None,
     granularity: Annotated[Optional[Literal["tensor", "channel"]], typer.Option(help="Weight scales: channel (default) or tensor.")] = None,
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Weight zero point 0 (default) or fitted.")] = None,
@@ -98,7 +99,8 @@ def quantize(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Quantize every nn.Linear of SOURCE to int8 and write a qlin safetensors file."""
+    """Quantize every nn.Linear of SOURCE to int8 and write a qlin safetensors file (or a
+    compressed-tensors model folder)."""
     from .api import quantize_checkpoint
 
     recipe = load_recipe(config) if config is not None else {}
@@ -128,7 +130,7 @@ def quantize(
         result = quantize_checkpoint(
             source, output, cfg, model=model, trust_pickle=trust_pickle, inputs=inputs, calib=calib,
             calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr, eval_inputs=eval_inputs,
-            device=device, force=force,
+            device=device, force=force, format=out_format,
             progress=progress, calib_progress=progress,
         )
     if report is not None:

@@ -118,7 +118,9 @@ class QuantConfig:
     def needs_calibration(self) -> bool:
         """True if any layer (by default or through a rule) is static or smoothed."""
         own = self.mode == "static" or self.smooth is not None
-        return own or any(self.with_changes(**_overrides(r)).needs_calibration for r in self.layers if not r.get("skip"))
+        return own or any(
+            self.with_changes(**_overrides(r), layers=()).needs_calibration for r in self.layers if not r.get("skip")
+        )
 
     def with_changes(self, **changes: Any) -> "QuantConfig":
         """A copy with `changes` applied; None values are ignored. A new mode or kernel re-derives

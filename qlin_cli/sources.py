@@ -27,7 +27,10 @@ from safetensors.torch import load_file
 
 from .errors import InputError
 
-__all__ = ["Source", "read_checkpoint", "load_source", "load_factory", "load_tensors", "file_sha256", "check_file"]
+__all__ = [
+    "Source", "read_checkpoint", "load_source", "load_factory", "load_tensors", "file_sha256", "check_file",
+    "check_source",
+]
 
 
 @dataclass
@@ -55,6 +58,14 @@ def check_file(path: str | Path, what: str = "file") -> Path:
     except PermissionError:
         raise InputError(f"{what} {path} is not readable (permission denied)") from None
     return path
+
+
+def check_source(path: str | Path) -> Path:
+    """A model source: a Hugging Face model folder (a folder with config.json, see hf.py), or
+    else a file as `check_file` accepts it (any other folder is an error)."""
+    from .hf import is_hf_folder
+
+    return Path(path) if is_hf_folder(path) else check_file(path, "source")
 
 
 def file_sha256(path: Path) -> str:
@@ -233,8 +244,13 @@ def load_source(
     - `.safetensors`: a state dict; needs `model` (`package.module:factory`).
     - anything else: `torch.load`; a state dict needs `model`; a whole pickled module loads
       without it when built from torch.nn classes only, else only with `trust_pickle`.
+    - a Hugging Face model folder (config.json + weights): through transformers (hf.py).
     """
-    path = check_file(path, "source")
+    path = check_source(path)
+    if path.is_dir():
+        from .hf import load_hf_folder
+
+        return load_hf_folder(path, model=model)
     obj, kind = read_checkpoint(path, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
         built = obj

@@ -90,7 +90,24 @@ class QuantizeResult:
         return [r.plan_entry() for r in self.layers]
 
 
-def _skip_reason(name: str, module: nn.Linear, parent: nn.Module | None, config: QuantConfig) -> str:
+def _tied_weights(model: nn.Module, linears: list) -> dict[str, str]:
+    """Linear path -> the path of another module that holds the same weight Parameter (tied
+    weights, e.g. a language-model head tied to the token embedding). Paths of the same Linear
+    module (a module used at two places) do not count."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname.rpartition(".")[0])
+    tied = {}
+    for name, linear, aliases, _ in linears:
+        others = [o for o in owners.get(id(linear.weight), []) if o not in (name, *aliases)]
+        if others:
+            tied[name] = others[0] or "(root)"
+    return tied
+
+
+def _skip_reason(
+    name: str, module: nn.Linear, parent: nn.Module | None, config: QuantConfig, tied_to: str | None = None
+) -> str:
     pattern = config.skips(name)
     if pattern is not None:
         return f"matches --skip {pattern!r}"
@@ -99,6 +116,9 @@ def _skip_reason(name: str, module: nn.Linear, parent: nn.Module | None, config:
         return f"recipe rule match={rule['match']!r} skips it"
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads this layer's weight directly"
+    if tied_to is not None:
+        # the other module keeps reading the float weight: quantizing would untie the two
+        return f"weight tied to {tied_to}"
     if type(module).forward is not nn.Linear.forward:
         return (
             f"{type(module).__qualname__} overrides nn.Linear.forward; swapping it for a plain "
@@ -171,7 +191,8 @@ def quantize_model(
     linears = find_linears(model)
     if not linears:
         raise InputError(f"the model ({type(model).__name__}) has no nn.Linear layer to quantize")
-    reasons = {name: _skip_reason(name, linear, parent, config) for name, linear, _, parent in linears}
+    tied = _tied_weights(model, linears)
+    reasons = {name: _skip_reason(name, linear, parent, config, tied.get(name)) for name, linear, _, parent in linears}
     planned = {name: (linear, config.for_layer(name)) for name, linear, _, _ in linears if not reasons[name]}
     stats = {}
     if calib is not None and planned:

@@ -92,6 +92,7 @@ def test_layer_rules_first_match_wins():
     assert (fc1.mode, fc1.kernel, fc1.observer) == ("static", "fbgemm", "mse")
     assert c.for_layer("embed") is c and c.rule_for("head") == {"match": "head$", "skip": True}
     assert QuantConfig(layers=[{"match": "x", "mode": "static"}]).needs_calibration
+    assert not QuantConfig(layers=[{"match": "x", "mode": "weight-only"}]).needs_calibration
     assert QuantConfig.from_dict(c.to_dict()) == c
 
 

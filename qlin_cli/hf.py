@@ -1,0 +1,183 @@
+"""Hugging Face model folders in: `config.json` plus `model.safetensors`, sharded
+`model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, or `pytorch_model.bin`
+(sharded with `pytorch_model.bin.index.json`), loaded through transformers (the `hf` extra).
+
+Offline only: `HF_HUB_OFFLINE=1` is set before transformers is imported and every load passes
+`local_files_only=True`, so nothing ever reaches for a hub. No remote code runs: the architecture
+must be one that the installed transformers has. transformers reads `.bin` weights with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError, InputError
+from .sources import Source, file_sha256
+
+__all__ = ["is_hf_folder", "weight_files", "load_hf_folder", "hf_probe_inputs", "HF_KIND"]
+
+HF_KIND = "Hugging Face folder"
+CONFIG = "config.json"
+INSTALL_HINT = "pip install -e .[hf]"
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """True if `path` is a folder holding a `config.json` (a Hugging Face model folder)."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG).is_file()
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The weight files transformers will read from a folder, in its order of preference."""
+
+    kind: str  # "model.safetensors" | "sharded safetensors" | "pytorch_model.bin" | "sharded pytorch_model.bin"
+    files: tuple[Path, ...]  # the weight files, then the index file if sharded
+
+
+def _shards(folder: Path, index_name: str) -> WeightFiles:
+    index = folder / index_name
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{index} is not a valid shard index ({type(exc).__name__}: {str(exc)[:120]})") from None
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or not (folder / name).is_file():
+            raise InputError(f"{index} names the shard {name!r}, which is not a file in {folder}")
+    kind = "sharded safetensors" if index_name.endswith(".safetensors.index.json") else "sharded pytorch_model.bin"
+    return WeightFiles(kind, tuple(folder / n for n in names) + (index,))
+
+
+def weight_files(folder: str | Path) -> WeightFiles:
+    """The weight files of a Hugging Face folder, preferring safetensors as transformers does.
+    Raises InputError when there are none."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file():
+        return WeightFiles("model.safetensors", (folder / "model.safetensors",))
+    if (folder / "model.safetensors.index.json").is_file():
+        return _shards(folder, "model.safetensors.index.json")
+    if (folder / "pytorch_model.bin").is_file():
+        return WeightFiles("pytorch_model.bin", (folder / "pytorch_model.bin",))
+    if (folder / "pytorch_model.bin.index.json").is_file():
+        return _shards(folder, "pytorch_model.bin.index.json")
+    raise InputError(
+        f"{folder} has a config.json but no weights: expected model.safetensors, "
+        "model.safetensors.index.json (+ shards) or pytorch_model.bin"
+    )
+
+
+def folder_digest(folder: Path, files: tuple[Path, ...]) -> str:
+    """sha256 over config.json and the weight files: each file's name and sha256, in name order."""
+    h = hashlib.sha256()
+    for f in sorted({folder / CONFIG, *files}, key=lambda p: p.name):
+        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _import_transformers() -> Any:
+    os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers (and huggingface_hub) read it
+    try:
+        import transformers
+    except ImportError:
+        raise InputError(f"loading a Hugging Face model folder needs transformers: {INSTALL_HINT}") from None
+    return transformers
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+class _Quiet:
+    """transformers' warnings and progress bars off while loading (qlin reports on its own)."""
+
+    def __init__(self, transformers: Any) -> None:
+        self.logging = transformers.utils.logging
+
+    def __enter__(self) -> None:
+        self.verbosity = self.logging.get_verbosity()
+        self.bars = self.logging.is_progress_bar_enabled()
+        self.logging.set_verbosity_error()
+        self.logging.disable_progress_bar()
+
+    def __exit__(self, *exc: object) -> None:
+        self.logging.set_verbosity(self.verbosity)
+        if self.bars:
+            self.logging.enable_progress_bar()
+
+
+def _model_class(transformers: Any, config: Any, folder: Path) -> Any:
+    """The class named by config.architectures[0], or AutoModel when the config names none."""
+    archs = getattr(config, "architectures", None) or []
+    if not archs:
+        return transformers.AutoModel
+    cls = getattr(transformers, archs[0], None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise InputError(
+            f"{folder / CONFIG} names the architecture {archs[0]!r}, which transformers "
+            f"{transformers.__version__} does not have (qlin runs no remote code)"
+        )
+    return cls
+
+
+def load_hf_folder(folder: str | Path, *, model: str | None = None) -> Source:
+    """Load the float model of a Hugging Face folder through transformers, offline, in eval mode.
+
+    Raises InputError for a folder without weights, an unknown architecture, weights that do not
+    fit the config (missing or mis-shaped tensors), or without transformers installed.
+    """
+    folder = Path(folder)
+    if model is not None:
+        raise ConfigError(
+            f"--model applies to state dicts; {folder} is a Hugging Face folder whose config.json names the architecture"
+        )
+    weights = weight_files(folder)
+    transformers = _import_transformers()
+    with _Quiet(transformers):
+        try:
+            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:
+            raise InputError(f"{folder / CONFIG} cannot be read by transformers ({_one_line(exc)})") from None
+        cls = _model_class(transformers, config, folder)
+        try:
+            built, info = cls.from_pretrained(folder, config=config, local_files_only=True, output_loading_info=True)
+        except Exception as exc:
+            raise InputError(f"{folder}: transformers cannot load the model ({_one_line(exc)})") from None
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("mismatched_keys", "mis-shaped")):
+        found = sorted(str(k) for k in info.get(key) or ())
+        if found:
+            problems.append(f"{len(found)} {what} (e.g. {found[0]!r})")
+    if problems:
+        raise InputError(
+            f"{folder}: the weights do not fit {type(built).__name__}: tensors {', '.join(problems)}"
+        )
+    built.eval()
+    size = sum(f.stat().st_size for f in weights.files)
+    kind = f"{HF_KIND} ({type(built).__name__}, {weights.kind})"
+    return Source(built, folder, kind, folder_digest(folder, weights.files), size)
+
+
+def hf_probe_inputs(model: nn.Module, samples: int = 8, tokens: int = 16, seed: int = 0) -> dict[str, torch.Tensor] | None:
+    """A seeded random batch of token ids `(samples, tokens)` and an all-ones attention mask for a
+    transformers text model, or None when the model does not take `input_ids`."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if getattr(model, "main_input_name", None) != "input_ids" or not isinstance(vocab, int) or vocab < 1:
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0:
+        tokens = min(tokens, limit)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (samples, tokens), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -1,0 +1,381 @@
+"""compressed-tensors export (issue 4, item 4): `qlin quantize ... --format compressed-tensors -o DIR`.
+
+The folder is checked against compressed-tensors itself where it is installed (the dev extra
+installs it): its QuantizationConfig pydantic model validates the config, and transformers
+loads the folder through compressed-tensors (CompressedTensorsHfQuantizer), both with
+`dequantize=True` and in compressed form; the decompressed weights must equal qlin's own
+dequantized weights exactly (float32 models), and the loaded model's outputs must agree with
+qlin's int8 model. The layout (names, dtypes, shapes) is checked without the package too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import SAMPLES, cli, cli_json, load_digits_mlp
+from qlin_cli import QuantConfig, quantize_model
+from qlin_cli.errors import ConfigError, OutputError
+from qlin_cli.export import quantization_config, save_compressed_tensors
+from qlin_cli.primitives import dequantize
+from qlin_cli.qlinear import QuantizedLinear
+
+VOCAB, TOKENS = 128, 12
+
+
+def _ct():
+    return pytest.importorskip("compressed_tensors")
+
+
+def _transformers():
+    tf = pytest.importorskip("transformers")
+    _ct()
+    tf.utils.logging.set_verbosity_error()
+    tf.utils.logging.disable_progress_bar()
+    return tf
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama-style causal LM (head tied to the embedding) saved with save_pretrained, with a
+    tokenizer-ish extra file, and an inputs file (input_ids + attention_mask)."""
+    tf = pytest.importorskip("transformers")
+    tf.utils.logging.set_verbosity_error()
+    root = tmp_path_factory.mktemp("ct")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    tf.LlamaForCausalLM(cfg).save_pretrained(root / "llama")
+    (root / "llama" / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
+    ids = torch.randint(0, VOCAB, (6, TOKENS), generator=torch.Generator().manual_seed(1))
+    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, root / "ids.safetensors")
+    return root / "llama", root / "ids.safetensors"
+
+
+def _quantized(folder, inputs, config: QuantConfig | None = None, **options):
+    from qlin_cli.hf import load_hf_folder
+
+    source = load_hf_folder(folder)
+    config = config or QuantConfig(**options)
+    calib = load_file(inputs) if config.mode == "static" else None
+    return quantize_model(source.model, config, calib=calib), source
+
+
+def _qlin_weights(model) -> dict[str, torch.Tensor]:
+    """qlin's own dequantized weight of every QuantizedLinear, by module path."""
+    return {
+        name: dequantize(m.weight, m.weight_scale, m.weight_zero_point)
+        for name, m in model.named_modules() if isinstance(m, QuantizedLinear)
+    }
+
+
+def _load(folder, dequantize: bool):
+    tf = _transformers()
+    kw = {"quantization_config": tf.CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tf.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kw).eval()
+
+
+def _cosine(a, b) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1).min())
+
+
+# ----------------------------------------------------------------------------- CLI and layout
+
+
+def test_cli_writes_a_compressed_tensors_folder(llama, tmp_path, capsys):
+    folder, inputs = llama
+    out = tmp_path / "ct"
+    report = cli_json(capsys, "quantize", folder, "--format", "compressed-tensors", "-o", out, "--inputs", inputs)
+    assert report["format"] == "compressed-tensors" and report["output"] == str(out)
+    assert report["probe"]["cosine"] > 0.99
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json",
+    ]
+    assert (out / "tokenizer_config.json").read_bytes() == (folder / "tokenizer_config.json").read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    source_config = json.loads((folder / "config.json").read_text())
+    assert {k: v for k, v in config.items() if k != "quantization_config"} == source_config
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized"
+    assert qc["quantization_status"] == "compressed" and qc["ignore"] == ["lm_head"]
+    assert list(qc["config_groups"]) == ["group_0"]
+    group = qc["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"] and group["format"] == "int-quantized"
+    assert group["weights"] == {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+                                "strategy": "channel", "dynamic": False, "observer": "minmax"}
+    assert group["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+                                          "strategy": "token", "dynamic": True}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.metadata()["format"] == "pt"
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert "lm_head.weight" not in tensors  # tied to model.embed_tokens.weight, as save_pretrained writes it
+    name = "model.layers.0.self_attn.q_proj"
+    assert tensors[f"{name}.weight"].dtype == torch.int8 and tensors[f"{name}.weight"].shape == (64, 64)
+    assert tensors[f"{name}.weight_scale"].dtype == torch.float32 and tensors[f"{name}.weight_scale"].shape == (64, 1)
+    for suffix in ("weight_zero_point", "input_scale", "input_zero_point"):
+        assert f"{name}.{suffix}" not in tensors
+    float_state = load_file(folder / "model.safetensors")
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.input_layernorm.weight"):
+        assert torch.equal(tensors[key], float_state[key])
+
+
+@pytest.mark.parametrize("config, weights, acts, fmt", [
+    (dict(mode="static"), dict(symmetric=True, strategy="channel"),
+     dict(symmetric=False, strategy="tensor", dynamic=False, observer="static_minmax"), "int-quantized"),
+    (dict(mode="dynamic", granularity="tensor", symmetric=False, act_granularity="tensor"),
+     dict(symmetric=False, strategy="tensor"), dict(symmetric=True, strategy="tensor", dynamic=True), "int-quantized"),
+    (dict(mode="weight-only", symmetric=False), dict(symmetric=False, strategy="channel"), None, "naive-quantized"),
+])
+def test_schemes_and_layout(llama, tmp_path, config, weights, acts, fmt):
+    folder, inputs = llama
+    result, source = _quantized(folder, inputs, **config)
+    out = save_compressed_tensors(result, tmp_path / "ct", source_dir=folder, source_sha256=source.sha256)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert qc["format"] == fmt == group["format"]
+    assert {k: group["weights"][k] for k in weights} == weights
+    if acts is None:
+        assert group["input_activations"] is None
+    else:
+        assert {k: group["input_activations"][k] for k in acts} == acts
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj"  # (64, 128)
+    scale_shape = (64, 1) if weights["strategy"] == "channel" else (1,)
+    assert tensors[f"{name}.weight_scale"].shape == scale_shape
+    if weights["symmetric"]:
+        assert f"{name}.weight_zero_point" not in tensors
+    else:
+        zp = tensors[f"{name}.weight_zero_point"]
+        assert zp.dtype == torch.int8 and zp.shape == scale_shape
+    if config["mode"] == "static":
+        assert tensors[f"{name}.input_scale"].shape == (1,) and tensors[f"{name}.input_scale"].dtype == torch.float32
+        assert tensors[f"{name}.input_zero_point"].shape == (1,) and tensors[f"{name}.input_zero_point"].dtype == torch.int8
+    else:
+        assert f"{name}.input_scale" not in tensors and f"{name}.input_zero_point" not in tensors
+
+
+# ----------------------------------------------------------------------------- compressed-tensors loads it
+
+
+def test_config_validates_with_compressed_tensors(llama, tmp_path):
+    ct = _ct()
+    from compressed_tensors.quantization import QuantizationConfig
+
+    folder, inputs = llama
+    for config in (dict(), dict(mode="static"), dict(mode="weight-only")):
+        result, _ = _quantized(folder, inputs, **config)
+        qc = quantization_config(result)
+        parsed = QuantizationConfig.model_validate(qc)
+        assert parsed.quantization_status == "compressed" and parsed.ignore == ["lm_head"]
+        dumped = parsed.model_dump()
+        # compressed-tensors writes back exactly what qlin wrote (no field added, dropped or changed)
+        assert {k: dumped[k] for k in qc} == qc, ct.__version__
+
+
+def test_default_scheme_is_compressed_tensors_w8a8_preset(llama):
+    """qlin's defaults (dynamic, per channel, symmetric, per-token activations) are the W8A8 int8
+    scheme that compressed-tensors ships as a preset (and vLLM runs)."""
+    _ct()
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    folder, inputs = llama
+    result, _ = _quantized(folder, inputs)
+    ours = quantization_config(result)["config_groups"]["group_0"]
+    preset = preset_name_to_scheme("W8A8", ["Linear"]).model_dump()
+    for key in ("targets", "output_activations"):
+        assert ours[key] == preset[key]
+    for key in ("weights", "input_activations"):
+        assert {k: v for k, v in ours[key].items() if k != "observer"} == preset[key]
+
+
+def test_bfloat16_model_scales_in_bfloat16(tmp_path):
+    tf = _transformers()
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    tf.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    result, _ = _quantized(tmp_path / "bf16", None)
+    out = save_compressed_tensors(result, tmp_path / "ct", source_dir=tmp_path / "bf16")
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16
+    assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8
+    dense = _load(out, dequantize=True)
+    assert dense.dtype == torch.bfloat16
+    for name, ours in _qlin_weights(result.model).items():
+        theirs = dense.get_submodule(name).weight.detach().float()
+        # the bfloat16 scale and product round twice: within 2 bfloat16 ulps of qlin's float32 dequantization
+        assert ((theirs - ours).abs() <= ours.abs() * 2**-7).all(), name
+
+
+@pytest.mark.parametrize("config", [
+    dict(), dict(mode="static"), dict(mode="dynamic", granularity="tensor", symmetric=False),
+    dict(mode="weight-only", symmetric=False),
+])
+def test_transformers_loads_it_and_weights_equal_qlins(llama, tmp_path, config):
+    folder, inputs = llama
+    ids = load_file(inputs)
+    result, source = _quantized(folder, inputs, **config)
+    with torch.no_grad():
+        qlin_out = result.model(**ids).logits
+    out = save_compressed_tensors(result, tmp_path / "ct", source_dir=folder)
+    ours = _qlin_weights(result.model)
+    # dequantized at load time: plain float Linear layers holding the decompressed weights
+    dense = _load(out, dequantize=True)
+    assert dense.lm_head.weight is dense.model.embed_tokens.weight  # the tie is restored
+    for name, module in dense.named_modules():
+        if name in ours:
+            assert torch.equal(module.weight.detach(), ours[name]), name
+    # compressed: compressed-tensors decompresses on the first forward and fake-quantizes activations
+    compressed = _load(out, dequantize=False)
+    with torch.no_grad():
+        ct_out = compressed(**ids).logits
+    for name, module in compressed.named_modules():
+        if name in ours:
+            assert torch.equal(module.weight.detach(), ours[name]), name
+    assert _cosine(qlin_out, ct_out) > 0.999
+    if config.get("mode") == "static":  # same activation scale/zero point convention: closer to qlin than to float
+        from qlin_cli.hf import load_hf_folder
+
+        with torch.no_grad():
+            float_out = load_hf_folder(folder).model(**ids).logits
+        assert (ct_out - qlin_out).abs().max() < (float_out - qlin_out).abs().max() / 2
+
+
+def test_mixed_schemes_get_one_group_each(llama, tmp_path):
+    folder, inputs = llama
+    # static attention, weight-only MLPs, one layer float
+    recipe = QuantConfig(mode="static", layers=({"match": r"\.mlp\.", "mode": "weight-only"},
+                                                {"match": r"layers\.0\.self_attn\.o_proj$", "skip": True}))
+    result, _ = _quantized(folder, inputs, recipe)
+    qc = quantization_config(result)
+    assert qc["format"] == "mixed-precision"
+    groups = qc["config_groups"]
+    assert [g["format"] for g in groups.values()] == ["int-quantized", "naive-quantized"]
+    attn, mlp = (g["targets"] for g in groups.values())
+    assert "model.layers.0.self_attn.q_proj" in attn and "model.layers.0.mlp.up_proj" in mlp
+    assert not set(attn) & set(mlp) and len(attn) + len(mlp) == 13
+    assert qc["ignore"] == ["model.layers.0.self_attn.o_proj", "lm_head"]
+    if _ct():
+        from compressed_tensors.quantization import QuantizationConfig
+
+        QuantizationConfig.model_validate(qc)
+    out = save_compressed_tensors(result, tmp_path / "ct", source_dir=folder)
+    dense = _load(out, dequantize=True)
+    ours = _qlin_weights(result.model)
+    for name, module in dense.named_modules():
+        if name in ours:
+            assert torch.equal(module.weight.detach(), ours[name]), name
+    assert torch.equal(dense.model.layers[0].self_attn.o_proj.weight,
+                       load_file(folder / "model.safetensors")["model.layers.0.self_attn.o_proj.weight"])
+
+
+# ----------------------------------------------------------------------------- other sources, files, errors
+
+
+def test_non_hf_source_gets_a_minimal_config(tmp_path, capsys):
+    out = tmp_path / "digits-ct"
+    cli_json(capsys, "quantize", SAMPLES / "digits_mlp.pt", "--format", "compressed-tensors", "-o", out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert list(config) == ["quantization_config"]
+    assert config["quantization_config"]["config_groups"]["group_0"]["targets"] == ["Linear"]
+    tensors = load_file(out / "model.safetensors")
+    assert sorted(tensors) == sorted(f"{i}.{s}" for i in "024" for s in ("weight", "weight_scale", "bias"))
+    float_model = load_digits_mlp()
+    ours = _qlin_weights(quantize_model(float_model, QuantConfig()).model)
+    for i in "024":
+        w = tensors[f"{i}.weight"].float() * tensors[f"{i}.weight_scale"]
+        assert torch.equal(w, ours[i])
+
+
+def test_same_input_same_bytes(llama, tmp_path, capsys):
+    folder, inputs = llama
+    for name in ("a", "b"):
+        cli_json(capsys, "quantize", folder, "--format", "compressed-tensors", "-o", tmp_path / name)
+    for f in (tmp_path / "a").iterdir():
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
+
+
+def test_default_output_folder(llama, tmp_path, capsys):
+    folder, _ = llama
+    copy = tmp_path / "tiny.llama"
+    shutil.copytree(folder, copy)
+    report = cli_json(capsys, "quantize", copy, "--format", "compressed-tensors")
+    assert report["output"] == str(tmp_path / "tiny.llama-int8-compressed-tensors")
+
+
+def _error(capsys, *args) -> str:
+    code, out, err = cli(capsys, *args)
+    assert code == 1 and out == "", err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_existing_output_needs_force_and_is_replaced_whole(tmp_path, capsys):
+    out = tmp_path / "ct"
+    args = ("quantize", SAMPLES / "digits_mlp.pt", "--format", "compressed-tensors", "-o", out)
+    cli_json(capsys, *args)
+    (out / "stale.txt").write_text("from before")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "exists; pass --force" in _error(capsys, *args, "--mode", "weight-only")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    cli_json(capsys, *args, "--mode", "weight-only", "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "naive-quantized"
+    assert [p.name for p in tmp_path.iterdir()] == ["ct"]  # no temporary folder left behind
+
+
+def test_refuses_to_replace_what_is_not_a_model_folder(tmp_path, capsys):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    args = ("quantize", SAMPLES / "digits_mlp.pt", "--format", "compressed-tensors", "--force", "-o")
+    assert "not a model folder" in _error(capsys, *args, keep)
+    assert (keep / "notes.txt").read_text() == "mine"
+    (tmp_path / "afile").write_text("x")
+    assert "is not a folder" in _error(capsys, *args, tmp_path / "afile")
+    assert "does not exist" in _error(capsys, *args, tmp_path / "missing" / "ct")
+
+
+def test_refuses_the_source_folder_as_output(llama, tmp_path, capsys):
+    folder, _ = llama
+    copy = tmp_path / "src"
+    shutil.copytree(folder, copy)
+    before = sorted(p.name for p in copy.iterdir())
+    msg = _error(capsys, "quantize", copy, "--format", "compressed-tensors", "-o", copy, "--force")
+    assert "holds the input" in msg
+    assert "holds the input" in _error(capsys, "quantize", copy, "--format", "compressed-tensors", "-o", tmp_path, "--force")
+    assert sorted(p.name for p in copy.iterdir()) == before
+
+
+def test_smoothquant_is_refused(tmp_path, capsys):
+    msg = _error(capsys, "quantize", SAMPLES / "digits_mlp.pt", "--format", "compressed-tensors", "-o", tmp_path / "ct",
+                 "--smooth", "0.5", "--calib", SAMPLES / "digits_calib.safetensors")
+    assert "SmoothQuant" in msg
+    assert not (tmp_path / "ct").exists()
+
+
+def test_unknown_format_is_a_usage_error(tmp_path, capsys):
+    code, out, err = cli(capsys, "quantize", SAMPLES / "digits_mlp.pt", "--format", "gguf", "-o", tmp_path / "x")
+    assert code == 2 and out == ""
+
+
+def test_api_refuses_nothing_quantized(tmp_path):
+    result = quantize_model(load_digits_mlp(), QuantConfig(skip=[".*"]))
+    with pytest.raises(ConfigError, match="nothing to export"):
+        save_compressed_tensors(result, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+    with pytest.raises(OutputError):
+        save_compressed_tensors(result, tmp_path / "missing" / "ct")

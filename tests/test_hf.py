@@ -1,0 +1,254 @@
+"""Hugging Face model folders (issue 4, item 1): `qlin quantize DIR`, `qlin eval DIR FILE` with
+dict inputs, the reload into a fresh model from the folder, tied weights, and the errors.
+
+The models are tiny ones built from a config here (random weights, no download) and saved with
+`save_pretrained`: a BertModel (model.safetensors), a Llama-style causal LM with its head tied to
+the embedding (sharded safetensors + index) and an untied one as pytorch_model.bin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import cli, cli_json
+
+transformers = pytest.importorskip("transformers")
+
+from qlin_cli import QuantConfig, load_quantized, quantize_model, save_quantized  # noqa: E402
+from qlin_cli.errors import ConfigError, InputError  # noqa: E402
+from qlin_cli.hf import load_hf_folder  # noqa: E402
+from qlin_cli.sources import load_source  # noqa: E402
+
+VOCAB, TOKENS = 128, 12
+
+
+def _llama(tied: bool):
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _quiet():
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """name -> folder: bert (model.safetensors), llama-tied (sharded safetensors + index),
+    llama-bin (pytorch_model.bin); and 'inputs': a safetensors file of input_ids + attention_mask."""
+    _quiet()
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64,
+    ))
+    bert.save_pretrained(root / "bert")
+    _llama(tied=True).save_pretrained(root / "llama-tied", max_shard_size="100KB")
+    untied = _llama(tied=False)
+    untied.config.architectures = ["LlamaForCausalLM"]
+    untied.config.save_pretrained(root / "llama-bin")
+    torch.save(untied.state_dict(), root / "llama-bin" / "pytorch_model.bin")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (6, TOKENS), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[3:, -3:] = 0  # some padded samples
+    save_file({"input_ids": ids, "attention_mask": mask}, root / "ids.safetensors")
+    return {"bert": root / "bert", "llama-tied": root / "llama-tied", "llama-bin": root / "llama-bin",
+            "inputs": root / "ids.safetensors"}
+
+
+def test_folders_are_what_the_tests_say(folders):
+    assert (folders["bert"] / "model.safetensors").is_file()
+    shards = sorted(p.name for p in folders["llama-tied"].glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folders["llama-tied"] / "model.safetensors.index.json").is_file()
+    assert (folders["llama-bin"] / "pytorch_model.bin").is_file()
+    assert not list(folders["llama-bin"].glob("*.safetensors"))
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1).min())
+
+
+@pytest.mark.parametrize("name, compared", [
+    ("bert", "output['last_hidden_state']"), ("llama-tied", "output['logits']"), ("llama-bin", "output['logits']"),
+])
+def test_cli_quantize_and_eval_a_folder(folders, tmp_path, capsys, name, compared):
+    out = tmp_path / "m.int8.safetensors"
+    report = cli_json(capsys, "quantize", folders[name], "-o", out, "--inputs", folders["inputs"])
+    assert report["source_kind"].startswith("Hugging Face folder")
+    assert report["probe"]["compared"] == compared
+    assert report["probe"]["cosine"] > 0.99
+    assert report["totals"]["layers_quantized"] >= 13  # bert: 2 x 6 + pooler; llama: 2 x 7 (+ an untied head)
+    ev = cli_json(capsys, "eval", folders[name], out, "--inputs", folders["inputs"], "--repeats", "1")
+    assert ev["compared"] == compared and ev["samples"] == 6
+    assert ev["cosine"] > 0.99 and ev["sqnr_db"] > 20
+    assert ev["source_matches"] is True
+
+
+def test_default_probe_is_random_token_ids(folders, tmp_path, capsys):
+    report = cli_json(capsys, "quantize", folders["bert"], "-o", tmp_path / "b.safetensors")
+    assert "random token ids (8, 16)" in report["probe"]["description"]
+    assert report["probe"]["cosine"] > 0.99
+
+
+def test_default_output_is_beside_the_folder(folders, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "my.model"  # a dot in a folder's name is not a suffix
+    shutil.copytree(folders["bert"], folder)
+    report = cli_json(capsys, "quantize", folder)
+    assert report["output"] == str(tmp_path / "my.model.int8.safetensors")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["bert", "llama-tied", "llama-bin"])
+def test_api_reload_into_a_fresh_model_is_bit_identical(folders, tmp_path, name):
+    inputs = load_file(folders["inputs"])
+    source = load_source(folders[name])
+    with torch.no_grad():
+        reference = source.model(**inputs)[0]
+    result = quantize_model(source.model, QuantConfig())
+    path = save_quantized(result, tmp_path / "q.safetensors", source_sha256=source.sha256)
+    with torch.no_grad():
+        quantized = result.model(**inputs)[0]
+    assert _cosine(reference, quantized) > 0.99
+    fresh = load_hf_folder(folders[name]).model
+    reloaded = load_quantized(fresh, path)
+    with torch.no_grad():
+        again = reloaded(**inputs)[0]
+    assert torch.equal(quantized, again)
+    # the same input gives the same bytes
+    source2 = load_source(folders[name])
+    path2 = save_quantized(quantize_model(source2.model, QuantConfig()), tmp_path / "q2.safetensors",
+                           source_sha256=source2.sha256)
+    assert path.read_bytes() == path2.read_bytes()
+
+
+def test_tied_head_stays_float_and_tied(folders, tmp_path):
+    source = load_source(folders["llama-tied"])
+    model = source.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    result = quantize_model(model, QuantConfig())
+    head = next(r for r in result.layers if r.name == "lm_head")
+    assert head.status == "skipped" and head.reason == "weight tied to model.embed_tokens"
+    assert len(result.quantized) == 14  # every other Linear
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
+    path = save_quantized(result, tmp_path / "t.safetensors")
+    reloaded = load_quantized(load_hf_folder(folders["llama-tied"]).model, path)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(reloaded.model.embed_tokens.weight, embedding)
+
+
+def test_untied_head_is_quantized(folders):
+    result = quantize_model(load_source(folders["llama-bin"]).model, QuantConfig())
+    assert len(result.quantized) == 15 and not [r for r in result.layers if r.status != "quantized"]
+
+
+def test_tied_linear_without_transformers_is_skipped_too():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 8)
+            self.body = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.body(self.emb(ids)))
+
+    result = quantize_model(Tiny(), QuantConfig())
+    assert {r.name: r.reason for r in result.layers} == {"body": "", "head": "weight tied to emb"}
+
+
+def test_loading_is_offline(folders, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    load_hf_folder(folders["bert"])
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_calibration_and_static_mode_with_dict_inputs(folders, tmp_path, capsys):
+    report = cli_json(capsys, "quantize", folders["llama-bin"], "-o", tmp_path / "s.safetensors", "--mode", "static",
+                      "--calib", folders["inputs"], "--inputs", folders["inputs"])
+    assert report["probe"]["cosine"] > 0.99
+    assert all(r["input_scale"] for r in report["layers"] if r["status"] == "quantized")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _error(capsys, *args) -> str:
+    code, out, err = cli(capsys, *args)
+    assert code == 1 and out == ""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_folder_without_config_is_still_an_error(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    assert "is a directory, not a file" in _error(capsys, "quantize", tmp_path / "plain")
+
+
+def test_folder_without_weights(tmp_path, capsys):
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    msg = _error(capsys, "quantize", folder)
+    assert "no weights" in msg and "model.safetensors" in msg
+
+
+def test_shard_index_naming_a_missing_shard(folders, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(folders["llama-tied"], folder)
+    next(folder.glob("model-*.safetensors")).unlink()
+    assert "which is not a file" in _error(capsys, "quantize", folder)
+
+
+def test_unknown_architecture(folders, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(folders["bert"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["MyOwnModelWithRemoteCode"]
+    (folder / "config.json").write_text(json.dumps(config))
+    msg = _error(capsys, "quantize", folder)
+    assert "MyOwnModelWithRemoteCode" in msg and "no remote code" in msg
+
+
+def test_weights_that_do_not_fit_the_config(folders, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "misfit"
+    shutil.copytree(folders["bert"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 3  # the weights hold 2 layers
+    (folder / "config.json").write_text(json.dumps(config))
+    msg = _error(capsys, "quantize", folder)
+    assert "do not fit BertModel" in msg and "missing" in msg
+
+
+def test_model_option_with_a_folder(folders, capsys):
+    with pytest.raises(ConfigError, match="--model applies to state dicts"):
+        load_source(folders["bert"], model="sample_models.encoder:build")
+
+
+def test_without_transformers_the_error_names_the_extra(folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(InputError, match=r"needs transformers: pip install -e \.\[hf\]"):
+        load_hf_folder(folders["bert"])
+    assert "pip install -e .[hf]" in _error(capsys, "quantize", folders["bert"], "-o", tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
