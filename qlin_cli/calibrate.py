@@ -81,9 +81,12 @@ def calibrate(
     *,
     batch_size: int = 32,
     progress: Progress | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, LayerCalibration]:
     """Observe the inputs of `layers` (name -> (layer, its config)) on `inputs`: one pass, or two
-    when SmoothQuant and static mode meet (the static range is observed on smoothed inputs)."""
+    when SmoothQuant and static mode meet (the static range is observed on smoothed inputs).
+    `weights` overrides a layer's weight `(out, in)` for SmoothQuant (an nn.Linear subclass's
+    effective weight)."""
     result = {name: LayerCalibration() for name in layers}
     modules = {name: linear for name, (linear, _) in layers.items()}
 
@@ -105,7 +108,8 @@ def calibrate(
         with input_hooks(modules, watch_smooth):
             _run_all(model, inputs, batch_size, progress, "calibrating (SmoothQuant)")
         for name, alpha in smoothed.items():
-            result[name].smooth_scale = smooth_factors(absmax[name].range()[1], modules[name].weight, alpha)
+            weight = (weights or {}).get(name, modules[name].weight)
+            result[name].smooth_scale = smooth_factors(absmax[name].range()[1], weight, alpha)
 
     if static:
         observers = {

@@ -150,6 +150,8 @@ def quantize(
         table.add_column(col, justify="right" if "SQNR" in col or "bytes" in col or "input" in col else "left")
     for r in result["layers"]:
         note = r["reason"] if r["status"] == "skipped" else ("" if r["batch_invariant"] else "batch-dependent")
+        if r["status"] == "quantized" and r["reason"]:
+            note = r["reason"] + ("" if r["batch_invariant"] else "; batch-dependent")
         if r["status"] == "quantized" and r["kernel_reason"].startswith("fallback"):
             note = r["kernel_reason"]
         cells = [r["name"] or "(root)", _shape(r["weight_shape"]), _shape(r["scale_shape"]), r["kernel"] or "float",

@@ -31,7 +31,7 @@ class LayerRecord:
     has_bias: bool
     dtype: str  # the float weight's dtype, e.g. "float32"
     status: str  # "quantized" | "skipped"
-    reason: str = ""  # why skipped
+    reason: str = ""  # why skipped; for a quantized subclass, how its function was captured
     aliases: list[str] = field(default_factory=list)  # other module paths of the same module
     mode: str | None = None
     granularity: str | None = None
@@ -119,14 +119,47 @@ def _skip_reason(
     if tied_to is not None:
         # the other module keeps reading the float weight: quantizing would untie the two
         return f"weight tied to {tied_to}"
-    if type(module).forward is not nn.Linear.forward:
-        return (
-            f"{type(module).__qualname__} overrides nn.Linear.forward; swapping it for a plain "
-            "int8 linear would change the model"
-        )
     if not module.weight.is_floating_point():
         return f"weight dtype {module.weight.dtype} is not a float dtype"
     return ""
+
+
+AFFINE_MIN_SQNR_DB = {torch.float32: 80.0, torch.float64: 80.0}  # others (half): 35 dB
+
+
+@torch.no_grad()
+def affine_surrogate(module: nn.Linear, name: str) -> tuple[nn.Linear | None, str]:
+    """A plain nn.Linear computing what `module` computes in eval mode, or (None, why not).
+
+    For an nn.Linear subclass that overrides forward (e.g. output scaled by 1/fan_in, or by a
+    learned scalar): its effective map is measured from its outputs on zero (the bias) and on
+    the basis vectors (the weight's columns), then checked on random inputs; a layer whose
+    function is not affine (within float rounding) cannot be a linear layer and is kept float.
+    """
+    if type(module).forward is nn.Linear.forward:
+        return module, ""
+    what = type(module).__qualname__
+    w = module.weight
+    k, dtype, device = module.in_features, w.dtype, w.device
+    try:
+        b = module(torch.zeros(1, k, dtype=dtype, device=device))  # (1, out)
+        cols = module(torch.eye(k, dtype=dtype, device=device)) - b  # (in, out): row j = W[:, j]
+        x = torch.randn(16, k, generator=torch.Generator().manual_seed(0)).to(dtype=dtype, device=device)
+        actual = module(x)
+    except Exception as exc:  # the subclass's own forward may refuse 2-D inputs, etc.
+        return None, f"{what} overrides forward and could not be probed ({type(exc).__name__})"
+    if b.shape != (1, module.out_features) or actual.shape != (16, module.out_features):
+        return None, f"{what} overrides forward and does not map (N, {k}) to (N, {module.out_features})"
+    predicted = x.float() @ cols.float() + b.float()
+    fit = sqnr_db(actual.float(), predicted)
+    if fit < AFFINE_MIN_SQNR_DB.get(dtype, 35.0):
+        return None, f"{what} overrides forward with a function that is not affine (an affine fit gives {fit:.1f} dB)"
+    has_bias = module.bias is not None or bool(b.abs().max() > 0)
+    surrogate = nn.Linear(k, module.out_features, bias=has_bias, device=device, dtype=dtype)
+    surrogate.weight.copy_(cols.t())
+    if has_bias:
+        surrogate.bias.copy_(b[0])
+    return surrogate, f"affine map of {what} (its own forward), fit {min(fit, 999.0):.0f} dB"
 
 
 def find_linears(model: nn.Module) -> list[tuple[str, nn.Linear, list[str], nn.Module | None]]:
@@ -193,10 +226,17 @@ def quantize_model(
         raise InputError(f"the model ({type(model).__name__}) has no nn.Linear layer to quantize")
     tied = _tied_weights(model, linears)
     reasons = {name: _skip_reason(name, linear, parent, config, tied.get(name)) for name, linear, _, parent in linears}
+    surrogates, notes = {}, {}
+    for name, linear, _, _ in linears:
+        if not reasons[name]:
+            surrogates[name], notes[name] = affine_surrogate(linear, name)
+            if surrogates[name] is None:
+                reasons[name] = notes.pop(name)
     planned = {name: (linear, config.for_layer(name)) for name, linear, _, _ in linears if not reasons[name]}
     stats = {}
     if calib is not None and planned:
-        stats = calibrate(model, planned, calib, batch_size=batch_size, progress=calib_progress)
+        weights = {name: surrogates[name].weight for name in planned}
+        stats = calibrate(model, planned, calib, batch_size=batch_size, progress=calib_progress, weights=weights)
     records = []
     for i, (name, linear, aliases, parent) in enumerate(linears):
         reason = reasons[name]
@@ -208,8 +248,10 @@ def quantize_model(
         if not reason:
             lc = planned[name][1]  # this layer's config
             cal = stats.get(name, LayerCalibration())
+            effective = surrogates[name]  # the layer itself, or the affine map of its own forward
+            rec.reason, rec.has_bias = notes.get(name, ""), effective.bias is not None
             q = QuantizedLinear.from_float(
-                linear, mode=lc.mode, granularity=lc.granularity, symmetric=lc.symmetric,
+                effective, mode=lc.mode, granularity=lc.granularity, symmetric=lc.symmetric,
                 act_granularity=lc.act_granularity, kernel=lc.kernel, name=name,
                 weight_observer=lc.weight_observer, weight_percentile=lc.percentile,
                 input_qparams=cal.input_qparams,
@@ -218,7 +260,7 @@ def quantize_model(
             deq = dequantize(q.weight, q.weight_scale, q.weight_zero_point)
             if cal.smooth_scale is not None:
                 deq = deq / cal.smooth_scale
-            rec.weight_sqnr_db = sqnr_db(linear.weight, deq)
+            rec.weight_sqnr_db = sqnr_db(effective.weight, deq)
             if cal.sample is not None:
                 rec.output_sqnr_db = sqnr_db(linear(cal.sample), q(cal.sample))
             rec.mode, rec.granularity, rec.symmetric = lc.mode, str(lc.granularity), lc.symmetric

@@ -18,6 +18,24 @@ class ScaledLinear(nn.Linear):
         return super().forward(x) / self.in_features**0.5
 
 
+class GainLinear(nn.Linear):
+    """Output times a learned scalar, plus a constant: still affine."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, x):
+        return self.gain * nn.functional.linear(x, self.weight) + 0.5
+
+
+class SquashLinear(nn.Linear):
+    """Not affine: tanh of the linear map."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -44,11 +62,42 @@ def test_swaps_every_plain_linear_and_skips_with_reasons(device):
     assert set(by_name) == {"shared", "blocks.0.0", "blocks.0.2", "heads.a", "scaled", "attn.out_proj"}
     assert by_name["shared"].aliases == ["heads.b"] and by_name["shared"].status == "quantized"
     assert model.shared is model.heads["b"] and isinstance(model.shared, QuantizedLinear)
-    assert "overrides nn.Linear.forward" in by_name["scaled"].reason and type(model.scaled) is ScaledLinear
+    assert by_name["scaled"].status == "quantized" and "affine map of ScaledLinear" in by_name["scaled"].reason
+    assert isinstance(model.scaled, QuantizedLinear)
     assert "MultiheadAttention" in by_name["attn.out_proj"].reason
     assert isinstance(model.blocks[0][2], QuantizedLinear) and model.blocks[0][2].bias is None
     y = model(x.to(device)).cpu()
     assert y.shape == ref.shape and sqnr_db(ref, y) > 30
+
+
+@pytest.mark.parametrize("cls", [ScaledLinear, GainLinear])
+def test_affine_subclasses_are_quantized_as_their_effective_map(cls, tmp_path):
+    from qlin_cli import load_quantized, save_quantized
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(cls(32, 16, bias=cls is ScaledLinear), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+    model = build()
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        ref = model(x)
+        result = quantize_model(model)
+        out = model(x)
+    rec = result.layers[0]
+    assert rec.status == "quantized" and f"affine map of {cls.__name__}" in rec.reason and rec.has_bias
+    assert sqnr_db(ref, out) > 35  # the subclass's own function is kept
+    assert rec.weight_sqnr_db > 35
+    loaded = load_quantized(build(), save_quantized(result, tmp_path / "m.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+
+def test_non_affine_subclass_is_kept_float_with_the_reason():
+    model = nn.Sequential(SquashLinear(8, 8), nn.Linear(8, 2))
+    result = quantize_model(model)
+    assert result.layers[0].status == "skipped" and type(model[0]) is SquashLinear
+    assert "not affine (an affine fit gives" in result.layers[0].reason
 
 
 def test_skip_patterns_keep_layers_float():
@@ -141,3 +190,38 @@ def test_recipe_rules_apply_per_layer(digits_test):
     assert modes == [("0", "quantized", "static"), ("2", "quantized", "dynamic"), ("4", "skipped", None)]
     assert result.layers[2].reason == "recipe rule match='^4$' skips it"
     assert result.layers[1].input_scale is None and result.layers[0].input_scale > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(kernel="fbgemm"), QuantConfig(mode="weight-only")],
+                         ids=["dynamic", "fbgemm", "weight-only"])
+def test_half_precision_models_keep_their_dtype(dtype, config, tmp_path):
+    from qlin_cli import load_quantized, save_quantized
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 8)).to(dtype).eval()
+
+    model, x = build(), torch.randn(16, 64).to(dtype)
+    with torch.no_grad():
+        ref = model(x)
+        result = quantize_model(model, config)
+        out = model(x)
+    assert out.dtype == dtype and sqnr_db(ref.float(), out.float()) > 30
+    if config.kernel == "fbgemm":  # fbgemm takes float32 only: a reported fallback
+        assert result.layers[0].kernel == "int_mm" and "fallback: fbgemm takes float32" in result.layers[0].kernel_reason
+    loaded = load_quantized(build(), save_quantized(result, tmp_path / "h.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+
+def test_transposed_non_contiguous_weight():
+    lin = nn.Linear(24, 16)
+    with torch.no_grad():
+        lin.weight = nn.Parameter(torch.randn(24, 16).t())  # (16, 24) view, not contiguous
+    assert not lin.weight.is_contiguous()
+    x = torch.randn(5, 24)
+    ref = lin(x).detach()
+    model = nn.Sequential(lin)
+    quantize_model(model)
+    assert sqnr_db(ref, model(x).detach()) > 35
