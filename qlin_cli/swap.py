@@ -238,7 +238,11 @@ def quantize_model(
         weights = {name: surrogates[name].weight for name in planned}
         stats = calibrate(model, planned, calib, batch_size=batch_size, progress=calib_progress, weights=weights)
     records = []
-    for i, (name, linear, aliases, parent) in enumerate(linears):
+    total = len(linears)
+    for i in range(total):
+        # drop this function's references to the float layer as soon as it is swapped, so that
+        # its weight is freed layer by layer (peak memory ~ float model + int8 + one layer)
+        (name, linear, aliases, parent), linears[i] = linears[i], None
         reason = reasons[name]
         rec = LayerRecord(
             name=name, in_features=linear.in_features, out_features=linear.out_features,
@@ -274,9 +278,11 @@ def quantize_model(
             rec.bytes_float, rec.bytes_int8 = _layer_bytes(linear, q)
             for path in [name, *aliases]:
                 model = swap_module(model, path, q)
+            planned.pop(name), surrogates.pop(name)
+            del effective, deq
         else:
             rec.bytes_float, rec.bytes_int8 = _layer_bytes(linear, None)
         records.append(rec)
         if progress is not None:
-            progress(i + 1, len(linears), name)
+            progress(i + 1, total, name)
     return QuantizeResult(model=model, config=config, layers=records)
