@@ -102,7 +102,9 @@ def quantize(
     s = _expand(scale.float(), x.dim())
     z = _expand(zero_point.to(torch.int32), x.dim())
     lo = -SYM_QMAX if symmetric else QMIN
-    q = torch.round(x.float() / s) + z
+    q = (x.float() / s).round_()  # one float temporary, changed in place
+    if bool(z.any()):
+        q.add_(z)
     return q.clamp_(lo, QMAX).to(torch.int8)
 
 
