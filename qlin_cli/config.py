@@ -85,8 +85,8 @@ class QuantConfig:
         asymmetric range [-128, 127] with a zero point per scale.
     act_granularity: dynamic mode only. `token` (default) quantizes each row of the flattened
         input with its own scale, so a sample's result never depends on the rest of the batch;
-        `tensor` uses one scale per call (batch-dependent; what fbgemm's kernel does).
-        Left as None it resolves to `tensor` for `kernel="fbgemm"` and `token` otherwise.
+        `tensor` uses one scale per call (batch-dependent; torch.ao's default). Left as None it
+        resolves to `token`.
     kernel: `auto` picks per layer on the machine that packs the model; a forced kernel is used
         where it can run and falls back, with the reason reported, where it cannot.
     skip: regular expressions; a layer whose module path matches any (re.search) stays float.
@@ -198,13 +198,8 @@ class QuantConfig:
             object.__setattr__(self, "act_granularity", "tensor")
             return
         if self.act_granularity is None:
-            object.__setattr__(self, "act_granularity", "tensor" if self.kernel == "fbgemm" else "token")
+            object.__setattr__(self, "act_granularity", "token")
         _choice("act_granularity", self.act_granularity, ACT_GRANULARITIES)
-        if self.kernel == "fbgemm" and self.act_granularity != "tensor":
-            raise ConfigError(
-                "kernel 'fbgemm' quantizes activations per tensor; use act_granularity 'tensor' "
-                "or kernel 'int_mm' for per-token activations"
-            )
 
     def skips(self, name: str) -> str | None:
         """The first skip pattern that matches module path `name`, or None."""

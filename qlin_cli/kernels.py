@@ -6,7 +6,7 @@ Kernels (weights `(N, K)` int8 = `(out_features, in_features)`, activations `x` 
 | name          | activations                        | op                                   | devices   |
 |---------------|------------------------------------|--------------------------------------|-----------|
 | `int_mm`      | int8, symmetric, per token/tensor  | `torch._int_mm` (int32 accumulation) | CPU, CUDA |
-| `fbgemm`      | uint8, per tensor (batch-dependent)| prepacked `quantized.linear_dynamic` | CPU       |
+| `fbgemm`      | uint8: per token (rows normalized), per tensor (batch-dependent), or static | prepacked fbgemm ops | CPU |
 | `weight_only` | float                              | `torch._weight_int8pack_mm`          | CPU, CUDA |
 | `dequant`     | float                              | `F.linear` on dequantized weights    | any       |
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .primitives import dequantize, quantize_activations
+from .primitives import MIN_SCALE, SYM_QMAX, dequantize, quantize_activations
 
 __all__ = [
     "KernelChoice",
@@ -146,29 +146,39 @@ def select_kernel(
             "dequant", f"fallback: torch._weight_int8pack_mm cannot run ({missing})", False
         )
     per_token = act_granularity == "token"
-    if mode == "static":
-        missing = "fbgemm runs on CPU only" if device.type != "cpu" else _fbgemm_missing()
+    missing = _fbgemm_unusable(device, dtype)
+    if mode == "static" or per_token:
+        # fixed activation parameters (calibrated, or per-token rows normalized to [-1, 1]):
+        # the full uint8 range, which only VNNI CPUs run without int16 saturation
         if missing is None and _fbgemm_reduce_range():
-            missing = "full-range static uint8 activations can saturate fbgemm without VNNI"
-        if missing is None and dtype != torch.float32:
-            missing = f"fbgemm takes float32 activations, not {dtype}"
-        if request == "fbgemm" and missing is None:
-            return KernelChoice("fbgemm", "requested", True)
+            missing = "full-range uint8 activations can saturate fbgemm without VNNI"
+        what = "static" if mode == "static" else "per-token"
+        if missing is None and request in ("auto", "fbgemm"):
+            why = "requested" if request == "fbgemm" else f"auto: {what} int8 activations, prepacked fbgemm"
+            return KernelChoice("fbgemm", why, True)
         why = f"fallback: {missing}" if request == "fbgemm" else (
-            "requested" if request == "int_mm" else "auto: static int8 activations")
+            "requested" if request == "int_mm" else f"auto: {what} int8 activations")
         return KernelChoice("int_mm", why, True)
-    if request in ("auto", "fbgemm") and not per_token:
-        missing = "fbgemm runs on CPU only" if device.type != "cpu" else _fbgemm_missing()
-        if missing is None and dtype != torch.float32:
-            missing = f"fbgemm takes float32 activations, not {dtype}"
+    if request in ("auto", "fbgemm"):  # dynamic, per-tensor activations
         if missing is None:
             rr = ", reduce_range (no VNNI)" if _fbgemm_reduce_range() else ""
             why = "requested" if request == "fbgemm" else "auto: per-tensor activations on CPU"
             return KernelChoice("fbgemm", why + rr, False)
         if request == "fbgemm":
             return KernelChoice("int_mm", f"fallback: {missing}", False)
-    why = "requested" if request == "int_mm" else f"auto: per-{act_granularity} int8 activations"
-    return KernelChoice("int_mm", why, per_token)
+    why = "requested" if request == "int_mm" else "auto: per-tensor int8 activations"
+    return KernelChoice("int_mm", why, False)
+
+
+def _fbgemm_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why fbgemm cannot run this layer here, or None."""
+    if device.type != "cpu":
+        return "fbgemm runs on CPU only"
+    if _fbgemm_missing() is not None:
+        return _fbgemm_missing()
+    if dtype != torch.float32:
+        return f"fbgemm takes float32 activations, not {dtype}"
+    return None
 
 
 class _IntMM:
@@ -242,11 +252,19 @@ class _IntMM:
 
 
 class _Fbgemm:
-    """fbgemm with prepacked weights. Dynamic: `quantized.linear_dynamic` (uint8 activations,
-    one scale per call). Static: `quantized.linear_with_input_q_dq_qweight_dq_output_fp32`
-    (uint8 activations with the calibrated scale; qlin's int8 zero point z is fbgemm's z + 128)."""
+    """fbgemm with prepacked weights.
 
-    def __init__(self, weight, scale, zero_point, bias, act_qparams=None, smooth=None):
+    - dynamic per tensor: `quantized.linear_dynamic` (uint8 activations, one scale per call:
+      a row's result depends on the rest of the batch);
+    - static: `quantized.linear_with_input_q_dq_qweight_dq_output_fp32` with the calibrated
+      scale (qlin's int8 zero point z is fbgemm's uint8 z + 128);
+    - dynamic per token: each row is divided by its absmax a[m], so every row lies in [-1, 1];
+      the same fixed-parameter op quantizes it with scale 1/127 and zero point 128 (the grid of
+      symmetric per-token int8, bit for bit), and the output is multiplied back by a[m]. Every
+      parameter is fixed or per row, so rows never influence each other (batch-invariant).
+    """
+
+    def __init__(self, weight, scale, zero_point, bias, act_qparams=None, smooth=None, per_token=False):
         if scale.dim() == 0:
             qw = _quiet(torch._make_per_tensor_quantized_tensor, weight, float(scale), int(zero_point))
         else:
@@ -254,7 +272,10 @@ class _Fbgemm:
                 torch._make_per_channel_quantized_tensor,
                 weight, scale.double(), zero_point.to(torch.int64), 0,
             )
-        self.packed = _quiet(torch.ops.quantized.linear_prepack, qw, None if bias is None else bias.float())
+        self.per_token = per_token
+        self.bias = None if bias is None else bias.float()
+        packed_bias = None if per_token or self.bias is None else self.bias  # per token: added after the rescale
+        self.packed = _quiet(torch.ops.quantized.linear_prepack, qw, packed_bias)
         self.reduce_range = _fbgemm_reduce_range()
         self.smooth = None if smooth is None else smooth.float()
         self.act = None if act_qparams is None else (float(act_qparams[0]), int(act_qparams[1]) + 128)
@@ -263,9 +284,17 @@ class _Fbgemm:
         if self.smooth is not None:
             x = x / self.smooth
         x = x.contiguous()
+        if self.per_token:
+            amax = x.abs().amax(dim=1, keepdim=True).clamp_min_(MIN_SCALE)  # (M, 1)
+            y = _STATIC_FBGEMM(x / amax, 1.0 / SYM_QMAX, 128, self.packed)
+            y.mul_(amax)
+            return y if self.bias is None else y.add_(self.bias)
         if self.act is None:
             return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
-        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, *self.act, self.packed)
+        return _STATIC_FBGEMM(x, *self.act, self.packed)
+
+
+_STATIC_FBGEMM = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
 
 
 class _WeightOnly:
@@ -328,7 +357,7 @@ def pack(
         rules = rules or INT_MM_RULES.get(device.type, IntMMRules())
         return _IntMM(weight, scale, zero_point, bias, act_granularity == "token", rules, act_qparams, smooth)
     if choice.name == "fbgemm":
-        return _Fbgemm(weight, scale, zero_point, bias, act_qparams, smooth)
+        return _Fbgemm(weight, scale, zero_point, bias, act_qparams, smooth, act_granularity == "token")
     if choice.name == "weight_only":
         return _WeightOnly(weight, scale, zero_point, bias, dtype)
     if choice.name == "dequant":

@@ -258,9 +258,10 @@ def test_quantize_asymmetric_has_nonzero_zero_points(tmp_path, capsys):
 def test_quantize_kernel_fbgemm(tmp_path, capsys):
     r = cli_json(capsys, "quantize", DIGITS_PT, "-o", tmp_path / "q.safetensors", "--kernel", "fbgemm")
     assert r["config"]["kernel"] == "fbgemm"
-    assert r["config"]["act_granularity"] == "tensor"
+    assert r["config"]["act_granularity"] == "token"  # fbgemm runs per-token activations too
     assert [l["kernel"] for l in r["layers"]] == ["fbgemm"] * 3
-    assert [l["act_granularity"] for l in r["layers"]] == ["tensor"] * 3
+    assert [l["act_granularity"] for l in r["layers"]] == ["token"] * 3
+    assert all(l["batch_invariant"] for l in r["layers"])
     assert r["probe"]["sqnr_db"] > 25
 
 

@@ -16,9 +16,11 @@ def test_defaults():
         "dynamic", PER_CHANNEL, True, "token", "auto", ())
 
 
-def test_act_granularity_follows_the_kernel():
-    assert QuantConfig(kernel="fbgemm").act_granularity == "tensor"
+def test_act_granularity_defaults_to_token():
+    assert QuantConfig(kernel="fbgemm").act_granularity == "token"
     assert QuantConfig(kernel="int_mm").act_granularity == "token"
+    assert QuantConfig(kernel="fbgemm", act_granularity="tensor").act_granularity == "tensor"
+    assert QuantConfig(mode="static").act_granularity == "tensor"
     assert QuantConfig(mode="weight-only").act_granularity is None
 
 
@@ -30,7 +32,6 @@ def test_act_granularity_follows_the_kernel():
         ({"kernel": "cublas"}, "kernel = 'cublas' is not valid"),
         ({"kernel": "weight_only"}, "needs --mode weight-only"),
         ({"mode": "weight-only", "kernel": "int_mm"}, "weight-only mode takes"),
-        ({"kernel": "fbgemm", "act_granularity": "token"}, "fbgemm' quantizes activations per tensor"),
         ({"skip": ["("]}, "not a valid regex"),
         ({"symmetric": "yes"}, "symmetric must be true or false"),
     ],

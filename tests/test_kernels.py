@@ -6,10 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from qlin_cli.config import PER_CHANNEL, PER_TENSOR
-from qlin_cli.kernels import INT_MM_RULES, IntMMRules, KernelChoice, pack, select_kernel
+from qlin_cli.kernels import (
+    INT_MM_RULES, IntMMRules, KernelChoice, _fbgemm_reduce_range, _fbgemm_unusable, pack, select_kernel,
+)
 from qlin_cli.primitives import choose_qparams, dequantize, quantize, quantize_activations, sqnr_db
 
-KERNELS = [("int_mm", "token"), ("int_mm", "tensor"), ("fbgemm", "tensor"), ("weight_only", None), ("dequant", None)]
+KERNELS = [("int_mm", "token"), ("int_mm", "tensor"), ("fbgemm", "token"), ("fbgemm", "tensor"), ("weight_only", None),
+           ("dequant", None)]
 
 
 def _layer(out_f=96, in_f=80, gran=PER_CHANNEL, sym=True, seed=0):
@@ -75,9 +78,11 @@ def test_cuda_shape_rules_pad_without_changing_results(shape, sym):
     assert INT_MM_RULES["cuda"] == IntMMRules(8, 8, 17)
 
 
-@pytest.mark.parametrize("name, act", [("int_mm", "token"), ("weight_only", None)])
+@pytest.mark.parametrize("name, act", [("int_mm", "token"), ("fbgemm", "token"), ("weight_only", None)])
 def test_batch_invariant_kernels_give_bit_identical_rows(name, act, device):
     """A row's output alone and inside any batch (other rows 1000x larger) is bit-identical."""
+    if not _runnable(name, device):
+        pytest.skip("fbgemm is CPU only")
     q, s, z, b = _layer(out_f=64, in_f=48)
     run = pack(_choice(name, act), q, s, z, b, act_granularity=act, device=device)
     row = torch.randn(1, 48, generator=torch.Generator().manual_seed(4)).to(device)
@@ -120,9 +125,16 @@ def _select(**kw):
     return select_kernel(**args)
 
 
+FBGEMM_TOKEN = _fbgemm_unusable(torch.device("cpu"), torch.float32) is None and not _fbgemm_reduce_range()
+
+
 def test_auto_selection_table():
-    c = _select()
-    assert (c.name, c.batch_invariant, c.fallback) == ("int_mm", True, False)
+    c = _select()  # per-token: prepacked fbgemm on VNNI CPUs, int_mm elsewhere
+    assert (c.name, c.batch_invariant, c.fallback) == ("fbgemm" if FBGEMM_TOKEN else "int_mm", True, False)
+    c = _select(device="cuda")
+    assert (c.name, c.batch_invariant) == ("int_mm", True)
+    c = _select(mode="static", act_granularity="tensor")
+    assert (c.name, c.batch_invariant) == ("fbgemm" if FBGEMM_TOKEN else "int_mm", True)
     c = _select(act_granularity="tensor")
     assert (c.name, c.batch_invariant) == ("fbgemm", False)
     c = _select(mode="weight-only", act_granularity=None)
