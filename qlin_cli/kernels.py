@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .primitives import MIN_SCALE, SYM_QMAX, dequantize, quantize_activations
+from .primitives import MIN_SCALE, SYM_QMAX, absmax_rows, dequantize, quantize_activations
 
 __all__ = [
     "KernelChoice",
@@ -260,7 +260,7 @@ class _Fbgemm:
       scale (qlin's int8 zero point z is fbgemm's uint8 z + 128);
     - dynamic per token: each row is divided by its absmax a[m], so every row lies in [-1, 1];
       the same fixed-parameter op quantizes it with scale 1/127 and zero point 128 (the grid of
-      symmetric per-token int8, bit for bit), and the output is multiplied back by a[m]. Every
+      symmetric per-token int8), and the output is multiplied back by a[m]. Every
       parameter is fixed or per row, so rows never influence each other (batch-invariant).
     """
 
@@ -285,7 +285,7 @@ class _Fbgemm:
             x = x / self.smooth
         x = x.contiguous()
         if self.per_token:
-            amax = x.abs().amax(dim=1, keepdim=True).clamp_min_(MIN_SCALE)  # (M, 1)
+            amax = absmax_rows(x).clamp_min_(MIN_SCALE)  # (M, 1)
             y = _STATIC_FBGEMM(x / amax, 1.0 / SYM_QMAX, 128, self.packed)
             y.mul_(amax)
             return y if self.bias is None else y.add_(self.bias)

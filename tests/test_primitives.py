@@ -130,3 +130,13 @@ def test_sqnr_db_exact():
     ref = torch.tensor([1.0, 0.0])
     assert math.isclose(sqnr_db(ref, torch.tensor([0.5, 0.0])), 10 * math.log10(4), rel_tol=1e-12)
     assert sqnr_db(ref, ref) == float("inf")
+
+
+def test_absmax_rows_equals_abs_amax():
+    from qlin_cli.primitives import absmax_rows
+
+    x = torch.randn(40, 33)
+    x[3] = 0.0
+    x[5] = -x[5].abs()  # absmax at a negative value
+    x[6] = x[6].abs()  # and at a positive one
+    assert torch.equal(absmax_rows(x), x.abs().amax(dim=1, keepdim=True))
