@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, QuantConfig, load_recipe
-from .errors import ConfigError, QlinError
+from .errors import ConfigError
 from .qfile import write_atomic, check_output
 from .report import json_safe, summary_lines, to_markdown
 

@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import save
 
 from .errors import ConfigError, OutputError
+from .qfile import check_parent
 from .swap import LayerRecord, QuantizeResult
 
 __all__ = [
@@ -213,13 +214,7 @@ def check_output_dir(path: str | Path, *, force: bool, inputs: tuple[Path | None
             raise OutputError(
                 f"output folder {path} is not a model folder (no config.json); qlin replaces only model folders, even with --force"
             )
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise OutputError(f"output folder {parent} is a file, not a folder")
-    if not parent.is_dir():
-        raise OutputError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output folder {parent} is not writable")
+    check_parent(path)
     return path
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "write_atomic",
     "verify_payload",
     "check_output",
+    "check_parent",
 ]
 
 FORMAT = "qlin"
@@ -62,6 +63,12 @@ def check_output(path: str | Path, *, force: bool, inputs: tuple[Path, ...] = ()
         raise OutputError(f"output {path} is a directory")
     if path.exists() and not force:
         raise OutputError(f"output {path} exists; pass --force to overwrite it")
+    check_parent(path)
+    return path
+
+
+def check_parent(path: Path) -> None:
+    """The folder an output goes into must exist, be a folder and be writable."""
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise OutputError(f"output folder {parent} is a file, not a folder")
@@ -69,7 +76,6 @@ def check_output(path: str | Path, *, force: bool, inputs: tuple[Path, ...] = ()
         raise OutputError(f"output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output folder {parent} is not writable")
-    return path
 
 
 def write_atomic(path: str | Path, data: bytes, *, force: bool) -> Path:

@@ -242,7 +242,7 @@ def quantize_model(
     for i in range(total):
         # drop this function's references to the float layer as soon as it is swapped, so that
         # its weight is freed layer by layer (peak memory ~ float model + int8 + one layer)
-        (name, linear, aliases, parent), linears[i] = linears[i], None
+        (name, linear, aliases, _), linears[i] = linears[i], None
         reason = reasons[name]
         rec = LayerRecord(
             name=name, in_features=linear.in_features, out_features=linear.out_features,

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from conftest import load_digits_mlp, load_encoder, tamper
 from qlin_cli import QuantConfig, load_quantized, quantize_model, read_qfile, save_quantized

@@ -4,7 +4,6 @@ inputs and labels, and the file checks, each with the one-line InputError a user
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import pytest
