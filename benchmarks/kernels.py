@@ -33,8 +33,11 @@ Weights are nn.Linear's default (seeded) initialization; biases included.
 
 How to run (from the repository root; peers: `pip install -e '.[bench]'`):
 
-    python benchmarks/kernels.py --threads 2            # full: ~7-9 min on a 2-core machine
-    python benchmarks/kernels.py --threads 2 --quick    # one shape, 2 token counts: < 1 min
+    python benchmarks/kernels.py --threads 2            # full: ~2 min on a quiet 2-core machine
+    python benchmarks/kernels.py --threads 2 --quick    # one shape, 2 token counts: ~10 s
+
+(longer while other processes use the CPUs: the script waits for them, up to --max-wait per
+configuration, and redoes disturbed timing rounds; 11 min was seen on a busy machine).
 
 Output: benchmarks/results/kernels.json (kernels_quick.json with --quick) and, for a full run,
 the `kernels` section of benchmarks/RESULTS.md (between its markers; the rest is kept).

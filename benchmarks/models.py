@@ -32,8 +32,11 @@ at batch 32 and says so. For BERT also (in subprocesses, so that RSS is clean): 
 
 How to run (from the repository root; peers: `pip install -e '.[bench]'`):
 
-    python benchmarks/models.py --threads 2           # full: ~5-8 min on a 2-core machine
-    python benchmarks/models.py --threads 2 --quick   # encoder + BERT batch 1 only, no cost run: ~1 min
+    python benchmarks/models.py --threads 2           # full: ~3 min on a quiet 2-core machine
+    python benchmarks/models.py --threads 2 --quick   # encoder + BERT batch 1 only, no cost run: ~45 s
+
+(longer while other processes use the CPUs: the script waits for them, up to --max-wait, and
+redoes disturbed timing rounds).
 
 Output: benchmarks/results/models.json (models_quick.json with --quick) and, for a full run, the
 `models` section of benchmarks/RESULTS.md. Options: --models encoder,bert --batches 1,32
