@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from .config import PER_CHANNEL, PER_TENSOR, QuantConfig
+from .config import PER_CHANNEL, PER_TENSOR, Granularity, QuantConfig
 from .errors import ConfigError, InputError
 from .kernels import select_kernel
 from .qfile import FORMAT, check_output, load_quantized, read_qfile, save_quantized
@@ -70,8 +70,7 @@ def _layer_rows(records) -> list[dict]:
         d = r.to_dict()
         d["weight_shape"] = [r.out_features, r.in_features]
         d["scale_shape"] = (
-            list(PER_TENSOR.scale_shape((r.out_features, r.in_features)) if r.granularity == "tensor"
-                 else PER_CHANNEL.scale_shape((r.out_features, r.in_features)))
+            list(Granularity(r.granularity).scale_shape((r.out_features, r.in_features)))
             if r.status == "quantized" else None
         )
         rows.append(d)

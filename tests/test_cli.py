@@ -389,18 +389,25 @@ def test_input_is_never_modified(tmp_path, capsys):
     assert (tmp_path / "m.int8.safetensors").is_file()
 
 
-def test_trust_pickle_loads_module_of_own_class(tmp_path, capsys, monkeypatch):
+def write_net_module(tmp_path: Path, module: str, cls: str) -> Path:
+    """Write `module.py` defining nn.Module class `cls` (one Linear(8, 4)) into tmp_path/helpers;
+    returns that folder (to put on sys.path while pickling the class)."""
     helpers = tmp_path / "helpers"
     helpers.mkdir()
-    (helpers / "qlin_test_trusted_net.py").write_text(
+    (helpers / f"{module}.py").write_text(
         "from torch import nn\n\n"
-        "class TrustedNet(nn.Module):\n"
+        f"class {cls}(nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"
         "        self.fc = nn.Linear(8, 4)\n\n"
         "    def forward(self, x):\n"
         "        return self.fc(x)\n"
     )
+    return helpers
+
+
+def test_trust_pickle_loads_module_of_own_class(tmp_path, capsys, monkeypatch):
+    helpers = write_net_module(tmp_path, "qlin_test_trusted_net", "TrustedNet")
     monkeypatch.syspath_prepend(str(helpers))
     import qlin_test_trusted_net
 
@@ -713,17 +720,7 @@ def test_missing_argument_exit_2(capsys):
 
 
 def test_module_of_own_class_needs_trust_pickle(tmp_path, capsys, monkeypatch):
-    helpers = tmp_path / "helpers"
-    helpers.mkdir()
-    (helpers / "qlin_test_custom_net.py").write_text(
-        "from torch import nn\n\n"
-        "class CustomNet(nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.fc = nn.Linear(8, 4)\n\n"
-        "    def forward(self, x):\n"
-        "        return self.fc(x)\n"
-    )
+    helpers = write_net_module(tmp_path, "qlin_test_custom_net", "CustomNet")
     with monkeypatch.context() as m:  # importable only while saving
         m.syspath_prepend(str(helpers))
         import qlin_test_custom_net
