@@ -192,16 +192,16 @@ def probes(q, x: torch.Tensor) -> dict:
     """The per-token int_mm kernel's parts, as separate callables on the same operands."""
     from qlin_cli.primitives import quantize_activations
 
-    qx, a = quantize_activations(x, True)
+    qx, a, c = quantize_activations(x, True)
     wt = q.weight.t().contiguous()  # (K, N) int8, as the int_mm kernel packs it
     acc = torch._int_mm(qx, wt)
     scale = q.weight_scale.float()
-    bias = q.bias
+    wsum = q._run.wsum  # (N,) row sums of the dequantized weight
+    bias = q.bias if q.bias is not None else torch.zeros_like(wsum)
     out = {
         "probe quantize_activations": lambda: quantize_activations(x, True),
         "probe _int_mm": lambda: torch._int_mm(qx, wt),
-        "probe epilogue": (lambda: acc.to(torch.float32).mul_(a).mul_(scale).add_(bias)) if bias is not None
-        else (lambda: acc.to(torch.float32).mul_(a).mul_(scale)),
+        "probe epilogue": lambda: acc.to(torch.float32).mul_(a).mul_(scale).add_(c * wsum).add_(bias),
     }
     run = getattr(q, "_run", None)
     if callable(run):

@@ -21,7 +21,8 @@ The `quantization_config` follows compressed-tensors' `QuantizationConfig` (pyda
 when every quantized layer has the same scheme, else one group per scheme that targets its
 layers by name. Each group has `weights` and `input_activations` QuantizationArgs
 (`num_bits` 8, `type` "int", `symmetric`, `strategy`, `dynamic`, `observer`): dynamic mode is
-`{"strategy": "token" | "tensor", "dynamic": true, "symmetric": true}`, static mode
+`{"strategy": "token" | "tensor", "dynamic": true, "symmetric": false}` (qlin's dynamic
+activations are asymmetric: each row's min and max span the 256 levels), static mode
 `{"strategy": "tensor", "dynamic": false, "symmetric": false}`, weight-only none.
 
 Not expressible, so refused: SmoothQuant layers (the format has no per-input-channel factor).
@@ -92,7 +93,7 @@ def _scheme(r: LayerRecord) -> dict[str, Any]:
     if r.mode == "weight-only":
         acts, fmt = None, "naive-quantized"
     elif r.mode == "dynamic":
-        acts, fmt = _args(symmetric=True, strategy=r.act_granularity, dynamic=True, observer=None), "int-quantized"
+        acts, fmt = _args(symmetric=False, strategy=r.act_granularity, dynamic=True, observer=None), "int-quantized"
     elif r.mode == "static":
         acts = _args(symmetric=False, strategy="tensor", dynamic=False,
                      observer=_ACT_OBSERVERS.get(r.observer or "minmax", "static_minmax"))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .primitives import MIN_SCALE, SYM_QMAX, absmax_rows, dequantize, quantize_activations
+from .primitives import QMAX, QMIN, dequantize, quantize_activations, row_ranges
 
 __all__ = [
     "KernelChoice",
@@ -87,6 +87,15 @@ def cpu_features() -> frozenset[str]:
     return frozenset()
 
 
+def _weight_row_sums(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Row sums of the dequantized weight `(N, K)`, `s[n] * sum_k (qw[n, k] - z[n])`, as float32
+    `(N,)`: what an activation offset (x = a * q + c) contributes, c * wsum[n]. The integer sums are
+    exact."""
+    n, k = weight.shape
+    sums = weight.sum(dim=1, dtype=torch.int32) - k * zero_point.to(torch.int32).reshape(-1)  # (N,) exact
+    return sums.float() * scale.float().reshape(-1)
+
+
 def _quiet(fn, *args):
     """Call a quantized-tensor op with its deprecation warnings kept from the user."""
     with warnings.catch_warnings():
@@ -125,6 +134,15 @@ def _weight_int8pack_missing(device_type: str, dtype: torch.dtype, k: int, n: in
     return None
 
 
+# Layers with fewer weights than this keep a float matmul under `auto` on CPU: the int8 kernel's
+# fixed costs (per-token quantization and rescaling are a dozen small ops) outweigh the matmul
+# itself. The bound is where int8 reaches float's speed at 16 tokens (benchmarks/RESULTS.md,
+# "kernels-small": per-token 0.97-1.09x at 2**17 weights, 0.29-0.59x at 2**16; static 1.29-1.35x
+# at 2**16, 0.65x at 2**14). At 1 token float stays faster up to ~512x512; from 128 tokens int8
+# wins from ~2**16 weights: no bound suits every batch, and the choice may not depend on it.
+SMALL_LAYER = {"dynamic": 1 << 17, "static": 1 << 16}
+
+
 def select_kernel(
     *,
     request: str,
@@ -145,6 +163,11 @@ def select_kernel(
         return KernelChoice(
             "dequant", f"fallback: torch._weight_int8pack_mm cannot run ({missing})", False
         )
+    small = SMALL_LAYER.get(mode, 0)
+    if request == "auto" and device.type == "cpu" and in_features * out_features < small:
+        return KernelChoice(
+            "dequant", f"auto: kept in float: int8 is slower than float for {mode} layers under "
+            f"{small:,} weights on CPU ({in_features}x{out_features})", False)
     per_token = act_granularity == "token"
     missing = _fbgemm_unusable(device, dtype)
     if mode == "static" or per_token:
@@ -182,16 +205,19 @@ def _fbgemm_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 class _IntMM:
-    """`torch._int_mm` with int8 activations: dynamic symmetric (per token or per tensor), or
-    static with a calibrated scale s_x and zero point z_x.
+    """`torch._int_mm` with int8 activations: dynamic (asymmetric, per token or per tensor:
+    x ~ a * qx + c, see `primitives.activation_qparams`), or static with a calibrated scale s_x
+    and zero point z_x.
 
     With the weight `(N, K)` int8, its scale s[n] and zero point z[n], and activations qx:
         acc[m, n] = sum_k (qx[m, k] - z_x) * (qw[n, k] - z[n])
                   = qx @ qw.T - z_x * colsum[n] - z[n] * rowsum(qx)[m] + K * z_x * z[n]
-        y[m, n]   = a[m] * s[n] * acc[m, n] + b[n]       (a = per-token/tensor scale, or s_x)
+        static:   y[m, n] = s_x * s[n] * acc[m, n] + b[n]
+        dynamic:  y[m, n] = a[m] * s[n] * acc[m, n] + c[m] * wsum[n] + b[n]   (z_x = 0)
+    where wsum[n] = s[n] * sum_k (qw[n, k] - z[n]) is the dequantized weight's row sum.
     The weight is stored transposed `(K, N)` and contiguous, padded to the device's shape rules;
-    colsum and the scale products are computed once here. `smooth` `(K,)` (SmoothQuant) divides
-    the activations before they are quantized.
+    colsum, wsum and the scale products are computed once here. `smooth` `(K,)` (SmoothQuant)
+    divides the activations before they are quantized.
     """
 
     def __init__(self, weight, scale, zero_point, bias, per_token: bool, rules: IntMMRules,
@@ -206,6 +232,7 @@ class _IntMM:
         self.bias = None if bias is None else bias.float()
         self.smooth = None if smooth is None else smooth.float()
         self.static = act_qparams is not None
+        self.wsum = None if self.static else _weight_row_sums(weight, self.scale, zp)
         if self.static:
             s_x, z_x = act_qparams
             z_x = int(z_x)
@@ -219,19 +246,20 @@ class _IntMM:
                 correction -= k * z_x * self.zero_point
             self.correction = correction if bool(correction.any()) else None
 
-    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _quantize(self, x: torch.Tensor):
+        """int8 `(M, K)`, and for dynamic activations their scale and offset `(M, 1)` or `()`."""
         if self.static:
             q = torch.round(x.float() / self.act_divisor)
             if self.act_zero_point:
                 q.add_(self.act_zero_point)
-            return q.clamp_(-128, 127).to(torch.int8), None
+            return q.clamp_(QMIN, QMAX).to(torch.int8), None, None
         if self.smooth is not None:
             x = x.float() / self.smooth
-        return quantize_activations(x, self.per_token)  # (M, K) int8, (M, 1) or ()
+        return quantize_activations(x, self.per_token)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
-        q, a = self._quantize(x)
+        q, a, c = self._quantize(x)
         padded = self.pad_k or m < self.min_m
         acc = torch._int_mm(F.pad(q, (0, self.pad_k, 0, max(0, self.min_m - m))) if padded else q, self.wt)
         if padded or self.pad_n:  # (M', Np) int32, exact -> (M, N)
@@ -246,6 +274,7 @@ class _IntMM:
         else:
             y.mul_(a)
             y.mul_(self.scale)
+            y.add_(c * self.wsum)
         if self.bias is not None:
             y.add_(self.bias)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -258,10 +287,13 @@ class _Fbgemm:
       a row's result depends on the rest of the batch);
     - static: `quantized.linear_with_input_q_dq_qweight_dq_output_fp32` with the calibrated
       scale (qlin's int8 zero point z is fbgemm's uint8 z + 128);
-    - dynamic per token: each row is divided by its absmax a[m], so every row lies in [-1, 1];
-      the same fixed-parameter op quantizes it with scale 1/127 and zero point 128 (the grid of
-      symmetric per-token int8), and the output is multiplied back by a[m]. Every
-      parameter is fixed or per row, so rows never influence each other (batch-invariant).
+    - dynamic per token (asymmetric): each row x[m] is mapped onto [0, 1] by its own range,
+      xn = (x - lo[m]) / w[m], which the same fixed-parameter op quantizes with scale 1/255 and
+      zero point 0 (the 256 levels of `primitives.activation_qparams`); then
+      y = w[m] * op(xn) + lo[m] * wsum[n] + b[n]. Every parameter is fixed or per row, so rows
+      never influence each other (batch-invariant). Rows are processed `rows` at a time, so that
+      the normalized input and the output stay in the CPU caches (a 4096 x 3072 input: 16 ms
+      instead of 29 ms); each row's result is the same whatever the chunking.
     """
 
     def __init__(self, weight, scale, zero_point, bias, act_qparams=None, smooth=None, per_token=False):
@@ -272,10 +304,13 @@ class _Fbgemm:
                 torch._make_per_channel_quantized_tensor,
                 weight, scale.double(), zero_point.to(torch.int64), 0,
             )
-        self.per_token = per_token
+        n, k = weight.shape
+        self.n, self.per_token = n, per_token
+        self.rows = max(64, min(512, (1 << 21) // max(k, 1)))  # rows per chunk: <= ~8 MB of input
         self.bias = None if bias is None else bias.float()
         packed_bias = None if per_token or self.bias is None else self.bias  # per token: added after the rescale
         self.packed = _quiet(torch.ops.quantized.linear_prepack, qw, packed_bias)
+        self.wsum = _weight_row_sums(weight, scale.float(), zero_point.to(torch.int32)) if per_token else None
         self.reduce_range = _fbgemm_reduce_range()
         self.smooth = None if smooth is None else smooth.float()
         self.act = None if act_qparams is None else (float(act_qparams[0]), int(act_qparams[1]) + 128)
@@ -285,13 +320,23 @@ class _Fbgemm:
             x = x / self.smooth
         x = x.contiguous()
         if self.per_token:
-            amax = absmax_rows(x).clamp_min_(MIN_SCALE)  # (M, 1)
-            y = _STATIC_FBGEMM(x / amax, 1.0 / SYM_QMAX, 128, self.packed)
-            y.mul_(amax)
-            return y if self.bias is None else y.add_(self.bias)
+            return self._per_token(x)
         if self.act is None:
             return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
         return _STATIC_FBGEMM(x, *self.act, self.packed)
+
+    def _per_token(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        out = x.new_empty(m, self.n)
+        for i in range(0, m, self.rows):
+            xc, oc = x[i : i + self.rows], out[i : i + self.rows]
+            lo, width = row_ranges(xc)  # (rows, 1) each
+            y = _STATIC_FBGEMM(xc.sub(lo).div_(width), 1.0 / (QMAX - QMIN), 0, self.packed)
+            torch.mul(y, width, out=oc)
+            oc.add_(lo * self.wsum)
+            if self.bias is not None:
+                oc.add_(self.bias)
+        return out
 
 
 _STATIC_FBGEMM = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
@@ -319,10 +364,14 @@ class _WeightOnly:
 
 
 class _Dequant:
-    """Fallback: a float matmul on the dequantized weight (no int8 arithmetic at all)."""
+    """A float matmul on the dequantized weight (no int8 arithmetic at all): weight-only mode's
+    fallback, and `auto`'s choice for layers too small for int8 to pay. SmoothQuant's factors
+    `(K,)` are folded back into the weight's columns; static activation parameters are unused
+    (the activations stay float)."""
 
-    def __init__(self, weight, scale, zero_point, bias, dtype):
-        self.weight = dequantize(weight, scale, zero_point).to(dtype)
+    def __init__(self, weight, scale, zero_point, bias, dtype, smooth=None):
+        w = dequantize(weight, scale, zero_point)
+        self.weight = (w if smooth is None else w / smooth.float()).to(dtype)
         self.bias = None if bias is None else bias.to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -361,5 +410,5 @@ def pack(
     if choice.name == "weight_only":
         return _WeightOnly(weight, scale, zero_point, bias, dtype)
     if choice.name == "dequant":
-        return _Dequant(weight, scale, zero_point, bias, dtype)
+        return _Dequant(weight, scale, zero_point, bias, dtype, smooth)
     raise AssertionError(f"unknown kernel {choice.name}")

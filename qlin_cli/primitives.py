@@ -29,7 +29,8 @@ __all__ = [
     "choose_qparams",
     "quantize",
     "dequantize",
-    "absmax_rows",
+    "row_ranges",
+    "activation_qparams",
     "quantize_activations",
     "sqnr_db",
 ]
@@ -63,8 +64,9 @@ def amin_amax(
         flat = flat.reshape(-1)
     else:
         flat = flat.movedim(axis, 0).reshape(x.shape[axis], -1)
-    lo, hi = torch.aminmax(flat, dim=-1)
-    return lo, hi
+    # two reductions, not torch.aminmax: with a dim, aminmax is ~14x slower on CPU (torch 2.13,
+    # 512x3072: 1.7 ms against 0.12 ms for amin + amax)
+    return flat.amin(dim=-1), flat.amax(dim=-1)
 
 
 def qparams_from_range(
@@ -130,22 +132,38 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def absmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """max |x| of each row of `x` `(M, K)` -> `(M, 1)`, without an |x| temporary: on CPU
-    (torch 2.13, 4096x3072) this takes 13 ms where abs().amax() takes 32 ms and
-    vector_norm(ord=inf) 20x longer. Exactly equal to x.abs().amax(1, keepdim=True)."""
-    return torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
+def row_ranges(x: torch.Tensor, per_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and width (max - min, at least MIN_SCALE) of each row of float32 `x` `(M, K)`:
+    `(M, 1)` each per token, `()` per tensor."""
+    flat = x if per_token else x.reshape(1, -1)
+    lo = flat.amin(dim=1, keepdim=True)
+    width = flat.amax(dim=1, keepdim=True).sub_(lo).clamp_min_(MIN_SCALE)
+    return (lo, width) if per_token else (lo.reshape(()), width.reshape(()))
 
 
-def quantize_activations(x: torch.Tensor, per_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric dynamic int8 quantization of activations `x` `(M, K)` (any float dtype).
+def activation_qparams(lo: torch.Tensor, width: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset of dynamic (asymmetric) activations whose range is [lo, lo + width]:
+    all 256 int8 levels cover it, x ~ scale * q + offset with q in [-128, 127],
+    scale = width / 255 (at least MIN_SCALE) and offset = lo + 128 * scale.
 
-    Returns `q` int8 `(M, K)` and the float32 scale: `(M, 1)` per token (each row's values and
-    scale depend on that row alone, so results do not depend on the batch), `()` per tensor.
-    Same math as `qparams_from_range(-amax, amax, symmetric=True)` followed by `quantize`.
+    Unlike `qparams_from_range`, the range is not widened to include 0 and the offset is not
+    rounded to an integer zero point: a matmul never needs an exact 0, and a one-sided row
+    (ReLU or GELU outputs) gets twice the resolution that symmetric int8 would give it.
+    """
+    scale = (width / (QMAX - QMIN)).clamp_min_(MIN_SCALE)
+    return scale, lo + (-QMIN) * scale
+
+
+def quantize_activations(
+    x: torch.Tensor, per_token: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric dynamic int8 quantization of activations `x` `(M, K)` (any float dtype).
+
+    Returns `q` int8 `(M, K)`, the float32 scale and offset (`x ~ scale * q + offset`, see
+    `activation_qparams`): `(M, 1)` per token (each row's values and parameters depend on that
+    row alone, so results do not depend on the batch), `()` per tensor.
     """
     xf = x if x.dtype == torch.float32 else x.float()
-    amax = absmax_rows(xf) if per_token else absmax_rows(xf.reshape(1, -1)).reshape(())
-    scale = (amax / SYM_QMAX).clamp_min_(MIN_SCALE)
-    # |x / scale| <= 127 by construction, so no clamp is needed before the cast.
-    return torch.round(xf / scale).to(torch.int8), scale
+    scale, offset = activation_qparams(*row_ranges(xf, per_token))
+    q = (xf - offset).div_(scale).round_().clamp_(QMIN, QMAX)
+    return q.to(torch.int8), scale, offset

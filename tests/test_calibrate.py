@@ -54,7 +54,7 @@ def test_static_file_round_trip_is_bit_identical(tmp_path, calib, digits_test, d
 
 
 def test_static_layers_report_ranges_and_output_sqnr(calib):
-    result = quantize_model(load_digits_mlp(), QuantConfig(mode="static"), calib=calib)
+    result = quantize_model(load_digits_mlp(), QuantConfig(mode="static", kernel="fbgemm"), calib=calib)
     first = result.layers[0]
     lo, hi = first.input_range
     assert lo == float(calib.min()) and hi == float(calib.max())  # minmax on the model's inputs

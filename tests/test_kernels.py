@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from qlin_cli.config import PER_CHANNEL, PER_TENSOR
 from qlin_cli.kernels import (
-    INT_MM_RULES, IntMMRules, KernelChoice, _fbgemm_reduce_range, _fbgemm_unusable, pack, select_kernel,
+    INT_MM_RULES, SMALL_LAYER, IntMMRules, KernelChoice, _fbgemm_reduce_range, _fbgemm_unusable, pack,
+    select_kernel,
 )
 from qlin_cli.primitives import choose_qparams, dequantize, quantize, quantize_activations, sqnr_db
 
@@ -55,10 +56,11 @@ def test_int_mm_equals_exact_integer_emulation(per_token, sym):
     x = torch.randn(17, q.shape[1], generator=torch.Generator().manual_seed(2))
     run = pack(_choice("int_mm", "token" if per_token else "tensor"), q, s, z, b,
                act_granularity="token" if per_token else "tensor", device="cpu")
-    qx, a = quantize_activations(x, per_token)
+    qx, a, c = quantize_activations(x, per_token)
     zcol = z.long().reshape(-1, 1) if z.dim() else z.long()  # (N, 1) or ()
     acc = qx.long() @ (q.long() - zcol).T  # exact integer (M, N)
-    expected = acc.double() * a.double() * s.double() + b.double()
+    wsum = dequantize(q, s, z).double().sum(dim=1)  # (N,): what the activation offset c adds
+    expected = acc.double() * a.double() * s.double() + c.double() * wsum + b.double()
     assert torch.allclose(run(x).double(), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -120,7 +122,7 @@ def test_output_dtype_follows_input_dtype():
 
 def _select(**kw):
     args = dict(request="auto", mode="dynamic", act_granularity="token", device="cpu",
-                dtype=torch.float32, in_features=64, out_features=32)
+                dtype=torch.float32, in_features=768, out_features=768)
     args.update(kw)
     return select_kernel(**args)
 
@@ -142,6 +144,61 @@ def test_auto_selection_table():
     c = _select(request="int_mm", act_granularity="tensor")
     assert (c.name, c.batch_invariant, c.reason) == ("int_mm", False, "requested")
     assert _select() == _select()  # deterministic
+
+
+def test_auto_keeps_small_layers_in_float_on_cpu():
+    """Below SMALL_LAYER weights int8 loses to float on CPU (benchmarks/RESULTS.md): auto keeps a
+    float matmul there and says why; an explicit request, another device or weight-only mode
+    still get their int8 kernel. The rule depends on the shape alone, never on the batch."""
+    for k, n in [(64, 32), (128, 512), (512, 255)]:
+        c = _select(in_features=k, out_features=n)
+        assert (c.name, c.batch_invariant, c.fallback) == ("dequant", False, False)
+        assert c.reason.startswith("auto: kept in float") and f"{k}x{n}" in c.reason
+    assert SMALL_LAYER == {"dynamic": 128 * 1024, "static": 64 * 1024}
+    assert _select(in_features=256, out_features=512).name != "dequant"  # exactly SMALL_LAYER weights
+    static = dict(mode="static", act_granularity="tensor")
+    assert _select(in_features=255, out_features=256, **static).name == "dequant"
+    assert _select(in_features=256, out_features=256, **static).name != "dequant"
+    assert _select(in_features=64, out_features=32, request="fbgemm").name == "fbgemm"
+    assert _select(in_features=64, out_features=32, request="int_mm").name == "int_mm"
+    assert _select(in_features=64, out_features=32, device="cuda").name == "int_mm"
+    assert _select(in_features=64, out_features=32, mode="weight-only", act_granularity=None).name == "weight_only"
+
+
+@pytest.mark.skipif(not FBGEMM_TOKEN, reason="per-token fbgemm needs a VNNI x86 CPU")
+def test_fbgemm_per_token_rows_do_not_depend_on_the_chunking():
+    """Rows are processed `rows` at a time; any chunk size gives bit-identical results."""
+    q, s, z, b = _layer(out_f=40, in_f=56)
+    run = pack(_choice("fbgemm", "token"), q, s, z, b, act_granularity="token", device="cpu")
+    x = torch.randn(1000, 56, generator=torch.Generator().manual_seed(5))
+    assert run.rows == 512
+    whole = run(x)
+    for rows in (1, 7, 64, 999):
+        run.rows = rows
+        assert torch.equal(run(x), whole), rows
+
+
+@pytest.mark.skipif(not FBGEMM_TOKEN, reason="per-token fbgemm needs a VNNI x86 CPU")
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_fbgemm_and_int_mm_compute_the_same_per_token_scheme(sym):
+    """Both kernels quantize each row onto the same 256 levels (only rounding ties may differ)."""
+    q, s, z, b = _layer(sym=sym)
+    x = torch.randn(64, q.shape[1], generator=torch.Generator().manual_seed(6)) + 0.5
+    fb = pack(_choice("fbgemm", "token"), q, s, z, b, act_granularity="token", device="cpu")(x)
+    im = pack(_choice("int_mm", "token"), q, s, z, b, act_granularity="token", device="cpu")(x)
+    assert sqnr_db(im, fb) > 60
+
+
+@pytest.mark.parametrize("name", ["int_mm", "fbgemm"])
+def test_one_sided_inputs_use_the_whole_int8_range(name, device):
+    """ReLU/GELU outputs are one-sided: asymmetric per-token activations give them 255 steps.
+    This layer: 49.6 dB (both kernels); symmetric per-token int8 would give it 43.9 dB."""
+    if not _runnable(name, device):
+        pytest.skip("fbgemm is CPU only")
+    q, s, z, b = _layer()
+    x = F.gelu(torch.randn(128, q.shape[1], generator=torch.Generator().manual_seed(7)) * 2)
+    y = pack(_choice(name, "token"), q, s, z, b, act_granularity="token", device=device)(x.to(device)).cpu()
+    assert sqnr_db(F.linear(x, dequantize(q, s, z), b), y) > 48
 
 
 def test_fbgemm_falls_back_with_a_reason_where_it_cannot_run():

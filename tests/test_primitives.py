@@ -115,28 +115,34 @@ def test_qparams_from_range_matches_choose_qparams():
 def test_quantize_activations_per_token_is_per_row_math():
     torch.manual_seed(1)
     x = torch.randn(6, 10) * torch.tensor([1, 10, 100, 0.01, 1, 0])[:, None]
-    q, a = quantize_activations(x, per_token=True)
-    assert q.dtype == torch.int8 and q.shape == (6, 10) and a.shape == (6, 1)
-    s, z = choose_qparams(x, PER_CHANNEL, symmetric=True)  # rows of x = tokens
-    assert torch.equal(a.squeeze(1), s)
-    assert torch.equal(q, quantize(x, s, z))
-    assert q[5].abs().sum() == 0  # the all-zero token
-    # per tensor: one scale, the global absmax maps to +-127
-    q, a = quantize_activations(x, per_token=False)
-    assert a.shape == () and int(q.abs().max()) == 127
+    x[4] = x[4].abs() + 3  # a one-sided row that does not reach 0
+    q, a, c = quantize_activations(x, per_token=True)
+    assert q.dtype == torch.int8 and q.shape == (6, 10) and a.shape == c.shape == (6, 1)
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    assert torch.equal(a[:5], (hi - lo)[:5] / 255)
+    assert torch.equal(c, lo + 128 * a)
+    # every row's own min and max land on the two ends of the int8 range
+    assert q[:5].amin(1).tolist() == [-128] * 5 and q[:5].amax(1).tolist() == [127] * 5
+    err = (a * q.float() + c - x).abs()
+    assert bool((err <= a / 2 * (1 + 1e-5) + 1e-6).all())  # round to nearest: at most half a step
+    assert float(a[5]) == MIN_SCALE and q[5].tolist() == [-128] * 10  # the all-zero token
+    assert float(a[5] * q[5, 0] + c[5]) == 0.0
+    # per tensor: one scale and offset, the global min and max map to -128 and 127
+    q, a, c = quantize_activations(x, per_token=False)
+    assert a.shape == c.shape == () and int(q.min()) == -128 and int(q.max()) == 127
+
+
+def test_asymmetric_activations_double_the_resolution_of_one_sided_rows():
+    """A ReLU output [0, m] gets 255 steps instead of symmetric int8's 127: about 6 dB."""
+    x = torch.relu(torch.randn(64, 256, generator=torch.Generator().manual_seed(2)))
+    q, a, c = quantize_activations(x)
+    asym = sqnr_db(x, a * q.float() + c)
+    s = x.abs().amax(1, keepdim=True) / 127
+    sym = sqnr_db(x, torch.round(x / s) * s)
+    assert asym - sym > 5.5
 
 
 def test_sqnr_db_exact():
     ref = torch.tensor([1.0, 0.0])
     assert math.isclose(sqnr_db(ref, torch.tensor([0.5, 0.0])), 10 * math.log10(4), rel_tol=1e-12)
     assert sqnr_db(ref, ref) == float("inf")
-
-
-def test_absmax_rows_equals_abs_amax():
-    from qlin_cli.primitives import absmax_rows
-
-    x = torch.randn(40, 33)
-    x[3] = 0.0
-    x[5] = -x[5].abs()  # absmax at a negative value
-    x[6] = x[6].abs()  # and at a positive one
-    assert torch.equal(absmax_rows(x), x.abs().amax(dim=1, keepdim=True))

@@ -109,7 +109,7 @@ def test_skip_patterns_keep_layers_float():
 
 def test_layer_records_sizes_and_sqnr():
     model = load_digits_mlp()
-    result = quantize_model(model)
+    result = quantize_model(model, QuantConfig(kernel="fbgemm"))
     first = result.layers[0]
     assert (first.out_features, first.in_features) == (256, 64)
     assert first.bytes_float == 256 * 64 * 4 + 256 * 4
