@@ -11,8 +11,9 @@ Models:
   sequence 128; static calibration on 4 batches of 8 other random sequences. Metrics on
   `last_hidden_state`.
 
-Methods: `float`; qlin `quantize_model` with QuantConfig() (dynamic, per-token int_mm: the
-default), QuantConfig(kernel="fbgemm") (dynamic per-tensor fbgemm, = `--kernel fbgemm`),
+Methods: `float`; qlin `quantize_model` with QuantConfig() (dynamic, asymmetric per-token
+activations: the default), QuantConfig(act_granularity="tensor") (dynamic per-tensor
+activations, fbgemm `linear_dynamic` without reduce_range on VNNI CPUs: torch.ao's kernel),
 QuantConfig(mode="weight-only"), QuantConfig(mode="static") with calibration; torch.ao
 `quantize_dynamic` (default qconfig); torchao `quantize_(Int8DynamicActivationInt8WeightConfig())`
 (eager); ONNX Runtime: the float model exported with `torch.onnx.export(dynamo=False)` run in ORT
@@ -151,7 +152,7 @@ def bert_spec(batches: list[int], seq: int) -> Spec:
 
 QLIN_CONFIGS = {
     "qlin dynamic (default)": {},
-    "qlin dynamic --kernel fbgemm": {"kernel": "fbgemm"},
+    "qlin dynamic, per-tensor activations": {"act_granularity": "tensor"},
     "qlin weight-only": {"mode": "weight-only"},
     "qlin static (calibrated)": {"mode": "static"},
 }

@@ -331,11 +331,16 @@ class _Fbgemm:
         for i in range(0, m, self.rows):
             xc, oc = x[i : i + self.rows], out[i : i + self.rows]
             lo, width = row_ranges(xc)  # (rows, 1) each
-            y = _STATIC_FBGEMM(xc.sub(lo).div_(width), 1.0 / (QMAX - QMIN), 0, self.packed)
-            torch.mul(y, width, out=oc)
-            oc.add_(lo * self.wsum)
-            if self.bias is not None:
-                oc.add_(self.bias)
+            inv = width.reciprocal()
+            xn = torch.addcmul(lo * inv.neg(), xc, inv)  # (x - lo) / width, one pass
+            y = _STATIC_FBGEMM(xn, 1.0 / (QMAX - QMIN), 0, self.packed)
+            # out = width * y + lo * wsum + b, in two passes (addcmul's rounding is the same
+            # for a row whatever the batch: tested)
+            if self.bias is None:
+                torch.mul(lo, self.wsum, out=oc)
+            else:
+                torch.addcmul(self.bias, lo, self.wsum, out=oc)
+            oc.addcmul_(y, width)
         return out
 
 

@@ -96,6 +96,21 @@ def test_batch_invariant_kernels_give_bit_identical_rows(name, act, device):
             assert torch.equal(run(full)[pos : pos + 1], alone), (batch, pos)
 
 
+@pytest.mark.parametrize("name", ["int_mm", "fbgemm"])
+def test_batch_invariance_holds_for_odd_shapes_threads_and_chunks(name):
+    """Large enough for the elementwise ops to split rows between threads at odd places, and for
+    the fbgemm path to cut the batch into chunks: a row's result still never changes."""
+    if name == "fbgemm" and not FBGEMM_TOKEN:
+        pytest.skip("per-token fbgemm needs a VNNI x86 CPU")
+    q, s, z, b = _layer(out_f=1031, in_f=333)
+    run = pack(_choice(name, "token"), q, s, z, b, act_granularity="token", device="cpu")
+    x = torch.randn(1100, 333, generator=torch.Generator().manual_seed(8)) * torch.rand(1100, 1) * 10
+    full = run(x)
+    for i in (0, 511, 512, 777, 1099):
+        assert torch.equal(run(x[i : i + 1]), full[i : i + 1]), i
+        assert torch.equal(run(x[i:]), full[i:]), i
+
+
 def test_kernels_that_are_not_batch_invariant_say_so():
     """Float GEMMs block differently by batch size, and per-tensor activation scales follow the
     largest row: these kernels are reported as batch-dependent."""
