@@ -379,8 +379,10 @@ class _Dequant:
         self.weight = (w if smooth is None else w / smooth.float()).to(dtype)
         self.bias = None if bias is None else bias.to(dtype)
 
+    takes_any_rank = True  # F.linear takes (..., K): QuantizedLinear skips its reshape
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return F.linear(x if x.dtype == self.weight.dtype else x.to(self.weight.dtype), self.weight, self.bias)
 
 
 def pack(

@@ -55,6 +55,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("smooth_scale", torch.ones(in_features, dtype=torch.float32) if smooth else None)
         self.kernel: KernelChoice | None = None
         self._run = None
+        self._any_rank = False
 
     @classmethod
     def from_float(
@@ -111,12 +112,13 @@ class QuantizedLinear(nn.Module):
             act_granularity=self.act_granularity, device=device, dtype=self.dtype,
             act_qparams=act, smooth=self.smooth_scale, **pack_options,
         )
+        self._any_rank = getattr(self._run, "takes_any_rank", False)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._run is None:
             raise RuntimeError("QuantizedLinear used before pack(); call quantize_model or load_quantized")
-        if x.dim() == 2:  # (M, in) -> (M, out): the common case, without reshapes
+        if x.dim() == 2 or self._any_rank:  # (M, in) -> (M, out): the common case, without reshapes
             return self._run(x)
         y = self._run(x.reshape(-1, self.in_features))  # (M, out_features)
         return y.reshape(*x.shape[:-1], self.out_features)
