@@ -84,9 +84,9 @@ class QuantConfig:
     symmetric: weights with zero point 0 and values in [-127, 127]; False gives an
         asymmetric range [-128, 127] with a zero point per scale.
     act_granularity: dynamic mode only. `token` (default) quantizes each row of the flattened
-        input with its own scale, so a sample's result never depends on the rest of the batch;
-        `tensor` uses one scale per call (batch-dependent; torch.ao's default). Left as None it
-        resolves to `token`.
+        input with its own range (asymmetric: the row's min and max span the 256 levels), so a
+        sample's result never depends on the rest of the batch; `tensor` uses one range per
+        call (batch-dependent; torch.ao's default). Left as None it resolves to `token`.
     kernel: `auto` picks per layer on the machine that packs the model; a forced kernel is used
         where it can run and falls back, with the reason reported, where it cannot.
     skip: regular expressions; a layer whose module path matches any (re.search) stays float.
