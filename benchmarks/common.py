@@ -512,22 +512,23 @@ def wait_for_quiet(max_wait_s: float, threshold_cores: float = 0.15, log: Callab
             warned = True
 
 
-def rss_bytes() -> int:
-    """Current resident set size of this process (VmRSS)."""
+def _proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (kB) in bytes; 0 where it is not readable."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (VmRSS)."""
+    return _proc_status_bytes("VmRSS")
 
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process since start or the last `reset_peak_rss()` (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_status_bytes("VmHWM")
 
 
 def reset_peak_rss() -> bool:

@@ -241,7 +241,7 @@ class _IntMM:
             self.out_scale = self.scale * s_x.float()  # (N,) or ()
             correction = torch.zeros(n, dtype=torch.int32, device=weight.device)
             if z_x:
-                correction += z_x * weight.to(torch.int32).sum(dim=1)
+                correction += z_x * weight.sum(dim=1, dtype=torch.int32)  # no int32 copy of the weight
             if z_x and self.zero_point is not None:
                 correction -= k * z_x * self.zero_point
             self.correction = correction if bool(correction.any()) else None
@@ -292,8 +292,9 @@ class _Fbgemm:
       zero point 0 (the 256 levels of `primitives.activation_qparams`); then
       y = w[m] * op(xn) + lo[m] * wsum[n] + b[n]. Every parameter is fixed or per row, so rows
       never influence each other (batch-invariant). Rows are processed `rows` at a time, so that
-      the normalized input and the output stay in the CPU caches (a 4096 x 3072 input: 16 ms
-      instead of 29 ms); each row's result is the same whatever the chunking.
+      the normalized input and the output stay in the CPU caches (3072 -> 768 on 4096 tokens:
+      17.8 ms, against 29.5 ms unchunked; benchmarks/RESULTS.md, kernels-m4096); each row's
+      result is the same whatever the chunking.
     """
 
     def __init__(self, weight, scale, zero_point, bias, act_qparams=None, smooth=None, per_token=False):
@@ -310,7 +311,7 @@ class _Fbgemm:
         self.bias = None if bias is None else bias.float()
         packed_bias = None if per_token or self.bias is None else self.bias  # per token: added after the rescale
         self.packed = _quiet(torch.ops.quantized.linear_prepack, qw, packed_bias)
-        self.wsum = _weight_row_sums(weight, scale.float(), zero_point.to(torch.int32)) if per_token else None
+        self.wsum = _weight_row_sums(weight, scale, zero_point) if per_token else None
         self.reduce_range = _fbgemm_reduce_range()
         self.smooth = None if smooth is None else smooth.float()
         self.act = None if act_qparams is None else (float(act_qparams[0]), int(act_qparams[1]) + 128)
@@ -382,7 +383,7 @@ class _Dequant:
     takes_any_rank = True  # F.linear takes (..., K): QuantizedLinear skips its reshape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x if x.dtype == self.weight.dtype else x.to(self.weight.dtype), self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 def pack(
