@@ -328,21 +328,28 @@ class _Fbgemm:
 
     def _per_token(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
+        if m <= self.rows:  # one chunk: the op's output becomes the result, no second buffer
+            return self._chunk(x, None)
         out = x.new_empty(m, self.n)
         for i in range(0, m, self.rows):
-            xc, oc = x[i : i + self.rows], out[i : i + self.rows]
-            lo, width = row_ranges(xc)  # (rows, 1) each
-            inv = width.reciprocal()
-            xn = torch.addcmul(lo * inv.neg(), xc, inv)  # (x - lo) / width, one pass
-            y = _STATIC_FBGEMM(xn, 1.0 / (QMAX - QMIN), 0, self.packed)
-            # out = width * y + lo * wsum + b, in two passes (addcmul's rounding is the same
-            # for a row whatever the batch: tested)
-            if self.bias is None:
-                torch.mul(lo, self.wsum, out=oc)
-            else:
-                torch.addcmul(self.bias, lo, self.wsum, out=oc)
-            oc.addcmul_(y, width)
+            self._chunk(x[i : i + self.rows], out[i : i + self.rows])
         return out
+
+    def _chunk(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        lo, width = row_ranges(x)  # (rows, 1) each
+        inv = width.reciprocal()
+        # (x - lo) / width in two vectorized passes: addcmul with two per-row operands runs a
+        # scalar loop, 3.5x slower (512 x 768: 90 us against 26 us)
+        y = _STATIC_FBGEMM(torch.sub(x, lo).mul_(inv), 1.0 / (QMAX - QMIN), 0, self.packed)
+        # width * (y + lo / width * wsum) + b: the first pass stays in the chunk's own (cached)
+        # buffer, the second writes the result; each has one per-row operand, so both run
+        # vectorized, and a row's rounding never depends on the batch (tested)
+        y.addcmul_(lo * inv, self.wsum)
+        if out is None:
+            out = y
+        if self.bias is None:
+            return torch.mul(y, width, out=out)
+        return torch.addcmul(self.bias, y, width, out=out)
 
 
 _STATIC_FBGEMM = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
