@@ -37,13 +37,11 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
-from safetensors.torch import save
-
 from .errors import ConfigError, OutputError
-from .qfile import check_parent
+from .qfile import check_parent, safetensors_writer
 from .swap import LayerRecord, QuantizeResult
 
 __all__ = [
@@ -180,20 +178,6 @@ def export_tensors(result: QuantizeResult, *, drop_tied: bool = False) -> dict[s
     return out
 
 
-def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes with a canonical header (sorted metadata, tensors by offset), so the same
-    tensors always give the same bytes."""
-    raw = save(tensors, metadata=metadata)
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
-    meta = header.pop("__metadata__", {})
-    ordered = {"__metadata__": dict(sorted(meta.items()))}
-    ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
-    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
-
-
 def _within(path: Path, folder: Path) -> bool:
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
@@ -232,10 +216,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_folder_atomic(path: str | Path, files: dict[str, bytes], *, force: bool) -> Path:
-    """Write `files` (name -> bytes) into a temporary folder beside `path`, then rename it into
-    place: readers see the old folder or the whole new one. An existing folder is replaced only
-    with `force` (it is moved aside, the new one renamed in, then the old one removed)."""
+def write_folder_atomic(path: str | Path, files: dict[str, bytes | Callable[[BinaryIO], None]], *, force: bool) -> Path:
+    """Write `files` (name -> bytes, or a function that writes the open file) into a temporary
+    folder beside `path`, then rename it into place: readers see the old folder or the whole new
+    one. An existing folder is replaced only with `force` (it is moved aside, the new one renamed
+    in, then the old one removed)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     token = secrets.token_hex(8)
@@ -249,7 +234,7 @@ def write_folder_atomic(path: str | Path, files: dict[str, bytes], *, force: boo
         for name in sorted(files):
             fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as f:
-                f.write(files[name])
+                files[name](f) if callable(files[name]) else f.write(files[name])
                 f.flush()
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
@@ -317,6 +302,6 @@ def save_compressed_tensors(
     metadata = {"format": "pt", "producer": f"qlin {__version__}", "source_name": source_name,
                 "source_sha256": source_sha256}
     tensors = export_tensors(result, drop_tied=source_dir is not None)
-    files[WEIGHTS_NAME] = _safetensors_bytes(tensors, metadata)
+    files[WEIGHTS_NAME] = safetensors_writer(tensors, metadata)
     files[CONFIG_NAME] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     return write_folder_atomic(path, files, force=force)

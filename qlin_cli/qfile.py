@@ -18,11 +18,11 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
 from .config import Granularity, QuantConfig
 from .errors import ConfigError, FormatError, OutputError
@@ -78,9 +78,10 @@ def check_parent(path: Path) -> None:
         raise OutputError(f"output folder {parent} is not writable")
 
 
-def write_atomic(path: str | Path, data: bytes, *, force: bool) -> Path:
-    """Write `data` to a temporary file in `path`'s folder, then move it into place: readers see
-    the old file or the whole new one, never a part. Without `force` an existing file is kept."""
+def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], None], *, force: bool) -> Path:
+    """Write `data` (bytes, or a function that writes into the open file) to a temporary file in
+    `path`'s folder, then move it into place: readers see the old file or the whole new one,
+    never a part. Without `force` an existing file is kept."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     # The name is chosen before the file exists, so a Ctrl-C at any point after this line
@@ -92,7 +93,7 @@ def write_atomic(path: str | Path, data: bytes, *, force: bool) -> Path:
         except OSError as exc:
             raise OutputError(f"cannot write in {folder}: {exc.strerror}") from None
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -115,12 +116,6 @@ def write_atomic(path: str | Path, data: bytes, *, force: bool) -> Path:
     return path
 
 
-def _split(raw: bytes) -> tuple[int, bytes]:
-    """(header length, tensor payload) of safetensors bytes."""
-    n = int.from_bytes(raw[:8], "little")
-    return n, raw[8 + n :]
-
-
 _HASH_KEYS = ("payload_sha256", "header_sha256")
 
 
@@ -132,22 +127,60 @@ def _header_digest(header: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes with a canonical header (sorted metadata, tensors by offset), so the
-    same content always gives the same bytes (the library's metadata order is not stable).
-    Adds `payload_sha256` (every byte after the header) and `header_sha256` (_header_digest)."""
-    raw = save(tensors, metadata=metadata)
-    n, payload = _split(raw)
-    header = json.loads(raw[8 : 8 + n])
-    meta = header.setdefault("__metadata__", {})
-    meta["payload_sha256"] = hashlib.sha256(payload).hexdigest()
-    meta["header_sha256"] = _header_digest(header)
-    header.pop("__metadata__")
-    ordered = {"__metadata__": dict(sorted(meta.items()))}
-    ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
-    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+# safetensors' names of the dtypes a model holds
+_ST_DTYPES = {
+    torch.float64: "F64", torch.int64: "I64", torch.float32: "F32", torch.int32: "I32",
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor (native, i.e. little-endian, order), without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def safetensors_writer(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, digests: bool = False
+) -> Callable[[BinaryIO], None]:
+    """A function that writes `tensors` (contiguous, on CPU, not sharing memory) as a safetensors
+    file with a canonical header, so that the same content always gives the same bytes.
+
+    Layout: tensors by element size (largest first, so each starts aligned to its element size
+    after the 8-byte-padded header), then by name; the header lists them in that order after the
+    sorted `__metadata__`. With `digests`, the metadata gains `payload_sha256` (every byte after
+    the header) and `header_sha256` (_header_digest). The tensors stream from their own memory
+    into the file: safetensors' `save` builds the whole file in memory, and re-heading it took
+    two more copies (BERT-base: +530 MB peak RSS and 2 s for a 182 MB file).
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, dict] = {}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        if t.dtype not in _ST_DTYPES:
+            raise OutputError(f"tensor {key} has dtype {t.dtype}, which safetensors cannot store")
+        end = offset + t.numel() * t.element_size()
+        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    meta = dict(metadata)
+    if digests:
+        payload = hashlib.sha256()
+        for key in order:
+            payload.update(_tensor_bytes(tensors[key]))
+        meta["payload_sha256"] = payload.hexdigest()
+        meta["header_sha256"] = _header_digest({**header, "__metadata__": meta})
+    text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header},
+                      separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + payload
+
+    def write(f: BinaryIO) -> None:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for key in order:
+            f.write(_tensor_bytes(tensors[key]))
+
+    return write
 
 
 def _file_tensors(model: nn.Module, plan: list[dict]) -> dict[str, torch.Tensor]:
@@ -189,8 +222,8 @@ def save_quantized(
         "config": result.config.to_json(),
         "plan": json.dumps(plan, sort_keys=True, separators=(",", ":")),
     }
-    data = _canonical_safetensors(_file_tensors(result.model, plan), metadata)
-    return write_atomic(path, data, force=force)
+    writer = safetensors_writer(_file_tensors(result.model, plan), metadata, digests=True)
+    return write_atomic(path, writer, force=force)
 
 
 @dataclass

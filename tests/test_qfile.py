@@ -148,3 +148,40 @@ def test_payload_sha256_is_recorded_and_verified(good_file, tmp_path):
         read_qfile(bad, verify=True)
     with pytest.raises(FormatError, match="does not match"):
         load_quantized(load_digits_mlp(), bad, verify=True)
+
+
+def test_safetensors_writer_streams_a_file_safetensors_reads_back(tmp_path):
+    """qlin writes safetensors itself (streaming, no in-memory copy of the file): every dtype a
+    model holds reads back bit for bit with the safetensors library, tensors start aligned to
+    their element size, and the bytes do not depend on the dict's order."""
+    from qlin_cli.qfile import safetensors_writer
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randint(-128, 128, (7, 5), generator=gen, dtype=torch.int8),
+        "a.scale": torch.rand(7, generator=gen),
+        "b.half": torch.randn(3, 3, generator=gen).half(),
+        "b.bf16": torch.randn(5, generator=gen).bfloat16(),
+        "c.double": torch.randn(2, generator=gen).double(),
+        "c.long": torch.arange(3),
+        "d.scalar": torch.tensor(0.25),
+        "d.empty": torch.zeros(0, 4),
+        "d.mask": torch.tensor([True, False, True]),
+        "d.u8": torch.arange(5, dtype=torch.uint8),
+    }
+    paths = []
+    for i, items in enumerate([list(tensors.items()), list(reversed(tensors.items()))]):
+        paths.append(write_atomic(tmp_path / f"{i}.safetensors", safetensors_writer(dict(items), {"k": "v"}), force=False))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    back = load_file(paths[0])
+    assert set(back) == set(tensors)
+    for key, t in tensors.items():
+        assert back[key].dtype == t.dtype and back[key].shape == t.shape and torch.equal(back[key], t), key
+    raw = paths[0].read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    assert (8 + n) % 8 == 0 and header.pop("__metadata__") == {"k": "v"}
+    for key, entry in header.items():
+        assert entry["data_offsets"][0] % tensors[key].element_size() == 0, key
+    with pytest.raises(OutputError, match="complex64.*cannot store"):
+        safetensors_writer({"z": torch.zeros(2, dtype=torch.complex64)}, {})
