@@ -128,15 +128,16 @@ def _header_digest(header: dict) -> str:
 
 
 # safetensors' names of the dtypes a model holds
-_ST_DTYPES = {
+SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.int64: "I64", torch.float32: "F32", torch.int32: "I32",
     torch.float16: "F16", torch.bfloat16: "BF16", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor (native, i.e. little-endian, order), without a copy."""
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor (native, i.e. little-endian, order), without a copy
+    (writable: reading into it fills the tensor)."""
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -158,16 +159,16 @@ def safetensors_writer(
     offset = 0
     for key in order:
         t = tensors[key]
-        if t.dtype not in _ST_DTYPES:
+        if t.dtype not in SAFETENSORS_DTYPES:
             raise OutputError(f"tensor {key} has dtype {t.dtype}, which safetensors cannot store")
         end = offset + t.numel() * t.element_size()
-        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        header[key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
         offset = end
     meta = dict(metadata)
     if digests:
         payload = hashlib.sha256()
         for key in order:
-            payload.update(_tensor_bytes(tensors[key]))
+            payload.update(tensor_bytes(tensors[key]))
         meta["payload_sha256"] = payload.hexdigest()
         meta["header_sha256"] = _header_digest({**header, "__metadata__": meta})
     text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header},
@@ -178,7 +179,7 @@ def safetensors_writer(
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
         for key in order:
-            f.write(_tensor_bytes(tensors[key]))
+            f.write(tensor_bytes(tensors[key]))
 
     return write
 

@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import pickle
 import re
 import sys
@@ -200,10 +201,9 @@ def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, spec: str) -> None:
-    result_keys = set(model.state_dict())
-    missing = sorted(result_keys - set(state))
-    unexpected = sorted(set(state) - result_keys)
+def _check_keys(model_keys, file_keys, path: Path, spec: str) -> None:
+    missing = sorted(set(model_keys) - set(file_keys))
+    unexpected = sorted(set(file_keys) - set(model_keys))
     if missing or unexpected:
         parts = []
         if missing:
@@ -211,12 +211,73 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, sp
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
         raise InputError(f"{path} does not fit --model {spec}: keys {', '.join(parts)}")
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, spec: str) -> None:
+    _check_keys(model.state_dict(), state, path, spec)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
         detail = lines[0] if lines else _one_line(exc)
         raise InputError(f"{path} does not fit --model {spec}: {detail}") from None
+
+
+def _plain_loading(model: nn.Module) -> bool:
+    """True if no module of `model` customizes how its state dict loads (hooks, or its own
+    `_load_from_state_dict`), so that filling its tensors in place is what load_state_dict does."""
+    return not model._load_state_dict_pre_hooks and all(
+        type(m)._load_from_state_dict is nn.Module._load_from_state_dict
+        and not m._load_state_dict_pre_hooks and not m._load_state_dict_post_hooks
+        for m in model.modules()
+    )
+
+
+def _read_into(f, start: int, buf: memoryview) -> None:
+    f.seek(start)
+    done = 0
+    while done < len(buf):
+        got = f.readinto(buf[done:])
+        if not got:
+            raise InputError(f"{f.name} ends before its last tensor")
+        done += got
+
+
+def _fill_from_safetensors(model: nn.Module, path: Path, spec: str) -> None:
+    """Read the safetensors state dict at `path` straight into `model`'s own tensors, one at a
+    time, so that loading needs no memory beyond the model (load_file + load_state_dict held the
+    whole state dict besides it: +1x the model). The header is validated by safetensors first;
+    a tensor of another dtype than the model's is read aside and converted, as load_state_dict
+    does."""
+    from safetensors import safe_open
+
+    from .qfile import SAFETENSORS_DTYPES, tensor_bytes
+
+    by_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    targets = model.state_dict(keep_vars=True)
+    try:
+        with safe_open(path, framework="pt") as st, open(path, "rb", buffering=0) as f:
+            _check_keys(targets, st.keys(), path, spec)
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            for key, target in targets.items():
+                t, entry = target.detach(), header[key]
+                if list(t.shape) != entry["shape"]:
+                    raise InputError(
+                        f"{path} does not fit --model {spec}: size mismatch for {key}: "
+                        f"{entry['shape']} in the file, {list(t.shape)} in the model"
+                    )
+                dtype = by_name.get(entry["dtype"])
+                if dtype is None:  # a dtype qlin does not read itself
+                    t.copy_(st.get_tensor(key))
+                    continue
+                direct = dtype == t.dtype and t.is_contiguous() and t.device.type == "cpu"
+                buf = t if direct else torch.empty(entry["shape"], dtype=dtype)
+                _read_into(f, 8 + n + entry["data_offsets"][0], tensor_bytes(buf))
+                if not direct:
+                    t.copy_(buf)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"source {path} is not a valid safetensors file ({_one_line(exc)})") from None
 
 
 def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[Any, str]:
@@ -251,6 +312,15 @@ def load_source(
         from .hf import load_hf_folder
 
         return load_hf_folder(path, model=model)
+    if path.suffix == ".safetensors" and model is not None:
+        _reject_qlin_file_safely(path)
+        built = _build(model)
+        if _plain_loading(built):
+            _fill_from_safetensors(built, path, model)
+        else:
+            _load_state(built, _read_safetensors(path, "source"), path, model)
+        built.eval()
+        return Source(built, path, "safetensors state dict", file_sha256(path), path.stat().st_size)
     obj, kind = read_checkpoint(path, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
         built = obj
@@ -264,6 +334,14 @@ def load_source(
         _load_state(built, obj, path, model)
     built.eval()
     return Source(built, path, kind, file_sha256(path), path.stat().st_size)
+
+
+def _reject_qlin_file_safely(path: Path) -> None:
+    """_reject_qlin_file, with an unreadable file reported as one."""
+    try:
+        _reject_qlin_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"source {path} is not a valid safetensors file ({_one_line(exc)})") from None
 
 
 def _reject_qlin_file(path: Path) -> None:

@@ -45,6 +45,12 @@ def write_factory(folder: Path, name: str) -> str:
         "    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6))\n\n"
         "def build_other():\n"
         "    return nn.Sequential(nn.Linear(8, 4))\n\n"
+        "def build_tied():\n"
+        "    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))\n"
+        "    m[2].weight = m[0].weight\n"
+        "    return m\n\n"
+        "def build_bn():\n"
+        "    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))\n\n"
         "VALUE = 3\n"
     )
     return f"{name}.py"
@@ -157,15 +163,21 @@ def test_state_dict_without_model(tmp_path):
     assert "is a state dict (4 tensors)" in text and "pass --model" in text
 
 
-def test_key_mismatch(tmp_path, monkeypatch):
+def save_state(state: dict, path: Path) -> str:
+    save_file(state, str(path)) if path.suffix == ".safetensors" else torch.save(state, path)
+    return path.name
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_key_mismatch(tmp_path, monkeypatch, suffix):
     monkeypatch.chdir(tmp_path)
-    spec = write_factory(tmp_path, "qlin_test_src_factory_keys") + ":build"
+    spec = write_factory(tmp_path, f"qlin_test_src_factory_keys{suffix[1:]}") + ":build"
     state = small_mlp().state_dict()
     state["extra.weight"] = torch.zeros(1)
     del state["2.bias"]
-    torch.save(state, tmp_path / "sd.pt")
+    name = save_state(state, tmp_path / f"sd{suffix}")
     with pytest.raises(InputError) as exc:
-        load_source("sd.pt", model=spec)
+        load_source(name, model=spec)
     text = message(exc)
     assert f"does not fit --model {spec}" in text
     assert "1 missing (e.g. '2.bias')" in text
@@ -181,16 +193,57 @@ def test_key_mismatch_other_architecture(tmp_path, monkeypatch):
     assert "unexpected" in message(exc) and "missing" not in message(exc)
 
 
-def test_shape_mismatch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_shape_mismatch(tmp_path, monkeypatch, suffix):
     monkeypatch.chdir(tmp_path)
-    spec = write_factory(tmp_path, "qlin_test_src_factory_shape") + ":build_wide"
-    torch.save(small_mlp(out=4).state_dict(), tmp_path / "sd.pt")
+    spec = write_factory(tmp_path, f"qlin_test_src_factory_shape{suffix[1:]}") + ":build_wide"
+    name = save_state(small_mlp(out=4).state_dict(), tmp_path / f"sd{suffix}")
     with pytest.raises(InputError) as exc:
-        load_source("sd.pt", model=spec)
+        load_source(name, model=spec)
     text = message(exc)
     assert f"does not fit --model {spec}" in text
     assert "size mismatch for 2.weight" in text
     assert "[4, 16]" in text and "[6, 16]" in text
+
+
+def test_safetensors_streams_into_the_model(tmp_path, monkeypatch):
+    """A safetensors state dict is read tensor by tensor into the built model (never whole, beside
+    it): bit-exact, converting another dtype as load_state_dict does, tied weights kept tied;
+    a model whose modules customize loading (BatchNorm) goes through load_state_dict."""
+    import safetensors.torch
+
+    monkeypatch.chdir(tmp_path)
+    spec = write_factory(tmp_path, "qlin_test_src_factory_stream")
+    state = small_mlp().state_dict()
+    save_file(state, str(tmp_path / "sd.safetensors"))
+    save_file({k: v.half() for k, v in state.items()}, str(tmp_path / "half.safetensors"))
+    tied = {"0.weight": torch.randn(8, 8), "0.bias": torch.randn(8), "2.bias": torch.randn(8)}
+    tied["2.weight"] = tied["0.weight"].clone()
+    save_file(tied, str(tmp_path / "tied.safetensors"))
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("read the whole file"))
+        assert_state_equal(load_source("sd.safetensors", model=spec + ":build").model, state)
+        half = load_source("half.safetensors", model=spec + ":build").model
+        assert_state_equal(half, {k: v.half().float() for k, v in state.items()})
+        assert all(p.dtype == torch.float32 for p in half.parameters())
+        model = load_source("tied.safetensors", model=spec + ":build_tied").model
+        assert model[2].weight is model[0].weight and torch.equal(model[0].weight, tied["0.weight"])
+    bn = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    bn[1].running_mean.normal_()
+    bn[1].num_batches_tracked.fill_(7)
+    save_file(bn.state_dict(), str(tmp_path / "bn.safetensors"))
+    assert_state_equal(load_source("bn.safetensors", model=spec + ":build_bn").model, bn.state_dict())
+
+
+def test_truncated_safetensors_is_an_input_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = write_factory(tmp_path, "qlin_test_src_factory_trunc") + ":build"
+    save_file(small_mlp().state_dict(), str(tmp_path / "sd.safetensors"))
+    data = (tmp_path / "sd.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(InputError) as exc:
+        load_source("cut.safetensors", model=spec)
+    assert message(exc).startswith("source cut.safetensors is not a valid safetensors file (")
 
 
 # ----------------------------------------------------------------------------- load_factory
