@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -96,9 +97,14 @@ def _weight_row_sums(weight: torch.Tensor, scale: torch.Tensor, zero_point: torc
     return sums.float() * scale.float().reshape(-1)
 
 
+_WARNINGS_LOCK = threading.Lock()
+
+
 def _quiet(fn, *args):
-    """Call a quantized-tensor op with its deprecation warnings kept from the user."""
-    with warnings.catch_warnings():
+    """Call a quantized-tensor op with its deprecation warnings kept from the user. The lock keeps
+    packing threads (`qlinear.pack_all`) from interleaving catch_warnings' save and restore of
+    the global filters."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args)
 
@@ -310,7 +316,7 @@ class _Fbgemm:
         self.rows = max(64, min(512, (1 << 21) // max(k, 1)))  # rows per chunk: <= ~8 MB of input
         self.bias = None if bias is None else bias.float()
         packed_bias = None if per_token or self.bias is None else self.bias  # per token: added after the rescale
-        self.packed = _quiet(torch.ops.quantized.linear_prepack, qw, packed_bias)
+        self.packed = torch.ops.quantized.linear_prepack(qw, packed_bias)  # releases the GIL
         self.wsum = _weight_row_sums(weight, scale, zero_point) if per_token else None
         self.reduce_range = _fbgemm_reduce_range()
         self.smooth = None if smooth is None else smooth.float()

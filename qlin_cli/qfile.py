@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import Granularity, QuantConfig
 from .errors import ConfigError, FormatError, OutputError
-from .qlinear import QuantizedLinear
+from .qlinear import QuantizedLinear, pack_all
 from .swap import QuantizeResult, find_linears, swap_module
 
 __all__ = [
@@ -422,6 +422,5 @@ def load_quantized(
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
         raise FormatError(f"{qf.path} does not fit the model: {lines[0] if lines else exc}") from None
     model.to(device)
-    for q in swapped:
-        q.pack(device)
+    pack_all(swapped, device)
     return model.eval()

@@ -185,3 +185,29 @@ def test_safetensors_writer_streams_a_file_safetensors_reads_back(tmp_path):
         assert entry["data_offsets"][0] % tensors[key].element_size() == 0, key
     with pytest.raises(OutputError, match="complex64.*cannot store"):
         safetensors_writer({"z": torch.zeros(2, dtype=torch.complex64)}, {})
+
+
+def test_load_packs_on_threads_with_the_same_results(tmp_path, digits_test):
+    """load_quantized packs layers on a thread pool: outputs bit-identical to packing one after
+    the other, and the process's warning filters are left as they were."""
+    import warnings
+
+    from qlin_cli.qlinear import QuantizedLinear, pack_all
+
+    inputs, _ = digits_test
+    result = quantize_model(load_encoder(), QuantConfig(kernel="fbgemm"))
+    path = save_quantized(result, tmp_path / "e.safetensors")
+    filters = list(warnings.filters)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pooled = load_quantized(load_encoder(), path)
+    finally:
+        torch.set_num_threads(threads)
+    assert warnings.filters == filters
+    single = load_quantized(load_encoder(), path)
+    layers = [m for m in single.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) > 2 and all(q.kernel.name == "fbgemm" for q in layers)
+    pack_all(layers)  # one worker per torch thread; with 1 thread the plain loop
+    with torch.inference_mode():
+        assert torch.equal(pooled(inputs[:64]), single(inputs[:64]))
