@@ -6,6 +6,8 @@ Exit codes: 0 ok, 1 a user error (one line on stderr, no traceback unless --debu
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import signal
 import sys
@@ -297,7 +299,16 @@ def main(argv: list[str] | None = None) -> None:
         err.print(message, markup=False, soft_wrap=True)
         code = EXIT_CODES.get(kind, 1)
 
+    # The work is done (outputs complete, or cleaned up): a Ctrl-C during the interpreter's
+    # teardown (~0.5 s with torch loaded, after Python has reset SIGINT to its default) would
+    # kill the process silently with -SIGINT instead of this exit code.
+    _ignore_sigint_at_exit()
     sys.exit(code or 0)
+
+
+@functools.cache
+def _ignore_sigint_at_exit() -> None:
+    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -97,25 +97,58 @@ def choose_qparams(
     return qparams_from_range(lo, hi, symmetric)
 
 
+# elements per block of rows in `quantize` and `weight_sqnr_db`: their float temporaries stay
+# ~1 MB whatever the layer's size (whole-tensor temporaries of a 3072x768 weight were ~40 MB,
+# which the allocator kept: BERT-base's `qlin quantize` peak RSS grew by ~50 MB)
+ROW_BLOCK = 1 << 18
+
+
+def _blocks(x: torch.Tensor) -> list:
+    """Index of each block of rows of `x` (about ROW_BLOCK elements), or `...` for a 0-dim `x`."""
+    if x.dim() == 0:
+        return [...]
+    step = max(1, ROW_BLOCK // max(1, x[0].numel())) if x.shape[0] else 1
+    return [slice(i, i + step) for i in range(0, x.shape[0], step)]
+
+
+def _rows(t: torch.Tensor, index) -> torch.Tensor:
+    """The part of a scale/zero point (`()` or one per row) for the rows at `index`."""
+    return t if t.dim() == 0 else t[index]
+
+
 def quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, symmetric: bool = True
 ) -> torch.Tensor:
     """int8 values of `x` (any float dtype, computed in float32) for a scale/zero point of shape
-    `()` or `(x.shape[0],)`. Symmetric results stay in [-127, 127]."""
+    `()` or `(x.shape[0],)`. Symmetric results stay in [-127, 127]. Computed in blocks of rows."""
     s = _expand(scale.float(), x.dim())
-    z = _expand(zero_point.to(torch.int32), x.dim())
+    z = _expand(zero_point.float(), x.dim())
+    shift = bool(z.any())
     lo = -SYM_QMAX if symmetric else QMIN
-    q = (x.float() / s).round_()  # one float temporary, changed in place
-    if bool(z.any()):
-        q.add_(z)
-    return q.clamp_(lo, QMAX).to(torch.int8)
+    out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    for i in _blocks(x):
+        q = (x[i].float() / _rows(s, i)).round_()  # one float temporary, changed in place
+        if shift:
+            q.add_(_rows(z, i))
+        out[i] = q.clamp_(lo, QMAX)  # integers in [-128, 127]: exact in int8
+    return out
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """float32 `s * (q - z)` with scale/zero point of shape `()` or `(q.shape[0],)`."""
     s = _expand(scale.float(), q.dim())
-    z = _expand(zero_point.to(torch.int32), q.dim())
-    return (q.to(torch.int32) - z).float() * s
+    out = q.float()  # the one temporary: q - z is exact in float32 (|q - z| <= 255)
+    if bool(zero_point.any()):
+        out.sub_(_expand(zero_point.float(), q.dim()))
+    return out.mul_(s)
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * math.log10(signal / noise)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -124,12 +157,24 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     large layer costs one temporary (the difference), not three."""
     ref = reference.detach().float()
     noise = float(torch.linalg.vector_norm(ref - approx.detach().float())) ** 2
-    signal = float(torch.linalg.vector_norm(ref)) ** 2
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 10.0 * math.log10(signal / noise)
+    return _db(float(torch.linalg.vector_norm(ref)) ** 2, noise)
+
+
+def weight_sqnr_db(
+    weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+    smooth: torch.Tensor | None = None,
+) -> float:
+    """`sqnr_db(weight, dequantize(q, scale, zero_point) [/ smooth])`, in blocks of rows: no
+    float copy of the whole weight."""
+    signal = noise = 0.0
+    for i in _blocks(q):
+        deq = dequantize(q[i], _rows(scale, i), _rows(zero_point, i))
+        if smooth is not None:
+            deq.div_(smooth.float())
+        ref = weight[i].detach().float()
+        noise += float(torch.linalg.vector_norm(deq.sub_(ref))) ** 2
+        signal += float(torch.linalg.vector_norm(ref)) ** 2
+    return _db(signal, noise)
 
 
 def row_ranges(x: torch.Tensor, per_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .calibrate import LayerCalibration, Progress, calibrate
 from .config import QuantConfig
 from .errors import ConfigError, InputError
-from .primitives import dequantize, sqnr_db
+from .primitives import sqnr_db, weight_sqnr_db
 from .qlinear import QuantizedLinear
 from .report import Inputs
 
@@ -261,10 +261,8 @@ def quantize_model(
                 input_qparams=cal.input_qparams,
                 smooth_scale=cal.smooth_scale,
             ).pack(device)
-            deq = dequantize(q.weight, q.weight_scale, q.weight_zero_point)
-            if cal.smooth_scale is not None:
-                deq = deq / cal.smooth_scale
-            rec.weight_sqnr_db = sqnr_db(effective.weight, deq)
+            rec.weight_sqnr_db = weight_sqnr_db(
+                effective.weight, q.weight, q.weight_scale, q.weight_zero_point, cal.smooth_scale)
             if cal.sample is not None:
                 rec.output_sqnr_db = sqnr_db(linear(cal.sample), q(cal.sample))
             rec.mode, rec.granularity, rec.symmetric = lc.mode, str(lc.granularity), lc.symmetric
@@ -279,7 +277,7 @@ def quantize_model(
             for path in [name, *aliases]:
                 model = swap_module(model, path, q)
             planned.pop(name), surrogates.pop(name)
-            del effective, deq
+            del effective
         else:
             rec.bytes_float, rec.bytes_int8 = _layer_bytes(linear, None)
         records.append(rec)

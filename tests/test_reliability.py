@@ -1031,3 +1031,21 @@ def test_verify_detects_swapped_tensors(digits_q, tmp_path, capsys):
     code, _, stderr = cli(capsys, "inspect", bad, "--verify")
     assert code == 1
     assert "does not match" in assert_one_error_line(stderr)
+
+
+def test_ctrl_c_during_teardown_keeps_the_exit_code(tmp_path):
+    """Once a command is done, a Ctrl-C during the interpreter's teardown (where Python has put
+    SIGINT back to its default action) must not kill the process silently: the CLI ignores
+    SIGINT from its exit on. Here a SIGINT is sent from the last exit callback."""
+    code = (
+        "import atexit, os, signal, sys, time\n"
+        "def late():\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
+        "    sys.stderr.write('survived\\n')\n"
+        "atexit.register(late)\n"
+        "from qlin_cli.cli import main\n"
+        "main(['inspect', sys.argv[1]])\n"
+    )
+    qfile = save_quantized(quantize_model(_mlp_with(0, "bias", (0,), 0.5)), tmp_path / "m.safetensors")
+    p = subprocess.run([sys.executable, "-c", code, str(qfile)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert p.returncode == 0 and p.stderr.strip().endswith("survived"), (p.returncode, p.stderr[-500:])
