@@ -143,7 +143,7 @@ def _weight_int8pack_missing(device_type: str, dtype: torch.dtype, k: int, n: in
 # Layers with fewer weights than this keep a float matmul under `auto` on CPU: the int8 kernel's
 # fixed costs (per-token quantization and rescaling are a dozen small ops) outweigh the matmul
 # itself. The bound is where int8 reaches float's speed at 16 tokens (benchmarks/RESULTS.md,
-# "kernels-small": per-token 0.97-1.09x at 2**17 weights, 0.29-0.59x at 2**16; static 1.29-1.35x
+# "kernels-small": per-token 1.03-1.11x at 2**17 weights, 0.65-0.69x at 2**16; static 1.29-1.35x
 # at 2**16, 0.65x at 2**14). At 1 token float stays faster up to ~512x512; from 128 tokens int8
 # wins from ~2**16 weights: no bound suits every batch, and the choice may not depend on it.
 SMALL_LAYER = {"dynamic": 1 << 17, "static": 1 << 16}
