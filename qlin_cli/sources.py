@@ -182,11 +182,18 @@ def _unpickling_detail(exc: Exception) -> str:
     return lines[0][:160] if lines else "unsupported content"
 
 
+_BAD_SAFETENSORS = (SafetensorError, OSError, ValueError, RuntimeError)
+
+
+def _not_safetensors(what: str, path: Path, exc: BaseException) -> InputError:
+    return InputError(f"{what} {path} is not a valid safetensors file ({_one_line(exc)})")
+
+
 def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{what} {path} is not a valid safetensors file ({_one_line(exc)})") from None
+    except _BAD_SAFETENSORS as exc:
+        raise _not_safetensors(what, path, exc) from None
 
 
 def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -244,22 +251,21 @@ def _read_into(f, start: int, buf: memoryview) -> None:
 
 
 def _fill_from_safetensors(model: nn.Module, path: Path, spec: str) -> None:
-    """Read the safetensors state dict at `path` straight into `model`'s own tensors, one at a
-    time, so that loading needs no memory beyond the model (load_file + load_state_dict held the
-    whole state dict besides it: +1x the model). The header is validated by safetensors first;
-    a tensor of another dtype than the model's is read aside and converted, as load_state_dict
-    does."""
-    from safetensors import safe_open
-
+    """Read the safetensors state dict at `path` (its header already validated by safetensors,
+    in `_reject_qlin_file`) straight into `model`'s own tensors, one at a time, so that loading
+    needs no memory beyond the model (load_file + load_state_dict held the whole state dict
+    besides it: +1x the model). A tensor of another dtype than the model's is read aside and
+    converted, as load_state_dict does."""
     from .qfile import SAFETENSORS_DTYPES, tensor_bytes
 
     by_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     targets = model.state_dict(keep_vars=True)
     try:
-        with safe_open(path, framework="pt") as st, open(path, "rb", buffering=0) as f:
-            _check_keys(targets, st.keys(), path, spec)
+        with open(path, "rb", buffering=0) as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            _check_keys(targets, header, path, spec)
             for key, target in targets.items():
                 t, entry = target.detach(), header[key]
                 if list(t.shape) != entry["shape"]:
@@ -269,15 +275,18 @@ def _fill_from_safetensors(model: nn.Module, path: Path, spec: str) -> None:
                     )
                 dtype = by_name.get(entry["dtype"])
                 if dtype is None:  # a dtype qlin does not read itself
-                    t.copy_(st.get_tensor(key))
+                    from safetensors import safe_open
+
+                    with safe_open(path, framework="pt") as st:
+                        t.copy_(st.get_tensor(key))
                     continue
                 direct = dtype == t.dtype and t.is_contiguous() and t.device.type == "cpu"
                 buf = t if direct else torch.empty(entry["shape"], dtype=dtype)
                 _read_into(f, 8 + n + entry["data_offsets"][0], tensor_bytes(buf))
                 if not direct:
                     t.copy_(buf)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"source {path} is not a valid safetensors file ({_one_line(exc)})") from None
+    except _BAD_SAFETENSORS as exc:
+        raise _not_safetensors("source", path, exc) from None
 
 
 def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[Any, str]:
@@ -313,43 +322,39 @@ def load_source(
 
         return load_hf_folder(path, model=model)
     if path.suffix == ".safetensors" and model is not None:
-        _reject_qlin_file_safely(path)
-        built = _build(model)
+        _reject_qlin_file(path)  # also validates the header, before the model is built
+        built, kind = _build(model), "safetensors state dict"
         if _plain_loading(built):
             _fill_from_safetensors(built, path, model)
         else:
             _load_state(built, _read_safetensors(path, "source"), path, model)
-        built.eval()
-        return Source(built, path, "safetensors state dict", file_sha256(path), path.stat().st_size)
-    obj, kind = read_checkpoint(path, trust_pickle=trust_pickle)
-    if isinstance(obj, nn.Module):
-        built = obj
     else:
-        if model is None:
-            raise InputError(
-                f"{path} is a state dict ({len(obj)} tensors): pass --model package.module:factory "
-                "to say which architecture it belongs to"
-            )
-        built = _build(model)
-        _load_state(built, obj, path, model)
+        obj, kind = read_checkpoint(path, trust_pickle=trust_pickle)
+        if isinstance(obj, nn.Module):
+            built = obj
+        else:
+            if model is None:
+                raise InputError(
+                    f"{path} is a state dict ({len(obj)} tensors): pass --model package.module:factory "
+                    "to say which architecture it belongs to"
+                )
+            built = _build(model)
+            _load_state(built, obj, path, model)
     built.eval()
     return Source(built, path, kind, file_sha256(path), path.stat().st_size)
 
 
-def _reject_qlin_file_safely(path: Path) -> None:
-    """_reject_qlin_file, with an unreadable file reported as one."""
-    try:
-        _reject_qlin_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"source {path} is not a valid safetensors file ({_one_line(exc)})") from None
-
-
 def _reject_qlin_file(path: Path) -> None:
+    """Refuse a qlin file as a float source, and a file safetensors cannot open."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
-        if (f.metadata() or {}).get("format") == "qlin":
-            raise InputError(f"{path} is already a qlin int8 file; pass the float checkpoint")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except _BAD_SAFETENSORS as exc:
+        raise _not_safetensors("source", path, exc) from None
+    if metadata.get("format") == "qlin":
+        raise InputError(f"{path} is already a qlin int8 file; pass the float checkpoint")
 
 
 def load_tensors(path: str | Path, what: str = "inputs") -> torch.Tensor | dict[str, torch.Tensor]:
