@@ -15,6 +15,7 @@ Not a benchmark itself and not a test. It holds:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime as _dt
 import gc
@@ -278,6 +279,35 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr, so that stdout carries only the Markdown a script prints."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def script_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: --threads, --quick, --no-peers, --no-md, --out."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--no-md", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument("--out", help="JSON output path")
+    return p
+
+
+def publish(result: dict, markdown: Callable[[dict], str], out_path: Path, section: str | None,
+            start: float) -> None:
+    """Finish a run: record its time, write the JSON, render `markdown(result)`, rewrite its
+    RESULTS.md `section` with it (None: leave RESULTS.md alone) and print it."""
+    result["elapsed_s"] = time.perf_counter() - start
+    write_json(out_path, result)
+    md = markdown(result)
+    if section:
+        update_results_md(section, md)
+    print(md)
+    log(f"done in {result['elapsed_s']:.0f} s; wrote {out_path}" + (" and benchmarks/RESULTS.md" if section else ""))
 
 
 def write_json(path: Path, data: dict) -> None:

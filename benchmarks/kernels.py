@@ -58,7 +58,6 @@ This is a script run by hand, never a test.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -442,17 +441,12 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="one shape, 2 token counts, short budget (< 1 min)")
+    p = common.script_parser(__doc__, "one shape, 2 token counts, short budget (< 1 min)")
     p.add_argument("--shapes", help="e.g. 768x768,4096x4096 (in x out)")
     p.add_argument("--tokens", help="e.g. 1,16,128")
     p.add_argument("--budget", type=float, help="seconds of timing per method per configuration")
-    p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-outliers", action="store_true", help="skip the trained-looking input set")
-    p.add_argument("--no-md", action="store_true", help="do not update benchmarks/RESULTS.md")
     p.add_argument("--md-section", default="kernels", help="the RESULTS.md section to (re)write (default: kernels)")
-    p.add_argument("--out", help="JSON output path")
     p.add_argument("--max-wait", type=float, help="seconds to wait, before each configuration, for other "
                    "processes to leave the CPUs (default 60, quick 5)")
     args = p.parse_args(argv)
@@ -469,9 +463,7 @@ def main(argv=None) -> int:
     write_md = not args.no_md and not args.quick
     max_wait = args.max_wait if args.max_wait is not None else (5.0 if args.quick else 60.0)
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
+    log = common.log
     start = time.perf_counter()
     result = {
         "machine": common.machine_info(args.threads),
@@ -515,13 +507,7 @@ def main(argv=None) -> int:
                         f"(x{de.get('speedup_vs_float') or float('nan'):.2f}, {de.get('sqnr_db', float('nan')):.1f} dB) "
                         f"[{time.perf_counter() - t0:.1f} s]")
                 del fns
-    result["elapsed_s"] = time.perf_counter() - start
-    common.write_json(out_path, result)
-    md = markdown(result)
-    if write_md:
-        common.update_results_md(args.md_section, md)
-    print(md)
-    log(f"done in {result['elapsed_s']:.0f} s; wrote {out_path}" + (" and benchmarks/RESULTS.md" if write_md else ""))
+    common.publish(result, markdown, out_path, args.md_section if write_md else None, start)
     return 0
 
 

@@ -12,14 +12,14 @@ Takes about 10 s on 2 cores.
 
 import argparse
 import gc
-import resource
 
 import torch
 import torch.nn as nn
+from common import peak_rss_bytes  # the script's folder is on sys.path when it runs
 
 
 def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_bytes() / 2**20
 
 
 def main() -> None:

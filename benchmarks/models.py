@@ -576,9 +576,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="encoder + BERT at batch 1, no cost run (~1 min)")
+    p = common.script_parser(__doc__, "encoder + BERT at batch 1, no cost run (~1 min)")
     p.add_argument("--models", default="encoder,bert")
     p.add_argument("--batches", help="default 1,32 (quick: 1)")
     p.add_argument("--seq", type=int, default=128)
@@ -587,11 +585,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-call-s", type=float, help="do not time a method whose call takes (or, from a smaller "
                    "batch, is estimated to take) more than this many seconds (default 20, quick 2)")
     p.add_argument("--max-wait", type=float, help="seconds to wait for other processes to leave the CPUs before each timing (default 30, quick 5)")
-    p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-ort", action="store_true")
     p.add_argument("--no-cost", action="store_true", help="skip the BERT quantize/RSS/load measurement")
-    p.add_argument("--no-md", action="store_true")
-    p.add_argument("--out")
     p.add_argument("--child-cost", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -609,9 +604,7 @@ def main(argv=None) -> int:
     write_md = not args.no_md and not args.quick
     do_cost = not args.no_cost and not args.quick
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
+    log = common.log
     start = time.perf_counter()
     result: dict[str, Any] = {
         "machine": common.machine_info(args.threads),
@@ -654,13 +647,7 @@ def main(argv=None) -> int:
             result["models"][mname] = mres
             del models, spec
             gc.collect()
-    result["elapsed_s"] = time.perf_counter() - start
-    common.write_json(out_path, result)
-    md = markdown(result)
-    if write_md:
-        common.update_results_md("models", md)
-    print(md)
-    log(f"done in {result['elapsed_s']:.0f} s; wrote {out_path}" + (" and benchmarks/RESULTS.md" if write_md else ""))
+    common.publish(result, markdown, out_path, "models" if write_md else None, start)
     return 0
 
 
