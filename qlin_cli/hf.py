@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError, InputError
-from .sources import Source, file_sha256
+from .sources import Source, _one_line, file_sha256
 
 __all__ = ["is_hf_folder", "weight_files", "load_hf_folder", "hf_probe_inputs", "HF_KIND"]
 
@@ -91,11 +91,6 @@ def _import_transformers() -> Any:
     except ImportError:
         raise InputError(f"loading a Hugging Face model folder needs transformers: {INSTALL_HINT}") from None
     return transformers
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 class _Quiet:

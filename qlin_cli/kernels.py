@@ -5,7 +5,7 @@ Kernels (weights `(N, K)` int8 = `(out_features, in_features)`, activations `x` 
 
 | name          | activations                        | op                                   | devices   |
 |---------------|------------------------------------|--------------------------------------|-----------|
-| `int_mm`      | int8, symmetric, per token/tensor  | `torch._int_mm` (int32 accumulation) | CPU, CUDA |
+| `int_mm`      | int8: dynamic asymmetric (scale and offset) per token/tensor, or static | `torch._int_mm` (int32 accumulation) | CPU, CUDA |
 | `fbgemm`      | uint8: per token (rows normalized), per tensor (batch-dependent), or static | prepacked fbgemm ops | CPU |
 | `weight_only` | float                              | `torch._weight_int8pack_mm`          | CPU, CUDA |
 | `dequant`     | float                              | `F.linear` on dequantized weights    | any       |
@@ -280,7 +280,7 @@ class _IntMM:
         else:
             y.mul_(a)
             y.mul_(self.scale)
-            y.add_(c * self.wsum)
+            y.addcmul_(c, self.wsum)  # (M, 1) x (N,): no (M, N) temporary
         if self.bias is not None:
             y.add_(self.bias)
         return y if x.dtype == torch.float32 else y.to(x.dtype)

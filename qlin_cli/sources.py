@@ -233,7 +233,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, sp
 def _plain_loading(model: nn.Module) -> bool:
     """True if no module of `model` customizes how its state dict loads (hooks, or its own
     `_load_from_state_dict`), so that filling its tensors in place is what load_state_dict does."""
-    return not model._load_state_dict_pre_hooks and all(
+    return all(
         type(m)._load_from_state_dict is nn.Module._load_from_state_dict
         and not m._load_state_dict_pre_hooks and not m._load_state_dict_post_hooks
         for m in model.modules()

@@ -128,7 +128,7 @@ AFFINE_MIN_SQNR_DB = {torch.float32: 80.0, torch.float64: 80.0}  # others (half)
 
 
 @torch.no_grad()
-def affine_surrogate(module: nn.Linear, name: str) -> tuple[nn.Linear | None, str]:
+def affine_surrogate(module: nn.Linear) -> tuple[nn.Linear | None, str]:
     """A plain nn.Linear computing what `module` computes in eval mode, or (None, why not).
 
     For an nn.Linear subclass that overrides forward (e.g. output scaled by 1/fan_in, or by a
@@ -229,7 +229,7 @@ def quantize_model(
     surrogates, notes = {}, {}
     for name, linear, _, _ in linears:
         if not reasons[name]:
-            surrogates[name], notes[name] = affine_surrogate(linear, name)
+            surrogates[name], notes[name] = affine_surrogate(linear)
             if surrogates[name] is None:
                 reasons[name] = notes.pop(name)
     planned = {name: (linear, config.for_layer(name)) for name, linear, _, _ in linears if not reasons[name]}
