@@ -165,7 +165,7 @@ def build_methods(lin: nn.Linear, calib: torch.Tensor, workdir: Path, peers: boo
     for name, build in builders.items():
         t0 = time.perf_counter()
         try:
-            fns[name] = build()
+            fns[name] = build()[0]  # the bare layer, called like float and qlin's (no Sequential)
             info[name] = {"kernel": "peer", "build_s": time.perf_counter() - t0}
         except Unavailable as exc:
             info[name] = {"unavailable": str(exc)}
