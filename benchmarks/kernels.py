@@ -117,8 +117,8 @@ def make_input(m: int, k: int, seed: int, outliers: bool) -> torch.Tensor:
 def static_qparams(calib: torch.Tensor):
     """Per-tensor asymmetric activation scale/zero point, as qlin's calibration derives them
     (minmax observer over the calibration inputs)."""
-    from qlin_cli.config import PER_TENSOR
     from qlin_cli.observers import make_observer
+    from qlin_cli.scheme import PER_TENSOR
 
     obs = make_observer("minmax", PER_TENSOR, axis=1, what="calibration input")
     obs.update(calib)
@@ -127,7 +127,7 @@ def static_qparams(calib: torch.Tensor):
 
 def build_methods(lin: nn.Linear, calib: torch.Tensor, workdir: Path, peers: bool, log) -> tuple[dict, dict]:
     """name -> callable(x), and name -> info (kernel, reason, build seconds, or unavailable)."""
-    from qlin_cli import PER_CHANNEL, QuantConfig, QuantizedLinear, quantize_model
+    from qlin_cli import PER_CHANNEL, LayerScheme, QuantConfig, QuantizedLinear, quantize_model
 
     fns: dict = {"float": lin}
     info: dict = {"float": {"kernel": "nn.Linear (float32)"}}
@@ -135,10 +135,9 @@ def build_methods(lin: nn.Linear, calib: torch.Tensor, workdir: Path, peers: boo
     for name, (mode, act, kernel, static) in QLIN_METHODS.items():
         t0 = time.perf_counter()
         try:
-            q = QuantizedLinear.from_float(
-                lin, mode=mode, granularity=PER_CHANNEL, symmetric=True, act_granularity=act,
-                kernel=kernel, input_qparams=qparams if static else None,
-            ).pack("cpu")
+            scheme = LayerScheme(mode=mode, granularity=PER_CHANNEL, symmetric=True, act_granularity=act,
+                                 kernel=kernel)
+            q = QuantizedLinear.from_float(lin, scheme, input_qparams=qparams if static else None).pack("cpu")
             fns[name] = q
             info[name] = {"kernel": q.kernel.name, "reason": q.kernel.reason,
                           "batch_invariant": q.kernel.batch_invariant, "build_s": time.perf_counter() - t0}
@@ -149,8 +148,8 @@ def build_methods(lin: nn.Linear, calib: torch.Tensor, workdir: Path, peers: boo
         res = quantize_model(nn.Sequential(copy.deepcopy(lin)), QuantConfig())
         rec = res.layers[0]
         fns[AUTO_METHOD] = res.model[0] if isinstance(res.model, nn.Sequential) else res.model
-        info[AUTO_METHOD] = {"kernel": rec.kernel or f"float ({rec.status}: {rec.reason})",
-                             "reason": rec.kernel_reason or rec.reason, "build_s": time.perf_counter() - t0}
+        info[AUTO_METHOD] = {"kernel": rec.kernel or f"float ({rec.status}: {rec.plan.reason})",
+                             "reason": rec.kernel_reason or rec.plan.reason, "build_s": time.perf_counter() - t0}
     except Exception as exc:
         info[AUTO_METHOD] = {"unavailable": short_error(exc)}
     if not peers:

@@ -12,9 +12,10 @@ __version__ = "0.1.0"
 # The public names load on first use (PEP 562), so that `qlin` can start, and be interrupted,
 # before torch is imported.
 _EXPORTS = {
-    "Granularity": "config", "PER_TENSOR": "config", "PER_CHANNEL": "config", "QuantConfig": "config",
-    "QlinError": "errors", "QuantizedLinear": "qlinear", "QuantizeResult": "swap",
-    "quantize_model": "swap", "save_quantized": "qfile", "load_quantized": "qfile", "read_qfile": "qfile",
+    "Granularity": "scheme", "PER_TENSOR": "scheme", "PER_CHANNEL": "scheme", "PER_TOKEN": "scheme",
+    "LayerScheme": "scheme", "QuantConfig": "config",
+    "QlinError": "errors", "QuantizedLinear": "qlinear", "QuantizeResult": "quantize",
+    "quantize_model": "quantize", "save_quantized": "qfile", "load_quantized": "qfile", "read_qfile": "qfile",
 }
 
 
@@ -31,6 +32,8 @@ __all__ = [
     "Granularity",
     "PER_TENSOR",
     "PER_CHANNEL",
+    "PER_TOKEN",
+    "LayerScheme",
     "QuantConfig",
     "QlinError",
     "QuantizedLinear",

@@ -1,11 +1,13 @@
-"""The three jobs of the command line as Python functions that return report dicts:
-`quantize_checkpoint`, `inspect_path`, `evaluate_checkpoint`. The CLI only parses and renders.
+"""The three jobs of the command line as Python functions that return typed reports:
+`quantize_checkpoint` (taking one `QuantizeOptions`), `inspect_path`, `evaluate_checkpoint`.
+The CLI only checks its flags, calls one of them and renders the report.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +15,59 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from .config import PER_CHANNEL, PER_TENSOR, Granularity, QuantConfig
+from .config import QuantConfig
+from .data import batches, first_tensor, median_latency_ms, num_samples, run_model
 from .errors import ConfigError, InputError
-from .kernels import select_kernel
-from .qfile import FORMAT, check_output, load_quantized, read_qfile, save_quantized
-from .qlinear import QuantizedLinear
-from .report import compare_outputs, first_tensor, median_latency_ms, num_samples, run_model, batches
-from .sources import check_file, check_source, load_source, load_tensors, read_checkpoint
+from .export import CT_FORMAT, FORMATS, check_exportable, save_compressed_tensors
 from .fallback import quantize_to_target
-from .swap import Progress, find_linears, quantize_model
-from .export import CT_FORMAT, FORMATS, check_output_dir, save_compressed_tensors
+from .files import check_file, check_output, check_output_dir
 from .hf import HF_KIND, hf_probe_inputs
+from .kernels import select_kernel
+from .plan import find_linears, make_plan
+from .qfile import FORMAT, load_quantized, read_qfile, save_quantized
+from .qlinear import QuantizedLinear
+from .quantize import Progress, quantize_model
+from .report import EvalReport, FloatInspectReport, InspectReport, QuantizeReport, compare_outputs, write_report
+from .sources import check_source, load_source, load_tensors, read_checkpoint
 
-__all__ = ["quantize_checkpoint", "inspect_path", "evaluate_checkpoint", "default_output", "check_device"]
+__all__ = [
+    "QuantizeOptions", "quantize_checkpoint", "inspect_path", "evaluate_checkpoint", "default_output", "check_device",
+]
 
 PROBE_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How `quantize_checkpoint` runs, besides the source and the config (what to compute).
+
+    output: the qlin file (or compressed-tensors folder) to write; default beside the source.
+    format: "qlin" or "compressed-tensors".
+    force: replace existing outputs.
+    report: also write the report as JSON here and as Markdown beside it (`.md`).
+    model: the architecture of a state dict, `package.module:factory` or `file.py:factory`.
+    trust_pickle: unpickle a module with classes of its own (runs code from the file).
+    inputs: the probe batch for the model-level error (default: random inputs that fit).
+    calib: calibration data (static mode and SmoothQuant need it); its first `calib_samples`.
+    batch_size: samples per calibration forward pass.
+    min_sqnr: keep the most sensitive layers float until the output SQNR (dB) on `eval_inputs`
+        (default: the calibration data) reaches it.
+    device: where to pack and run ("cpu" or "cuda").
+    """
+
+    output: str | Path | None = None
+    format: str = "qlin"
+    force: bool = False
+    report: str | Path | None = None
+    model: str | None = None
+    trust_pickle: bool = False
+    inputs: str | Path | None = None
+    calib: str | Path | None = None
+    calib_samples: int | None = None
+    batch_size: int = 32
+    min_sqnr: float | None = None
+    eval_inputs: str | Path | None = None
+    device: str = "cpu"
 
 
 def default_output(source: Path, format: str = "qlin") -> Path:
@@ -42,9 +82,9 @@ def default_output(source: Path, format: str = "qlin") -> Path:
 def check_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available on this machine")
+        raise ConfigError("`device` cuda: CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device}: use cpu or cuda")
+        raise ConfigError(f"`device` {device}: use cpu or cuda")
     return dev
 
 
@@ -64,83 +104,72 @@ def _probe_inputs(model: nn.Module, inputs_path: Path | None) -> tuple[Any, str]
     return torch.randn(8, in_features, generator=gen), f"a random normal batch (8, {in_features})"
 
 
-def _layer_rows(records) -> list[dict]:
-    rows = []
-    for r in records:
-        d = r.to_dict()
-        d["weight_shape"] = [r.out_features, r.in_features]
-        d["scale_shape"] = (
-            list(Granularity(r.granularity).scale_shape((r.out_features, r.in_features)))
-            if r.status == "quantized" else None
-        )
-        rows.append(d)
-    return rows
+def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -> tuple[Path, Path | None]:
+    """Everything that can be checked before a model is loaded; the output path and the report
+    path."""
+    report = None if o.report is None else Path(o.report)
+    if report is not None:
+        if report.suffix == ".md":
+            raise ConfigError(
+                f"`report` {report}: give the JSON path (e.g. report.json); the Markdown twin is written beside it as .md"
+            )
+        for p in (report, report.with_suffix(".md")):
+            check_output(p, force=o.force, inputs=(Path(source_path),))
+    if o.format not in FORMATS:
+        raise ConfigError(f"`format` {o.format!r}: use one of {', '.join(FORMATS)}")
+    source_path = check_source(source_path)
+    output = Path(o.output) if o.output is not None else default_output(source_path, o.format)
+    if o.format == CT_FORMAT:
+        data = (Path(p) for p in (o.inputs, o.calib, o.eval_inputs) if p)
+        check_output_dir(output, force=o.force, inputs=(source_path, *data))
+    else:
+        check_output(output, force=o.force, inputs=(source_path,))
+    check_device(o.device)
+    if o.batch_size < 1 or (o.calib_samples is not None and o.calib_samples < 1):
+        raise ConfigError("`batch_size` and `calib_samples` must be at least 1")
+    need = next((s for s in config.schemes() if s.needs_calibration), None)
+    if need is not None and o.calib is None:
+        what = "static mode" if need.static else "SmoothQuant (`smooth`)"
+        raise ConfigError(f"{what} needs calibration data: pass `calib` FILE (inputs the model takes)")
+    if o.inputs is not None:
+        check_file(o.inputs, "inputs")
+    if o.calib_samples is not None and o.calib is None:
+        raise ConfigError("`calib_samples` needs `calib` FILE")
+    if o.min_sqnr is not None and o.eval_inputs is None and o.calib is None:
+        raise ConfigError("`min_sqnr` measures the model on data: pass `eval_inputs` FILE or `calib` FILE")
+    return output, report
 
 
 @torch.no_grad()
 def quantize_checkpoint(
     source_path: str | Path,
-    output: str | Path | None = None,
     config: QuantConfig | None = None,
+    options: QuantizeOptions | None = None,
     *,
-    model: str | None = None,
-    trust_pickle: bool = False,
-    inputs: str | Path | None = None,
-    calib: str | Path | None = None,
-    calib_samples: int | None = None,
-    batch_size: int = 32,
-    min_sqnr: float | None = None,
-    eval_inputs: str | Path | None = None,
-    device: str = "cpu",
-    force: bool = False,
-    format: str = "qlin",
     progress: Progress | None = None,
     calib_progress: Progress | None = None,
-) -> dict:
-    """Load a float checkpoint (or a Hugging Face model folder), quantize it, write the qlin file
-    (or, with `format="compressed-tensors"`, a compressed-tensors model folder) and return the
-    report.
-
-    `inputs` is the probe batch for the model-level error; `calib` the calibration data
-    (static mode and SmoothQuant need it), of which the first `calib_samples` are used.
-    `min_sqnr` keeps the most sensitive layers in float until the output SQNR on `eval_inputs`
-    (or on the calibration data) reaches it.
-    """
-    config = config or QuantConfig()
-    if format not in FORMATS:
-        raise ConfigError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
-    source_path = check_source(source_path)
-    output = Path(output) if output is not None else default_output(source_path, format)
-    if format == CT_FORMAT:
-        if config.smooth is not None:
-            raise ConfigError(
-                "--format compressed-tensors cannot express SmoothQuant (no per-input-channel factor): drop --smooth"
-            )
-        check_output_dir(output, force=force, inputs=(source_path, *(Path(p) for p in (inputs, calib, eval_inputs) if p)))
-    else:
-        check_output(output, force=force, inputs=(source_path,))
-    dev = check_device(device)
-    if batch_size < 1 or (calib_samples is not None and calib_samples < 1):
-        raise ConfigError("--batch-size and --calib-samples must be at least 1")
-    if config.needs_calibration and calib is None:
-        what = "static mode" if config.mode == "static" else "SmoothQuant (--smooth)"
-        raise ConfigError(f"{what} needs calibration data: pass --calib FILE (inputs the model takes)")
-    if inputs is not None:
-        inputs = check_file(inputs, "inputs")
-    if calib_samples is not None and calib is None:
-        raise ConfigError("--calib-samples needs --calib FILE")
-    if min_sqnr is not None and eval_inputs is None and calib is None:
-        raise ConfigError("--min-sqnr measures the model on data: pass --eval-inputs FILE or --calib FILE")
+) -> QuantizeReport:
+    """Load a float checkpoint (or a Hugging Face model folder), quantize it under `config`,
+    write the qlin file (or a compressed-tensors model folder) and, if asked, the report files;
+    return the report. Everything that can be checked is checked before the model is loaded,
+    and whatever depends on the layers' schemes is checked on the plan before calibration."""
+    config, o = config or QuantConfig(), options or QuantizeOptions()
+    output, report_path = _check_options(Path(source_path), config, o)
+    source_path, dev = check_source(source_path), check_device(o.device)
+    inputs = None if o.inputs is None else check_file(o.inputs, "inputs")
     calib_data = None
-    if calib is not None:
-        calib_data = load_tensors(calib, "calibration data")
-        if calib_samples is not None:
-            calib_data = next(batches(calib_data, calib_samples))
+    if o.calib is not None:
+        calib_data = load_tensors(o.calib, "calibration data")
+        if o.calib_samples is not None:
+            calib_data = next(batches(calib_data, o.calib_samples))
         calib_data = _to_device(calib_data, dev)
-    source = load_source(source_path, model=model, trust_pickle=trust_pickle)
+    source = load_source(source_path, model=o.model, trust_pickle=o.trust_pickle)
     float_model = source.model.to(dev)
     if not find_linears(float_model):
         raise InputError(f"{source_path}: the model has no nn.Linear layer to quantize")
+    plan = make_plan(float_model, config)
+    if o.format == CT_FORMAT:
+        check_exportable(plan)
     probe, description = _probe_inputs(float_model, inputs)
     probe = _to_device(probe, dev)
     try:
@@ -151,53 +180,39 @@ def quantize_checkpoint(
         if inputs is not None:
             raise
         reference, compared, probe_note = None, None, f"{exc}; pass --inputs FILE to measure it"
-    common = dict(calib=calib_data, batch_size=batch_size, device=dev, progress=progress, calib_progress=calib_progress)
-    if min_sqnr is None:
-        result = quantize_model(float_model, config, **common)
+    run = dict(calib=calib_data, batch_size=o.batch_size, device=dev, progress=progress,
+               calib_progress=calib_progress, plan=plan)
+    if o.min_sqnr is None:
+        result = quantize_model(float_model, config, **run)
     else:
-        data = calib_data if eval_inputs is None else _to_device(load_tensors(eval_inputs, "eval inputs"), dev)
-        result = quantize_to_target(float_model, config, min_sqnr_db=min_sqnr, eval_inputs=data, **common)
+        data = calib_data if o.eval_inputs is None else _to_device(load_tensors(o.eval_inputs, "eval inputs"), dev)
+        result = quantize_to_target(float_model, config, min_sqnr_db=o.min_sqnr, eval_inputs=data, **run)
     probe_report: dict[str, Any] = {"description": description, "compared": compared, "note": probe_note}
     if reference is not None:
         out, _ = first_tensor(run_model(result.model, probe, "int8 model"))
         probe_report.update(compare_outputs(reference, out))
-    if format == CT_FORMAT:
+    if o.format == CT_FORMAT:
         hf_folder = source_path if source.kind.startswith(HF_KIND) else None
-        save_compressed_tensors(result, output, force=force, source_dir=hf_folder,
+        save_compressed_tensors(result, output, force=o.force, source_dir=hf_folder,
                                 source_name=source_path.name, source_sha256=source.sha256)
         size_out = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
     else:
-        save_quantized(result, output, force=force, source_name=source_path.name, source_sha256=source.sha256)
+        save_quantized(result, output, force=o.force, source_name=source_path.name, source_sha256=source.sha256)
         size_out = output.stat().st_size
-    rows = _layer_rows(result.layers)
-    quantized = result.quantized
-    return {
-        "source": str(source_path),
-        "source_kind": source.kind,
-        "output": str(output),
-        "format": format,
-        "config": result.config.to_dict(),
-        "device": str(dev),
-        "calibration": None if calib is None else {
-            "file": str(calib), "samples": num_samples(calib_data), "batch_size": batch_size,
+    report = QuantizeReport(
+        source=str(source_path), source_kind=source.kind, output=str(output), format=o.format,
+        config=result.config, device=str(dev),
+        calibration=None if o.calib is None else {
+            "file": str(o.calib), "samples": num_samples(calib_data), "batch_size": o.batch_size,
             # without static layers or SmoothQuant, the data only measures each layer's output SQNR
-            "used_for": "calibration" if config.needs_calibration else "measuring the first batch",
+            "used_for": "calibration" if plan.calibration_need() else "measuring the first batch",
         },
-        "layers": rows,
-        "probe": probe_report,
-        "fallback": result.fallback,
-        "totals": {
-            "layers_total": len(rows),
-            "layers_quantized": len(quantized),
-            "layers_skipped": len(rows) - len(quantized),
-            "linear_bytes_float": sum(r["bytes_float"] for r in rows),
-            "linear_bytes_int8": sum(r["bytes_int8"] for r in rows),
-            "size_float_bytes": source.size_bytes,
-            "size_int8_bytes": size_out,
-            "compression": source.size_bytes / size_out,
-            "kernels": dict(sorted(Counter(r.kernel for r in quantized).items())),
-        },
-    }
+        layers=result.layers, probe=probe_report, fallback=result.fallback,
+        size_float_bytes=source.size_bytes, size_int8_bytes=size_out,
+    )
+    if report_path is not None:
+        write_report(report, report_path, force=o.force)
+    return report
 
 
 def _to_device(inputs: Any, dev: torch.device) -> Any:
@@ -220,7 +235,7 @@ def _metadata(path: Path) -> dict[str, str]:
 def inspect_path(
     path: str | Path, *, model: str | None = None, trust_pickle: bool = False, device: str = "cpu",
     verify: bool = False,
-) -> dict:
+) -> InspectReport | FloatInspectReport:
     """Describe a qlin file (metadata, every layer's tensors and this machine's kernel) or a
     float checkpoint (its Linear layers and the scale shape each would get). `verify` also
     recomputes a qlin file's payload sha256 (a mismatch is a FormatError)."""
@@ -228,45 +243,33 @@ def inspect_path(
     dev = check_device(device)
     is_qlin = _metadata(path).get("format") == FORMAT
     if verify and not is_qlin:
-        raise ConfigError(f"--verify checks qlin files; {path} is not one")
+        raise ConfigError(f"`verify` checks qlin files; {path} is not one")
     if is_qlin:
         qf = read_qfile(path, verify=verify)
         layers = []
-        for e in qf.plan:
+        for e in qf.plan.entries:
             row: dict[str, Any] = {
-                "name": e["name"], "status": e["status"], "reason": e.get("reason", ""),
-                "weight_shape": [e["out_features"], e["in_features"]], "aliases": e["aliases"],
+                "name": e.name, "status": e.status, "reason": e.reason,
+                "weight_shape": [e.out_features, e.in_features], "aliases": list(e.aliases),
             }
-            if e["status"] == "quantized":
-                scale = qf.tensors[f"{e['name']}.weight_scale"]
-                zp = qf.tensors[f"{e['name']}.weight_zero_point"]
-                choice = select_kernel(
-                    request=e["kernel_request"], mode=e["mode"], act_granularity=e["act_granularity"],
-                    device=dev, dtype=getattr(torch, e.get("dtype", "float32")),
-                    in_features=e["in_features"], out_features=e["out_features"],
-                )
+            if e.scheme is not None:
+                scale, zp = qf.tensors[f"{e.name}.weight_scale"], qf.tensors[f"{e.name}.weight_zero_point"]
+                choice = select_kernel(e.scheme, device=dev, dtype=e.torch_dtype,
+                                       in_features=e.in_features, out_features=e.out_features)
                 row.update(
-                    weight_dtype=str(qf.tensors[f"{e['name']}.weight"].dtype).removeprefix("torch."),
-                    scale_shape=list(scale.shape), zero_point_shape=list(zp.shape),
-                    granularity=e["granularity"], symmetric=e["symmetric"], mode=e["mode"],
-                    act_granularity=e["act_granularity"], kernel_request=e["kernel_request"],
+                    weight_dtype=str(qf.tensors[f"{e.name}.weight"].dtype).removeprefix("torch."),
+                    scale_shape=list(scale.shape), zero_point_shape=list(zp.shape), **e.scheme.to_dict(),
                     scale_min=float(scale.min()), scale_max=float(scale.max()),
-                    kernel=choice.name, kernel_reason=choice.reason,
-                    batch_invariant=choice.batch_invariant,
-                    weight_observer=e.get("weight_observer"), observer=e.get("observer"), smooth=e.get("smooth"),
+                    kernel=choice.name, kernel_reason=choice.reason, batch_invariant=choice.batch_invariant,
                 )
-                if e["mode"] == "static":
+                if e.scheme.static:
                     row.update(
-                        input_scale=float(qf.tensors[f"{e['name']}.input_scale"]),
-                        input_zero_point=int(qf.tensors[f"{e['name']}.input_zero_point"]),
+                        input_scale=float(qf.tensors[f"{e.name}.input_scale"]),
+                        input_zero_point=int(qf.tensors[f"{e.name}.input_zero_point"]),
                     )
             layers.append(row)
         meta = {k: v for k, v in qf.metadata.items() if k not in ("config", "plan")}
-        return {
-            "path": str(path), "kind": "qlin", "metadata": meta, "config": qf.config.to_dict(),
-            "layers": layers, "tensors": len(qf.tensors), "size_bytes": path.stat().st_size,
-            "verified": verify,
-        }
+        return InspectReport(str(path), meta, qf.config, layers, len(qf.tensors), path.stat().st_size, verify)
     if model is not None:
         obj, kind = load_source(path, model=model, trust_pickle=trust_pickle).model, "state dict + --model"
     else:
@@ -280,16 +283,7 @@ def inspect_path(
             for k, v in obj.items() if k.endswith("weight") and v.dim() == 2 and v.is_floating_point()
         ]
         note = "2-D float weights of the state dict (Linear or Embedding: pass --model to know)"
-    layers = [
-        {
-            "name": name, "weight_shape": list(shape), "type": typ,
-            "scale_shape_per_tensor": list(PER_TENSOR.scale_shape(shape)),
-            "scale_shape_per_channel": list(PER_CHANNEL.scale_shape(shape)),
-        }
-        for name, shape, typ in found
-    ]
-    return {"path": str(path), "kind": f"float ({kind})", "note": note, "layers": layers,
-            "size_bytes": path.stat().st_size}
+    return FloatInspectReport(str(path), f"float ({kind})", note, found, path.stat().st_size)
 
 
 @torch.no_grad()
@@ -304,11 +298,11 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     repeats: int = 5,
     device: str = "cpu",
-) -> dict:
+) -> EvalReport:
     """Run the float and the int8 model on the same inputs; errors, agreement, accuracy,
     latency and sizes."""
     if batch_size < 1:
-        raise ConfigError("--batch-size must be at least 1")
+        raise ConfigError("`batch_size` must be at least 1")
     dev = check_device(device)
     source = load_source(source_path, model=model, trust_pickle=trust_pickle)
     float_model = source.model.to(dev)
@@ -331,21 +325,19 @@ def evaluate_checkpoint(
         ref_parts.append(ref.float().cpu())
         out_parts.append(out.float().cpu())
     reference, output = torch.cat(ref_parts), torch.cat(out_parts)
-    report: dict[str, Any] = {"compared": compared, "samples": n, "output_shape": list(output.shape)}
-    report.update(compare_outputs(reference, output))
-    report["accuracy_float"] = report["accuracy_int8"] = None
+    accuracy_float = accuracy_int8 = None
     if labels is not None:
         if reference.dim() != 2:
-            raise InputError(f"--labels needs (samples, classes) outputs; {compared} has shape {tuple(reference.shape)}")
-        report["accuracy_float"] = float((reference.argmax(1) == labels).double().mean())
-        report["accuracy_int8"] = float((output.argmax(1) == labels).double().mean())
+            raise InputError(f"`labels` needs (samples, classes) outputs; {compared} has shape {tuple(reference.shape)}")
+        accuracy_float = float((reference.argmax(1) == labels).double().mean())
+        accuracy_int8 = float((output.argmax(1) == labels).double().mean())
     t_float, t_int8 = median_latency_ms([float_model, int8_model], _to_device(inputs, dev), batch_size, repeats)
     kernels = Counter(m.kernel.name for m in int8_model.modules() if isinstance(m, QuantizedLinear))
-    report.update(
-        latency_float_ms=t_float, latency_int8_ms=t_int8, speedup=t_float / t_int8,
-        batch_size=batch_size, threads=torch.get_num_threads(),
-        size_float_bytes=source.size_bytes, size_int8_bytes=qpath.stat().st_size,
-        kernels=dict(sorted(kernels.items())), device=str(dev),
+    return EvalReport(
+        source=str(source_path), quantized=str(quantized_path), compared=compared, samples=n,
+        output_shape=list(output.shape), metrics=compare_outputs(reference, output),
+        accuracy_float=accuracy_float, accuracy_int8=accuracy_int8, latency_float_ms=t_float, latency_int8_ms=t_int8,
+        batch_size=batch_size, threads=torch.get_num_threads(), size_float_bytes=source.size_bytes,
+        size_int8_bytes=qpath.stat().st_size, kernels=dict(sorted(kernels.items())), device=str(dev),
         source_matches=_metadata(qpath).get("source_sha256") == source.sha256,
     )
-    return report

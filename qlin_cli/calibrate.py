@@ -14,10 +14,11 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from .config import PER_CHANNEL, PER_TENSOR, QuantConfig
+from .data import Inputs, batches, num_samples, run_model
 from .observers import make_observer
+from .plan import PlanEntry
 from .primitives import check_finite
-from .report import Inputs, batches, num_samples, run_model
+from .scheme import PER_CHANNEL, PER_TENSOR
 
 __all__ = ["LayerCalibration", "input_hooks", "calibrate", "smooth_factors"]
 
@@ -76,27 +77,26 @@ def smooth_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float)
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
-    layers: dict[str, tuple[nn.Linear, QuantConfig]],
+    layers: list[PlanEntry],
     inputs: Inputs,
     *,
     batch_size: int = 32,
     progress: Progress | None = None,
-    weights: dict[str, torch.Tensor] | None = None,
-) -> dict[str, LayerCalibration]:
-    """Observe the inputs of `layers` (name -> (layer, its config)) on `inputs`: one pass, or two
-    when SmoothQuant and static mode meet (the static range is observed on smoothed inputs).
-    `weights` overrides a layer's weight `(out, in)` for SmoothQuant (an nn.Linear subclass's
-    effective weight)."""
-    result = {name: LayerCalibration() for name in layers}
-    modules = {name: linear for name, (linear, _) in layers.items()}
+) -> list[LayerCalibration]:
+    """Observe the inputs of the planned `layers` of `model` on `inputs`: one pass, or two when
+    SmoothQuant and static mode meet (the static range is observed on smoothed inputs). Returns
+    one LayerCalibration per entry, in order. SmoothQuant reads a layer's effective weight
+    `(out, in)` (an nn.Linear subclass's surrogate)."""
+    result = {e.name: LayerCalibration() for e in layers}
+    modules = {e.name: model.get_submodule(e.name) for e in layers}
 
     def keep_sample(name: str, x: torch.Tensor) -> None:
         if result[name].sample is None:
             check_finite(x, f"layer {name!r}: calibration input", "check the calibration data")
             result[name].sample = x[:SAMPLE_ROWS].clone()
 
-    smoothed = {n: lc.smooth for n, (_, lc) in layers.items() if lc.smooth is not None}
-    static = {n: lc for n, (_, lc) in layers.items() if lc.mode == "static"}
+    smoothed = {e.name: e for e in layers if e.scheme.smooth is not None}
+    static = {e.name: e.scheme for e in layers if e.scheme.static}
     if smoothed:
         absmax = {n: make_observer("absmax", PER_CHANNEL, axis=1, what=f"layer {n!r}: calibration input") for n in smoothed}
 
@@ -107,15 +107,15 @@ def calibrate(
 
         with input_hooks(modules, watch_smooth):
             _run_all(model, inputs, batch_size, progress, "calibrating (SmoothQuant)")
-        for name, alpha in smoothed.items():
-            weight = (weights or {}).get(name, modules[name].weight)
-            result[name].smooth_scale = smooth_factors(absmax[name].range()[1], weight, alpha)
+        for name, e in smoothed.items():
+            weight = (e.surrogate or modules[name]).weight
+            result[name].smooth_scale = smooth_factors(absmax[name].range()[1], weight, e.scheme.smooth)
 
     if static:
         observers = {
-            n: make_observer(lc.observer, PER_TENSOR, axis=1, what=f"layer {n!r}: calibration input",
-                             **({"percentile": lc.percentile} if lc.observer == "percentile" else {}))
-            for n, lc in static.items()
+            n: make_observer(s.observer, PER_TENSOR, axis=1, what=f"layer {n!r}: calibration input",
+                             **({"percentile": s.percentile} if s.observer == "percentile" else {}))
+            for n, s in static.items()
         }
 
         def watch_static(name: str, x: torch.Tensor) -> None:
@@ -134,4 +134,4 @@ def calibrate(
     if not smoothed and not static:  # nothing to calibrate: only keep samples to measure with
         with input_hooks(modules, keep_sample):
             run_model(model, next(batches(inputs, batch_size)), "model during calibration")
-    return result
+    return [result[e.name] for e in layers]

@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import atexit
 import functools
-import json
+import re
 import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, QuantConfig, load_recipe
-from .errors import ConfigError
-from .qfile import write_atomic, check_output
-from .report import json_safe, summary_lines, to_markdown
+from .config import QuantConfig, load_recipe
+from .report import report_json
+from .scheme import ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, WEIGHT_GRANULARITIES
+
+WEIGHT_GRANULARITY_NAMES = tuple(g.name for g in WEIGHT_GRANULARITIES)
+ACT_GRANULARITY_NAMES = tuple(g.name for g in ACT_GRANULARITIES)
 
 app = typer.Typer(
     name="qlin",
@@ -58,18 +60,35 @@ InputsOpt = Annotated[
 ]
 
 
-def _print_json(obj: dict) -> None:
-    sys.stdout.write(json.dumps(json_safe(obj), indent=2) + "\n")
+class Output:
+    """Renders a report for a person (rich tables on stdout, warnings on stderr) or as one JSON
+    object on stdout: the one place that knows the difference."""
 
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
 
-def _shape(value: Any) -> str:
-    if value is None:
-        return "-"
-    return "(" + ", ".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    def show(self, report, *done: str) -> None:
+        """Print `report`, then the lines of `done` (what was written), in human mode; warnings
+        go to stderr in both modes."""
+        if self.as_json:
+            sys.stdout.write(report_json(report))
+        else:
+            self._human(report, done)
+        for line in report.warnings():
+            err.print(line, markup=False)
 
-
-def _num(value: Any, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    def _human(self, report, done: tuple[str, ...]) -> None:
+        for line in report.facts():
+            out.print(line, markup=False)
+        for t in report.tables():
+            table = Table(title=t.title, title_justify="left")
+            for col in t.columns:
+                table.add_column(col, justify="right" if col in t.numeric else "left")
+            for row in t.rows:
+                table.add_row(*row)
+            out.print(table)
+        for line in (*report.summary(), *done):
+            out.print(line, markup=False)
 
 
 @app.command()
@@ -78,9 +97,9 @@ def quantize(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file, or folder for --format compressed-tensors [default: <stem>.int8.safetensors or <stem>-int8-compressed-tensors].")] = None,
     out_format: Annotated[Literal["qlin", "compressed-tensors"], typer.Option("--format", help="qlin (a qlin safetensors file, the default) or compressed-tensors (a model folder for transformers/vLLM).")] = "qlin",
     mode: Annotated[Optional[Literal[MODES]], typer.Option(help="dynamic (default), weight-only, or static (needs --calib).")] = None,
-    granularity: Annotated[Optional[Literal["tensor", "channel"]], typer.Option(help="Weight scales: channel (default) or tensor.")] = None,
+    granularity: Annotated[Optional[Literal[WEIGHT_GRANULARITY_NAMES]], typer.Option(help="Weight scales: channel (default) or tensor.")] = None,
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Weight zero point 0 (default) or fitted.")] = None,
-    act_granularity: Annotated[Optional[Literal[ACT_GRANULARITIES]], typer.Option(help="Dynamic activations: token (default, batch-invariant) or tensor (batch-dependent).")] = None,
+    act_granularity: Annotated[Optional[Literal[ACT_GRANULARITY_NAMES]], typer.Option(help="Dynamic activations: token (default, batch-invariant) or tensor (batch-dependent).")] = None,
     kernel: Annotated[Optional[Literal[KERNELS]], typer.Option(help="Kernel request; auto picks per layer.")] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Regex on module paths to keep in float (repeatable; adds to the recipe's).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML recipe (see configs/); flags override it.")] = None,
@@ -103,23 +122,20 @@ def quantize(
 ) -> None:
     """Quantize every nn.Linear of SOURCE to int8 and write a qlin safetensors file (or a
     compressed-tensors model folder)."""
-    from .api import quantize_checkpoint
+    from .api import QuantizeOptions, quantize_checkpoint
 
     recipe = load_recipe(config) if config is not None else {}
-    flags = dict(
+    base = QuantConfig.from_dict(recipe, origin=str(config) if config else "options")
+    cfg = base.with_changes(
         mode=mode, granularity=granularity, symmetric=symmetric, act_granularity=act_granularity, kernel=kernel,
         observer=observer, weight_observer=weight_observer, percentile=percentile, smooth=smooth,
+        skip=[*base.skip, *skip] if skip else None,
     )
-    base = QuantConfig.from_dict(recipe, origin=str(config) if config else "options")
-    cfg = base.with_changes(**flags, skip=[*base.skip, *skip] if skip else None)
-    if report is not None:
-        if report.suffix == ".md":
-            raise ConfigError(
-                f"--report {report}: give the JSON path (e.g. report.json); the Markdown twin is written beside it as .md"
-            )
-        for p in (report, report.with_suffix(".md")):
-            check_output(p, force=force, inputs=(source,))
-
+    options = QuantizeOptions(
+        output=output, format=out_format, force=force, report=report, model=model, trust_pickle=trust_pickle,
+        inputs=inputs, calib=calib, calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr,
+        eval_inputs=eval_inputs, device=device,
+    )
     with Progress(
         TextColumn("[bold]quantizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
@@ -129,45 +145,9 @@ def quantize(
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, description=name)
 
-        result = quantize_checkpoint(
-            source, output, cfg, model=model, trust_pickle=trust_pickle, inputs=inputs, calib=calib,
-            calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr, eval_inputs=eval_inputs,
-            device=device, force=force, format=out_format,
-            progress=progress, calib_progress=progress,
-        )
-    if report is not None:
-        write_atomic(report, (json.dumps(json_safe(result), indent=2) + "\n").encode(), force=force)
-        write_atomic(report.with_suffix(".md"), to_markdown(result).encode(), force=force)
-    if as_json:
-        _print_json(result)
-        return
-    table = Table(title=f"qlin quantize {result['source']} -> {result['output']}", title_justify="left")
-    static = result["config"]["mode"] == "static"
-    calibrated = result["calibration"] is not None
-    cols = ["layer", "weight shape", "scale shape", "kernel", "weight SQNR dB"]
-    cols += ["output SQNR dB"] if calibrated else []
-    cols += ["input range", "input scale"] if static else []
-    cols += ["bytes float -> int8", "note"]
-    for col in cols:
-        table.add_column(col, justify="right" if "SQNR" in col or "bytes" in col or "input" in col else "left")
-    for r in result["layers"]:
-        note = r["reason"] if r["status"] == "skipped" else ("" if r["batch_invariant"] else "batch-dependent")
-        if r["status"] == "quantized" and r["reason"]:
-            note = r["reason"] + ("" if r["batch_invariant"] else "; batch-dependent")
-        if r["status"] == "quantized" and r["kernel_reason"].startswith("fallback"):
-            note = r["kernel_reason"]
-        cells = [r["name"] or "(root)", _shape(r["weight_shape"]), _shape(r["scale_shape"]), r["kernel"] or "float",
-                 _num(r["weight_sqnr_db"])]
-        cells += [_num(r["output_sqnr_db"])] if calibrated else []
-        if static:
-            rng = r["input_range"]
-            cells += [f"[{rng[0]:.3g}, {rng[1]:.3g}]" if rng else "-",
-                      f"{r['input_scale']:.3g} (z={r['input_zero_point']})" if r["input_scale"] is not None else "-"]
-        table.add_row(*cells, f"{r['bytes_float']:,} -> {r['bytes_int8']:,}", note)
-    out.print(table)
-    for line in summary_lines(result):
-        out.print(line)
-    out.print(f"wrote {result['output']}" + (f", {report} and {report.with_suffix('.md')}" if report else ""))
+        result = quantize_checkpoint(source, cfg, options, progress=progress, calib_progress=progress)
+    wrote = f"wrote {result.output}" + (f", {report} and {report.with_suffix('.md')}" if report else "")
+    Output(as_json).show(result, wrote)
 
 
 @app.command()
@@ -182,44 +162,7 @@ def inspect(
     """Show a qlin file's metadata and layers, or the Linear layers of a float checkpoint."""
     from .api import inspect_path
 
-    info = inspect_path(file, model=model, trust_pickle=trust_pickle, device=device, verify=verify)
-    if as_json:
-        _print_json(info)
-        return
-    if info["kind"] == "qlin":
-        for key, value in info["metadata"].items():
-            out.print(f"{key}: {value}")
-        out.print(f"config: {json.dumps(info['config'])}")
-        table = Table(title=f"{info['path']}: {len(info['layers'])} Linear layers", title_justify="left")
-        cols = ("layer", "weight", "scale shape", "zero point shape", "granularity", "symmetric",
-                "scale min", "scale max", "kernel here", "note")
-        for col in cols:
-            table.add_column(col)
-        for r in info["layers"]:
-            if r["status"] != "quantized":
-                table.add_row(r["name"] or "(root)", _shape(r["weight_shape"]), *["-"] * 7, f"float: {r['reason']}")
-                continue
-            note = r["kernel_reason"] + ("" if r["batch_invariant"] else "; results depend on the batch")
-            if r["mode"] == "static":
-                note += f"; static input scale {r['input_scale']:.3g}, zero point {r['input_zero_point']} ({r['observer']})"
-            if r["smooth"] is not None:
-                note += f"; SmoothQuant alpha {r['smooth']}"
-            table.add_row(
-                r["name"] or "(root)", f"{r['weight_dtype']} {_shape(r['weight_shape'])}", _shape(r["scale_shape"]),
-                _shape(r["zero_point_shape"]), r["granularity"], str(r["symmetric"]).lower(),
-                f"{r['scale_min']:.3g}", f"{r['scale_max']:.3g}", r["kernel"], note,
-            )
-        out.print(table)
-        if info["verified"]:
-            out.print(f"payload sha256 verified: {info['metadata']['payload_sha256']}")
-        return
-    table = Table(title=f"{info['path']}: {info['kind']}, {info['note']}", title_justify="left")
-    for col in ("layer", "weight shape", "scale shape per tensor", "scale shape per channel"):
-        table.add_column(col)
-    for r in info["layers"]:
-        table.add_row(r["name"] or "(root)", _shape(r["weight_shape"]), _shape(r["scale_shape_per_tensor"]),
-                      _shape(r["scale_shape_per_channel"]))
-    out.print(table)
+    Output(as_json).show(inspect_path(file, model=model, trust_pickle=trust_pickle, device=device, verify=verify))
 
 
 @app.command("eval")
@@ -238,32 +181,10 @@ def evaluate(
     """Run the float and the int8 model on the same inputs and compare them."""
     from .api import evaluate_checkpoint
 
-    r = evaluate_checkpoint(
+    Output(as_json).show(evaluate_checkpoint(
         source, quantized, inputs, labels, model=model, trust_pickle=trust_pickle,
         batch_size=batch_size, repeats=repeats, device=device,
-    )
-    if as_json:
-        _print_json(r)
-        return
-    table = Table(title=f"qlin eval: {source} vs {quantized} on {r['samples']} samples ({r['compared']})",
-                  title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    rows = [
-        ("SQNR dB", _num(r["sqnr_db"])), ("cosine (mean per sample)", _num(r["cosine"], 6)),
-        ("max abs error", f"{r['max_abs_err']:.4g}"), ("MSE", f"{r['mse']:.4g}"),
-        ("top-1 agreement", _num(r["top1_agreement"], 4)),
-        ("accuracy float", _num(r["accuracy_float"], 4)), ("accuracy int8", _num(r["accuracy_int8"], 4)),
-        (f"latency float ms (batch {r['batch_size']}, {r['threads']} threads)", _num(r["latency_float_ms"], 3)),
-        ("latency int8 ms", _num(r["latency_int8_ms"], 3)), ("speedup", f"{r['speedup']:.2f}x"),
-        ("size float bytes", f"{r['size_float_bytes']:,}"), ("size int8 bytes", f"{r['size_int8_bytes']:,}"),
-        ("kernels", ", ".join(f"{k} x{v}" for k, v in r["kernels"].items())),
-    ]
-    for row in rows:
-        table.add_row(*row)
-    out.print(table)
-    if not r["source_matches"]:
-        err.print("note: the qlin file records another source file (sha256 differs)")
+    ))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         elif kind in ("Abort", "KeyboardInterrupt"):
             message = "interrupted"
         elif kind == "QlinError":
-            message = f"error: {exc}"
+            message = f"error: {as_flags(str(exc))}"
         else:
             message = f"error: internal error {type(exc).__name__}: {exc} (run with --debug for the traceback)"
         err.print(message, markup=False, soft_wrap=True)
@@ -304,6 +225,12 @@ def main(argv: list[str] | None = None) -> None:
     # kill the process silently with -SIGINT instead of this exit code.
     _ignore_sigint_at_exit()
     sys.exit(code or 0)
+
+
+def as_flags(message: str) -> str:
+    """The library names an option by its keyword in backticks (`calib_samples`); the command
+    line names the flag that sets it (--calib-samples)."""
+    return re.sub(r"`([a-z][a-z_]*)`", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 @functools.cache

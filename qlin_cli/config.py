@@ -1,7 +1,8 @@
-"""Configuration: granularity, QuantConfig, TOML recipes and their JSON form in qlin files.
+"""Configuration: `QuantConfig` (a default `LayerScheme`, skip patterns and per-layer rules) and
+TOML recipes, whose keys are the scheme's plus `skip` and `layers`.
 
-A QuantConfig says *what* to compute (mode, granularity, symmetry, kernel request, skips). It
-never says *where*: the device is chosen when a model is packed, so a saved file is portable.
+A QuantConfig says *what* to compute. It never says *where*: the device is chosen when a model
+is packed, so a saved file is portable.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import dataclasses
 import json
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .scheme import (
+    ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, PER_CHANNEL, PER_TENSOR, Granularity, LayerScheme,
+)
 
 __all__ = [
     "Granularity",
@@ -24,231 +28,160 @@ __all__ = [
     "KERNELS",
     "ACT_GRANULARITIES",
     "OBSERVER_NAMES",
+    "Skip",
+    "Rule",
     "QuantConfig",
     "load_recipe",
 ]
 
-MODES = ("dynamic", "weight-only", "static")
-OBSERVER_NAMES = ("minmax", "absmax", "moving-average", "percentile", "mse")  # see observers.py
-KERNELS = ("auto", "fbgemm", "int_mm", "weight_only")
-ACT_GRANULARITIES = ("token", "tensor")
-# What a per-layer recipe rule may set ([[layers]] tables; "match" is a regex on the module path)
-RULE_KEYS = ("match", "skip", "mode", "granularity", "symmetric", "act_granularity", "kernel",
-             "observer", "weight_observer", "percentile", "smooth")
-_GRANULARITY_KINDS = ("tensor", "channel")
+SCHEME_KEYS = tuple(f.name for f in dataclasses.fields(LayerScheme))
+RECIPE_KEYS = (*SCHEME_KEYS, "skip", "layers")  # a recipe's top-level keys
+RULE_KEYS = ("match", "skip", *SCHEME_KEYS)  # what a [[layers]] rule may set
 
 
 @dataclass(frozen=True)
-class Granularity:
-    """Which elements of a weight `(out_features, in_features)` share one scale and zero point.
+class Skip:
+    """A layer the config keeps in float, and why."""
 
-    - `tensor`: one scale for the whole weight; scale shape `()`.
-    - `channel`: one per output channel, i.e. per row of the weight; scale shape `(out_features,)`.
-    Per group (`(out_features, in_features // group)`) would add a `group_size` field here.
-    """
-
-    kind: str
-
-    def __post_init__(self) -> None:
-        if self.kind not in _GRANULARITY_KINDS:
-            raise ConfigError(
-                f"unknown granularity {self.kind!r}: use one of {', '.join(_GRANULARITY_KINDS)}"
-            )
-
-    def scale_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of the scale for a weight: `()` per tensor, `(weight_shape[0],)` per channel."""
-        return () if self.kind == "tensor" else (int(weight_shape[0]),)
-
-    def __str__(self) -> str:
-        return self.kind
-
-
-PER_TENSOR = Granularity("tensor")
-PER_CHANNEL = Granularity("channel")
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} = {value!r} is not valid: use one of {', '.join(choices)}")
+    reason: str
 
 
 @dataclass(frozen=True)
+class Rule:
+    """A per-layer recipe rule (a `[[layers]]` table): the first rule whose `match` finds a
+    layer's module path (re.search) applies to it; `skip` keeps the layer in float, `changes`
+    (scheme keys) override the config's scheme for it."""
+
+    match: str
+    skip: bool | None = None  # None: the rule does not say (kept apart so the recipe round-trips)
+    changes: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_dict(cls, rule: Any, index: int) -> "Rule":
+        """Validate one rule's keys, regex and types; the scheme it makes is checked by
+        QuantConfig."""
+        where = f"layers[{index}]"
+        if isinstance(rule, Rule):
+            return rule
+        if not isinstance(rule, dict):
+            raise ConfigError(f"{where} must be a table with 'match' and overrides, not {type(rule).__name__}")
+        unknown = sorted(set(rule) - set(RULE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; a rule may set {', '.join(RULE_KEYS)}")
+        if not isinstance(rule.get("match"), str):
+            raise ConfigError(f"{where} needs match = \"REGEX\" (the module paths it applies to)")
+        try:
+            re.compile(rule["match"])
+        except re.error as exc:
+            raise ConfigError(f"{where}: match {rule['match']!r} is not a valid regex: {exc}") from None
+        if not isinstance(rule.get("skip", False), bool):
+            raise ConfigError(f"{where}: skip must be true or false")
+        changes = tuple(sorted((k, v) for k, v in rule.items() if k not in ("match", "skip")))
+        return cls(rule["match"], rule.get("skip"), changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"match": self.match, **dict(self.changes)}
+        if self.skip is not None:
+            d["skip"] = self.skip
+        return dict(sorted(d.items()))
+
+
+@dataclass(frozen=True, init=False)
 class QuantConfig:
-    """What qlin does to each planned `nn.Linear`.
+    """What qlin does to each `nn.Linear`: a default `LayerScheme`, skip patterns, and rules.
 
-    mode: `dynamic` (int8 weights and int8 activations quantized at each call),
-        `weight-only` (int8 weights, float activations) or `static` (int8 weights and int8
-        activations with a scale and zero point calibrated once, per tensor; needs calibration
-        data).
-    granularity: weight scale granularity, `channel` (default) or `tensor`.
-    symmetric: weights with zero point 0 and values in [-127, 127]; False gives an
-        asymmetric range [-128, 127] with a zero point per scale.
-    act_granularity: dynamic mode only. `token` (default) quantizes each row of the flattened
-        input with its own range (asymmetric: the row's min and max span the 256 levels), so a
-        sample's result never depends on the rest of the batch; `tensor` uses one range per
-        call (batch-dependent; torch.ao's default). Left as None it resolves to `token`.
-    kernel: `auto` picks per layer on the machine that packs the model; a forced kernel is used
-        where it can run and falls back, with the reason reported, where it cannot.
+    Built from a scheme or from its keys: `QuantConfig(mode="static", granularity="tensor")`;
+    the scheme's keys read through (`config.mode`), and `LayerScheme`'s docstring says what each
+    means.
     skip: regular expressions; a layer whose module path matches any (re.search) stays float.
-    observer: how calibration turns a layer's inputs into the static activation range
-        (minmax, absmax, moving-average, percentile, mse).
-    weight_observer: how a weight's range is chosen (minmax by default).
-    percentile: the percentile of the `percentile` observers.
-    smooth: SmoothQuant's alpha in (0, 1], or None (off): per input channel factors
-        s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) move activation outliers into the weights.
-        Needs calibration data.
-    layers: per-layer rules, each a dict with `match` (a regex, re.search on the module path)
-        and any of RULE_KEYS; the FIRST rule that matches a layer applies to it (`skip: true`
-        keeps it float, other keys override this config for that layer).
+    layers: per-layer rules (`Rule`, or dicts with `match` and any of RULE_KEYS); the FIRST rule
+        that matches a layer applies to it.
     """
 
-    mode: str = "dynamic"
-    granularity: Granularity = PER_CHANNEL
-    symmetric: bool = True
-    act_granularity: str | None = None
-    kernel: str = "auto"
-    skip: tuple[str, ...] = field(default_factory=tuple)
-    observer: str = "minmax"
-    weight_observer: str = "minmax"
-    percentile: float = 99.99
-    smooth: float | None = None
-    layers: tuple[dict, ...] = field(default_factory=tuple)
+    scheme: LayerScheme
+    skip: tuple[str, ...]
+    layers: tuple[Rule, ...]
 
-    @property
-    def needs_calibration(self) -> bool:
-        """True if any layer (by default or through a rule) is static or smoothed."""
-        own = self.mode == "static" or self.smooth is not None
-        return own or any(
-            self.with_changes(**_overrides(r), layers=()).needs_calibration for r in self.layers if not r.get("skip")
-        )
-
-    def with_changes(self, **changes: Any) -> "QuantConfig":
-        """A copy with `changes` applied; None values are ignored. A new mode or kernel re-derives
-        act_granularity unless `changes` sets it too."""
-        changes = {k: v for k, v in changes.items() if v is not None}
-        data = self.to_dict()
-        if ("mode" in changes or "kernel" in changes) and "act_granularity" not in changes:
-            data["act_granularity"] = None
-        data.update(changes)
-        return QuantConfig.from_dict(data)
-
-    def rule_for(self, name: str) -> dict | None:
-        """The first per-layer rule whose `match` finds module path `name`, or None."""
-        return next((r for r in self.layers if re.search(r["match"], name)), None)
-
-    def for_layer(self, name: str) -> "QuantConfig":
-        """The config that applies to layer `name` (this one, or changed by its rule)."""
-        rule = self.rule_for(name)
-        if rule is None:
-            return self
-        return self.with_changes(**_overrides(rule), layers=())
-
-    def __post_init__(self) -> None:
-        _choice("mode", self.mode, MODES)
-        if isinstance(self.granularity, str):
-            object.__setattr__(self, "granularity", Granularity(self.granularity))
-        if not isinstance(self.granularity, Granularity):
-            raise ConfigError(f"granularity must be 'tensor' or 'channel', not {self.granularity!r}")
-        if not isinstance(self.symmetric, bool):
-            raise ConfigError(f"symmetric must be true or false, not {self.symmetric!r}")
-        _choice("kernel", self.kernel, KERNELS)
-        if isinstance(self.skip, str):
-            object.__setattr__(self, "skip", (self.skip,))
-        object.__setattr__(self, "skip", tuple(self.skip))
-        object.__setattr__(self, "layers", tuple(_check_rule(r, i) for i, r in enumerate(self.layers)))
+    def __init__(self, scheme: LayerScheme | None = None, *, skip: Any = (), layers: Any = (), **keys: Any) -> None:
+        if scheme is None:
+            scheme = LayerScheme(**keys)
+        elif keys:
+            raise TypeError("QuantConfig takes a scheme or its keys, not both")
+        if isinstance(skip, str):
+            skip = (skip,)
+        object.__setattr__(self, "scheme", scheme)
+        object.__setattr__(self, "skip", tuple(skip))
+        object.__setattr__(self, "layers", tuple(Rule.from_dict(r, i) for i, r in enumerate(layers)))
         for pattern in self.skip:
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise ConfigError(f"skip pattern {pattern!r} is not a valid regex: {exc}") from None
-        _choice("observer", self.observer, OBSERVER_NAMES)
-        _choice("weight_observer", self.weight_observer, OBSERVER_NAMES)
-        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
-            raise ConfigError(f"percentile = {self.percentile!r} is not valid: use a number in (50, 100]")
-        object.__setattr__(self, "percentile", float(self.percentile))
-        if self.smooth is not None:
-            if isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float)) or not 0 < self.smooth <= 1:
-                raise ConfigError(f"smooth = {self.smooth!r} is not valid: SmoothQuant's alpha is in (0, 1], e.g. 0.5")
-            object.__setattr__(self, "smooth", float(self.smooth))
-            if self.mode == "weight-only":
-                raise ConfigError("smooth moves activation outliers into weights; it needs --mode dynamic or static")
-        self._resolve_scheme()
         for i, rule in enumerate(self.layers):
             try:
-                self.with_changes(**_overrides(rule), layers=())
+                self.scheme.with_changes(**dict(rule.changes))
             except ConfigError as exc:
-                raise ConfigError(f"layers[{i}] (match {rule['match']!r}): {exc}") from None
+                raise ConfigError(f"layers[{i}] (match {rule.match!r}): {exc}") from None
 
-    def _resolve_scheme(self) -> None:
-        """Check mode/kernel/act_granularity together and fill in act_granularity."""
-        if self.mode == "weight-only":
-            if self.act_granularity is not None:
-                raise ConfigError("act_granularity applies to dynamic mode only; drop it for weight-only")
-            if self.kernel not in ("auto", "weight_only"):
-                raise ConfigError(
-                    f"kernel {self.kernel!r} quantizes activations; weight-only mode takes "
-                    "kernel 'auto' or 'weight_only'"
-                )
-            return
-        if self.kernel == "weight_only":
-            raise ConfigError("kernel 'weight_only' needs --mode weight-only")
-        if self.mode == "static":
-            if self.act_granularity not in (None, "tensor"):
-                raise ConfigError("static mode calibrates one activation scale per tensor; drop act_granularity")
-            object.__setattr__(self, "act_granularity", "tensor")
-            return
-        if self.act_granularity is None:
-            object.__setattr__(self, "act_granularity", "token")
-        _choice("act_granularity", self.act_granularity, ACT_GRANULARITIES)
+    def __getattr__(self, name: str) -> Any:
+        if name in SCHEME_KEYS:  # the default scheme's keys read through
+            return getattr(self.__dict__["scheme"], name)
+        raise AttributeError(f"'QuantConfig' object has no attribute {name!r}")
+
+    def schemes(self) -> list[LayerScheme]:
+        """Every scheme this config can give a layer: the default, then each rule's."""
+        return [self.scheme, *(self.scheme.with_changes(**dict(r.changes)) for r in self.layers if not r.skip)]
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True if any layer (by default or through a rule) is static or smoothed. A model's plan
+        knows for sure (`Plan.needs_calibration`); this is the check before a model is loaded."""
+        return any(s.needs_calibration for s in self.schemes())
+
+    def with_changes(self, **changes: Any) -> "QuantConfig":
+        """A copy with `changes` (scheme keys, `skip`, `layers`) applied; None values are ignored.
+        Another mode re-derives act_granularity unless `changes` sets it too."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        own = {k: changes.pop(k) for k in ("skip", "layers") if k in changes}
+        return QuantConfig(self.scheme.with_changes(**changes), skip=own.get("skip", self.skip),
+                           layers=own.get("layers", self.layers))
+
+    def rule_for(self, name: str) -> Rule | None:
+        """The first per-layer rule whose `match` finds module path `name`, or None."""
+        return next((r for r in self.layers if re.search(r.match, name)), None)
 
     def skips(self, name: str) -> str | None:
         """The first skip pattern that matches module path `name`, or None."""
         return next((p for p in self.skip if re.search(p, name)), None)
 
+    def for_layer(self, name: str) -> LayerScheme | Skip:
+        """The scheme of layer `name` (the default, or changed by its rule), or Skip with the
+        reason when a skip pattern or a rule keeps it in float."""
+        pattern = self.skips(name)
+        if pattern is not None:
+            return Skip(f"matches --skip {pattern!r}")
+        rule = self.rule_for(name)
+        if rule is None:
+            return self.scheme
+        if rule.skip:
+            return Skip(f"recipe rule match={rule.match!r} skips it")
+        return self.scheme.with_changes(**dict(rule.changes))
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict; `QuantConfig.from_dict(c.to_dict()) == c`."""
-        d = dataclasses.asdict(self)
-        d["granularity"] = str(self.granularity)
-        d["skip"] = list(self.skip)
-        d["layers"] = [dict(r) for r in self.layers]
-        return d
+        """Plain JSON-able dict of recipe keys; `QuantConfig.from_dict(c.to_dict()) == c`."""
+        return {**self.scheme.to_recipe(), "skip": list(self.skip), "layers": [r.to_dict() for r in self.layers]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, origin: str = "config") -> "QuantConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(RECIPE_KEYS))
         if unknown:
             raise ConfigError(
-                f"{origin}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}"
+                f"{origin}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(RECIPE_KEYS))}"
             )
         return cls(**data)
-
-
-def _overrides(rule: dict) -> dict:
-    return {k: v for k, v in rule.items() if k not in ("match", "skip")}
-
-
-def _check_rule(rule: Any, index: int) -> dict:
-    """Validate one per-layer rule (keys, regex, types); the combination is checked by
-    QuantConfig when a layer's config is derived."""
-    where = f"layers[{index}]"
-    if not isinstance(rule, dict):
-        raise ConfigError(f"{where} must be a table with 'match' and overrides, not {type(rule).__name__}")
-    unknown = sorted(set(rule) - set(RULE_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; a rule may set {', '.join(RULE_KEYS)}")
-    if not isinstance(rule.get("match"), str):
-        raise ConfigError(f"{where} needs match = \"REGEX\" (the module paths it applies to)")
-    try:
-        re.compile(rule["match"])
-    except re.error as exc:
-        raise ConfigError(f"{where}: match {rule['match']!r} is not a valid regex: {exc}") from None
-    if not isinstance(rule.get("skip", False), bool):
-        raise ConfigError(f"{where}: skip must be true or false")
-    return dict(sorted(rule.items()))
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -288,10 +221,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
                 return f"{path}:{i + 1}"
         return str(path)
 
-    known = {f.name for f in dataclasses.fields(QuantConfig)}
     for key in data:
-        if key not in known:
-            raise ConfigError(f"{where(key)}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        if key not in RECIPE_KEYS:
+            raise ConfigError(f"{where(key)}: unknown key {key!r}; known keys: {', '.join(sorted(RECIPE_KEYS))}")
     try:
         QuantConfig.from_dict(data)
     except (ConfigError, TypeError) as exc:

@@ -1,8 +1,12 @@
-"""Errors a user can cause. The CLI maps each kind to an exit code in one table (cli.py)."""
+"""Errors a user can cause. The CLI maps each kind to an exit code in one table (cli.py).
+
+A message names an option by its meaning, the keyword a library caller passes, in backticks:
+"pass `calib` FILE". The CLI shows it as the flag that sets it ("pass --calib FILE").
+"""
 
 from __future__ import annotations
 
-__all__ = ["QlinError", "InputError", "ConfigError", "FormatError", "OutputError"]
+__all__ = ["QlinError", "InputError", "ConfigError", "FormatError", "OutputError", "one_line"]
 
 
 class QlinError(Exception):
@@ -23,3 +27,10 @@ class FormatError(QlinError):
 
 class OutputError(QlinError):
     """An output cannot be written (exists without --force, unwritable folder, same as input)."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """`exc` for a one-line message: its type and the first line of its text (at most `limit`
+    characters), e.g. 'ValueError: bad header', or only its type when it has no text."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:limit]}" if text else type(exc).__name__

@@ -33,31 +33,30 @@ byte-identical for the same input and options.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
-from .errors import ConfigError, OutputError
-from .qfile import check_parent, safetensors_writer
-from .swap import LayerRecord, QuantizeResult
+
+from . import __version__
+from .errors import ConfigError
+from .files import CONFIG_NAME, check_output_dir, file_tensors, safetensors_writer, write_folder_atomic
+from .plan import Plan, PlanEntry
+from .quantize import QuantizeResult
+from .scheme import PER_CHANNEL
 
 __all__ = [
     "FORMATS",
     "CT_FORMAT",
+    "check_exportable",
     "quantization_config",
     "export_tensors",
-    "check_output_dir",
     "save_compressed_tensors",
-    "write_folder_atomic",
 ]
 
 FORMATS = ("qlin", "compressed-tensors")
 CT_FORMAT = "compressed-tensors"
 WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 # qlin's observers as compressed-tensors names them (the closest one where there is no twin;
 # loaders of a compressed checkpoint do not use observers, they only describe calibration).
@@ -79,39 +78,46 @@ def _args(*, symmetric: bool, strategy: str, dynamic: bool, observer: str | None
     return args
 
 
-def _scheme(r: LayerRecord) -> dict[str, Any]:
+def check_exportable(plan: Plan) -> None:
+    """Raise ConfigError, before any work, if a planned layer's scheme has no compressed-tensors
+    form (SmoothQuant, whether the config or one of its rules asks for it)."""
+    for e in plan.quantized:
+        if e.scheme.smooth is not None:
+            raise ConfigError(
+                f"layer {e.name!r} uses SmoothQuant, which compressed-tensors' int-quantized format cannot "
+                "express (it has no per-input-channel factor): drop `smooth` for `format` compressed-tensors"
+            )
+
+
+def _scheme(e: PlanEntry) -> dict[str, Any]:
     """The QuantizationScheme (without targets) of a quantized layer."""
-    if r.smooth is not None:
-        raise ConfigError(
-            f"layer {r.name!r} uses SmoothQuant, which compressed-tensors' int-quantized format cannot "
-            "express (it has no per-input-channel factor): drop --smooth for --format compressed-tensors"
-        )
-    weights = _args(symmetric=r.symmetric, strategy=r.granularity, dynamic=False,
-                    observer=_WEIGHT_OBSERVERS.get(r.weight_observer or "minmax", "minmax"))
-    if r.mode == "weight-only":
+    s = e.scheme
+    weights = _args(symmetric=s.symmetric, strategy=str(s.granularity), dynamic=False,
+                    observer=_WEIGHT_OBSERVERS.get(s.weight_observer, "minmax"))
+    if s.mode == "weight-only":
         acts, fmt = None, "naive-quantized"
-    elif r.mode == "dynamic":
-        acts, fmt = _args(symmetric=False, strategy=r.act_granularity, dynamic=True, observer=None), "int-quantized"
-    elif r.mode == "static":
+    elif s.mode == "dynamic":
+        acts, fmt = _args(symmetric=False, strategy=str(s.act_granularity), dynamic=True, observer=None), "int-quantized"
+    else:  # static
         acts = _args(symmetric=False, strategy="tensor", dynamic=False,
-                     observer=_ACT_OBSERVERS.get(r.observer or "minmax", "static_minmax"))
+                     observer=_ACT_OBSERVERS.get(s.observer, "static_minmax"))
         fmt = "int-quantized"
-    else:
-        raise ConfigError(f"layer {r.name!r}: mode {r.mode!r} has no compressed-tensors equivalent")
     return {"weights": weights, "input_activations": acts, "output_activations": None, "format": fmt}
 
 
 def quantization_config(result: QuantizeResult) -> dict[str, Any]:
     """The `quantization_config` entry of config.json for a quantized model."""
+    plan = result.plan
+    check_exportable(plan)
     groups: list[tuple[dict, list[str]]] = []  # (scheme, layer paths), in module order
-    for r in result.quantized:
-        scheme = _scheme(r)
+    for e in plan.quantized:
+        scheme = _scheme(e)
         for s, names in groups:
             if s == scheme:
-                names.extend([r.name, *r.aliases])
+                names.extend(e.paths)
                 break
         else:
-            groups.append((scheme, [r.name, *r.aliases]))
+            groups.append((scheme, e.paths))
     if not groups:
         raise ConfigError("no layer was quantized: there is nothing to export as compressed-tensors")
     config_groups = {}
@@ -119,7 +125,7 @@ def quantization_config(result: QuantizeResult) -> dict[str, Any]:
         targets = ["Linear"] if len(groups) == 1 else names
         config_groups[f"group_{i}"] = {"targets": targets, **scheme}
     formats = {scheme["format"] for scheme, _ in groups}
-    ignore = [n for r in result.layers if r.status != "quantized" for n in (r.name, *r.aliases)]
+    ignore = [n for e in plan.entries if e.scheme is None for n in e.paths]
     return {
         "config_groups": config_groups,
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
@@ -138,123 +144,31 @@ def export_tensors(result: QuantizeResult, *, drop_tied: bool = False) -> dict[s
     weights, e.g. `lm_head.weight` of a head tied to the embedding), as `save_pretrained` does;
     the config's `tie_word_embeddings` restores the tie on load. Otherwise such a tensor is
     written again (a copy)."""
-    quantized = {r.name: r for r in result.quantized}
-    alias_prefixes = tuple(f"{a}." for r in result.quantized for a in r.aliases)
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[tuple, str] = {}  # (device, storage, offset, shape, stride, dtype) -> first name
-    for key, t in result.model.state_dict().items():
-        if alias_prefixes and key.startswith(alias_prefixes):
-            continue  # a shared module: its tensors are stored once, under its first path
+    quantized = {e.name: e for e in result.plan.quantized}
+
+    def layout(key: str, t: torch.Tensor) -> torch.Tensor | None:
+        """A quantized layer's tensor in compressed-tensors' shape and dtype (None: not stored)."""
         layer, _, suffix = key.rpartition(".")
-        r = quantized.get(layer)
-        if r is not None:
-            dtype = getattr(torch, r.dtype)
-            if suffix == "weight_scale":
-                t = t.to(dtype).reshape(-1, 1) if r.granularity == "channel" else t.to(dtype).reshape(1)
-            elif suffix == "weight_zero_point":
-                if r.symmetric:
-                    continue
-                t = t.reshape(-1, 1) if r.granularity == "channel" else t.reshape(1)
-            elif suffix == "input_scale":
-                t = t.to(dtype).reshape(1)
-            elif suffix == "input_zero_point":
-                t = t.reshape(1)
-            elif suffix == "smooth_scale":
-                raise ConfigError(f"layer {layer!r} uses SmoothQuant, which compressed-tensors cannot express")
-        t = t.detach()
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if drop_tied and t.numel() and ident in seen:
-            continue
-        seen.setdefault(ident, key)
-        out[key] = t.to("cpu").contiguous()
-    # safetensors refuses tensors that share memory: copy any that still do
-    ptrs: set[int] = set()
-    for key, t in out.items():
-        if t.numel():
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in ptrs:
-                out[key] = t = t.clone()
-            ptrs.add(t.untyped_storage().data_ptr())
-    return out
+        e = quantized.get(layer)
+        if e is None:
+            return t
+        dtype, per_channel = e.torch_dtype, e.scheme.granularity == PER_CHANNEL
+        if suffix == "weight_scale":
+            return t.to(dtype).reshape(-1, 1) if per_channel else t.to(dtype).reshape(1)
+        if suffix == "weight_zero_point":
+            if e.scheme.symmetric:
+                return None
+            return t.reshape(-1, 1) if per_channel else t.reshape(1)
+        if suffix == "input_scale":
+            return t.to(dtype).reshape(1)
+        if suffix == "input_zero_point":
+            return t.reshape(1)
+        if suffix == "smooth_scale":
+            raise ConfigError(f"layer {layer!r} uses SmoothQuant, which compressed-tensors cannot express")
+        return t
 
-
-def _within(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
-def check_output_dir(path: str | Path, *, force: bool, inputs: tuple[Path | None, ...] = ()) -> Path:
-    """Refuse an output folder that is or holds an input, exists without `force` (or is not a
-    model folder, even with it), is a file, or whose parent is missing or not writable."""
-    path = Path(path)
-    for src in inputs:
-        if src is not None and _within(Path(src), path):
-            raise OutputError(f"output folder {path} is or holds the input {src}; choose another -o")
-    if path.exists() or path.is_symlink():
-        if not path.is_dir() or path.is_symlink():
-            raise OutputError(f"output {path} exists and is not a folder; compressed-tensors output is a folder")
-        if not force:
-            raise OutputError(f"output folder {path} exists; pass --force to replace it")
-        if any(path.iterdir()) and not (path / CONFIG_NAME).is_file():
-            raise OutputError(
-                f"output folder {path} is not a model folder (no config.json); qlin replaces only model folders, even with --force"
-            )
-    check_parent(path)
-    return path
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_folder_atomic(path: str | Path, files: dict[str, bytes | Callable[[BinaryIO], None]], *, force: bool) -> Path:
-    """Write `files` (name -> bytes, or a function that writes the open file) into a temporary
-    folder beside `path`, then rename it into place: readers see the old folder or the whole new
-    one. An existing folder is replaced only with `force` (it is moved aside, the new one renamed
-    in, then the old one removed)."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    token = secrets.token_hex(8)
-    # names chosen before anything exists, so a Ctrl-C at any point reaches the cleanup
-    tmp, old = parent / f".{path.name}.{token}.tmp", parent / f".{path.name}.{token}.old"
-    try:
-        try:
-            os.mkdir(tmp, 0o755)
-        except OSError as exc:
-            raise OutputError(f"cannot write in {parent}: {exc.strerror}") from None
-        for name in sorted(files):
-            fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                files[name](f) if callable(files[name]) else f.write(files[name])
-                f.flush()
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if path.exists() or path.is_symlink():
-            if not force:
-                raise OutputError(f"output folder {path} exists; pass --force to replace it")
-            os.rename(path, old)
-        os.rename(tmp, path)
-        _fsync_dir(parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if old.exists():
-            if path.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            else:  # the new folder did not get in: put the old one back
-                os.rename(old, path)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    aliases = tuple(f"{a}." for e in quantized.values() for a in e.aliases)
+    return file_tensors(result.model.state_dict().items(), skip_prefixes=aliases, transform=layout, drop_tied=drop_tied)
 
 
 def _extra_files(folder: Path) -> dict[str, bytes]:
@@ -283,8 +197,6 @@ def save_compressed_tensors(
     """Write `result` as a compressed-tensors model folder at `path` (atomically; byte-identical
     for the same input). `source_dir`: the Hugging Face folder the model came from; its
     config.json gets the `quantization_config` and its other small files are copied."""
-    from . import __version__
-
     path = check_output_dir(path, force=force, inputs=(Path(source_dir),) if source_dir else ())
     qconfig = quantization_config(result)
     if source_dir is not None:

@@ -20,20 +20,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError, InputError
-from .sources import Source, _one_line, file_sha256
+from .errors import ConfigError, InputError, one_line
+from .files import CONFIG_NAME, file_sha256
 
-__all__ = ["is_hf_folder", "weight_files", "load_hf_folder", "hf_probe_inputs", "HF_KIND"]
+__all__ = ["is_hf_folder", "weight_files", "HFModel", "load_hf_folder", "hf_probe_inputs", "HF_KIND"]
 
 HF_KIND = "Hugging Face folder"
-CONFIG = "config.json"
 INSTALL_HINT = "pip install -e .[hf]"
 
 
 def is_hf_folder(path: str | Path) -> bool:
     """True if `path` is a folder holding a `config.json` (a Hugging Face model folder)."""
     path = Path(path)
-    return path.is_dir() and (path / CONFIG).is_file()
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ def _shards(folder: Path, index_name: str) -> WeightFiles:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"{index} is not a valid shard index ({type(exc).__name__}: {str(exc)[:120]})") from None
+        raise InputError(f"{index} is not a valid shard index ({one_line(exc, 120)})") from None
     for name in names:
         if not isinstance(name, str) or Path(name).name != name or not (folder / name).is_file():
             raise InputError(f"{index} names the shard {name!r}, which is not a file in {folder}")
@@ -79,7 +78,7 @@ def weight_files(folder: str | Path) -> WeightFiles:
 def folder_digest(folder: Path, files: tuple[Path, ...]) -> str:
     """sha256 over config.json and the weight files: each file's name and sha256, in name order."""
     h = hashlib.sha256()
-    for f in sorted({folder / CONFIG, *files}, key=lambda p: p.name):
+    for f in sorted({folder / CONFIG_NAME, *files}, key=lambda p: p.name):
         h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
@@ -119,13 +118,23 @@ def _model_class(transformers: Any, config: Any, folder: Path) -> Any:
     cls = getattr(transformers, archs[0], None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise InputError(
-            f"{folder / CONFIG} names the architecture {archs[0]!r}, which transformers "
+            f"{folder / CONFIG_NAME} names the architecture {archs[0]!r}, which transformers "
             f"{transformers.__version__} does not have (qlin runs no remote code)"
         )
     return cls
 
 
-def load_hf_folder(folder: str | Path, *, model: str | None = None) -> Source:
+@dataclass(frozen=True)
+class HFModel:
+    """The float model of a Hugging Face folder (sources.load_source wraps it in a Source)."""
+
+    model: nn.Module
+    kind: str  # "Hugging Face folder (<class>, <weight files' kind>)"
+    sha256: str  # folder_digest
+    size_bytes: int  # of the weight files
+
+
+def load_hf_folder(folder: str | Path, *, model: str | None = None) -> HFModel:
     """Load the float model of a Hugging Face folder through transformers, offline, in eval mode.
 
     Raises InputError for a folder without weights, an unknown architecture, weights that do not
@@ -134,7 +143,7 @@ def load_hf_folder(folder: str | Path, *, model: str | None = None) -> Source:
     folder = Path(folder)
     if model is not None:
         raise ConfigError(
-            f"--model applies to state dicts; {folder} is a Hugging Face folder whose config.json names the architecture"
+            f"`model` applies to state dicts; {folder} is a Hugging Face folder whose config.json names the architecture"
         )
     weights = weight_files(folder)
     transformers = _import_transformers()
@@ -142,12 +151,12 @@ def load_hf_folder(folder: str | Path, *, model: str | None = None) -> Source:
         try:
             config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         except Exception as exc:
-            raise InputError(f"{folder / CONFIG} cannot be read by transformers ({_one_line(exc)})") from None
+            raise InputError(f"{folder / CONFIG_NAME} cannot be read by transformers ({one_line(exc)})") from None
         cls = _model_class(transformers, config, folder)
         try:
             built, info = cls.from_pretrained(folder, config=config, local_files_only=True, output_loading_info=True)
         except Exception as exc:
-            raise InputError(f"{folder}: transformers cannot load the model ({_one_line(exc)})") from None
+            raise InputError(f"{folder}: transformers cannot load the model ({one_line(exc)})") from None
     problems = []
     for key, what in (("missing_keys", "missing"), ("mismatched_keys", "mis-shaped")):
         found = sorted(str(k) for k in info.get(key) or ())
@@ -160,7 +169,7 @@ def load_hf_folder(folder: str | Path, *, model: str | None = None) -> Source:
     built.eval()
     size = sum(f.stat().st_size for f in weights.files)
     kind = f"{HF_KIND} ({type(built).__name__}, {weights.kind})"
-    return Source(built, folder, kind, folder_digest(folder, weights.files), size)
+    return HFModel(built, kind, folder_digest(folder, weights.files), size)
 
 
 def hf_probe_inputs(model: nn.Module, samples: int = 8, tokens: int = 16, seed: int = 0) -> dict[str, torch.Tensor] | None:

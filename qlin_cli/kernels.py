@@ -13,8 +13,8 @@ Kernels (weights `(N, K)` int8 = `(out_features, in_features)`, activations `x` 
 `dequant` is never chosen by `auto` for a mode it does not implement faithfully: it is the
 reported fallback of weight-only mode where `_weight_int8pack_mm` cannot run.
 
-Selection (`select_kernel`) is a pure function of the request, mode, activation granularity,
-device, dtype and shape, and of what this torch build and CPU offer; it never times anything, so
+Selection (`select_kernel`) is a pure function of the layer's scheme (kernel request, mode,
+activation granularity), the device, dtype and shape, and of what this torch build and CPU offer; it never times anything, so
 the same machine always picks the same kernel and the saved file never depends on it.
 """
 
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .primitives import QMAX, QMIN, dequantize, quantize_activations, row_ranges
+from .scheme import LayerScheme
 
 __all__ = [
     "KernelChoice",
@@ -150,16 +151,15 @@ SMALL_LAYER = {"dynamic": 1 << 17, "static": 1 << 16}
 
 
 def select_kernel(
+    scheme: LayerScheme,
     *,
-    request: str,
-    mode: str,
-    act_granularity: str | None,
     device: torch.device | str,
     dtype: torch.dtype,
     in_features: int,
     out_features: int,
 ) -> KernelChoice:
-    """The kernel a layer runs on `device` for activations of `dtype`. Deterministic."""
+    """The kernel a layer of `scheme` runs on `device` for activations of `dtype`. Deterministic."""
+    request, mode = scheme.kernel, scheme.mode
     device = torch.device(device)
     if mode == "weight-only":
         missing = _weight_int8pack_missing(device.type, dtype, in_features, out_features)
@@ -174,7 +174,7 @@ def select_kernel(
         return KernelChoice(
             "dequant", f"auto: kept in float: int8 is slower than float for {mode} layers under "
             f"{small:,} weights on CPU ({in_features}x{out_features})", False)
-    per_token = act_granularity == "token"
+    per_token = scheme.per_token
     missing = _fbgemm_unusable(device, dtype)
     if mode == "static" or per_token:
         # fixed activation parameters (calibrated, or per-token rows normalized to [-1, 1]):
@@ -406,7 +406,7 @@ def pack(
     zero_point: torch.Tensor,
     bias: torch.Tensor | None,
     *,
-    act_granularity: str | None,
+    per_token: bool,
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
     rules: IntMMRules | None = None,
@@ -415,7 +415,8 @@ def pack(
 ):
     """Prepare the operands of `choice.name` once, on `device`; returns a callable
     `(M, K) float -> (M, N)` in the input's dtype. `act_qparams` (scale `()`, zero point `()`)
-    makes activations static; `smooth` `(K,)` divides them first (SmoothQuant). `rules`
+    makes activations static, else `per_token` says whether dynamic activations are quantized per
+    row or per tensor; `smooth` `(K,)` divides them first (SmoothQuant). `rules`
     overrides the device's `_int_mm` shape rules (tests use it to exercise CUDA's on CPU)."""
     device = torch.device(device)
     weight, scale, zero_point = weight.to(device), scale.to(device), zero_point.to(device)
@@ -425,9 +426,9 @@ def pack(
         act_qparams = (act_qparams[0].to(device), act_qparams[1].to(device))
     if choice.name == "int_mm":
         rules = rules or INT_MM_RULES.get(device.type, IntMMRules())
-        return _IntMM(weight, scale, zero_point, bias, act_granularity == "token", rules, act_qparams, smooth)
+        return _IntMM(weight, scale, zero_point, bias, per_token, rules, act_qparams, smooth)
     if choice.name == "fbgemm":
-        return _Fbgemm(weight, scale, zero_point, bias, act_qparams, smooth, act_granularity == "token")
+        return _Fbgemm(weight, scale, zero_point, bias, act_qparams, smooth, per_token)
     if choice.name == "weight_only":
         return _WeightOnly(weight, scale, zero_point, bias, dtype)
     if choice.name == "dequant":

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import Granularity
+from .scheme import PER_TENSOR, Granularity
 from .errors import ConfigError
 from .primitives import MIN_SCALE, QMAX, QMIN, SYM_QMAX, amin_amax, check_finite, qparams_from_range
 
@@ -115,7 +115,7 @@ class HistogramObserver(Observer):
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """x as (C, n) float32 on the CPU: one row per channel (one row per tensor)."""
         x = x.detach().float().cpu()
-        if self.granularity.kind == "tensor":
+        if self.granularity == PER_TENSOR:
             return x.reshape(1, -1)
         return x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)
 

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .config import Granularity
+from .scheme import PER_TENSOR, Granularity
 from .errors import InputError
 
 __all__ = [
@@ -60,7 +60,7 @@ def amin_amax(
     weights `(out, in)`: one per row; axis 1 for activations `(tokens, in)`: one per input
     channel)."""
     flat = x.detach().float()
-    if granularity.kind == "tensor":
+    if granularity == PER_TENSOR:
         flat = flat.reshape(-1)
     else:
         flat = flat.movedim(axis, 0).reshape(x.shape[axis], -1)

@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn as nn
 
-from .config import Granularity
 from .kernels import KernelChoice, pack, select_kernel
 from .observers import make_observer
 from .primitives import check_finite, quantize
+from .scheme import LayerScheme
 
 __all__ = ["QuantizedLinear", "pack_all"]
 
@@ -32,28 +32,22 @@ class QuantizedLinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
+        scheme: LayerScheme,
         *,
         bias: bool,
-        mode: str,
-        granularity: Granularity,
-        symmetric: bool,
-        act_granularity: str | None,
-        kernel: str = "auto",
         dtype: torch.dtype = torch.float32,
-        smooth: bool = False,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.mode, self.granularity, self.symmetric = mode, granularity, symmetric
-        self.act_granularity, self.kernel_request, self.dtype = act_granularity, kernel, dtype
-        sshape = granularity.scale_shape((out_features, in_features))
+        self.in_features, self.out_features, self.scheme, self.dtype = in_features, out_features, scheme, dtype
+        sshape = scheme.granularity.scale_shape((out_features, in_features))
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(sshape, dtype=torch.float32))
         self.register_buffer("weight_zero_point", torch.zeros(sshape, dtype=torch.int8))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
-        static = mode == "static"
+        static = scheme.static
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32) if static else None)
         self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int8) if static else None)
+        smooth = scheme.smooth is not None
         self.register_buffer("smooth_scale", torch.ones(in_features, dtype=torch.float32) if smooth else None)
         self.kernel: KernelChoice | None = None
         self._run = None
@@ -61,39 +55,35 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, *, mode: str, granularity: Granularity, symmetric: bool,
-        act_granularity: str | None, kernel: str = "auto", name: str = "layer",
-        weight_observer: str = "minmax", weight_percentile: float = 99.99, input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
-        smooth_scale: torch.Tensor | None = None,
+        cls, linear: nn.Linear, scheme: LayerScheme, *, name: str = "layer",
+        input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None, smooth_scale: torch.Tensor | None = None,
     ) -> "QuantizedLinear":
-        """Quantize `linear.weight` `(out, in)` with the given scheme (not yet packed).
+        """Quantize `linear.weight` `(out, in)` with `scheme` (not yet packed).
 
         `input_qparams` (scale `()`, zero point `()`) are static mode's calibrated activation
-        parameters; `smooth_scale` `(in,)` multiplies the weight's columns (SmoothQuant) and
-        divides the activations at run time.
+        parameters; `smooth_scale` `(in,)` (SmoothQuant's factors, for a scheme with `smooth`)
+        multiplies the weight's columns and divides the activations at run time.
         """
         w = linear.weight.detach()
         check_finite(w, f"layer {name!r}: weight")
         if linear.bias is not None:
             check_finite(linear.bias, f"layer {name!r}: bias")
-        q = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode,
-            granularity=granularity, symmetric=symmetric, act_granularity=act_granularity,
-            kernel=kernel, dtype=w.dtype, smooth=smooth_scale is not None,
-        )
+        if (smooth_scale is None) != (scheme.smooth is None):
+            raise ValueError("a scheme with smooth needs smooth_scale from calibration, and only it")
+        q = cls(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None, dtype=w.dtype)
         if smooth_scale is not None:
             w = w.float() * smooth_scale  # (out, in) * (in,)
             q.smooth_scale.copy_(smooth_scale)
-        options = {"percentile": weight_percentile} if weight_observer == "percentile" else {}
-        observer = make_observer(weight_observer, granularity, axis=0, what=f"layer {name!r}: weight", **options)
+        options = {"percentile": scheme.percentile} if scheme.weight_observer == "percentile" else {}
+        observer = make_observer(scheme.weight_observer, scheme.granularity, axis=0, what=f"layer {name!r}: weight", **options)
         observer.update(w)
-        scale, zp = observer.qparams(symmetric)
-        q.weight.copy_(quantize(w, scale, zp, symmetric))
+        scale, zp = observer.qparams(scheme.symmetric)
+        q.weight.copy_(quantize(w, scale, zp, scheme.symmetric))
         q.weight_scale.copy_(scale)
         q.weight_zero_point.copy_(zp)
         if linear.bias is not None:
             q.bias.copy_(linear.bias.detach())
-        if mode == "static":
+        if scheme.static:
             if input_qparams is None:
                 raise ValueError("static mode needs input_qparams from calibration")
             q.input_scale.copy_(input_qparams[0])
@@ -104,14 +94,13 @@ class QuantizedLinear(nn.Module):
         """Move the buffers to `device`, choose this machine's kernel and prepare its operands."""
         self.to(device)
         self.kernel = select_kernel(
-            request=self.kernel_request, mode=self.mode, act_granularity=self.act_granularity,
-            device=device, dtype=self.dtype, in_features=self.in_features,
+            self.scheme, device=device, dtype=self.dtype, in_features=self.in_features,
             out_features=self.out_features,
         )
         act = None if self.input_scale is None else (self.input_scale, self.input_zero_point)
         self._run = pack(
             self.kernel, self.weight, self.weight_scale, self.weight_zero_point, self.bias,
-            act_granularity=self.act_granularity, device=device, dtype=self.dtype,
+            per_token=self.scheme.per_token, device=device, dtype=self.dtype,
             act_qparams=act, smooth=self.smooth_scale, **pack_options,
         )
         self._any_rank = getattr(self._run, "takes_any_rank", False)
@@ -127,10 +116,11 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kernel = self.kernel.name if self.kernel else "unpacked"
+        s = self.scheme
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
-            f"granularity={self.granularity}, symmetric={self.symmetric}, kernel={kernel}"
-            + (", smoothed" if self.smooth_scale is not None else "")
+            f"in_features={self.in_features}, out_features={self.out_features}, mode={s.mode}, "
+            f"granularity={s.granularity}, symmetric={s.symmetric}, kernel={kernel}"
+            + (", smoothed" if s.smooth is not None else "")
         )
 
 

@@ -1,89 +1,41 @@
-"""Measuring what quantization gained and lost: output metrics, latency, and report rendering.
+"""What quantization gained and lost, as typed reports: `QuantizeReport`, `EvalReport`,
+`InspectReport` (a qlin file) and `FloatInspectReport` (a float checkpoint).
 
-Reports are plain dicts (JSON-able); `to_markdown` renders the quantize and eval reports.
+Each report has `to_dict()` (JSON-able: the `--json` output and the `--report` file) and lays
+itself out as renderer-neutral parts: `title`, `facts()`, `tables()` (`Table`), `summary()` and
+`warnings()`. `to_markdown` renders any report; the CLI renders the same parts with rich. What a
+layer's "note" says is decided once, in `layer_note`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
-import statistics
-import time
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn as nn
 
+from .config import QuantConfig
 from .errors import InputError
+from .files import write_atomic
 from .primitives import sqnr_db
+from .quantize import LayerResult
+from .scheme import PER_CHANNEL, PER_TENSOR
 
 __all__ = [
-    "first_tensor",
     "compare_outputs",
-    "batches",
-    "run_model",
-    "median_latency_ms",
-    "summary_lines",
-    "to_markdown",
     "json_safe",
+    "Table",
+    "layer_note",
+    "QuantizeReport",
+    "EvalReport",
+    "InspectReport",
+    "FloatInspectReport",
+    "to_markdown",
+    "write_report",
 ]
-
-Inputs = torch.Tensor | dict[str, torch.Tensor]
-
-
-def first_tensor(output: Any, where: str = "output") -> tuple[torch.Tensor, str]:
-    """The first tensor of a model output (a tensor, tuple/list, dict or dataclass such as
-    transformers' ModelOutput) and a description of where it was found."""
-    if isinstance(output, torch.Tensor):
-        return output, where
-    if isinstance(output, dict):
-        items = list(output.items())
-    elif dataclasses.is_dataclass(output):
-        items = [(f.name, getattr(output, f.name)) for f in dataclasses.fields(output)]
-    elif isinstance(output, (tuple, list)):
-        items = list(enumerate(output))
-    else:
-        items = []
-    for key, value in items:
-        if value is None:
-            continue
-        try:
-            return first_tensor(value, f"{where}[{key!r}]")
-        except InputError:
-            continue
-    raise InputError(f"the model output ({type(output).__name__}) holds no tensor to compare")
-
-
-def num_samples(inputs: Inputs) -> int:
-    return (next(iter(inputs.values())) if isinstance(inputs, dict) else inputs).shape[0]
-
-
-def batches(inputs: Inputs, batch_size: int) -> Iterator[Inputs]:
-    """Slices of `inputs` along the first (sample) dimension."""
-    n = num_samples(inputs)
-    for start in range(0, n, batch_size):
-        if isinstance(inputs, dict):
-            yield {k: v[start : start + batch_size] for k, v in inputs.items()}
-        else:
-            yield inputs[start : start + batch_size]
-
-
-@torch.no_grad()
-def run_model(model: nn.Module, inputs: Inputs, what: str = "model") -> Any:
-    """`model(inputs)` (keyword arguments for a dict), with a one-line error if they don't fit."""
-    try:
-        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    except InputError:
-        raise
-    except Exception as exc:
-        shape = (
-            {k: tuple(v.shape) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(inputs.shape)
-        )
-        text = str(exc).strip().splitlines()
-        raise InputError(
-            f"the inputs {shape} do not fit the {what} ({type(exc).__name__}: {text[0][:160] if text else ''})"
-        ) from None
-
 
 def compare_outputs(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float | None]:
     """Error of `test` against `reference` `(N, ...)`: SQNR dB, mean per-sample cosine, max abs
@@ -102,23 +54,6 @@ def compare_outputs(reference: torch.Tensor, test: torch.Tensor) -> dict[str, fl
     }
 
 
-@torch.no_grad()
-def median_latency_ms(models: list[nn.Module], inputs: Inputs, batch_size: int, repeats: int = 5) -> list[float]:
-    """Median wall time (ms) of one batch for each model, timing the models interleaved (every
-    batch goes through each model in turn) after one warm-up pass."""
-    samples: list[list[float]] = [[] for _ in models]
-    chunks = list(batches(inputs, batch_size))
-    for model in models:  # warm-up
-        run_model(model, chunks[0])
-    for _ in range(repeats):
-        for chunk in chunks:
-            for i, model in enumerate(models):
-                t0 = time.perf_counter()
-                run_model(model, chunk)
-                samples[i].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(s) for s in samples]
-
-
 def json_safe(obj: Any) -> Any:
     """Replace non-finite floats (not valid JSON) by strings 'inf' / '-inf' / 'nan'."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -130,9 +65,12 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
+def fmt(value: Any, digits: int = 2) -> str:
+    """A cell: "-" for None, fixed digits for floats, "(a, b)" for shapes."""
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, float):
         return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
     if isinstance(value, (list, tuple)):
@@ -140,47 +78,325 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def summary_lines(report: dict) -> list[str]:
-    """The quantize report's totals, model-level error and fallback steps, one line each."""
-    t, probe = report["totals"], report["probe"]
-    lines = [
-        f"layers: {t['layers_quantized']} of {t['layers_total']} quantized, {t['layers_skipped']} kept float",
-        f"file size: {t['size_float_bytes']:,} -> {t['size_int8_bytes']:,} bytes ({t['compression']:.2f}x smaller); "
-        f"Linear weights: {t['linear_bytes_float']:,} -> {t['linear_bytes_int8']:,} bytes",
-    ]
-    if probe.get("sqnr_db") is not None:
-        lines.append(
-            f"model output on {probe['description']} ({probe['compared']}): SQNR {_fmt(probe['sqnr_db'])} dB, "
-            f"cosine {_fmt(probe['cosine'], 5)}, max abs err {probe['max_abs_err']:.3g}"
-        )
-    else:
-        lines.append(f"model output: not measured ({probe.get('note', '')})")
-    fb = report.get("fallback")
-    if fb is not None:
-        lines.append(
-            f"accuracy fallback to {fb['target_sqnr_db']:g} dB: all int8 gave {fb['initial_sqnr_db']:.2f} dB"
-            + "".join(f"; {st['layer']} float -> {st['sqnr_db_after']:.2f} dB" for st in fb["steps"])
-        )
-    return lines
+@dataclass(frozen=True)
+class Table:
+    """A table as both renderers draw it (Markdown here, rich in the CLI): cells are text."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    numeric: frozenset[str] = frozenset()  # columns aligned right
 
 
-def to_markdown(report: dict) -> str:
-    """The quantize report as Markdown: summary lines, then one row per layer."""
-    lines = [
-        f"# qlin quantize report: {report['source']}",
-        "",
-        f"- output: `{report['output']}`",
-        f"- config: `{report['config']}`",
-        *(f"- {line}" for line in summary_lines(report)),
-        "",
-        "| layer | weight shape | scale shape | kernel | weight SQNR dB | output SQNR dB | bytes float -> int8 | note |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["layers"]:
-        note = r["reason"] if r["status"] == "skipped" else (r.get("kernel_reason") or "")
-        lines.append(
-            f"| {r['name'] or '(root)'} | {_fmt(r['weight_shape'])} | {_fmt(r.get('scale_shape'))} | "
-            f"{r.get('kernel') or 'float'} | {_fmt(r.get('weight_sqnr_db'))} | {_fmt(r.get('output_sqnr_db'))} | "
-            f"{r['bytes_float']} -> {r['bytes_int8']} | {note} |"
+def layer_note(status: str, reason: str, kernel: str | None, kernel_reason: str | None,
+               batch_invariant: bool | None) -> str:
+    """The one "note" of a layer in every table: why it is float; for a quantized layer how its
+    function was captured (an nn.Linear subclass), why its kernel is not the one asked for (a
+    fallback, or kept in float for speed), and whether its rows depend on the batch."""
+    if status != "quantized":
+        return reason
+    parts = [reason] if reason else []
+    if kernel_reason and (kernel_reason.startswith("fallback") or kernel == "dequant"):
+        parts.append(kernel_reason)
+    if batch_invariant is False:
+        parts.append("batch-dependent")
+    return "; ".join(parts)
+
+
+class _Report:
+    """The parts every report lays out; see the module docstring."""
+
+    title: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def facts(self) -> list[str]:
+        return []
+
+    def tables(self) -> list[Table]:
+        return []
+
+    def summary(self) -> list[str]:
+        return []
+
+    def warnings(self) -> list[str]:
+        return []
+
+
+def _row_dict(r: LayerResult) -> dict[str, Any]:
+    """A quantize report's layer row: the result's keys, the weight shape `(out, in)` and the
+    scale shape its scheme gives."""
+    shape = (r.plan.out_features, r.plan.in_features)
+    scheme = r.plan.scheme
+    return {**r.to_dict(), "weight_shape": list(shape),
+            "scale_shape": None if scheme is None else list(scheme.granularity.scale_shape(shape))}
+
+
+@dataclass
+class QuantizeReport(_Report):
+    """What `qlin quantize` did: the layers, the model-level error on a probe, the sizes."""
+
+    source: str
+    source_kind: str
+    output: str
+    format: str
+    config: QuantConfig
+    device: str
+    calibration: dict[str, Any] | None  # file, samples, batch_size, used_for
+    layers: tuple[LayerResult, ...]
+    probe: dict[str, Any]  # description, compared, note, and compare_outputs' metrics when measured
+    fallback: dict[str, Any] | None
+    size_float_bytes: int
+    size_int8_bytes: int
+
+    @property
+    def title(self) -> str:
+        return f"qlin quantize {self.source} -> {self.output}"
+
+    def totals(self) -> dict[str, Any]:
+        quantized = [r for r in self.layers if r.status == "quantized"]
+        kernels: dict[str, int] = {}
+        for r in quantized:
+            kernels[r.kernel] = kernels.get(r.kernel, 0) + 1
+        return {
+            "layers_total": len(self.layers),
+            "layers_quantized": len(quantized),
+            "layers_skipped": len(self.layers) - len(quantized),
+            "linear_bytes_float": sum(r.bytes_float for r in self.layers),
+            "linear_bytes_int8": sum(r.bytes_int8 for r in self.layers),
+            "size_float_bytes": self.size_float_bytes,
+            "size_int8_bytes": self.size_int8_bytes,
+            "compression": self.size_float_bytes / self.size_int8_bytes,
+            "kernels": dict(sorted(kernels.items())),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "source_kind": self.source_kind, "output": self.output, "format": self.format,
+            "config": self.config.to_dict(), "device": self.device, "calibration": self.calibration,
+            "layers": [_row_dict(r) for r in self.layers], "probe": self.probe, "fallback": self.fallback,
+            "totals": self.totals(),
+        }
+
+    def tables(self) -> list[Table]:
+        static = any(r.plan.scheme is not None and r.plan.scheme.static for r in self.layers)
+        calibrated = self.calibration is not None
+        cols = ["layer", "weight shape", "scale shape", "kernel", "weight SQNR dB"]
+        cols += ["output SQNR dB"] if calibrated else []
+        cols += ["input range", "input scale"] if static else []
+        cols += ["bytes float -> int8", "note"]
+        rows = []
+        for r in self.layers:
+            d = _row_dict(r)
+            cells = [r.name or "(root)", fmt(d["weight_shape"]), fmt(d["scale_shape"]), r.kernel or "float",
+                     fmt(r.weight_sqnr_db)]
+            cells += [fmt(r.output_sqnr_db)] if calibrated else []
+            if static:
+                rng = r.input_range
+                cells += [f"[{rng[0]:.3g}, {rng[1]:.3g}]" if rng else "-",
+                          f"{r.input_scale:.3g} (z={r.input_zero_point})" if r.input_scale is not None else "-"]
+            note = layer_note(r.status, r.plan.reason, r.kernel, r.kernel_reason, r.batch_invariant)
+            rows.append((*cells, f"{r.bytes_float:,} -> {r.bytes_int8:,}", note))
+        numeric = frozenset(c for c in cols if "SQNR" in c or "bytes" in c or "input" in c)
+        return [Table(self.title, tuple(cols), tuple(rows), numeric)]
+
+    def summary(self) -> list[str]:
+        """Totals, the model-level error and the fallback steps, one line each."""
+        t, probe = self.totals(), self.probe
+        if t["compression"] >= 1:
+            size = f"{t['compression']:.2f}x smaller"
+        else:
+            size = f"{1 / t['compression']:.2f}x larger"
+        lines = [
+            f"layers: {t['layers_quantized']} of {t['layers_total']} quantized, {t['layers_skipped']} kept float",
+            f"file size: {t['size_float_bytes']:,} -> {t['size_int8_bytes']:,} bytes ({size}); "
+            f"Linear weights: {t['linear_bytes_float']:,} -> {t['linear_bytes_int8']:,} bytes",
+        ]
+        if probe.get("sqnr_db") is not None:
+            lines.append(
+                f"model output on {probe['description']} ({probe['compared']}): SQNR {fmt(probe['sqnr_db'])} dB, "
+                f"cosine {fmt(probe['cosine'], 5)}, max abs err {probe['max_abs_err']:.3g}"
+            )
+        else:
+            lines.append(f"model output: not measured ({probe.get('note', '')})")
+        fb = self.fallback
+        if fb is not None:
+            lines.append(
+                f"accuracy fallback to {fb['target_sqnr_db']:g} dB: all int8 gave {fb['initial_sqnr_db']:.2f} dB"
+                + "".join(f"; {st['layer']} float -> {st['sqnr_db_after']:.2f} dB" for st in fb["steps"])
+            )
+        return lines
+
+
+@dataclass
+class EvalReport(_Report):
+    """The float and the int8 model on the same inputs: errors, agreement, accuracy, latency."""
+
+    source: str  # the two files compared (named in the title, not in to_dict)
+    quantized: str
+    compared: str  # where in the model's output the compared tensor was found
+    samples: int
+    output_shape: list[int]
+    metrics: dict[str, float | None]  # compare_outputs
+    accuracy_float: float | None
+    accuracy_int8: float | None
+    latency_float_ms: float
+    latency_int8_ms: float
+    batch_size: int
+    threads: int
+    size_float_bytes: int
+    size_int8_bytes: int
+    kernels: dict[str, int]
+    device: str
+    source_matches: bool  # the qlin file records this source's sha256
+
+    @property
+    def title(self) -> str:
+        return f"qlin eval: {self.source} vs {self.quantized} on {self.samples} samples ({self.compared})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "compared": self.compared, "samples": self.samples, "output_shape": self.output_shape, **self.metrics,
+            "accuracy_float": self.accuracy_float, "accuracy_int8": self.accuracy_int8,
+            "latency_float_ms": self.latency_float_ms, "latency_int8_ms": self.latency_int8_ms,
+            "speedup": self.latency_float_ms / self.latency_int8_ms, "batch_size": self.batch_size,
+            "threads": self.threads, "size_float_bytes": self.size_float_bytes,
+            "size_int8_bytes": self.size_int8_bytes, "kernels": self.kernels, "device": self.device,
+            "source_matches": self.source_matches,
+        }
+
+    def tables(self) -> list[Table]:
+        m = self.metrics
+        rows = (
+            ("SQNR dB", fmt(m["sqnr_db"])), ("cosine (mean per sample)", fmt(m["cosine"], 6)),
+            ("max abs error", f"{m['max_abs_err']:.4g}"), ("MSE", f"{m['mse']:.4g}"),
+            ("top-1 agreement", fmt(m["top1_agreement"], 4)),
+            ("accuracy float", fmt(self.accuracy_float, 4)), ("accuracy int8", fmt(self.accuracy_int8, 4)),
+            (f"latency float ms (batch {self.batch_size}, {self.threads} threads)", fmt(self.latency_float_ms, 3)),
+            ("latency int8 ms", fmt(self.latency_int8_ms, 3)),
+            ("speedup", f"{self.latency_float_ms / self.latency_int8_ms:.2f}x"),
+            ("size float bytes", f"{self.size_float_bytes:,}"), ("size int8 bytes", f"{self.size_int8_bytes:,}"),
+            ("kernels", ", ".join(f"{k} x{v}" for k, v in self.kernels.items())),
         )
-    return "\n".join(lines) + "\n"
+        return [Table(self.title, ("metric", "value"), rows, frozenset({"value"}))]
+
+    def warnings(self) -> list[str]:
+        return [] if self.source_matches else ["note: the qlin file records another source file (sha256 differs)"]
+
+
+@dataclass
+class InspectReport(_Report):
+    """A qlin file: its metadata, config, and every layer's tensors, scheme and kernel here."""
+
+    path: str
+    metadata: dict[str, str]  # all but config and plan
+    config: QuantConfig
+    layers: list[dict[str, Any]]  # see api.inspect_path
+    tensors: int
+    size_bytes: int
+    verified: bool
+
+    @property
+    def title(self) -> str:
+        return f"{self.path}: {len(self.layers)} Linear layers"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "kind": "qlin", "metadata": self.metadata, "config": self.config.to_dict(),
+            "layers": self.layers, "tensors": self.tensors, "size_bytes": self.size_bytes, "verified": self.verified,
+        }
+
+    def facts(self) -> list[str]:
+        return [*(f"{k}: {v}" for k, v in self.metadata.items()), f"config: {json.dumps(self.config.to_dict())}"]
+
+    def tables(self) -> list[Table]:
+        cols = ("layer", "weight", "scale shape", "zero point shape", "granularity", "symmetric",
+                "scale min", "scale max", "kernel here", "note")
+        rows = []
+        for r in self.layers:
+            name = r["name"] or "(root)"
+            if r["status"] != "quantized":
+                rows.append((name, fmt(r["weight_shape"]), *["-"] * 7, f"float: {r['reason']}"))
+                continue
+            notes = [layer_note(r["status"], r["reason"], r["kernel"], r["kernel_reason"], r["batch_invariant"])]
+            if r["mode"] == "static":
+                notes.append(f"static input scale {r['input_scale']:.3g}, zero point {r['input_zero_point']} ({r['observer']})")
+            if r["smooth"] is not None:
+                notes.append(f"SmoothQuant alpha {r['smooth']}")
+            rows.append((
+                name, f"{r['weight_dtype']} {fmt(r['weight_shape'])}", fmt(r["scale_shape"]),
+                fmt(r["zero_point_shape"]), r["granularity"], fmt(r["symmetric"]),
+                f"{r['scale_min']:.3g}", f"{r['scale_max']:.3g}", r["kernel"], "; ".join(n for n in notes if n),
+            ))
+        return [Table(self.title, cols, tuple(rows))]
+
+    def summary(self) -> list[str]:
+        return [f"payload sha256 verified: {self.metadata['payload_sha256']}"] if self.verified else []
+
+
+@dataclass
+class FloatInspectReport(_Report):
+    """A float checkpoint: its Linear layers (or 2-D float weights) and the scale shape each
+    would get per tensor and per channel."""
+
+    path: str
+    kind: str
+    note: str
+    layers: list[tuple[str, tuple[int, ...], str]]  # (name, weight shape (out, in), type)
+    size_bytes: int
+
+    @property
+    def title(self) -> str:
+        return f"{self.path}: {self.kind}, {self.note}"
+
+    def to_dict(self) -> dict[str, Any]:
+        layers = [
+            {"name": name, "weight_shape": list(shape), "type": typ,
+             "scale_shape_per_tensor": list(PER_TENSOR.scale_shape(shape)),
+             "scale_shape_per_channel": list(PER_CHANNEL.scale_shape(shape))}
+            for name, shape, typ in self.layers
+        ]
+        return {"path": self.path, "kind": self.kind, "note": self.note, "layers": layers, "size_bytes": self.size_bytes}
+
+    def tables(self) -> list[Table]:
+        rows = tuple(
+            (name or "(root)", fmt(shape), fmt(PER_TENSOR.scale_shape(shape)), fmt(PER_CHANNEL.scale_shape(shape)))
+            for name, shape, _ in self.layers
+        )
+        return [Table(self.title, ("layer", "weight shape", "scale shape per tensor", "scale shape per channel"), rows)]
+
+
+def _markdown_table(t: Table) -> list[str]:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    return [
+        f"| {' | '.join(t.columns)} |",
+        "|" + "|".join("---:" if c in t.numeric else "---" for c in t.columns) + "|",
+        *(f"| {' | '.join(cell(c) for c in row)} |" for row in t.rows),
+    ]
+
+
+def to_markdown(report: _Report) -> str:
+    """Any report as Markdown: the title, its facts, its tables, its summary and warnings."""
+    lines = [f"# {report.title}", ""]
+    if report.facts():
+        lines += [*(f"- {line}" for line in report.facts()), ""]
+    for t in report.tables():
+        lines += [*_markdown_table(t), ""]
+    lines += [f"- {line}" for line in (*report.summary(), *report.warnings())]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def report_json(report: _Report) -> str:
+    """The report as the JSON text `--json` prints and `--report` writes."""
+    return json.dumps(json_safe(report.to_dict()), indent=2) + "\n"
+
+
+def write_report(report: _Report, path: Path, *, force: bool) -> tuple[Path, Path]:
+    """Write the report as JSON at `path` and as Markdown beside it (`.md`), atomically."""
+    md = path.with_suffix(".md")
+    write_atomic(path, report_json(report).encode(), force=force)
+    write_atomic(md, to_markdown(report).encode(), force=force)
+    return path, md

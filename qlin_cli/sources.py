@@ -7,7 +7,6 @@ of the `torch.nn` module classes it names.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -23,15 +22,14 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from .errors import InputError
+from .errors import InputError, one_line
+from .files import SAFETENSORS_DTYPES, check_file, file_sha256, tensor_bytes
+from .hf import is_hf_folder, load_hf_folder
 
-__all__ = [
-    "Source", "read_checkpoint", "load_source", "load_factory", "load_tensors", "file_sha256", "check_file",
-    "check_source",
-]
+__all__ = ["Source", "read_checkpoint", "load_source", "load_factory", "load_tensors", "check_source"]
 
 
 @dataclass
@@ -45,38 +43,10 @@ class Source:
     size_bytes: int
 
 
-def check_file(path: str | Path, what: str = "file") -> Path:
-    """`path` as a Path if it is an existing, readable, non-empty regular file; else InputError."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} {path} does not exist")
-    if path.is_dir():
-        raise InputError(f"{what} {path} is a directory, not a file")
-    try:
-        with path.open("rb") as f:
-            if not f.read(1):
-                raise InputError(f"{what} {path} is empty")
-    except PermissionError:
-        raise InputError(f"{what} {path} is not readable (permission denied)") from None
-    return path
-
-
 def check_source(path: str | Path) -> Path:
     """A model source: a Hugging Face model folder (a folder with config.json, see hf.py), or
     else a file as `check_file` accepts it (any other folder is an error)."""
-    from .hf import is_hf_folder
-
     return Path(path) if is_hf_folder(path) else check_file(path, "source")
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 def load_factory(spec: str) -> Callable[[], nn.Module]:
@@ -84,7 +54,7 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
     folder, which is put on sys.path as `python -m` does)."""
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not mod_name or not fn_name:
-        raise InputError(f"--model {spec!r} must look like package.module:factory or file.py:factory")
+        raise InputError(f"`model` {spec!r} must look like package.module:factory or file.py:factory")
     cwd = str(Path.cwd())
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
@@ -92,7 +62,7 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
         if mod_name.endswith(".py"):
             file = Path(mod_name)
             if not file.is_file():
-                raise InputError(f"--model {spec!r}: file {file} does not exist")
+                raise InputError(f"`model` {spec!r}: file {file} does not exist")
             module_spec = importlib.util.spec_from_file_location(file.stem, file)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[file.stem] = module
@@ -102,10 +72,10 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
     except InputError:
         raise
     except Exception as exc:  # importing user code can raise anything
-        raise InputError(f"--model {spec!r}: cannot import {mod_name!r} ({_one_line(exc)})") from None
+        raise InputError(f"`model` {spec!r}: cannot import {mod_name!r} ({one_line(exc)})") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise InputError(f"--model {spec!r}: {mod_name!r} has no callable {fn_name!r}")
+        raise InputError(f"`model` {spec!r}: {mod_name!r} has no callable {fn_name!r}")
     return fn
 
 
@@ -114,9 +84,9 @@ def _build(spec: str) -> nn.Module:
     try:
         model = fn()
     except Exception as exc:
-        raise InputError(f"--model {spec!r}: the factory raised {_one_line(exc)}") from None
+        raise InputError(f"`model` {spec!r}: the factory raised {one_line(exc)}") from None
     if not isinstance(model, nn.Module):
-        raise InputError(f"--model {spec!r} returned {type(model).__name__}, not an nn.Module")
+        raise InputError(f"`model` {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -136,7 +106,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)  # the user trusts it
         except Exception as exc:
-            raise InputError(f"{path} could not be unpickled: {_one_line(exc)}") from None
+            raise InputError(f"{path} could not be unpickled: {one_line(exc)}") from None
     allowed = []
     if not zipfile.is_zipfile(path):
         with path.open("rb") as f:
@@ -146,14 +116,14 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception as exc:
-            raise InputError(f"{path} is not a readable PyTorch checkpoint ({_one_line(exc)})") from None
+            raise InputError(f"{path} is not a readable PyTorch checkpoint ({one_line(exc)})") from None
         for name in names:
             cls = _nn_class(name)
             if cls is None:
                 raise InputError(
                     f"{path} pickles {name}, which is not a torch.nn class, and unpickling it "
-                    "could run code: pass --trust-pickle if you trust the file, or give a state "
-                    "dict with --model package.module:factory"
+                    "could run code: pass `trust_pickle` if you trust the file, or give a state "
+                    "dict with `model` package.module:factory"
                 )
             allowed.append(cls)
     try:
@@ -163,10 +133,10 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     except pickle.UnpicklingError as exc:
         detail = _unpickling_detail(exc)
         raise InputError(
-            f"{path} cannot be loaded safely ({detail}); pass --trust-pickle if you trust the file"
+            f"{path} cannot be loaded safely ({detail}); pass `trust_pickle` if you trust the file"
         ) from None
     except Exception as exc:
-        raise InputError(f"{path} is not a PyTorch checkpoint or safetensors file ({_one_line(exc)})") from None
+        raise InputError(f"{path} is not a PyTorch checkpoint or safetensors file ({one_line(exc)})") from None
 
 
 def _unpickling_detail(exc: Exception) -> str:
@@ -186,7 +156,7 @@ _BAD_SAFETENSORS = (SafetensorError, OSError, ValueError, RuntimeError)
 
 
 def _not_safetensors(what: str, path: Path, exc: BaseException) -> InputError:
-    return InputError(f"{what} {path} is not a valid safetensors file ({_one_line(exc)})")
+    return InputError(f"{what} {path} is not a valid safetensors file ({one_line(exc)})")
 
 
 def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -217,7 +187,7 @@ def _check_keys(model_keys, file_keys, path: Path, spec: str) -> None:
             parts.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
-        raise InputError(f"{path} does not fit --model {spec}: keys {', '.join(parts)}")
+        raise InputError(f"{path} does not fit `model` {spec}: keys {', '.join(parts)}")
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, spec: str) -> None:
@@ -226,8 +196,8 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, sp
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
-        detail = lines[0] if lines else _one_line(exc)
-        raise InputError(f"{path} does not fit --model {spec}: {detail}") from None
+        detail = lines[0] if lines else one_line(exc)
+        raise InputError(f"{path} does not fit `model` {spec}: {detail}") from None
 
 
 def _plain_loading(model: nn.Module) -> bool:
@@ -256,8 +226,6 @@ def _fill_from_safetensors(model: nn.Module, path: Path, spec: str) -> None:
     needs no memory beyond the model (load_file + load_state_dict held the whole state dict
     besides it: +1x the model). A tensor of another dtype than the model's is read aside and
     converted, as load_state_dict does."""
-    from .qfile import SAFETENSORS_DTYPES, tensor_bytes
-
     by_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     targets = model.state_dict(keep_vars=True)
     try:
@@ -270,13 +238,11 @@ def _fill_from_safetensors(model: nn.Module, path: Path, spec: str) -> None:
                 t, entry = target.detach(), header[key]
                 if list(t.shape) != entry["shape"]:
                     raise InputError(
-                        f"{path} does not fit --model {spec}: size mismatch for {key}: "
+                        f"{path} does not fit `model` {spec}: size mismatch for {key}: "
                         f"{entry['shape']} in the file, {list(t.shape)} in the model"
                     )
                 dtype = by_name.get(entry["dtype"])
                 if dtype is None:  # a dtype qlin does not read itself
-                    from safetensors import safe_open
-
                     with safe_open(path, framework="pt") as st:
                         t.copy_(st.get_tensor(key))
                     continue
@@ -318,9 +284,8 @@ def load_source(
     """
     path = check_source(path)
     if path.is_dir():
-        from .hf import load_hf_folder
-
-        return load_hf_folder(path, model=model)
+        hf = load_hf_folder(path, model=model)
+        return Source(hf.model, path, hf.kind, hf.sha256, hf.size_bytes)
     if path.suffix == ".safetensors" and model is not None:
         _reject_qlin_file(path)  # also validates the header, before the model is built
         built, kind = _build(model), "safetensors state dict"
@@ -335,7 +300,7 @@ def load_source(
         else:
             if model is None:
                 raise InputError(
-                    f"{path} is a state dict ({len(obj)} tensors): pass --model package.module:factory "
+                    f"{path} is a state dict ({len(obj)} tensors): pass `model` package.module:factory "
                     "to say which architecture it belongs to"
                 )
             built = _build(model)
@@ -346,8 +311,6 @@ def load_source(
 
 def _reject_qlin_file(path: Path) -> None:
     """Refuse a qlin file as a float source, and a file safetensors cannot open."""
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -370,7 +333,7 @@ def load_tensors(path: str | Path, what: str = "inputs") -> torch.Tensor | dict[
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise InputError(f"{what} {path} cannot be loaded as tensors ({_one_line(exc)})") from None
+            raise InputError(f"{what} {path} cannot be loaded as tensors ({one_line(exc)})") from None
     if isinstance(obj, dict) and len(obj) == 1:
         obj = next(iter(obj.values()))
     if isinstance(obj, torch.Tensor):

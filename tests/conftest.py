@@ -1,12 +1,19 @@
-"""Shared fixtures: the device list (CPU always, CUDA where there is one) and the sample models."""
+"""Shared fixtures: the device list (CPU always, CUDA where there is one) and the sample models;
+helpers that run qlin (in process, or as a subprocess) and read its files."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import qlin_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
@@ -57,8 +64,6 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 
 def cli_json(capsys, *args) -> dict:
     """Run `qlin ARGS --json` in-process, expect exit 0, and parse stdout as one JSON object."""
-    import json
-
     code, out, err = cli(capsys, *args, "--json")
     assert code == 0, err
     return json.loads(out)  # the whole of stdout is one JSON object (json.loads rejects extra data)
@@ -68,8 +73,6 @@ def tamper(src: Path, dst: Path, *, tensors=None, drop=(), meta=None, plan=None)
     """A copy of qlin file `src` with tensors replaced/added/dropped and metadata changed;
     `plan(list) -> list` edits the plan. The recorded hashes are left stale: validation must
     fail before any hash check."""
-    import json
-
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -99,3 +102,105 @@ def load_encoder() -> torch.nn.Module:
     model = build()
     model.load_state_dict(load_file(SAMPLES / "encoder.safetensors"))
     return model.eval()
+
+
+# the folder that holds the qlin_cli these tests import, for the subprocesses to import the same
+QLIN_ROOT = Path(qlin_cli.__file__).resolve().parents[1]
+
+
+def qlin_env(**extra: str) -> dict[str, str]:
+    """The environment for a `qlin` subprocess: this one, with QLIN_ROOT first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(QLIN_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
+def subprocess_qlin(*args, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    """Run `python -m qlin_cli ARGS` in `cwd` with the extra environment variables `env`."""
+    return subprocess.run(
+        [sys.executable, "-m", "qlin_cli", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=120, env=qlin_env(**env),
+    )
+
+
+def assert_one_error_line(err: str) -> str:
+    """stderr is exactly one non-empty line starting with 'error:' and no traceback."""
+    assert "Traceback" not in err
+    lines = err.strip("\n").splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("error: ") and len(lines[0]) > len("error: "), err
+    assert "internal error" not in lines[0], err  # a QlinError, not an escaped exception
+    return lines[0]
+
+
+def files_in(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `folder` (hidden temporaries included) with its bytes and mtime."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_header(raw: bytes) -> tuple[dict, bytes]:
+    """(header JSON, payload) of safetensors bytes."""
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def join_header(header: dict, payload: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + payload
+
+
+def quantize_once(folder: Path, *options: str) -> Path:
+    """Quantize digits_mlp.pt with `options` into `folder` through the CLI, in process."""
+    import contextlib
+    import io
+
+    from qlin_cli.cli import main
+
+    out = folder / "digits_mlp.int8.safetensors"
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(io.StringIO()):  # not in a test's capsys
+        main(["quantize", str(SAMPLES / "digits_mlp.pt"), "-o", str(out), *options])
+    assert exc.value.code in (0, None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_q(tmp_path_factory) -> Path:
+    """digits_mlp.pt quantized with the default options."""
+    return quantize_once(tmp_path_factory.mktemp("digits_q"))
+
+
+def mlp_with(layer: int, param: str, index: tuple[int, ...], value: float) -> torch.nn.Sequential:
+    """A small seeded MLP whose `model[layer].param[index]` is `value` (e.g. a NaN weight)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with torch.no_grad():
+        getattr(model[layer], param)[index] = value
+    return model
+
+
+class ModuleWith:
+    """A module with some functions replaced (to patch what qlin_cli.files sees, only)."""
+
+    def __init__(self, module, **replaced):
+        self._module = module
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def raising(exc: BaseException):
+    """A function that raises `exc` whatever it is called with."""
+
+    def fn(*args, **kwargs):
+        raise exc
+
+    return fn

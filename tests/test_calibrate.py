@@ -9,6 +9,7 @@ from conftest import SAMPLES, load_digits_mlp, load_encoder
 from qlin_cli import QuantConfig, load_quantized, quantize_model, read_qfile, save_quantized
 from qlin_cli.calibrate import SAMPLE_ROWS, calibrate, input_hooks, smooth_factors
 from qlin_cli.errors import ConfigError, InputError
+from qlin_cli.plan import make_plan
 from qlin_cli.primitives import sqnr_db
 
 
@@ -18,7 +19,7 @@ def calib():
 
 
 def test_static_needs_calibration_data():
-    with pytest.raises(ConfigError, match="static mode needs calibration data: pass --calib"):
+    with pytest.raises(ConfigError, match="static mode needs calibration data: pass `calib`"):
         quantize_model(load_digits_mlp(), QuantConfig(mode="static"))
     with pytest.raises(ConfigError, match="SmoothQuant"):
         quantize_model(load_digits_mlp(), QuantConfig(smooth=0.5))
@@ -32,7 +33,9 @@ def test_hooks_are_removed_even_when_the_forward_fails():
             model(torch.randn(2, 3))  # wrong input size
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
     with pytest.raises(InputError, match="do not fit the model during calibration"):
-        calibrate(model, {k: (m, QuantConfig(mode="static")) for k, m in layers.items()}, torch.randn(8, 3))
+        planned = make_plan(model, QuantConfig(mode="static", skip=["^4$"])).quantized
+        assert [e.name for e in planned] == list(layers)
+        calibrate(model, planned, torch.randn(8, 3))
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
 
 
@@ -45,7 +48,7 @@ def test_static_file_round_trip_is_bit_identical(tmp_path, calib, digits_test, d
     assert t["blocks.0.fc1.input_scale"].shape == () and t["blocks.0.fc1.input_scale"].dtype == torch.float32
     assert t["blocks.0.fc1.input_zero_point"].shape == () and t["blocks.0.fc1.input_zero_point"].dtype == torch.int8
     assert t["blocks.0.fc1.smooth_scale"].shape == (128,)
-    plan = {e["name"]: e for e in read_qfile(path).plan}
+    plan = {e["name"]: e for e in read_qfile(path).plan.to_list()}
     assert plan["head"]["observer"] == "percentile" and plan["head"]["smooth"] == 0.5
     loaded = load_quantized(load_encoder(), path, device=device)
     x = digits_test[0][:64].to(device)
@@ -88,8 +91,9 @@ def test_static_mode_is_batch_invariant(kernel, calib, digits_test):
 def test_calibration_memory_is_bounded(calib):
     model = load_digits_mlp()
     big = calib.repeat(8, 1)  # 2048 samples
-    stats = calibrate(model, {"0": (model[0], QuantConfig(mode="static", observer="mse"))}, big, batch_size=64)
-    assert stats["0"].sample.shape[0] <= SAMPLE_ROWS
+    planned = make_plan(model, QuantConfig(mode="static", observer="mse", skip=["^[24]$"])).quantized
+    (stats,) = calibrate(model, planned, big, batch_size=64)
+    assert stats.sample.shape[0] <= SAMPLE_ROWS and stats.input_qparams is not None
 
 
 def test_smooth_factors_formula_and_guards():

@@ -326,7 +326,7 @@ def test_quantize_report_json_and_markdown(tmp_path, capsys):
     assert data == json.loads(stdout)  # the report file is the --json object
     assert [l["name"] for l in data["layers"]] == DIGITS_LAYERS
     md = (tmp_path / "report.md").read_text()
-    assert md.startswith("# qlin quantize report")
+    assert md.startswith(f"# qlin quantize {DIGITS_PT} -> ")
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| layer |")]
     assert [r.split("|")[1].strip() for r in rows] == DIGITS_LAYERS
     assert "| (256, 64) | (256,) |" in md

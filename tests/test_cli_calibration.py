@@ -167,7 +167,7 @@ def test_static_file_holds_input_qparams(static_run):
         assert float(s) == row["input_scale"] and int(z) == row["input_zero_point"], name
         assert t[f"{name}.weight"].dtype == torch.int8
         assert f"{name}.smooth_scale" not in t
-    plan = {e["name"]: e for e in read_qfile(out).plan}
+    plan = {e["name"]: e for e in read_qfile(out).plan.to_list()}
     assert {e["mode"] for e in plan.values()} == {"static"}
     assert {(e["observer"], e["weight_observer"], e["smooth"]) for e in plan.values()} == {("minmax", "minmax", None)}
 
@@ -340,7 +340,7 @@ def test_observer_is_recorded_in_plan_report_and_inspect(observer_run, capsys):
     assert r["config"]["observer"] == name
     if name == "percentile":
         assert r["config"]["percentile"] == 99.9
-    plan = read_qfile(out).plan
+    plan = read_qfile(out).plan.to_list()
     assert [e["name"] for e in plan] == list(ENCODER_LAYERS)
     assert all(e["observer"] == name and e["weight_observer"] == "minmax" for e in plan)
     assert all(row["observer"] == name for row in r["layers"])
@@ -394,7 +394,7 @@ def test_weight_observer_reaches_the_weights(tmp_path, capsys):
     for obs in ("minmax", "absmax"):
         out = tmp_path / f"{obs}.safetensors"
         cli_json(capsys, "quantize", DIGITS_PT, "--asymmetric", "--weight-observer", obs, "-o", out)
-        assert [e["weight_observer"] for e in read_qfile(out).plan] == [obs] * 3
+        assert [e["weight_observer"] for e in read_qfile(out).plan.to_list()] == [obs] * 3
         zps[obs] = torch.cat([tensors(out)[f"{n}.weight_zero_point"] for n in DIGITS_LAYERS])
     assert int((zps["minmax"] != 0).sum()) > 100
     assert int((zps["absmax"] != 0).sum()) == 0
@@ -405,7 +405,7 @@ def test_percentile_option_reaches_the_weight_observer(mlp_static, tmp_path, cap
     (layer 2), so its scales shrink; 99.99 of 256 values is the max."""
     out = tmp_path / "q.safetensors"
     cli_json(capsys, "quantize", DIGITS_PT, *STATIC, "--weight-observer", "percentile", "--percentile", 99, "-o", out)
-    assert [e["weight_observer"] for e in read_qfile(out).plan] == ["percentile"] * 3
+    assert [e["weight_observer"] for e in read_qfile(out).plan.to_list()] == ["percentile"] * 3
     t, ref = tensors(out), tensors(mlp_static[1])
     for n in DIGITS_LAYERS:
         assert bool((t[f"{n}.weight_scale"] <= ref[f"{n}.weight_scale"] * (1 + 1e-6)).all()), n
@@ -420,7 +420,7 @@ def test_weight_observer_mse(mlp_static, tmp_path, capsys):
     out = tmp_path / "q.safetensors"
     r = cli_json(capsys, "quantize", DIGITS_PT, *STATIC, "--weight-observer", "mse", "--skip", "^[02]$", "-o", out)
     assert r["config"]["weight_observer"] == "mse"
-    plan = {e["name"]: e for e in read_qfile(out).plan}
+    plan = {e["name"]: e for e in read_qfile(out).plan.to_list()}
     assert [plan[n]["status"] for n in DIGITS_LAYERS] == ["skipped", "skipped", "quantized"]
     assert plan["4"]["weight_observer"] == "mse" and plan["4"]["observer"] == "minmax"
     shown = {s["name"]: s for s in cli_json(capsys, "inspect", out)["layers"]}
@@ -462,7 +462,7 @@ def test_smooth_file_report_and_inspect(smooth_run, static_run, capsys):
         moved += int((s != 1).sum())
         assert t[f"{name}.input_scale"].shape == () and t[f"{name}.input_zero_point"].dtype == torch.int8
     assert moved > 0.5 * sum(ENCODER_LAYERS.values())  # most channels really got a factor
-    assert all(e["smooth"] == 0.5 for e in read_qfile(out).plan)
+    assert all(e["smooth"] == 0.5 for e in read_qfile(out).plan.to_list())
     shown = cli_json(capsys, "inspect", out)["layers"]
     assert [s["smooth"] for s in shown] == [0.5] * len(ENCODER_LAYERS)
     assert all(s["input_scale"] == rows(r)[s["name"]]["input_scale"] for s in shown)

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from qlin_cli.config import PER_CHANNEL, PER_TENSOR, Granularity, QuantConfig, load_recipe
+from qlin_cli.config import PER_CHANNEL, PER_TENSOR, Granularity, QuantConfig, Rule, Skip, load_recipe
 from qlin_cli.errors import ConfigError
+from qlin_cli.scheme import PER_TOKEN
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -13,14 +14,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_defaults():
     c = QuantConfig()
     assert (c.mode, c.granularity, c.symmetric, c.act_granularity, c.kernel, c.skip) == (
-        "dynamic", PER_CHANNEL, True, "token", "auto", ())
+        "dynamic", PER_CHANNEL, True, PER_TOKEN, "auto", ())
 
 
 def test_act_granularity_defaults_to_token():
-    assert QuantConfig(kernel="fbgemm").act_granularity == "token"
-    assert QuantConfig(kernel="int_mm").act_granularity == "token"
-    assert QuantConfig(kernel="fbgemm", act_granularity="tensor").act_granularity == "tensor"
-    assert QuantConfig(mode="static").act_granularity == "tensor"
+    assert QuantConfig(kernel="fbgemm").act_granularity == PER_TOKEN
+    assert QuantConfig(kernel="int_mm").act_granularity == PER_TOKEN
+    assert QuantConfig(kernel="fbgemm", act_granularity="tensor").act_granularity == PER_TENSOR
+    assert QuantConfig(mode="static").act_granularity == PER_TENSOR
     assert QuantConfig(mode="weight-only").act_granularity is None
 
 
@@ -30,7 +31,7 @@ def test_act_granularity_defaults_to_token():
         ({"mode": "static8"}, "mode = 'static8' is not valid"),
         ({"granularity": "group"}, "unknown granularity 'group'"),
         ({"kernel": "cublas"}, "kernel = 'cublas' is not valid"),
-        ({"kernel": "weight_only"}, "needs --mode weight-only"),
+        ({"kernel": "weight_only"}, "kernel 'weight_only' needs `mode` weight-only"),
         ({"mode": "weight-only", "kernel": "int_mm"}, "weight-only mode takes"),
         ({"skip": ["("]}, "not a valid regex"),
         ({"symmetric": "yes"}, "symmetric must be true or false"),
@@ -43,7 +44,8 @@ def test_invalid_configs_say_how_to_fix(kwargs, message):
 
 def test_dict_round_trip_and_json_is_canonical():
     c = QuantConfig(granularity="tensor", symmetric=False, skip=("head", r"^blocks\.0"))
-    assert c.granularity is not PER_TENSOR and c.granularity == PER_TENSOR
+    assert isinstance(c.granularity, Granularity) and c.granularity == PER_TENSOR  # parsed, not the string
+    assert c.to_dict()["granularity"] == "tensor" and c.to_dict()["act_granularity"] == "token"
     assert QuantConfig.from_dict(c.to_dict()) == c
     assert c.to_json() == QuantConfig.from_dict(c.to_dict()).to_json()
     with pytest.raises(ConfigError, match="unknown key 'bits'"):
@@ -56,8 +58,8 @@ def test_skips_first_matching_pattern():
 
 
 def test_granularity_scale_shapes():
-    assert Granularity("tensor").scale_shape((1024, 512)) == ()
-    assert Granularity("channel").scale_shape((1024, 512)) == (1024,)
+    assert Granularity.parse("tensor").scale_shape((1024, 512)) == ()
+    assert Granularity.parse("channel").scale_shape((1024, 512)) == (1024,)
 
 
 @pytest.mark.parametrize("name", ["default", "weight-only", "per-tensor", "w8a8-static", "smoothquant"])
@@ -88,10 +90,12 @@ def test_layer_rules_first_match_wins():
         {"match": "fc", "kernel": "fbgemm", "observer": "mse"},
     ])
     assert c.for_layer("blocks.0.fc2").mode == "dynamic"  # rule 2, not rule 3
-    assert c.for_layer("blocks.0.fc2").act_granularity == "token"  # re-derived for dynamic
+    assert c.for_layer("blocks.0.fc2").act_granularity == PER_TOKEN  # re-derived for dynamic
     fc1 = c.for_layer("blocks.0.fc1")
     assert (fc1.mode, fc1.kernel, fc1.observer) == ("static", "fbgemm", "mse")
-    assert c.for_layer("embed") is c and c.rule_for("head") == {"match": "head$", "skip": True}
+    assert c.for_layer("embed") is c.scheme and c.rule_for("head") == Rule("head$", skip=True)
+    assert c.rule_for("head").to_dict() == {"match": "head$", "skip": True}
+    assert c.for_layer("head") == Skip("recipe rule match='head$' skips it")
     assert QuantConfig(layers=[{"match": "x", "mode": "static"}]).needs_calibration
     assert not QuantConfig(layers=[{"match": "x", "mode": "weight-only"}]).needs_calibration
     assert QuantConfig.from_dict(c.to_dict()) == c

@@ -6,9 +6,10 @@ from safetensors.torch import load_file
 
 from conftest import SAMPLES, load_encoder
 from qlin_cli import QuantConfig, QuantizedLinear, load_quantized, save_quantized
-from qlin_cli.api import quantize_checkpoint
+from qlin_cli.api import QuantizeOptions, quantize_checkpoint
 from qlin_cli.errors import ConfigError
-from qlin_cli.fallback import model_output, quantize_to_target
+from qlin_cli.data import model_output
+from qlin_cli.fallback import quantize_to_target
 from qlin_cli.primitives import sqnr_db
 
 
@@ -37,7 +38,8 @@ def test_fallback_reaches_the_target_on_the_sample_encoder(data, tmp_path):
     for rec in result.layers:
         module = result.model.get_submodule(rec.name)
         if rec.name in fell:
-            assert rec.status == "skipped" and "accuracy fallback" in rec.reason and type(module) is torch.nn.Linear
+            assert rec.status == "skipped" and "accuracy fallback" in rec.plan.reason and type(module) is torch.nn.Linear
+            assert rec.plan.scheme is None and rec.kernel is None
         else:
             assert isinstance(module, QuantizedLinear)
     assert sqnr_db(reference, model_output(result.model, test, 64)) == pytest.approx(fb["final_sqnr_db"])
@@ -52,12 +54,14 @@ def test_impossible_target_writes_nothing(tmp_path):
     out = tmp_path / "x.safetensors"
     with pytest.raises(ConfigError, match="cannot be met with any layer in int8"):
         quantize_checkpoint(
-            SAMPLES / "encoder.safetensors", out, QuantConfig(), model="sample_models.encoder:build",
-            calib=SAMPLES / "digits_calib.safetensors", min_sqnr=300.0,
+            SAMPLES / "encoder.safetensors", QuantConfig(), QuantizeOptions(
+                output=out, model="sample_models.encoder:build", calib=SAMPLES / "digits_calib.safetensors",
+                min_sqnr=300.0,
+            ),
         )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_min_sqnr_needs_data(tmp_path):
-    with pytest.raises(ConfigError, match="--min-sqnr measures the model on data"):
-        quantize_checkpoint(SAMPLES / "digits_mlp.pt", tmp_path / "x.safetensors", min_sqnr=30.0)
+    with pytest.raises(ConfigError, match="`min_sqnr` measures the model on data"):
+        quantize_checkpoint(SAMPLES / "digits_mlp.pt", None, QuantizeOptions(output=tmp_path / "x.safetensors", min_sqnr=30.0))

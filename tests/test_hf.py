@@ -141,7 +141,7 @@ def test_tied_head_stays_float_and_tied(folders, tmp_path):
     embedding = model.model.embed_tokens.weight.detach().clone()
     result = quantize_model(model, QuantConfig())
     head = next(r for r in result.layers if r.name == "lm_head")
-    assert head.status == "skipped" and head.reason == "weight tied to model.embed_tokens"
+    assert head.status == "skipped" and head.plan.reason == "weight tied to model.embed_tokens"
     assert len(result.quantized) == 14  # every other Linear
     assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
     path = save_quantized(result, tmp_path / "t.safetensors")
@@ -168,7 +168,7 @@ def test_tied_linear_without_transformers_is_skipped_too():
             return self.head(self.body(self.emb(ids)))
 
     result = quantize_model(Tiny(), QuantConfig())
-    assert {r.name: r.reason for r in result.layers} == {"body": "", "head": "weight tied to emb"}
+    assert {r.name: r.plan.reason for r in result.layers} == {"body": "", "head": "weight tied to emb"}
 
 
 def test_loading_is_offline(folders, monkeypatch):
@@ -242,7 +242,7 @@ def test_weights_that_do_not_fit_the_config(folders, tmp_path, capsys):
 
 
 def test_model_option_with_a_folder(folders, capsys):
-    with pytest.raises(ConfigError, match="--model applies to state dicts"):
+    with pytest.raises(ConfigError, match="`model` applies to state dicts"):
         load_source(folders["bert"], model="sample_models.encoder:build")
 
 

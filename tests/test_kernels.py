@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlin_cli.config import PER_CHANNEL, PER_TENSOR
 from qlin_cli.kernels import (
     INT_MM_RULES, SMALL_LAYER, IntMMRules, KernelChoice, _fbgemm_reduce_range, _fbgemm_unusable, pack,
     select_kernel,
 )
 from qlin_cli.primitives import choose_qparams, dequantize, quantize, quantize_activations, sqnr_db
+from qlin_cli.scheme import PER_CHANNEL, PER_TENSOR, LayerScheme
 
 KERNELS = [("int_mm", "token"), ("int_mm", "tensor"), ("fbgemm", "token"), ("fbgemm", "tensor"), ("weight_only", None),
            ("dequant", None)]
@@ -40,7 +40,7 @@ def test_kernel_matches_dequantized_float_reference(name, act, gran, sym, device
         pytest.skip("fbgemm is CPU only")
     q, s, z, b = _layer(gran=gran, sym=sym)
     x = torch.randn(33, q.shape[1], generator=torch.Generator().manual_seed(1))
-    run = pack(_choice(name, act), q, s, z, b, act_granularity=act, device=device)
+    run = pack(_choice(name, act), q, s, z, b, per_token=act == "token", device=device)
     y = run(x.to(device)).cpu()
     assert y.shape == (33, q.shape[0]) and y.dtype == torch.float32
     ref = F.linear(x, dequantize(q, s, z), b)
@@ -55,7 +55,7 @@ def test_int_mm_equals_exact_integer_emulation(per_token, sym):
     q, s, z, b = _layer(sym=sym)
     x = torch.randn(17, q.shape[1], generator=torch.Generator().manual_seed(2))
     run = pack(_choice("int_mm", "token" if per_token else "tensor"), q, s, z, b,
-               act_granularity="token" if per_token else "tensor", device="cpu")
+               per_token=per_token, device="cpu")
     qx, a, c = quantize_activations(x, per_token)
     zcol = z.long().reshape(-1, 1) if z.dim() else z.long()  # (N, 1) or ()
     acc = qx.long() @ (q.long() - zcol).T  # exact integer (M, N)
@@ -72,8 +72,8 @@ def test_cuda_shape_rules_pad_without_changing_results(shape, sym):
     m, k, n = shape
     q, s, z, b = _layer(out_f=n, in_f=k, sym=sym)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
-    plain = pack(_choice("int_mm", "token"), q, s, z, b, act_granularity="token", device="cpu")
-    padded = pack(_choice("int_mm", "token"), q, s, z, b, act_granularity="token", device="cpu",
+    plain = pack(_choice("int_mm", "token"), q, s, z, b, per_token=True, device="cpu")
+    padded = pack(_choice("int_mm", "token"), q, s, z, b, per_token=True, device="cpu",
                   rules=INT_MM_RULES["cuda"])
     assert padded.wt.shape[0] % 8 == 0 and padded.wt.shape[1] % 8 == 0
     assert torch.equal(plain(x), padded(x))
@@ -86,7 +86,7 @@ def test_batch_invariant_kernels_give_bit_identical_rows(name, act, device):
     if not _runnable(name, device):
         pytest.skip("fbgemm is CPU only")
     q, s, z, b = _layer(out_f=64, in_f=48)
-    run = pack(_choice(name, act), q, s, z, b, act_granularity=act, device=device)
+    run = pack(_choice(name, act), q, s, z, b, per_token=act == "token", device=device)
     row = torch.randn(1, 48, generator=torch.Generator().manual_seed(4)).to(device)
     alone = run(row)
     for batch in (1, 7, 32, 300):
@@ -103,7 +103,7 @@ def test_batch_invariance_holds_for_odd_shapes_threads_and_chunks(name):
     if name == "fbgemm" and not FBGEMM_TOKEN:
         pytest.skip("per-token fbgemm needs a VNNI x86 CPU")
     q, s, z, b = _layer(out_f=1031, in_f=333)
-    run = pack(_choice(name, "token"), q, s, z, b, act_granularity="token", device="cpu")
+    run = pack(_choice(name, "token"), q, s, z, b, per_token=True, device="cpu")
     x = torch.randn(1100, 333, generator=torch.Generator().manual_seed(8)) * torch.rand(1100, 1) * 10
     full = run(x)
     for i in (0, 511, 512, 777, 1099):
@@ -123,7 +123,7 @@ def test_per_tensor_activations_depend_on_the_batch():
     row = torch.randn(1, 48, generator=torch.Generator().manual_seed(4))
     big = torch.randn(8, 48) * 1000
     for name in ("fbgemm", "int_mm"):
-        run = pack(_choice(name, "tensor"), q, s, z, b, act_granularity="tensor", device="cpu")
+        run = pack(_choice(name, "tensor"), q, s, z, b, per_token=False, device="cpu")
         assert not torch.equal(run(torch.cat([row, big]))[:1], run(row))
 
 
@@ -131,15 +131,16 @@ def test_output_dtype_follows_input_dtype():
     q, s, z, b = _layer()
     x = torch.randn(4, q.shape[1], dtype=torch.bfloat16)
     for name, act in [("int_mm", "token"), ("weight_only", None), ("dequant", None)]:
-        run = pack(_choice(name, act), q, s, z, b, act_granularity=act, device="cpu", dtype=torch.bfloat16)
+        run = pack(_choice(name, act), q, s, z, b, per_token=act == "token", device="cpu", dtype=torch.bfloat16)
         assert run(x).dtype == torch.bfloat16
 
 
-def _select(**kw):
-    args = dict(request="auto", mode="dynamic", act_granularity="token", device="cpu",
-                dtype=torch.float32, in_features=768, out_features=768)
+def _select(request="auto", mode="dynamic", act_granularity="token", **kw):
+    """select_kernel for a scheme with these keys (a forced kernel is its `request`)."""
+    scheme = LayerScheme(mode=mode, kernel=request, act_granularity=act_granularity)
+    args = dict(device="cpu", dtype=torch.float32, in_features=768, out_features=768)
     args.update(kw)
-    return select_kernel(**args)
+    return select_kernel(scheme, **args)
 
 
 FBGEMM_TOKEN = _fbgemm_unusable(torch.device("cpu"), torch.float32) is None and not _fbgemm_reduce_range()
@@ -184,7 +185,7 @@ def test_auto_keeps_small_layers_in_float_on_cpu():
 def test_fbgemm_per_token_rows_do_not_depend_on_the_chunking():
     """Rows are processed `rows` at a time; any chunk size gives bit-identical results."""
     q, s, z, b = _layer(out_f=40, in_f=56)
-    run = pack(_choice("fbgemm", "token"), q, s, z, b, act_granularity="token", device="cpu")
+    run = pack(_choice("fbgemm", "token"), q, s, z, b, per_token=True, device="cpu")
     x = torch.randn(1000, 56, generator=torch.Generator().manual_seed(5))
     assert run.rows == 512
     whole = run(x)
@@ -199,8 +200,8 @@ def test_fbgemm_and_int_mm_compute_the_same_per_token_scheme(sym):
     """Both kernels quantize each row onto the same 256 levels (only rounding ties may differ)."""
     q, s, z, b = _layer(sym=sym)
     x = torch.randn(64, q.shape[1], generator=torch.Generator().manual_seed(6)) + 0.5
-    fb = pack(_choice("fbgemm", "token"), q, s, z, b, act_granularity="token", device="cpu")(x)
-    im = pack(_choice("int_mm", "token"), q, s, z, b, act_granularity="token", device="cpu")(x)
+    fb = pack(_choice("fbgemm", "token"), q, s, z, b, per_token=True, device="cpu")(x)
+    im = pack(_choice("int_mm", "token"), q, s, z, b, per_token=True, device="cpu")(x)
     assert sqnr_db(im, fb) > 60
 
 
@@ -212,7 +213,7 @@ def test_one_sided_inputs_use_the_whole_int8_range(name, device):
         pytest.skip("fbgemm is CPU only")
     q, s, z, b = _layer()
     x = F.gelu(torch.randn(128, q.shape[1], generator=torch.Generator().manual_seed(7)) * 2)
-    y = pack(_choice(name, "token"), q, s, z, b, act_granularity="token", device=device)(x.to(device)).cpu()
+    y = pack(_choice(name, "token"), q, s, z, b, per_token=True, device=device)(x.to(device)).cpu()
     assert sqnr_db(F.linear(x, dequantize(q, s, z), b), y) > 48
 
 
@@ -237,8 +238,8 @@ def test_cuda_kernels_match_cpu():
     q, s, z, b = _layer()
     x = torch.randn(40, q.shape[1])
     for name, act in [("int_mm", "token"), ("weight_only", None)]:
-        cpu = pack(_choice(name, act), q, s, z, b, act_granularity=act, device="cpu")(x)
-        gpu = pack(_choice(name, act), q, s, z, b, act_granularity=act, device="cuda")(x.cuda()).cpu()
+        cpu = pack(_choice(name, act), q, s, z, b, per_token=act == "token", device="cpu")(x)
+        gpu = pack(_choice(name, act), q, s, z, b, per_token=act == "token", device="cuda")(x.cuda()).cpu()
         assert sqnr_db(cpu, gpu) > 60
 
 
@@ -250,5 +251,5 @@ def test_no_warnings_reach_the_user():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for name, act in KERNELS:
-            pack(_choice(name, act), q, s, z, b, act_granularity=act, device="cpu")(torch.randn(3, q.shape[1]))
+            pack(_choice(name, act), q, s, z, b, per_token=act == "token", device="cpu")(torch.randn(3, q.shape[1]))
     assert [str(w.message) for w in caught] == []

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from conftest import load_digits_mlp, load_encoder, tamper
 from qlin_cli import QuantConfig, load_quantized, quantize_model, read_qfile, save_quantized
 from qlin_cli.errors import FormatError, OutputError
-from qlin_cli.qfile import FORMAT_VERSION, write_atomic
+from qlin_cli.files import write_atomic
+from qlin_cli.qfile import FORMAT_VERSION
 
 CONFIGS = [
     QuantConfig(),
@@ -80,7 +81,7 @@ def test_same_input_gives_byte_identical_files(tmp_path):
 def test_no_overwrite_without_force_and_no_temp_files(tmp_path):
     target = tmp_path / "out.bin"
     write_atomic(target, b"first", force=False)
-    with pytest.raises(OutputError, match="--force"):
+    with pytest.raises(OutputError, match="`force`"):
         write_atomic(target, b"second", force=False)
     assert target.read_bytes() == b"first"
     write_atomic(target, b"second", force=True)
@@ -154,7 +155,7 @@ def test_safetensors_writer_streams_a_file_safetensors_reads_back(tmp_path):
     """qlin writes safetensors itself (streaming, no in-memory copy of the file): every dtype a
     model holds reads back bit for bit with the safetensors library, tensors start aligned to
     their element size, and the bytes do not depend on the dict's order."""
-    from qlin_cli.qfile import safetensors_writer
+    from qlin_cli.files import safetensors_writer
 
     gen = torch.Generator().manual_seed(0)
     tensors = {

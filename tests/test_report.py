@@ -1,30 +1,19 @@
 """Metrics and report rendering."""
 
+import json
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
 
+from conftest import SAMPLES
+from qlin_cli.api import QuantizeOptions, quantize_checkpoint
+from qlin_cli.config import QuantConfig
 from qlin_cli.errors import InputError
-from qlin_cli.report import batches, compare_outputs, first_tensor, json_safe, median_latency_ms, to_markdown
-
-
-@dataclass
-class Out:
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-
-
-def test_first_tensor_of_structured_outputs():
-    t = torch.ones(2)
-    assert first_tensor(t) == (t, "output")
-    assert first_tensor((t, 3))[1] == "output[0]"
-    assert first_tensor({"last_hidden_state": t})[1] == "output['last_hidden_state']"
-    assert first_tensor(Out(None, t))[1] == "output['logits']"
-    assert first_tensor([None, (t,)])[1] == "output[1][0]"
-    with pytest.raises(InputError, match="holds no tensor"):
-        first_tensor({"a": 1})
+from qlin_cli.plan import PlanEntry
+from qlin_cli.quantize import LayerResult
+from qlin_cli.report import QuantizeReport, compare_outputs, json_safe, layer_note, to_markdown
+from qlin_cli.scheme import PER_TENSOR, LayerScheme
 
 
 def test_compare_outputs_numbers():
@@ -41,40 +30,103 @@ def test_compare_outputs_numbers():
         compare_outputs(torch.ones(2, 3), torch.ones(3, 2))
 
 
-def test_batches_slice_tensors_and_dicts():
-    x = torch.arange(10)
-    assert [b.tolist() for b in batches(x, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    d = {"input_ids": torch.arange(5), "mask": torch.ones(5)}
-    assert [len(b["mask"]) for b in batches(d, 2)] == [2, 2, 1]
+def _result(name, out_f, in_f, scheme=None, reason="", kernel=None, kernel_reason=None, batch_invariant=None,
+            bytes_float=0, bytes_int8=0, weight_sqnr=None, output_sqnr=None):
+    entry = PlanEntry(name, in_f, out_f, True, "float32", scheme=scheme, reason=reason)
+    return LayerResult(entry, kernel, kernel_reason, batch_invariant, weight_sqnr, bytes_float, bytes_int8, output_sqnr)
 
 
-def test_latency_is_measured_for_each_model():
-    models = [torch.nn.Linear(4, 4), torch.nn.Identity()]
-    times = median_latency_ms(models, torch.randn(8, 4), batch_size=4, repeats=2)
-    assert len(times) == 2 and all(t > 0 for t in times)
+def _report(layers, calibration=True, fallback=None):
+    return QuantizeReport(
+        source="m.pt", source_kind="module", output="m.int8.safetensors", format="qlin", config=QuantConfig(),
+        device="cpu", calibration={"file": "c.safetensors", "samples": 8, "batch_size": 4,
+                                   "used_for": "measuring the first batch"} if calibration else None,
+        layers=tuple(layers),
+        probe={"sqnr_db": 41.5, "cosine": 0.99999, "description": "8 samples", "compared": "output",
+               "max_abs_err": 0.01, "mse": 1e-4, "top1_agreement": 1.0, "note": ""},
+        fallback=fallback, size_float_bytes=400, size_int8_bytes=100,
+    )
 
 
 def test_json_safe_and_markdown():
     assert json_safe({"a": [float("inf"), -float("inf"), 1.0]}) == {"a": ["inf", "-inf", 1.0]}
-    report = {
-        "source": "m.pt", "output": "m.int8.safetensors", "config": {"mode": "dynamic"},
-        "totals": {"size_float_bytes": 400, "size_int8_bytes": 100, "compression": 4.0,
-                   "linear_bytes_float": 300, "linear_bytes_int8": 80, "layers_quantized": 1, "layers_total": 2,
-                   "layers_skipped": 1},
-        "probe": {"sqnr_db": 41.5, "cosine": 0.99999, "description": "8 samples", "compared": "output",
-                  "max_abs_err": 0.01},
-        "fallback": {"target_sqnr_db": 40.0, "initial_sqnr_db": 38.5, "final_sqnr_db": 41.5,
-                     "steps": [{"layer": "head", "alone_sqnr_db": 30.0, "sqnr_db_after": 41.5}]},
-        "layers": [
-            {"name": "fc", "status": "quantized", "weight_shape": [4, 8], "scale_shape": [4], "kernel": "int_mm",
-             "weight_sqnr_db": 44.0, "output_sqnr_db": 41.0, "bytes_float": 144, "bytes_int8": 56, "reason": "",
-             "kernel_reason": "auto"},
-            {"name": "head", "status": "skipped", "weight_shape": [2, 4], "scale_shape": None, "kernel": None,
-             "weight_sqnr_db": None, "bytes_float": 40, "bytes_int8": 40, "reason": "matches --skip 'head'"},
-        ],
-    }
+    fallback = {"target_sqnr_db": 40.0, "initial_sqnr_db": 38.5, "final_sqnr_db": 41.5,
+                "steps": [{"layer": "head", "alone_sqnr_db": 30.0, "sqnr_db_after": 41.5}]}
+    report = _report([
+        _result("fc", 4, 8, LayerScheme(), kernel="int_mm", kernel_reason="auto: per-token int8 activations",
+                batch_invariant=True, bytes_float=144, bytes_int8=56, weight_sqnr=44.0, output_sqnr=41.0),
+        _result("head", 2, 4, reason="matches --skip 'head'", bytes_float=40, bytes_int8=40),
+    ], fallback=fallback)
     md = to_markdown(report)
-    assert "| fc | (4, 8) | (4,) | int_mm | 44.00 | 41.00 | 144 -> 56 | auto |" in md
+    assert md.startswith("# qlin quantize m.pt -> m.int8.safetensors\n")
+    assert ("| layer | weight shape | scale shape | kernel | weight SQNR dB | output SQNR dB | bytes float -> int8 "
+            "| note |") in md
+    # the kernel's reason is no note when it is auto's ordinary choice
+    assert "| fc | (4, 8) | (4,) | int_mm | 44.00 | 41.00 | 144 -> 56 |  |" in md
     assert "| head | (2, 4) | - | float | - | - | 40 -> 40 | matches --skip 'head' |" in md
+    assert "- layers: 1 of 2 quantized, 1 kept float" in md
     assert "SQNR 41.50 dB" in md and "4.00x smaller" in md
     assert "- accuracy fallback to 40 dB: all int8 gave 38.50 dB; head float -> 41.50 dB" in md
+    # the JSON twin: the old dict's keys, from the same objects
+    d = report.to_dict()
+    assert [r["name"] for r in d["layers"]] == ["fc", "head"]
+    assert d["layers"][0]["scale_shape"] == [4] and d["layers"][1]["scale_shape"] is None
+    assert d["layers"][1]["reason"] == "matches --skip 'head'" and d["layers"][1]["status"] == "skipped"
+    assert d["totals"]["layers_quantized"] == 1 and d["totals"]["compression"] == 4.0
+    assert d["totals"]["linear_bytes_float"] == 184 and d["totals"]["kernels"] == {"int_mm": 1}
+    assert d["fallback"] == fallback
+
+
+def test_layer_notes_in_the_markdown():
+    """The note column (report.layer_note): a skipped layer's reason; for a quantized one how an
+    nn.Linear subclass was captured, the kernel's reason only when it is a fallback or keeps the
+    layer in float ('dequant'), and 'batch-dependent' when its rows depend on the batch."""
+    per_tensor = LayerScheme(act_granularity=PER_TENSOR, kernel="fbgemm")
+    affine = "affine map of ScaledLinear (its own forward), fit 140 dB"
+    fallback = "fallback: fbgemm runs on CPU only"
+    small = "auto: kept in float: int8 is slower than float for dynamic layers under 131,072 weights on CPU (8x4)"
+    report = _report([
+        _result("sub", 4, 8, LayerScheme(), reason=affine, kernel="int_mm", kernel_reason="auto: per-token",
+                batch_invariant=True),
+        _result("forced", 4, 8, per_tensor, kernel="int_mm", kernel_reason=fallback, batch_invariant=False),
+        _result("requested", 4, 8, per_tensor, kernel="fbgemm", kernel_reason="requested", batch_invariant=False),
+        _result("small", 4, 8, LayerScheme(), kernel="dequant", kernel_reason=small, batch_invariant=False),
+        _result("tied", 4, 8, reason="weight tied to embed"),
+    ], calibration=False)
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in to_markdown(report).splitlines()
+            if line.startswith("| ") and not line.startswith("| layer ")}
+    assert set(rows) == {"sub", "forced", "requested", "small", "tied"}
+    note = {name: line.rsplit(" | ", 1)[1].removesuffix(" |").removesuffix("|").strip() for name, line in rows.items()}
+    assert note == {
+        "sub": affine,
+        "forced": f"{fallback}; batch-dependent",
+        "requested": "batch-dependent",
+        "small": f"{small}; batch-dependent",
+        "tied": "weight tied to embed",
+    }
+    assert "output SQNR dB" not in to_markdown(report)  # no calibration data: no output SQNR column
+    assert layer_note("skipped", "weight tied to embed", None, None, None) == "weight tied to embed"
+    assert layer_note("quantized", "", "int_mm", "auto: per-token", True) == ""
+
+
+def test_report_files_of_a_real_run(tmp_path):
+    """quantize_checkpoint returns the report it writes: the .md file is to_markdown(report),
+    with one row per Linear layer, and the JSON file is report.to_dict()."""
+    out, path = tmp_path / "m.int8.safetensors", tmp_path / "report.json"
+    report = quantize_checkpoint(SAMPLES / "digits_mlp.pt", QuantConfig(skip=("2$",)),
+                                 QuantizeOptions(output=out, report=path))
+    assert isinstance(report, QuantizeReport)
+    md = (tmp_path / "report.md").read_text()
+    assert md == to_markdown(report)
+    assert json.loads(path.read_text()) == json_safe(report.to_dict())
+    assert [(r.name, r.status) for r in report.layers] == [("0", "quantized"), ("2", "skipped"), ("4", "quantized")]
+    for r in report.layers:
+        assert md.count(f"| {r.name} |") == 1
+        cells = next(line for line in md.splitlines() if line.startswith(f"| {r.name} |")).split(" | ")
+        note = layer_note(r.status, r.plan.reason, r.kernel, r.kernel_reason, r.batch_invariant)
+        assert cells[3] == (r.kernel or "float") and cells[-1] == f"{note} |"
+        if r.status == "skipped":
+            assert note == "matches --skip '2$'"
+        else:  # under 2**17 weights on CPU, auto keeps a float matmul: the note says why
+            assert r.kernel == "dequant" and note == f"{r.kernel_reason}; batch-dependent"
+            assert note.startswith("auto: kept in float")

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qlin_cli.errors import InputError, QlinError
-from qlin_cli.sources import check_file, load_factory, load_source, load_tensors, read_checkpoint
+from qlin_cli.files import check_file
+from qlin_cli.sources import load_factory, load_source, load_tensors, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_models"
@@ -160,7 +161,7 @@ def test_state_dict_without_model(tmp_path):
     with pytest.raises(InputError) as exc:
         load_source(src)
     text = message(exc)
-    assert "is a state dict (4 tensors)" in text and "pass --model" in text
+    assert "is a state dict (4 tensors)" in text and "pass `model`" in text
 
 
 def save_state(state: dict, path: Path) -> str:
@@ -179,7 +180,7 @@ def test_key_mismatch(tmp_path, monkeypatch, suffix):
     with pytest.raises(InputError) as exc:
         load_source(name, model=spec)
     text = message(exc)
-    assert f"does not fit --model {spec}" in text
+    assert f"does not fit `model` {spec}" in text
     assert "1 missing (e.g. '2.bias')" in text
     assert "1 unexpected (e.g. 'extra.weight')" in text
 
@@ -201,7 +202,7 @@ def test_shape_mismatch(tmp_path, monkeypatch, suffix):
     with pytest.raises(InputError) as exc:
         load_source(name, model=spec)
     text = message(exc)
-    assert f"does not fit --model {spec}" in text
+    assert f"does not fit `model` {spec}" in text
     assert "size mismatch for 2.weight" in text
     assert "[4, 16]" in text and "[6, 16]" in text
 
@@ -295,7 +296,7 @@ def test_load_factory_errors(tmp_path, monkeypatch, spec, phrase):
     with pytest.raises(InputError) as exc:
         load_factory(spec)
     text = message(exc)
-    assert text.startswith(f"--model {spec!r}")
+    assert text.startswith(f"`model` {spec!r}")
     assert phrase in text
 
 
@@ -307,10 +308,10 @@ def test_factory_that_raises_or_returns_non_module(tmp_path, monkeypatch):
     torch.save(small_mlp().state_dict(), tmp_path / "sd.pt")
     with pytest.raises(InputError) as exc:
         load_source("sd.pt", model="qlin_test_src_bad.py:boom")
-    assert message(exc) == "--model 'qlin_test_src_bad.py:boom': the factory raised ValueError: no such size"
+    assert message(exc) == "`model` 'qlin_test_src_bad.py:boom': the factory raised ValueError: no such size"
     with pytest.raises(InputError) as exc:
         load_source("sd.pt", model="qlin_test_src_bad.py:number")
-    assert message(exc) == "--model 'qlin_test_src_bad.py:number' returned int, not an nn.Module"
+    assert message(exc) == "`model` 'qlin_test_src_bad.py:number' returned int, not an nn.Module"
 
 
 # ----------------------------------------------------------------------------- read_checkpoint
@@ -344,7 +345,7 @@ def test_module_of_own_class_needs_trust(tmp_path, monkeypatch):
     with pytest.raises(InputError) as exc:
         read_checkpoint(src)
     text = message(exc)
-    assert "qlin_test_src_own.OwnNet" in text and "--trust-pickle" in text and "--model" in text
+    assert "qlin_test_src_own.OwnNet" in text and "`trust_pickle`" in text and "`model`" in text
     obj, kind = read_checkpoint(src, trust_pickle=True)  # importable here, and trusted
     assert kind == "pickled module" and type(obj).__name__ == "OwnNet"
     assert (obj.fc.in_features, obj.fc.out_features) == (3, 2)

@@ -1,55 +1,18 @@
-"""Finding and swapping nn.Linear layers; QuantizedLinear; accuracy on the sample models."""
+"""quantize_model: the plan carried out (layers swapped in place, aliases too), each layer's record
+(sizes, SQNR, kernel), QuantizedLinear, and accuracy on the sample models. Finding layers and
+deciding their fate is tested in test_plan.py."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from conftest import load_digits_mlp, load_encoder
+from plan_models import GainLinear, Net, ScaledLinear, SquashLinear
 from qlin_cli import QuantConfig, QuantizedLinear, quantize_model
-from qlin_cli.config import PER_CHANNEL
 from qlin_cli.errors import InputError
+from qlin_cli.plan import make_plan
 from qlin_cli.primitives import sqnr_db
-
-
-class ScaledLinear(nn.Linear):
-    """A unit-scaling style layer: its forward is not x @ W.T + b."""
-
-    def forward(self, x):
-        return super().forward(x) / self.in_features**0.5
-
-
-class GainLinear(nn.Linear):
-    """Output times a learned scalar, plus a constant: still affine."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gain = nn.Parameter(torch.tensor(3.0))
-
-    def forward(self, x):
-        return self.gain * nn.functional.linear(x, self.weight) + 0.5
-
-
-class SquashLinear(nn.Linear):
-    """Not affine: tanh of the linear map."""
-
-    def forward(self, x):
-        return torch.tanh(super().forward(x))
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.shared = nn.Linear(16, 16)
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16, bias=False))])
-        self.heads = nn.ModuleDict({"a": nn.Linear(16, 4), "b": self.shared})
-        self.scaled = ScaledLinear(16, 16)
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-
-    def forward(self, x):
-        x = self.shared(x) + self.scaled(x)
-        x = x + self.attn(x, x, x, need_weights=False)[0]
-        x = self.blocks[0](x)
-        return self.heads["a"](self.heads["b"](x))
+from qlin_cli.scheme import PER_CHANNEL, PER_TOKEN, LayerScheme
 
 
 def test_swaps_every_plain_linear_and_skips_with_reasons(device):
@@ -57,14 +20,19 @@ def test_swaps_every_plain_linear_and_skips_with_reasons(device):
     model = Net().eval()
     x = torch.randn(2, 5, 16)
     ref = model(x)
+    plan = make_plan(model, QuantConfig())
     result = quantize_model(model, QuantConfig(), device=device)
+    assert result.plan == plan  # one record per plan entry, in order (test_plan.py checks the plan)
     by_name = {r.name: r for r in result.layers}
     assert set(by_name) == {"shared", "blocks.0.0", "blocks.0.2", "heads.a", "scaled", "attn.out_proj"}
-    assert by_name["shared"].aliases == ["heads.b"] and by_name["shared"].status == "quantized"
+    assert by_name["shared"].plan.aliases == ("heads.b",) and by_name["shared"].status == "quantized"
     assert model.shared is model.heads["b"] and isinstance(model.shared, QuantizedLinear)
-    assert by_name["scaled"].status == "quantized" and "affine map of ScaledLinear" in by_name["scaled"].reason
+    assert by_name["scaled"].status == "quantized" and "affine map of ScaledLinear" in by_name["scaled"].plan.reason
     assert isinstance(model.scaled, QuantizedLinear)
-    assert "MultiheadAttention" in by_name["attn.out_proj"].reason
+    assert by_name["attn.out_proj"].status == "skipped" and "MultiheadAttention" in by_name["attn.out_proj"].plan.reason
+    assert type(model.attn.out_proj) is not QuantizedLinear and by_name["attn.out_proj"].kernel is None
+    assert {r.name for r in result.quantized} == set(by_name) - {"attn.out_proj"}
+    assert all(r.kernel is not None and r.plan.scheme == QuantConfig().scheme for r in result.quantized)
     assert isinstance(model.blocks[0][2], QuantizedLinear) and model.blocks[0][2].bias is None
     y = model(x.to(device)).cpu()
     assert y.shape == ref.shape and sqnr_db(ref, y) > 30
@@ -85,7 +53,9 @@ def test_affine_subclasses_are_quantized_as_their_effective_map(cls, tmp_path):
         result = quantize_model(model)
         out = model(x)
     rec = result.layers[0]
-    assert rec.status == "quantized" and f"affine map of {cls.__name__}" in rec.reason and rec.has_bias
+    assert rec.status == "quantized" and f"affine map of {cls.__name__}" in rec.plan.reason and rec.plan.has_bias
+    assert rec.plan.surrogate is None  # the record keeps no module; the plan had it (test_plan.py)
+    assert isinstance(model[0], QuantizedLinear) and model[0].bias is not None
     assert sqnr_db(ref, out) > 35  # the subclass's own function is kept
     assert rec.weight_sqnr_db > 35
     loaded = load_quantized(build(), save_quantized(result, tmp_path / "m.safetensors"))
@@ -93,34 +63,34 @@ def test_affine_subclasses_are_quantized_as_their_effective_map(cls, tmp_path):
         assert torch.equal(loaded(x), out)
 
 
-def test_non_affine_subclass_is_kept_float_with_the_reason():
+def test_non_affine_subclass_is_left_in_place():
     model = nn.Sequential(SquashLinear(8, 8), nn.Linear(8, 2))
     result = quantize_model(model)
     assert result.layers[0].status == "skipped" and type(model[0]) is SquashLinear
-    assert "not affine (an affine fit gives" in result.layers[0].reason
+    assert "not affine (an affine fit gives" in result.layers[0].plan.reason
+    assert isinstance(model[1], QuantizedLinear)
 
 
-def test_skip_patterns_keep_layers_float():
+def test_skipped_layers_stay_float_modules():
     model = load_digits_mlp()
     result = quantize_model(model, QuantConfig(skip=(r"^4$",)))
     assert [r.status for r in result.layers] == ["quantized", "quantized", "skipped"]
-    assert result.layers[2].reason == "matches --skip '^4$'" and type(model[4]) is nn.Linear
+    assert result.layers[2].plan.reason == "matches --skip '^4$'" and type(model[4]) is nn.Linear
+    skipped = result.layers[2]
+    assert skipped.kernel is None and skipped.weight_sqnr_db is None
+    assert skipped.bytes_int8 == skipped.bytes_float == 10 * 256 * 4 + 10 * 4
+    assert [r.name for r in result.quantized] == ["0", "2"]
 
 
 def test_layer_records_sizes_and_sqnr():
     model = load_digits_mlp()
     result = quantize_model(model, QuantConfig(kernel="fbgemm"))
     first = result.layers[0]
-    assert (first.out_features, first.in_features) == (256, 64)
+    assert (first.plan.out_features, first.plan.in_features) == (256, 64)
     assert first.bytes_float == 256 * 64 * 4 + 256 * 4
     assert first.bytes_int8 == 256 * 64 + 256 * 4 + 256 + 256 * 4  # weight, scale, zero point, bias
     assert 38 < first.weight_sqnr_db < 60
     assert first.kernel in ("int_mm", "fbgemm") and first.batch_invariant
-
-
-def test_model_without_linear_is_an_error():
-    with pytest.raises(InputError, match="no nn.Linear layer"):
-        quantize_model(nn.Sequential(nn.ReLU()))
 
 
 def test_non_finite_weight_names_the_layer():
@@ -139,16 +109,15 @@ def test_bare_linear_root_is_returned_swapped():
 
 def test_quantized_linear_shapes_dtypes_and_nd_inputs():
     lin = nn.Linear(512, 1024)
-    q = QuantizedLinear.from_float(lin, mode="dynamic", granularity=PER_CHANNEL, symmetric=True,
-                                   act_granularity="token").pack("cpu")
+    scheme = LayerScheme(mode="dynamic", granularity=PER_CHANNEL, symmetric=True, act_granularity=PER_TOKEN)
+    q = QuantizedLinear.from_float(lin, scheme).pack("cpu")
     assert q.weight.shape == (1024, 512) and q.weight.dtype == torch.int8
     assert q.weight_scale.shape == (1024,) and q.weight_zero_point.shape == (1024,)
     assert set(q.state_dict()) == {"weight", "weight_scale", "weight_zero_point", "bias"}
     x = torch.randn(2, 3, 512)
     assert q(x).shape == (2, 3, 1024)
     with pytest.raises(RuntimeError, match="before pack"):
-        QuantizedLinear.from_float(lin, mode="dynamic", granularity=PER_CHANNEL, symmetric=True,
-                                   act_granularity="token")(x)
+        QuantizedLinear.from_float(lin, scheme)(x)
 
 
 @pytest.mark.parametrize(
@@ -186,9 +155,11 @@ def test_recipe_rules_apply_per_layer(digits_test):
     calib = load_file(SAMPLES / "digits_calib.safetensors")["inputs"]
     config = QuantConfig(mode="static", layers=[{"match": "^4$", "skip": True}, {"match": "^2$", "mode": "dynamic"}])
     result = quantize_model(load_digits_mlp(), config, calib=calib)
-    modes = [(r.name, r.status, r.mode) for r in result.layers]
+    modes = [(r.name, r.status, r.plan.scheme and r.plan.scheme.mode) for r in result.layers]
     assert modes == [("0", "quantized", "static"), ("2", "quantized", "dynamic"), ("4", "skipped", None)]
-    assert result.layers[2].reason == "recipe rule match='^4$' skips it"
+    assert result.layers[2].plan.reason == "recipe rule match='^4$' skips it"
+    assert result.plan == make_plan(load_digits_mlp(), config)
+    assert result.model[0].scheme.static and not result.model[2].scheme.static and type(result.model[4]) is nn.Linear
     assert result.layers[1].input_scale is None and result.layers[0].input_scale > 0
 
 

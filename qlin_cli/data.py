@@ -1,0 +1,105 @@
+"""Model inputs and running a model on them: what calibration, the accuracy fallback and
+evaluation share.
+
+`Inputs` is one tensor whose first dimension is samples, or a dict of such tensors, passed to
+the model as keyword arguments (e.g. transformers' `input_ids` and `attention_mask`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from .errors import InputError, one_line
+
+__all__ = [
+    "Inputs",
+    "num_samples",
+    "batches",
+    "run_model",
+    "first_tensor",
+    "model_output",
+    "median_latency_ms",
+]
+
+Inputs = torch.Tensor | dict[str, torch.Tensor]
+
+
+def first_tensor(output: Any, where: str = "output") -> tuple[torch.Tensor, str]:
+    """The first tensor of a model output (a tensor, tuple/list, dict or dataclass such as
+    transformers' ModelOutput) and a description of where it was found."""
+    if isinstance(output, torch.Tensor):
+        return output, where
+    if isinstance(output, dict):
+        items = list(output.items())
+    elif dataclasses.is_dataclass(output):
+        items = [(f.name, getattr(output, f.name)) for f in dataclasses.fields(output)]
+    elif isinstance(output, (tuple, list)):
+        items = list(enumerate(output))
+    else:
+        items = []
+    for key, value in items:
+        if value is None:
+            continue
+        try:
+            return first_tensor(value, f"{where}[{key!r}]")
+        except InputError:
+            continue
+    raise InputError(f"the model output ({type(output).__name__}) holds no tensor to compare")
+
+
+def num_samples(inputs: Inputs) -> int:
+    return (next(iter(inputs.values())) if isinstance(inputs, dict) else inputs).shape[0]
+
+
+def batches(inputs: Inputs, batch_size: int) -> Iterator[Inputs]:
+    """Slices of `inputs` along the first (sample) dimension."""
+    n = num_samples(inputs)
+    for start in range(0, n, batch_size):
+        if isinstance(inputs, dict):
+            yield {k: v[start : start + batch_size] for k, v in inputs.items()}
+        else:
+            yield inputs[start : start + batch_size]
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, inputs: Inputs, what: str = "model") -> Any:
+    """`model(inputs)` (keyword arguments for a dict), with a one-line error if they don't fit."""
+    try:
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    except InputError:
+        raise
+    except Exception as exc:
+        shape = (
+            {k: tuple(v.shape) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(inputs.shape)
+        )
+        raise InputError(f"the inputs {shape} do not fit the {what} ({one_line(exc, 160)})") from None
+
+
+@torch.no_grad()
+def model_output(model: nn.Module, inputs: Inputs, batch_size: int) -> torch.Tensor:
+    """The first tensor of the model's output on every sample, concatenated `(N, ...)`."""
+    parts = [first_tensor(run_model(model, chunk))[0].float() for chunk in batches(inputs, batch_size)]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def median_latency_ms(models: list[nn.Module], inputs: Inputs, batch_size: int, repeats: int = 5) -> list[float]:
+    """Median wall time (ms) of one batch for each model, timing the models interleaved (every
+    batch goes through each model in turn) after one warm-up pass."""
+    samples: list[list[float]] = [[] for _ in models]
+    chunks = list(batches(inputs, batch_size))
+    for model in models:  # warm-up
+        run_model(model, chunks[0])
+    for _ in range(repeats):
+        for chunk in chunks:
+            for i, model in enumerate(models):
+                t0 = time.perf_counter()
+                run_model(model, chunk)
+                samples[i].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(s) for s in samples]

@@ -1,0 +1,248 @@
+"""The plan: every `nn.Linear` of a model and its fate, decided in one place.
+
+`make_plan` finds the Linear layers (each module once, with the other paths it is used at), ties,
+layers that other modules read directly, nn.Linear subclasses (captured by their affine map), and
+the config's skip patterns and rules, and returns a `Plan`: one `PlanEntry` per layer, quantized
+with a `LayerScheme` or kept in float with the reason. Calibration, quantization, packing and the
+qlin file consume it; the accuracy fallback makes a new one. `PlanEntry.to_dict` / `from_dict`
+are the plan entry's form in the qlin file's metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import QuantConfig, Skip
+from .errors import ConfigError, InputError
+from .primitives import sqnr_db
+from .scheme import LayerScheme
+
+__all__ = ["PlanEntry", "Plan", "make_plan", "find_linears", "swap_module", "affine_surrogate"]
+
+# the identity keys of a plan entry in the qlin file, with their JSON types
+_ENTRY_FIELDS = {"name": str, "in_features": int, "out_features": int, "has_bias": bool, "status": str, "aliases": list}
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One `nn.Linear` of the model (at module path `name`, and at `aliases` if the same module
+    is used at several places) and what qlin does with it: quantize it with `scheme`, or keep it
+    in float (`scheme` None) for `reason`. For a quantized nn.Linear subclass, `reason` says how
+    its function was captured and `surrogate` is the plain Linear computing it."""
+
+    name: str
+    in_features: int
+    out_features: int
+    has_bias: bool
+    dtype: str  # the float weight's dtype, e.g. "float32"
+    aliases: tuple[str, ...] = ()
+    scheme: LayerScheme | None = None
+    reason: str = ""
+    surrogate: nn.Linear | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def status(self) -> str:
+        return "skipped" if self.scheme is None else "quantized"
+
+    @property
+    def paths(self) -> list[str]:
+        """Every module path of this layer: `name`, then the aliases."""
+        return [self.name, *self.aliases]
+
+    def kept_float(self, reason: str) -> "PlanEntry":
+        """This entry, kept in float for `reason`."""
+        return replace(self, scheme=None, reason=reason, surrogate=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as the qlin file stores it (machine-independent), in the reports' key order."""
+        return {
+            "name": self.name, "in_features": self.in_features, "out_features": self.out_features,
+            "has_bias": self.has_bias, "dtype": self.dtype, "status": self.status, "reason": self.reason,
+            "aliases": list(self.aliases),
+            **(LayerScheme.none_dict() if self.scheme is None else self.scheme.to_dict()),
+        }
+
+    @classmethod
+    def from_dict(cls, e: Any) -> "PlanEntry":
+        """An entry read from a qlin file, validated (types, shape, dtype, scheme). Raises
+        ValueError with a message that names the layer."""
+        if not isinstance(e, dict):
+            raise ValueError("metadata plan is not a list of layers")
+        for key, typ in _ENTRY_FIELDS.items():
+            if not isinstance(e.get(key), typ) or (typ is int and isinstance(e.get(key), bool)):
+                raise ValueError(f"plan entry {e.get('name', '?')!r} has no valid {key!r}")
+        name = e["name"]
+        if not all(isinstance(a, str) for a in e["aliases"]):
+            raise ValueError(f"plan entry {name!r} has aliases that are not module paths")
+        scheme = None
+        if e["status"] == "quantized":
+            if e["out_features"] < 1 or e["in_features"] < 1:
+                raise ValueError(f"layer {name!r} has shape ({e['out_features']}, {e['in_features']})")
+            try:
+                scheme = LayerScheme.from_dict(e)
+            except (ConfigError, TypeError) as exc:
+                raise ValueError(f"layer {name!r} has an invalid scheme ({exc})") from None
+            if not isinstance(e.get("dtype", "float32"), str):
+                raise ValueError(f"layer {name!r} has an invalid scheme")
+            dtype = getattr(torch, e.get("dtype", "float32"), None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"layer {name!r} has dtype {e.get('dtype')!r}, not a float dtype")
+        reason = e.get("reason", "")
+        return cls(name, e["in_features"], e["out_features"], e["has_bias"], str(e.get("dtype", "float32")),
+                   tuple(e["aliases"]), scheme, reason if isinstance(reason, str) else "")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every `nn.Linear` of a model, in module order, and its fate."""
+
+    entries: tuple[PlanEntry, ...]
+
+    @property
+    def quantized(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.scheme is not None]
+
+    def calibration_need(self) -> str | None:
+        """What needs calibration data ("static mode", "SmoothQuant (smooth)"), or None."""
+        for e in self.quantized:
+            if e.scheme.static:
+                return "static mode"
+        return "SmoothQuant (smooth)" if any(e.scheme.smooth is not None for e in self.quantized) else None
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.entries]
+
+    @classmethod
+    def from_list(cls, data: Any) -> "Plan":
+        """A plan read from a qlin file; ValueError names what is wrong."""
+        if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
+            raise ValueError("metadata plan is not a list of layers")
+        return cls(tuple(PlanEntry.from_dict(e) for e in data))
+
+
+def find_linears(model: nn.Module) -> list[tuple[str, nn.Linear, list[str], nn.Module | None]]:
+    """Every distinct `nn.Linear` (isinstance) in module order: (first path, module, other paths
+    of the same module object, parent module)."""
+    paths: dict[int, list[str]] = {}
+    modules: dict[int, nn.Linear] = {}
+    parents: dict[int, nn.Module | None] = {}
+    named = dict(model.named_modules(remove_duplicate=False))
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Linear):
+            paths.setdefault(id(m), []).append(name)
+            modules[id(m)] = m
+            if id(m) not in parents:
+                parents[id(m)] = named[name.rpartition(".")[0]] if name else None
+    return [(p[0], modules[i], p[1:], parents[i]) for i, p in paths.items()]
+
+
+def swap_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put `new` at module path `path` of `model`; returns the (possibly new) root."""
+    if path == "":
+        return new
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+    return model
+
+
+def _tied_weights(model: nn.Module, linears: list) -> dict[str, str]:
+    """Linear path -> the path of another module that holds the same weight Parameter (tied
+    weights, e.g. a language-model head tied to the token embedding). Paths of the same Linear
+    module (a module used at two places) do not count."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname.rpartition(".")[0])
+    tied = {}
+    for name, linear, aliases, _ in linears:
+        others = [o for o in owners.get(id(linear.weight), []) if o not in (name, *aliases)]
+        if others:
+            tied[name] = others[0] or "(root)"
+    return tied
+
+
+def _unfit_reason(module: nn.Linear, parent: nn.Module | None, tied_to: str | None) -> str:
+    """Why a layer cannot be swapped whatever the config says, or ""."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads this layer's weight directly"
+    if tied_to is not None:
+        # the other module keeps reading the float weight: quantizing would untie the two
+        return f"weight tied to {tied_to}"
+    if not module.weight.is_floating_point():
+        return f"weight dtype {module.weight.dtype} is not a float dtype"
+    return ""
+
+
+AFFINE_MIN_SQNR_DB = {torch.float32: 80.0, torch.float64: 80.0}  # others (half): 35 dB
+
+
+@torch.no_grad()
+def affine_surrogate(module: nn.Linear) -> tuple[nn.Linear | None, str]:
+    """A plain nn.Linear computing what `module` computes in eval mode, or (None, why not).
+
+    For an nn.Linear subclass that overrides forward (e.g. output scaled by 1/fan_in, or by a
+    learned scalar): its effective map is measured from its outputs on zero (the bias) and on
+    the basis vectors (the weight's columns), then checked on random inputs; a layer whose
+    function is not affine (within float rounding) cannot be a linear layer and is kept float.
+    """
+    if type(module).forward is nn.Linear.forward:
+        return module, ""
+    what = type(module).__qualname__
+    w = module.weight
+    k, dtype, device = module.in_features, w.dtype, w.device
+    try:
+        b = module(torch.zeros(1, k, dtype=dtype, device=device))  # (1, out)
+        cols = module(torch.eye(k, dtype=dtype, device=device)) - b  # (in, out): row j = W[:, j]
+        x = torch.randn(16, k, generator=torch.Generator().manual_seed(0)).to(dtype=dtype, device=device)
+        actual = module(x)
+    except Exception as exc:  # the subclass's own forward may refuse 2-D inputs, etc.
+        return None, f"{what} overrides forward and could not be probed ({type(exc).__name__})"
+    if b.shape != (1, module.out_features) or actual.shape != (16, module.out_features):
+        return None, f"{what} overrides forward and does not map (N, {k}) to (N, {module.out_features})"
+    predicted = x.float() @ cols.float() + b.float()
+    fit = sqnr_db(actual.float(), predicted)
+    if fit < AFFINE_MIN_SQNR_DB.get(dtype, 35.0):
+        return None, f"{what} overrides forward with a function that is not affine (an affine fit gives {fit:.1f} dB)"
+    has_bias = module.bias is not None or bool(b.abs().max() > 0)
+    surrogate = nn.Linear(k, module.out_features, bias=has_bias, device=device, dtype=dtype)
+    surrogate.weight.copy_(cols.t())
+    if has_bias:
+        surrogate.bias.copy_(b[0])
+    return surrogate, f"affine map of {what} (its own forward), fit {min(fit, 999.0):.0f} dB"
+
+
+def make_plan(model: nn.Module, config: QuantConfig) -> Plan:
+    """The plan for every `nn.Linear` of `model` under `config`. Raises InputError if the model
+    has none."""
+    linears = find_linears(model)
+    if not linears:
+        raise InputError(f"the model ({type(model).__name__}) has no nn.Linear layer to quantize")
+    tied = _tied_weights(model, linears)
+    entries = []
+    for name, linear, aliases, parent in linears:
+        scheme = config.for_layer(name)
+        reason = scheme.reason if isinstance(scheme, Skip) else _unfit_reason(linear, parent, tied.get(name))
+        effective = None
+        if not reason:
+            effective, note = affine_surrogate(linear)
+            reason = note
+        entry = PlanEntry(
+            name, linear.in_features, linear.out_features, linear.bias is not None,
+            str(linear.weight.dtype).removeprefix("torch."), tuple(aliases),
+        )
+        if effective is None:  # kept in float
+            entries.append(replace(entry, reason=reason))
+        else:
+            entries.append(replace(
+                entry, scheme=scheme, reason=reason, has_bias=effective.bias is not None,
+                surrogate=None if effective is linear else effective,
+            ))
+    return Plan(tuple(entries))

@@ -1,0 +1,159 @@
+"""Plan -> int8 model: calibrate what needs it, quantize each planned layer, pack it for the
+device, swap it in, and measure what it cost (weight and output SQNR, bytes)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .calibrate import LayerCalibration, Progress, calibrate
+from .config import QuantConfig
+from .data import Inputs
+from .errors import ConfigError
+from .plan import Plan, PlanEntry, make_plan, swap_module
+from .primitives import sqnr_db, weight_sqnr_db
+from .qlinear import QuantizedLinear
+
+__all__ = ["LayerResult", "QuantizeResult", "quantize_model", "Progress"]
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """A plan entry and what quantizing it gave on this machine (not saved in the file)."""
+
+    plan: PlanEntry
+    kernel: str | None = None
+    kernel_reason: str | None = None
+    batch_invariant: bool | None = None
+    weight_sqnr_db: float | None = None
+    bytes_float: int = 0
+    bytes_int8: int = 0
+    output_sqnr_db: float | None = None  # the layer's output on calibration inputs, int8 vs float
+    input_range: tuple[float, float] | None = None  # static: calibrated range of the (smoothed) input
+    input_scale: float | None = None
+    input_zero_point: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def status(self) -> str:
+        return self.plan.status
+
+    def kept_float(self, reason: str) -> "LayerResult":
+        """This layer put back in float for `reason` (its measured SQNRs stay, as what int8 gave)."""
+        return replace(
+            self, plan=self.plan.kept_float(reason), kernel=None, kernel_reason=None, batch_invariant=None,
+            input_range=None, input_scale=None, input_zero_point=None, bytes_int8=self.bytes_float,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan entry's keys, then the measurements (JSON-able: an infinite SQNR is 999)."""
+        d = self.plan.to_dict()
+        for key in ("kernel", "kernel_reason", "batch_invariant", "weight_sqnr_db", "bytes_float", "bytes_int8",
+                    "output_sqnr_db", "input_range", "input_scale", "input_zero_point"):
+            value = getattr(self, key)
+            if key.endswith("sqnr_db") and value is not None and math.isinf(value):
+                value = None if value < 0 else 999.0
+            d[key] = value
+        return d
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """The quantized model (the input model, changed in place, unless the model itself was a bare
+    `nn.Linear`), the config used, and one result per `nn.Linear`, in the plan's order."""
+
+    model: nn.Module
+    config: QuantConfig
+    layers: tuple[LayerResult, ...]
+    fallback: dict | None = None  # accuracy-aware fallback steps (fallback.quantize_to_target)
+
+    @property
+    def plan(self) -> Plan:
+        return Plan(tuple(r.plan for r in self.layers))
+
+    @property
+    def quantized(self) -> list[LayerResult]:
+        return [r for r in self.layers if r.plan.scheme is not None]
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(0 if t is None else t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def _quantize_layer(entry: PlanEntry, linear: nn.Linear, cal: LayerCalibration, device) -> tuple[QuantizedLinear, LayerResult]:
+    """Quantize and pack one planned layer; `linear` is the float module in the model."""
+    effective = entry.surrogate or linear  # the layer itself, or the affine map of its own forward
+    q = QuantizedLinear.from_float(
+        effective, entry.scheme, name=entry.name, input_qparams=cal.input_qparams, smooth_scale=cal.smooth_scale,
+    ).pack(device)
+    static = entry.scheme.static
+    result = LayerResult(
+        plan=replace(entry, surrogate=None),
+        kernel=q.kernel.name, kernel_reason=q.kernel.reason, batch_invariant=q.kernel.batch_invariant,
+        weight_sqnr_db=weight_sqnr_db(effective.weight, q.weight, q.weight_scale, q.weight_zero_point, cal.smooth_scale),
+        bytes_float=_nbytes(linear.weight, linear.bias), bytes_int8=_nbytes(*q.state_dict().values()),
+        output_sqnr_db=None if cal.sample is None else sqnr_db(linear(cal.sample), q(cal.sample)),
+        input_range=cal.input_range if static else None,
+        input_scale=float(q.input_scale) if static else None,
+        input_zero_point=int(q.input_zero_point) if static else None,
+    )
+    return q, result
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    *,
+    calib: Inputs | None = None,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+    calib_progress: Progress | None = None,
+    plan: Plan | None = None,
+) -> QuantizeResult:
+    """Replace every planned `nn.Linear` of `model` (in place) by a packed `QuantizedLinear`.
+
+    `calib`: calibration inputs (a tensor whose first dimension is samples, or a dict of such
+    tensors as keyword arguments), run in batches of `batch_size`. Static mode and SmoothQuant
+    need them; with them any mode also reports each layer's output SQNR on those inputs.
+    `plan`: the model's plan under `config` if the caller made it already (`make_plan`).
+    Raises InputError if the model has no `nn.Linear` or a weight is not finite.
+    """
+    config = config or QuantConfig()
+    model.eval()
+    plan = plan or make_plan(model, config)
+    need = plan.calibration_need()
+    if need is not None and calib is None:
+        raise ConfigError(f"{need} needs calibration data: pass `calib` FILE (inputs the model takes)")
+    quantized = plan.quantized
+    cals = [LayerCalibration()] * len(quantized)
+    if calib is not None and quantized:
+        cals = calibrate(model, quantized, calib, batch_size=batch_size, progress=calib_progress)
+    cal_of = iter(cals)
+    results = []
+    total = len(plan.entries)
+    for i, entry in enumerate(plan.entries):
+        linear = model.get_submodule(entry.name)
+        if entry.scheme is None:
+            results.append(LayerResult(entry, bytes_float=_nbytes(linear.weight, linear.bias),
+                                       bytes_int8=_nbytes(linear.weight, linear.bias)))
+        else:
+            q, result = _quantize_layer(entry, linear, next(cal_of), device)
+            results.append(result)
+            for path in entry.paths:
+                model = swap_module(model, path, q)
+        # the float layer is unreferenced once swapped: weights are freed layer by layer
+        # (peak memory ~ float model + int8 + one layer)
+        del linear
+        if progress is not None:
+            progress(i + 1, total, entry.name)
+    return QuantizeResult(model=model, config=config, layers=tuple(results))

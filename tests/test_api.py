@@ -1,0 +1,211 @@
+"""The Python API a user imports: quantize_checkpoint (QuantConfig + QuantizeOptions), inspect_path,
+evaluate_checkpoint, and the checks quantize_checkpoint makes before it does any work."""
+
+import json
+import re
+
+import pytest
+
+import qlin_cli.calibrate
+import qlin_cli.quantize
+from conftest import SAMPLES
+from qlin_cli import QuantConfig, read_qfile
+from qlin_cli.api import QuantizeOptions, evaluate_checkpoint, inspect_path, quantize_checkpoint
+from qlin_cli.errors import ConfigError, OutputError
+from qlin_cli.report import EvalReport, InspectReport, QuantizeReport, json_safe
+from qlin_cli.scheme import LayerScheme
+
+MLP = SAMPLES / "digits_mlp.pt"
+CALIB = SAMPLES / "digits_calib.safetensors"
+TEST_INPUTS = SAMPLES / "digits_test.safetensors"
+TEST_LABELS = SAMPLES / "digits_test_labels.safetensors"
+
+REPORT_KEYS = ["source", "source_kind", "output", "format", "config", "device", "calibration", "layers", "probe",
+               "fallback", "totals"]
+TOTALS_KEYS = {"layers_total", "layers_quantized", "layers_skipped", "linear_bytes_float", "linear_bytes_int8",
+               "size_float_bytes", "size_int8_bytes", "compression", "kernels"}
+LAYERS = ["0", "2", "4"]  # digits_mlp: Linear(64, 256), ReLU, Linear(256, 256), ReLU, Linear(256, 10)
+SHAPES = {"0": [256, 64], "2": [256, 256], "4": [10, 256]}
+
+
+def never_calibrate(*args, **kwargs):
+    raise AssertionError("calibration ran")
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """digits_mlp.pt quantized with the default config, with a report."""
+    folder = tmp_path_factory.mktemp("api")
+    out, report_path = folder / "mlp.int8.safetensors", folder / "report.json"
+    report = quantize_checkpoint(MLP, QuantConfig(), QuantizeOptions(output=out, report=report_path))
+    return report, out, report_path
+
+
+def test_quantize_checkpoint_report(quantized):
+    report, out, _ = quantized
+    assert isinstance(report, QuantizeReport)
+    d = report.to_dict()
+    assert list(d) == REPORT_KEYS
+    assert set(d["totals"]) == TOTALS_KEYS
+    assert d["source"] == str(MLP) and d["output"] == str(out) and d["format"] == "qlin" and d["device"] == "cpu"
+    assert d["config"] == QuantConfig().to_dict()
+    assert d["calibration"] is None and d["fallback"] is None
+    t = d["totals"]
+    assert (t["layers_total"], t["layers_quantized"], t["layers_skipped"]) == (3, 3, 0)
+    assert t["size_int8_bytes"] == out.stat().st_size
+    assert t["size_float_bytes"] == MLP.stat().st_size
+    assert t["compression"] == pytest.approx(MLP.stat().st_size / out.stat().st_size)
+    assert 3.0 < t["compression"] < 4.0
+    assert t["linear_bytes_float"] == 4 * (64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10)
+    assert sum(t["kernels"].values()) == 3
+    assert [r["name"] for r in d["layers"]] == LAYERS
+    for row in d["layers"]:
+        assert row["weight_shape"] == SHAPES[row["name"]]
+        assert row["scale_shape"] == SHAPES[row["name"]][:1]
+        assert {k: row[k] for k in LayerScheme.ENTRY_KEYS} == LayerScheme().to_dict()
+        assert row["status"] == "quantized" and row["weight_sqnr_db"] > 35
+    assert d["probe"]["compared"] == "output" and d["probe"]["sqnr_db"] > 30
+    assert d["probe"]["description"] == "a random normal batch (8, 64)"
+
+
+def test_quantize_checkpoint_writes_the_file_and_both_reports(quantized):
+    report, out, report_path = quantized
+    qf = read_qfile(out, verify=True)
+    assert [e["name"] for e in qf.plan.to_list()] == LAYERS
+    assert qf.config == QuantConfig()
+    written = json.loads(report_path.read_text())
+    assert written == json.loads(json.dumps(json_safe(report.to_dict())))
+    assert list(written) == REPORT_KEYS
+    md = report_path.with_suffix(".md")
+    assert md.read_text().startswith(f"# qlin quantize {MLP} -> {out}\n")
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, report_path.name, md.name])
+
+
+def test_second_call_without_force_leaves_everything_unchanged(quantized):
+    _, out, report_path = quantized
+    before = {p: p.read_bytes() for p in (out, report_path, report_path.with_suffix(".md"))}
+    with pytest.raises(OutputError, match=rf"^output {re.escape(str(out))} exists; pass .*force.* to overwrite it$"):
+        quantize_checkpoint(MLP, QuantConfig(mode="weight-only"), QuantizeOptions(output=out))
+    with pytest.raises(OutputError, match="exists; pass .*force"):
+        quantize_checkpoint(MLP, QuantConfig(mode="weight-only"), QuantizeOptions(output=out, report=report_path))
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(out.parent.iterdir()) == sorted(before)  # no temporaries left
+
+
+def test_force_replaces(tmp_path):
+    out = tmp_path / "m.safetensors"
+    quantize_checkpoint(MLP, QuantConfig(), QuantizeOptions(output=out))
+    first = out.read_bytes()
+    quantize_checkpoint(MLP, QuantConfig(mode="weight-only"), QuantizeOptions(output=out, force=True))
+    assert out.read_bytes() != first
+    assert {e.scheme.mode for e in read_qfile(out).plan.quantized} == {"weight-only"}
+
+
+def test_inspect_path_on_the_output(quantized):
+    _, out, _ = quantized
+    info = inspect_path(out)
+    assert isinstance(info, InspectReport)
+    assert info.config == QuantConfig() and info.size_bytes == out.stat().st_size and not info.verified
+    assert [row["name"] for row in info.layers] == LAYERS
+    for row in info.layers:
+        assert set(LayerScheme.ENTRY_KEYS) <= set(row)
+        assert {k: row[k] for k in LayerScheme.ENTRY_KEYS} == LayerScheme().to_dict()
+        assert row["weight_shape"] == SHAPES[row["name"]] and row["weight_dtype"] == "int8"
+        assert row["scale_shape"] == row["zero_point_shape"] == SHAPES[row["name"]][:1]
+        assert 0 < row["scale_min"] <= row["scale_max"]
+    d = info.to_dict()
+    assert d["kind"] == "qlin" and d["layers"] == info.layers
+    assert inspect_path(out, verify=True).verified
+
+
+EVAL_CONFIGS = {
+    "default": (QuantConfig(), None),
+    "int_mm": (QuantConfig(kernel="int_mm"), None),
+    "static": (QuantConfig(mode="static", kernel="int_mm"), CALIB),
+    "weight-only": (QuantConfig(mode="weight-only", granularity="tensor"), None),
+}
+
+
+@pytest.mark.parametrize("name", EVAL_CONFIGS)
+def test_evaluate_checkpoint_accuracy(name, tmp_path):
+    config, calib = EVAL_CONFIGS[name]
+    out = tmp_path / "m.safetensors"
+    quantize_checkpoint(MLP, config, QuantizeOptions(output=out, calib=calib))
+    ev = evaluate_checkpoint(MLP, out, TEST_INPUTS, TEST_LABELS, repeats=1)
+    assert isinstance(ev, EvalReport)
+    assert ev.samples == 450 and ev.output_shape == [450, 10] and ev.compared == "output"
+    assert ev.accuracy_float == pytest.approx(0.9778, abs=1e-4)  # the README's float accuracy
+    assert ev.accuracy_float > 0.9 and ev.accuracy_int8 > 0.9
+    assert abs(ev.accuracy_float - ev.accuracy_int8) < 0.02
+    assert ev.metrics["top1_agreement"] > 0.98 and ev.metrics["sqnr_db"] > 25
+    assert ev.source_matches and sum(ev.kernels.values()) == 3
+    if name in ("int_mm", "static"):
+        assert ev.kernels == {"int_mm": 3}
+
+
+def test_static_only_through_a_rule_needs_calibration(tmp_path, monkeypatch):
+    monkeypatch.setattr(qlin_cli.quantize, "calibrate", never_calibrate)
+    out = tmp_path / "m.safetensors"
+    config = QuantConfig(layers=[{"match": "^2$", "mode": "static"}])
+    assert config.mode == "dynamic" and config.needs_calibration
+    with pytest.raises(ConfigError) as exc:
+        quantize_checkpoint(MLP, config, QuantizeOptions(output=out))
+    msg = str(exc.value)
+    assert msg.startswith("static mode needs calibration data: pass "), msg
+    assert "calib" in msg.split(":", 1)[1], msg
+    assert "SmoothQuant" not in msg and "\n" not in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_smooth_only_through_a_rule_needs_calibration(tmp_path):
+    with pytest.raises(ConfigError, match=r"^SmoothQuant \(.*smooth.*\) needs calibration data: pass .*calib"):
+        quantize_checkpoint(MLP, QuantConfig(layers=[{"match": "^2$", "smooth": 0.5}]),
+                            QuantizeOptions(output=tmp_path / "m.safetensors"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_smooth_rule_refused_for_compressed_tensors_before_calibration(tmp_path, monkeypatch):
+    """Issue 13, point 6: SmoothQuant asked for by a per-layer rule only (the config's own scheme
+    has no smooth) is found on the plan and refused before calibration runs."""
+    monkeypatch.setattr(qlin_cli.quantize, "calibrate", never_calibrate)
+    monkeypatch.setattr(qlin_cli.calibrate, "calibrate", never_calibrate)
+    config = QuantConfig(layers=[{"match": "^2$", "smooth": 0.5}])
+    assert config.smooth is None
+    out, report = tmp_path / "ct", tmp_path / "report.json"
+    with pytest.raises(ConfigError) as exc:
+        quantize_checkpoint(MLP, config, QuantizeOptions(output=out, report=report, calib=CALIB,
+                                                         format="compressed-tensors"))
+    msg = str(exc.value)
+    assert "layer '2' uses SmoothQuant" in msg and "compressed-tensors" in msg and "\n" not in msg
+    assert list(tmp_path.iterdir()) == []  # no folder, no report, no temporary
+
+
+def test_smooth_rule_with_qlin_format(tmp_path):
+    out, report_path = tmp_path / "m.safetensors", tmp_path / "report.json"
+    config = QuantConfig(layers=[{"match": "^2$", "smooth": 0.5}])
+    report = quantize_checkpoint(MLP, config, QuantizeOptions(output=out, report=report_path, calib=CALIB))
+    plan = read_qfile(out, verify=True).plan.to_list()
+    assert {e["name"]: e["smooth"] for e in plan} == {"0": None, "2": 0.5, "4": None}
+    assert {e["name"]: e["status"] for e in plan} == dict.fromkeys(LAYERS, "quantized")
+    qf = read_qfile(out)
+    assert qf.config == config and qf.tensors["2.smooth_scale"].shape == (256,)
+    assert "0.smooth_scale" not in qf.tensors and "4.smooth_scale" not in qf.tensors
+    d = report.to_dict()
+    assert d["calibration"] == {"file": str(CALIB), "samples": 256, "batch_size": 32, "used_for": "calibration"}
+    assert [row["smooth"] for row in d["layers"]] == [None, 0.5, None]
+    assert all(row["output_sqnr_db"] > 25 for row in d["layers"])
+    assert json.loads(report_path.read_text())["config"]["layers"] == [{"match": "^2$", "smooth": 0.5}]
+    ev = evaluate_checkpoint(MLP, out, TEST_INPUTS, TEST_LABELS, repeats=1)
+    assert ev.accuracy_int8 > 0.9
+
+
+def test_static_rule_with_calibration(tmp_path):
+    out = tmp_path / "m.safetensors"
+    report = quantize_checkpoint(MLP, QuantConfig(layers=[{"match": "^2$", "mode": "static"}]),
+                                 QuantizeOptions(output=out, calib=CALIB))
+    modes = {e.name: e.scheme.mode for e in read_qfile(out).plan.quantized}
+    assert modes == {"0": "dynamic", "2": "static", "4": "dynamic"}
+    rows = {row["name"]: row for row in report.to_dict()["layers"]}
+    assert rows["2"]["input_scale"] > 0 and isinstance(rows["2"]["input_zero_point"], int)
+    assert rows["2"]["observer"] == "minmax" and rows["0"]["observer"] is None
+    assert rows["0"]["input_scale"] is None
