@@ -268,7 +268,7 @@ def inspect_path(
                         input_zero_point=int(qf.tensors[f"{e.name}.input_zero_point"]),
                     )
             layers.append(row)
-        meta = {k: v for k, v in qf.metadata.items() if k not in ("config", "plan")}
+        meta = {k: v for k, v in sorted(qf.metadata.items()) if k not in ("config", "plan")}  # safetensors returns it unordered
         return InspectReport(str(path), meta, qf.config, layers, len(qf.tensors), path.stat().st_size, verify)
     if model is not None:
         obj, kind = load_source(path, model=model, trust_pickle=trust_pickle).model, "state dict + --model"

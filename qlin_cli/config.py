@@ -135,7 +135,7 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         """True if any layer (by default or through a rule) is static or smoothed. A model's plan
-        knows for sure (`Plan.needs_calibration`); this is the check before a model is loaded."""
+        knows for sure (`Plan.calibration_need`); this is the check before a model is loaded."""
         return any(s.needs_calibration for s in self.schemes())
 
     def with_changes(self, **changes: Any) -> "QuantConfig":

@@ -84,8 +84,8 @@ def check_exportable(plan: Plan) -> None:
     for e in plan.quantized:
         if e.scheme.smooth is not None:
             raise ConfigError(
-                f"layer {e.name!r} uses SmoothQuant, which compressed-tensors' int-quantized format cannot "
-                "express (it has no per-input-channel factor): drop `smooth` for `format` compressed-tensors"
+                f"`format` compressed-tensors cannot express SmoothQuant (no per-input-channel factor), which "
+                f"layer {e.name!r} uses: drop `smooth`"
             )
 
 
