@@ -16,7 +16,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from .config import QuantConfig
-from .data import batches, first_tensor, median_latency_ms, num_samples, run_model
+from .data import Progress, batches, first_tensor, median_latency_ms, num_samples, run_model
 from .errors import ConfigError, InputError
 from .export import CT_FORMAT, FORMATS, check_exportable, save_compressed_tensors
 from .fallback import quantize_to_target
@@ -26,7 +26,7 @@ from .kernels import select_kernel
 from .plan import find_linears, make_plan
 from .qfile import FORMAT, load_quantized, read_qfile, save_quantized
 from .qlinear import QuantizedLinear
-from .quantize import Progress, quantize_model
+from .quantize import quantize_model
 from .report import EvalReport, FloatInspectReport, InspectReport, QuantizeReport, compare_outputs, write_report
 from .sources import check_source, load_source, load_tensors, read_checkpoint
 
@@ -120,6 +120,10 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
     source_path = check_source(source_path)
     output = Path(o.output) if o.output is not None else default_output(source_path, o.format)
     if o.format == CT_FORMAT:
+        if config.scheme.smooth is not None:  # SmoothQuant set by a rule only: checked on the plan
+            raise ConfigError(
+                "`format` compressed-tensors cannot express SmoothQuant (no per-input-channel factor): drop `smooth`"
+            )
         data = (Path(p) for p in (o.inputs, o.calib, o.eval_inputs) if p)
         check_output_dir(output, force=o.force, inputs=(source_path, *data))
     else:
@@ -127,10 +131,9 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
     check_device(o.device)
     if o.batch_size < 1 or (o.calib_samples is not None and o.calib_samples < 1):
         raise ConfigError("`batch_size` and `calib_samples` must be at least 1")
-    need = next((s for s in config.schemes() if s.needs_calibration), None)
+    need = config.calibration_need()
     if need is not None and o.calib is None:
-        what = "static mode" if need.static else "SmoothQuant (`smooth`)"
-        raise ConfigError(f"{what} needs calibration data: pass `calib` FILE (inputs the model takes)")
+        raise ConfigError(f"{need} needs calibration data: pass `calib` FILE (inputs the model takes)")
     if o.inputs is not None:
         check_file(o.inputs, "inputs")
     if o.calib_samples is not None and o.calib is None:
@@ -154,6 +157,9 @@ def quantize_checkpoint(
     return the report. Everything that can be checked is checked before the model is loaded,
     and whatever depends on the layers' schemes is checked on the plan before calibration."""
     config, o = config or QuantConfig(), options or QuantizeOptions()
+    if not isinstance(config, QuantConfig) or not isinstance(o, QuantizeOptions):
+        raise TypeError("quantize_checkpoint(source, config: QuantConfig, options: QuantizeOptions): the output "
+                        "path and other options go in QuantizeOptions(output=...)")
     output, report_path = _check_options(Path(source_path), config, o)
     source_path, dev = check_source(source_path), check_device(o.device)
     inputs = None if o.inputs is None else check_file(o.inputs, "inputs")

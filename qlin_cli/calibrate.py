@@ -14,16 +14,15 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from .data import Inputs, batches, num_samples, run_model
+from .data import Inputs, Progress, batches, num_samples, run_model
 from .observers import make_observer
-from .plan import PlanEntry
+from .plan import PlanEntry, effective_linear
 from .primitives import check_finite
 from .scheme import PER_CHANNEL, PER_TENSOR
 
 __all__ = ["LayerCalibration", "input_hooks", "calibrate", "smooth_factors"]
 
 SAMPLE_ROWS = 256  # input rows kept per layer to measure its output SQNR after quantization
-Progress = Callable[[int, int, str], None]  # (steps done, steps total, what: a layer or a stage)
 
 
 @dataclass
@@ -86,7 +85,7 @@ def calibrate(
     """Observe the inputs of the planned `layers` of `model` on `inputs`: one pass, or two when
     SmoothQuant and static mode meet (the static range is observed on smoothed inputs). Returns
     one LayerCalibration per entry, in order. SmoothQuant reads a layer's effective weight
-    `(out, in)` (an nn.Linear subclass's surrogate)."""
+    `(out, in)` (an nn.Linear subclass's affine map)."""
     result = {e.name: LayerCalibration() for e in layers}
     modules = {e.name: model.get_submodule(e.name) for e in layers}
 
@@ -108,7 +107,7 @@ def calibrate(
         with input_hooks(modules, watch_smooth):
             _run_all(model, inputs, batch_size, progress, "calibrating (SmoothQuant)")
         for name, e in smoothed.items():
-            weight = (e.surrogate or modules[name]).weight
+            weight = effective_linear(modules[name], name).weight
             result[name].smooth_scale = smooth_factors(absmax[name].range()[1], weight, e.scheme.smooth)
 
     if static:

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .api import QuantizeOptions, evaluate_checkpoint, inspect_path, quantize_checkpoint
 from .config import QuantConfig, load_recipe
 from .report import report_json
 from .scheme import ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, WEIGHT_GRANULARITIES
@@ -122,8 +123,6 @@ def quantize(
 ) -> None:
     """Quantize every nn.Linear of SOURCE to int8 and write a qlin safetensors file (or a
     compressed-tensors model folder)."""
-    from .api import QuantizeOptions, quantize_checkpoint
-
     recipe = load_recipe(config) if config is not None else {}
     base = QuantConfig.from_dict(recipe, origin=str(config) if config else "options")
     cfg = base.with_changes(
@@ -160,8 +159,6 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a qlin file's metadata and layers, or the Linear layers of a float checkpoint."""
-    from .api import inspect_path
-
     Output(as_json).show(inspect_path(file, model=model, trust_pickle=trust_pickle, device=device, verify=verify))
 
 
@@ -179,8 +176,6 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the float and the int8 model on the same inputs and compare them."""
-    from .api import evaluate_checkpoint
-
     Output(as_json).show(evaluate_checkpoint(
         source, quantized, inputs, labels, model=model, trust_pickle=trust_pickle,
         batch_size=batch_size, repeats=repeats, device=device,
@@ -227,10 +222,23 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code or 0)
 
 
+@functools.cache
+def _flags() -> dict[str, str]:
+    """Each option's keyword -> its flag, from the commands themselves: calib_samples ->
+    --calib-samples, output -> --output."""
+    group = typer.main.get_command(app)
+    return {
+        opt[2:].replace("-", "_"): opt
+        for command in group.commands.values() for param in command.params
+        for opt in param.opts if opt.startswith("--")
+    }
+
+
 def as_flags(message: str) -> str:
     """The library names an option by its keyword in backticks (`calib_samples`); the command
-    line names the flag that sets it (--calib-samples)."""
-    return re.sub(r"`([a-z][a-z_]*)`", lambda m: "--" + m.group(1).replace("_", "-"), message)
+    line names the flag that sets it (--calib-samples). Other backticked words stay as they are."""
+    flags = _flags()
+    return re.sub(r"`([a-z][a-z_]*)`", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
 @functools.cache

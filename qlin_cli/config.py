@@ -132,6 +132,12 @@ class QuantConfig:
         """Every scheme this config can give a layer: the default, then each rule's."""
         return [self.scheme, *(self.scheme.with_changes(**dict(r.changes)) for r in self.layers if not r.skip)]
 
+    def calibration_need(self) -> str | None:
+        """What any layer of this config (by default or through a rule) may need calibration data
+        for, in words, or None; a model's plan knows for sure (`Plan.calibration_need`)."""
+        needs = {s.calibration_need for s in self.schemes()} - {None}
+        return "static mode" if "static mode" in needs else next(iter(needs), None)
+
     @property
     def needs_calibration(self) -> bool:
         """True if any layer (by default or through a rule) is static or smoothed. A model's plan
@@ -169,7 +175,12 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of recipe keys; `QuantConfig.from_dict(c.to_dict()) == c`."""
-        return {**self.scheme.to_recipe(), "skip": list(self.skip), "layers": [r.to_dict() for r in self.layers]}
+        out = {}
+        for key, value in self.scheme.to_recipe().items():  # the recipe's order: skip after kernel
+            out[key] = value
+            if key == "kernel":
+                out["skip"] = list(self.skip)
+        return {**out, "layers": [r.to_dict() for r in self.layers]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,7 @@ from .errors import InputError, one_line
 
 __all__ = [
     "Inputs",
+    "Progress",
     "num_samples",
     "batches",
     "run_model",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
+Progress = Callable[[int, int, str], None]  # (steps done, steps total, what: a layer or a stage)
 
 
 def first_tensor(output: Any, where: str = "output") -> tuple[torch.Tensor, str]:

@@ -10,7 +10,7 @@ are the plan entry's form in the qlin file's metadata.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from .errors import ConfigError, InputError
 from .primitives import sqnr_db
 from .scheme import LayerScheme
 
-__all__ = ["PlanEntry", "Plan", "make_plan", "find_linears", "swap_module", "affine_surrogate"]
+__all__ = ["PlanEntry", "Plan", "make_plan", "find_linears", "swap_module", "affine_surrogate", "effective_linear"]
 
 # the identity keys of a plan entry in the qlin file, with their JSON types
 _ENTRY_FIELDS = {"name": str, "in_features": int, "out_features": int, "has_bias": bool, "status": str, "aliases": list}
@@ -32,7 +32,8 @@ class PlanEntry:
     """One `nn.Linear` of the model (at module path `name`, and at `aliases` if the same module
     is used at several places) and what qlin does with it: quantize it with `scheme`, or keep it
     in float (`scheme` None) for `reason`. For a quantized nn.Linear subclass, `reason` says how
-    its function was captured and `surrogate` is the plain Linear computing it."""
+    its function was captured (`effective_linear` captures it again when it is quantized: the
+    plan holds no module, so each float layer is freed as soon as it is swapped)."""
 
     name: str
     in_features: int
@@ -42,7 +43,6 @@ class PlanEntry:
     aliases: tuple[str, ...] = ()
     scheme: LayerScheme | None = None
     reason: str = ""
-    surrogate: nn.Linear | None = field(default=None, compare=False, repr=False)
 
     @property
     def status(self) -> str:
@@ -55,7 +55,7 @@ class PlanEntry:
 
     def kept_float(self, reason: str) -> "PlanEntry":
         """This entry, kept in float for `reason`."""
-        return replace(self, scheme=None, reason=reason, surrogate=None)
+        return replace(self, scheme=None, reason=reason)
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as the qlin file stores it (machine-independent), in the reports' key order."""
@@ -111,11 +111,9 @@ class Plan:
         return [e for e in self.entries if e.scheme is not None]
 
     def calibration_need(self) -> str | None:
-        """What needs calibration data ("static mode", "SmoothQuant (smooth)"), or None."""
-        for e in self.quantized:
-            if e.scheme.static:
-                return "static mode"
-        return "SmoothQuant (smooth)" if any(e.scheme.smooth is not None for e in self.quantized) else None
+        """What of the planned layers needs calibration data, in words (static mode first), or None."""
+        needs = {e.scheme.calibration_need for e in self.quantized} - {None}
+        return "static mode" if "static mode" in needs else next(iter(needs), None)
 
     def to_list(self) -> list[dict[str, Any]]:
         return [e.to_dict() for e in self.entries]
@@ -220,8 +218,8 @@ def affine_surrogate(module: nn.Linear) -> tuple[nn.Linear | None, str]:
 
 
 def make_plan(model: nn.Module, config: QuantConfig) -> Plan:
-    """The plan for every `nn.Linear` of `model` under `config`. Raises InputError if the model
-    has none."""
+    """The plan for every `nn.Linear` of `model` (in eval mode: subclasses are probed by running
+    them) under `config`. Raises InputError if the model has none."""
     linears = find_linears(model)
     if not linears:
         raise InputError(f"the model ({type(model).__name__}) has no nn.Linear layer to quantize")
@@ -241,8 +239,15 @@ def make_plan(model: nn.Module, config: QuantConfig) -> Plan:
         if effective is None:  # kept in float
             entries.append(replace(entry, reason=reason))
         else:
-            entries.append(replace(
-                entry, scheme=scheme, reason=reason, has_bias=effective.bias is not None,
-                surrogate=None if effective is linear else effective,
-            ))
+            entries.append(replace(entry, scheme=scheme, reason=reason, has_bias=effective.bias is not None))
+        del effective
     return Plan(tuple(entries))
+
+
+def effective_linear(module: nn.Linear, name: str) -> nn.Linear:
+    """The plain Linear that computes what planned layer `name` computes: the module itself, or
+    the affine map of a subclass's own forward (`affine_surrogate`, measured again here)."""
+    effective, why = affine_surrogate(module)
+    if effective is None:  # the plan found it affine: the module changed since
+        raise InputError(f"layer {name!r}: {why}")
+    return effective

@@ -10,15 +10,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .calibrate import LayerCalibration, Progress, calibrate
+from .calibrate import LayerCalibration, calibrate
 from .config import QuantConfig
-from .data import Inputs
+from .data import Inputs, Progress
 from .errors import ConfigError
-from .plan import Plan, PlanEntry, make_plan, swap_module
+from .plan import Plan, PlanEntry, effective_linear, make_plan, swap_module
 from .primitives import sqnr_db, weight_sqnr_db
 from .qlinear import QuantizedLinear
 
-__all__ = ["LayerResult", "QuantizeResult", "quantize_model", "Progress"]
+__all__ = ["LayerResult", "QuantizeResult", "quantize_model"]
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,13 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 @torch.no_grad()
 def _quantize_layer(entry: PlanEntry, linear: nn.Linear, cal: LayerCalibration, device) -> tuple[QuantizedLinear, LayerResult]:
     """Quantize and pack one planned layer; `linear` is the float module in the model."""
-    effective = entry.surrogate or linear  # the layer itself, or the affine map of its own forward
+    effective = effective_linear(linear, entry.name)  # the layer, or the affine map of its own forward
     q = QuantizedLinear.from_float(
         effective, entry.scheme, name=entry.name, input_qparams=cal.input_qparams, smooth_scale=cal.smooth_scale,
     ).pack(device)
     static = entry.scheme.static
     result = LayerResult(
-        plan=replace(entry, surrogate=None),
+        plan=entry,
         kernel=q.kernel.name, kernel_reason=q.kernel.reason, batch_invariant=q.kernel.batch_invariant,
         weight_sqnr_db=weight_sqnr_db(effective.weight, q.weight, q.weight_scale, q.weight_zero_point, cal.smooth_scale),
         bytes_float=_nbytes(linear.weight, linear.bias), bytes_int8=_nbytes(*q.state_dict().values()),
@@ -125,7 +125,8 @@ def quantize_model(
     `calib`: calibration inputs (a tensor whose first dimension is samples, or a dict of such
     tensors as keyword arguments), run in batches of `batch_size`. Static mode and SmoothQuant
     need them; with them any mode also reports each layer's output SQNR on those inputs.
-    `plan`: the model's plan under `config` if the caller made it already (`make_plan`).
+    `plan`: the model's plan under `config` (`make_plan(model, config)`) if the caller made it
+    already; the file records `config` beside it, so it must be that config's plan.
     Raises InputError if the model has no `nn.Linear` or a weight is not finite.
     """
     config = config or QuantConfig()

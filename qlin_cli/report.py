@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,8 +190,8 @@ class QuantizeReport(_Report):
         for r in self.layers:
             d = _row_dict(r)
             cells = [r.name or "(root)", fmt(d["weight_shape"]), fmt(d["scale_shape"]), r.kernel or "float",
-                     fmt(r.weight_sqnr_db)]
-            cells += [fmt(r.output_sqnr_db)] if calibrated else []
+                     fmt(d["weight_sqnr_db"])]  # from the row: an exact layer's infinite SQNR reads 999
+            cells += [fmt(d["output_sqnr_db"])] if calibrated else []
             if static:
                 rng = r.input_range
                 cells += [f"[{rng[0]:.3g}, {rng[1]:.3g}]" if rng else "-",

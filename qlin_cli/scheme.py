@@ -2,8 +2,9 @@
 `LayerScheme`, the frozen value that carries a layer's scheme from the recipe to the file.
 
 `LayerScheme.to_dict` / `from_dict` are the only writer and reader of a plan entry's scheme (the
-qlin file's metadata, the reports, the compressed-tensors export read it through them), and
-`to_recipe` / `with_changes` speak the recipe's keys (`QuantConfig`, TOML `[[layers]]` rules).
+qlin file's metadata and the reports); everything else (kernels, the compressed-tensors export)
+reads the typed fields. `to_recipe` / `with_changes` speak the recipe's keys (`QuantConfig`, TOML
+`[[layers]]` rules).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Granularity:
 
     For a weight `(out_features, in_features)` = `(1024, 512)`: `PerTensor` gives scale shape `()`,
     `PerChannel` `(1024,)` (one per row, i.e. per output channel); a per-group type would give
-    `(1024, 512 // G)` (G consecutive input channels of one row share a scale). For activations
+    `(1024, ceil(512 / G))` (G consecutive input channels of one row share a scale). For activations
     flattened to `(tokens, in_features)`: `PerTensor` `()`, `PerToken` `(tokens,)`.
     """
 
@@ -109,7 +110,7 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} = {value!r} is not valid: use one of {', '.join(choices)}")
 
 
-def _number(name: str, value: Any) -> bool:
+def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
@@ -161,11 +162,11 @@ class LayerScheme:
         _choice("kernel", self.kernel, KERNELS)
         _choice("observer", self.observer, OBSERVER_NAMES)
         _choice("weight_observer", self.weight_observer, OBSERVER_NAMES)
-        if not _number("percentile", self.percentile) or not 50 < self.percentile <= 100:
+        if not _number(self.percentile) or not 50 < self.percentile <= 100:
             raise ConfigError(f"percentile = {self.percentile!r} is not valid: use a number in (50, 100]")
         object.__setattr__(self, "percentile", float(self.percentile))
         if self.smooth is not None:
-            if not _number("smooth", self.smooth) or not 0 < self.smooth <= 1:
+            if not _number(self.smooth) or not 0 < self.smooth <= 1:
                 raise ConfigError(f"smooth = {self.smooth!r} is not valid: SmoothQuant's alpha is in (0, 1], e.g. 0.5")
             object.__setattr__(self, "smooth", float(self.smooth))
             if self.mode == "weight-only":
@@ -209,6 +210,13 @@ class LayerScheme:
     def needs_calibration(self) -> bool:
         """Static activation ranges and SmoothQuant factors come from calibration data."""
         return self.static or self.smooth is not None
+
+    @property
+    def calibration_need(self) -> str | None:
+        """What of this scheme needs calibration data, in words, or None."""
+        if self.static:
+            return "static mode"
+        return None if self.smooth is None else "SmoothQuant (`smooth`)"
 
     # -- the recipe's keys (QuantConfig, TOML) ------------------------------------------------
 

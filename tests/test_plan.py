@@ -10,7 +10,7 @@ from conftest import load_digits_mlp
 from plan_models import GainLinear, Net, ScaledLinear, SquashLinear
 from qlin_cli import QuantConfig, quantize_model
 from qlin_cli.errors import InputError
-from qlin_cli.plan import Plan, PlanEntry, affine_surrogate, find_linears, make_plan, swap_module
+from qlin_cli.plan import Plan, PlanEntry, affine_surrogate, effective_linear, find_linears, make_plan, swap_module
 from qlin_cli.primitives import sqnr_db
 from qlin_cli.scheme import LayerScheme
 
@@ -30,7 +30,7 @@ def test_plan_finds_every_linear_once_with_aliases_and_reasons():
     assert by_name["shared"].aliases == ("heads.b",) and by_name["shared"].paths == ["shared", "heads.b"]
     assert by_name["shared"].status == "quantized" and by_name["shared"].scheme == LayerScheme()
     assert by_name["scaled"].status == "quantized" and "affine map of ScaledLinear" in by_name["scaled"].reason
-    assert by_name["scaled"].surrogate is not None and by_name["shared"].surrogate is None
+    assert "module" not in str(plan)  # the plan holds no module: float layers free as they are swapped
     assert by_name["attn.out_proj"].status == "skipped" and by_name["attn.out_proj"].scheme is None
     assert by_name["attn.out_proj"].reason == "nn.MultiheadAttention reads this layer's weight directly"
     assert not by_name["blocks.0.2"].has_bias and by_name["blocks.0.0"].has_bias
@@ -54,7 +54,8 @@ def test_affine_subclasses_are_planned_as_their_effective_map(cls):
         assert sqnr_db(layer(x), surrogate(x)) > 80  # the subclass's own function, to float rounding
     entry = make_plan(nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 4)), QuantConfig()).entries[0]
     assert entry.status == "quantized" and entry.reason == note and entry.has_bias
-    assert entry.surrogate is not None and torch.equal(entry.surrogate.weight, surrogate.weight)
+    assert torch.equal(effective_linear(layer, "0").weight, surrogate.weight)  # measured again, the same
+    assert effective_linear(plain := nn.Linear(8, 4), "p") is plain
     plain = nn.Linear(8, 4)
     assert affine_surrogate(plain) == (plain, "")  # a plain Linear is its own map
 
@@ -113,7 +114,7 @@ def test_recipe_rules_apply_per_layer():
     assert plan.entries[0].scheme is config.scheme and plan.entries[1].scheme.act_granularity is not None
     assert plan.calibration_need() == "static mode"
     smooth = make_plan(load_digits_mlp(), QuantConfig(layers=[{"match": "^2$", "smooth": 0.5}]))
-    assert smooth.calibration_need() == "SmoothQuant (smooth)"
+    assert smooth.calibration_need() == "SmoothQuant (`smooth`)"
     assert [e.scheme.smooth for e in smooth.entries] == [None, 0.5, None]
 
 

@@ -2,6 +2,8 @@
 (sizes, SQNR, kernel), QuantizedLinear, and accuracy on the sample models. Finding layers and
 deciding their fate is tested in test_plan.py."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -54,7 +56,6 @@ def test_affine_subclasses_are_quantized_as_their_effective_map(cls, tmp_path):
         out = model(x)
     rec = result.layers[0]
     assert rec.status == "quantized" and f"affine map of {cls.__name__}" in rec.plan.reason and rec.plan.has_bias
-    assert rec.plan.surrogate is None  # the record keeps no module; the plan had it (test_plan.py)
     assert isinstance(model[0], QuantizedLinear) and model[0].bias is not None
     assert sqnr_db(ref, out) > 35  # the subclass's own function is kept
     assert rec.weight_sqnr_db > 35
@@ -196,3 +197,18 @@ def test_transposed_non_contiguous_weight():
     model = nn.Sequential(lin)
     quantize_model(model)
     assert sqnr_db(ref, model(x).detach()) > 35
+
+
+def test_a_reused_plan_quantizes_subclasses_as_their_own_function():
+    """A plan holds no module: quantizing with `result.plan` (or a file's plan) measures a
+    subclass's affine map again rather than quantizing its raw weight."""
+    torch.manual_seed(0)
+    first = nn.Sequential(ScaledLinear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+    again = copy.deepcopy(first)
+    x = torch.randn(16, 256)
+    with torch.no_grad():
+        ref = first(x)
+    r1 = quantize_model(first, QuantConfig())
+    r2 = quantize_model(again, QuantConfig(), plan=r1.plan)
+    with torch.no_grad():
+        assert sqnr_db(ref, r2.model(x)) > 30 and torch.equal(r1.model(x), r2.model(x))
