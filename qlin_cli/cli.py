@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import re
 import signal
 import sys
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C -> KeyboardInterrupt below
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        _notes_to_stderr()
         code = app(args=args, prog_name="qlin", standalone_mode=False)
         if code == 130:  # typer turns Ctrl-C into a silent exit code 130
             err.print("interrupted", markup=False)
@@ -220,6 +222,22 @@ def main(argv: list[str] | None = None) -> None:
     # kill the process silently with -SIGINT instead of this exit code.
     _ignore_sigint_at_exit()
     sys.exit(code or 0)
+
+
+class _Note(logging.Handler):
+    """The library's `qlin` log (e.g. building the fused kernels once, or running without them)
+    as one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"note: {record.getMessage()}", markup=False, soft_wrap=True)
+
+
+@functools.cache
+def _notes_to_stderr() -> None:
+    log = logging.getLogger("qlin")
+    log.addHandler(_Note())
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 @functools.cache

@@ -7,6 +7,7 @@ Kernels (weights `(N, K)` int8 = `(out_features, in_features)`, activations `x` 
 |---------------|------------------------------------|--------------------------------------|-----------|
 | `int_mm`      | int8: dynamic asymmetric (scale and offset) per token/tensor, or static | `torch._int_mm` (int32 accumulation) | CPU, CUDA |
 | `fbgemm`      | uint8: per token (rows normalized), per tensor (batch-dependent), or static | prepacked fbgemm ops | CPU |
+| `onednn`      | uint8: per token, codes and epilogue by qlin's fused C++ kernels (native.py) | `onednn.qlinear_pointwise` (VNNI) | CPU |
 | `weight_only` | float                              | `torch._weight_int8pack_mm`          | CPU, CUDA |
 | `dequant`     | float                              | `F.linear` on dequantized weights    | any       |
 
@@ -20,15 +21,17 @@ the same machine always picks the same kernel and the saved file never depends o
 
 from __future__ import annotations
 
+import copy
 import functools
 import platform
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .primitives import QMAX, QMIN, dequantize, quantize_activations, row_ranges
 from .scheme import LayerScheme
 
@@ -127,6 +130,19 @@ def _fbgemm_reduce_range() -> bool:
     return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_features())
 
 
+def _onednn_missing(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the fused per-token oneDNN kernel cannot run this layer here, or None."""
+    if device.type != "cpu":
+        return "the oneDNN kernel runs on CPU only"
+    if dtype != torch.float32:
+        return f"the oneDNN kernel takes float32 activations, not {dtype}"
+    if not hasattr(torch.ops.onednn, "qlinear_pointwise") or "onednn" not in torch.backends.quantized.supported_engines:
+        return "this torch build has no oneDNN quantized linear"
+    if _fbgemm_reduce_range():
+        return "full-range uint8 activations can saturate without VNNI"
+    return native.unavailable_reason()
+
+
 @functools.cache
 def _weight_int8pack_missing(device_type: str, dtype: torch.dtype, k: int, n: int) -> str | None:
     """Run `_weight_int8pack_mm` once on zeros of this layer's shape; None if it works, else why."""
@@ -175,6 +191,20 @@ def select_kernel(
             "dequant", f"auto: kept in float: int8 is slower than float for {mode} layers under "
             f"{small:,} weights on CPU ({in_features}x{out_features})", False)
     per_token = scheme.per_token
+    if request == "onednn":
+        why_not = _onednn_missing(device, dtype) if per_token else "the oneDNN kernel runs dynamic per-token layers only"
+        if why_not is None:
+            return KernelChoice("onednn", "requested", True)
+        other = select_kernel(replace(scheme, kernel="fbgemm"), device=device, dtype=dtype,
+                              in_features=in_features, out_features=out_features)
+        return replace(other, reason=f"fallback: {why_not}")
+    unfused = ""
+    if per_token and request == "auto" and device.type == "cpu":
+        # fewest passes and parallel regions per layer: fused quantize, one GEMM, fused epilogue
+        why_not = _onednn_missing(device, dtype)
+        if why_not is None:
+            return KernelChoice("onednn", "auto: per-token int8 activations, fused oneDNN", True)
+        unfused = f" (not fused: {why_not})"
     missing = _fbgemm_unusable(device, dtype)
     if mode == "static" or per_token:
         # fixed activation parameters (calibrated, or per-token rows normalized to [-1, 1]):
@@ -183,7 +213,7 @@ def select_kernel(
             missing = "full-range uint8 activations can saturate fbgemm without VNNI"
         what = "static" if mode == "static" else "per-token"
         if missing is None and request in ("auto", "fbgemm"):
-            why = "requested" if request == "fbgemm" else f"auto: {what} int8 activations, prepacked fbgemm"
+            why = "requested" if request == "fbgemm" else f"auto: {what} int8 activations, prepacked fbgemm{unfused}"
             return KernelChoice("fbgemm", why, True)
         why = f"fallback: {missing}" if request == "fbgemm" else (
             "requested" if request == "int_mm" else f"auto: {what} int8 activations")
@@ -361,6 +391,74 @@ class _Fbgemm:
 _STATIC_FBGEMM = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
 
 
+class _LastInput(threading.local):
+    """The input a fused per-token layer quantized last on this thread, and its codes: layers that
+    read the same tensor (Q, K and V; gate and up) quantize it once. The entry holds the tensor,
+    so its memory cannot be reused for another while the key (address, shape, strides, version
+    counter: an in-place change bumps it) is kept; inference-mode tensors have no version
+    counter and are not cached."""
+
+    key: tuple | None = None
+    x: torch.Tensor | None = None
+    codes: tuple | None = None
+
+
+_LAST_INPUT = _LastInput()
+_EMPTY = torch.empty(0)
+
+
+class _Onednn:
+    """Dynamic per-token (asymmetric) activations on oneDNN's u8 x s8 GEMM, with qlin's fused
+    kernels (native.py) before and after it: three passes and three parallel regions per layer.
+
+        quantize_rows: u[m] = rne((x[m] - lo[m]) / w[m] * 255) in [0, 255] (the codes of the
+            fbgemm per-token path, bit for bit; SmoothQuant's division folded in),
+            x ~ a[m] * u + c[m] with a = w / 255, c = lo
+        GEMM: y[m, n] = s[n] * sum_k u[m, k] * qw[n, k] (`onednn.qlinear_pointwise`, input scale 1,
+            zero point 0, float32 out)
+        epilogue: y = a[m] * (y - rowsum(u)[m] * s[n] * z[n]) + c[m] * wsum[n] + b[n], in place
+    Every parameter is per row or fixed, so rows never influence each other (batch-invariant).
+    """
+
+    def __init__(self, weight, scale, zero_point, bias, smooth):
+        n, _ = weight.shape
+        s = scale.float().reshape(-1).expand(n).contiguous()
+        zp = zero_point.to(torch.int32).reshape(-1).expand(n)
+        self.packed = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
+        self.scale, self.gemm_zero_point = s, torch.zeros(n, dtype=torch.int32)
+        self.zs = (s * zp.float()).contiguous() if bool(zp.any()) else _EMPTY  # asymmetric weights
+        self.wsum = _weight_row_sums(weight, scale, zero_point).contiguous()
+        self.bias = _EMPTY if bias is None else bias.float().contiguous()
+        self.smooth = _EMPTY if smooth is None else smooth.float().contiguous()
+
+    def __deepcopy__(self, memo) -> "_Onednn":
+        return copy.copy(self)  # its tensors are never written; oneDNN's packed weight cannot be copied
+
+    @property
+    def kernels(self):
+        """The compiled kernels (native.load() is cached; no module object is kept, so a packed
+        model deep-copies)."""
+        return native.load()
+
+    def _codes(self, x: torch.Tensor) -> tuple:
+        if x.is_inference():
+            return self.kernels.quantize_rows(x, self.smooth)
+        last = _LAST_INPUT
+        key = (x.data_ptr(), x.shape, x.stride(), x._version, self.smooth.data_ptr())
+        if last.key != key:
+            last.key, last.x, last.codes = None, None, None  # drop the old entry before computing
+            last.codes = self.kernels.quantize_rows(x, self.smooth)
+            last.key, last.x = key, x
+        return last.codes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q, a, c, rowsum = self._codes(x.float().contiguous())
+        y = torch.ops.onednn.qlinear_pointwise(
+            q, 1.0, 0, self.packed, self.scale, self.gemm_zero_point, None, 1.0, 0, torch.float32, "none", [], "")
+        y = self.kernels.epilogue_(y, a, c, self.wsum, self.bias, rowsum, self.zs, None)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 class _WeightOnly:
     """`torch._weight_int8pack_mm`: float activations times int8 weights `(N, K)` with per-row
     scales. Asymmetric weights subtract `rowsum(x) * s * z` afterwards."""
@@ -427,6 +525,8 @@ def pack(
     if choice.name == "int_mm":
         rules = rules or INT_MM_RULES.get(device.type, IntMMRules())
         return _IntMM(weight, scale, zero_point, bias, per_token, rules, act_qparams, smooth)
+    if choice.name == "onednn":
+        return _Onednn(weight, scale, zero_point, bias, smooth)
     if choice.name == "fbgemm":
         return _Fbgemm(weight, scale, zero_point, bias, act_qparams, smooth, per_token)
     if choice.name == "weight_only":

@@ -32,7 +32,7 @@ __all__ = [
 
 MODES = ("dynamic", "weight-only", "static")
 OBSERVER_NAMES = ("minmax", "absmax", "moving-average", "percentile", "mse")  # see observers.py
-KERNELS = ("auto", "fbgemm", "int_mm", "weight_only")
+KERNELS = ("auto", "onednn", "fbgemm", "int_mm", "weight_only")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,17 @@ def device(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fused_kernels_built():
+    """Build qlin's fused kernels (native.py) once, before any test: qlin subprocesses then load
+    the cached module instead of each spending ~25 s on a first build (or being killed during
+    one). Where they cannot be built, the tests run the torch-op path and the fused-kernel tests
+    skip with the reason."""
+    from qlin_cli import native
+
+    native.load()
+
+
 @pytest.fixture(scope="session")
 def digits_test():
     from safetensors.torch import load_file

@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from qlin_cli.kernels import (
-    INT_MM_RULES, SMALL_LAYER, IntMMRules, KernelChoice, _fbgemm_reduce_range, _fbgemm_unusable, pack,
-    select_kernel,
+    INT_MM_RULES, SMALL_LAYER, IntMMRules, KernelChoice, _fbgemm_reduce_range, _fbgemm_unusable, _onednn_missing,
+    pack, select_kernel,
 )
 from qlin_cli.primitives import choose_qparams, dequantize, quantize, quantize_activations, sqnr_db
 from qlin_cli.scheme import PER_CHANNEL, PER_TENSOR, LayerScheme
 
-KERNELS = [("int_mm", "token"), ("int_mm", "tensor"), ("fbgemm", "token"), ("fbgemm", "tensor"), ("weight_only", None),
-           ("dequant", None)]
+KERNELS = [("int_mm", "token"), ("int_mm", "tensor"), ("fbgemm", "token"), ("fbgemm", "tensor"), ("onednn", "token"),
+           ("weight_only", None), ("dequant", None)]
 
 
 def _layer(out_f=96, in_f=80, gran=PER_CHANNEL, sym=True, seed=0):
@@ -29,6 +29,8 @@ def _choice(name, act):
 
 
 def _runnable(name, device):
+    if name == "onednn":
+        return device == "cpu" and ONEDNN
     return not (name == "fbgemm" and device != "cpu")
 
 
@@ -37,7 +39,7 @@ def _runnable(name, device):
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 def test_kernel_matches_dequantized_float_reference(name, act, gran, sym, device):
     if not _runnable(name, device):
-        pytest.skip("fbgemm is CPU only")
+        pytest.skip(f"{name} does not run here")
     q, s, z, b = _layer(gran=gran, sym=sym)
     x = torch.randn(33, q.shape[1], generator=torch.Generator().manual_seed(1))
     run = pack(_choice(name, act), q, s, z, b, per_token=act == "token", device=device)
@@ -80,11 +82,11 @@ def test_cuda_shape_rules_pad_without_changing_results(shape, sym):
     assert INT_MM_RULES["cuda"] == IntMMRules(8, 8, 17)
 
 
-@pytest.mark.parametrize("name, act", [("int_mm", "token"), ("fbgemm", "token"), ("weight_only", None)])
+@pytest.mark.parametrize("name, act", [("int_mm", "token"), ("fbgemm", "token"), ("onednn", "token"), ("weight_only", None)])
 def test_batch_invariant_kernels_give_bit_identical_rows(name, act, device):
     """A row's output alone and inside any batch (other rows 1000x larger) is bit-identical."""
     if not _runnable(name, device):
-        pytest.skip("fbgemm is CPU only")
+        pytest.skip(f"{name} does not run here")
     q, s, z, b = _layer(out_f=64, in_f=48)
     run = pack(_choice(name, act), q, s, z, b, per_token=act == "token", device=device)
     row = torch.randn(1, 48, generator=torch.Generator().manual_seed(4)).to(device)
@@ -96,12 +98,14 @@ def test_batch_invariant_kernels_give_bit_identical_rows(name, act, device):
             assert torch.equal(run(full)[pos : pos + 1], alone), (batch, pos)
 
 
-@pytest.mark.parametrize("name", ["int_mm", "fbgemm"])
+@pytest.mark.parametrize("name", ["int_mm", "fbgemm", "onednn"])
 def test_batch_invariance_holds_for_odd_shapes_threads_and_chunks(name):
     """Large enough for the elementwise ops to split rows between threads at odd places, and for
     the fbgemm path to cut the batch into chunks: a row's result still never changes."""
     if name == "fbgemm" and not FBGEMM_TOKEN:
         pytest.skip("per-token fbgemm needs a VNNI x86 CPU")
+    if name == "onednn" and not ONEDNN:
+        pytest.skip(f"onednn: {_onednn_missing(torch.device('cpu'), torch.float32)}")
     q, s, z, b = _layer(out_f=1031, in_f=333)
     run = pack(_choice(name, "token"), q, s, z, b, per_token=True, device="cpu")
     x = torch.randn(1100, 333, generator=torch.Generator().manual_seed(8)) * torch.rand(1100, 1) * 10
@@ -144,11 +148,12 @@ def _select(request="auto", mode="dynamic", act_granularity="token", **kw):
 
 
 FBGEMM_TOKEN = _fbgemm_unusable(torch.device("cpu"), torch.float32) is None and not _fbgemm_reduce_range()
+ONEDNN = _onednn_missing(torch.device("cpu"), torch.float32) is None
 
 
 def test_auto_selection_table():
-    c = _select()  # per-token: prepacked fbgemm on VNNI CPUs, int_mm elsewhere
-    assert (c.name, c.batch_invariant, c.fallback) == ("fbgemm" if FBGEMM_TOKEN else "int_mm", True, False)
+    c = _select()  # per-token: fused oneDNN where it builds, else prepacked fbgemm on VNNI CPUs, else int_mm
+    assert (c.name, c.batch_invariant, c.fallback) == ("onednn" if ONEDNN else "fbgemm" if FBGEMM_TOKEN else "int_mm", True, False)
     c = _select(device="cuda")
     assert (c.name, c.batch_invariant) == ("int_mm", True)
     c = _select(mode="static", act_granularity="tensor")
@@ -205,12 +210,12 @@ def test_fbgemm_and_int_mm_compute_the_same_per_token_scheme(sym):
     assert sqnr_db(im, fb) > 60
 
 
-@pytest.mark.parametrize("name", ["int_mm", "fbgemm"])
+@pytest.mark.parametrize("name", ["int_mm", "fbgemm", "onednn"])
 def test_one_sided_inputs_use_the_whole_int8_range(name, device):
     """ReLU/GELU outputs are one-sided: asymmetric per-token activations give them 255 steps.
     This layer: 49.6 dB (both kernels); symmetric per-token int8 would give it 43.9 dB."""
     if not _runnable(name, device):
-        pytest.skip("fbgemm is CPU only")
+        pytest.skip(f"{name} does not run here")
     q, s, z, b = _layer()
     x = F.gelu(torch.randn(128, q.shape[1], generator=torch.Generator().manual_seed(7)) * 2)
     y = pack(_choice(name, "token"), q, s, z, b, per_token=True, device=device)(x.to(device)).cpu()
@@ -253,3 +258,117 @@ def test_no_warnings_reach_the_user():
         for name, act in KERNELS:
             pack(_choice(name, act), q, s, z, b, per_token=act == "token", device="cpu")(torch.randn(3, q.shape[1]))
     assert [str(w.message) for w in caught] == []
+
+
+# the fused oneDNN kernel (kernels._Onednn, native.py) --------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason=f"onednn: {_onednn_missing(torch.device('cpu'), torch.float32)}")
+
+
+@needs_onednn
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smooth"])
+def test_onednn_equals_the_torch_op_path_to_float_rounding(sym, smooth):
+    """The fused kernel computes the fbgemm per-token path's codes bit for bit; only the order of
+    the float epilogue differs: output SQNR between them > 100 dB (issue 14)."""
+    q, s, z, b = _layer(out_f=300, in_f=200, sym=sym)
+    g = torch.Generator().manual_seed(9)
+    sm = torch.rand(200, generator=g) + 0.5 if smooth else None
+    x = torch.randn(77, 200, generator=g) * torch.rand(77, 1, generator=g) * 5
+    fused = pack(_choice("onednn", "token"), q, s, z, b, per_token=True, device="cpu", smooth=sm)(x)
+    torch_ops = pack(_choice("fbgemm", "token"), q, s, z, b, per_token=True, device="cpu", smooth=sm)(x)
+    assert fused.shape == torch_ops.shape == (77, 300)
+    assert sqnr_db(torch_ops, fused) > 100
+
+
+@needs_onednn
+def test_onednn_codes_are_the_fbgemm_path_codes():
+    """quantize_rows against the torch-op formula of the fbgemm path, code for code, on rows with
+    ties, constants, zeros and tiny ranges."""
+    from qlin_cli import native
+
+    kernels = native.load()
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(40, 83, generator=g)
+    x[1] = 0.0
+    x[2] = 3.5
+    x[3] = torch.arange(83) / 82 * 255  # exact ties
+    x[4] *= 1e-30
+    sm = torch.rand(83, generator=g) + 0.5
+    for smooth in (None, sm):
+        xs = x if smooth is None else x / smooth
+        codes, a, c, rowsum = kernels.quantize_rows(x, torch.empty(0) if smooth is None else smooth)
+        lo = xs.amin(1, keepdim=True)
+        width = (xs.amax(1, keepdim=True) - lo).clamp_min(2.0**-40)
+        inv_s = torch.tensor(1.0) / torch.tensor(1.0 / 255, dtype=torch.float32)
+        expect = ((xs - lo) * width.reciprocal() * inv_s).round().clamp(0, 255).to(torch.uint8)
+        assert torch.equal(codes, expect)
+        assert torch.equal(a, (width / 255).reshape(-1)) and torch.equal(c, lo.reshape(-1))
+        assert torch.equal(rowsum, codes.sum(1).float())
+
+
+@needs_onednn
+def test_layers_reading_the_same_input_quantize_it_once(monkeypatch):
+    """Q, K and V read one tensor: it is quantized once, and an in-place change of that tensor (a
+    new version) is quantized again, so no result changes."""
+    from qlin_cli import native
+
+    kernels = native.load()
+    calls = []
+
+    class Counting:
+        def quantize_rows(self, x, smooth):
+            calls.append(x.data_ptr())
+            return kernels.quantize_rows(x, smooth)
+
+        epilogue_ = staticmethod(kernels.epilogue_)
+
+    layers = [_layer(out_f=64, in_f=48, seed=i) for i in range(3)]
+    monkeypatch.setattr(native, "load", lambda: Counting())
+    runs = [pack(_choice("onednn", "token"), *layer, per_token=True, device="cpu") for layer in layers]
+    x = torch.randn(10, 48)
+    first = [run(x) for run in runs]
+    assert len(calls) == 1
+    x.mul_(2)  # a new version of the same memory
+    second = [run(x) for run in runs]
+    assert len(calls) == 2
+    for a, b, run in zip(first, second, runs):
+        assert not torch.equal(a, b)
+        assert torch.equal(b, run(x.clone()))  # same as a fresh tensor: nothing stale
+    with torch.inference_mode():  # no version counter: never cached
+        xi = torch.randn(10, 48)
+        [run(xi) for run in runs]
+    assert len(calls) == 2 + 3 + 3  # 3 fresh clones above, 3 inference calls
+
+
+@needs_onednn
+def test_a_packed_onednn_layer_deep_copies():
+    import copy
+
+    run = pack(_choice("onednn", "token"), *_layer(), per_token=True, device="cpu")
+    x = torch.randn(5, 80)
+    assert torch.equal(copy.deepcopy(run)(x), run(x))
+
+
+def test_onednn_request_falls_back_with_a_reason():
+    c = _select(request="onednn", act_granularity="tensor")
+    assert c.name == "fbgemm" and c.fallback and "per-token layers only" in c.reason
+    c = _select(request="onednn", mode="static", act_granularity="tensor")
+    assert c.name in ("fbgemm", "int_mm") and c.fallback
+    c = _select(request="onednn", device="cuda")
+    assert c.name == "int_mm" and c.fallback and "CPU only" in c.reason
+    c = _select(request="onednn", dtype=torch.bfloat16)
+    assert c.fallback and "float32" in c.reason
+
+
+def test_without_the_fused_kernels_auto_runs_the_torch_op_path_and_says_why(monkeypatch):
+    from qlin_cli import kernels, native
+
+    monkeypatch.setattr(native, "_load", lambda: (None, "no C++ compiler (c++) on PATH"))
+    c = _select()
+    assert c.name == ("fbgemm" if FBGEMM_TOKEN else "int_mm") and not c.fallback
+    if FBGEMM_TOKEN:
+        assert c.reason.endswith("(not fused: no C++ compiler (c++) on PATH)")
+    c = _select(request="onednn")
+    assert c.fallback and "no C++ compiler" in c.reason
+    assert kernels.native.load() is None

@@ -112,7 +112,7 @@ def test_defaults():
 @pytest.mark.parametrize("keys, message", [
     ({"mode": "int4"}, "mode = 'int4' is not valid: use one of dynamic, weight-only, static"),
     ({"mode": "Dynamic"}, "mode = 'Dynamic' is not valid: use one of dynamic, weight-only, static"),
-    ({"kernel": "cublas"}, "kernel = 'cublas' is not valid: use one of auto, fbgemm, int_mm, weight_only"),
+    ({"kernel": "cublas"}, "kernel = 'cublas' is not valid: use one of auto, onednn, fbgemm, int_mm, weight_only"),
     ({"observer": "max"}, "observer = 'max' is not valid: use one of minmax, absmax, moving-average, percentile, mse"),
     ({"weight_observer": "kl"},
      "weight_observer = 'kl' is not valid: use one of minmax, absmax, moving-average, percentile, mse"),
@@ -230,12 +230,12 @@ def all_combinations():
 
 def test_combination_count():
     valid, invalid = all_combinations()
-    # per granularity x symmetric (4): dynamic 3 acts x 3 kernels (not weight_only) = 9,
-    # static 2 acts (None, tensor) x 3 kernels = 6, weight-only 1 act (None) x 2 kernels = 2
-    assert len(valid) == 4 * (9 + 6 + 2) == 68
-    assert invalid == 3 * 2 * 2 * 3 * 4 - 68
+    # per granularity x symmetric (4): dynamic 3 acts x 4 kernels (not weight_only) = 12,
+    # static 2 acts (None, tensor) x 4 kernels = 8, weight-only 1 act (None) x 2 kernels = 2
+    assert len(valid) == 4 * (12 + 8 + 2) == 88
+    assert invalid == 3 * 2 * 2 * 3 * 5 - 88
     # an unset act granularity resolves to the mode's default: dynamic None == token, static None == tensor
-    assert len(set(valid)) == 4 * (6 + 3 + 2) == 44
+    assert len(set(valid)) == 4 * (8 + 4 + 2) == 56
     assert {s.act_granularity for s in valid if s.mode == "static"} == {PER_TENSOR}
     assert {s.act_granularity for s in valid if s.mode == "weight-only"} == {None}
     assert {s.act_granularity for s in valid if s.mode == "dynamic"} == {PER_TOKEN, PER_TENSOR}

@@ -1,0 +1,129 @@
+"""qlin's fused C++ kernels (`native_kernels.cpp`): built once per machine, loaded on first use.
+
+The per-token int8 path needs a row's min and max, its uint8 codes, a GEMM and a rescale. In
+torch ops that is six passes over memory and seven parallel regions per layer; the two C++ loops
+here do the passes before and after the GEMM in one parallel region each, with SmoothQuant's
+division folded into the first (kernels.py, kernel `onednn`).
+
+Build: one `c++` command (compile and link against this torch), into the cache folder
+`$QLIN_CACHE_DIR` (default `$XDG_CACHE_HOME/qlin` or `~/.cache/qlin`), under a name that hashes
+the source, the flags, the torch and Python versions and the CPU (the code is built for this
+CPU), written to a temporary file and renamed into place, so concurrent or interrupted builds
+never leave a broken or locked module behind. The first build takes ~25 s; later loads ~0.1 s.
+Where it cannot be built (no compiler, no headers, unwritable cache, `QLIN_NATIVE=0`), `load()`
+returns None, qlin runs the torch-op path instead (same results to float rounding) and says why
+once, through the `qlin` logger.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["load", "unavailable_reason"]
+
+SOURCE = Path(__file__).with_name("native_kernels.cpp")
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17", "-fPIC", "-shared")
+log = logging.getLogger("qlin")
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("QLIN_CACHE_DIR"):
+        return Path(os.environ["QLIN_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlin"
+
+
+def _cpu() -> str:
+    """The CPU's model and flags: a -march=native module runs only where it was built."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = ("model name", "flags")
+    return "\n".join(dict.fromkeys(ln for ln in text.splitlines() if ln.startswith(keep)))
+
+
+def _module_path(source: str, cxx: str) -> Path:
+    key = "\0".join((source, " ".join(CFLAGS), cxx, torch.__version__, sys.version, _cpu()))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return _cache_dir() / f"qlin_native_{digest}{sysconfig.get_config_var('EXT_SUFFIX')}"
+
+
+def _build(path: Path, cxx: str) -> None:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [
+        cxx, *CFLAGS, f"-DTORCH_EXTENSION_NAME={path.name.split('.')[0]}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-fopenmp",
+        *(f"-isystem{p}" for p in (*include_paths(), sysconfig.get_paths()["include"])),
+        str(SOURCE), "-o", str(tmp),
+        *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python",
+    ]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            errors = [ln for ln in done.stderr.splitlines() if "error" in ln] or done.stderr.splitlines() or ["?"]
+            raise RuntimeError(f"{cxx} failed: {errors[0].strip()[:200]}")
+        os.replace(tmp, path)  # atomic: a concurrent loader sees no module or the whole one
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@functools.cache
+def _load() -> tuple[ModuleType | None, str | None]:
+    if os.environ.get("QLIN_NATIVE", "1") == "0":
+        return None, "turned off by QLIN_NATIVE=0"
+    if not SOURCE.is_file():
+        return None, f"{SOURCE.name} is not installed with qlin"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return None, f"no C++ compiler ({cxx}) on PATH"
+    path = _module_path(SOURCE.read_text(), cxx)
+    try:
+        if not path.exists():
+            log.info("building qlin's fused kernels for this machine (once, ~25 s): %s", path)
+            _build(path, cxx)
+        spec = importlib.util.spec_from_file_location(path.name.split(".")[0], path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a compiler or loader problem: qlin runs without the fused kernels
+        text = str(exc).strip().splitlines()
+        return None, f"the fused kernels could not be built ({type(exc).__name__}: {text[0][:200] if text else ''})"
+    return module, None
+
+
+def load() -> ModuleType | None:
+    """The compiled kernels (`quantize_rows`, `epilogue_`), built on first use; None where they
+    cannot be had (the reason is logged once)."""
+    module, reason = _load()
+    if module is None:
+        _say_once(reason)
+    return module
+
+
+def unavailable_reason() -> str | None:
+    """Why the fused kernels cannot run here, or None when they can (builds them if needed)."""
+    return _load()[1]
+
+
+@functools.cache
+def _say_once(reason: str) -> None:
+    log.warning("qlin runs the per-token int8 path without its fused kernels (%s); results are the same "
+                "to float rounding, but slower", reason)
