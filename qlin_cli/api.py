@@ -6,6 +6,7 @@ The CLI only checks its flags, calls one of them and renders the report.
 from __future__ import annotations
 
 import copy
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from .hf import HF_KIND, hf_probe_inputs
 from .kernels import select_kernel
 from .plan import find_linears, make_plan
 from .qfile import FORMAT, load_quantized, read_qfile, save_quantized
-from .qlinear import QuantizedLinear
+from .qlinear import QuantizedLinear, compile_model
 from .quantize import quantize_model
 from .report import EvalReport, FloatInspectReport, InspectReport, QuantizeReport, compare_outputs, write_report
 from .sources import check_source, load_source, load_tensors, read_checkpoint
@@ -304,9 +305,12 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     repeats: int = 5,
     device: str = "cpu",
+    compile: bool = False,
 ) -> EvalReport:
     """Run the float and the int8 model on the same inputs; errors, agreement, accuracy,
-    latency and sizes."""
+    latency and sizes. `compile` compiles both models (`qlinear.compile_model` for the int8 one;
+    torch.compile for the float one, so that the speedup compares like with like) and reports
+    their first call, which compiles, apart from the timed runs."""
     if batch_size < 1:
         raise ConfigError("`batch_size` must be at least 1")
     dev = check_device(device)
@@ -314,6 +318,11 @@ def evaluate_checkpoint(
     float_model = source.model.to(dev)
     qpath = check_file(quantized_path, "qlin file")
     int8_model = load_quantized(copy.deepcopy(float_model), qpath, device=dev)
+    kernels = Counter(m.kernel.name for m in int8_model.modules() if isinstance(m, QuantizedLinear))
+    runs = {"float model": float_model, "int8 model": int8_model}
+    first_call_s: dict[str, float] = {}
+    if compile:
+        runs = {"float model": torch.compile(float_model), "int8 model": compile_model(int8_model)}
     inputs = load_tensors(inputs_path, "inputs")
     n = num_samples(inputs)
     labels = None
@@ -326,8 +335,12 @@ def evaluate_checkpoint(
     ref_parts, out_parts, compared = [], [], None
     for chunk in batches(inputs, batch_size):
         chunk = _to_device(chunk, dev)
-        ref, compared = first_tensor(run_model(float_model, chunk, "float model"))
-        out, _ = first_tensor(run_model(int8_model, chunk, "int8 model"))
+        outputs = []
+        for what, m in runs.items():
+            t0 = time.perf_counter()
+            outputs.append(first_tensor(run_model(m, chunk, what)))
+            first_call_s.setdefault(what, time.perf_counter() - t0)
+        (ref, compared), (out, _) = outputs
         ref_parts.append(ref.float().cpu())
         out_parts.append(out.float().cpu())
     reference, output = torch.cat(ref_parts), torch.cat(out_parts)
@@ -337,8 +350,7 @@ def evaluate_checkpoint(
             raise InputError(f"`labels` needs (samples, classes) outputs; {compared} has shape {tuple(reference.shape)}")
         accuracy_float = float((reference.argmax(1) == labels).double().mean())
         accuracy_int8 = float((output.argmax(1) == labels).double().mean())
-    t_float, t_int8 = median_latency_ms([float_model, int8_model], _to_device(inputs, dev), batch_size, repeats)
-    kernels = Counter(m.kernel.name for m in int8_model.modules() if isinstance(m, QuantizedLinear))
+    t_float, t_int8 = median_latency_ms(list(runs.values()), _to_device(inputs, dev), batch_size, repeats)
     return EvalReport(
         source=str(source_path), quantized=str(quantized_path), compared=compared, samples=n,
         output_shape=list(output.shape), metrics=compare_outputs(reference, output),
@@ -346,4 +358,5 @@ def evaluate_checkpoint(
         batch_size=batch_size, threads=torch.get_num_threads(), size_float_bytes=source.size_bytes,
         size_int8_bytes=qpath.stat().st_size, kernels=dict(sorted(kernels.items())), device=str(dev),
         source_matches=_metadata(qpath).get("source_sha256") == source.sha256,
+        compile_s={"float": first_call_s["float model"], "int8": first_call_s["int8 model"]} if compile else None,
     )

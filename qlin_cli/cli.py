@@ -174,12 +174,13 @@ def evaluate(
     model: ModelOpt = None,
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile both models first (the int8 one around its kernels); compile time is reported apart.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the float and the int8 model on the same inputs and compare them."""
     Output(as_json).show(evaluate_checkpoint(
         source, quantized, inputs, labels, model=model, trust_pickle=trust_pickle,
-        batch_size=batch_size, repeats=repeats, device=device,
+        batch_size=batch_size, repeats=repeats, device=device, compile=compile,
     ))
 
 

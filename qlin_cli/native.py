@@ -119,8 +119,12 @@ def load() -> ModuleType | None:
 
 
 def unavailable_reason() -> str | None:
-    """Why the fused kernels cannot run here, or None when they can (builds them if needed)."""
-    return _load()[1]
+    """Why the fused kernels cannot run here (said once), or None when they can (builds them
+    if needed)."""
+    reason = _load()[1]
+    if reason is not None:
+        _say_once(reason)
+    return reason
 
 
 @functools.cache

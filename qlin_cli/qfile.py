@@ -26,7 +26,7 @@ from .config import QuantConfig
 from .errors import ConfigError, FormatError, one_line
 from .files import HASH_KEYS, check_file, check_output, file_tensors, header_digest, safetensors_writer, write_atomic
 from .plan import Plan, PlanEntry, find_linears, swap_module
-from .qlinear import QuantizedLinear, pack_all
+from .qlinear import QuantizedLinear, compile_model, pack_all
 from .quantize import QuantizeResult
 
 __all__ = [
@@ -185,12 +185,14 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
 
 @torch.no_grad()
 def load_quantized(
-    model: nn.Module, path: str | Path, *, device: torch.device | str = "cpu", verify: bool = False
+    model: nn.Module, path: str | Path, *, device: torch.device | str = "cpu", verify: bool = False,
+    compile: bool = False,
 ) -> nn.Module:
     """Turn a float model skeleton (same architecture as the quantized one) into the int8 model
     stored at `path`, packed for `device`. Changes `model` in place and returns it (a new module
     if the model itself is one quantized `nn.Linear`). Shapes and dtypes are always checked; with
-    `verify` the payload's sha256 too."""
+    `verify` the payload's sha256 too. `compile` returns `qlinear.compile_model(model)`: the first
+    call compiles (tens of seconds), later calls run the fused graph."""
     qf = read_qfile(path, verify=verify)
     found = find_linears(model)
     linears = {name: m for name, m, _, _ in found}
@@ -232,4 +234,4 @@ def load_quantized(
         raise FormatError(f"{qf.path} does not fit the model: {lines[0] if lines else exc}") from None
     model.to(device)
     pack_all(swapped, device)
-    return model.eval()
+    return compile_model(model.eval()) if compile else model.eval()

@@ -19,7 +19,7 @@ from .observers import make_observer
 from .primitives import check_finite, quantize
 from .scheme import LayerScheme
 
-__all__ = ["QuantizedLinear", "pack_all"]
+__all__ = ["QuantizedLinear", "pack_all", "compile_model"]
 
 
 class QuantizedLinear(nn.Module):
@@ -136,3 +136,14 @@ def pack_all(layers: list[QuantizedLinear], device: torch.device | str = "cpu") 
     with ThreadPoolExecutor(workers, thread_name_prefix="qlin-pack") as pool:
         for _ in pool.map(lambda q: q.pack(device), layers):
             pass
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """`torch.compile(model)` with every QuantizedLinear left to run as it is (its kernels are
+    already fused C++ or prepacked ops, which dynamo would only break around): the work between
+    the Linear layers (LayerNorm, GELU, residual adds, attention) is what compiles and fuses.
+    Compiling happens on the first call, and again for new input shapes."""
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.forward = torch.compiler.disable(m.forward)
+    return torch.compile(model)

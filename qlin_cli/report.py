@@ -250,6 +250,7 @@ class EvalReport(_Report):
     kernels: dict[str, int]
     device: str
     source_matches: bool  # the qlin file records this source's sha256
+    compile_s: dict[str, float] | None = None  # with --compile: the first call of each model (it compiles)
 
     @property
     def title(self) -> str:
@@ -264,6 +265,7 @@ class EvalReport(_Report):
             "threads": self.threads, "size_float_bytes": self.size_float_bytes,
             "size_int8_bytes": self.size_int8_bytes, "kernels": self.kernels, "device": self.device,
             "source_matches": self.source_matches,
+            **({} if self.compile_s is None else {"compile_s": self.compile_s}),
         }
 
     def tables(self) -> list[Table]:
@@ -278,6 +280,9 @@ class EvalReport(_Report):
             ("speedup", f"{self.latency_float_ms / self.latency_int8_ms:.2f}x"),
             ("size float bytes", f"{self.size_float_bytes:,}"), ("size int8 bytes", f"{self.size_int8_bytes:,}"),
             ("kernels", ", ".join(f"{k} x{v}" for k, v in self.kernels.items())),
+            *(() if self.compile_s is None else (
+                ("compile s (first call, not timed above)", f"float {self.compile_s['float']:.1f}, int8 {self.compile_s['int8']:.1f}"),
+            )),
         )
         return [Table(self.title, ("metric", "value"), rows, frozenset({"value"}))]
 

@@ -209,3 +209,27 @@ def test_static_rule_with_calibration(tmp_path):
     assert rows["2"]["input_scale"] > 0 and isinstance(rows["2"]["input_zero_point"], int)
     assert rows["2"]["observer"] == "minmax" and rows["0"]["observer"] is None
     assert rows["0"]["input_scale"] is None
+
+
+def test_compile_is_an_option_that_changes_no_result_and_reports_its_time(tmp_path):
+    """`load_quantized(compile=True)` / `evaluate_checkpoint(compile=True)` (issue 14): the
+    compiled int8 model gives the eager one's outputs (to float rounding: the work between the
+    Linear layers fuses), and eval reports each model's first call, which compiles, apart."""
+    import torch
+
+    from qlin_cli import load_quantized
+    from qlin_cli.sources import load_source
+
+    out = tmp_path / "q.safetensors"
+    quantize_checkpoint(MLP, QuantConfig(kernel="fbgemm"), QuantizeOptions(output=out))
+    eager = load_quantized(load_source(MLP).model, out)
+    compiled = load_quantized(load_source(MLP).model, out, compile=True)
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    plain = evaluate_checkpoint(MLP, out, TEST_INPUTS, TEST_LABELS, repeats=1)
+    report = evaluate_checkpoint(MLP, out, TEST_INPUTS, TEST_LABELS, repeats=1, compile=True)
+    assert "compile_s" not in plain.to_dict()
+    assert set(report.to_dict()["compile_s"]) == {"float", "int8"} and all(t > 0 for t in report.compile_s.values())
+    assert abs(report.metrics["sqnr_db"] - plain.metrics["sqnr_db"]) < 0.5
+    assert report.accuracy_int8 == pytest.approx(plain.accuracy_int8, abs=0.005)

@@ -871,3 +871,19 @@ def test_entry_point_help():
     assert proc.returncode == 0
     for command in ("quantize", "inspect", "eval"):
         assert command in proc.stdout
+
+
+def test_without_the_fused_kernels_qlin_says_so_once_and_runs(tmp_path):
+    """No C++ compiler (here: QLIN_NATIVE=0): the per-token layers run the torch-op path, the
+    kernel reason says why, and one note on stderr says so (issue 14)."""
+    from conftest import subprocess_qlin
+
+    out = tmp_path / "q.safetensors"
+    done = subprocess_qlin("quantize", DIGITS_PT, "-o", out, "--kernel", "onednn", "--json", QLIN_NATIVE="0")
+    assert done.returncode == 0, done.stderr
+    notes = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert notes == ["note: qlin runs the per-token int8 path without its fused kernels (turned off by "
+                     "QLIN_NATIVE=0); results are the same to float rounding, but slower"]
+    layers = json.loads(done.stdout)["layers"]
+    assert {r["kernel"] for r in layers} == {"fbgemm"} and all(
+        r["kernel_reason"] == "fallback: turned off by QLIN_NATIVE=0" for r in layers)
