@@ -395,12 +395,14 @@ class _LastInput(threading.local):
     """The input a fused per-token layer quantized last on this thread, and its codes: layers that
     read the same tensor (Q, K and V; gate and up) quantize it once. The entry holds the tensor,
     so its memory cannot be reused for another while the key (address, shape, strides, version
-    counter: an in-place change bumps it) is kept; inference-mode tensors have no version
-    counter and are not cached."""
+    counter: an in-place torch op bumps it) is kept. A layer never reuses an entry it has read
+    already: its next call is the next forward, and a buffer refilled behind torch's back (through
+    numpy, say) keeps its version. Inference-mode tensors have no version counter: not cached."""
 
     key: tuple | None = None
     x: torch.Tensor | None = None
     codes: tuple | None = None
+    readers: set | None = None  # id() of the layers that have used this entry
 
 
 _LAST_INPUT = _LastInput()
@@ -445,10 +447,11 @@ class _Onednn:
             return self.kernels.quantize_rows(x, self.smooth)
         last = _LAST_INPUT
         key = (x.data_ptr(), x.shape, x.stride(), x._version, self.smooth.data_ptr())
-        if last.key != key:
+        if last.key != key or id(self) in last.readers:
             last.key, last.x, last.codes = None, None, None  # drop the old entry before computing
             last.codes = self.kernels.quantize_rows(x, self.smooth)
-            last.key, last.x = key, x
+            last.key, last.x, last.readers = key, x, set()
+        last.readers.add(id(self))
         return last.codes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -339,6 +339,13 @@ def test_layers_reading_the_same_input_quantize_it_once(monkeypatch):
         xi = torch.randn(10, 48)
         [run(xi) for run in runs]
     assert len(calls) == 2 + 3 + 3  # 3 fresh clones above, 3 inference calls
+    # a buffer refilled behind torch's back keeps its version: the next forward still re-quantizes
+    buf = torch.randn(10, 48)
+    before = [run(buf) for run in runs]
+    buf.numpy()[:] *= 3
+    after = [run(buf) for run in runs]
+    assert len(calls) == 8 + 2
+    assert all(torch.equal(b, run(buf.clone())) and not torch.equal(a, b) for a, b, run in zip(before, after, runs))
 
 
 @needs_onednn
