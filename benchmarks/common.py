@@ -159,6 +159,9 @@ def bench_interleaved(
     max_disturbed_factor: float = 3.0,
     warm: dict[str, float] | None = None,
     log: Callable[[str], None] | None = None,
+    cpu_gap_s: float | None = None,
+    exclude_pids: tuple[int, ...] = (),
+    inner_override: dict[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Median wall time of one call of each callable, timed interleaved.
 
@@ -176,7 +179,24 @@ def bench_interleaved(
     (measured from /proc/stat) are "disturbed": their samples are set aside and the round is redone, until the disturbed
     rounds' time exceeds `max_disturbed_factor` times the clean rounds' planned time; if too few
     clean samples remain, all samples are used. A callable that raises is reported with `error`
-    and dropped. Returns {name: {median_s, min_s, samples, inner, disturbed}} or {name: {error}}.
+    and dropped. Returns {name: {median_s, min_s, max_s, samples, inner, set_aside,
+    kept_disturbed_rounds}} or {name: {error}}.
+
+    `cpu_gap_s` (the loaded-machine mode of models.py): every call is timed on its own, so the
+    figures are per single call (`median_s`, `min_s` and `max_s`, the worst call). A sample is
+    `inner` back-to-back calls (at least 2 for callables not in `warm`, 1 for those in `warm`),
+    followed by a pause of `cpu_gap_s` seconds; each callable gets exactly its `max_samples`
+    samples. The first call of a sample of 2+ is left out of the wall-time figures (after the
+    pause, idle worker threads and, in a VM, idle virtual CPUs must be woken: measured ~1.5 ms
+    here, which would swamp a 0.2 ms forward) but counted in the CPU time. The process CPU time
+    (all its threads: `time.process_time`) is taken around the sample (`cpu_s`, per call) and
+    over the pause (`cpu_tail_s`, per call: what the idle worker threads still burn spinning
+    after the last call returned, e.g. OpenMP's spin-wait; the pause also keeps one method's
+    tail out of the next one's figure). `inner_override` (name -> calls per sample) fixes the
+    sample size, e.g. to that of an earlier run, so that two runs' worst calls compare like
+    with like; `inner` is returned. `exclude_pids`: processes (a load generator started on
+    purpose) whose CPU time does not count as "other processes" when deciding whether a round
+    was disturbed.
     """
     out: dict[str, dict[str, Any]] = {}
     est: dict[str, float] = {}
@@ -200,12 +220,25 @@ def bench_interleaved(
             out[name] = {"error": short_error(exc)}
             if log:
                 log(f"  {name}: {out[name]['error']}")
+    per_call = cpu_gap_s is not None
     inner = {n: max(1, int(sample_s / e)) for n, e in est.items()}
+    if per_call:
+        inner = {n: 1 if warm and n in warm else max(2, k) for n, k in inner.items()}
+    if inner_override:
+        inner.update({n: k for n, k in inner_override.items() if n in inner})
     cap = {n: max_samples.get(n, 25) if isinstance(max_samples, dict) else max_samples for n in est}
     target = {n: int(min(cap[n], max(min_samples, budget_s / (est[n] * inner[n])))) for n in est}
+    if per_call:  # a fixed count (the cap), so that the worst of the samples compares like with like
+        target = {n: max(min_samples, cap[n]) for n in est}
     planned = sum(target[n] * inner[n] * est[n] for n in est)
     clean: dict[str, list[float]] = {n: [] for n in est}
     dirty: dict[str, list[float]] = {n: [] for n in est}
+    # per-call mode: the single calls' times of each sample, and (cpu in the sample, cpu in the
+    # pause after it, calls), kept alongside clean/dirty
+    calls_clean: dict[str, list[float]] = {n: [] for n in est}
+    calls_dirty: dict[str, list[float]] = {n: [] for n in est}
+    cpu_clean: dict[str, list[tuple[float, float, int]]] = {n: [] for n in est}
+    cpu_dirty: dict[str, list[tuple[float, float, int]]] = {n: [] for n in est}
     disturbed_time = 0.0
     forced = 0
     names = list(est)
@@ -218,10 +251,26 @@ def bench_interleaved(
             order = list(names)
             rng.shuffle(order)  # a fresh order each round: no callable always follows the same one
             got: dict[str, float] = {}
-            with OtherLoad() as load:
+            got_calls: dict[str, list[float]] = {}
+            got_cpu: dict[str, tuple[float, float, int]] = {}
+            with OtherLoad(exclude_pids) as load:
                 for name in order:
                     fn, k = fns[name], inner[name]
                     try:
+                        if per_call:
+                            each = [0.0] * k
+                            c0 = time.process_time()
+                            t0 = t_prev = time.perf_counter()
+                            for i in range(k):
+                                fn()
+                                t = time.perf_counter()
+                                each[i], t_prev = t - t_prev, t
+                            c1 = time.process_time()
+                            time.sleep(cpu_gap_s)
+                            got[name] = (t_prev - t0) / k
+                            got_calls[name] = each[1:] if k > 1 else each
+                            got_cpu[name] = (c1 - c0, time.process_time() - c1, k)
+                            continue
                         t0 = time.perf_counter()
                         for _ in range(k):
                             fn()
@@ -238,6 +287,9 @@ def bench_interleaved(
                     disturbed_time += load.seconds
             for name, t in got.items():
                 (clean if quiet_round else dirty)[name].append(t)
+                if name in got_cpu:
+                    (cpu_clean if quiet_round else cpu_dirty)[name].append(got_cpu[name])
+                    (calls_clean if quiet_round else calls_dirty)[name].extend(got_calls[name])
             names = [n for n in names if len(clean[n]) < target[n] and n not in out]
     finally:
         if gc_was:
@@ -245,9 +297,17 @@ def bench_interleaved(
     for name in est:
         if name in out:
             continue
-        s = clean[name] if len(clean[name]) >= min_samples else clean[name] + dirty[name]
-        out[name] = {"median_s": statistics.median(s), "min_s": min(s), "samples": len(s),
+        use_clean = len(clean[name]) >= min_samples
+        s = clean[name] if use_clean else clean[name] + dirty[name]
+        out[name] = {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "samples": len(s),
                      "inner": inner[name], "set_aside": len(dirty[name]), "kept_disturbed_rounds": forced}
+        if per_call:
+            each = calls_clean[name] if use_clean else calls_clean[name] + calls_dirty[name]
+            c = cpu_clean[name] if use_clean else cpu_clean[name] + cpu_dirty[name]
+            n_calls = sum(v[2] for v in c)
+            out[name].update({"median_s": statistics.median(each), "min_s": min(each), "max_s": max(each),
+                              "calls": len(each), "cpu_s": sum(v[0] for v in c) / n_calls,
+                              "cpu_tail_s": sum(v[1] for v in c) / n_calls})
     return out
 
 
@@ -493,32 +553,45 @@ def tempdir() -> tempfile.TemporaryDirectory:
 # ----------------------------------------------------------------------------------- contention
 
 
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy jiffies of the whole machine, busy jiffies of this process and its threads)."""
+def _proc_jiffies(pid: int | str) -> int:
+    """utime + stime of a process (all its threads), in clock ticks; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _cpu_jiffies(exclude_pids: tuple[int, ...] = ()) -> tuple[int, int]:
+    """(busy jiffies of the whole machine, busy jiffies of this process and its threads plus
+    those of `exclude_pids`)."""
     with open("/proc/stat") as f:
         vals = [int(v) for v in f.readline().split()[1:]]
     busy_all = sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)  # minus idle and iowait
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return busy_all, int(fields[11]) + int(fields[12])  # utime + stime
+    return busy_all, _proc_jiffies("self") + sum(_proc_jiffies(p) for p in exclude_pids)
 
 
 class OtherLoad:
     """CPU used by other processes while a block runs, in cores (0.0 = the machine was ours).
 
     Another process on a 2-core machine skews every latency; the scripts record this figure per
-    configuration, and wait (up to a limit) for the machine to be quiet before timing."""
+    configuration, and wait (up to a limit) for the machine to be quiet before timing.
+    `exclude_pids`: processes not counted as "other" (a load generator started on purpose)."""
+
+    def __init__(self, exclude_pids: tuple[int, ...] = ()):
+        self.exclude_pids = tuple(exclude_pids)
 
     def __enter__(self):
         import resource
 
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.children_s = ru.ru_utime + ru.ru_stime  # CPU time of waited-for children so far
-        self.t0, (self.a0, self.s0) = time.perf_counter(), _cpu_jiffies()
+        self.t0, (self.a0, self.s0) = time.perf_counter(), _cpu_jiffies(self.exclude_pids)
         return self
 
     def __exit__(self, *exc):
-        a1, s1 = _cpu_jiffies()
+        a1, s1 = _cpu_jiffies(self.exclude_pids)
         dt = max(time.perf_counter() - self.t0, 1e-6)
         hz = os.sysconf("SC_CLK_TCK")
         self.seconds = dt
@@ -540,6 +613,77 @@ def wait_for_quiet(max_wait_s: float, threshold_cores: float = 0.15, log: Callab
         if log and not warned:
             log(f"  waiting for the machine to be quiet (other processes use {load.cores:.2f} cores)")
             warned = True
+
+
+class CompetingLoad:
+    """A background process busy on one core while the block runs: `python -c "while True: pass"`,
+    pinned to CPU `cpu` (None: not pinned, the scheduler places it), at normal priority.
+
+    It is started on entry (and given `settle_s` to get going) and killed on exit, whatever ends
+    the block (an exception, Ctrl-C); it also asks the kernel to kill it should this process die
+    first (PR_SET_PDEATHSIG), so that no spinner outlives the benchmark. `pid` is for
+    `OtherLoad(exclude_pids=...)`; `cpu_s()` is the CPU time it got so far (seconds), so that a
+    report can say how much of a core it actually took."""
+
+    def __init__(self, cpu: int | None, settle_s: float = 0.3):
+        self.cpu, self.settle_s = cpu, settle_s
+        self.proc: subprocess.Popen | None = None
+        self.pid = -1
+
+    def _preexec(self):  # runs in the child, between fork and exec
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+        if self.cpu is not None:
+            os.sched_setaffinity(0, {self.cpu})
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, preexec_fn=self._preexec)
+        self.pid = self.proc.pid
+        try:
+            time.sleep(self.settle_s)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the load process exited at once (rc {self.proc.returncode})")
+        except BaseException:
+            self.stop()
+            raise
+        self._j0 = _proc_jiffies(self.pid)
+        return self
+
+    def cpu_s(self) -> float:
+        """CPU seconds the load process got since it settled (its last figure once stopped)."""
+        if self.proc is None:
+            return getattr(self, "final_cpu_s", 0.0)
+        return (_proc_jiffies(self.pid) - getattr(self, "_j0", 0)) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.final_cpu_s = self.cpu_s()
+        p, self.proc = self.proc, None
+        if p is not None and p.poll() is None:
+            p.kill()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+def default_load_cpu() -> int | None:
+    """The CPU a pinned load process takes by default: the last one this process may run on."""
+    try:
+        return max(os.sched_getaffinity(0))
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _proc_status_bytes(field: str) -> int:

@@ -14,6 +14,9 @@ and token counts M in {1, 16, 128, 512} (inputs `(M, in)` float32, seeded):
   `weight_only`, static `int_mm` and static `fbgemm` (activation scale/zero point from a
   512-token calibration batch, minmax, as qlin's calibration computes them); `qlin auto` =
   `quantize_model` with the default `QuantConfig()` (whatever it picks: the kernel is recorded);
+  qlin's `onednn` kernel forced (per-token; unavailable in qlin versions without it); `oneDNN
+  GEMM alone`: `torch.ops.onednn.qlinear_pointwise` on a uint8 input quantized beforehand (no
+  activation quantization, no epilogue: a floor for the dynamic layer; timing only, no SQNR);
   the peers: torch.ao `quantize_dynamic` (default qconfig, and per-channel qconfig), torchao
   `quantize_` with `Int8DynamicActivationInt8WeightConfig()` and `Int8WeightOnlyConfig()` (eager,
   no torch.compile), ONNX Runtime `quantize_dynamic` (QInt8 weights, per_channel True and False;
@@ -47,6 +50,11 @@ configuration, default 0.5) --no-peers --no-outliers --no-md --md-section NAME -
 
     python benchmarks/kernels.py --shapes 768x768,768x3072,3072x768 --tokens 4096 --no-outliers \
         --out benchmarks/results/kernels_m4096.json --md-section kernels-m4096     # ~1.5 min
+
+The issue-14 check (auto within 5% of the faster of torch.ao's `linear_dynamic` and the oneDNN
+GEMM alone, on the BERT shapes at 128, 512 and 4096 tokens) has a preset:
+
+    python benchmarks/kernels.py --threads 2 --bert    # kernels_bert.json, section kernels-bert
 
 Timing hygiene: other processes on a 2-core machine skew everything, so before each
 configuration the script waits (up to --max-wait) for the CPUs to be quiet, sets aside and redoes
@@ -87,6 +95,7 @@ QLIN_METHODS = {
     "qlin int_mm per-tensor (dynamic)": ("dynamic", "tensor", "int_mm", False),
     "qlin fbgemm (dynamic, per-tensor)": ("dynamic", "tensor", "fbgemm", False),
     "qlin fbgemm per-token (dynamic)": ("dynamic", "token", "fbgemm", False),
+    "qlin onednn per-token (dynamic)": ("dynamic", "token", "onednn", False),
     "qlin weight_only": ("weight-only", None, "weight_only", False),
     "qlin static int_mm": ("static", "tensor", "int_mm", True),
     "qlin static fbgemm": ("static", "tensor", "fbgemm", True),
@@ -95,9 +104,53 @@ INT_MM_METHOD = "qlin int_mm per-token (dynamic)"  # the kernel whose parts are 
 FBGEMM_METHOD = "qlin fbgemm (dynamic, per-tensor)"
 AUTO_METHOD = "qlin auto (QuantConfig())"
 # the kernels that compute auto's own scheme (QuantConfig(): dynamic, asymmetric per-token)
-AUTO_SCHEME = ("qlin int_mm per-token (dynamic)", "qlin fbgemm per-token (dynamic)")
+AUTO_SCHEME = ("qlin int_mm per-token (dynamic)", "qlin fbgemm per-token (dynamic)", "qlin onednn per-token (dynamic)")
+ONEDNN_METHOD = "qlin onednn per-token (dynamic)"
 PROBES = ("probe quantize_activations", "probe _int_mm", "probe epilogue", "probe _run")
 AUTO_RUN = "probe auto _run"
+TORCH_AO_METHOD = "torch.ao quantize_dynamic (default)"
+GEMM_METHOD = "oneDNN GEMM alone"  # a reference, not a peer: no activation quantization, no epilogue
+BERT_SHAPES = [(768, 768), (768, 3072), (3072, 768)]
+BERT_TOKENS = [128, 512, 4096]  # BERT-base sequence 128 at batch 1 and 4, and batch 32
+AUTO_TARGET = 1.05  # issue 14: auto within 5% of the faster of torch.ao and the oneDNN GEMM alone
+
+
+class OneDnnGemm:
+    """The oneDNN int8 GEMM alone, as a floor for a dynamic int8 layer: int8 weights (per-channel
+    symmetric, from the float layer) packed once with `torch.ops.onednn.qlinear_prepack(w, None)`,
+    then `torch.ops.onednn.qlinear_pointwise(q_u8, 1.0, 0, packed, w_scale, zeros, None, 1.0, 0,
+    float32, "none", [], "")` on a uint8 input quantized beforehand (per token, asymmetric), so
+    that the timed call is the GEMM with its per-channel output scale and nothing else: no
+    activation quantization, no per-token rescale, no bias. Its output is not the layer's (the
+    input scale is 1.0), hence no SQNR."""
+
+    kernel = "onednn qlinear_pointwise (u8 input precomputed)"
+
+    def __init__(self, lin: nn.Linear):
+        w = lin.weight.detach().float()
+        n = w.shape[0]
+        self.w_scale = (w.abs().amax(1).clamp_min(1e-12) / 127.0).contiguous()
+        wq = (w / self.w_scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        self.packed = torch.ops.onednn.qlinear_prepack(wq, None)
+        self.w_zp = torch.zeros(n, dtype=torch.int32)
+
+    @staticmethod
+    def quantize_u8(x: torch.Tensor) -> torch.Tensor:
+        lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / 255.0).clamp_min(1e-12)
+        zp = (-lo / scale).round()
+        return (x / scale + zp).round_().clamp_(0, 255).to(torch.uint8)
+
+    def gemm(self, qx: torch.Tensor) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise(qx, 1.0, 0, self.packed, self.w_scale, self.w_zp, None,
+                                                  1.0, 0, torch.float32, "none", [], "")
+
+    def timed_call(self, x: torch.Tensor):
+        qx = self.quantize_u8(x)
+        return lambda: self.gemm(qx)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gemm(self.quantize_u8(x))
 
 
 def make_layer(k: int, n: int) -> nn.Linear:
@@ -152,6 +205,14 @@ def build_methods(lin: nn.Linear, calib: torch.Tensor, workdir: Path, peers: boo
                              "reason": rec.kernel_reason or rec.plan.reason, "build_s": time.perf_counter() - t0}
     except Exception as exc:
         info[AUTO_METHOD] = {"unavailable": short_error(exc)}
+    t0 = time.perf_counter()
+    try:
+        g = OneDnnGemm(lin)
+        g(calib[:2])  # runs here, or is reported unavailable
+        fns[GEMM_METHOD] = g
+        info[GEMM_METHOD] = {"kernel": g.kernel, "build_s": time.perf_counter() - t0}
+    except Exception as exc:
+        info[GEMM_METHOD] = {"unavailable": short_error(exc)}
     if not peers:
         return fns, info
     seq = nn.Sequential(lin).eval()
@@ -219,6 +280,10 @@ def run_config(lin, fns, info, m: int, k: int, n: int, kind: str, budget: float,
         for name, fn in fns.items():
             try:
                 y = fn(x)
+                if isinstance(fn, OneDnnGemm):  # timing only: the GEMM on the pre-quantized input
+                    calls[name] = fn.timed_call(x)
+                    rows.append({"method": name, "sqnr_db": None, "timing_only": True})
+                    continue
                 calls[name] = (lambda fn=fn: fn(x))
                 sq = common.sqnr_db(ref, y) if name != "float" else float("inf")
                 rows.append({"method": name, "sqnr_db": sq})
@@ -297,6 +362,48 @@ def _by(rows, **keys):
     return [r for r in rows if all(r.get(k) == v for k, v in keys.items())]
 
 
+def issue14_markdown(rows: list[dict], shapes, tokens) -> list[str]:
+    """Per layer and token count: auto against torch.ao's `linear_dynamic` and the oneDNN GEMM
+    alone (issue 14: auto within 5% of the faster of the two), with qlin's forced oneDNN kernel."""
+    table = []
+    for k, n in shapes:
+        for m in tokens:
+            sub = {r["method"]: r for r in _by(rows, input="gaussian", tokens=m, **{"in": k, "out": n})
+                   if "median_us" in r}
+            auto, ao, gemm, one = (sub.get(x) for x in (AUTO_METHOD, TORCH_AO_METHOD, GEMM_METHOD, ONEDNN_METHOD))
+            if auto is None:
+                continue
+            refs = [r for r in (ao, gemm) if r is not None]
+            best = min(refs, key=lambda r: r["median_us"]) if refs else None
+            ratio = None if best is None else auto["median_us"] / best["median_us"]
+
+            def us(r):
+                return "—" if r is None else common.fmt_us(r["median_us"] / 1e6)
+
+            table.append([
+                f"{k} -> {n}", m, auto.get("kernel") or "—", us(auto),
+                "—" if one is None else f"{us(one)} ({one.get('kernel')})",
+                us(ao), us(gemm),
+                "—" if ratio is None else f"{ratio:.2f} (vs {'torch.ao' if best is ao else 'GEMM alone'})",
+                "—" if ratio is None else ("met" if ratio <= AUTO_TARGET else "missed"),
+                "—" if ao is None else f"{auto['median_us'] / ao['median_us']:.2f}",
+            ])
+    if not table:
+        return []
+    return ["### The default against torch.ao and the oneDNN GEMM alone (issue 14)", "",
+            "µs per call (Gaussian inputs, same interleaved run). auto = `quantize_model(..., QuantConfig())` "
+            "(dynamic, asymmetric per-token activations; the kernel it picked); qlin onednn = the oneDNN "
+            "kernel forced (the kernel that ran in brackets: a fallback says so); torch.ao = "
+            "`quantize_dynamic` (fbgemm `linear_dynamic`, per-tensor activations); GEMM alone = "
+            "`torch.ops.onednn.qlinear_pointwise` on a uint8 input quantized beforehand (no activation "
+            "quantization, no epilogue, no bias: a floor, not a layer). auto / faster = auto's time over "
+            f"the faster of torch.ao and the GEMM alone; the issue's target is <= {AUTO_TARGET} at 128, 512 "
+            "and 4096 tokens on the BERT shapes.", "",
+            common.md_table(["layer", "M", "auto kernel", "auto", "qlin onednn", "torch.ao linear_dynamic",
+                             "oneDNN GEMM alone", "auto / faster of the two", f"<= {AUTO_TARGET}",
+                             "auto / torch.ao"], table), ""]
+
+
 def markdown(result: dict) -> str:
     rows, info = result["rows"], result["machine"]
     tokens = result["args"]["tokens"]
@@ -353,7 +460,7 @@ def markdown(result: dict) -> str:
     # fastest int8 per configuration
     out += ["### Fastest int8 kernel per configuration (Gaussian inputs)", "",
             "(×) = speedup over float. auto/same = auto's time over that of the fastest qlin kernel "
-            "for auto's own scheme (dynamic, asymmetric per-token activations: `int_mm` or `fbgemm`), "
+            "for auto's own scheme (dynamic, asymmetric per-token activations: `int_mm`, `fbgemm` or `onednn`), "
             "the kernel choice auto makes (the issue's target is <= 1.05); auto/dyn = over the fastest "
             "*dynamic* qlin kernel of any activation scheme, including per-tensor `linear_dynamic`, "
             "whose rows depend on the rest of the batch (the price of batch invariance, not of the "
@@ -365,7 +472,7 @@ def markdown(result: dict) -> str:
             sub = [r for r in _by(rows, input="gaussian", tokens=m, **{"in": k, "out": n}) if "median_us" in r]
             ql = [r for r in sub if r["method"] in INT8_QLIN]
             dyn = [r for r in ql if "dynamic" in r["method"]]
-            peers = [r for r in sub if not r["method"].startswith("qlin") and r["method"] != "float"]
+            peers = [r for r in sub if not r["method"].startswith("qlin") and r["method"] not in ("float", GEMM_METHOD)]
             if not ql:
                 continue
             best = min(ql, key=lambda r: r["median_us"])
@@ -390,6 +497,7 @@ def markdown(result: dict) -> str:
     out += [common.md_table(["layer", "M", "fastest qlin kernel", "fastest dynamic qlin kernel",
                              "fastest peer", "auto", "auto/same (fastest)", "auto/dyn",
                              "qlin kernels slower than float"], table), ""]
+    out += issue14_markdown(rows, shapes, tokens)
     bd = [b for b in result["breakdown"] if b["input"] == "gaussian"]
     if bd:
         out += ["### Where the per-token int_mm kernel's time goes", "",
@@ -445,7 +553,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", help="e.g. 1,16,128")
     p.add_argument("--budget", type=float, help="seconds of timing per method per configuration")
     p.add_argument("--no-outliers", action="store_true", help="skip the trained-looking input set")
-    p.add_argument("--md-section", default="kernels", help="the RESULTS.md section to (re)write (default: kernels)")
+    p.add_argument("--bert", action="store_true", help="the issue-14 check: BERT-base shapes 768x768,768x3072,"
+                   "3072x768 at 128, 512 and 4096 tokens, no outlier set; writes kernels_bert.json and the "
+                   "kernels-bert section (--shapes/--tokens/--md-section/--out still override)")
+    p.add_argument("--md-section", help="the RESULTS.md section to (re)write (default: kernels; kernels-bert with --bert)")
     p.add_argument("--max-wait", type=float, help="seconds to wait, before each configuration, for other "
                    "processes to leave the CPUs (default 60, quick 5)")
     args = p.parse_args(argv)
@@ -453,12 +564,16 @@ def main(argv=None) -> int:
     common.setup_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     tokens = QUICK_TOKENS if args.quick else TOKENS
+    if args.bert:
+        shapes, tokens, args.no_outliers = BERT_SHAPES, BERT_TOKENS, True
+    args.md_section = args.md_section or ("kernels-bert" if args.bert else "kernels")
     if args.shapes:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     if args.tokens:
         tokens = [int(t) for t in args.tokens.split(",")]
     budget = args.budget if args.budget is not None else (0.1 if args.quick else 0.5)
-    out_path = Path(args.out) if args.out else common.RESULTS_DIR / ("kernels_quick.json" if args.quick else "kernels.json")
+    stem = "kernels" + ("_bert" if args.bert else "") + ("_quick" if args.quick else "")
+    out_path = Path(args.out) if args.out else common.RESULTS_DIR / f"{stem}.json"
     write_md = not args.no_md and not args.quick
     max_wait = args.max_wait if args.max_wait is not None else (5.0 if args.quick else 60.0)
 

@@ -12,7 +12,8 @@ Models:
   `last_hidden_state`.
 
 Methods: `float`; qlin `quantize_model` with QuantConfig() (dynamic, asymmetric per-token
-activations: the default), QuantConfig(act_granularity="tensor") (dynamic per-tensor
+activations: the default), QuantConfig(kernel="onednn") (the same scheme, oneDNN kernel forced;
+unavailable in qlin versions without it), QuantConfig(act_granularity="tensor") (dynamic per-tensor
 activations, fbgemm `linear_dynamic` without reduce_range on VNNI CPUs: torch.ao's kernel),
 QuantConfig(mode="weight-only"), QuantConfig(mode="static") with calibration; torch.ao
 `quantize_dynamic` (default qconfig); torchao `quantize_(Int8DynamicActivationInt8WeightConfig())`
@@ -41,7 +42,26 @@ redoes disturbed timing rounds).
 
 Output: benchmarks/results/models.json (models_quick.json with --quick) and, for a full run, the
 `models` section of benchmarks/RESULTS.md. Options: --models encoder,bert --batches 1,32
---seq 128 --repeats 3 --max-call-s 20 --no-peers --no-ort --no-cost --no-md --out FILE.
+--seq 128 --repeats 3 --max-call-s 20 --no-peers --no-ort --no-cost --no-md --md-section NAME
+--out FILE.
+
+Loaded machine (issue 14: the default must stay fast on a busy machine): `--load` times every
+batch twice, quiet and then while a background process (`python -c "while True: pass"`, pinned
+to one core: --load-cpu N|last|any, default last; started and killed by the script, also on
+Ctrl-C or if the script dies) keeps one core busy, and records per method and phase the median
+and the worst single forward and the CPU time per forward (process CPU time of all threads).
+Forwards are timed one by one in bursts (--load-burst-ms, default 50, at least 2 forwards; one
+for calls over 0.5 s), each burst followed by a --load-gap-ms pause (default 20 ms) whose CPU
+time (idle worker threads spinning) is counted to the burst's forwards; the first forward of a
+burst (waking idle threads after the pause) is left out of the times. Tables: every method
+quiet -> loaded with the ratios, and the targets for the default and the forced oneDNN kernel
+(slowdowns no larger than torch.ao's; CPU per forward within 1.5x of quiet; worst loaded
+forward no slower than float's median). Output:
+models_loaded.json and the `models-loaded` section of RESULTS.md (with --models bert:
+models_loaded_bert.json and `models-loaded-bert`, and so on). E.g.
+
+    python benchmarks/models.py --threads 2 --models bert --load --no-cost --repeats 5   # ~8 min
+    python benchmarks/models.py --threads 2 --models encoder --load                       # ~1 min
 
 This is a script run by hand, never a test.
 """
@@ -152,6 +172,9 @@ def bert_spec(batches: list[int], seq: int) -> Spec:
 
 QLIN_CONFIGS = {
     "qlin dynamic (default)": {},
+    # the oneDNN kernel forced (qlin versions without it: reported unavailable; where it cannot
+    # run, qlin falls back to fbgemm and the kernels column says so)
+    "qlin dynamic (onednn)": {"kernel": "onednn"},
     "qlin dynamic, per-tensor activations": {"act_granularity": "tensor"},
     "qlin weight-only": {"mode": "weight-only"},
     "qlin static (calibrated)": {"mode": "static"},
@@ -224,9 +247,35 @@ def _as_callable(spec: Spec, m) -> Callable[..., torch.Tensor]:
     return lambda *a: spec.call(m, *a)
 
 
+@dataclass
+class LoadMode:
+    """--load: time every batch twice, quiet then with a competing CPU load (`common.CompetingLoad`:
+    one process busy on one core, pinned to `cpu`, None = not pinned), every forward timed on its
+    own: a sample is a burst of back-to-back forwards (at least 2, ~`burst_s`; slow calls,
+    > 0.5 s: 1) followed by a `gap_s` pause, with the process CPU time around both (see
+    `common.bench_interleaved(cpu_gap_s=...)`); fast calls get `samples` samples per method and
+    phase, slow ones `repeats`; the loaded phase uses the quiet phase's burst sizes."""
+    cpu: int | None
+    gap_s: float
+    samples: int
+    burst_s: float = 0.05
+
+
+def _phase(t: dict) -> dict:
+    """One timing phase's figures of a method, in ms."""
+    out = {"median_ms": t["median_s"] * 1e3, "worst_ms": t["max_s"] * 1e3, "best_ms": t["min_s"] * 1e3,
+           "samples": t["samples"], "inner": t["inner"], "calls": t.get("calls", t["samples"]),
+           "set_aside": t["set_aside"], "kept_disturbed_rounds": t["kept_disturbed_rounds"]}
+    if "cpu_s" in t:
+        out.update({"cpu_call_ms": t["cpu_s"] * 1e3, "cpu_tail_ms": t["cpu_tail_s"] * 1e3,
+                    "cpu_ms": (t["cpu_s"] + t["cpu_tail_s"]) * 1e3})
+    return out
+
+
 def run_batch(spec: Spec, models: dict, b: int, *, repeats: int, budget: float, max_call_s: float,
-              prior: dict[str, float], log, max_wait: float) -> list[dict]:
-    """Outputs and interleaved latency of every method at batch size `b`."""
+              prior: dict[str, float], log, max_wait: float, load: LoadMode | None = None) -> list[dict]:
+    """Outputs and interleaved latency of every method at batch size `b` (with `load`: quiet,
+    then under a competing CPU load; the quiet phase's figures are also the row's own)."""
     args = spec.inputs[b]
     rows, calls, est = [], {}, {}
     with torch.no_grad():
@@ -264,26 +313,55 @@ def run_batch(spec: Spec, models: dict, b: int, *, repeats: int, budget: float, 
                 row["error"] = short_error(exc)
                 log(f"  {name} b={b}: {row['error']}")
             rows.append(row)
-        waited = common.wait_for_quiet(max_wait, log=log) if max_wait > 0 else 0.0
         # calls over 0.5 s (BERT batch 32): exactly `repeats` samples each, the call made above
         # serving as their warm-up; faster ones: as many samples as the time budget gives (<= 25)
         slow = {n for n in calls if est.get(n, 0.0) > 0.5}
-        with common.OtherLoad() as load:
-            timing = common.bench_interleaved(
+        fast_cap = load.samples if load else 25
+
+        def timed(exclude_pids=(), inner=None):
+            return common.bench_interleaved(
                 calls, budget_s=budget, min_samples=repeats,
-                max_samples={n: repeats if n in slow else 25 for n in calls},
-                sample_s=0.0 if slow else 0.005, warm={n: est[n] for n in slow}, log=log)
+                max_samples={n: repeats if n in slow else fast_cap for n in calls},
+                sample_s=(load.burst_s if load else 0.005) if not slow else 0.0,
+                warm={n: est[n] for n in slow}, log=log,
+                cpu_gap_s=load.gap_s if load else None, exclude_pids=exclude_pids, inner_override=inner)
+
+        waited = common.wait_for_quiet(max_wait, log=log) if max_wait > 0 else 0.0
+        with common.OtherLoad() as other:
+            timing = timed()
+        loaded = None
+        if load is not None:
+            waited_l = common.wait_for_quiet(max_wait, log=log) if max_wait > 0 else 0.0
+            log(f"  batch {b}: timing again with a competing load on "
+                + (f"CPU {load.cpu}" if load.cpu is not None else "any CPU (not pinned)") + " ...")
+            with common.CompetingLoad(load.cpu) as spin:
+                with common.OtherLoad((spin.pid,)) as other_l:
+                    # the same calls per sample as the quiet phase: worst of as many calls
+                    loaded = timed(exclude_pids=(spin.pid,),
+                                   inner={n: t["inner"] for n, t in timing.items() if "inner" in t})
+                spin_cores = spin.cpu_s() / max(other_l.seconds, 1e-6)
     f_t = timing.get("float", {}).get("median_s")
     for row in rows:
         t = timing.get(row["method"], {})
-        row["other_load_cores"], row["waited_s"] = round(load.cores, 3), round(waited, 1)
+        row["other_load_cores"], row["waited_s"] = round(other.cores, 3), round(waited, 1)
         if "median_s" in t:
             row.update({"median_ms": t["median_s"] * 1e3, "min_ms": t["min_s"] * 1e3,
                         "samples": t["samples"], "set_aside": t["set_aside"],
                         "kept_disturbed_rounds": t["kept_disturbed_rounds"],
                         "speedup_vs_float": f_t / t["median_s"] if f_t else None})
+            if load is not None:
+                row["quiet"] = _phase(t)
         elif "error" in t:
             row["error"] = t["error"]
+        if loaded is not None:
+            tl = loaded.get(row["method"], {})
+            if "median_s" in tl:
+                row["loaded"] = _phase(tl)
+                row["loaded"].update({"other_load_cores": round(other_l.cores, 3), "waited_s": round(waited_l, 1),
+                                      "load_process_cores": round(spin_cores, 3),
+                                      "load_cpu": "any" if load.cpu is None else load.cpu})
+            elif "error" in tl:
+                row["loaded_error"] = tl["error"]
     return rows
 
 
@@ -466,16 +544,111 @@ def bert_cost(float_model: nn.Module, workdir: Path, threads: int, log, max_wait
 # ----------------------------------------------------------------------------------- report
 
 
+TARGET_METHODS = ("qlin dynamic (default)", "qlin dynamic (onednn)")
+TORCH_AO = "torch.ao quantize_dynamic"
+CPU_RATIO_TARGET = 1.5
+
+
+def _ratio(row: dict, key: str) -> float | None:
+    q, l_ = row.get("quiet", {}).get(key), row.get("loaded", {}).get(key)
+    return l_ / q if q and l_ is not None else None
+
+
+def _ql(row: dict | None, key: str, digits: int = 1) -> str:
+    """'quiet → loaded (ratio)' of one figure."""
+    if row is None or key not in row.get("quiet", {}) or key not in row.get("loaded", {}):
+        return "—"
+    q, l_ = row["quiet"][key], row["loaded"][key]
+    return f"{q:,.{digits}f} → {l_:,.{digits}f} ({l_ / q:.2f})" if q else f"{q:,.{digits}f} → {l_:,.{digits}f}"
+
+
+def load_markdown(rows: list[dict], load_args: dict) -> list[str]:
+    """The --load tables of one model: every method quiet → loaded, then the issue-14 targets
+    for the default and the forced oneDNN kernel."""
+    batches = sorted({r["batch"] for r in rows if "loaded" in r})
+    methods = list(dict.fromkeys(r["method"] for r in rows if "loaded" in r))
+    lr = [r["loaded"] for r in rows if "loaded" in r]
+    spin = [x.get("load_process_cores", 0.0) for x in lr]
+    other = [x.get("other_load_cores", 0.0) for x in lr]
+    where = load_args.get("cpu")
+    out = ["#### Under a competing CPU load (quiet → loaded)", "",
+           "Each batch timed twice: quiet, then while a background process (`python -c \"while True: "
+           "pass\"`, " + ("not pinned" if where in (None, "any") else f"pinned to CPU {where}") + ", started "
+           "and killed by the script) keeps one core busy. Every forward is timed on its own: a sample is "
+           f"a burst of back-to-back forwards (>= 2, ~{1e3 * load_args.get('burst_s', 0.05):.0f} ms; calls "
+           "over 0.5 s: one) and a "
+           f"{1e3 * load_args.get('gap_s', 0.0):.0f} ms pause, the methods interleaved in a fresh order each "
+           "round; the first forward of a burst (waking idle threads and virtual CPUs after the pause) is "
+           "left out of the times, not of the CPU. Median and worst are over single forwards (the "
+           "loaded phase has as many as the quiet one); CPU = process CPU time (all threads) per forward, "
+           "including the pause after the burst (what idle worker threads still burn spinning, per "
+           "forward: shown apart as \"after\"). (×) = loaded / quiet. The load process got "
+           f"{min(spin, default=0):.2f}–{max(spin, default=0):.2f} cores; other processes "
+           f"{max(other, default=0):.2f} cores at most (rounds disturbed by them are set aside and redone).", ""]
+    header = ["method", "batch", "median ms", "worst ms", "CPU ms / forward", "after ms", "forwards timed"]
+    table = []
+    for meth in methods:
+        for b in batches:
+            r = next((x for x in rows if x["method"] == meth and x["batch"] == b and "loaded" in x), None)
+            if r is None:
+                continue
+            table.append([meth, b, _ql(r, "median_ms"), _ql(r, "worst_ms"), _ql(r, "cpu_ms"),
+                          f"{r['quiet'].get('cpu_tail_ms', 0):.1f} / {r['loaded'].get('cpu_tail_ms', 0):.1f}",
+                          f"{r['quiet'].get('calls', r['quiet']['samples'])} / {r['loaded'].get('calls', r['loaded']['samples'])}"])
+    out += [common.md_table(header, table), ""]
+    # the targets (issue 14)
+    trows = []
+    for meth in TARGET_METHODS:
+        for b in batches:
+            r = next((x for x in rows if x["method"] == meth and x["batch"] == b and "loaded" in x), None)
+            if r is None:
+                continue
+            ao = next((x for x in rows if x["method"] == TORCH_AO and x["batch"] == b and "loaded" in x), None)
+            fl = next((x for x in rows if x["method"] == "float" and x["batch"] == b and "loaded" in x), None)
+
+            def vs_ao(key):
+                mine, theirs = _ratio(r, key), (_ratio(ao, key) if ao else None)
+                if mine is None or theirs is None:
+                    return "—"
+                return f"{mine:.2f} vs {theirs:.2f}: " + ("met" if mine <= theirs else "missed")
+
+            cpu = _ratio(r, "cpu_ms")
+            worst = r["loaded"]["worst_ms"]
+
+            def vs_float(phase):
+                if fl is None:
+                    return "—"
+                f_med = fl[phase]["median_ms"]
+                return f"{worst:,.1f} vs {f_med:,.1f}: " + ("met" if worst <= f_med else "missed")
+
+            trows.append([meth, b, vs_ao("median_ms"), vs_ao("worst_ms"),
+                          "—" if cpu is None else f"{cpu:.2f}: " + ("met" if cpu <= CPU_RATIO_TARGET else "missed"),
+                          vs_float("loaded"), vs_float("quiet")])
+    if trows:
+        out += ["Issue-14 targets under load: the method's slowdown (loaded / quiet) of the median and of "
+                "the worst forward no larger than torch.ao `quantize_dynamic`'s; its CPU time per forward "
+                f"within {CPU_RATIO_TARGET}x of its quiet CPU time; its worst loaded forward no slower than "
+                "the float model's median (loaded, and quiet).", "",
+                common.md_table(["method", "batch", "median slowdown vs torch.ao's", "worst slowdown vs torch.ao's",
+                                 f"CPU loaded / quiet (<= {CPU_RATIO_TARGET})", "worst loaded vs float median (loaded)",
+                                 "worst loaded vs float median (quiet)"], trows), ""]
+    return out
+
+
 def markdown(result: dict) -> str:
     info = result["machine"]
+    loaded = bool(result["args"].get("load"))
     out = [
-        "## Models (end to end)",
+        "## Models (end to end)" + (" — quiet and under a competing CPU load" if loaded else ""),
         "",
         common.machine_md(info),
         "",
         f"Command: `{result['command']}` ({result['elapsed_s']:.0f} s). Latency: median ms per "
         "batch, all methods interleaved (BERT batch 32: "
-        f"{result['args']['repeats']} samples each after a warm-up); `×` = float time / method time "
+        f"{result['args']['repeats']} samples each after a warm-up"
+        + ("; with --load the main tables are the quiet phase: median of single forwards timed in short "
+           "bursts between pauses" if loaded else "")
+        + "); `×` = float time / method time "
         "in the same run. SQNR and cosine against the float model's output on the same batch "
         "(BERT: last_hidden_state, cosine per token; encoder: logits, per sample). prep s: time to "
         "build the variant (deep copy + quantize/export, in this process, not protected from "
@@ -531,6 +704,8 @@ def markdown(result: dict) -> str:
             t = [[k, common.fmt(v.get("sqnr_db")), f"{v['cosine_mean']:.5f}", f"{v['top1_agreement']:.4f}",
                   f"{v['accuracy']:.4f}"] for k, v in acc.items() if "error" not in v]
             out += [common.md_table(["method", "SQNR dB", "cosine mean", "top-1 agreement", "accuracy"], t), ""]
+        if any("loaded" in r for r in rows):
+            out += load_markdown(rows, result["args"].get("load") or {})
         loads = [r.get("other_load_cores", 0) for r in rows]
         kept = sum(r.get("kept_disturbed_rounds", 0) for r in rows if r["method"] == "float")
         out += [f"Foreign CPU load while timing: max {max(loads, default=0):.2f} cores; timing rounds "
@@ -587,6 +762,19 @@ def main(argv=None) -> int:
     p.add_argument("--max-wait", type=float, help="seconds to wait for other processes to leave the CPUs before each timing (default 30, quick 5)")
     p.add_argument("--no-ort", action="store_true")
     p.add_argument("--no-cost", action="store_true", help="skip the BERT quantize/RSS/load measurement")
+    p.add_argument("--load", action="store_true", help="time every batch twice: quiet, then with a background "
+                   "process busy on one core (started and killed by the script); adds worst forward and CPU time "
+                   "per forward; writes models_loaded[_MODELS].json and the models-loaded[-MODELS] section of RESULTS.md")
+    p.add_argument("--load-cpu", default="last", help="the CPU the load process is pinned to: a number, 'last' "
+                   "(default: the last CPU this process may use) or 'any' (not pinned)")
+    p.add_argument("--load-gap-ms", type=float, default=20.0, help="--load: pause after each burst of timed forwards, "
+                   "during which idle worker threads' spinning is counted to them (default 20)")
+    p.add_argument("--load-samples", type=int, default=30, help="--load: samples (bursts of forwards) per method and "
+                   "phase for calls under 0.5 s (default 30; slower calls get --repeats single forwards)")
+    p.add_argument("--load-burst-ms", type=float, default=50.0, help="--load: length of a burst of back-to-back "
+                   "forwards of a fast call (default 50; at least 2 forwards)")
+    p.add_argument("--md-section", help="the RESULTS.md section to rewrite (default: models; with --load models-loaded, or "
+                   "models-loaded-bert etc. when --models names some of the models)")
     p.add_argument("--child-cost", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -600,8 +788,19 @@ def main(argv=None) -> int:
     max_call_s = args.max_call_s if args.max_call_s is not None else (2.0 if args.quick else 20.0)
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 1.0)
     max_wait = args.max_wait if args.max_wait is not None else (5.0 if args.quick else 30.0)
-    out_path = Path(args.out) if args.out else common.RESULTS_DIR / ("models_quick.json" if args.quick else "models.json")
+    load = None
+    if args.load:
+        cpu = (common.default_load_cpu() if args.load_cpu == "last" else
+               None if args.load_cpu == "any" else int(args.load_cpu))
+        load = LoadMode(cpu=cpu, gap_s=args.load_gap_ms / 1e3, samples=args.load_samples,
+                        burst_s=args.load_burst_ms / 1e3)
+    # a --load run of some of the models gets its own file and section (models_loaded_bert.json,
+    # models-loaded-bert), so that the runs of each model do not overwrite one another
+    only = "" if not args.load or args.models == p.get_default("models") else "_" + "_".join(args.models.split(","))
+    stem = "models" + ("_loaded" if args.load else "") + only + ("_quick" if args.quick else "")
+    out_path = Path(args.out) if args.out else common.RESULTS_DIR / f"{stem}.json"
     write_md = not args.no_md and not args.quick
+    section = args.md_section or ("models-loaded" + only.replace("_", "-") if args.load else "models")
     do_cost = not args.no_cost and not args.quick
 
     log = common.log
@@ -610,7 +809,10 @@ def main(argv=None) -> int:
         "machine": common.machine_info(args.threads),
         "command": "python benchmarks/models.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": {"threads": args.threads, "models": args.models, "batches": batches, "seq": args.seq,
-                 "repeats": repeats, "budget_s": budget, "max_call_s": max_call_s, "quick": args.quick},
+                 "repeats": repeats, "budget_s": budget, "max_call_s": max_call_s, "quick": args.quick,
+                 "load": None if load is None else {"cpu": "any" if load.cpu is None else load.cpu,
+                                                    "gap_s": load.gap_s, "samples": load.samples,
+                                                    "burst_s": load.burst_s}},
         "out": str(out_path), "models": {},
     }
     log(common.machine_md(result["machine"]))
@@ -631,7 +833,7 @@ def main(argv=None) -> int:
             for b in batches:
                 log(f"{mname}: batch {b} ...")
                 brows = run_batch(spec, models, b, repeats=repeats, budget=budget, max_call_s=max_call_s,
-                                  prior=prior, log=log, max_wait=max_wait)
+                                  prior=prior, log=log, max_wait=max_wait, load=load)
                 rows += brows
                 for r in brows:
                     if "median_ms" in r:
@@ -639,7 +841,9 @@ def main(argv=None) -> int:
                         if nxt:
                             prior[r["method"]] = r["median_ms"] / 1e3 * nxt[0] / b
                     log(f"  {r['method']:42s} " + (f"{r['median_ms']:10.2f} ms  x{r['speedup_vs_float']:.2f}  "
-                        f"SQNR {r.get('sqnr_db', float('inf')):.1f} dB" if "median_ms" in r else r.get("not_timed", r.get("error", "?"))))
+                        f"SQNR {r.get('sqnr_db', float('inf')):.1f} dB" if "median_ms" in r else r.get("not_timed", r.get("error", "?")))
+                        + (f"  | loaded: median {_ql(r, 'median_ms')}, worst {_ql(r, 'worst_ms')}, "
+                           f"CPU {_ql(r, 'cpu_ms')} ms" if "loaded" in r else ""))
             mres = {"rows": rows, "methods": info, "accuracy": accuracy_rows(spec, models)}
             if mname == "bert" and do_cost:
                 mres_cost = bert_cost(spec.model, workdir, args.threads, log, max_wait)
@@ -647,7 +851,7 @@ def main(argv=None) -> int:
             result["models"][mname] = mres
             del models, spec
             gc.collect()
-    common.publish(result, markdown, out_path, "models" if write_md else None, start)
+    common.publish(result, markdown, out_path, section if write_md else None, start)
     return 0
 
 
