@@ -31,6 +31,7 @@ change of the shipped data does not hide as a CLI change; shipped recipes and sa
 compared by bytes as a case of their own), plus a tiny Hugging Face BERT folder built here from
 a fixed seed, and its token-id data.
 
+    git worktree add /work/baseline 7847369             # the tree to compare against, once
     python benchmarks/identity.py                       # /work/baseline (default) vs this checkout
     python benchmarks/identity.py --new /work/baseline  # the baseline against itself: all same
     python benchmarks/identity.py --quick               # a subset, about a minute
