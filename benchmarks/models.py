@@ -562,6 +562,11 @@ def _ql(row: dict | None, key: str, digits: int = 1) -> str:
     return f"{q:,.{digits}f} → {l_:,.{digits}f} ({l_ / q:.2f})" if q else f"{q:,.{digits}f} → {l_:,.{digits}f}"
 
 
+def _loaded_row(rows: list[dict], method: str, batch: int) -> dict | None:
+    """The row of `method` at `batch` that has quiet and loaded timings, or None."""
+    return next((x for x in rows if x["method"] == method and x["batch"] == batch and "loaded" in x), None)
+
+
 def load_markdown(rows: list[dict], load_args: dict) -> list[str]:
     """The --load tables of one model: every method quiet → loaded, then the issue-14 targets
     for the default and the forced oneDNN kernel."""
@@ -589,7 +594,7 @@ def load_markdown(rows: list[dict], load_args: dict) -> list[str]:
     table = []
     for meth in methods:
         for b in batches:
-            r = next((x for x in rows if x["method"] == meth and x["batch"] == b and "loaded" in x), None)
+            r = _loaded_row(rows, meth, b)
             if r is None:
                 continue
             table.append([meth, b, _ql(r, "median_ms"), _ql(r, "worst_ms"), _ql(r, "cpu_ms"),
@@ -600,11 +605,11 @@ def load_markdown(rows: list[dict], load_args: dict) -> list[str]:
     trows = []
     for meth in TARGET_METHODS:
         for b in batches:
-            r = next((x for x in rows if x["method"] == meth and x["batch"] == b and "loaded" in x), None)
+            r = _loaded_row(rows, meth, b)
             if r is None:
                 continue
-            ao = next((x for x in rows if x["method"] == TORCH_AO and x["batch"] == b and "loaded" in x), None)
-            fl = next((x for x in rows if x["method"] == "float" and x["batch"] == b and "loaded" in x), None)
+            ao = _loaded_row(rows, TORCH_AO, b)
+            fl = _loaded_row(rows, "float", b)
 
             def vs_ao(key):
                 mine, theirs = _ratio(r, key), (_ratio(ao, key) if ao else None)

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -105,9 +105,18 @@ def _probe_inputs(model: nn.Module, inputs_path: Path | None) -> tuple[Any, str]
     return torch.randn(8, in_features, generator=gen), f"a random normal batch (8, {in_features})"
 
 
-def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -> tuple[Path, Path | None]:
-    """Everything that can be checked before a model is loaded; the output path and the report
-    path."""
+class _Checked(NamedTuple):
+    """What `_check_options` found: the paths and device the job then uses."""
+
+    source: Path
+    output: Path
+    report: Path | None
+    device: torch.device
+    inputs: Path | None
+
+
+def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -> _Checked:
+    """Everything that can be checked before a model is loaded, each once."""
     report = None if o.report is None else Path(o.report)
     if report is not None:
         if report.suffix == ".md":
@@ -129,19 +138,18 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
         check_output_dir(output, force=o.force, inputs=(source_path, *data))
     else:
         check_output(output, force=o.force, inputs=(source_path,))
-    check_device(o.device)
+    device = check_device(o.device)
     if o.batch_size < 1 or (o.calib_samples is not None and o.calib_samples < 1):
         raise ConfigError("`batch_size` and `calib_samples` must be at least 1")
     need = config.calibration_need()
     if need is not None and o.calib is None:
         raise ConfigError(f"{need} needs calibration data: pass `calib` FILE (inputs the model takes)")
-    if o.inputs is not None:
-        check_file(o.inputs, "inputs")
+    inputs = None if o.inputs is None else check_file(o.inputs, "inputs")
     if o.calib_samples is not None and o.calib is None:
         raise ConfigError("`calib_samples` needs `calib` FILE")
     if o.min_sqnr is not None and o.eval_inputs is None and o.calib is None:
         raise ConfigError("`min_sqnr` measures the model on data: pass `eval_inputs` FILE or `calib` FILE")
-    return output, report
+    return _Checked(source_path, output, report, device, inputs)
 
 
 @torch.no_grad()
@@ -161,9 +169,7 @@ def quantize_checkpoint(
     if not isinstance(config, QuantConfig) or not isinstance(o, QuantizeOptions):
         raise TypeError("quantize_checkpoint(source, config: QuantConfig, options: QuantizeOptions): the output "
                         "path and other options go in QuantizeOptions(output=...)")
-    output, report_path = _check_options(Path(source_path), config, o)
-    source_path, dev = check_source(source_path), check_device(o.device)
-    inputs = None if o.inputs is None else check_file(o.inputs, "inputs")
+    source_path, output, report_path, dev, inputs = _check_options(Path(source_path), config, o)
     calib_data = None
     if o.calib is not None:
         calib_data = load_tensors(o.calib, "calibration data")

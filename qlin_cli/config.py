@@ -18,6 +18,7 @@ from typing import Any
 from .errors import ConfigError
 from .scheme import (
     ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, PER_CHANNEL, PER_TENSOR, Granularity, LayerScheme,
+    calibration_need,
 )
 
 __all__ = [
@@ -135,14 +136,12 @@ class QuantConfig:
     def calibration_need(self) -> str | None:
         """What any layer of this config (by default or through a rule) may need calibration data
         for, in words, or None; a model's plan knows for sure (`Plan.calibration_need`)."""
-        needs = {s.calibration_need for s in self.schemes()} - {None}
-        return "static mode" if "static mode" in needs else next(iter(needs), None)
+        return calibration_need(self.schemes())
 
     @property
     def needs_calibration(self) -> bool:
-        """True if any layer (by default or through a rule) is static or smoothed. A model's plan
-        knows for sure (`Plan.calibration_need`); this is the check before a model is loaded."""
-        return any(s.needs_calibration for s in self.schemes())
+        """True if any layer (by default or through a rule) is static or smoothed."""
+        return self.calibration_need() is not None
 
     def with_changes(self, **changes: Any) -> "QuantConfig":
         """A copy with `changes` (scheme keys, `skip`, `layers`) applied; None values are ignored.

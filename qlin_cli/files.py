@@ -29,6 +29,7 @@ __all__ = [
     "check_output_dir",
     "write_atomic",
     "write_folder_atomic",
+    "temporary_name",
     "SAFETENSORS_DTYPES",
     "HASH_KEYS",
     "tensor_bytes",
@@ -125,8 +126,8 @@ def check_output_dir(path: str | Path, *, force: bool, inputs: tuple[Path | None
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def _temporary(path: Path) -> str:
-    """The name of a temporary beside `path` (without its `.tmp`/`.old` ending). It is chosen
+def temporary_name(path: Path) -> str:
+    """The name of a hidden temporary beside `path` (without its `.tmp`/`.old` ending). It is chosen
     before anything exists, so a Ctrl-C at any point after it reaches the cleanup (mkstemp could
     be interrupted after creating the file)."""
     return str(_folder(path) / f".{path.name}.{secrets.token_hex(8)}")
@@ -146,7 +147,7 @@ def write_atomic(path: str | Path, data: Content, *, force: bool) -> Path:
     never a part. Without `force` an existing file is kept."""
     path = Path(path)
     folder = _folder(path)
-    tmp = _temporary(path) + ".tmp"
+    tmp = temporary_name(path) + ".tmp"
     try:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -193,7 +194,7 @@ def write_folder_atomic(path: str | Path, files: dict[str, Content], *, force: b
     in, then the old one removed)."""
     path = Path(path)
     parent = _folder(path)
-    base = _temporary(path)
+    base = temporary_name(path)
     tmp, old = Path(base + ".tmp"), Path(base + ".old")
     try:
         try:

@@ -432,24 +432,20 @@ class _Onednn:
         self.wsum = _weight_row_sums(weight, scale, zero_point).contiguous()
         self.bias = _EMPTY if bias is None else bias.float().contiguous()
         self.smooth = _EMPTY if smooth is None else smooth.float().contiguous()
+        kernels = native.load()  # looked up once here, not at each call; no module object is kept
+        self.quantize_rows, self.epilogue_ = kernels.quantize_rows, kernels.epilogue_
 
     def __deepcopy__(self, memo) -> "_Onednn":
         return copy.copy(self)  # its tensors are never written; oneDNN's packed weight cannot be copied
 
-    @property
-    def kernels(self):
-        """The compiled kernels (native.load() is cached; no module object is kept, so a packed
-        model deep-copies)."""
-        return native.load()
-
     def _codes(self, x: torch.Tensor) -> tuple:
         if x.is_inference():
-            return self.kernels.quantize_rows(x, self.smooth)
+            return self.quantize_rows(x, self.smooth)
         last = _LAST_INPUT
         key = (x.data_ptr(), x.shape, x.stride(), x._version, self.smooth.data_ptr())
         if last.key != key or id(self) in last.readers:
             last.key, last.x, last.codes = None, None, None  # drop the old entry before computing
-            last.codes = self.kernels.quantize_rows(x, self.smooth)
+            last.codes = self.quantize_rows(x, self.smooth)
             last.key, last.x, last.readers = key, x, set()
         last.readers.add(id(self))
         return last.codes
@@ -458,7 +454,7 @@ class _Onednn:
         q, a, c, rowsum = self._codes(x.float().contiguous())
         y = torch.ops.onednn.qlinear_pointwise(
             q, 1.0, 0, self.packed, self.scale, self.gemm_zero_point, None, 1.0, 0, torch.float32, "none", [], "")
-        y = self.kernels.epilogue_(y, a, c, self.wsum, self.bias, rowsum, self.zs, None)
+        y = self.epilogue_(y, a, c, self.wsum, self.bias, rowsum, self.zs, None)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 

@@ -23,7 +23,6 @@ import importlib.util
 import logging
 import os
 import platform
-import secrets
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from .files import temporary_name
 
 __all__ = ["load", "unavailable_reason"]
 
@@ -66,7 +67,7 @@ def _build(path: Path, cxx: str) -> None:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    tmp = Path(temporary_name(path) + ".tmp")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [
         cxx, *CFLAGS, f"-DTORCH_EXTENSION_NAME={path.name.split('.')[0]}", "-DTORCH_API_INCLUDE_EXTENSION_H",

@@ -19,7 +19,7 @@ import torch.nn as nn
 from .config import QuantConfig, Skip
 from .errors import ConfigError, InputError
 from .primitives import sqnr_db
-from .scheme import LayerScheme
+from .scheme import LayerScheme, calibration_need
 
 __all__ = ["PlanEntry", "Plan", "make_plan", "find_linears", "swap_module", "affine_surrogate", "effective_linear"]
 
@@ -68,10 +68,8 @@ class PlanEntry:
 
     @classmethod
     def from_dict(cls, e: Any) -> "PlanEntry":
-        """An entry read from a qlin file, validated (types, shape, dtype, scheme). Raises
+        """An entry (a dict) read from a qlin file, validated (types, shape, dtype, scheme). Raises
         ValueError with a message that names the layer."""
-        if not isinstance(e, dict):
-            raise ValueError("metadata plan is not a list of layers")
         for key, typ in _ENTRY_FIELDS.items():
             if not isinstance(e.get(key), typ) or (typ is int and isinstance(e.get(key), bool)):
                 raise ValueError(f"plan entry {e.get('name', '?')!r} has no valid {key!r}")
@@ -86,11 +84,10 @@ class PlanEntry:
                 scheme = LayerScheme.from_dict(e)
             except (ConfigError, TypeError) as exc:
                 raise ValueError(f"layer {name!r} has an invalid scheme ({exc})") from None
-            if not isinstance(e.get("dtype", "float32"), str):
-                raise ValueError(f"layer {name!r} has an invalid scheme")
-            dtype = getattr(torch, e.get("dtype", "float32"), None)
-            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-                raise ValueError(f"layer {name!r} has dtype {e.get('dtype')!r}, not a float dtype")
+            dtype = e.get("dtype", "float32")
+            torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+            if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+                raise ValueError(f"layer {name!r} has dtype {dtype!r}, not a float dtype")
         reason = e.get("reason", "")
         return cls(name, e["in_features"], e["out_features"], e["has_bias"], str(e.get("dtype", "float32")),
                    tuple(e["aliases"]), scheme, reason if isinstance(reason, str) else "")
@@ -112,8 +109,7 @@ class Plan:
 
     def calibration_need(self) -> str | None:
         """What of the planned layers needs calibration data, in words (static mode first), or None."""
-        needs = {e.scheme.calibration_need for e in self.quantized} - {None}
-        return "static mode" if "static mode" in needs else next(iter(needs), None)
+        return calibration_need(e.scheme for e in self.quantized)
 
     def to_list(self) -> list[dict[str, Any]]:
         return [e.to_dict() for e in self.entries]
@@ -240,7 +236,6 @@ def make_plan(model: nn.Module, config: QuantConfig) -> Plan:
             entries.append(replace(entry, reason=reason))
         else:
             entries.append(replace(entry, scheme=scheme, reason=reason, has_bias=effective.bias is not None))
-        del effective
     return Plan(tuple(entries))
 
 

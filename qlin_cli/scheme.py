@@ -28,6 +28,7 @@ __all__ = [
     "WEIGHT_GRANULARITIES",
     "ACT_GRANULARITIES",
     "LayerScheme",
+    "calibration_need",
 ]
 
 MODES = ("dynamic", "weight-only", "static")
@@ -209,7 +210,7 @@ class LayerScheme:
     @property
     def needs_calibration(self) -> bool:
         """Static activation ranges and SmoothQuant factors come from calibration data."""
-        return self.static or self.smooth is not None
+        return self.calibration_need is not None
 
     @property
     def calibration_need(self) -> str | None:
@@ -275,3 +276,10 @@ class LayerScheme:
     def none_dict(cls) -> dict[str, None]:
         """A plan entry's scheme keys for a layer kept in float."""
         return dict.fromkeys(cls.ENTRY_KEYS)
+
+
+def calibration_need(schemes) -> str | None:
+    """What of `schemes` needs calibration data, in words (static mode before SmoothQuant), or
+    None: the one answer for a config (before a model is loaded) and for a model's plan."""
+    needs = {s.calibration_need for s in schemes} - {None}
+    return "static mode" if "static mode" in needs else next(iter(needs), None)
