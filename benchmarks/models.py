@@ -63,6 +63,11 @@ models_loaded_bert.json and `models-loaded-bert`, and so on). E.g.
     python benchmarks/models.py --threads 2 --models bert --load --no-cost --repeats 5   # ~8 min
     python benchmarks/models.py --threads 2 --models encoder --load                       # ~1 min
 
+`--compile` adds the float model under `torch.compile` and qlin's default under
+`qlinear.compile_model`, with the compile time per batch size in the prep column:
+
+    python benchmarks/models.py --threads 2 --models bert --compile --no-cost --md-section models-compile
+
 This is a script run by hand, never a test.
 """
 
@@ -239,6 +244,36 @@ def build_methods(spec: Spec, *, peers: bool, ort: bool, workdir: Path, threads:
                 info[name] = {"unavailable": str(exc)}
             log(f"  ORT: unavailable: {exc}")
     return models, info
+
+
+def add_compiled(spec: Spec, models: dict, info: dict, batches: list[int], log) -> None:
+    """`--compile`: the float model under `torch.compile` and qlin's default under
+    `qlinear.compile_model`, each compiled by one untimed-for-latency call per batch size (that
+    call's time is the compile time reported per batch)."""
+    from qlin_cli.qlinear import compile_model
+
+    base = "qlin dynamic (default)"
+    todo = {"float, torch.compile": lambda: torch.compile(copy.deepcopy(spec.model))}
+    if base in models:
+        todo[base + ", compile_model"] = lambda: compile_model(copy.deepcopy(models[base]))
+    for name, build in todo.items():
+        t0 = time.perf_counter()
+        try:
+            m = build()
+            prep = time.perf_counter() - t0 + info.get(base if "qlin" in name else "float", {}).get("prep_s", 0.0)
+            compile_s = {}
+            with torch.no_grad():
+                for b in batches:
+                    t1 = time.perf_counter()
+                    spec.call(m, *spec.inputs[b])
+                    compile_s[b] = time.perf_counter() - t1
+            models[name] = m
+            info[name] = {"prep_s": prep, "compile_s": compile_s, **{k: v for k, v in info.get(base, {}).items()
+                                                                     if "qlin" in name and k in ("kernels", "skipped")}}
+            log(f"  {name}: compiled ({', '.join(f'b={b} {t:.1f} s' for b, t in compile_s.items())})")
+        except Exception as exc:
+            info[name] = {"unavailable": short_error(exc)}
+            log(f"  {name}: unavailable: {info[name]['unavailable']}")
 
 
 def _as_callable(spec: Spec, m) -> Callable[..., torch.Tensor]:
@@ -695,7 +730,8 @@ def markdown(result: dict) -> str:
                 tag = "" if r["batch"] == max(batches) else f" (b={r['batch']})"
                 cells += [common.fmt(r["sqnr_db"]) + tag, f"{r['cosine_mean']:.5f} / {r['cosine_min']:.4f}"]
             i = mres["methods"].get(meth, {})
-            cells.append(common.fmt(i.get("prep_s"), 2))
+            cells.append(common.fmt(i.get("prep_s"), 2) + "".join(
+                f"; compile b={b}: {t:.1f}" for b, t in i.get("compile_s", {}).items()))
             ks = i.get("kernels")
             cells.append(", ".join(f"{k} x{v}" for k, v in ks.items()) + (f", {len(i['skipped'])} float" if i.get("skipped") else "") if ks else "—")
             table.append(cells)
@@ -766,6 +802,8 @@ def main(argv=None) -> int:
                    "batch, is estimated to take) more than this many seconds (default 20, quick 2)")
     p.add_argument("--max-wait", type=float, help="seconds to wait for other processes to leave the CPUs before each timing (default 30, quick 5)")
     p.add_argument("--no-ort", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time the float model under torch.compile and "
+                   "qlin's default under qlinear.compile_model (compile time per batch size in the prep column)")
     p.add_argument("--no-cost", action="store_true", help="skip the BERT quantize/RSS/load measurement")
     p.add_argument("--load", action="store_true", help="time every batch twice: quiet, then with a background "
                    "process busy on one core (started and killed by the script); adds worst forward and CPU time "
@@ -834,6 +872,8 @@ def main(argv=None) -> int:
             workdir.mkdir()
             models, info = build_methods(spec, peers=not args.no_peers, ort=not args.no_ort,
                                          workdir=workdir, threads=args.threads, log=log)
+            if args.compile:
+                add_compiled(spec, models, info, batches, log)
             rows, prior = [], {}
             for b in batches:
                 log(f"{mname}: batch {b} ...")

@@ -1,14 +1,18 @@
-"""QuantizedLinear: the int8 replacement of an `nn.Linear`.
+"""QuantizedLinear: the integer replacement of an `nn.Linear`.
 
-Its buffers are exactly what the qlin file stores for a layer (`weight` int8 `(out, in)`,
-`weight_scale` float32 `()` or `(out,)`, `weight_zero_point` int8 of the scale's shape, `bias`;
-static mode adds `input_scale` float32 `()` and `input_zero_point` int8 `()`, SmoothQuant adds
-`smooth_scale` float32 `(in,)`), so `state_dict()` is the file's content. The kernel's packed operands are derived from
-those buffers by `pack()` and never saved.
+Its buffers are what the qlin file stores for a layer (`weight` int8 `(out, in)` holding B-bit
+values, `weight_scale` float32 `()`, `(out,)` or per group `(out, ceil(in / G))`,
+`weight_zero_point` int8 of the scale's shape, `bias`; static mode adds `input_scale` float32
+`()` and `input_zero_point` int8 `()`, SmoothQuant adds `smooth_scale` float32 `(in,)`), so
+`state_dict()` is the file's content, except that the file packs weights of fewer than 8 bits
+(qfile.py). The kernel's packed operands are derived from those buffers by `pack()` and never
+saved.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -16,8 +20,8 @@ import torch.nn as nn
 
 from .kernels import KernelChoice, pack, select_kernel
 from .observers import make_observer
-from .primitives import check_finite, quantize
-from .scheme import LayerScheme
+from .primitives import check_finite, grouped, quantize
+from .scheme import PER_CHANNEL, LayerScheme
 
 __all__ = ["QuantizedLinear", "pack_all", "compile_model"]
 
@@ -52,6 +56,7 @@ class QuantizedLinear(nn.Module):
         self.kernel: KernelChoice | None = None
         self._run = None
         self._any_rank = False
+        self._compiled: _Packed | None = None  # this layer's entry in _PACKED (compile_model)
 
     @classmethod
     def from_float(
@@ -75,10 +80,14 @@ class QuantizedLinear(nn.Module):
             w = w.float() * smooth_scale  # (out, in) * (in,)
             q.smooth_scale.copy_(smooth_scale)
         options = {"percentile": scheme.percentile} if scheme.weight_observer == "percentile" else {}
-        observer = make_observer(scheme.weight_observer, scheme.granularity, axis=0, what=f"layer {name!r}: weight", **options)
-        observer.update(w)
-        scale, zp = observer.qparams(scheme.symmetric)
-        q.weight.copy_(quantize(w, scale, zp, scheme.symmetric))
+        g = scheme.group_size
+        # per group = per channel of the weight seen as rows of groups (primitives.grouped)
+        observer = make_observer(scheme.weight_observer, PER_CHANNEL if g else scheme.granularity, axis=0,
+                                 what=f"layer {name!r}: weight", **options)
+        observer.update(w if g is None else grouped(w, g))
+        scale, zp = observer.qparams(scheme.symmetric, scheme.bits)
+        scale, zp = scale.reshape(q.weight_scale.shape), zp.reshape(q.weight_scale.shape)
+        q.weight.copy_(quantize(w, scale, zp, scheme.symmetric, scheme.bits, g))
         q.weight_scale.copy_(scale)
         q.weight_zero_point.copy_(zp)
         if linear.bias is not None:
@@ -104,11 +113,15 @@ class QuantizedLinear(nn.Module):
             act_qparams=act, smooth=self.smooth_scale, **pack_options,
         )
         self._any_rank = getattr(self._run, "takes_any_rank", False)
+        self._compiled = None
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._run is None:
             raise RuntimeError("QuantizedLinear used before pack(); call quantize_model or load_quantized")
+        if torch.compiler.is_compiling():  # one opaque op in the graph instead of a graph break
+            y = torch.ops.qlin.linear(x.reshape(-1, self.in_features), self._compiled.handle)
+            return y.reshape(*x.shape[:-1], self.out_features)
         if x.dim() == 2 or self._any_rank:  # (M, in) -> (M, out): the common case, without reshapes
             return self._run(x)
         y = self._run(x.reshape(-1, self.in_features))  # (M, out_features)
@@ -119,9 +132,38 @@ class QuantizedLinear(nn.Module):
         s = self.scheme
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, mode={s.mode}, "
-            f"granularity={s.granularity}, symmetric={s.symmetric}, kernel={kernel}"
+            f"granularity={s.granularity}" + (f"({s.group_size})" if s.group_size else "")
+            + (f", bits={s.bits}" if s.bits != 8 else "") + f", symmetric={s.symmetric}, kernel={kernel}"
             + (", smoothed" if s.smooth is not None else "")
         )
+
+
+class _Packed:
+    """A packed kernel as the `qlin::linear` op finds it: the callable and its output width."""
+
+    def __init__(self, run, out_features: int) -> None:
+        self.run, self.out_features, self.handle = run, out_features, next(_HANDLES)
+        _PACKED[self.handle] = self
+
+
+# Packed kernels by handle, for `qlin::linear`: the op's arguments must be tensors and numbers, and
+# oneDNN's packed weight is an opaque tensor that compile's fake tensors cannot stand in for. An
+# entry lives as long as its layer (weak values; the layer holds its _Packed) and is made by
+# compile_model, so eager use registers nothing.
+_PACKED: "weakref.WeakValueDictionary[int, _Packed]" = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("qlin::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """A packed layer's kernel on `x` `(M, in)` -> `(M, out)`, as one op that `torch.compile`
+    keeps whole (the kernels are prepacked ops and qlin's fused C++, nothing to trace into)."""
+    return _PACKED[handle].run(x)
+
+
+@_linear_op.register_fake
+def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], _PACKED[handle].out_features)
 
 
 def pack_all(layers: list[QuantizedLinear], device: torch.device | str = "cpu") -> None:
@@ -139,11 +181,13 @@ def pack_all(layers: list[QuantizedLinear], device: torch.device | str = "cpu") 
 
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """`torch.compile(model)` with every QuantizedLinear left to run as it is (its kernels are
-    already fused C++ or prepacked ops, which dynamo would only break around): the work between
-    the Linear layers (LayerNorm, GELU, residual adds, attention) is what compiles and fuses.
+    """`torch.compile(model)` with every packed QuantizedLinear one opaque `qlin::linear` op in the
+    graph (its kernels are already prepacked ops and fused C++): no graph breaks, so the work
+    between the Linear layers (LayerNorm, GELU, residual adds, attention) compiles and fuses.
     Compiling happens on the first call, and again for new input shapes."""
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
-            m.forward = torch.compiler.disable(m.forward)
+            if m._run is None:
+                raise RuntimeError("compile_model needs packed layers; call quantize_model or load_quantized first")
+            m._compiled = _Packed(m._run, m.out_features)
     return torch.compile(model)
