@@ -24,7 +24,7 @@ import torch
 
 from .scheme import PER_TENSOR, Granularity
 from .errors import ConfigError
-from .primitives import MIN_SCALE, QMAX, QMIN, SYM_QMAX, amin_amax, check_finite, qparams_from_range
+from .primitives import MIN_SCALE, amin_amax, check_finite, qparams_from_range, qrange
 
 __all__ = ["OBSERVERS", "Observer", "make_observer"]
 
@@ -57,10 +57,10 @@ class Observer:
             raise ConfigError(f"{self.what}: the observer saw no data (was the layer run during calibration?)")
         return self.lo, self.hi
 
-    def qparams(self, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale (float32) and zero point (int8), of shape `()` or `(C,)`."""
+    def qparams(self, symmetric: bool, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale (float32) and zero point (int8) of B-bit values, of shape `()` or `(C,)`."""
         lo, hi = self.range()
-        return qparams_from_range(lo, hi, symmetric)
+        return qparams_from_range(lo, hi, symmetric, bits)
 
 
 class AbsMaxObserver(Observer):
@@ -73,9 +73,9 @@ class AbsMaxObserver(Observer):
         amax = torch.maximum(-lo, hi)
         return -amax, amax
 
-    def qparams(self, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def qparams(self, symmetric: bool, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.range()
-        return qparams_from_range(lo, hi, True)
+        return qparams_from_range(lo, hi, True, bits)
 
 
 class MovingAverageObserver(Observer):
@@ -171,7 +171,7 @@ class PercentileObserver(HistogramObserver):
 
 class MSEObserver(HistogramObserver):
     """The clipping range [a * min, a * max], a on a log grid over [0.001, 1], with the least
-    expected int8 error over the histogram of all values seen: each value clipped costs
+    expected quantization error (at the layer's bits) over the histogram of all values seen: each value clipped costs
     (value - edge)^2; each value inside costs its rounding error at the bin centre where bins
     are finer than the quantization step, and step^2 / 12 where they are coarser."""
 
@@ -179,21 +179,22 @@ class MSEObserver(HistogramObserver):
     # shrink factors: a coarse grid down to 0.1% of the range, then a fine one around the best
     grid = torch.unique(torch.cat([torch.logspace(-3, 0, 25), torch.linspace(0.8, 1.0, 11)]))
 
-    def qparams(self, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = self._best_range(symmetric)
-        return qparams_from_range(lo, hi, symmetric)
+    def qparams(self, symmetric: bool, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self._best_range(symmetric, bits)
+        return qparams_from_range(lo, hi, symmetric, bits)
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._best_range(symmetric=False)
 
-    def _best_range(self, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _best_range(self, symmetric: bool, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         lo0, hi0 = super().range()
         lo0, hi0 = lo0.reshape(-1).clamp(max=0), hi0.reshape(-1).clamp(min=0)  # (C,)
         if symmetric:
             amax = torch.maximum(-lo0, hi0)
             lo0, hi0 = -amax, amax
         centres, counts, width = self.points, self.counts.float(), self.width  # (C, P), (C, P), (C, 1)
-        levels = 2 * SYM_QMAX if symmetric else QMAX - QMIN
+        qmin, qmax = qrange(bits, symmetric)
+        levels = qmax - qmin
 
         def error(a: torch.Tensor) -> torch.Tensor:  # a: (C,) shrink factors -> (C,) error
             lo, hi = (lo0 * a)[:, None], (hi0 * a)[:, None]

@@ -1,10 +1,15 @@
-"""Affine int8 quantization math, the one home of it.
+"""Affine integer quantization math, the one home of it.
 
     q = clamp(round(x / s) + z, qmin, qmax)        x ~ s * (q - z)
 
-Weights `(out_features, in_features)`: scale and zero point have shape `()` per tensor and
-`(out_features,)` per channel (see `Granularity`). Symmetric: z = 0, s = amax / 127, q in
-[-127, 127]. Asymmetric: the range [min(x, 0), max(x, 0)] maps onto [-128, 127].
+Weights `(out_features, in_features)`: scale and zero point have shape `()` per tensor,
+`(out_features,)` per channel and `(out_features, ceil(in_features / G))` per group of G input
+channels (see `Granularity`). B-bit weights (2 <= B <= 8; 8 by default), with
+Q = 2^(B-1) - 1: symmetric z = 0, s = amax / Q, q in [-Q, Q] (8 bits: [-127, 127]); asymmetric,
+the range [min(x, 0), max(x, 0)] maps onto [-(Q + 1), Q] (8 bits: [-128, 127]). Values are int8
+whatever B. Groups are computed as rows: `grouped` views a weight as `(out * groups, G)` (the
+last group of a row zero-padded when G does not divide in; zeros never widen a range, which
+always includes 0), so per-group math is per-channel math on that view.
 
 `amin_amax` is the one reduction; observers (calibration) use it too, so calibration and
 direct quantization share the same math.
@@ -16,7 +21,7 @@ import math
 
 import torch
 
-from .scheme import PER_TENSOR, Granularity
+from .scheme import PER_CHANNEL, PER_TENSOR, Granularity, PerGroup
 from .errors import InputError
 
 __all__ = [
@@ -29,6 +34,8 @@ __all__ = [
     "choose_qparams",
     "quantize",
     "dequantize",
+    "qrange",
+    "grouped",
     "row_ranges",
     "activation_qparams",
     "quantize_activations",
@@ -38,6 +45,30 @@ __all__ = [
 QMIN, QMAX = -128, 127
 SYM_QMAX = 127  # symmetric ranges stay in [-127, 127] so that negation is exact
 MIN_SCALE = 2.0**-40  # ~9.1e-13, exact in float32: scale given to an all-zero row/tensor instead of 0 (no division by zero)
+
+
+def qrange(bits: int = 8, symmetric: bool = True) -> tuple[int, int]:
+    """(qmin, qmax) of B-bit weights: [-(2^(B-1) - 1), 2^(B-1) - 1] symmetric (negation exact),
+    [-2^(B-1), 2^(B-1) - 1] asymmetric."""
+    qmax = (1 << (bits - 1)) - 1
+    return (-qmax if symmetric else -qmax - 1), qmax
+
+
+def grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A weight `(out, in)` as rows of groups `(out * ceil(in / G), G)`: row r is group r % groups
+    of output row r // groups; the last group of each row is zero-padded when G does not divide
+    in. A view (no copy) when it does."""
+    out_f, in_f = x.shape
+    pad = -in_f % group_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(-1, group_size)
+
+
+def _ungrouped(q: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The inverse of `grouped`: `(out * groups, G)` back to `(out, in)`."""
+    out_f, in_f = shape
+    return q.reshape(out_f, -1)[:, :in_f]
 
 
 def _expand(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -70,31 +101,38 @@ def amin_amax(
 
 
 def qparams_from_range(
-    lo: torch.Tensor, hi: torch.Tensor, symmetric: bool
+    lo: torch.Tensor, hi: torch.Tensor, symmetric: bool, bits: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (float32) and zero point (int8) of the same shape as `lo`/`hi` for a range.
+    """Scale (float32) and zero point (int8) of the same shape as `lo`/`hi` for a range, for
+    B-bit values (`qrange`).
 
-    Symmetric: s = max(|lo|, |hi|) / 127, z = 0. Asymmetric: the range is widened to include 0,
-    s = (hi - lo) / 255, z = round(-128 - lo / s), so that 0.0 is exactly representable.
-    A zero-width range gets scale MIN_SCALE.
+    Symmetric: s = max(|lo|, |hi|) / qmax (127 at 8 bits), z = 0. Asymmetric: the range is
+    widened to include 0, s = (hi - lo) / (2^B - 1), z = round(qmin - lo / s), so that 0.0 is
+    exactly representable. A zero-width range gets scale MIN_SCALE.
     """
+    qmin, qmax = qrange(bits, symmetric)
     lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
     hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
     if symmetric:
-        scale = (torch.maximum(-lo, hi) / SYM_QMAX).clamp_min(MIN_SCALE)
+        scale = (torch.maximum(-lo, hi) / qmax).clamp_min(MIN_SCALE)
         zero_point = torch.zeros_like(scale, dtype=torch.int8)
     else:
-        scale = ((hi - lo) / (QMAX - QMIN)).clamp_min(MIN_SCALE)
-        zero_point = torch.round(QMIN - lo / scale).clamp(QMIN, QMAX).to(torch.int8)
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(MIN_SCALE)
+        zero_point = torch.round(qmin - lo / scale).clamp(qmin, qmax).to(torch.int8)
     return scale, zero_point
 
 
 def choose_qparams(
-    x: torch.Tensor, granularity: Granularity, symmetric: bool = True
+    x: torch.Tensor, granularity: Granularity, symmetric: bool = True, bits: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (float32) and zero point (int8) for `x` `(out, in)`; shapes `()` or `(out,)`."""
+    """Scale (float32) and zero point (int8) for `x` `(out, in)`: shapes `()`, `(out,)` or, per
+    group, `(out, ceil(in / G))`."""
+    if isinstance(granularity, PerGroup):
+        lo, hi = amin_amax(grouped(x, granularity.size), PER_CHANNEL)
+        shape = granularity.scale_shape(tuple(x.shape))
+        return tuple(t.reshape(shape) for t in qparams_from_range(lo, hi, symmetric, bits))
     lo, hi = amin_amax(x, granularity)
-    return qparams_from_range(lo, hi, symmetric)
+    return qparams_from_range(lo, hi, symmetric, bits)
 
 
 # elements per block of rows in `quantize` and `weight_sqnr_db`: their float temporaries stay
@@ -117,25 +155,36 @@ def _rows(t: torch.Tensor, index) -> torch.Tensor:
 
 
 def quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, symmetric: bool = True
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, symmetric: bool = True,
+    bits: int = 8, group_size: int | None = None,
 ) -> torch.Tensor:
     """int8 values of `x` (any float dtype, computed in float32) for a scale/zero point of shape
-    `()` or `(x.shape[0],)`. Symmetric results stay in [-127, 127]. Computed in blocks of rows."""
+    `()`, `(x.shape[0],)` or, with `group_size`, `(out, groups)`; in `qrange(bits, symmetric)`
+    (8-bit symmetric: [-127, 127]). Computed in blocks of rows."""
+    if group_size is not None:
+        rows = quantize(grouped(x, group_size), scale.reshape(-1), zero_point.reshape(-1), symmetric, bits)
+        return _ungrouped(rows, tuple(x.shape)).contiguous()
     s = _expand(scale.float(), x.dim())
     z = _expand(zero_point.float(), x.dim())
     shift = bool(z.any())
-    lo = -SYM_QMAX if symmetric else QMIN
+    lo, hi = qrange(bits, symmetric)
     out = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     for i in _blocks(x):
         q = (x[i].float() / _rows(s, i)).round_()  # one float temporary, changed in place
         if shift:
             q.add_(_rows(z, i))
-        out[i] = q.clamp_(lo, QMAX)  # integers in [-128, 127]: exact in int8
+        out[i] = q.clamp_(lo, hi)  # integers in [-128, 127]: exact in int8
     return out
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """float32 `s * (q - z)` with scale/zero point of shape `()` or `(q.shape[0],)`."""
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int | None = None
+) -> torch.Tensor:
+    """float32 `s * (q - z)` with scale/zero point of shape `()`, `(q.shape[0],)` or, with
+    `group_size`, `(out, groups)`."""
+    if group_size is not None:
+        rows = dequantize(grouped(q, group_size), scale.reshape(-1), zero_point.reshape(-1))
+        return _ungrouped(rows, tuple(q.shape)).contiguous()
     s = _expand(scale.float(), q.dim())
     out = q.float()  # the one temporary: q - z is exact in float32 (|q - z| <= 255)
     if bool(zero_point.any()):
@@ -162,13 +211,13 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 def weight_sqnr_db(
     weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-    smooth: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None, group_size: int | None = None,
 ) -> float:
     """`sqnr_db(weight, dequantize(q, scale, zero_point) [/ smooth])`, in blocks of rows: no
     float copy of the whole weight."""
     signal = noise = 0.0
     for i in _blocks(q):
-        deq = dequantize(q[i], _rows(scale, i), _rows(zero_point, i))
+        deq = dequantize(q[i], _rows(scale, i), _rows(zero_point, i), group_size)
         if smooth is not None:
             deq.div_(smooth.float())
         ref = weight[i].detach().float()

@@ -19,6 +19,7 @@ __all__ = [
     "PerTensor",
     "PerChannel",
     "PerToken",
+    "PerGroup",
     "PER_TENSOR",
     "PER_CHANNEL",
     "PER_TOKEN",
@@ -41,8 +42,8 @@ class Granularity:
     """Which elements of a tensor share one scale and zero point: a small family of frozen types.
 
     For a weight `(out_features, in_features)` = `(1024, 512)`: `PerTensor` gives scale shape `()`,
-    `PerChannel` `(1024,)` (one per row, i.e. per output channel); a per-group type would give
-    `(1024, ceil(512 / G))` (G consecutive input channels of one row share a scale). For activations
+    `PerChannel` `(1024,)` (one per row, i.e. per output channel), `PerGroup(128)` `(1024, 4)`
+    (G consecutive input channels of one row share a scale: `(out, ceil(in / G))`). For activations
     flattened to `(tokens, in_features)`: `PerTensor` `()`, `PerToken` `(tokens,)`.
     """
 
@@ -101,6 +102,29 @@ class PerToken(Granularity):
         return (int(shape[0]),)
 
 
+@dataclass(frozen=True)
+class PerGroup(Granularity):
+    """Weights only: one scale per group of `size` consecutive input channels of each output row:
+    scale shape `(out, ceil(in / size))` (a (1024, 512) weight at size 128: `(1024, 4)`). When
+    `size` does not divide `in`, the last group of each row is shorter (`in % size` channels); no
+    padding. Grouped scales cannot be applied after an int8 x int8 dot product over a whole row,
+    so grouped layers are weight-only."""
+
+    size: int = 128
+    name: ClassVar[str] = "group"
+
+    def __post_init__(self) -> None:
+        if not _integer(self.size) or self.size < 1:
+            raise ConfigError(f"group_size = {self.size!r} is not valid: use a whole number of input channels >= 1, e.g. 128")
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (int(shape[0]), self.groups(int(shape[1])))
+
+    def groups(self, in_features: int) -> int:
+        """Groups per row: ceil(in_features / size)."""
+        return -(-in_features // self.size)
+
+
 PER_TENSOR, PER_CHANNEL, PER_TOKEN = PerTensor(), PerChannel(), PerToken()
 WEIGHT_GRANULARITIES = (PER_TENSOR, PER_CHANNEL)
 ACT_GRANULARITIES = (PER_TOKEN, PER_TENSOR)
@@ -115,16 +139,28 @@ def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
+def _integer(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int)
+
+
 @dataclass(frozen=True)
 class LayerScheme:
     """Everything that decides how one `nn.Linear` is quantized and run. Validated on creation.
 
     mode: `dynamic` (int8 weights, int8 activations quantized at each call), `weight-only`
         (int8 weights, float activations) or `static` (int8 activations with a scale and zero
-        point calibrated once, per tensor; needs calibration data).
-    granularity: the weight scales, `PER_CHANNEL` (default) or `PER_TENSOR`.
-    symmetric: weights with zero point 0 and values in [-127, 127]; False gives an asymmetric
-        range [-128, 127] with a zero point per scale.
+        point calibrated once, per tensor; needs calibration data). Left as None it resolves to
+        `weight-only` for grouped weights and `dynamic` otherwise.
+    granularity: the weight scales, `PER_CHANNEL` (default), `PER_TENSOR` or `PerGroup(G)` (set
+        through `group_size`).
+    bits: the weight width B, 2 to 8 (default 8): symmetric values in [-(2^(B-1) - 1),
+        2^(B-1) - 1] with s = amax / (2^(B-1) - 1); asymmetric values in [-2^(B-1), 2^(B-1) - 1].
+        A B-bit value is an int8 value, so per-channel and per-tensor weights of any width run
+        on the int8 kernels; the file stores them packed (B bits each).
+    group_size: G consecutive input channels of each output row share a scale: scale shape
+        `(out, ceil(in / G))`, the last group shorter when G does not divide in. Weight-only.
+    symmetric: weights with zero point 0 and values in [-127, 127] (8 bits); False gives an
+        asymmetric range [-128, 127] with a zero point per scale.
     act_granularity: `PER_TOKEN` (dynamic's default: each row of the flattened input with its own
         asymmetric range, batch-invariant) or `PER_TENSOR` (one range per call in dynamic mode,
         torch.ao's default; static mode's only choice); None for weight-only. Left as None it
@@ -139,8 +175,10 @@ class LayerScheme:
         Needs calibration data.
     """
 
-    mode: str = "dynamic"
+    mode: str | None = None
     granularity: Granularity = PER_CHANNEL
+    bits: int = 8
+    group_size: int | None = None
     symmetric: bool = True
     act_granularity: Granularity | None = None
     kernel: str = "auto"
@@ -149,15 +187,26 @@ class LayerScheme:
     percentile: float = 99.99
     smooth: float | None = None
 
-    # the scheme keys of a plan entry in the qlin file (format version 1), in the reports' order
+    # the scheme keys of a plan entry in the qlin file, in the reports' order (format version 1
+    # had no bits and group_size: 8 and None)
     ENTRY_KEYS: ClassVar[tuple[str, ...]] = (
-        "mode", "granularity", "symmetric", "act_granularity", "kernel_request", "weight_observer",
-        "observer", "smooth",
+        "mode", "granularity", "bits", "group_size", "symmetric", "act_granularity", "kernel_request",
+        "weight_observer", "observer", "smooth",
     )
 
     def __post_init__(self) -> None:
+        if not _integer(self.bits) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"bits = {self.bits!r} is not valid: use a whole number from 2 to 8 (8 is the default)")
+        object.__setattr__(self, "granularity", self._resolve_granularity())
+        grouped = isinstance(self.granularity, PerGroup)
+        if self.mode is None:
+            object.__setattr__(self, "mode", "weight-only" if grouped else "dynamic")
         _choice("mode", self.mode, MODES)
-        object.__setattr__(self, "granularity", Granularity.parse(self.granularity))
+        if grouped and self.mode != "weight-only":
+            raise ConfigError(
+                f"group-wise weight scales (`group_size` {self.group_size}) run weight-only: one scale per "
+                f"group cannot be applied after an int8 x int8 dot product over the whole row; drop "
+                f"`mode` {self.mode!r} or `group_size`")
         if not isinstance(self.symmetric, bool):
             raise ConfigError(f"symmetric must be true or false, not {self.symmetric!r}")
         _choice("kernel", self.kernel, KERNELS)
@@ -173,6 +222,26 @@ class LayerScheme:
             if self.mode == "weight-only":
                 raise ConfigError("smooth moves activation outliers into weights; it needs `mode` dynamic or static")
         object.__setattr__(self, "act_granularity", self._resolve_activations())
+
+    def _resolve_granularity(self) -> Granularity:
+        """The weight granularity, from `granularity` and `group_size` together (and group_size
+        set from a PerGroup)."""
+        g, size = self.granularity, self.group_size
+        if size is None:
+            if isinstance(g, PerGroup):
+                object.__setattr__(self, "group_size", g.size)
+                return g
+            if g == "group":
+                raise ConfigError("granularity 'group' needs `group_size`, e.g. 128")
+            return Granularity.parse(g)
+        group = PerGroup(size)
+        if isinstance(g, PerGroup) and g != group:
+            raise ConfigError(f"granularity {g.name}({g.size}) and `group_size` {size} disagree")
+        if g in (PER_TENSOR, "tensor"):
+            raise ConfigError("`group_size` gives one scale per group of input channels; drop `granularity` 'tensor'")
+        if not (isinstance(g, PerGroup) or g in (PER_CHANNEL, "channel", "group")):
+            Granularity.parse(g)  # the usual message for an unknown name
+        return group
 
     def _resolve_activations(self) -> Granularity | None:
         """Check mode, kernel and act_granularity together; the activation granularity."""
@@ -224,14 +293,22 @@ class LayerScheme:
     def to_recipe(self) -> dict[str, Any]:
         """The scheme as a recipe's keys (JSON-able); `LayerScheme(**s.to_recipe()) == s`."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["granularity"] = str(self.granularity)
+        d["granularity"] = str(self.granularity)  # "group", with its size in group_size
         d["act_granularity"] = None if self.act_granularity is None else str(self.act_granularity)
         return d
 
     def with_changes(self, **changes: Any) -> "LayerScheme":
         """A copy with recipe keys `changes` applied (None values are ignored). Another mode
-        re-derives act_granularity (its default for that mode) unless `changes` sets it too."""
+        re-derives act_granularity (its default for that mode) unless `changes` sets it too.
+        `group_size` without `mode` selects weight-only (without `granularity`: per group);
+        `granularity` without `group_size` drops the groups."""
         changes = {k: v for k, v in changes.items() if v is not None}
+        if "group_size" in changes:
+            changes.setdefault("granularity", PER_CHANNEL)  # re-derived as PerGroup(group_size)
+            if "mode" not in changes:
+                changes["mode"] = None  # resolves to weight-only
+        elif "granularity" in changes:
+            changes["group_size"] = None
         if changes.get("mode", self.mode) != self.mode and "act_granularity" not in changes:
             changes["act_granularity"] = None
         return replace(self, **changes)
@@ -245,6 +322,8 @@ class LayerScheme:
         return {
             "mode": self.mode,
             "granularity": str(self.granularity),
+            "bits": self.bits,
+            "group_size": self.group_size,
             "symmetric": self.symmetric,
             "act_granularity": None if self.act_granularity is None else str(self.act_granularity),
             "kernel_request": self.kernel,
@@ -263,7 +342,8 @@ class LayerScheme:
                 raise ConfigError(f"{key} = {entry.get(key)!r} is not valid")
         stored_act = entry.get("act_granularity")
         scheme = cls(
-            mode=entry["mode"], granularity=entry["granularity"], symmetric=entry.get("symmetric"),
+            mode=entry["mode"], granularity=entry["granularity"], bits=entry.get("bits", 8),
+            group_size=entry.get("group_size"), symmetric=entry.get("symmetric"),
             act_granularity=stored_act, kernel=entry["kernel_request"],
             weight_observer=entry.get("weight_observer", "minmax"), observer=entry.get("observer") or "minmax",
             smooth=entry.get("smooth"),

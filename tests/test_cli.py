@@ -117,8 +117,8 @@ def test_quantize_pickled_module_json(tmp_path, capsys):
     assert r["output"] == str(out)
     assert r["source_kind"] == "pickled module"
     assert r["config"] == {
-        "mode": "dynamic", "granularity": "channel", "symmetric": True, "act_granularity": "token",
-        "kernel": "auto", "skip": [], "observer": "minmax", "weight_observer": "minmax",
+        "mode": "dynamic", "granularity": "channel", "bits": 8, "group_size": None, "symmetric": True,
+        "act_granularity": "token", "kernel": "auto", "skip": [], "observer": "minmax", "weight_observer": "minmax",
         "percentile": 99.99, "smooth": None, "layers": [],
     }
     assert [l["name"] for l in r["layers"]] == DIGITS_LAYERS

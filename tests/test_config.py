@@ -29,7 +29,8 @@ def test_act_granularity_defaults_to_token():
     "kwargs, message",
     [
         ({"mode": "static8"}, "mode = 'static8' is not valid"),
-        ({"granularity": "group"}, "unknown granularity 'group'"),
+        ({"granularity": "block"}, "unknown granularity 'block'"),
+        ({"granularity": "group"}, "granularity 'group' needs `group_size`"),
         ({"kernel": "cublas"}, "kernel = 'cublas' is not valid"),
         ({"kernel": "weight_only"}, "kernel 'weight_only' needs `mode` weight-only"),
         ({"mode": "weight-only", "kernel": "int_mm"}, "weight-only mode takes"),
@@ -48,8 +49,8 @@ def test_dict_round_trip_and_json_is_canonical():
     assert c.to_dict()["granularity"] == "tensor" and c.to_dict()["act_granularity"] == "token"
     assert QuantConfig.from_dict(c.to_dict()) == c
     assert c.to_json() == QuantConfig.from_dict(c.to_dict()).to_json()
-    with pytest.raises(ConfigError, match="unknown key 'bits'"):
-        QuantConfig.from_dict({"bits": 4})
+    with pytest.raises(ConfigError, match="unknown key 'nbits'"):
+        QuantConfig.from_dict({"nbits": 4})
 
 
 def test_skips_first_matching_pattern():
@@ -73,8 +74,8 @@ def test_recipe_errors_name_file_key_and_line(tmp_path):
     p.write_text('mode = "dynamic"\n\nbitz = 4\n')
     with pytest.raises(ConfigError, match=rf"{p}:3: unknown key 'bitz'"):
         load_recipe(p)
-    p.write_text('# comment\ngranularity = "group"\n')
-    with pytest.raises(ConfigError, match=rf"{p}:2: unknown granularity 'group'"):
+    p.write_text('# comment\ngranularity = "block"\n')
+    with pytest.raises(ConfigError, match=rf"{p}:2: unknown granularity 'block'"):
         load_recipe(p)
     p.write_text("mode = \n")
     with pytest.raises(ConfigError, match="is not valid TOML"):
@@ -104,8 +105,8 @@ def test_layer_rules_first_match_wins():
 def test_recipe_rule_errors_point_at_the_rule(tmp_path):
     p = tmp_path / "r.toml"
     base = 'mode = "static"\n\n[[layers]]\nmatch = "head"\nskip = true\n\n[[layers]]\nmatch = "fc2"\n'
-    p.write_text(base + "bits = 4\n")
-    with pytest.raises(ConfigError, match=rf"{p}:9: layers\[1\]: unknown key 'bits'"):
+    p.write_text(base + "nbits = 4\n")
+    with pytest.raises(ConfigError, match=rf"{p}:9: layers\[1\]: unknown key 'nbits'"):
         load_recipe(p)
     p.write_text(base + 'kernel = "weight_only"\n')
     with pytest.raises(ConfigError, match=rf"{p}:9: layers\[1\] \(match 'fc2'\): kernel 'weight_only' needs"):

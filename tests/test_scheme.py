@@ -14,8 +14,8 @@ from qlin_cli.scheme import (
     LayerScheme, PerChannel, PerTensor, PerToken,
 )
 
-ENTRY_KEYS = ("mode", "granularity", "symmetric", "act_granularity", "kernel_request", "weight_observer",
-              "observer", "smooth")
+ENTRY_KEYS = ("mode", "granularity", "bits", "group_size", "symmetric", "act_granularity", "kernel_request",
+              "weight_observer", "observer", "smooth")
 
 
 def expected(message: str) -> str:
@@ -189,15 +189,17 @@ def test_entry_keys_are_the_file_format():
 def test_to_dict_exact_keys_and_values():
     d = LayerScheme().to_dict()
     assert tuple(d) == ENTRY_KEYS
-    assert d == {"mode": "dynamic", "granularity": "channel", "symmetric": True, "act_granularity": "token",
+    assert d == {"mode": "dynamic", "granularity": "channel", "bits": 8, "group_size": None, "symmetric": True, "act_granularity": "token",
                  "kernel_request": "auto", "weight_observer": "minmax", "observer": None, "smooth": None}
     d = LayerScheme(mode="static", granularity=PER_TENSOR, symmetric=False, kernel="int_mm", observer="mse",
                     weight_observer="absmax", smooth=0.5).to_dict()
     assert tuple(d) == ENTRY_KEYS
-    assert d == {"mode": "static", "granularity": "tensor", "symmetric": False, "act_granularity": "tensor",
+    assert d == {"mode": "static", "granularity": "tensor", "bits": 8, "group_size": None, "symmetric": False, "act_granularity": "tensor",
                  "kernel_request": "int_mm", "weight_observer": "absmax", "observer": "mse", "smooth": 0.5}
     d = LayerScheme(mode="weight-only", kernel="weight_only").to_dict()
     assert d["act_granularity"] is None and d["observer"] is None and d["kernel_request"] == "weight_only"
+    d = LayerScheme(bits=4, group_size=32, symmetric=False).to_dict()
+    assert (d["mode"], d["granularity"], d["bits"], d["group_size"]) == ("weight-only", "group", 4, 32)
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "weight-only"])
@@ -211,7 +213,7 @@ def test_to_dict_values_are_plain_json_types():
 
     for s in (LayerScheme(), LayerScheme(mode="static", smooth=0.5), LayerScheme(mode="weight-only")):
         d = s.to_dict()
-        assert all(v is None or type(v) in (str, bool, float) for v in d.values()), d
+        assert all(v is None or type(v) in (str, bool, int, float) for v in d.values()), d
         assert json.loads(json.dumps(d)) == d
 
 
