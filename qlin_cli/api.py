@@ -28,6 +28,7 @@ from .plan import find_linears, make_plan
 from .qfile import FORMAT, load_quantized, read_qfile, save_quantized
 from .qlinear import QuantizedLinear, compile_model
 from .quantize import quantize_model
+from .scheme import PerGroup
 from .report import EvalReport, FloatInspectReport, InspectReport, QuantizeReport, compare_outputs, write_report
 from .sources import check_source, load_source, load_tensors, read_checkpoint
 
@@ -247,11 +248,12 @@ def _metadata(path: Path) -> dict[str, str]:
 
 def inspect_path(
     path: str | Path, *, model: str | None = None, trust_pickle: bool = False, device: str = "cpu",
-    verify: bool = False,
+    verify: bool = False, group_size: int | None = None,
 ) -> InspectReport | FloatInspectReport:
     """Describe a qlin file (metadata, every layer's tensors and this machine's kernel) or a
-    float checkpoint (its Linear layers and the scale shape each would get). `verify` also
-    recomputes a qlin file's payload sha256 (a mismatch is a FormatError)."""
+    float checkpoint (its Linear layers and the scale shape each would get, per group of
+    `group_size` too). `verify` also recomputes a qlin file's payload sha256 (a mismatch is a
+    FormatError)."""
     path = check_file(path, "file")
     dev = check_device(device)
     is_qlin = _metadata(path).get("format") == FORMAT
@@ -269,8 +271,9 @@ def inspect_path(
                 scale, zp = qf.tensors[f"{e.name}.weight_scale"], qf.tensors[f"{e.name}.weight_zero_point"]
                 choice = select_kernel(e.scheme, device=dev, dtype=e.torch_dtype,
                                        in_features=e.in_features, out_features=e.out_features)
+                bits = e.scheme.bits
                 row.update(
-                    weight_dtype=str(qf.tensors[f"{e.name}.weight"].dtype).removeprefix("torch."),
+                    weight_dtype="int8" if bits == 8 else f"int{bits} (packed in uint8)",
                     scale_shape=list(scale.shape), zero_point_shape=list(zp.shape), **e.scheme.to_dict(),
                     scale_min=float(scale.min()), scale_max=float(scale.max()),
                     kernel=choice.name, kernel_reason=choice.reason, batch_invariant=choice.batch_invariant,
@@ -296,7 +299,8 @@ def inspect_path(
             for k, v in obj.items() if k.endswith("weight") and v.dim() == 2 and v.is_floating_point()
         ]
         note = "2-D float weights of the state dict (Linear or Embedding: pass --model to know)"
-    return FloatInspectReport(str(path), f"float ({kind})", note, found, path.stat().st_size)
+    return FloatInspectReport(str(path), f"float ({kind})", note, found, path.stat().st_size,
+                              None if group_size is None else PerGroup(group_size).size)
 
 
 @torch.no_grad()

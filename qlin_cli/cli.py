@@ -100,6 +100,8 @@ def quantize(
     out_format: Annotated[Literal["qlin", "compressed-tensors"], typer.Option("--format", help="qlin (a qlin safetensors file, the default) or compressed-tensors (a model folder for transformers/vLLM).")] = "qlin",
     mode: Annotated[Optional[Literal[MODES]], typer.Option(help="dynamic (default), weight-only, or static (needs --calib).")] = None,
     granularity: Annotated[Optional[Literal[WEIGHT_GRANULARITY_NAMES]], typer.Option(help="Weight scales: channel (default) or tensor.")] = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="Weight width, 2 to 8 [default: 8]; fewer bits are stored packed.")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="One weight scale per G input channels, scale shape (out, ceil(in/G)); weight-only (selected when --mode is not given).")] = None,
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Weight zero point 0 (default) or fitted.")] = None,
     act_granularity: Annotated[Optional[Literal[ACT_GRANULARITY_NAMES]], typer.Option(help="Dynamic activations: token (default, batch-invariant) or tensor (batch-dependent).")] = None,
     kernel: Annotated[Optional[Literal[KERNELS]], typer.Option(help="Kernel request; auto picks per layer.")] = None,
@@ -127,7 +129,8 @@ def quantize(
     recipe = load_recipe(config) if config is not None else {}
     base = QuantConfig.from_dict(recipe, origin=str(config) if config else "options")
     cfg = base.with_changes(
-        mode=mode, granularity=granularity, symmetric=symmetric, act_granularity=act_granularity, kernel=kernel,
+        mode=mode, granularity=granularity, bits=bits, group_size=group_size, symmetric=symmetric,
+        act_granularity=act_granularity, kernel=kernel,
         observer=observer, weight_observer=weight_observer, percentile=percentile, smooth=smooth,
         skip=[*base.skip, *skip] if skip else None,
     )
@@ -157,10 +160,12 @@ def inspect(
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
     verify: Annotated[bool, typer.Option("--verify", help="Recompute the payload sha256 of a qlin file.")] = False,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Float checkpoints: also list the scale shape per group of G input channels.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a qlin file's metadata and layers, or the Linear layers of a float checkpoint."""
-    Output(as_json).show(inspect_path(file, model=model, trust_pickle=trust_pickle, device=device, verify=verify))
+    Output(as_json).show(inspect_path(file, model=model, trust_pickle=trust_pickle, device=device, verify=verify,
+                                      group_size=group_size))
 
 
 @app.command("eval")

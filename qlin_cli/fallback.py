@@ -1,8 +1,11 @@
-"""Accuracy-aware fallback: quantize, then keep the most sensitive layers in float, one at a
-time, until the model's output SQNR reaches a target.
+"""Accuracy-aware fallback: quantize, then widen the most sensitive layers one at a time until
+the model's output SQNR reaches a target: layers of fewer than 8 bits first go to 8 bits (per
+channel, on the int8 kernels), most sensitive first; only then, if the target is still not met,
+do layers go back to float, most sensitive first.
 
 A layer's sensitivity is the model's output SQNR when that layer alone is quantized (every
-other layer float): the lower, the more the layer costs.
+other layer float): the lower, the more the layer costs. It is measured again before the float
+stage, for the layers as they then are.
 """
 
 from __future__ import annotations
@@ -13,25 +16,47 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .calibrate import LayerCalibration
 from .config import QuantConfig
 from .data import Inputs, model_output
 from .errors import ConfigError
 from .primitives import sqnr_db
 from .plan import find_linears, swap_module
-from .quantize import QuantizeResult, quantize_model
+from .quantize import LayerResult, QuantizeResult, quantize_layer, quantize_model
+from .scheme import LayerScheme
 
 __all__ = ["quantize_to_target"]
 
 
 @dataclass
 class _Swappable:
-    """A quantized layer the fallback may put back in float."""
+    """A quantized layer the fallback may widen to 8 bits or put back in float."""
 
     name: str
     paths: list[str]
     float: nn.Module
-    int8: nn.Module
-    alone_sqnr_db: float = float("nan")  # the model's output SQNR with only this layer in int8
+    int8: nn.Module  # the layer as quantized now (B bits until widened)
+    result: LayerResult
+    alone_sqnr_db: float = float("nan")  # the model's output SQNR with only this layer quantized
+
+
+def _wide_scheme(scheme: LayerScheme) -> LayerScheme:
+    """The 8-bit per-channel scheme a low-bit layer widens to (its mode and observers kept; a
+    low-bit kernel request becomes auto)."""
+    kernel = "auto" if scheme.kernel in ("lowbit", "int4pack") else scheme.kernel
+    return scheme.with_changes(bits=8, granularity="channel", kernel=kernel)
+
+
+def _widen(layer: _Swappable, device) -> None:
+    """Quantize `layer` again at 8 bits per channel, with the calibration it had (static input
+    parameters, SmoothQuant factors)."""
+    old = layer.int8
+    static = old.input_scale is not None
+    cal = LayerCalibration(smooth_scale=old.smooth_scale,
+                           input_qparams=(old.input_scale, old.input_zero_point) if static else None,
+                           input_range=layer.result.input_range)
+    entry = replace(layer.result.plan, scheme=_wide_scheme(layer.result.plan.scheme))
+    layer.int8, layer.result = quantize_layer(entry, layer.float, cal, device)
 
 
 @torch.no_grad()
@@ -55,8 +80,9 @@ def quantize_to_target(
     floats = {name: linear for name, linear, _, _ in find_linears(model)}
     result = quantize_model(model, config, batch_size=batch_size, **options)
     root = result.model
-    # each quantized layer: its paths, its float and its int8 module, and its sensitivity
-    layers = [_Swappable(r.name, r.plan.paths, floats[r.name], root.get_submodule(r.name)) for r in result.quantized]
+    device = options.get("device", "cpu")
+    # each quantized layer: its paths, its float and its quantized module, and its sensitivity
+    layers = [_Swappable(r.name, r.plan.paths, floats[r.name], root.get_submodule(r.name), r) for r in result.quantized]
     del floats
 
     def put(layer: _Swappable, int8: bool) -> None:
@@ -67,24 +93,38 @@ def quantize_to_target(
     def measure() -> float:
         return sqnr_db(reference, model_output(root, eval_inputs, batch_size))
 
-    initial = measure()
-    steps: list[dict] = []
-    if initial < min_sqnr_db:
-        for layer in layers:  # sensitivity: one layer quantized at a time
-            put(layer, int8=False)
+    def sensitivities(which: list[_Swappable]) -> list[_Swappable]:
+        """`which`, most sensitive first (each measured quantized alone, the others float)."""
         for layer in layers:
+            put(layer, int8=False)
+        for layer in which:
             put(layer, int8=True)
             layer.alone_sqnr_db = measure()
             put(layer, int8=False)
         for layer in layers:
             put(layer, int8=True)
-        current = initial
-        remaining = sorted(layers, key=lambda layer: (layer.alone_sqnr_db, layer.name))  # most sensitive first
+        return sorted(which, key=lambda layer: (layer.alone_sqnr_db, layer.name))
+
+    initial = current = measure()
+    steps: list[dict] = []
+    narrow = [layer for layer in layers if layer.result.plan.scheme.bits < 8]
+    if current < min_sqnr_db and narrow:  # first: low-bit layers to 8 bits
+        remaining = sensitivities(narrow)
+        while current < min_sqnr_db and remaining:
+            layer = remaining.pop(0)
+            bits = layer.result.plan.scheme.bits
+            _widen(layer, device)
+            put(layer, int8=True)
+            current = measure()
+            steps.append({"layer": layer.name, "to": "8-bit", "from_bits": bits, "alone_sqnr_db": layer.alone_sqnr_db,
+                          "sqnr_db_after": current})
+    if current < min_sqnr_db:  # then: layers back to float
+        remaining = sensitivities(layers)
         while current < min_sqnr_db and remaining:
             layer = remaining.pop(0)
             put(layer, int8=False)
             current = measure()
-            steps.append({"layer": layer.name, "alone_sqnr_db": layer.alone_sqnr_db, "sqnr_db_after": current})
+            steps.append({"layer": layer.name, "to": "float", "alone_sqnr_db": layer.alone_sqnr_db, "sqnr_db_after": current})
         if not remaining:
             best = max((layer.alone_sqnr_db for layer in layers), default=float("nan"))
             raise ConfigError(
@@ -94,9 +134,10 @@ def quantize_to_target(
     reasons = {
         step["layer"]: f"accuracy fallback (--min-sqnr {min_sqnr_db:g}): quantized alone it gives "
                        f"{step['alone_sqnr_db']:.1f} dB"
-        for step in steps
+        for step in steps if step["to"] == "float"
     }
-    kept = tuple(r.kept_float(reasons[r.name]) if r.name in reasons else r for r in result.layers)
+    now = {layer.name: layer.result for layer in layers}  # widened layers have new results
+    kept = tuple(r.kept_float(reasons[r.name]) if r.name in reasons else now.get(r.name, r) for r in result.layers)
     fallback = {
         "target_sqnr_db": min_sqnr_db, "initial_sqnr_db": initial,
         "final_sqnr_db": steps[-1]["sqnr_db_after"] if steps else initial, "steps": steps,

@@ -9,6 +9,8 @@ Kernels (weights `(N, K)` int8 = `(out_features, in_features)`, activations `x` 
 | `fbgemm`      | uint8: per token (rows normalized), per tensor (batch-dependent), or static | prepacked fbgemm ops | CPU |
 | `onednn`      | uint8: per token, codes and epilogue by qlin's fused C++ kernels (native.py) | `onednn.qlinear_pointwise` (VNNI) | CPU |
 | `weight_only` | float                              | `torch._weight_int8pack_mm`          | CPU, CUDA |
+| `lowbit`      | float (weight-only; 4-bit read packed, any group size) | qlin's fused unpack-and-dot C++ kernel (lowbit.py) | CPU |
+| `int4pack`    | float (weight-only, 4-bit groups of 32-256) | `torch._weight_int4pack_mm[_for_cpu]` | CPU, CUDA |
 | `dequant`     | float                              | `F.linear` on dequantized weights    | any       |
 
 `dequant` is never chosen by `auto` for a mode it does not implement faithfully: it is the
@@ -49,7 +51,7 @@ __all__ = [
 class KernelChoice:
     """The kernel a layer runs on this machine, and why."""
 
-    name: str  # int_mm | fbgemm | weight_only | dequant
+    name: str  # int_mm | fbgemm | onednn | weight_only | lowbit | int4pack | dequant
     reason: str
     # a row's output never depends on the other rows of the batch (tested, not assumed: float
     # GEMMs such as dequant's F.linear block differently by batch size and are not)
@@ -177,6 +179,8 @@ def select_kernel(
     """The kernel a layer of `scheme` runs on `device` for activations of `dtype`. Deterministic."""
     request, mode = scheme.kernel, scheme.mode
     device = torch.device(device)
+    if mode == "weight-only" and (request in ("lowbit", "int4pack") or scheme.group_size is not None or scheme.bits == 4):
+        return _select_low_bit(scheme, device, dtype, in_features, out_features)
     if mode == "weight-only":
         missing = _weight_int8pack_missing(device.type, dtype, in_features, out_features)
         if missing is None:
@@ -227,6 +231,61 @@ def select_kernel(
             return KernelChoice("int_mm", f"fallback: {missing}", False)
     why = "requested" if request == "int_mm" else "auto: per-tensor int8 activations"
     return KernelChoice("int_mm", why, False)
+
+
+INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 kernels take
+
+
+def int4pack_missing(device_type: str, dtype: torch.dtype, n: int, k: int, bits: int,
+                     group_size: int | None) -> str | None:
+    """Why `torch._weight_int4pack_mm` (CUDA: bfloat16 activations) or `_for_cpu` cannot run a
+    layer `(n, k)` of this scheme, or None: their shape rules, checked here (and tested on CPU
+    for both devices) rather than by a failing call."""
+    if bits != 4 or group_size is None:
+        return "torch's int4 kernels take 4-bit weights in groups"
+    if group_size not in INT4PACK_GROUPS:
+        return f"torch's int4 kernels take groups of {', '.join(map(str, INT4PACK_GROUPS))}, not {group_size}"
+    if k % group_size:
+        return f"torch's int4 kernels need in_features ({k}) divisible by the group size ({group_size})"
+    if device_type == "cuda":
+        if dtype != torch.bfloat16:
+            return f"torch's CUDA int4 kernel takes bfloat16 activations, not {str(dtype).removeprefix('torch.')}"
+        if n % 8 or k % 32:
+            return f"torch's CUDA int4 kernel needs out_features % 8 == 0 and in_features % 32 == 0 ({n}x{k})"
+        return None
+    if device_type != "cpu":
+        return f"torch's int4 kernels run on CPU and CUDA, not {device_type}"
+    if n % 16:
+        return f"torch's CPU int4 kernel needs out_features divisible by 16 ({n})"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"torch's CPU int4 kernel takes float activations, not {dtype}"
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return "this torch build has no _weight_int4pack_mm_for_cpu"
+    return None
+
+
+def _select_low_bit(scheme: LayerScheme, device: torch.device, dtype: torch.dtype, k: int, n: int) -> KernelChoice:
+    """Weight-only layers of 4 bits, or in groups, or asking for `lowbit`/`int4pack`.
+
+    `auto`: on CPU qlin's fused `lowbit` kernel (it reads 4-bit weights packed, so a decoder at
+    one token reads a quarter of an int8 layer's bytes); on CUDA torch's int4 kernel where its
+    rules allow. Where neither can run: 4-bit per channel on `_weight_int8pack_mm` (a 4-bit value
+    is an int8 value), groups as the dequantized float weight, reported, never silently."""
+    request, bits, group = scheme.kernel, scheme.bits, scheme.group_size
+    int4 = int4pack_missing(device.type, dtype, n, k, bits, group)
+    if request == "int4pack" and int4 is None:
+        return KernelChoice("int4pack", "requested", False)
+    if request == "auto" and device.type == "cuda" and int4 is None:
+        return KernelChoice("int4pack", "auto: 4-bit groups on CUDA", False)
+    fused = "qlin's fused kernels run on CPU only" if device.type != "cpu" else native.unavailable_reason()
+    if fused is None and request in ("auto", "lowbit"):
+        what = f"{bits}-bit" + (f" groups of {group}" if group else " per channel" if scheme.granularity.name == "channel" else " per tensor")
+        return KernelChoice("lowbit", "requested" if request == "lowbit" else f"auto: {what}, fused unpack-and-dot", True)
+    why = int4 if request == "int4pack" else fused
+    prefix = "fallback" if request in ("lowbit", "int4pack") else "auto"
+    if group is None and _weight_int8pack_missing(device.type, dtype, k, n) is None:
+        return KernelChoice("weight_only", f"{prefix}: {why}; {bits}-bit values on the int8 kernel", True)
+    return KernelChoice("dequant", f"{prefix}: {why}; kept as its dequantized float weight", False)
 
 
 def _fbgemm_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -479,14 +538,66 @@ class _WeightOnly:
         return y if self.bias is None else y.add_(self.bias)
 
 
+class _LowBit:
+    """qlin's fused weight-only kernel (`lowbit.lowbit_linear`): float32 activations times B-bit
+    weights with one scale (and zero point) per group of G input channels, unpacked on the fly.
+    4-bit weights are kept packed two per byte (the file's layout); other widths as int8. Per
+    channel is one group of K, per tensor one scale repeated per row. Rows are independent."""
+
+    def __init__(self, weight, scale, zero_point, bias, dtype, bits: int, group_size: int | None):
+        from . import lowbit
+
+        n, k = weight.shape
+        self.run = lowbit.lowbit_linear
+        self.bits = 4 if bits == 4 else 8
+        self.weight = lowbit.pack_int4(weight) if bits == 4 else weight.contiguous()
+        self.group_size = k if group_size is None else group_size
+        shape = (n, -(-k // self.group_size))
+        self.scale = scale.float().reshape(-1, 1).expand(shape).contiguous() if scale.dim() < 2 else scale.float().contiguous()
+        zp = zero_point.reshape(-1, 1).expand(shape).contiguous() if zero_point.dim() < 2 else zero_point.contiguous()
+        self.zero_point = zp if bool(zp.any()) else _EMPTY.to(torch.int8)
+        self.bias = _EMPTY if bias is None else bias.float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.run(x.float().contiguous(), self.weight, self.bits, self.scale, self.zero_point, self.group_size, self.bias)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+class _Int4Pack:
+    """torch's 4-bit group-wise kernels: `_weight_int4pack_mm_for_cpu` (float activations) and,
+    on CUDA, `_weight_int4pack_mm` (bfloat16; untested here, no GPU). Their weight is the unsigned
+    nibble u = q + 8 and their dequantization (u - 8) * s + z, so qlin's zero point z_q (in q
+    units) becomes z = -s * z_q; scales and zeros are laid out `(K / G, N, 2)`."""
+
+    def __init__(self, weight, scale, zero_point, bias, dtype, group_size: int, device: torch.device):
+        u = weight.to(torch.int32) + 8  # (N, K) in [0, 15]
+        s = scale.float()
+        z = -s * zero_point.float()
+        self.scales_zeros = torch.stack([s.t(), z.t()], dim=-1).contiguous().to(dtype)  # (K/G, N, 2)
+        if device.type == "cuda":
+            k = weight.shape[1]
+            tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
+            u8 = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8)  # CUDA's layout: even k in the high nibble
+            self.packed, self.op = torch._convert_weight_to_int4pack(u8, tiles), torch._weight_int4pack_mm
+        else:
+            self.packed, self.op = torch._convert_weight_to_int4pack_for_cpu(u, 1), torch._weight_int4pack_mm_for_cpu
+        self.group_size, self.dtype = group_size, dtype
+        self.bias = None if bias is None else bias.to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.op(x.to(self.dtype).contiguous(), self.packed, self.group_size, self.scales_zeros)
+        y = y if self.bias is None else y.add_(self.bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 class _Dequant:
     """A float matmul on the dequantized weight (no int8 arithmetic at all): weight-only mode's
     fallback, and `auto`'s choice for layers too small for int8 to pay. SmoothQuant's factors
     `(K,)` are folded back into the weight's columns; static activation parameters are unused
     (the activations stay float)."""
 
-    def __init__(self, weight, scale, zero_point, bias, dtype, smooth=None):
-        w = dequantize(weight, scale, zero_point)
+    def __init__(self, weight, scale, zero_point, bias, dtype, smooth=None, group_size=None):
+        w = dequantize(weight, scale, zero_point, group_size)
         self.weight = (w if smooth is None else w / smooth.float()).to(dtype)
         self.bias = None if bias is None else bias.to(dtype)
 
@@ -509,11 +620,14 @@ def pack(
     rules: IntMMRules | None = None,
     act_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
     smooth: torch.Tensor | None = None,
+    bits: int = 8,
+    group_size: int | None = None,
 ):
     """Prepare the operands of `choice.name` once, on `device`; returns a callable
     `(M, K) float -> (M, N)` in the input's dtype. `act_qparams` (scale `()`, zero point `()`)
     makes activations static, else `per_token` says whether dynamic activations are quantized per
-    row or per tensor; `smooth` `(K,)` divides them first (SmoothQuant). `rules`
+    row or per tensor; `smooth` `(K,)` divides them first (SmoothQuant). `bits` and `group_size`
+    describe weight-only B-bit weights (scales `(N, ceil(K / G))` per group). `rules`
     overrides the device's `_int_mm` shape rules (tests use it to exercise CUDA's on CPU)."""
     device = torch.device(device)
     weight, scale, zero_point = weight.to(device), scale.to(device), zero_point.to(device)
@@ -530,6 +644,10 @@ def pack(
         return _Fbgemm(weight, scale, zero_point, bias, act_qparams, smooth, per_token)
     if choice.name == "weight_only":
         return _WeightOnly(weight, scale, zero_point, bias, dtype)
+    if choice.name == "lowbit":
+        return _LowBit(weight, scale, zero_point, bias, dtype, bits, group_size)
+    if choice.name == "int4pack":
+        return _Int4Pack(weight, scale, zero_point, bias, dtype, group_size, device)
     if choice.name == "dequant":
-        return _Dequant(weight, scale, zero_point, bias, dtype, smooth)
+        return _Dequant(weight, scale, zero_point, bias, dtype, smooth, group_size)
     raise AssertionError(f"unknown kernel {choice.name}")

@@ -130,5 +130,6 @@ def unavailable_reason() -> str | None:
 
 @functools.cache
 def _say_once(reason: str) -> None:
-    log.warning("qlin runs the per-token int8 path without its fused kernels (%s); results are the same "
-                "to float rounding, but slower", reason)
+    log.warning("qlin runs without its fused kernels (%s): per-token int8 layers use torch ops (the same "
+                "results to float rounding, but slower) and low-bit weight-only layers their dequantized "
+                "float weight", reason)

@@ -223,6 +223,10 @@ def make_plan(model: nn.Module, config: QuantConfig) -> Plan:
     entries = []
     for name, linear, aliases, parent in linears:
         scheme = config.for_layer(name)
+        if not isinstance(scheme, Skip) and (scheme.group_size or 0) > linear.in_features:
+            raise ConfigError(
+                f"layer {name!r} has {linear.in_features} input channels, fewer than `group_size` "
+                f"{scheme.group_size}: use a smaller group size, or a recipe rule for this layer")
         reason = scheme.reason if isinstance(scheme, Skip) else _unfit_reason(linear, parent, tied.get(name))
         effective = None
         if not reason:

@@ -36,6 +36,7 @@ __all__ = [
     "dequantize",
     "qrange",
     "grouped",
+    "packed_row_bytes",
     "row_ranges",
     "activation_qparams",
     "quantize_activations",
@@ -52,6 +53,12 @@ def qrange(bits: int = 8, symmetric: bool = True) -> tuple[int, int]:
     [-2^(B-1), 2^(B-1) - 1] asymmetric."""
     qmax = (1 << (bits - 1)) - 1
     return (-qmax if symmetric else -qmax - 1), qmax
+
+
+def packed_row_bytes(in_features: int, bits: int) -> int:
+    """Bytes of one weight row in the qlin file: `in_features` values of `bits` bits, packed
+    (8 bits: one byte each)."""
+    return -(-in_features * bits // 8)
 
 
 def grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -1,13 +1,25 @@
-"""The qlin file (safetensors, format version 1): write atomically and deterministically, read
+"""The qlin file (safetensors, format version 2): write atomically and deterministically, read
 with validation, and load into a float model skeleton.
 
-Per quantized layer `<name>`: `<name>.weight` int8 `(out, in)`, `<name>.weight_scale` float32
-`()` or `(out,)`, `<name>.weight_zero_point` int8 of the scale's shape, `<name>.bias` (float,
-unchanged, if the layer has one); static mode adds `<name>.input_scale` float32 `()` and
-`<name>.input_zero_point` int8 `()`, SmoothQuant `<name>.smooth_scale` float32 `(in,)`.
-Every other tensor of the model as in its float state dict.
-`__metadata__`: format, format_version, qlin_version, torch_version, source_name,
-source_sha256, config (JSON), plan (JSON list, one entry per nn.Linear).
+Per quantized layer `<name>`: `<name>.weight` int8 `(out, in)` for 8-bit weights, or for B < 8
+bits uint8 `(out, ceil(in * B / 8))` packed (below); `<name>.weight_scale` float32 `()`,
+`(out,)` or per group `(out, ceil(in / G))`; `<name>.weight_zero_point` int8 of the scale's
+shape; `<name>.bias` (float, unchanged, if the layer has one); static mode adds
+`<name>.input_scale` float32 `()` and `<name>.input_zero_point` int8 `()`, SmoothQuant
+`<name>.smooth_scale` float32 `(in,)`. Every other tensor of the model as in its float state
+dict. `__metadata__`: format, format_version, qlin_version, torch_version, source_name,
+source_sha256, config (JSON), plan (JSON list, one entry per nn.Linear; version 2 adds each
+layer's `bits` and `group_size`).
+
+Packed B-bit weights (`pack_bits`): each value q in [-2^(B-1), 2^(B-1) - 1] is stored as the
+unsigned B-bit number u = q + 2^(B-1) (offset binary); row by row, value k of a row occupies
+bits k*B .. k*B + B - 1 of the row's bit string, least significant bit first, and byte j of the
+row holds bits 8j .. 8j + 7 (bit 8j in its lowest bit). Each row starts on a byte; the unused
+high bits of its last byte are 0. At 4 bits: byte j holds value 2j in its low nibble and 2j + 1
+in its high nibble; at 2 bits, four values per byte from the lowest bits up; at 3 bits, values
+cross byte boundaries.
+
+Version 1 files (8-bit only, no bits/group_size in the plan) load as before.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from .config import QuantConfig
 from .errors import ConfigError, FormatError, one_line
 from .files import HASH_KEYS, check_file, check_output, file_tensors, header_digest, safetensors_writer, write_atomic
 from .plan import Plan, PlanEntry, find_linears, swap_module
+from .primitives import packed_row_bytes
 from .qlinear import QuantizedLinear, compile_model, pack_all
 from .quantize import QuantizeResult
 
@@ -37,11 +50,55 @@ __all__ = [
     "read_qfile",
     "load_quantized",
     "verify_payload",
+    "pack_bits",
+    "unpack_bits",
 ]
 
 FORMAT = "qlin"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LAYER_TENSORS = ("weight", "weight_scale", "weight_zero_point", "bias", "input_scale", "input_zero_point", "smooth_scale")
+
+
+_PACK_BLOCK = 1 << 20  # values per block of rows while packing: temporaries stay a few MB
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 B-bit values `(N, K)` -> uint8 `(N, ceil(K * B / 8))` in the layout of the module
+    docstring. Exact; `unpack_bits` inverts it."""
+    n, k = q.shape
+    nbytes = packed_row_bytes(k, bits)
+    out = torch.empty(n, nbytes, dtype=torch.uint8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
+    shifts = torch.arange(bits, dtype=torch.int32)
+    step = max(1, _PACK_BLOCK // max(1, k))
+    for i in range(0, n, step):
+        u = q[i:i + step].to(torch.int32) + (1 << (bits - 1))  # (r, K) in [0, 2^B)
+        stream = ((u.unsqueeze(-1) >> shifts) & 1).reshape(u.shape[0], k * bits)  # LSB first
+        stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - k * bits)).reshape(-1, nbytes, 8)
+        out[i:i + step] = (stream * weights).sum(-1).to(torch.uint8)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """uint8 `(N, ceil(K * B / 8))` from `pack_bits` -> int8 values `(N, K)`."""
+    n, nbytes = packed.shape
+    out = torch.empty(n, k, dtype=torch.int8)
+    powers = torch.tensor([1 << i for i in range(bits)], dtype=torch.int32)
+    shifts = torch.arange(8, dtype=torch.int32)
+    step = max(1, _PACK_BLOCK // max(1, k))
+    for i in range(0, n, step):
+        stream = ((packed[i:i + step].to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(-1, nbytes * 8)
+        u = (stream[:, :k * bits].reshape(-1, k, bits) * powers).sum(-1)
+        out[i:i + step] = (u - (1 << (bits - 1))).to(torch.int8)
+    return out
+
+
+def _stored_weight_shape(e: PlanEntry) -> tuple[torch.dtype, tuple[int, int]]:
+    """The dtype and shape of a quantized layer's weight in the file."""
+    bits = e.scheme.bits
+    if bits == 8:
+        return torch.int8, (e.out_features, e.in_features)
+    return torch.uint8, (e.out_features, packed_row_bytes(e.in_features, bits))
 
 
 def save_quantized(
@@ -66,7 +123,9 @@ def save_quantized(
         "plan": json.dumps(plan.to_list(), sort_keys=True, separators=(",", ":")),
     }
     aliases = tuple(f"{a}." for e in plan.quantized for a in e.aliases)
-    tensors = file_tensors(result.model.state_dict().items(), skip_prefixes=aliases)
+    packed = {f"{e.name}.weight": e.scheme.bits for e in plan.quantized if e.scheme.bits < 8}
+    state = ((k, pack_bits(v, packed[k]) if k in packed else v) for k, v in result.model.state_dict().items())
+    tensors = file_tensors(state, skip_prefixes=aliases)
     writer = safetensors_writer(tensors, metadata, digests=True)
     return write_atomic(path, writer, force=force)
 
@@ -92,7 +151,7 @@ def _validate_layer(path: Path, e: PlanEntry, tensors: dict[str, torch.Tensor]) 
     name, out_f, in_f, scheme = e.name, e.out_features, e.in_features, e.scheme
     sshape = scheme.granularity.scale_shape((out_f, in_f))
     want = {
-        "weight": (torch.int8, (out_f, in_f)),
+        "weight": _stored_weight_shape(e),
         "weight_scale": (torch.float32, sshape),
         "weight_zero_point": (torch.int8, sshape),
     }
@@ -120,6 +179,11 @@ def _validate_layer(path: Path, e: PlanEntry, tensors: dict[str, torch.Tensor]) 
         t = tensors.get(f"{name}.{suffix}")
         if suffix in want and (not bool(torch.isfinite(t).all()) or bool((t <= 0).any())):
             raise _bad(path, f"{name}.{suffix} has values that are not finite and positive")
+    if scheme.bits < 8:
+        packed = tensors[f"{name}.weight"]
+        if in_f * scheme.bits % 8 and bool((packed[:, -1] >> (in_f * scheme.bits % 8)).any()):
+            raise _bad(path, f"{name}.weight has bits set past the end of its rows ({scheme.bits}-bit packing)")
+        tensors[f"{name}.weight"] = unpack_bits(packed, scheme.bits, in_f)  # the canonical int8 values
 
 
 def verify_payload(path: Path, metadata: dict[str, str]) -> None:

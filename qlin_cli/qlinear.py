@@ -110,7 +110,8 @@ class QuantizedLinear(nn.Module):
         self._run = pack(
             self.kernel, self.weight, self.weight_scale, self.weight_zero_point, self.bias,
             per_token=self.scheme.per_token, device=device, dtype=self.dtype,
-            act_qparams=act, smooth=self.smooth_scale, **pack_options,
+            act_qparams=act, smooth=self.smooth_scale, bits=self.scheme.bits, group_size=self.scheme.group_size,
+            **pack_options,
         )
         self._any_rank = getattr(self._run, "takes_any_rank", False)
         self._compiled = None

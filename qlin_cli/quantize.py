@@ -15,10 +15,10 @@ from .config import QuantConfig
 from .data import Inputs, Progress
 from .errors import ConfigError
 from .plan import Plan, PlanEntry, effective_linear, make_plan, swap_module
-from .primitives import sqnr_db, weight_sqnr_db
+from .primitives import packed_row_bytes, sqnr_db, weight_sqnr_db
 from .qlinear import QuantizedLinear
 
-__all__ = ["LayerResult", "QuantizeResult", "quantize_model"]
+__all__ = ["LayerResult", "QuantizeResult", "quantize_layer", "quantize_model"]
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,16 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(0 if t is None else t.numel() * t.element_size() for t in tensors)
 
 
+def _stored_bytes(q: QuantizedLinear) -> int:
+    """The bytes of a layer's tensors in the qlin file: B-bit weights packed (`packed_row_bytes`)."""
+    rest = _nbytes(*(t for k, t in q.state_dict().items() if k != "weight"))
+    return rest + q.out_features * packed_row_bytes(q.in_features, q.scheme.bits)
+
+
 @torch.no_grad()
-def _quantize_layer(entry: PlanEntry, linear: nn.Linear, cal: LayerCalibration, device) -> tuple[QuantizedLinear, LayerResult]:
-    """Quantize and pack one planned layer; `linear` is the float module in the model."""
+def quantize_layer(entry: PlanEntry, linear: nn.Linear, cal: LayerCalibration, device) -> tuple[QuantizedLinear, LayerResult]:
+    """Quantize and pack one planned layer; `linear` is the float module in the model (or its
+    effective affine map already)."""
     effective = effective_linear(linear, entry.name)  # the layer, or the affine map of its own forward
     q = QuantizedLinear.from_float(
         effective, entry.scheme, name=entry.name, input_qparams=cal.input_qparams, smooth_scale=cal.smooth_scale,
@@ -98,8 +105,9 @@ def _quantize_layer(entry: PlanEntry, linear: nn.Linear, cal: LayerCalibration, 
     result = LayerResult(
         plan=entry,
         kernel=q.kernel.name, kernel_reason=q.kernel.reason, batch_invariant=q.kernel.batch_invariant,
-        weight_sqnr_db=weight_sqnr_db(effective.weight, q.weight, q.weight_scale, q.weight_zero_point, cal.smooth_scale),
-        bytes_float=_nbytes(linear.weight, linear.bias), bytes_int8=_nbytes(*q.state_dict().values()),
+        weight_sqnr_db=weight_sqnr_db(effective.weight, q.weight, q.weight_scale, q.weight_zero_point, cal.smooth_scale,
+                                      entry.scheme.group_size),
+        bytes_float=_nbytes(linear.weight, linear.bias), bytes_int8=_stored_bytes(q),
         output_sqnr_db=None if cal.sample is None else sqnr_db(linear(cal.sample), q(cal.sample)),
         input_range=cal.input_range if static else None,
         input_scale=float(q.input_scale) if static else None,
@@ -148,7 +156,7 @@ def quantize_model(
             results.append(LayerResult(entry, bytes_float=_nbytes(linear.weight, linear.bias),
                                        bytes_int8=_nbytes(linear.weight, linear.bias)))
         else:
-            q, result = _quantize_layer(entry, linear, next(cal_of), device)
+            q, result = quantize_layer(entry, linear, next(cal_of), device)
             results.append(result)
             for path in entry.paths:
                 model = swap_module(model, path, q)

@@ -22,7 +22,7 @@ from .errors import InputError
 from .files import write_atomic
 from .primitives import sqnr_db
 from .quantize import LayerResult
-from .scheme import PER_CHANNEL, PER_TENSOR
+from .scheme import PER_CHANNEL, PER_TENSOR, PerGroup
 
 __all__ = [
     "compare_outputs",
@@ -181,16 +181,18 @@ class QuantizeReport(_Report):
 
     def tables(self) -> list[Table]:
         static = any(r.plan.scheme is not None and r.plan.scheme.static for r in self.layers)
+        low_bit = any(r.plan.scheme is not None and r.plan.scheme.bits != 8 for r in self.layers)
         calibrated = self.calibration is not None
-        cols = ["layer", "weight shape", "scale shape", "kernel", "weight SQNR dB"]
+        cols = ["layer", "weight shape", "scale shape"] + (["bits"] if low_bit else []) + ["kernel", "weight SQNR dB"]
         cols += ["output SQNR dB"] if calibrated else []
         cols += ["input range", "input scale"] if static else []
         cols += ["bytes float -> int8", "note"]
         rows = []
         for r in self.layers:
             d = _row_dict(r)
-            cells = [r.name or "(root)", fmt(d["weight_shape"]), fmt(d["scale_shape"]), r.kernel or "float",
-                     fmt(d["weight_sqnr_db"])]  # from the row: an exact layer's infinite SQNR reads 999
+            cells = [r.name or "(root)", fmt(d["weight_shape"]), fmt(d["scale_shape"])]
+            cells += [str(r.plan.scheme.bits) if r.plan.scheme is not None else "-"] if low_bit else []
+            cells += [r.kernel or "float", fmt(d["weight_sqnr_db"])]  # from the row: an exact layer's infinite SQNR reads 999
             cells += [fmt(d["output_sqnr_db"])] if calibrated else []
             if static:
                 rng = r.input_range
@@ -224,7 +226,7 @@ class QuantizeReport(_Report):
         if fb is not None:
             lines.append(
                 f"accuracy fallback to {fb['target_sqnr_db']:g} dB: all int8 gave {fb['initial_sqnr_db']:.2f} dB"
-                + "".join(f"; {st['layer']} float -> {st['sqnr_db_after']:.2f} dB" for st in fb["steps"])
+                + "".join(f"; {st['layer']} {st.get('to', 'float')} -> {st['sqnr_db_after']:.2f} dB" for st in fb["steps"])
             )
         return lines
 
@@ -350,26 +352,32 @@ class FloatInspectReport(_Report):
     note: str
     layers: list[tuple[str, tuple[int, ...], str]]  # (name, weight shape (out, in), type)
     size_bytes: int
+    group_size: int | None = None  # also list the per-group scale shape (out, ceil(in / G))
 
     @property
     def title(self) -> str:
         return f"{self.path}: {self.kind}, {self.note}"
 
+    def _shapes(self, shape: tuple[int, ...]) -> dict[str, list[int]]:
+        out = {"scale_shape_per_tensor": list(PER_TENSOR.scale_shape(shape)),
+               "scale_shape_per_channel": list(PER_CHANNEL.scale_shape(shape))}
+        if self.group_size is not None:
+            out["scale_shape_per_group"] = list(PerGroup(self.group_size).scale_shape(shape))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        layers = [
-            {"name": name, "weight_shape": list(shape), "type": typ,
-             "scale_shape_per_tensor": list(PER_TENSOR.scale_shape(shape)),
-             "scale_shape_per_channel": list(PER_CHANNEL.scale_shape(shape))}
-            for name, shape, typ in self.layers
-        ]
-        return {"path": self.path, "kind": self.kind, "note": self.note, "layers": layers, "size_bytes": self.size_bytes}
+        layers = [{"name": name, "weight_shape": list(shape), "type": typ, **self._shapes(shape)}
+                  for name, shape, typ in self.layers]
+        return {"path": self.path, "kind": self.kind, "note": self.note, "layers": layers, "size_bytes": self.size_bytes,
+                "group_size": self.group_size}
 
     def tables(self) -> list[Table]:
-        rows = tuple(
-            (name or "(root)", fmt(shape), fmt(PER_TENSOR.scale_shape(shape)), fmt(PER_CHANNEL.scale_shape(shape)))
-            for name, shape, _ in self.layers
-        )
-        return [Table(self.title, ("layer", "weight shape", "scale shape per tensor", "scale shape per channel"), rows)]
+        rows = tuple((name or "(root)", fmt(shape), *(fmt(v) for v in self._shapes(shape).values()))
+                     for name, shape, _ in self.layers)
+        cols = ("layer", "weight shape", "scale shape per tensor", "scale shape per channel")
+        if self.group_size is not None:
+            cols += (f"scale shape per group of {self.group_size}",)
+        return [Table(self.title, cols, rows)]
 
 
 def _markdown_table(t: Table) -> list[str]:

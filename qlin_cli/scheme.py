@@ -34,7 +34,8 @@ __all__ = [
 
 MODES = ("dynamic", "weight-only", "static")
 OBSERVER_NAMES = ("minmax", "absmax", "moving-average", "percentile", "mse")  # see observers.py
-KERNELS = ("auto", "onednn", "fbgemm", "int_mm", "weight_only")
+KERNELS = ("auto", "onednn", "fbgemm", "int_mm", "weight_only", "lowbit", "int4pack")
+WEIGHT_ONLY_KERNELS = ("auto", "weight_only", "lowbit", "int4pack")
 
 
 @dataclass(frozen=True)
@@ -253,14 +254,20 @@ class LayerScheme:
         if self.mode == "weight-only":
             if act is not None:
                 raise ConfigError("act_granularity applies to dynamic mode only; drop it for weight-only")
-            if self.kernel not in ("auto", "weight_only"):
+            if self.kernel not in WEIGHT_ONLY_KERNELS:
                 raise ConfigError(
                     f"kernel {self.kernel!r} quantizes activations; weight-only mode takes "
-                    "kernel 'auto' or 'weight_only'"
+                    f"kernel {', '.join(map(repr, WEIGHT_ONLY_KERNELS))}"
                 )
+            if self.kernel == "weight_only" and self.group_size is not None:
+                raise ConfigError("kernel 'weight_only' (torch._weight_int8pack_mm) has one scale per output "
+                                  "channel; grouped weights take kernel 'auto', 'lowbit' or 'int4pack'")
+            if self.kernel == "int4pack" and (self.bits != 4 or self.group_size not in (32, 64, 128, 256)):
+                raise ConfigError("kernel 'int4pack' (torch._weight_int4pack_mm) takes `bits` 4 with "
+                                  "`group_size` 32, 64, 128 or 256")
             return None
-        if self.kernel == "weight_only":
-            raise ConfigError("kernel 'weight_only' needs `mode` weight-only")
+        if self.kernel in WEIGHT_ONLY_KERNELS[1:]:
+            raise ConfigError(f"kernel {self.kernel!r} needs `mode` weight-only")
         if self.mode == "static":
             if act not in (None, PER_TENSOR):
                 raise ConfigError("static mode calibrates one activation scale per tensor; drop act_granularity")

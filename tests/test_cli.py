@@ -141,7 +141,7 @@ def test_quantize_pickled_module_json(tmp_path, capsys):
     assert r["probe"]["sqnr_db"] > 25 and r["probe"]["cosine"] > 0.99
     # the file is a qlin file of format version 1 recording its source
     meta = metadata(out)
-    assert meta["format"] == "qlin" and meta["format_version"] == "1"
+    assert meta["format"] == "qlin" and meta["format_version"] == "2"
     assert meta["source_name"] == "digits_mlp.pt" and meta["source_sha256"] == sha256(DIGITS_PT)
     ts = tensors(out)
     for name, shape in zip(DIGITS_LAYERS, DIGITS_SHAPES):
@@ -882,8 +882,9 @@ def test_without_the_fused_kernels_qlin_says_so_once_and_runs(tmp_path):
     done = subprocess_qlin("quantize", DIGITS_PT, "-o", out, "--kernel", "onednn", "--json", QLIN_NATIVE="0")
     assert done.returncode == 0, done.stderr
     notes = [ln for ln in done.stderr.splitlines() if ln.strip()]
-    assert notes == ["note: qlin runs the per-token int8 path without its fused kernels (turned off by "
-                     "QLIN_NATIVE=0); results are the same to float rounding, but slower"]
+    assert notes == ["note: qlin runs without its fused kernels (turned off by QLIN_NATIVE=0): per-token int8 "
+                     "layers use torch ops (the same results to float rounding, but slower) and low-bit "
+                     "weight-only layers their dequantized float weight"]
     layers = json.loads(done.stdout)["layers"]
     assert {r["kernel"] for r in layers} == {"fbgemm"} and all(
         r["kernel_reason"] == "fallback: turned off by QLIN_NATIVE=0" for r in layers)

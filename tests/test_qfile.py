@@ -107,7 +107,7 @@ def good_file(tmp_path_factory):
         (dict(drop=("0.bias",)), r"layer '0': bias missing"),
         (dict(tensors={"9.weight_scale": torch.ones(3)}), r"9.weight_scale belongs to no quantized layer"),
         (dict(tensors={"0.weight_scale": torch.zeros(256)}), r"not finite and positive"),
-        (dict(meta={"format_version": "2"}), r"format version 2; this qlin reads up to 1: upgrade"),
+        (dict(meta={"format_version": "3"}), r"format version 3; this qlin reads up to 2: upgrade"),
         (dict(meta={"format": "other"}), r"not a qlin file"),
         (dict(meta={"plan": "[{"}), r"metadata config/plan is invalid"),
         (dict(meta={"config": '{"mode": "int4"}'}), r"metadata config/plan is invalid"),
