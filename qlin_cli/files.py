@@ -292,6 +292,22 @@ def safetensors_writer(
     return write
 
 
+def tied_keys(items: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """key -> the first earlier key holding the very same tensor (storage, offset, shape, stride,
+    dtype): the keys that `file_tensors(..., drop_tied=True)` leaves out, and what each is tied to."""
+    first: dict[tuple, str] = {}
+    ties = {}
+    for key, t in items:
+        if not t.numel():
+            continue
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident in first:
+            ties[key] = first[ident]
+        else:
+            first[ident] = key
+    return ties
+
+
 def file_tensors(
     items: Iterable[tuple[str, torch.Tensor]],
     *,

@@ -9,7 +9,9 @@ shape; `<name>.bias` (float, unchanged, if the layer has one); static mode adds
 `<name>.smooth_scale` float32 `(in,)`. Every other tensor of the model as in its float state
 dict. `__metadata__`: format, format_version, qlin_version, torch_version, source_name,
 source_sha256, config (JSON), plan (JSON list, one entry per nn.Linear; version 2 adds each
-layer's `bits` and `group_size`).
+layer's `bits` and `group_size`), and from version 2 `ties` (JSON map): a tensor that several
+modules share (a language-model head tied to the token embedding) is stored once, under its
+first name, and each other name maps to it; loading restores the tie.
 
 Packed B-bit weights (`pack_bits`): each value q in [-2^(B-1), 2^(B-1) - 1] is stored as the
 unsigned B-bit number u = q + 2^(B-1) (offset binary); row by row, value k of a row occupies
@@ -36,7 +38,9 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .config import QuantConfig
 from .errors import ConfigError, FormatError, one_line
-from .files import HASH_KEYS, check_file, check_output, file_tensors, header_digest, safetensors_writer, write_atomic
+from .files import (
+    HASH_KEYS, check_file, check_output, file_tensors, header_digest, safetensors_writer, tied_keys, write_atomic,
+)
 from .plan import Plan, PlanEntry, find_linears, swap_module
 from .primitives import packed_row_bytes
 from .qlinear import QuantizedLinear, compile_model, pack_all
@@ -124,8 +128,10 @@ def save_quantized(
     }
     aliases = tuple(f"{a}." for e in plan.quantized for a in e.aliases)
     packed = {f"{e.name}.weight": e.scheme.bits for e in plan.quantized if e.scheme.bits < 8}
-    state = ((k, pack_bits(v, packed[k]) if k in packed else v) for k, v in result.model.state_dict().items())
-    tensors = file_tensors(state, skip_prefixes=aliases)
+    state = [(k, v) for k, v in result.model.state_dict().items() if not k.startswith(aliases) or not aliases]
+    ties = tied_keys(state)  # a tensor shared by two modules (a head tied to the embedding) is stored once
+    metadata["ties"] = json.dumps(ties, sort_keys=True, separators=(",", ":"))
+    tensors = file_tensors(((k, pack_bits(v, packed[k]) if k in packed else v) for k, v in state), drop_tied=True)
     writer = safetensors_writer(tensors, metadata, digests=True)
     return write_atomic(path, writer, force=force)
 
@@ -186,6 +192,36 @@ def _validate_layer(path: Path, e: PlanEntry, tensors: dict[str, torch.Tensor]) 
         tensors[f"{name}.weight"] = unpack_bits(packed, scheme.bits, in_f)  # the canonical int8 values
 
 
+def _ties(path: Path, metadata: dict[str, str]) -> dict[str, str]:
+    """The file's ties (a key stored once -> under its first name), {} for version 1."""
+    try:
+        ties = json.loads(metadata.get("ties", "{}"))
+    except ValueError:
+        raise _bad(path, "metadata 'ties' is not JSON") from None
+    if not isinstance(ties, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ties.items()):
+        raise _bad(path, "metadata 'ties' is not a map of tensor names")
+    return ties
+
+
+def _restore_ties(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    """Give each tied key the tensor it is stored under (the same tensor object)."""
+    for key, source in _ties(path, metadata).items():
+        if key in tensors or source not in tensors:
+            raise _bad(path, f"tie {key} -> {source}: {'the tied name has its own tensor' if key in tensors else 'no such tensor'}")
+        tensors[key] = tensors[source]
+
+
+def _retie(model: nn.Module, ties: dict[str, str]) -> None:
+    """Make each tied parameter of `model` the very Parameter of its source again (a skeleton
+    that was not tied, or a load that copied into two), as the float model had them."""
+    for key, source in ties.items():
+        owner, _, attr = key.rpartition(".")
+        module = model.get_submodule(owner)
+        target = model.get_parameter(source) if source in dict(model.named_parameters(remove_duplicate=False)) else None
+        if target is not None and getattr(module, attr) is not target:
+            setattr(module, attr, target)
+
+
 def verify_payload(path: Path, metadata: dict[str, str]) -> None:
     """Recompute the sha256 of the tensor payload and of the header, and compare them with the
     recorded ones."""
@@ -235,6 +271,7 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
         plan = Plan.from_list(plan_data)
     except ValueError as exc:
         raise _bad(path, str(exc)) from None
+    _restore_ties(path, metadata, tensors)
     for e in plan.quantized:
         _validate_layer(path, e, tensors)
     quantized_names = {e.name for e in plan.quantized}
@@ -296,6 +333,7 @@ def load_quantized(
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
         raise FormatError(f"{qf.path} does not fit the model: {lines[0] if lines else exc}") from None
+    _retie(model, _ties(qf.path, qf.metadata))
     model.to(device)
     pack_all(swapped, device)
     return compile_model(model.eval()) if compile else model.eval()
