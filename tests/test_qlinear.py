@@ -272,3 +272,20 @@ def test_pack_all_of_nothing_and_one():
     q = build(linear(), LayerScheme())
     pack_all([q])
     assert q.kernel is not None and q(inputs(2, IN)).shape == (2, OUT)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "onednn", "fbgemm", "int_mm"])
+def test_an_input_that_requires_grad_runs_every_kernel(kernel):
+    """After a float embedding the activations require grad; the int8 layer runs them anyway
+    (no autograd through its in-place and out= ops) and returns a plain tensor."""
+    from qlin_cli import QuantConfig, quantize_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(100, 512), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+    ids = torch.randint(0, 100, (4, 8))
+    with torch.no_grad():
+        reference = model(ids)
+    res = quantize_model(model, QuantConfig(kernel=kernel))
+    y = res.model(ids)  # no torch.no_grad() here
+    assert not y.requires_grad and y.shape == (4, 8, 512)
+    assert float(((reference - y).norm() / reference.norm())) < 0.05
