@@ -24,7 +24,7 @@ from .fallback import quantize_to_target
 from .files import check_file, check_output, check_output_dir
 from .hf import HF_KIND, hf_probe_inputs
 from .kernels import select_kernel
-from .plan import find_linears, make_plan
+from .plan import find_linears, layer_shape, make_plan
 from .qfile import FORMAT, load_quantized, read_qfile, save_quantized
 from .qlinear import QuantizedLinear, compile_model
 from .quantize import quantize_model
@@ -101,7 +101,7 @@ def _probe_inputs(model: nn.Module, inputs_path: Path | None) -> tuple[Any, str]
     if tokens is not None:
         ids = tokens["input_ids"]
         return tokens, f"random token ids {tuple(ids.shape)} with an all-ones attention mask"
-    in_features = find_linears(model)[0][1].in_features
+    in_features = layer_shape(find_linears(model)[0][1])[0]
     gen = torch.Generator().manual_seed(0)
     return torch.randn(8, in_features, generator=gen), f"a random normal batch (8, {in_features})"
 
@@ -291,7 +291,7 @@ def inspect_path(
     else:
         obj, kind = read_checkpoint(path, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
-        found = [(name, (m.out_features, m.in_features), type(m).__name__) for name, m, _, _ in find_linears(obj)]
+        found = [(name, layer_shape(m)[::-1], type(m).__name__) for name, m, _, _ in find_linears(obj)]
         note = "nn.Linear layers of the model"
     else:
         found = [

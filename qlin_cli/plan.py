@@ -1,5 +1,10 @@
 """The plan: every `nn.Linear` of a model and its fate, decided in one place.
 
+"Linear" here also covers transformers' `Conv1D` (GPT-2 and others): `y = x @ W + b` with its
+weight stored `(in, out)`, a Linear in all but the layout; qlin quantizes it as the Linear with
+weight `W.T` (`(out, in)`, as the file stores every layer), and its plan entry says `module`
+"Conv1D".
+
 `make_plan` finds the Linear layers (each module once, with the other paths it is used at), ties,
 layers that other modules read directly, nn.Linear subclasses (captured by their affine map), and
 the config's skip patterns and rules, and returns a `Plan`: one `PlanEntry` per layer, quantized
@@ -21,7 +26,10 @@ from .errors import ConfigError, InputError
 from .primitives import sqnr_db
 from .scheme import LayerScheme, calibration_need
 
-__all__ = ["PlanEntry", "Plan", "make_plan", "find_linears", "swap_module", "affine_surrogate", "effective_linear"]
+__all__ = [
+    "PlanEntry", "Plan", "make_plan", "find_linears", "layer_kind", "layer_shape", "swap_module", "affine_surrogate", "effective_linear",
+]
+LINEAR_MODULES = ("Linear", "Conv1D")  # what a plan entry's `module` can be
 
 # the identity keys of a plan entry in the qlin file, with their JSON types
 _ENTRY_FIELDS = {"name": str, "in_features": int, "out_features": int, "has_bias": bool, "status": str, "aliases": list}
@@ -43,6 +51,7 @@ class PlanEntry:
     aliases: tuple[str, ...] = ()
     scheme: LayerScheme | None = None
     reason: str = ""
+    module: str = "Linear"  # or "Conv1D" (transformers; weight stored (in, out) in the model)
 
     @property
     def status(self) -> str:
@@ -62,7 +71,7 @@ class PlanEntry:
         return {
             "name": self.name, "in_features": self.in_features, "out_features": self.out_features,
             "has_bias": self.has_bias, "dtype": self.dtype, "status": self.status, "reason": self.reason,
-            "aliases": list(self.aliases),
+            "aliases": list(self.aliases), "module": self.module,
             **(LayerScheme.none_dict() if self.scheme is None else self.scheme.to_dict()),
         }
 
@@ -89,8 +98,11 @@ class PlanEntry:
             if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
                 raise ValueError(f"layer {name!r} has dtype {dtype!r}, not a float dtype")
         reason = e.get("reason", "")
+        module = e.get("module", "Linear")  # version 1: Linear only
+        if module not in LINEAR_MODULES:
+            raise ValueError(f"plan entry {name!r} has module {module!r}, not one of {', '.join(LINEAR_MODULES)}")
         return cls(name, e["in_features"], e["out_features"], e["has_bias"], str(e.get("dtype", "float32")),
-                   tuple(e["aliases"]), scheme, reason if isinstance(reason, str) else "")
+                   tuple(e["aliases"]), scheme, reason if isinstance(reason, str) else "", module)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -122,15 +134,33 @@ class Plan:
         return cls(tuple(PlanEntry.from_dict(e) for e in data))
 
 
-def find_linears(model: nn.Module) -> list[tuple[str, nn.Linear, list[str], nn.Module | None]]:
-    """Every distinct `nn.Linear` (isinstance) in module order: (first path, module, other paths
-    of the same module object, parent module)."""
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' `Conv1D` (by name and shape, so transformers need not be imported):
+    weight `(nx, nf)` = `(in, out)`, `y = x @ weight + bias`."""
+    w = getattr(m, "weight", None)
+    return (any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(m).__mro__)
+            and isinstance(w, torch.Tensor) and w.dim() == 2 and tuple(w.shape) == (getattr(m, "nx", -1), getattr(m, "nf", -1)))
+
+
+def layer_kind(m: nn.Module) -> str:
+    """A plan entry's `module`: "Conv1D" for transformers' Conv1D, else "Linear"."""
+    return "Conv1D" if _is_conv1d(m) else "Linear"
+
+
+def layer_shape(m: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an `nn.Linear` or a transformers `Conv1D`."""
+    return (m.nx, m.nf) if _is_conv1d(m) else (m.in_features, m.out_features)
+
+
+def find_linears(model: nn.Module) -> list[tuple[str, nn.Module, list[str], nn.Module | None]]:
+    """Every distinct `nn.Linear` (isinstance) or transformers `Conv1D` in module order: (first
+    path, module, other paths of the same module object, parent module)."""
     paths: dict[int, list[str]] = {}
-    modules: dict[int, nn.Linear] = {}
+    modules: dict[int, nn.Module] = {}
     parents: dict[int, nn.Module | None] = {}
     named = dict(model.named_modules(remove_duplicate=False))
     for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) or _is_conv1d(m):
             paths.setdefault(id(m), []).append(name)
             modules[id(m)] = m
             if id(m) not in parents:
@@ -189,6 +219,15 @@ def affine_surrogate(module: nn.Linear) -> tuple[nn.Linear | None, str]:
     """
     if type(module).forward is nn.Linear.forward:
         return module, ""
+    if _is_conv1d(module) and type(module).__name__ == "Conv1D":  # x @ W + b exactly: W.T, no probing
+        k, n = layer_shape(module)
+        surrogate = nn.Linear(k, n, bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)
+        surrogate.weight.copy_(module.weight.t())
+        if module.bias is not None:
+            surrogate.bias.copy_(module.bias)
+        return surrogate, "transformers Conv1D: its (in, out) weight quantized as (out, in)"
+    if _is_conv1d(module):
+        return None, f"{type(module).__qualname__} overrides Conv1D's forward; only Conv1D itself is handled"
     what = type(module).__qualname__
     w = module.weight
     k, dtype, device = module.in_features, w.dtype, w.device
@@ -223,9 +262,10 @@ def make_plan(model: nn.Module, config: QuantConfig) -> Plan:
     entries = []
     for name, linear, aliases, parent in linears:
         scheme = config.for_layer(name)
-        if not isinstance(scheme, Skip) and (scheme.group_size or 0) > linear.in_features:
+        in_f, out_f = layer_shape(linear)
+        if not isinstance(scheme, Skip) and (scheme.group_size or 0) > in_f:
             raise ConfigError(
-                f"layer {name!r} has {linear.in_features} input channels, fewer than `group_size` "
+                f"layer {name!r} has {in_f} input channels, fewer than `group_size` "
                 f"{scheme.group_size}: use a smaller group size, or a recipe rule for this layer")
         reason = scheme.reason if isinstance(scheme, Skip) else _unfit_reason(linear, parent, tied.get(name))
         effective = None
@@ -233,8 +273,8 @@ def make_plan(model: nn.Module, config: QuantConfig) -> Plan:
             effective, note = affine_surrogate(linear)
             reason = note
         entry = PlanEntry(
-            name, linear.in_features, linear.out_features, linear.bias is not None,
-            str(linear.weight.dtype).removeprefix("torch."), tuple(aliases),
+            name, in_f, out_f, linear.bias is not None,
+            str(linear.weight.dtype).removeprefix("torch."), tuple(aliases), module=layer_kind(linear),
         )
         if effective is None:  # kept in float
             entries.append(replace(entry, reason=reason))

@@ -41,7 +41,7 @@ from .errors import ConfigError, FormatError, one_line
 from .files import (
     HASH_KEYS, check_file, check_output, file_tensors, header_digest, safetensors_writer, tied_keys, write_atomic,
 )
-from .plan import Plan, PlanEntry, find_linears, swap_module
+from .plan import Plan, PlanEntry, find_linears, layer_kind, layer_shape, swap_module
 from .primitives import packed_row_bytes
 from .qlinear import QuantizedLinear, compile_model, pack_all
 from .quantize import QuantizeResult
@@ -302,9 +302,9 @@ def load_quantized(
     swapped = []
     for e in qf.plan.quantized:
         linear = linears.get(e.name)
-        if linear is None or (linear.in_features, linear.out_features) != (e.in_features, e.out_features):
+        if linear is None or layer_shape(linear) != (e.in_features, e.out_features) or layer_kind(linear) != e.module:
             raise FormatError(
-                f"{qf.path}: the model has no nn.Linear {e.name!r} of shape "
+                f"{qf.path}: the model has no {'nn.Linear' if e.module == 'Linear' else e.module} {e.name!r} of shape "
                 f"({e.out_features}, {e.in_features}); is it the model the file was made from?"
             )
         if sorted(e.aliases) != aliases[e.name]:

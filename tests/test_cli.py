@@ -424,7 +424,7 @@ def test_inspect_qlin_file(digits_q, capsys):
     info = cli_json(capsys, "inspect", digits_q)
     assert info["kind"] == "qlin"
     assert info["metadata"]["format"] == "qlin"
-    assert info["metadata"]["format_version"] == "1"
+    assert info["metadata"]["format_version"] == "2"
     assert info["metadata"]["source_name"] == "digits_mlp.pt"
     assert info["metadata"]["source_sha256"] == sha256(DIGITS_PT)
     assert info["config"]["mode"] == "dynamic"
@@ -444,7 +444,7 @@ def test_inspect_qlin_file(digits_q, capsys):
 def test_inspect_qlin_file_table(digits_q, capsys):
     code, stdout, stderr = cli(capsys, "inspect", digits_q)
     assert code == 0, stderr
-    assert "format_version: 1" in stdout and "3 Linear layers" in stdout and "int8 (256, 64)" in stdout
+    assert "format_version: 2" in stdout and "3 Linear layers" in stdout and "int8 (256, 64)" in stdout
 
 
 def test_inspect_shows_skipped_layers(tmp_path, capsys):
