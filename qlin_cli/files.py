@@ -325,7 +325,10 @@ def file_tensors(
     as `save_pretrained` does with tied weights; otherwise such a tensor is stored again (a copy).
     """
     out: dict[str, torch.Tensor] = {}
-    seen: set[tuple] = set()  # (device, storage, offset, shape, stride, dtype) of the tensors kept
+    # (device, storage, offset, shape, stride, dtype) of the tensors kept -> the tensor, held so that
+    # its memory is not reused: a tensor `transform` made and dropped after copying (a view made
+    # contiguous) would otherwise free its address for the next one, which then looked "tied" to it
+    seen: dict[tuple, torch.Tensor] = {}
     storages: set[int] = set()
     for key, t in items:
         if skip_prefixes and key.startswith(skip_prefixes):
@@ -339,7 +342,7 @@ def file_tensors(
             ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
             if ident in seen:
                 continue
-            seen.add(ident)
+            seen[ident] = t
         t = t.to("cpu").contiguous()
         if t.numel():
             if t.untyped_storage().data_ptr() in storages:
