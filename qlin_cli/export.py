@@ -5,27 +5,56 @@ The folder holds `model.safetensors` and `config.json` (the source folder's conf
 Hugging Face source, else a minimal one) with a `quantization_config`; for a Hugging Face source
 also the folder's other small files (tokenizer, generation config), copied unchanged.
 
-Tensors, per quantized layer `<name>` (compressed-tensors' "int-quantized" layout; the same
-layout is called "naive-quantized" for weight-only layers, which have no activation scheme):
-- `<name>.weight`: int8 `(out, in)`, qlin's int8 values unchanged;
-- `<name>.weight_scale`: the model's float dtype, `(out, 1)` per channel or `(1,)` per tensor;
-- `<name>.weight_zero_point`: int8 of the scale's shape, only for asymmetric weights;
+Each quantized layer gets the format compressed-tensors itself infers for its scheme
+(`infer_module_format`), except that 8-bit weight-only layers per channel or per tensor stay
+naive-quantized as qlin always wrote them (`layer_format`):
+- "int-quantized" (dynamic and static layers, any width) and "naive-quantized" (8-bit
+  weight-only, per channel or per tensor): `<name>.weight` int8 `(out, in)`, qlin's values
+  unchanged (B-bit values in int8);
+- "pack-quantized" (weight-only layers of 2 or 4 bits, and 8-bit weight-only layers per group;
+  the W4A16 / W8A16 form vLLM serves): `<name>.weight_packed` int32 `(out, ceil(in * B / 32))`
+  and `<name>.weight_shape` int64 `[out, in]` instead of `weight`. Packing (compressed-tensors'
+  `compressors/pack_quantized/helpers.py`, `pack_to_int32`): a value q is stored as the unsigned
+  B-bit number q + 2^(B-1); value k of a row occupies bits k*B .. k*B + B - 1 of the row's bit
+  string, least significant bit first, and int32 word w holds bits 32w .. 32w + 31 (at 4 bits:
+  value k in bits 4(k % 8) .. 4(k % 8) + 3 of word k // 8); the unused high bits of a row's last
+  word are 0. That is the qlin file's bit string (`qfile.pack_bits`) padded to whole words.
+Then, for every quantized layer:
+- `<name>.weight_scale`: the model's float dtype, `(out, ceil(in / G))` per group (strategy
+  "group", `group_size` G), `(out, 1)` per channel, `(1,)` per tensor;
+- `<name>.weight_zero_point`, only for asymmetric weights: int8 of the scale's shape, except in
+  pack-quantized layers per group or per channel, where it is packed as the weight is but along
+  the output channels: int32 `(ceil(out * B / 32), ceil(in / G))` (or `(..., 1)` per channel);
 - `<name>.input_scale` `(1,)` and `<name>.input_zero_point` int8 `(1,)`: static mode only
   (qlin's static activations are asymmetric);
 - `<name>.bias` and every other tensor as in the float state dict.
-Weights dequantize as `weight_scale * (weight - weight_zero_point)`, as in qlin.
+Weights dequantize as `weight_scale * (q - weight_zero_point)` per group of G inputs of a row,
+as in qlin (`primitives.dequantize`).
 
 The `quantization_config` follows compressed-tensors' `QuantizationConfig` (pydantic) schema:
-`quant_method` "compressed-tensors", `format`, `quantization_status` "compressed", `ignore`
-(the Linear layers kept in float) and `config_groups`: one group with `targets: ["Linear"]`
-when every quantized layer has the same scheme, else one group per scheme that targets its
-layers by name. Each group has `weights` and `input_activations` QuantizationArgs
-(`num_bits` 8, `type` "int", `symmetric`, `strategy`, `dynamic`, `observer`): dynamic mode is
-`{"strategy": "token" | "tensor", "dynamic": true, "symmetric": false}` (qlin's dynamic
-activations are asymmetric: each row's min and max span the 256 levels), static mode
-`{"strategy": "tensor", "dynamic": false, "symmetric": false}`, weight-only none.
+`quant_method` "compressed-tensors", `format` (the layers' format, or "mixed-precision" when
+they differ), `quantization_status` "compressed", `ignore` (the Linear layers kept in float) and
+`config_groups`: one group with `targets: ["Linear"]` when every quantized layer has the same
+scheme, else one group per scheme that targets its layers by name, each with its own `format`.
+Each group has `weights` QuantizationArgs (`num_bits` B, `type` "int", `symmetric`, `strategy`
+"group" | "channel" | "tensor", `group_size` G or None, `dynamic` false, `observer`) and
+`input_activations`: dynamic mode `{"num_bits": 8, "strategy": "token" | "tensor", "dynamic":
+true, "symmetric": false}` (qlin's dynamic activations are asymmetric: each row's min and max
+span the 256 levels), static mode `{"strategy": "tensor", "dynamic": false, "symmetric":
+false}`, weight-only (every grouped layer) None.
 
-Not expressible, so refused: SmoothQuant layers (the format has no per-input-channel factor).
+Not expressible, so refused before any work (`check_exportable`): SmoothQuant layers (no
+per-input-channel factor); a group size that does not divide a layer's input (compressed-tensors
+and vLLM split each row into whole groups and refuse a shorter last one); pack-quantized widths
+that do not divide 32 (3, 5, 6, 7 bits: compressed-tensors up to 0.17 put 32 // B values in each
+int32, 0.18 and later pack them densely across words, so one file would read differently in
+different loaders). Loading note: transformers' `CompressedTensorsConfig(dequantize=True)` reads
+every layer with the first config group's scheme, so a model with several groups loads through
+the default (compressed) route, where compressed-tensors applies each layer's own scheme; and
+that route cannot load asymmetric pack-quantized layers per group or per channel (transformers
+5.24 with compressed-tensors 0.20: its empty model expects the zero point unpacked, while
+compressed-tensors' own compressor writes it packed, as here), which load with dequantize=True.
+
 The folder is written atomically (a temporary folder beside it, then renamed into place) and is
 byte-identical for the same input and options.
 """
@@ -33,6 +62,7 @@ byte-identical for the same input and options.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +72,16 @@ from . import __version__
 from .errors import ConfigError
 from .files import CONFIG_NAME, check_output_dir, file_tensors, safetensors_writer, write_folder_atomic
 from .plan import Plan, PlanEntry
+from .qfile import pack_bits
 from .quantize import QuantizeResult
-from .scheme import PER_CHANNEL
+from .scheme import PER_TENSOR, LayerScheme
 
 __all__ = [
     "FORMATS",
     "CT_FORMAT",
     "check_exportable",
+    "layer_format",
+    "pack_int32",
     "quantization_config",
     "export_tensors",
     "save_compressed_tensors",
@@ -67,10 +100,11 @@ _ACT_OBSERVERS = {"minmax": "static_minmax", "absmax": "static_minmax", "percent
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 
 
-def _args(*, symmetric: bool, strategy: str, dynamic: bool, observer: str | None) -> dict[str, Any]:
-    """compressed-tensors QuantizationArgs for 8-bit ints, as its model_dump() writes them."""
+def _args(*, bits: int = 8, symmetric: bool, strategy: str, group_size: int | None = None, dynamic: bool,
+          observer: str | None) -> dict[str, Any]:
+    """compressed-tensors QuantizationArgs for B-bit ints, as its model_dump() writes them."""
     args: dict[str, Any] = {
-        "num_bits": 8, "type": "int", "symmetric": symmetric, "group_size": None,
+        "num_bits": bits, "type": "int", "symmetric": symmetric, "group_size": group_size,
         "strategy": strategy, "dynamic": dynamic,
     }
     if observer is not None:
@@ -78,31 +112,62 @@ def _args(*, symmetric: bool, strategy: str, dynamic: bool, observer: str | None
     return args
 
 
+def layer_format(scheme: LayerScheme) -> str:
+    """The compressed-tensors format of a layer quantized with `scheme` (the one compressed-tensors'
+    own `infer_module_format` picks for such a scheme, but for 8-bit weight-only per channel or per
+    tensor, which stays naive-quantized as qlin always wrote it): int-quantized when activations
+    are quantized (int8 storage, any width), pack-quantized for weight-only layers of fewer than
+    8 bits or with groups, naive-quantized for the other weight-only layers."""
+    if scheme.mode != "weight-only":
+        return "int-quantized"
+    if scheme.bits < 8 or scheme.group_size is not None:
+        return "pack-quantized"
+    return "naive-quantized"
+
+
 def check_exportable(plan: Plan) -> None:
     """Raise ConfigError, before any work, if a planned layer's scheme has no compressed-tensors
-    form (SmoothQuant, whether the config or one of its rules asks for it)."""
+    form: SmoothQuant (whether the config or one of its rules asks for it); a group size that
+    does not divide the layer's input (compressed-tensors and vLLM reshape each row into whole
+    groups: a shorter last group is refused when the model loads); pack-quantized widths that do
+    not divide 32 (3, 5, 6 and 7 bits: their pack-quantized layout changed between
+    compressed-tensors releases, from 32 // B values per int32 to a dense bit string, so one file
+    would read differently in different loaders)."""
     for e in plan.quantized:
-        if e.scheme.smooth is not None:
+        s = e.scheme
+        if s.smooth is not None:
             raise ConfigError(
                 f"`format` compressed-tensors cannot express SmoothQuant (no per-input-channel factor), which "
                 f"layer {e.name!r} uses: drop `smooth`"
+            )
+        if s.group_size is not None and e.in_features % s.group_size:
+            raise ConfigError(
+                f"`format` compressed-tensors needs whole groups: layer {e.name!r} has {e.in_features} inputs, "
+                f"not a multiple of `group_size` {s.group_size} (its last group would be shorter, which "
+                f"compressed-tensors and vLLM refuse); use a group size that divides it, or the qlin format"
+            )
+        if layer_format(s) == "pack-quantized" and 32 % s.bits:
+            raise ConfigError(
+                f"`format` compressed-tensors packs {s.bits}-bit weights (layer {e.name!r}) differently in "
+                f"different compressed-tensors releases (32 // {s.bits} values per int32 up to 0.17, a dense "
+                f"bit string since 0.18), so loaders would disagree: use `bits` 2, 4 or 8, or the qlin format"
             )
 
 
 def _scheme(e: PlanEntry) -> dict[str, Any]:
     """The QuantizationScheme (without targets) of a quantized layer."""
     s = e.scheme
-    weights = _args(symmetric=s.symmetric, strategy=str(s.granularity), dynamic=False,
+    strategy = "group" if s.group_size is not None else str(s.granularity)
+    weights = _args(bits=s.bits, symmetric=s.symmetric, strategy=strategy, group_size=s.group_size, dynamic=False,
                     observer=_WEIGHT_OBSERVERS.get(s.weight_observer, "minmax"))
     if s.mode == "weight-only":
-        acts, fmt = None, "naive-quantized"
+        acts = None
     elif s.mode == "dynamic":
-        acts, fmt = _args(symmetric=False, strategy=str(s.act_granularity), dynamic=True, observer=None), "int-quantized"
+        acts = _args(symmetric=False, strategy=str(s.act_granularity), dynamic=True, observer=None)
     else:  # static
         acts = _args(symmetric=False, strategy="tensor", dynamic=False,
                      observer=_ACT_OBSERVERS.get(s.observer, "static_minmax"))
-        fmt = "int-quantized"
-    return {"weights": weights, "input_activations": acts, "output_activations": None, "format": fmt}
+    return {"weights": weights, "input_activations": acts, "output_activations": None, "format": layer_format(s)}
 
 
 def quantization_config(result: QuantizeResult) -> dict[str, Any]:
@@ -137,6 +202,52 @@ def quantization_config(result: QuantizeResult) -> dict[str, Any]:
     }
 
 
+def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 B-bit values `(N, K)` -> int32 `(N, ceil(K * B / 32))`, compressed-tensors'
+    pack-quantized layout: value q is stored as u = q + 2^(B-1); value k of a row occupies bits
+    k*B .. k*B + B - 1 of the row's bit string (least significant first), and int32 word w holds
+    bits 32w .. 32w + 31 (bit 32w in its lowest bit); unused high bits of a row's last word are 0.
+    That bit string is the qlin file's (`pack_bits`) with each row padded to whole words."""
+    n, k = q.shape
+    words = -(-k * bits // 32)
+    packed = pack_bits(q, bits)  # (N, ceil(K * B / 8)) uint8
+    packed = torch.nn.functional.pad(packed, (0, words * 4 - packed.shape[1])).reshape(n, words, 4)
+    if sys.byteorder == "big":  # the view below reads a word's bytes in the machine's order
+        packed = packed.flip(-1)
+    return packed.contiguous().view(torch.int32).reshape(n, words)
+
+
+def _layer_tensors(e: PlanEntry, key: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """What the export stores for tensor `<e.name>.<suffix>` = `key` of quantized layer `e`, in
+    compressed-tensors' names, shapes and dtypes (see the module docstring)."""
+    s, dtype = e.scheme, e.torch_dtype
+    suffix = key.rpartition(".")[2]
+    grouped, packed = s.group_size is not None, layer_format(s) == "pack-quantized"
+    # scales: (out, groups) per group, (out, 1) per channel, (1,) per tensor
+    shape = (-1, t.shape[-1]) if grouped else (1,) if s.granularity == PER_TENSOR else (-1, 1)
+    if suffix == "weight":
+        if not packed:
+            return [(key, t)]
+        shape_t = torch.tensor([e.out_features, e.in_features], dtype=torch.int64)
+        return [(f"{key}_packed", pack_int32(t, s.bits)), (f"{key}_shape", shape_t)]
+    if suffix == "weight_scale":
+        return [(key, t.to(dtype).reshape(shape))]
+    if suffix == "weight_zero_point":
+        if s.symmetric:
+            return []
+        zp = t.reshape(shape)
+        if packed and s.granularity != PER_TENSOR:  # packed along the output channels
+            zp = pack_int32(zp.t(), s.bits).t().contiguous()  # (ceil(out * B / 32), groups)
+        return [(key, zp)]
+    if suffix == "input_scale":
+        return [(key, t.to(dtype).reshape(1))]
+    if suffix == "input_zero_point":
+        return [(key, t.reshape(1))]
+    if suffix == "smooth_scale":
+        raise ConfigError(f"layer {e.name!r} uses SmoothQuant, which compressed-tensors cannot express")
+    return [(key, t)]
+
+
 def export_tensors(result: QuantizeResult, *, drop_tied: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of the export, by name (see the module docstring), on CPU and contiguous.
 
@@ -145,30 +256,17 @@ def export_tensors(result: QuantizeResult, *, drop_tied: bool = False) -> dict[s
     the config's `tie_word_embeddings` restores the tie on load. Otherwise such a tensor is
     written again (a copy)."""
     quantized = {e.name: e for e in result.plan.quantized}
-
-    def layout(key: str, t: torch.Tensor) -> torch.Tensor | None:
-        """A quantized layer's tensor in compressed-tensors' shape and dtype (None: not stored)."""
-        layer, _, suffix = key.rpartition(".")
-        e = quantized.get(layer)
-        if e is None:
-            return t
-        dtype, per_channel = e.torch_dtype, e.scheme.granularity == PER_CHANNEL
-        if suffix == "weight_scale":
-            return t.to(dtype).reshape(-1, 1) if per_channel else t.to(dtype).reshape(1)
-        if suffix == "weight_zero_point":
-            if e.scheme.symmetric:
-                return None
-            return t.reshape(-1, 1) if per_channel else t.reshape(1)
-        if suffix == "input_scale":
-            return t.to(dtype).reshape(1)
-        if suffix == "input_zero_point":
-            return t.reshape(1)
-        if suffix == "smooth_scale":
-            raise ConfigError(f"layer {layer!r} uses SmoothQuant, which compressed-tensors cannot express")
-        return t
-
     aliases = tuple(f"{a}." for e in quantized.values() for a in e.aliases)
-    return file_tensors(result.model.state_dict().items(), skip_prefixes=aliases, transform=layout, drop_tied=drop_tied)
+
+    def items():  # a quantized layer's tensors under its first path (file_tensors skips the aliases)
+        for key, t in result.model.state_dict().items():
+            e = quantized.get(key.rpartition(".")[0])
+            if e is None:
+                yield key, t
+            else:
+                yield from _layer_tensors(e, key, t.detach().cpu())
+
+    return file_tensors(items(), skip_prefixes=aliases, drop_tied=drop_tied)
 
 
 def _extra_files(folder: Path) -> dict[str, bytes]:
