@@ -43,8 +43,8 @@ true, "symmetric": false}` (qlin's dynamic activations are asymmetric: each row'
 span the 256 levels), static mode `{"strategy": "tensor", "dynamic": false, "symmetric":
 false}`, weight-only (every grouped layer) None.
 
-Not expressible, so refused before any work (`check_exportable`): SmoothQuant layers (no
-per-input-channel factor); a group size that does not divide a layer's input (compressed-tensors
+Not expressible, so refused before any work (`check_exportable`): transformers' Conv1D layers
+(compressed-tensors quantizes nn.Linear); SmoothQuant layers (no per-input-channel factor); a group size that does not divide a layer's input (compressed-tensors
 and vLLM split each row into whole groups and refuse a shorter last one); pack-quantized widths
 that do not divide 32 (3, 5, 6, 7 bits: compressed-tensors up to 0.17 put 32 // B values in each
 int32, 0.18 and later pack them densely across words, so one file would read differently in
@@ -127,7 +127,9 @@ def layer_format(scheme: LayerScheme) -> str:
 
 def check_exportable(plan: Plan) -> None:
     """Raise ConfigError, before any work, if a planned layer's scheme has no compressed-tensors
-    form: SmoothQuant (whether the config or one of its rules asks for it); a group size that
+    form: transformers' Conv1D layers (compressed-tensors quantizes nn.Linear, and would read
+    the (out, in) weight into an (in, out) one); SmoothQuant (whether the config or one of its
+    rules asks for it); a group size that
     does not divide the layer's input (compressed-tensors and vLLM reshape each row into whole
     groups: a shorter last group is refused when the model loads); pack-quantized widths that do
     not divide 32 (3, 5, 6 and 7 bits: their pack-quantized layout changed between
@@ -135,6 +137,11 @@ def check_exportable(plan: Plan) -> None:
     would read differently in different loaders)."""
     for e in plan.quantized:
         s = e.scheme
+        if e.module != "Linear":
+            raise ConfigError(
+                f"`format` compressed-tensors quantizes nn.Linear layers only, and layer {e.name!r} is a "
+                f"transformers {e.module} (weight stored (in, out)): use the qlin format"
+            )
         if s.smooth is not None:
             raise ConfigError(
                 f"`format` compressed-tensors cannot express SmoothQuant (no per-input-channel factor), which "

@@ -690,3 +690,14 @@ def test_drop_tied_keeps_fresh_tensors_that_reuse_a_freed_address():
     kept = file_tensors(items(), drop_tied=True)
     assert sorted(kept, key=lambda k: int(k[1:])) == [f"k{i}" for i in range(12)]
     assert all(int(t[0, 0]) == int(k[1:]) for k, t in kept.items())
+
+
+def test_conv1d_layers_are_refused():
+    """GPT-2's Conv1D layers (weight stored (in, out)) are not nn.Linear, which is what
+    compressed-tensors quantizes: refused before any work, as the README says."""
+    tf = _transformers()
+    cfg = tf.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=1, n_head=4)
+    torch.manual_seed(0)
+    result = quantize_model(tf.GPT2LMHeadModel(cfg).eval(), QuantConfig())
+    with pytest.raises(ConfigError, match="layer 'transformer.h.0.attn.c_attn' is a transformers Conv1D"):
+        check_exportable(result.plan)
