@@ -701,3 +701,27 @@ def test_conv1d_layers_are_refused():
     result = quantize_model(tf.GPT2LMHeadModel(cfg).eval(), QuantConfig())
     with pytest.raises(ConfigError, match="layer 'transformer.h.0.attn.c_attn' is a transformers Conv1D"):
         check_exportable(result.plan)
+
+
+def test_lowbit_per_tensor_weight_only(llama128, tmp_path):
+    """4-bit per tensor, asymmetric: pack-quantized with strategy "tensor"; its zero point stays
+    an int8 `(1,)` (compressed-tensors packs zero points per group and per channel only)."""
+    folder, inputs = llama128
+    result, _ = _quantized(folder, inputs, bits=4, mode="weight-only", granularity="tensor", symmetric=False)
+    group = quantization_config(result)["config_groups"]["group_0"]
+    assert group["format"] == "pack-quantized" and group["weights"]["strategy"] == "tensor"
+    out = save_compressed_tensors(result, tmp_path / "ct", source_dir=folder)
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj"  # (128, 256)
+    m = _layer(result.model, name)
+    assert torch.equal(_unpack_by_hand(tensors[f"{name}.weight_packed"], 4, 256), m.weight)
+    assert tensors[f"{name}.weight_scale"].shape == (1,)
+    zp = tensors[f"{name}.weight_zero_point"]
+    assert zp.dtype == torch.int8 and zp.shape == (1,) and int(zp) == int(m.weight_zero_point)
+    ours = _qlin_weights(result.model)
+    for dequantized in (True, False):
+        model = _load(out, dequantize=dequantized)
+        with torch.no_grad():
+            model(**load_file(inputs))
+        for name, w in ours.items():
+            assert torch.equal(model.get_submodule(name).weight.detach(), w), (name, dequantized)
