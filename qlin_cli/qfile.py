@@ -63,23 +63,36 @@ FORMAT_VERSION = 2
 LAYER_TENSORS = ("weight", "weight_scale", "weight_zero_point", "bias", "input_scale", "input_zero_point", "smooth_scale")
 
 
-_PACK_BLOCK = 1 << 20  # values per block of rows while packing: temporaries stay a few MB
+_PACK_BLOCK = 1 << 22  # values per block of rows while packing: temporaries stay a few tens of MB
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     """int8 B-bit values `(N, K)` -> uint8 `(N, ceil(K * B / 8))` in the layout of the module
-    docstring. Exact; `unpack_bits` inverts it."""
+    docstring. Exact; `unpack_bits` inverts it. Eight values at a time fill B bytes (an int64
+    of 8 * B bits, least significant first), so no per-bit temporaries."""
     n, k = q.shape
     nbytes = packed_row_bytes(k, bits)
     out = torch.empty(n, nbytes, dtype=torch.uint8)
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
-    shifts = torch.arange(bits, dtype=torch.int32)
+    value_shifts = torch.arange(8, dtype=torch.int64) * bits  # value j of 8 at bit j * B
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
     step = max(1, _PACK_BLOCK // max(1, k))
+    if 8 % bits == 0 and bits < 8:  # 2 and 4 bits: whole values per byte, in uint8
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        for i in range(0, n, step):
+            u = (q[i:i + step].to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+            u = torch.nn.functional.pad(u, (0, -k % per)).reshape(u.shape[0], nbytes, per)
+            byte = u[..., 0].clone()
+            for j in range(1, per):
+                byte |= u[..., j] << int(shifts[j])
+            out[i:i + step] = byte
+        return out
     for i in range(0, n, step):
-        u = q[i:i + step].to(torch.int32) + (1 << (bits - 1))  # (r, K) in [0, 2^B)
-        stream = ((u.unsqueeze(-1) >> shifts) & 1).reshape(u.shape[0], k * bits)  # LSB first
-        stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - k * bits)).reshape(-1, nbytes, 8)
-        out[i:i + step] = (stream * weights).sum(-1).to(torch.uint8)
+        u = q[i:i + step].to(torch.int64) + (1 << (bits - 1))  # (r, K) in [0, 2^B)
+        u = torch.nn.functional.pad(u, (0, -k % 8)).reshape(u.shape[0], -1, 8)  # (r, K8, 8)
+        word = (u << value_shifts).sum(-1, keepdim=True)  # (r, K8, 1): 8 * B bits
+        packed = ((word >> byte_shifts) & 0xFF).reshape(u.shape[0], -1)  # (r, K8 * B)
+        out[i:i + step] = packed[:, :nbytes].to(torch.uint8)
     return out
 
 
@@ -87,12 +100,24 @@ def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """uint8 `(N, ceil(K * B / 8))` from `pack_bits` -> int8 values `(N, K)`."""
     n, nbytes = packed.shape
     out = torch.empty(n, k, dtype=torch.int8)
-    powers = torch.tensor([1 << i for i in range(bits)], dtype=torch.int32)
-    shifts = torch.arange(8, dtype=torch.int32)
+    groups = -(-k // 8)  # 8 values per B bytes
+    value_shifts = torch.arange(8, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    mask = (1 << bits) - 1
     step = max(1, _PACK_BLOCK // max(1, k))
+    if 8 % bits == 0 and bits < 8:  # 2 and 4 bits: whole values per byte, in uint8
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        for i in range(0, n, step):
+            b = packed[i:i + step]
+            u = torch.stack([(b >> int(sh)) & mask for sh in shifts], dim=-1).reshape(-1, nbytes * per)[:, :k]
+            out[i:i + step] = u.to(torch.int8) - (1 << (bits - 1))
+        return out
     for i in range(0, n, step):
-        stream = ((packed[i:i + step].to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(-1, nbytes * 8)
-        u = (stream[:, :k * bits].reshape(-1, k, bits) * powers).sum(-1)
+        b = packed[i:i + step].to(torch.int64)
+        b = torch.nn.functional.pad(b, (0, groups * bits - nbytes)).reshape(b.shape[0], groups, bits)
+        word = (b << byte_shifts).sum(-1, keepdim=True)  # (r, groups, 1)
+        u = ((word >> value_shifts) & mask).reshape(b.shape[0], -1)[:, :k]
         out[i:i + step] = (u - (1 << (bits - 1))).to(torch.int8)
     return out
 

@@ -112,7 +112,7 @@ def test_defaults():
 @pytest.mark.parametrize("keys, message", [
     ({"mode": "int4"}, "mode = 'int4' is not valid: use one of dynamic, weight-only, static"),
     ({"mode": "Dynamic"}, "mode = 'Dynamic' is not valid: use one of dynamic, weight-only, static"),
-    ({"kernel": "cublas"}, "kernel = 'cublas' is not valid: use one of auto, onednn, fbgemm, int_mm, weight_only"),
+    ({"kernel": "cublas"}, "kernel = 'cublas' is not valid: use one of auto, onednn, fbgemm, int_mm, weight_only, lowbit, int4pack"),
     ({"observer": "max"}, "observer = 'max' is not valid: use one of minmax, absmax, moving-average, percentile, mse"),
     ({"weight_observer": "kl"},
      "weight_observer = 'kl' is not valid: use one of minmax, absmax, moving-average, percentile, mse"),
@@ -126,9 +126,9 @@ def test_defaults():
     ({"mode": "weight-only", "act_granularity": "tensor"},
      "act_granularity applies to dynamic mode only; drop it for weight-only"),
     ({"mode": "weight-only", "kernel": "int_mm"},
-     "kernel 'int_mm' quantizes activations; weight-only mode takes kernel 'auto' or 'weight_only'"),
+     "kernel 'int_mm' quantizes activations; weight-only mode takes kernel 'auto', 'weight_only', 'lowbit', 'int4pack'"),
     ({"mode": "weight-only", "kernel": "fbgemm"},
-     "kernel 'fbgemm' quantizes activations; weight-only mode takes kernel 'auto' or 'weight_only'"),
+     "kernel 'fbgemm' quantizes activations; weight-only mode takes kernel 'auto', 'weight_only', 'lowbit', 'int4pack'"),
     ({"kernel": "weight_only"}, "kernel 'weight_only' needs <mode> weight-only"),
     ({"mode": "static", "kernel": "weight_only"}, "kernel 'weight_only' needs <mode> weight-only"),
     ({"smooth": 0}, "smooth = 0 is not valid: SmoothQuant's alpha is in (0, 1], e.g. 0.5"),
@@ -232,12 +232,13 @@ def all_combinations():
 
 def test_combination_count():
     valid, invalid = all_combinations()
-    # per granularity x symmetric (4): dynamic 3 acts x 4 kernels (not weight_only) = 12,
-    # static 2 acts (None, tensor) x 4 kernels = 8, weight-only 1 act (None) x 2 kernels = 2
-    assert len(valid) == 4 * (12 + 8 + 2) == 88
-    assert invalid == 3 * 2 * 2 * 3 * 5 - 88
+    # per granularity x symmetric (4): dynamic 3 acts x 4 kernels (not the weight-only ones) = 12,
+    # static 2 acts (None, tensor) x 4 kernels = 8, weight-only 1 act (None) x 3 kernels (auto,
+    # weight_only, lowbit; int4pack needs 4-bit groups) = 3
+    assert len(valid) == 4 * (12 + 8 + 3) == 92
+    assert invalid == 3 * 2 * 2 * 3 * 7 - 92
     # an unset act granularity resolves to the mode's default: dynamic None == token, static None == tensor
-    assert len(set(valid)) == 4 * (8 + 4 + 2) == 56
+    assert len(set(valid)) == 4 * (8 + 4 + 3) == 60
     assert {s.act_granularity for s in valid if s.mode == "static"} == {PER_TENSOR}
     assert {s.act_granularity for s in valid if s.mode == "weight-only"} == {None}
     assert {s.act_granularity for s in valid if s.mode == "dynamic"} == {PER_TOKEN, PER_TENSOR}
