@@ -14,6 +14,7 @@
 // change codes); the epilogue uses explicit FMAs. Small row blocks run on one thread (grain).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -169,9 +170,252 @@ at::Tensor epilogue_(at::Tensor y, const at::Tensor& a, const at::Tensor& c, con
   return dst;
 }
 
+// ---------------------------------------------------------------------------------------------
+// lowbit_linear: y = x @ dequant(w).T (+ bias), n-bit weights with a scale (and zero point) per
+// group of G consecutive input channels of an output row (lowbit.py has the reference).
+//   x (M, K) float32; w uint8 (N, ceil(K/2)) two 4-bit codes per byte (element k in byte k/2, low
+//   nibble for even k, code = q + 8), or int8 (N, K) for any width 2..8; scale (N, ceil(K/G));
+//   zero point int8 (N, ceil(K/G)) or empty; bias (N,) or empty.
+//   y[m, n] = sum_k w[n, k] * x[m, k] (+ bias[n]),  w[n, k] = float(q - z) * s  (float32, exact
+//   to one rounding: the same float32 weight the reference dequantizes to).
+// AVX-512: a 4-bit code indexes a 16-float table per (row, group), T[c] = (c - 8 - z) * s
+// (vpermps reads only the low 4 bits, so no masking); int8 codes: (float(q) - z) * s.
+// Loop order (one parallel region, over output rows n):
+//   n-block (LB_NB rows) > k-block (LB_KB) > m-block (LB_MB x rows) > n-pair > 16-wide k chunks,
+//   LB_MB x LB_NR float32 accumulators in registers: a chunk of a weight row is decoded once per
+//   m-block and used for LB_MB x rows; an x chunk is loaded once for LB_NR weight rows. At each
+//   k-block's end the 16 lanes are summed into y. The k-blocks are fixed (not sized by M) and
+//   every (m, n) has its own accumulator, so a row of y does not depend on the other rows of x:
+//   batch invariant, bit for bit, and independent of the thread count.
+// The scalar path (no AVX-512; also exposed as _lowbit_linear_scalar so that tests run it) does
+// the same math with another summation order (results equal to float rounding).
+
+struct LowbitArgs {
+  const float* x;
+  const uint8_t* w;     // row n at w + n * wrow (bytes)
+  const float* scale;   // (N, ngroups)
+  const int8_t* zp;     // (N, ngroups) or nullptr
+  const float* bias;    // (N,) or nullptr
+  float* y;             // (M, N)
+  int64_t M, N, K, G, ngroups, wrow;
+  bool packed4;         // 4-bit codes, two per byte; else int8 (N, K)
+};
+
+constexpr int64_t LB_KB = 512;  // k per block: fixed, a multiple of 16 (the summation order)
+constexpr int64_t LB_NB = 16;   // weight rows per n-block (large M: x's k-block stays in L2)
+constexpr int LB_MB = 4;        // x rows per register block
+constexpr int LB_NR = 2;        // weight rows per register block
+
+inline float lb_weight(const LowbitArgs& a, int64_t n, int64_t k, float zq, float s) {
+  // zq = the code's offset: 8 + z for 4-bit (codes are q + 8), z for int8
+  const uint8_t* row = a.w + n * a.wrow;
+  float c;
+  if (a.packed4) {
+    const uint8_t b = row[k >> 1];
+    c = static_cast<float>((k & 1) ? (b >> 4) : (b & 15));
+  } else {
+    c = static_cast<float>(static_cast<int8_t>(row[k]));
+  }
+  return (c - zq) * s;
+}
+
+inline float lb_offset(const LowbitArgs& a, int64_t n, int64_t g) {
+  const int z = a.zp ? static_cast<int>(a.zp[n * a.ngroups + g]) : 0;
+  return static_cast<float>(a.packed4 ? z + 8 : z);
+}
+
+void lowbit_rows_scalar(const LowbitArgs& a, int64_t n0, int64_t n1) {
+  constexpr int64_t CH = 256;  // a row is decoded CH weights at a time, then used for every x row
+  float wbuf[CH];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < a.M; ++m) a.y[m * a.N + n] = 0.0f;
+    for (int64_t k0 = 0; k0 < a.K; k0 += CH) {
+      const int64_t k1 = std::min(a.K, k0 + CH);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t g = k / a.G;
+        wbuf[k - k0] = lb_weight(a, n, k, lb_offset(a, n, g), a.scale[n * a.ngroups + g]);
+      }
+      for (int64_t m = 0; m < a.M; ++m) {
+        const float* xr = a.x + m * a.K;
+        float acc = 0.0f;
+        for (int64_t k = k0; k < k1; ++k) acc += wbuf[k - k0] * xr[k];
+        a.y[m * a.N + n] += acc;
+      }
+    }
+    if (a.bias)
+      for (int64_t m = 0; m < a.M; ++m) a.y[m * a.N + n] += a.bias[n];
+  }
+}
+
+#ifdef QLIN_AVX512
+// rows n..n+NR-1 of w against x rows m..m+MB-1 over k in [kb0, kb1); sums into y (kb0 == 0: =)
+template <int MB, int NR>
+void lowbit_block_avx512(const LowbitArgs& a, int64_t n, int64_t m, int64_t kb0, int64_t kb1) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i nibble_shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  __m512 acc[MB][NR];
+  for (int i = 0; i < MB; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+  __m512 tab[NR], off[NR], scl[NR];  // 4-bit: the 16-entry table; int8: offset and scale
+  const uint8_t* wr[NR];
+  for (int r = 0; r < NR; ++r) wr[r] = a.w + (n + r) * a.wrow;
+  int64_t g = kb0 / a.G;
+  int64_t gend = -1;  // end of group g: tables are (re)built when k reaches it
+  for (int64_t k = kb0; k < kb1;) {
+    if (gend < 0 || k >= gend) {
+      if (gend >= 0) ++g;
+      gend = g * a.G + std::min(a.G, a.K - g * a.G);  // no overflow for a huge G
+      for (int r = 0; r < NR; ++r) {
+        off[r] = _mm512_set1_ps(lb_offset(a, n + r, g));
+        scl[r] = _mm512_set1_ps(a.scale[(n + r) * a.ngroups + g]);
+        if (a.packed4) tab[r] = _mm512_mul_ps(_mm512_sub_ps(iota, off[r]), scl[r]);
+      }
+    }
+    const int64_t len = std::min<int64_t>(16, std::min(kb1, gend) - k);
+    const __mmask16 mask = len == 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1);
+    __m512 wv[NR];
+    for (int r = 0; r < NR; ++r) {
+      if (a.packed4 && (k & 1) == 0) {
+        // 8 bytes -> each byte twice -> 16 int32, odd lanes shifted right by 4: lane i = code i
+        const __m128i b = len == 16 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr[r] + (k >> 1)))
+                                    : _mm_maskz_loadu_epi8(__mmask16((1u << ((len + 1) >> 1)) - 1), wr[r] + (k >> 1));
+        const __m512i codes = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), nibble_shift);
+        wv[r] = _mm512_maskz_permutexvar_ps(mask, codes, tab[r]);
+      } else if (!a.packed4) {
+        const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, wr[r] + k)));
+        wv[r] = _mm512_maskz_mul_ps(mask, _mm512_sub_ps(c, off[r]), scl[r]);
+      } else {  // a 4-bit chunk that starts at an odd k (group sizes that are not multiples of 16)
+        alignas(64) float t[16] = {0};
+        const float zq = lb_offset(a, n + r, g), s = a.scale[(n + r) * a.ngroups + g];
+        for (int64_t i = 0; i < len; ++i) t[i] = lb_weight(a, n + r, k + i, zq, s);
+        wv[r] = _mm512_load_ps(t);
+      }
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, a.x + (m + i) * a.K + k);
+      for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
+    }
+    k += len;
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int r = 0; r < NR; ++r) {
+      float* out = a.y + (m + i) * a.N + n + r;
+      const float sum = _mm512_reduce_add_ps(acc[i][r]);
+      *out = kb0 == 0 ? sum : *out + sum;
+    }
+}
+
+template <int NR>
+void lowbit_block_rows(const LowbitArgs& a, int mb, int64_t n, int64_t m, int64_t kb0, int64_t kb1) {
+  switch (mb) {
+    case 4: lowbit_block_avx512<4, NR>(a, n, m, kb0, kb1); break;
+    case 3: lowbit_block_avx512<3, NR>(a, n, m, kb0, kb1); break;
+    case 2: lowbit_block_avx512<2, NR>(a, n, m, kb0, kb1); break;
+    default: lowbit_block_avx512<1, NR>(a, n, m, kb0, kb1); break;
+  }
+}
+
+void lowbit_rows_avx512(const LowbitArgs& a, int64_t n0, int64_t n1) {
+  static_assert(LB_MB == 4 && LB_NR == 2, "lowbit_block_rows dispatches on these");
+  for (int64_t nb = n0; nb < n1; nb += LB_NB) {
+    const int64_t nbe = std::min(n1, nb + LB_NB);
+    for (int64_t kb0 = 0; kb0 < a.K; kb0 += LB_KB) {
+      const int64_t kb1 = std::min(a.K, kb0 + LB_KB);
+      for (int64_t m = 0; m < a.M; m += LB_MB) {
+        const int mb = static_cast<int>(std::min<int64_t>(LB_MB, a.M - m));
+        int64_t n = nb;
+        for (; n + LB_NR <= nbe; n += LB_NR) lowbit_block_rows<LB_NR>(a, mb, n, m, kb0, kb1);
+        for (; n < nbe; ++n) lowbit_block_rows<1>(a, mb, n, m, kb0, kb1);
+      }
+    }
+    for (int64_t m = 0; m < a.M; ++m)
+      for (int64_t n = nb; n < nbe; ++n) {
+        float* out = a.y + m * a.N + n;
+        if (a.K == 0) *out = 0.0f;
+        if (a.bias) *out += a.bias[n];
+      }
+  }
+}
+#endif
+
+at::Tensor lowbit_linear_impl(const at::Tensor& x, const at::Tensor& w, int64_t bits, const at::Tensor& scale,
+                              const at::Tensor& zero_point, int64_t group_size, const at::Tensor& bias,
+                              bool force_scalar) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
+              "lowbit_linear: x must be a contiguous float32 CPU (M, K) tensor (convert bf16/fp16 first), got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(group_size >= 1, "lowbit_linear: group_size must be >= 1, got ", group_size);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.is_cpu(), "lowbit_linear: w must be a contiguous 2-D CPU tensor");
+  const int64_t N = w.size(0);
+  const bool packed4 = w.scalar_type() == at::kByte;
+  if (packed4) {
+    TORCH_CHECK(bits == 4, "lowbit_linear: a uint8 w holds packed 4-bit codes (bits=4), got bits=", bits,
+                "; pass other widths as int8 (N, K)");
+    TORCH_CHECK(w.size(1) == (K + 1) / 2, "lowbit_linear: packed 4-bit w must be (N, ceil(K/2)) = (", N, ", ",
+                (K + 1) / 2, "), got ", w.sizes());
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kChar, "lowbit_linear: w must be uint8 (packed 4-bit) or int8, got ",
+                w.scalar_type());
+    TORCH_CHECK(bits >= 2 && bits <= 8, "lowbit_linear: bits must be in 2..8 for an int8 w, got ", bits);
+    TORCH_CHECK(w.size(1) == K, "lowbit_linear: int8 w must be (N, K) with K = ", K, ", got ", w.sizes());
+  }
+  const int64_t ngroups = K == 0 ? 0 : (K - 1) / group_size + 1;
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == ngroups &&
+                  scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.is_cpu(),
+              "lowbit_linear: scale must be contiguous float32 (N, ceil(K/group_size)) = (", N, ", ", ngroups,
+              "), got ", scale.scalar_type(), " ", scale.sizes());
+  const bool has_z = zero_point.numel() > 0;
+  if (has_z)
+    TORCH_CHECK(zero_point.dim() == 2 && zero_point.size(0) == N && zero_point.size(1) == ngroups &&
+                    zero_point.scalar_type() == at::kChar && zero_point.is_contiguous() && zero_point.is_cpu(),
+                "lowbit_linear: zero_point must be contiguous int8 (", N, ", ", ngroups, ") or empty, got ",
+                zero_point.scalar_type(), " ", zero_point.sizes());
+  const bool has_b = bias.numel() > 0;
+  if (has_b)
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N && bias.scalar_type() == at::kFloat &&
+                    bias.is_contiguous() && bias.is_cpu(),
+                "lowbit_linear: bias must be contiguous float32 (", N, ",) or empty, got ", bias.scalar_type(), " ",
+                bias.sizes());
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  LowbitArgs a{x.data_ptr<float>(), reinterpret_cast<const uint8_t*>(w.data_ptr()), scale.data_ptr<float>(),
+               has_z ? zero_point.data_ptr<int8_t>() : nullptr, has_b ? bias.data_ptr<float>() : nullptr,
+               y.data_ptr<float>(), M, N, K, group_size, ngroups, w.size(1), packed4};
+  // a task takes at least WORK_PER_TASK * 8 multiply-adds (whole rows of w)
+  const int64_t grain = std::max<int64_t>(1, WORK_PER_TASK * 8 / std::max<int64_t>(M * K, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+#ifdef QLIN_AVX512
+    if (!force_scalar) {
+      lowbit_rows_avx512(a, begin, end);
+      return;
+    }
+#endif
+    lowbit_rows_scalar(a, begin, end);
+  });
+  return y;
+}
+
+at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& w, int64_t bits, const at::Tensor& scale,
+                         const at::Tensor& zero_point, int64_t group_size, const at::Tensor& bias) {
+  return lowbit_linear_impl(x, w, bits, scale, zero_point, group_size, bias, false);
+}
+
+at::Tensor lowbit_linear_scalar(const at::Tensor& x, const at::Tensor& w, int64_t bits, const at::Tensor& scale,
+                                const at::Tensor& zero_point, int64_t group_size, const at::Tensor& bias) {
+  return lowbit_linear_impl(x, w, bits, scale, zero_point, group_size, bias, true);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "per-row uint8 codes, scale, offset and code sums");
   m.def("epilogue_", &epilogue_, "y = a * (y - rowsum * zs) + c * wsum + b, in place or into out");
+  m.def("lowbit_linear", &lowbit_linear, "y = x @ dequant(w).T + bias, n-bit group-wise weights (lowbit.py)");
+  m.def("_lowbit_linear_scalar", &lowbit_linear_scalar, "lowbit_linear's portable path (for tests)");
+#ifdef QLIN_AVX512
+  m.attr("lowbit_avx512") = true;
+#else
+  m.attr("lowbit_avx512") = false;
+#endif
 }
