@@ -248,54 +248,98 @@ void lowbit_rows_scalar(const LowbitArgs& a, int64_t n0, int64_t n1) {
 }
 
 #ifdef QLIN_AVX512
-// rows n..n+NR-1 of w against x rows m..m+MB-1 over k in [kb0, kb1); sums into y (kb0 == 0: =)
-template <int MB, int NR>
-void lowbit_block_avx512(const LowbitArgs& a, int64_t n, int64_t m, int64_t kb0, int64_t kb1) {
+// 4-bit codes of 16 consecutive elements k.. (k even) of a row, as int32 lanes: 8 bytes, each
+// byte twice, odd lanes shifted right by 4 (vpermps reads only the low 4 bits of an index)
+inline __m512i lb_codes16(const uint8_t* row, int64_t k, int64_t len) {
+  const __m512i shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  const __m128i b = len == 16 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (k >> 1)))
+                              : _mm_maskz_loadu_epi8(__mmask16((1u << ((len + 1) >> 1)) - 1), row + (k >> 1));
+  return _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), shift);
+}
+
+// Rows n..n+NR-1 of w against x rows m..m+MB-1 over k in [kb0, kb1); sums into y (= when kb0 is
+// 0). xe: for 4-bit, the same x rows with each aligned 32-block of the k-block stored as its 16
+// even then its 16 odd elements (row i at xe + i * LB_KB, k-block relative), so that a 32-block
+// of codes decodes to two vectors in register order (no interleaving of weights).
+template <bool P4, int MB, int NR>
+void lowbit_block_avx512(const LowbitArgs& a, const float* xe, int64_t n, int64_t m, int64_t kb0, int64_t kb1) {
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i nibble_shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
   __m512 acc[MB][NR];
   for (int i = 0; i < MB; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
-  __m512 tab[NR], off[NR], scl[NR];  // 4-bit: the 16-entry table; int8: offset and scale
   const uint8_t* wr[NR];
   for (int r = 0; r < NR; ++r) wr[r] = a.w + (n + r) * a.wrow;
-  int64_t g = kb0 / a.G;
-  int64_t gend = -1;  // end of group g: tables are (re)built when k reaches it
-  for (int64_t k = kb0; k < kb1;) {
-    if (gend < 0 || k >= gend) {
-      if (gend >= 0) ++g;
-      gend = g * a.G + std::min(a.G, a.K - g * a.G);  // no overflow for a huge G
-      for (int r = 0; r < NR; ++r) {
-        off[r] = _mm512_set1_ps(lb_offset(a, n + r, g));
-        scl[r] = _mm512_set1_ps(a.scale[(n + r) * a.ngroups + g]);
-        if (a.packed4) tab[r] = _mm512_mul_ps(_mm512_sub_ps(iota, off[r]), scl[r]);
-      }
-    }
-    const int64_t len = std::min<int64_t>(16, std::min(kb1, gend) - k);
-    const __mmask16 mask = len == 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1);
-    __m512 wv[NR];
+  const float* xr[MB];
+  for (int i = 0; i < MB; ++i) xr[i] = a.x + (m + i) * a.K;
+  for (int64_t g = kb0 / a.G; g < a.ngroups && g * a.G < kb1; ++g) {
+    const int64_t gs = std::max(kb0, g * a.G), ge = std::min(kb1, g * a.G + std::min(a.G, a.K - g * a.G));
+    // 4-bit: T[c] = (c - 8 - z) * s, the weight of code c; int8: w = (q - z) * s
+    __m512 tab[NR], off[NR], scl[NR];
     for (int r = 0; r < NR; ++r) {
-      if (a.packed4 && (k & 1) == 0) {
-        // 8 bytes -> each byte twice -> 16 int32, odd lanes shifted right by 4: lane i = code i
-        const __m128i b = len == 16 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr[r] + (k >> 1)))
-                                    : _mm_maskz_loadu_epi8(__mmask16((1u << ((len + 1) >> 1)) - 1), wr[r] + (k >> 1));
-        const __m512i codes = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), nibble_shift);
-        wv[r] = _mm512_maskz_permutexvar_ps(mask, codes, tab[r]);
-      } else if (!a.packed4) {
-        const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, wr[r] + k)));
-        wv[r] = _mm512_maskz_mul_ps(mask, _mm512_sub_ps(c, off[r]), scl[r]);
-      } else {  // a 4-bit chunk that starts at an odd k (group sizes that are not multiples of 16)
-        alignas(64) float t[16] = {0};
-        const float zq = lb_offset(a, n + r, g), s = a.scale[(n + r) * a.ngroups + g];
-        for (int64_t i = 0; i < len; ++i) t[i] = lb_weight(a, n + r, k + i, zq, s);
-        wv[r] = _mm512_load_ps(t);
+      off[r] = _mm512_set1_ps(lb_offset(a, n + r, g));
+      scl[r] = _mm512_set1_ps(a.scale[(n + r) * a.ngroups + g]);
+      if (P4) tab[r] = _mm512_mul_ps(_mm512_sub_ps(iota, off[r]), scl[r]);
+    }
+    int64_t k = gs;
+    while (k < ge) {
+      if (P4 && (k & 31) == 0 && ge - k >= 32) {  // the hot loop: whole 32-blocks
+        const int64_t kend = k + ((ge - k) & ~int64_t(31));
+        for (; k < kend; k += 32) {
+          __m512 we[NR], wo[NR];
+          for (int r = 0; r < NR; ++r) {
+            const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + (k >> 1))));
+            we[r] = _mm512_permutexvar_ps(c, tab[r]);                         // even k: low nibbles
+            wo[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), tab[r]);  // odd k: high nibbles
+          }
+          for (int i = 0; i < MB; ++i) {
+            const float* xk = xe + i * LB_KB + (k - kb0);
+            const __m512 x0 = _mm512_loadu_ps(xk), x1 = _mm512_loadu_ps(xk + 16);
+            for (int r = 0; r < NR; ++r) {
+              acc[i][r] = _mm512_fmadd_ps(we[r], x0, acc[i][r]);
+              acc[i][r] = _mm512_fmadd_ps(wo[r], x1, acc[i][r]);
+            }
+          }
+        }
+        continue;
       }
+      if (!P4 && ge - k >= 16) {  // int8: whole 16-chunks
+        const int64_t kend = k + ((ge - k) & ~int64_t(15));
+        for (; k < kend; k += 16) {
+          __m512 wv[NR];
+          for (int r = 0; r < NR; ++r) {
+            const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + k))));
+            wv[r] = _mm512_mul_ps(a.zp ? _mm512_sub_ps(c, off[r]) : c, scl[r]);
+          }
+          for (int i = 0; i < MB; ++i) {
+            const __m512 xv = _mm512_loadu_ps(xr[i] + k);
+            for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
+          }
+        }
+        continue;
+      }
+      // a chunk of up to 16 in natural order: group and k-block tails, unaligned group starts
+      const int64_t len = std::min<int64_t>(ge - k, std::min<int64_t>(16, 32 - (k & 31)));  // then 32-aligned
+      const __mmask16 mask = len == 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1);
+      __m512 wv[NR];
+      for (int r = 0; r < NR; ++r) {
+        if (!P4) {
+          const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, wr[r] + k)));
+          wv[r] = _mm512_maskz_mul_ps(mask, _mm512_sub_ps(c, off[r]), scl[r]);
+        } else if ((k & 1) == 0) {
+          wv[r] = _mm512_maskz_permutexvar_ps(mask, lb_codes16(wr[r], k, len), tab[r]);
+        } else {  // an odd start (a group size that is not even): one weight at a time
+          alignas(64) float t[16] = {0};
+          const float zq = lb_offset(a, n + r, g), s = a.scale[(n + r) * a.ngroups + g];
+          for (int64_t j = 0; j < len; ++j) t[j] = lb_weight(a, n + r, k + j, zq, s);
+          wv[r] = _mm512_load_ps(t);
+        }
+      }
+      for (int i = 0; i < MB; ++i) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mask, xr[i] + k);
+        for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
+      }
+      k += len;
     }
-    for (int i = 0; i < MB; ++i) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, a.x + (m + i) * a.K + k);
-      for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
-    }
-    k += len;
   }
   for (int i = 0; i < MB; ++i)
     for (int r = 0; r < NR; ++r) {
@@ -305,27 +349,41 @@ void lowbit_block_avx512(const LowbitArgs& a, int64_t n, int64_t m, int64_t kb0,
     }
 }
 
-template <int NR>
-void lowbit_block_rows(const LowbitArgs& a, int mb, int64_t n, int64_t m, int64_t kb0, int64_t kb1) {
+template <bool P4, int NR>
+void lowbit_block_rows(const LowbitArgs& a, const float* xe, int mb, int64_t n, int64_t m, int64_t kb0, int64_t kb1) {
   switch (mb) {
-    case 4: lowbit_block_avx512<4, NR>(a, n, m, kb0, kb1); break;
-    case 3: lowbit_block_avx512<3, NR>(a, n, m, kb0, kb1); break;
-    case 2: lowbit_block_avx512<2, NR>(a, n, m, kb0, kb1); break;
-    default: lowbit_block_avx512<1, NR>(a, n, m, kb0, kb1); break;
+    case 4: lowbit_block_avx512<P4, 4, NR>(a, xe, n, m, kb0, kb1); break;
+    case 3: lowbit_block_avx512<P4, 3, NR>(a, xe, n, m, kb0, kb1); break;
+    case 2: lowbit_block_avx512<P4, 2, NR>(a, xe, n, m, kb0, kb1); break;
+    default: lowbit_block_avx512<P4, 1, NR>(a, xe, n, m, kb0, kb1); break;
   }
 }
 
+template <bool P4>
 void lowbit_rows_avx512(const LowbitArgs& a, int64_t n0, int64_t n1) {
-  static_assert(LB_MB == 4 && LB_NR == 2, "lowbit_block_rows dispatches on these");
-  for (int64_t nb = n0; nb < n1; nb += LB_NB) {
-    const int64_t nbe = std::min(n1, nb + LB_NB);
+  static_assert(LB_MB == 4 && LB_NR == 2 && LB_KB % 32 == 0, "lowbit_block_rows dispatches on these");
+  alignas(64) float xe[LB_MB * LB_KB];  // 8 KB: x rows of a k-block, 32-blocks split even/odd
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  // few x rows: long runs of weight rows per x block; many: x's k-block (M * LB_KB) stays in L2
+  const int64_t nb_rows = a.M <= LB_MB ? 64 : LB_NB;
+  for (int64_t nb = n0; nb < n1; nb += nb_rows) {
+    const int64_t nbe = std::min(n1, nb + nb_rows);
     for (int64_t kb0 = 0; kb0 < a.K; kb0 += LB_KB) {
       const int64_t kb1 = std::min(a.K, kb0 + LB_KB);
       for (int64_t m = 0; m < a.M; m += LB_MB) {
         const int mb = static_cast<int>(std::min<int64_t>(LB_MB, a.M - m));
+        if (P4)
+          for (int i = 0; i < mb; ++i)
+            for (int64_t k = kb0; k + 32 <= kb1; k += 32) {
+              const float* src = a.x + (m + i) * a.K + k;
+              const __m512 x0 = _mm512_loadu_ps(src), x1 = _mm512_loadu_ps(src + 16);
+              _mm512_store_ps(xe + i * LB_KB + (k - kb0), _mm512_permutex2var_ps(x0, even, x1));
+              _mm512_store_ps(xe + i * LB_KB + (k - kb0) + 16, _mm512_permutex2var_ps(x0, odd, x1));
+            }
         int64_t n = nb;
-        for (; n + LB_NR <= nbe; n += LB_NR) lowbit_block_rows<LB_NR>(a, mb, n, m, kb0, kb1);
-        for (; n < nbe; ++n) lowbit_block_rows<1>(a, mb, n, m, kb0, kb1);
+        for (; n + LB_NR <= nbe; n += LB_NR) lowbit_block_rows<P4, LB_NR>(a, xe, mb, n, m, kb0, kb1);
+        for (; n < nbe; ++n) lowbit_block_rows<P4, 1>(a, xe, mb, n, m, kb0, kb1);
       }
     }
     for (int64_t m = 0; m < a.M; ++m)
@@ -387,7 +445,7 @@ at::Tensor lowbit_linear_impl(const at::Tensor& x, const at::Tensor& w, int64_t 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
 #ifdef QLIN_AVX512
     if (!force_scalar) {
-      lowbit_rows_avx512(a, begin, end);
+      packed4 ? lowbit_rows_avx512<true>(a, begin, end) : lowbit_rows_avx512<false>(a, begin, end);
       return;
     }
 #endif
