@@ -180,13 +180,18 @@ at::Tensor epilogue_(at::Tensor y, const at::Tensor& a, const at::Tensor& c, con
 //   to one rounding: the same float32 weight the reference dequantizes to).
 // AVX-512: a 4-bit code indexes a 16-float table per (row, group), T[c] = (c - 8 - z) * s
 // (vpermps reads only the low 4 bits, so no masking); int8 codes: (float(q) - z) * s.
-// Loop order (one parallel region, over output rows n):
-//   n-block (LB_NB rows) > k-block (LB_KB) > m-block (LB_MB x rows) > n-pair > 16-wide k chunks,
-//   LB_MB x LB_NR float32 accumulators in registers: a chunk of a weight row is decoded once per
-//   m-block and used for LB_MB x rows; an x chunk is loaded once for LB_NR weight rows. At each
-//   k-block's end the 16 lanes are summed into y. The k-blocks are fixed (not sized by M) and
-//   every (m, n) has its own accumulator, so a row of y does not depend on the other rows of x:
-//   batch invariant, bit for bit, and independent of the thread count.
+// Loop order (one parallel region, over output rows n; a task takes whole rows):
+//   n-block (64 rows when M <= LB_MB, else LB_NB) > k-block (LB_KB) > m-block (LB_MB x rows)
+//   > pair of w rows (LB_NR) > k in 32-blocks,
+//   with LB_MB x LB_NR float32 accumulators in registers: 32 codes of a weight row (16 bytes)
+//   are decoded once per m-block (vpmovzxbd, a shift, two vpermps: the even and the odd
+//   elements) and used for LB_MB x rows, whose k-block was copied once per m-block into an 8 KB
+//   stack block with each 32-block split into its even and odd elements; an x vector is loaded
+//   once for LB_NR weight rows. Group and k-block tails and group starts that are not multiples
+//   of 32 run 16 (or fewer, masked) elements at a time in natural order. At each k-block's end
+//   the 16 lanes are summed into y. The k-blocks are fixed (not sized by M) and every (m, n) has
+//   its own accumulator, so a row of y does not depend on the other rows of x: batch invariant,
+//   bit for bit, and independent of the thread count.
 // The scalar path (no AVX-512; also exposed as _lowbit_linear_scalar so that tests run it) does
 // the same math with another summation order (results equal to float rounding).
 
@@ -225,21 +230,31 @@ inline float lb_offset(const LowbitArgs& a, int64_t n, int64_t g) {
 }
 
 void lowbit_rows_scalar(const LowbitArgs& a, int64_t n0, int64_t n1) {
-  constexpr int64_t CH = 256;  // a row is decoded CH weights at a time, then used for every x row
+  // a row is decoded CH weights at a time, then used for every x row; 16 partial sums per
+  // (m, n) (lane = k % 16) that the compiler can keep in vector registers (e.g. AVX2), summed
+  // in a fixed order at the end of each chunk
+  constexpr int64_t CH = 256;
   float wbuf[CH];
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < a.M; ++m) a.y[m * a.N + n] = 0.0f;
     for (int64_t k0 = 0; k0 < a.K; k0 += CH) {
       const int64_t k1 = std::min(a.K, k0 + CH);
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t g = k / a.G;
-        wbuf[k - k0] = lb_weight(a, n, k, lb_offset(a, n, g), a.scale[n * a.ngroups + g]);
+      for (int64_t k = k0; k < k1;) {
+        const int64_t g = k / a.G, ge = std::min(k1, g * a.G + std::min(a.G, a.K - g * a.G));
+        const float zq = lb_offset(a, n, g), s = a.scale[n * a.ngroups + g];
+        for (; k < ge; ++k) wbuf[k - k0] = lb_weight(a, n, k, zq, s);
       }
+      const int64_t len = k1 - k0;
       for (int64_t m = 0; m < a.M; ++m) {
-        const float* xr = a.x + m * a.K;
-        float acc = 0.0f;
-        for (int64_t k = k0; k < k1; ++k) acc += wbuf[k - k0] * xr[k];
-        a.y[m * a.N + n] += acc;
+        const float* xr = a.x + m * a.K + k0;
+        float acc[16] = {0};
+        int64_t k = 0;
+        for (; k + 16 <= len; k += 16)
+          for (int j = 0; j < 16; ++j) acc[j] += wbuf[k + j] * xr[k + j];
+        for (int j = 0; k + j < len; ++j) acc[j] += wbuf[k + j] * xr[k + j];
+        float sum = 0.0f;
+        for (int j = 0; j < 16; ++j) sum += acc[j];
+        a.y[m * a.N + n] += sum;
       }
     }
     if (a.bias)
