@@ -397,6 +397,8 @@ void lowbit_rows_avx512(const LowbitArgs& a, int64_t n0, int64_t n1) {
               _mm512_store_ps(xe + i * LB_KB + (k - kb0) + 16, _mm512_permutex2var_ps(x0, odd, x1));
             }
         int64_t n = nb;
+        if (mb == 1)  // one x row: four weight rows at a time, for more independent FMA chains
+          for (; n + 4 <= nbe; n += 4) lowbit_block_avx512<P4, 1, 4>(a, xe, n, m, kb0, kb1);
         for (; n + LB_NR <= nbe; n += LB_NR) lowbit_block_rows<P4, LB_NR>(a, xe, mb, n, m, kb0, kb1);
         for (; n < nbe; ++n) lowbit_block_rows<P4, 1>(a, xe, mb, n, m, kb0, kb1);
       }
