@@ -213,7 +213,7 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     compressed-tensors' pack-quantized layout: value q is stored as u = q + 2^(B-1); value k of a
     row occupies bits k*B .. k*B + B - 1 of the row's bit string (least significant first), and
     int32 word w holds bits 32w .. 32w + 31 (bit 32w in its lowest bit); unused high bits of a
-    row's last word are 0. (The qlin file's bit string, `qfile.pack_bits`, padded to whole words.)
+    row's last word are 0. (The qlin file's bit string, `lowbit.pack_bits`, padded to whole words.)
     Built byte by byte in uint8, since B divides 8 (4096 x 4096 values at 4 bits: ~0.1 s)."""
     if bits not in (1, 2, 4, 8):
         raise ValueError(f"pack_int32 packs 1, 2, 4 or 8 bits, not {bits}")

@@ -23,26 +23,82 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import native, primitives
+from .primitives import packed_row_bytes
 
-__all__ = ["pack_int4", "unpack_int4", "dequantize", "lowbit_linear_reference", "lowbit_linear"]
+__all__ = ["pack_bits", "unpack_bits", "pack_int4", "unpack_int4", "dequantize", "lowbit_linear_reference", "lowbit_linear"]
 
 _EMPTY_F32 = torch.empty(0)
 _EMPTY_I8 = torch.empty(0, dtype=torch.int8)
 
 
+_PACK_BLOCK = 1 << 22  # values per block of rows while packing: temporaries stay a few tens of MB
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 B-bit values `(N, K)` -> uint8 `(N, ceil(K * B / 8))` in the layout of qfile.py's
+    docstring. Exact; `unpack_bits` inverts it. Eight values at a time fill B bytes (an int64
+    of 8 * B bits, least significant first), so no per-bit temporaries."""
+    n, k = q.shape
+    nbytes = packed_row_bytes(k, bits)
+    out = torch.empty(n, nbytes, dtype=torch.uint8)
+    value_shifts = torch.arange(8, dtype=torch.int64) * bits  # value j of 8 at bit j * B
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    step = max(1, _PACK_BLOCK // max(1, k))
+    if 8 % bits == 0 and bits < 8:  # 2 and 4 bits: whole values per byte, in uint8
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        for i in range(0, n, step):
+            u = (q[i:i + step].to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+            u = torch.nn.functional.pad(u, (0, -k % per)).reshape(u.shape[0], nbytes, per)
+            byte = u[..., 0].clone()
+            for j in range(1, per):
+                byte |= u[..., j] << int(shifts[j])
+            out[i:i + step] = byte
+        return out
+    for i in range(0, n, step):
+        u = q[i:i + step].to(torch.int64) + (1 << (bits - 1))  # (r, K) in [0, 2^B)
+        u = torch.nn.functional.pad(u, (0, -k % 8)).reshape(u.shape[0], -1, 8)  # (r, K8, 8)
+        word = (u << value_shifts).sum(-1, keepdim=True)  # (r, K8, 1): 8 * B bits
+        packed = ((word >> byte_shifts) & 0xFF).reshape(u.shape[0], -1)  # (r, K8 * B)
+        out[i:i + step] = packed[:, :nbytes].to(torch.uint8)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """uint8 `(N, ceil(K * B / 8))` from `pack_bits` -> int8 values `(N, K)`."""
+    n, nbytes = packed.shape
+    out = torch.empty(n, k, dtype=torch.int8)
+    groups = -(-k // 8)  # 8 values per B bytes
+    value_shifts = torch.arange(8, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    mask = (1 << bits) - 1
+    step = max(1, _PACK_BLOCK // max(1, k))
+    if 8 % bits == 0 and bits < 8:  # 2 and 4 bits: whole values per byte, in uint8
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        for i in range(0, n, step):
+            b = packed[i:i + step]
+            u = torch.stack([(b >> int(sh)) & mask for sh in shifts], dim=-1).reshape(-1, nbytes * per)[:, :k]
+            out[i:i + step] = u.to(torch.int8) - (1 << (bits - 1))
+        return out
+    for i in range(0, n, step):
+        b = packed[i:i + step].to(torch.int64)
+        b = torch.nn.functional.pad(b, (0, groups * bits - nbytes)).reshape(b.shape[0], groups, bits)
+        word = (b << byte_shifts).sum(-1, keepdim=True)  # (r, groups, 1)
+        u = ((word >> value_shifts) & mask).reshape(b.shape[0], -1)[:, :k]
+        out[i:i + step] = (u - (1 << (bits - 1))).to(torch.int8)
+    return out
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int8 (N, K) in [-8, 7] -> uint8 (N, ceil(K/2)), the layout in the module docstring."""
+    """int8 (N, K) in [-8, 7] -> uint8 (N, ceil(K/2)), the layout in the module docstring
+    (`pack_bits` at 4 bits: the qlin file's layout, so the kernel reads the file's bytes)."""
     if q.dtype != torch.int8 or q.dim() != 2:
         raise ValueError(f"pack_int4 takes int8 (N, K) values, got {q.dtype} {tuple(q.shape)}")
     if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
         raise ValueError(f"pack_int4: values must be in [-8, 7], got [{int(q.min())}, {int(q.max())}]")
-    n, k = q.shape
-    codes = (q.to(torch.int16) + 8).to(torch.uint8)  # (N, K) in [0, 15]
-    if k % 2:
-        codes = F.pad(codes, (0, 1))  # the unused high nibble of the last byte is 0
-    codes = codes.reshape(n, -1, 2)
-    return (codes[..., 0] | (codes[..., 1] << 4)).contiguous()
+    return pack_bits(q, 4)
 
 
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
@@ -50,22 +106,18 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != (k + 1) // 2:
         raise ValueError(f"unpack_int4 takes uint8 (N, ceil(K/2)) = (N, {(k + 1) // 2}), "
                          f"got {packed.dtype} {tuple(packed.shape)}")
-    low = (packed & 15).to(torch.int8) - 8
-    high = (packed >> 4).to(torch.int8) - 8
-    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)[:, :k]
+    return unpack_bits(packed, 4, k)
 
 
 def dequantize(w: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: torch.Tensor | None,
                group_size: int, k: int) -> torch.Tensor:
-    """The float32 weight (N, K) that the kernel multiplies by: float32(q - z) * scale, per group."""
+    """The float32 weight (N, K) that the kernel multiplies by: float32(q - z) * scale, per group
+    (`primitives.dequantize` on the unpacked values)."""
     if w.dtype == torch.uint8 and bits != 4 or w.dtype not in (torch.uint8, torch.int8):
         raise ValueError(f"w must be uint8 packed 4-bit (bits=4) or int8 (N, K), got {w.dtype} with bits={bits}")
     q = unpack_int4(w, k) if w.dtype == torch.uint8 else w
-    s = scale.repeat_interleave(group_size, dim=1)[:, :k]
-    qf = q.float()
-    if zero_point is not None and zero_point.numel():
-        qf = qf - zero_point.float().repeat_interleave(group_size, dim=1)[:, :k]
-    return qf * s
+    zp = torch.zeros(scale.shape, dtype=torch.int8) if zero_point is None or not zero_point.numel() else zero_point
+    return primitives.dequantize(q, scale, zp, group_size)
 
 
 def lowbit_linear_reference(x: torch.Tensor, w: torch.Tensor, bits: int, scale: torch.Tensor,

@@ -13,7 +13,7 @@ layer's `bits` and `group_size`), and from version 2 `ties` (JSON map): a tensor
 modules share (a language-model head tied to the token embedding) is stored once, under its
 first name, and each other name maps to it; loading restores the tie.
 
-Packed B-bit weights (`pack_bits`): each value q in [-2^(B-1), 2^(B-1) - 1] is stored as the
+Packed B-bit weights (`lowbit.pack_bits`): each value q in [-2^(B-1), 2^(B-1) - 1] is stored as the
 unsigned B-bit number u = q + 2^(B-1) (offset binary); row by row, value k of a row occupies
 bits k*B .. k*B + B - 1 of the row's bit string, least significant bit first, and byte j of the
 row holds bits 8j .. 8j + 7 (bit 8j in its lowest bit). Each row starts on a byte; the unused
@@ -42,6 +42,7 @@ from .files import (
     HASH_KEYS, check_file, check_output, file_tensors, header_digest, safetensors_writer, tied_keys, write_atomic,
 )
 from .plan import Plan, PlanEntry, find_linears, layer_kind, layer_shape, swap_module
+from .lowbit import pack_bits, unpack_bits
 from .primitives import packed_row_bytes
 from .qlinear import QuantizedLinear, compile_model, pack_all
 from .quantize import QuantizeResult
@@ -61,65 +62,6 @@ __all__ = [
 FORMAT = "qlin"
 FORMAT_VERSION = 2
 LAYER_TENSORS = ("weight", "weight_scale", "weight_zero_point", "bias", "input_scale", "input_zero_point", "smooth_scale")
-
-
-_PACK_BLOCK = 1 << 22  # values per block of rows while packing: temporaries stay a few tens of MB
-
-
-def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """int8 B-bit values `(N, K)` -> uint8 `(N, ceil(K * B / 8))` in the layout of the module
-    docstring. Exact; `unpack_bits` inverts it. Eight values at a time fill B bytes (an int64
-    of 8 * B bits, least significant first), so no per-bit temporaries."""
-    n, k = q.shape
-    nbytes = packed_row_bytes(k, bits)
-    out = torch.empty(n, nbytes, dtype=torch.uint8)
-    value_shifts = torch.arange(8, dtype=torch.int64) * bits  # value j of 8 at bit j * B
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    step = max(1, _PACK_BLOCK // max(1, k))
-    if 8 % bits == 0 and bits < 8:  # 2 and 4 bits: whole values per byte, in uint8
-        per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.uint8) * bits
-        for i in range(0, n, step):
-            u = (q[i:i + step].to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
-            u = torch.nn.functional.pad(u, (0, -k % per)).reshape(u.shape[0], nbytes, per)
-            byte = u[..., 0].clone()
-            for j in range(1, per):
-                byte |= u[..., j] << int(shifts[j])
-            out[i:i + step] = byte
-        return out
-    for i in range(0, n, step):
-        u = q[i:i + step].to(torch.int64) + (1 << (bits - 1))  # (r, K) in [0, 2^B)
-        u = torch.nn.functional.pad(u, (0, -k % 8)).reshape(u.shape[0], -1, 8)  # (r, K8, 8)
-        word = (u << value_shifts).sum(-1, keepdim=True)  # (r, K8, 1): 8 * B bits
-        packed = ((word >> byte_shifts) & 0xFF).reshape(u.shape[0], -1)  # (r, K8 * B)
-        out[i:i + step] = packed[:, :nbytes].to(torch.uint8)
-    return out
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """uint8 `(N, ceil(K * B / 8))` from `pack_bits` -> int8 values `(N, K)`."""
-    n, nbytes = packed.shape
-    out = torch.empty(n, k, dtype=torch.int8)
-    groups = -(-k // 8)  # 8 values per B bytes
-    value_shifts = torch.arange(8, dtype=torch.int64) * bits
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    mask = (1 << bits) - 1
-    step = max(1, _PACK_BLOCK // max(1, k))
-    if 8 % bits == 0 and bits < 8:  # 2 and 4 bits: whole values per byte, in uint8
-        per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.uint8) * bits
-        for i in range(0, n, step):
-            b = packed[i:i + step]
-            u = torch.stack([(b >> int(sh)) & mask for sh in shifts], dim=-1).reshape(-1, nbytes * per)[:, :k]
-            out[i:i + step] = u.to(torch.int8) - (1 << (bits - 1))
-        return out
-    for i in range(0, n, step):
-        b = packed[i:i + step].to(torch.int64)
-        b = torch.nn.functional.pad(b, (0, groups * bits - nbytes)).reshape(b.shape[0], groups, bits)
-        word = (b << byte_shifts).sum(-1, keepdim=True)  # (r, groups, 1)
-        u = ((word >> value_shifts) & mask).reshape(b.shape[0], -1)[:, :k]
-        out[i:i + step] = (u - (1 << (bits - 1))).to(torch.int8)
-    return out
 
 
 def _stored_weight_shape(e: PlanEntry) -> tuple[torch.dtype, tuple[int, int]]:
