@@ -22,18 +22,22 @@ from .errors import ConfigError, InputError
 from .export import CT_FORMAT, FORMATS, check_exportable, save_compressed_tensors
 from .fallback import quantize_to_target
 from .files import check_file, check_output, check_output_dir
-from .hf import HF_KIND, hf_probe_inputs
+from .hf import HF_KIND, hf_probe_inputs, is_hf_folder, load_tokenizer
 from .kernels import select_kernel
 from .plan import find_linears, layer_shape, make_plan
 from .qfile import FORMAT, load_quantized, read_qfile, save_quantized
 from .qlinear import QuantizedLinear, compile_model
 from .quantize import quantize_model
 from .scheme import PerGroup
-from .report import EvalReport, FloatInspectReport, InspectReport, QuantizeReport, compare_outputs, write_report
+from .report import (
+    EvalReport, FloatInspectReport, InspectReport, QuantizeReport, TextEvalReport, compare_outputs, write_report,
+)
 from .sources import check_source, load_source, load_tensors, read_checkpoint
+from .text import embedding_scores, lm_scores, read_text, text_inputs
 
 __all__ = [
-    "QuantizeOptions", "quantize_checkpoint", "inspect_path", "evaluate_checkpoint", "default_output", "check_device",
+    "QuantizeOptions", "quantize_checkpoint", "inspect_path", "evaluate_checkpoint", "evaluate_text", "default_output",
+    "check_device",
 ]
 
 PROBE_SAMPLES = 64
@@ -51,6 +55,9 @@ class QuantizeOptions:
     trust_pickle: unpickle a module with classes of its own (runs code from the file).
     inputs: the probe batch for the model-level error (default: random inputs that fit).
     calib: calibration data (static mode and SmoothQuant need it); its first `calib_samples`.
+    calib_text: instead of `calib`, a UTF-8 text tokenized with the model folder's tokenizer
+        (text.text_inputs: windows of `max_length` tokens `stride` apart for a causal LM, a
+        sentence per line for an encoder); `calib_samples` counts windows or lines.
     batch_size: samples per calibration forward pass.
     min_sqnr: keep the most sensitive layers float until the output SQNR (dB) on `eval_inputs`
         (default: the calibration data) reaches it.
@@ -65,6 +72,9 @@ class QuantizeOptions:
     trust_pickle: bool = False
     inputs: str | Path | None = None
     calib: str | Path | None = None
+    calib_text: str | Path | None = None
+    max_length: int | None = None
+    stride: int | None = None
     calib_samples: int | None = None
     batch_size: int = 32
     min_sqnr: float | None = None
@@ -135,20 +145,28 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
             raise ConfigError(
                 "`format` compressed-tensors cannot express SmoothQuant (no per-input-channel factor): drop `smooth`"
             )
-        data = (Path(p) for p in (o.inputs, o.calib, o.eval_inputs) if p)
+        data = (Path(p) for p in (o.inputs, o.calib, o.calib_text, o.eval_inputs) if p)
         check_output_dir(output, force=o.force, inputs=(source_path, *data))
     else:
         check_output(output, force=o.force, inputs=(source_path,))
     device = check_device(o.device)
     if o.batch_size < 1 or (o.calib_samples is not None and o.calib_samples < 1):
         raise ConfigError("`batch_size` and `calib_samples` must be at least 1")
+    if o.calib is not None and o.calib_text is not None:
+        raise ConfigError("pass `calib` or `calib_text`, not both")
+    if o.calib_text is not None and not is_hf_folder(source_path):
+        raise ConfigError(f"`calib_text` is tokenized with a model folder's tokenizer; {source_path} is not a Hugging "
+                          "Face folder: pass `calib` FILE")
+    if (o.max_length is not None or o.stride is not None) and o.calib_text is None:
+        raise ConfigError("`max_length` and `stride` cut `calib_text` into windows: pass `calib_text` FILE")
+    calib = o.calib if o.calib is not None else o.calib_text
     need = config.calibration_need()
-    if need is not None and o.calib is None:
-        raise ConfigError(f"{need} needs calibration data: pass `calib` FILE (inputs the model takes)")
+    if need is not None and calib is None:
+        raise ConfigError(f"{need} needs calibration data: pass `calib` FILE (inputs the model takes) or `calib_text` FILE")
     inputs = None if o.inputs is None else check_file(o.inputs, "inputs")
-    if o.calib_samples is not None and o.calib is None:
-        raise ConfigError("`calib_samples` needs `calib` FILE")
-    if o.min_sqnr is not None and o.eval_inputs is None and o.calib is None:
+    if o.calib_samples is not None and calib is None:
+        raise ConfigError("`calib_samples` needs `calib` FILE or `calib_text` FILE")
+    if o.min_sqnr is not None and o.eval_inputs is None and calib is None:
         raise ConfigError("`min_sqnr` measures the model on data: pass `eval_inputs` FILE or `calib` FILE")
     return _Checked(source_path, output, report, device, inputs)
 
@@ -171,13 +189,23 @@ def quantize_checkpoint(
         raise TypeError("quantize_checkpoint(source, config: QuantConfig, options: QuantizeOptions): the output "
                         "path and other options go in QuantizeOptions(output=...)")
     source_path, output, report_path, dev, inputs = _check_options(Path(source_path), config, o)
-    calib_data = None
+    calib_data, calib_note = None, None
     if o.calib is not None:
         calib_data = load_tensors(o.calib, "calibration data")
+    elif o.calib_text is not None:
+        tokenizer, raw = load_tokenizer(source_path), read_text(o.calib_text, "calibration text")
+    source = load_source(source_path, model=o.model, trust_pickle=o.trust_pickle)
+    if o.calib_text is not None:
+        text = text_inputs(source.model, tokenizer, raw, o.calib_text, max_length=o.max_length, stride=o.stride,
+                           what="calibration text")
+        calib_data = text.inputs
+        calib_note = f"{text.kind} text: {text.tokens:,} tokens, " + (
+            f"windows of {text.max_length} tokens, stride {text.stride}" if text.kind == "causal-lm"
+            else f"one sentence a line, at most {text.max_length} tokens")
+    if calib_data is not None:
         if o.calib_samples is not None:
             calib_data = next(batches(calib_data, o.calib_samples))
         calib_data = _to_device(calib_data, dev)
-    source = load_source(source_path, model=o.model, trust_pickle=o.trust_pickle)
     float_model = source.model.to(dev)
     if not find_linears(float_model):
         raise InputError(f"{source_path}: the model has no nn.Linear layer to quantize")
@@ -216,8 +244,9 @@ def quantize_checkpoint(
     report = QuantizeReport(
         source=str(source_path), source_kind=source.kind, output=str(output), format=o.format,
         config=result.config, device=str(dev),
-        calibration=None if o.calib is None else {
-            "file": str(o.calib), "samples": num_samples(calib_data), "batch_size": o.batch_size,
+        calibration=None if calib_data is None else {
+            "file": str(o.calib if o.calib is not None else o.calib_text), "samples": num_samples(calib_data),
+            "batch_size": o.batch_size, **({} if calib_note is None else {"text": calib_note}),
             # without static layers or SmoothQuant, the data only measures each layer's output SQNR
             "used_for": "calibration" if plan.calibration_need() else "measuring the first batch",
         },
@@ -303,6 +332,26 @@ def inspect_path(
                               None if group_size is None else PerGroup(group_size).size)
 
 
+class _Pair(NamedTuple):
+    """The float model of a source and the int8 model of a qlin file made from it."""
+
+    source: Any  # sources.Source
+    float_model: nn.Module
+    int8_model: nn.Module
+    qpath: Path
+    kernels: dict[str, int]
+
+
+def _load_pair(source_path: str | Path, quantized_path: str | Path, *, model: str | None, trust_pickle: bool,
+               dev: torch.device) -> _Pair:
+    source = load_source(source_path, model=model, trust_pickle=trust_pickle)
+    float_model = source.model.to(dev)
+    qpath = check_file(quantized_path, "qlin file")
+    int8_model = load_quantized(copy.deepcopy(float_model), qpath, device=dev)
+    kernels = Counter(m.kernel.name for m in int8_model.modules() if isinstance(m, QuantizedLinear))
+    return _Pair(source, float_model, int8_model, qpath, dict(sorted(kernels.items())))
+
+
 @torch.no_grad()
 def evaluate_checkpoint(
     source_path: str | Path,
@@ -324,11 +373,8 @@ def evaluate_checkpoint(
     if batch_size < 1:
         raise ConfigError("`batch_size` must be at least 1")
     dev = check_device(device)
-    source = load_source(source_path, model=model, trust_pickle=trust_pickle)
-    float_model = source.model.to(dev)
-    qpath = check_file(quantized_path, "qlin file")
-    int8_model = load_quantized(copy.deepcopy(float_model), qpath, device=dev)
-    kernels = Counter(m.kernel.name for m in int8_model.modules() if isinstance(m, QuantizedLinear))
+    source, float_model, int8_model, qpath, kernels = _load_pair(
+        source_path, quantized_path, model=model, trust_pickle=trust_pickle, dev=dev)
     runs = {"float model": float_model, "int8 model": int8_model}
     first_call_s: dict[str, float] = {}
     if compile:
@@ -366,7 +412,51 @@ def evaluate_checkpoint(
         output_shape=list(output.shape), metrics=compare_outputs(reference, output),
         accuracy_float=accuracy_float, accuracy_int8=accuracy_int8, latency_float_ms=t_float, latency_int8_ms=t_int8,
         batch_size=batch_size, threads=torch.get_num_threads(), size_float_bytes=source.size_bytes,
-        size_int8_bytes=qpath.stat().st_size, kernels=dict(sorted(kernels.items())), device=str(dev),
+        size_int8_bytes=qpath.stat().st_size, kernels=kernels, device=str(dev),
         source_matches=_metadata(qpath).get("source_sha256") == source.sha256,
         compile_s={"float": first_call_s["float model"], "int8": first_call_s["int8 model"]} if compile else None,
+    )
+
+
+TEXT_BATCH_SIZE = 8  # windows per forward pass: a window's logits are (max_length, vocabulary)
+
+
+@torch.no_grad()
+def evaluate_text(
+    source_path: str | Path,
+    quantized_path: str | Path,
+    text_path: str | Path,
+    *,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = TEXT_BATCH_SIZE,
+    device: str = "cpu",
+) -> TextEvalReport:
+    """Run the float model of a Hugging Face folder and the int8 model of a qlin file made from
+    it on a UTF-8 text, tokenized with the folder's tokenizer (text.text_inputs). A causal LM
+    gets the perplexity of each on the same windows and their top-1 next-token agreement; an
+    encoder the cosine of each line's mean-pooled embedding and the nearest-neighbour agreement."""
+    if batch_size < 1:
+        raise ConfigError("`batch_size` must be at least 1")
+    dev = check_device(device)
+    source_path = check_source(Path(source_path))
+    if not is_hf_folder(source_path):
+        raise ConfigError(f"`text` is tokenized with a model folder's tokenizer; {source_path} is not a Hugging Face "
+                          "folder: pass `inputs` FILE")
+    tokenizer = load_tokenizer(source_path)
+    raw = read_text(text_path, "text")
+    pair = _load_pair(source_path, quantized_path, model=None, trust_pickle=False, dev=dev)
+    text = text_inputs(pair.float_model, tokenizer, raw, text_path, max_length=max_length, stride=stride)
+    models = {"float": pair.float_model, "int8": pair.int8_model}
+    scores = (lm_scores if text.kind == "causal-lm" else embedding_scores)(models, text, batch_size, dev)
+    seconds = scores.pop("seconds")
+    return TextEvalReport(
+        source=str(source_path), quantized=str(quantized_path), text=str(text_path), kind=text.kind,
+        tokens=text.tokens, samples=text.samples, max_length=text.max_length, stride=text.stride,
+        scored_tokens=text.scored if text.kind == "causal-lm" else None,
+        truncated_lines=text.truncated if text.kind == "encoder" else None, metrics=scores,
+        seconds_float=seconds["float"], seconds_int8=seconds["int8"], batch_size=batch_size,
+        threads=torch.get_num_threads(), size_float_bytes=pair.source.size_bytes,
+        size_int8_bytes=pair.qpath.stat().st_size, kernels=pair.kernels, device=str(dev),
+        source_matches=_metadata(pair.qpath).get("source_sha256") == pair.source.sha256,
     )

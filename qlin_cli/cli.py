@@ -21,8 +21,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .api import QuantizeOptions, evaluate_checkpoint, inspect_path, quantize_checkpoint
+from .api import TEXT_BATCH_SIZE, QuantizeOptions, evaluate_checkpoint, evaluate_text, inspect_path, quantize_checkpoint
 from .config import QuantConfig, load_recipe
+from .errors import ConfigError
 from .report import report_json
 from .scheme import ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, WEIGHT_GRANULARITIES
 
@@ -59,6 +60,14 @@ DeviceOpt = Annotated[Literal["cpu", "cuda"], typer.Option("--device", help="Dev
 InputsOpt = Annotated[
     Optional[Path],
     typer.Option("--inputs", help="Model inputs (.safetensors or .pt): a tensor, or a dict of tensors as keyword arguments."),
+]
+
+MaxLengthOpt = Annotated[
+    Optional[int],
+    typer.Option("--max-length", help="Text: tokens per window (causal LM) or per line (encoder) [default: the model's position limit, at most 1024]."),
+]
+StrideOpt = Annotated[
+    Optional[int], typer.Option("--stride", help="Text, causal LM: tokens between window starts [default: half of --max-length]."),
 ]
 
 
@@ -110,6 +119,9 @@ def quantize(
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here, and as Markdown beside it (.md).")] = None,
     inputs: InputsOpt = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration inputs (same formats as --inputs); static mode and --smooth need them.")] = None,
+    calib_text: Annotated[Optional[Path], typer.Option("--calib-text", help="Calibration text instead of --calib: a UTF-8 file, tokenized with the model folder's tokenizer (windows for a causal LM, a sentence per line for an encoder).")] = None,
+    max_length: MaxLengthOpt = None,
+    stride: StrideOpt = None,
     calib_samples: Annotated[Optional[int], typer.Option("--calib-samples", help="Use the first N calibration samples.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per calibration forward pass.")] = 32,
     observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--observer", help="Static activation range: minmax (default), absmax, moving-average, percentile, mse.")] = None,
@@ -136,7 +148,8 @@ def quantize(
     )
     options = QuantizeOptions(
         output=output, format=out_format, force=force, report=report, model=model, trust_pickle=trust_pickle,
-        inputs=inputs, calib=calib, calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr,
+        inputs=inputs, calib=calib, calib_text=calib_text, max_length=max_length, stride=stride,
+        calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr,
         eval_inputs=eval_inputs, device=device,
     )
     with Progress(
@@ -172,9 +185,12 @@ def inspect(
 def evaluate(
     source: Annotated[Path, typer.Argument(help="The float checkpoint.")],
     quantized: Annotated[Path, typer.Argument(help="The qlin file made from it.")],
-    inputs: Annotated[Path, typer.Option("--inputs", help="Inputs: a tensor (samples first) or a dict of tensors as keyword arguments.")],
+    inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Inputs: a tensor (samples first) or a dict of tensors as keyword arguments.")] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", help="Instead of --inputs, a UTF-8 text tokenized with the model folder's tokenizer: perplexity (causal LM) or sentence embeddings, one a line (encoder).")] = None,
+    max_length: MaxLengthOpt = None,
+    stride: StrideOpt = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="Class index per sample, for accuracy.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward pass.")] = 64,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help=f"Samples per forward pass [default: 64; {TEXT_BATCH_SIZE} windows or lines with --text].")] = None,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed passes over the inputs.")] = 5,
     model: ModelOpt = None,
     trust_pickle: TrustOpt = False,
@@ -182,10 +198,24 @@ def evaluate(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile both models first (the int8 one around its kernels); compile time is reported apart.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the float and the int8 model on the same inputs and compare them."""
-    Output(as_json).show(evaluate_checkpoint(
-        source, quantized, inputs, labels, model=model, trust_pickle=trust_pickle,
-        batch_size=batch_size, repeats=repeats, device=device, compile=compile,
+    """Run the float and the int8 model on the same inputs (or text) and compare them."""
+    if (inputs is None) == (text is None):
+        raise ConfigError("pass `inputs` FILE or `text` FILE" if text is None else "pass `inputs` or `text`, not both")
+    if text is None:
+        if max_length is not None or stride is not None:
+            raise ConfigError("`max_length` and `stride` cut `text` into windows: pass `text` FILE")
+        Output(as_json).show(evaluate_checkpoint(
+            source, quantized, inputs, labels, model=model, trust_pickle=trust_pickle,
+            batch_size=64 if batch_size is None else batch_size, repeats=repeats, device=device, compile=compile,
+        ))
+        return
+    taken = [flag for flag, given in (("labels", labels), ("model", model), ("trust_pickle", trust_pickle),
+                                      ("compile", compile)) if given]
+    if taken:
+        raise ConfigError(f"`{taken[0]}` applies to `inputs`, not to `text` (a Hugging Face folder's own tokenizer and model)")
+    Output(as_json).show(evaluate_text(
+        source, quantized, text, max_length=max_length, stride=stride,
+        batch_size=TEXT_BATCH_SIZE if batch_size is None else batch_size, device=device,
     ))
 
 

@@ -23,7 +23,10 @@ import torch.nn as nn
 from .errors import ConfigError, InputError, one_line
 from .files import CONFIG_NAME, file_sha256
 
-__all__ = ["is_hf_folder", "weight_files", "HFModel", "load_hf_folder", "hf_probe_inputs", "HF_KIND"]
+__all__ = [
+    "is_hf_folder", "weight_files", "HFModel", "load_hf_folder", "hf_probe_inputs", "HF_KIND",
+    "load_tokenizer", "is_causal_lm", "position_limit",
+]
 
 HF_KIND = "Hugging Face folder"
 INSTALL_HINT = "pip install -e .[hf]"
@@ -185,3 +188,46 @@ def hf_probe_inputs(model: nn.Module, samples: int = 8, tokens: int = 16, seed: 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (samples, tokens), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# The files a tokenizer can be saved as (tokenizer.save_pretrained writes the first two).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved in a model folder, through transformers' AutoTokenizer, offline and
+    without remote code. Raises InputError naming the files looked for when the folder has none."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's tokenizer "
+            "into the folder (tokenizer.save_pretrained)"
+        )
+    transformers = _import_transformers()
+    with _Quiet(transformers):
+        try:
+            return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:
+            raise InputError(f"{folder}: transformers cannot load the tokenizer ({one_line(exc)})") from None
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for a transformers model that predicts the next token (GPT2LMHeadModel,
+    LlamaForCausalLM, ...): a class that AutoModelForCausalLM maps to."""
+    name = type(model).__name__
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
+    except ImportError:  # pragma: no cover - an older or newer layout of transformers
+        return name.endswith(("ForCausalLM", "LMHeadModel"))
+    return name in set(names.values())
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The most tokens a transformers model takes in one sequence (`n_positions` or
+    `max_position_embeddings` of its config), or None when its config gives none."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

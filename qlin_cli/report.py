@@ -31,6 +31,7 @@ __all__ = [
     "layer_note",
     "QuantizeReport",
     "EvalReport",
+    "TextEvalReport",
     "InspectReport",
     "FloatInspectReport",
     "to_markdown",
@@ -290,6 +291,80 @@ class EvalReport(_Report):
 
     def warnings(self) -> list[str]:
         return [] if self.source_matches else ["note: the qlin file records another source file (sha256 differs)"]
+
+
+@dataclass
+class TextEvalReport(_Report):
+    """The float and the int8 model on a text (`qlin eval --text`): for a causal LM the
+    perplexity of each on the same windows and the top-1 next-token agreement; for an encoder
+    the cosine of each line's embedding and the nearest-neighbour agreement among the lines."""
+
+    source: str
+    quantized: str
+    text: str
+    kind: str  # "causal-lm" or "encoder"
+    tokens: int
+    samples: int  # windows (causal LM) or lines (encoder)
+    max_length: int
+    stride: int | None  # causal LM
+    scored_tokens: int | None  # causal LM: targets scored
+    truncated_lines: int | None  # encoder: lines longer than max_length
+    metrics: dict[str, float]  # text.lm_scores or text.embedding_scores
+    seconds_float: float  # wall time of each model over the whole text
+    seconds_int8: float
+    batch_size: int
+    threads: int
+    size_float_bytes: int
+    size_int8_bytes: int
+    kernels: dict[str, int]
+    device: str
+    source_matches: bool
+
+    @property
+    def title(self) -> str:
+        what = f"{self.samples} windows of {self.max_length} tokens, stride {self.stride}" if self.kind == "causal-lm" \
+            else f"{self.samples} lines"
+        return f"qlin eval: {self.source} vs {self.quantized} on {self.text} ({self.tokens:,} tokens, {what})"
+
+    def to_dict(self) -> dict[str, Any]:
+        shape = {"windows": self.samples, "stride": self.stride, "scored_tokens": self.scored_tokens} \
+            if self.kind == "causal-lm" else {"lines": self.samples, "truncated_lines": self.truncated_lines}
+        return {
+            "text": self.text, "model_kind": self.kind, "tokens": self.tokens, "max_length": self.max_length,
+            **shape, **self.metrics, "seconds_float": self.seconds_float, "seconds_int8": self.seconds_int8,
+            "batch_size": self.batch_size, "threads": self.threads, "size_float_bytes": self.size_float_bytes,
+            "size_int8_bytes": self.size_int8_bytes, "kernels": self.kernels, "device": self.device,
+            "source_matches": self.source_matches,
+        }
+
+    def tables(self) -> list[Table]:
+        m = self.metrics
+        if self.kind == "causal-lm":
+            rows: tuple[tuple[str, str], ...] = (
+                (f"perplexity float ({self.scored_tokens:,} tokens scored)", fmt(m["perplexity_float"], 3)),
+                ("perplexity int8", fmt(m["perplexity_int8"], 3)),
+                ("perplexity int8 / float", fmt(m["perplexity_ratio"], 4)),
+                ("top-1 next-token agreement", fmt(m["next_token_agreement"], 4)),
+            )
+        else:
+            rows = (
+                ("embedding cosine, mean over lines", fmt(m["embedding_cosine_mean"], 6)),
+                ("embedding cosine, min", fmt(m["embedding_cosine_min"], 6)),
+                ("nearest-neighbour agreement", fmt(m["neighbour_agreement"], 4)),
+            )
+        rows += (
+            (f"time float s (batch {self.batch_size}, {self.threads} threads)", fmt(self.seconds_float, 3)),
+            ("time int8 s", fmt(self.seconds_int8, 3)),
+            ("size float bytes", f"{self.size_float_bytes:,}"), ("size int8 bytes", f"{self.size_int8_bytes:,}"),
+            ("kernels", ", ".join(f"{k} x{v}" for k, v in self.kernels.items())),
+        )
+        return [Table(self.title, ("metric", "value"), rows, frozenset({"value"}))]
+
+    def warnings(self) -> list[str]:
+        notes = [] if self.source_matches else ["note: the qlin file records another source file (sha256 differs)"]
+        if self.truncated_lines:
+            notes.append(f"note: {self.truncated_lines} lines are longer than {self.max_length} tokens and were cut")
+        return notes
 
 
 @dataclass
