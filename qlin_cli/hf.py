@@ -25,7 +25,7 @@ from .files import CONFIG_NAME, file_sha256
 
 __all__ = [
     "is_hf_folder", "weight_files", "HFModel", "load_hf_folder", "hf_probe_inputs", "HF_KIND",
-    "load_tokenizer", "is_causal_lm", "position_limit",
+    "load_tokenizer", "encode", "is_causal_lm", "position_limit",
 ]
 
 HF_KIND = "Hugging Face folder"
@@ -209,6 +209,13 @@ def load_tokenizer(folder: str | Path) -> Any:
             return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except Exception as exc:
             raise InputError(f"{folder}: transformers cannot load the tokenizer ({one_line(exc)})") from None
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """The token ids of `text` (with the special tokens the tokenizer adds), without
+    transformers' warning that the sequence is longer than the model takes (text.py cuts it)."""
+    with _Quiet(_import_transformers()):
+        return list(tokenizer(text)["input_ids"])
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -32,7 +32,7 @@ import torch.nn as nn
 from .data import Inputs, run_model
 from .errors import ConfigError, InputError
 from .files import check_file
-from .hf import is_causal_lm, position_limit
+from .hf import encode, is_causal_lm, position_limit
 
 __all__ = [
     "DEFAULT_MAX_LENGTH", "read_text", "TextInputs", "text_inputs", "window_starts", "first_scored",
@@ -130,7 +130,7 @@ def text_inputs(
         raise InputError(f"`{what}` needs a model that takes token ids; {type(model).__name__} does not")
     max_length, stride = _check_lengths(model, max_length, stride)
     if is_causal_lm(model):
-        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # (T,)
+        ids = torch.tensor(encode(tokenizer, text), dtype=torch.long)  # (T,)
         if ids.numel() < max_length:
             raise InputError(
                 f"{what} {path} is {ids.numel()} tokens, shorter than one window of `max_length` {max_length}: "
@@ -144,7 +144,7 @@ def text_inputs(
     if len(lines) < 2:
         raise InputError(f"{what} {path} has {len(lines)} non-empty line: an encoder's text needs at least 2 "
                          "sentences, one a line (the neighbour agreement compares them)")
-    encoded = [tokenizer(line)["input_ids"] for line in lines]
+    encoded = [encode(tokenizer, line) for line in lines]
     truncated = sum(len(e) > max_length for e in encoded)
     encoded = [e[:max_length] for e in encoded]
     width = max(len(e) for e in encoded)
@@ -175,6 +175,9 @@ def lm_scores(models: dict[str, nn.Module], text: TextInputs, batch_size: int, d
 
     perplexity = exp(sum of -log p(target | context) / targets), summed in float64; the logits
     of each model are compared at the same positions. Also each model's wall time (s)."""
+    for model in models.values():  # the eval's own models: no key/value cache to keep between windows
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
     nll = {name: 0.0 for name in models}
     seconds = {name: 0.0 for name in models}
     agree = count = 0
