@@ -199,8 +199,9 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the float and the int8 model on the same inputs (or text) and compare them."""
-    if (inputs is None) == (text is None):
-        raise ConfigError("pass `inputs` FILE or `text` FILE" if text is None else "pass `inputs` or `text`, not both")
+    if (inputs is None) == (text is None):  # a usage error (exit 2), as a missing option is
+        raise typer.BadParameter("give one of them, not both" if inputs else "give one of them",
+                                 param_hint="'--inputs' / '--text'")
     if text is None:
         if max_length is not None or stride is not None:
             raise ConfigError("`max_length` and `stride` cut `text` into windows: pass `text` FILE")

@@ -363,7 +363,7 @@ class TextEvalReport(_Report):
     def warnings(self) -> list[str]:
         notes = [] if self.source_matches else ["note: the qlin file records another source file (sha256 differs)"]
         if self.truncated_lines:
-            notes.append(f"note: {self.truncated_lines} lines are longer than {self.max_length} tokens and were cut")
+            notes.append(f"note: {self.truncated_lines} of {self.samples} lines cut to {self.max_length} tokens")
         return notes
 
 

@@ -128,8 +128,12 @@ def text_inputs(
     to half of it. InputError for a text shorter than one window, or fewer than two lines."""
     if getattr(model, "main_input_name", None) != "input_ids":
         raise InputError(f"`{what}` needs a model that takes token ids; {type(model).__name__} does not")
+    causal = is_causal_lm(model)
+    if stride is not None and not causal:
+        raise ConfigError(f"`stride` moves the windows of a causal LM; {type(model).__name__} is an encoder, "
+                          "whose text is a sentence a line")
     max_length, stride = _check_lengths(model, max_length, stride)
-    if is_causal_lm(model):
+    if causal:
         ids = torch.tensor(encode(tokenizer, text), dtype=torch.long)  # (T,)
         if ids.numel() < max_length:
             raise InputError(

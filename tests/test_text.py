@@ -211,7 +211,9 @@ def test_cli_eval_text_on_a_bert_folder(tmp_path, capsys):
     assert 0.99 < ev["embedding_cosine_min"] <= ev["embedding_cosine_mean"] <= 1.0 + 1e-9
     assert ev["neighbour_agreement"] == 1.0
     code, out, err = cli(capsys, "eval", folder, q, "--text", text)  # human mode: the note on stderr
-    assert code == 0 and "nearest-neighbour agreement" in out and "1 lines are longer than 16 tokens" in err
+    assert code == 0 and "nearest-neighbour agreement" in out and "note: 1 of 3 lines cut to 16 tokens" in err
+    assert "--stride moves the windows of a causal LM; BertModel is an encoder" in _error(
+        capsys, "eval", folder, q, "--text", text, "--stride", "4")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -261,9 +263,16 @@ def test_a_text_shorter_than_one_window(lm_dir, lm_q, tmp_path, capsys):
     assert msg.startswith(f"error: calibration text {short} is 3 tokens, shorter than one window of --max-length 8")
 
 
+@pytest.mark.parametrize("args", [(), ("--inputs", "X", "--text", "X")])
+def test_eval_takes_inputs_or_text(lm_dir, lm_q, tmp_path, capsys, args):
+    text = _text(tmp_path, "a b c d a b c d")
+    code, out, err = cli(capsys, "eval", lm_dir, lm_q, *[text if a == "X" else a for a in args])
+    assert code == 2 and out == ""  # a usage error, as a missing option is
+    says = "give one of them, not both" if args else "give one of them"
+    assert err.strip() == f"error: Invalid value for '--inputs' / '--text': {says} (see 'qlin eval --help')"
+
+
 @pytest.mark.parametrize("args, says", [
-    ((), "pass --inputs FILE or --text FILE"),
-    (("--inputs", "X", "--text", "X"), "pass --inputs or --text, not both"),
     (("--inputs", "X", "--max-length", "4"), "--max-length and --stride cut --text into windows"),
     (("--text", "X", "--labels", "X"), "--labels applies to --inputs, not to --text"),
     (("--text", "X", "--max-length", "9"), "--max-length 9 is more than the model's 8 positions"),
