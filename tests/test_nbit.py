@@ -308,6 +308,7 @@ def test_cli_quantize_and_inspect_show_groups(tmp_path, capsys):
     assert code == 0, stderr
     r = json.loads(stdout)
     assert r["config"]["mode"] == "weight-only" and r["config"]["group_size"] == 32 and r["config"]["bits"] == 4
+    assert "note: --group-size selects weight-only mode" in stderr
     assert [l["scale_shape"] for l in r["layers"]] == [[256, 2], [256, 8], [10, 8]]
     code, stdout, stderr = cli(capsys, "inspect", out, "--json")
     assert code == 0, stderr
@@ -334,6 +335,6 @@ def test_cli_bad_bits_and_groups_are_one_line_errors(tmp_path, capsys, args, mes
     out = tmp_path / "x.safetensors"
     code, stdout, stderr = cli(capsys, "quantize", DIGITS_PT, "-o", out, *args)
     assert code == 1, (code, stderr)
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip() and not ln.startswith("note: ")]
     assert len(lines) == 1 and message in lines[0], stderr
     assert "Traceback" not in stderr and not out.exists()
