@@ -134,6 +134,7 @@ def quantize(
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Never hold the whole float model: read, quantize and write one layer at a time (safetensors sources; weight-only/dynamic; no model-level error).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize every nn.Linear of SOURCE to int8 and write a qlin safetensors file (or a
@@ -150,7 +151,7 @@ def quantize(
         output=output, format=out_format, force=force, report=report, model=model, trust_pickle=trust_pickle,
         inputs=inputs, calib=calib, calib_text=calib_text, max_length=max_length, stride=stride,
         calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr,
-        eval_inputs=eval_inputs, device=device,
+        eval_inputs=eval_inputs, device=device, stream=stream,
     )
     with Progress(
         TextColumn("[bold]quantizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -263,10 +264,12 @@ def main(argv: list[str] | None = None) -> None:
 
 class _Note(logging.Handler):
     """The library's `qlin` log (e.g. building the fused kernels once, or running without them)
-    as one line each on stderr."""
+    as one line each on stderr, `note:` or what the record's `kind` says (`warning:` for a model
+    larger than memory)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        err.print(f"note: {record.getMessage()}", markup=False, soft_wrap=True)
+        kind = getattr(record, "kind", "note")
+        err.print(f"{kind}: {as_flags(record.getMessage())}", markup=False, soft_wrap=True)
 
 
 @functools.cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.nn as nn
@@ -13,12 +13,12 @@ import torch.nn as nn
 from .calibrate import LayerCalibration, calibrate
 from .config import QuantConfig
 from .data import Inputs, Progress
-from .errors import ConfigError
-from .plan import Plan, PlanEntry, effective_linear, make_plan, swap_module
+from .errors import ConfigError, InputError
+from .plan import Plan, PlanEntry, effective_linear, find_linears, layer_kind, make_plan, swap_module
 from .primitives import packed_row_bytes, sqnr_db, weight_sqnr_db
 from .qlinear import QuantizedLinear
 
-__all__ = ["LayerResult", "QuantizeResult", "quantize_layer", "quantize_model"]
+__all__ = ["LayerResult", "QuantizeResult", "quantize_layer", "quantize_model", "check_streamable", "stream_layers"]
 
 
 @dataclass(frozen=True)
@@ -166,3 +166,44 @@ def quantize_model(
         if progress is not None:
             progress(i + 1, total, entry.name)
     return QuantizeResult(model=model, config=config, layers=tuple(results))
+
+
+def check_streamable(model: nn.Module) -> None:
+    """Refuse (InputError) a model whose layers cannot be planned without their weights: an
+    nn.Linear subclass with its own forward is captured by running it (`affine_surrogate`)."""
+    for name, m, _, _ in find_linears(model):
+        if type(m).forward is not nn.Linear.forward and layer_kind(m) != "Conv1D":
+            raise InputError(
+                f"`stream`: layer {name!r} ({type(m).__qualname__}) overrides forward, and qlin captures such a "
+                "layer by running it, which needs its weights; quantize without `stream`"
+            )
+
+
+@torch.no_grad()
+def stream_layers(
+    floats: dict[str, nn.Module],
+    plan: Plan,
+    loaded: Callable[[nn.Module, str], ContextManager],
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> Iterator[tuple[LayerResult, QuantizedLinear | None]]:
+    """The layers of `plan` quantized one at a time, for a model whose weights stay on disk:
+    `floats` maps each entry's name to its float module (parameters on the meta device) and
+    `loaded(module, name)` gives it its real parameters for the time of a `with`. Yields each
+    layer's result and its packed QuantizedLinear (None for a layer kept float, whose tensors
+    the file takes as they are); the caller writes it and drops it, so that peak memory is one
+    float layer and its int8 copy. No calibration: each layer's weight SQNR is measured, not its
+    output's (that needs the model's forward)."""
+    total = len(plan.entries)
+    for i, entry in enumerate(plan.entries):
+        linear = floats[entry.name]
+        if entry.scheme is None:
+            size = _nbytes(linear.weight, linear.bias)  # shapes only: meta tensors will do
+            yield LayerResult(entry, bytes_float=size, bytes_int8=size), None
+        else:
+            with loaded(linear, entry.name):
+                q, result = quantize_layer(entry, linear, LayerCalibration(), device)
+            yield result, q
+            del q
+        if progress is not None:
+            progress(i + 1, total, entry.name)
