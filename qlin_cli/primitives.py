@@ -85,9 +85,11 @@ def _expand(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def check_finite(x: torch.Tensor, what: str, fix: str = "fix the model first") -> None:
-    """Raise InputError naming `what` (and saying `fix`) if `x` holds NaN or Inf."""
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
+    """Raise InputError naming `what` (and saying `fix`) if `x` holds NaN or Inf. Checked in
+    blocks of rows: torch.isfinite of a whole tensor makes a float copy (its abs) and two masks,
+    which for a 262 MB float32 LM head was +440 MB of peak memory, the most of a streamed run."""
+    if not all(bool(torch.isfinite(x[i]).all()) for i in _blocks(x)):
+        bad = sum(int((~torch.isfinite(x[i])).sum()) for i in _blocks(x))
         raise InputError(f"{what} has {bad} non-finite value(s) (NaN or Inf); {fix}")
 
 
