@@ -52,7 +52,8 @@ class QuantizeOptions:
     output: the qlin file (or compressed-tensors folder) to write; default beside the source.
     format: "qlin" or "compressed-tensors".
     force: replace existing outputs.
-    report: also write the report as JSON here and as Markdown beside it (`.md`).
+    report: also write the report as JSON here and as Markdown beside it (`.md`); a `.html` path
+        gets one self-contained HTML page instead (the table and a chart of the SQNRs by depth).
     model: the architecture of a state dict, `package.module:factory` or `file.py:factory`.
     trust_pickle: unpickle a module with classes of its own (runs code from the file).
     inputs: the probe batch for the model-level error (default: random inputs that fit).
@@ -144,7 +145,7 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
             raise ConfigError(
                 f"`report` {report}: give the JSON path (e.g. report.json); the Markdown twin is written beside it as .md"
             )
-        for p in (report, report.with_suffix(".md")):
+        for p in (report,) if report.suffix == ".html" else (report, report.with_suffix(".md")):
             check_output(p, force=o.force, inputs=(Path(source_path),))
     if o.format not in FORMATS:
         raise ConfigError(f"`format` {o.format!r}: use one of {', '.join(FORMATS)}")

@@ -116,7 +116,7 @@ def quantize(
     kernel: Annotated[Optional[Literal[KERNELS]], typer.Option(help="Kernel request; auto picks per layer.")] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Regex on module paths to keep in float (repeatable; adds to the recipe's).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML recipe (see configs/); flags override it.")] = None,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here, and as Markdown beside it (.md).")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here, and as Markdown beside it (.md); FILE.html: one self-contained HTML page with a chart of the SQNRs by depth.")] = None,
     inputs: InputsOpt = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration inputs (same formats as --inputs); static mode and --smooth need them.")] = None,
     calib_text: Annotated[Optional[Path], typer.Option("--calib-text", help="Calibration text instead of --calib: a UTF-8 file, tokenized with the model folder's tokenizer (windows for a causal LM, a sentence per line for an encoder).")] = None,
@@ -163,7 +163,10 @@ def quantize(
             bar.update(task, completed=done, total=total, description=name)
 
         result = quantize_checkpoint(source, cfg, options, progress=progress, calib_progress=progress)
-    wrote = f"wrote {result.output}" + (f", {report} and {report.with_suffix('.md')}" if report else "")
+    if report is None or report.suffix == ".html":
+        wrote = f"wrote {result.output}" + (f" and {report}" if report else "")
+    else:
+        wrote = f"wrote {result.output}, {report} and {report.with_suffix('.md')}"
     Output(as_json).show(result, wrote)
 
 
