@@ -99,6 +99,17 @@ def amin_amax(
     """Min and max of `x` as float32: `()` per tensor, `(x.shape[axis],)` per channel (axis 0 for
     weights `(out, in)`: one per row; axis 1 for activations `(tokens, in)`: one per input
     channel)."""
+    if axis == 0 and x.dim() >= 1 and x.shape[0] and x.dtype != torch.float32:
+        # a weight in half precision: in blocks of rows, so that no float32 copy of the whole weight
+        # is made (a 7B model's 32000 x 4096 bf16 head: +500 MB). min and max are exact either way.
+        los, his = [], []
+        for i in _blocks(x):
+            part = x[i].detach().float()
+            part = part.reshape(1, -1) if granularity == PER_TENSOR else part.reshape(part.shape[0], -1)
+            los.append(part.amin(dim=-1))
+            his.append(part.amax(dim=-1))
+        lo, hi = torch.cat(los), torch.cat(his)
+        return (lo.amin(), hi.amax()) if granularity == PER_TENSOR else (lo, hi)
     flat = x.detach().float()
     if granularity == PER_TENSOR:
         flat = flat.reshape(-1)
