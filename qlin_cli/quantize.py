@@ -235,7 +235,8 @@ def stream_layers(
             yield LayerResult(entry, bytes_float=size, bytes_int8=size), None
         else:
             with loaded(linear, entry.name):
-                q, result = quantize_layer(entry, linear, LayerCalibration(), device, pack=False)
+                # on the device the whole-model run quantizes on, so the numbers (and the file) are the same
+                q, result = quantize_layer(entry, linear.to(device), LayerCalibration(), device, pack=False)
             yield result, q
             del q
         _release_freed_memory()
