@@ -170,7 +170,7 @@ print(json.dumps({"before": before, "streamed": streamed, "whole": hwm()}))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc/self/status")
 def test_streaming_peak_memory(tmp_path):
-    """A Llama-style model of ~170 MB float32 in 4 shards, most of it in 84 small layers (the
+    """A Llama-style model of ~165 MB float32 in 4 shards, most of it in 84 small layers (the
     largest 2.9 MB), quantized with --stream in a fresh process: its peak RSS above the process's
     peak after its imports is a few layers and the allocator's slack (~0.18x the float size
     here, where that slack is most of it). Then the same process loads the float model whole,
