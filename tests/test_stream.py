@@ -164,6 +164,7 @@ before = hwm()
 quantize_checkpoint(sys.argv[1], QuantConfig(), QuantizeOptions(output=sys.argv[2], stream=True))
 streamed = hwm()
 model = load_source(sys.argv[1]).model  # the float model, whole: what streaming avoids
+total = sum(float(p.sum()) for p in model.parameters())  # touched (transformers may map the files lazily)
 print(json.dumps({"before": before, "streamed": streamed, "whole": hwm()}))
 """
 
