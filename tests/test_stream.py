@@ -116,12 +116,14 @@ def test_state_dict_with_model(tmp_path, isolate_imports):
     (["--calib", "{inputs}"], "cannot run it: --calib needs the model's forward"),
     (["--mode", "static", "--calib", "{inputs}"], "needs the model's forward"),
     (["--inputs", "{inputs}"], "--inputs needs the model's forward"),
+    (["--calib-text", "{text}"], "--calib-text needs the model's forward"),
     (["--format", "compressed-tensors"], "--stream writes the qlin format only"),
 ])
 def test_what_streaming_refuses(folders, tmp_path, capsys, extra, words):
     save_file({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, tmp_path / "ids.safetensors")
     out = tmp_path / "q.safetensors"
-    args = [a.format(inputs=tmp_path / "ids.safetensors") for a in extra]
+    (tmp_path / "t.txt").write_text("some text\n")
+    args = [a.format(inputs=tmp_path / "ids.safetensors", text=tmp_path / "t.txt") for a in extra]
     code, stdout, err = cli(capsys, "quantize", folders / "bert", "-o", out, "--stream", *args)
     assert code == 1 and stdout == ""
     assert err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1, err
