@@ -6,6 +6,7 @@ The CLI only checks its flags, calls one of them and renders the report.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,17 +23,17 @@ from .errors import ConfigError, InputError
 from .export import CT_FORMAT, FORMATS, check_exportable, save_compressed_tensors
 from .fallback import quantize_to_target
 from .files import check_file, check_output, check_output_dir
-from .hf import HF_KIND, hf_probe_inputs, is_hf_folder, load_tokenizer
+from .hf import HF_KIND, hf_probe_inputs, is_hf_folder, load_tokenizer, weight_files
 from .kernels import select_kernel
 from .plan import find_linears, layer_shape, make_plan
-from .qfile import FORMAT, load_quantized, read_qfile, save_quantized
+from .qfile import FORMAT, load_quantized, read_qfile, save_quantized, save_streamed
 from .qlinear import QuantizedLinear, compile_model
-from .quantize import quantize_model
+from .quantize import check_streamable, quantize_model, stream_layers
 from .scheme import PerGroup
 from .report import (
     EvalReport, FloatInspectReport, InspectReport, QuantizeReport, TextEvalReport, compare_outputs, write_report,
 )
-from .sources import check_source, load_source, load_tensors, read_checkpoint
+from .sources import check_source, load_source, load_source_lazily, load_tensors, read_checkpoint, stream_problem
 from .text import embedding_scores, lm_scores, read_text, text_inputs
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 PROBE_SAMPLES = 64
+_log = logging.getLogger("qlin")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class QuantizeOptions:
     output: the qlin file (or compressed-tensors folder) to write; default beside the source.
     format: "qlin" or "compressed-tensors".
     force: replace existing outputs.
-    report: also write the report as JSON here and as Markdown beside it (`.md`).
+    report: also write the report as JSON here and as Markdown beside it (`.md`); a `.html` path
+        gets one self-contained HTML page instead (the table and a chart of the SQNRs by depth).
     model: the architecture of a state dict, `package.module:factory` or `file.py:factory`.
     trust_pickle: unpickle a module with classes of its own (runs code from the file).
     inputs: the probe batch for the model-level error (default: random inputs that fit).
@@ -62,6 +65,8 @@ class QuantizeOptions:
     min_sqnr: keep the most sensitive layers float until the output SQNR (dB) on `eval_inputs`
         (default: the calibration data) reaches it.
     device: where to pack and run ("cpu" or "cuda").
+    stream: never hold the whole float model: build it without weights, then read, quantize,
+        write and drop one layer at a time (`STREAM_SUPPORTS` says for what).
     """
 
     output: str | Path | None = None
@@ -80,6 +85,12 @@ class QuantizeOptions:
     min_sqnr: float | None = None
     eval_inputs: str | Path | None = None
     device: str = "cpu"
+    stream: bool = False
+
+
+# what `stream` supports, as its refusals say it
+STREAM_SUPPORTS = ("a Hugging Face folder with safetensors weights or a safetensors state dict with `model`, "
+                   "weight-only or dynamic mode, the qlin format")
 
 
 def default_output(source: Path, format: str = "qlin") -> Path:
@@ -134,7 +145,7 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
             raise ConfigError(
                 f"`report` {report}: give the JSON path (e.g. report.json); the Markdown twin is written beside it as .md"
             )
-        for p in (report, report.with_suffix(".md")):
+        for p in (report,) if report.suffix == ".html" else (report, report.with_suffix(".md")):
             check_output(p, force=o.force, inputs=(Path(source_path),))
     if o.format not in FORMATS:
         raise ConfigError(f"`format` {o.format!r}: use one of {', '.join(FORMATS)}")
@@ -168,7 +179,59 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
         raise ConfigError("`calib_samples` needs `calib` FILE or `calib_text` FILE")
     if o.min_sqnr is not None and o.eval_inputs is None and calib is None:
         raise ConfigError("`min_sqnr` measures the model on data: pass `eval_inputs` FILE or `calib` FILE")
+    if o.stream:
+        _check_stream(source_path, config, o)
+    else:
+        _warn_if_too_big(source_path)
     return _Checked(source_path, output, report, device, inputs)
+
+
+def _check_stream(source: Path, config: QuantConfig, o: QuantizeOptions) -> None:
+    """`stream` reads one layer at a time and never runs the model: refuse what needs more."""
+    why = stream_problem(source)
+    if why is not None:
+        raise ConfigError(f"`stream`: {why} and cannot be read a layer at a time; convert it to safetensors")
+    if o.format != "qlin":
+        raise ConfigError(f"`stream` writes the qlin format only, not {o.format}")
+    needs_model = {"calib": o.calib, "calib_text": o.calib_text, "inputs": o.inputs, "min_sqnr": o.min_sqnr,
+                   "eval_inputs": o.eval_inputs}
+    given = [k for k, v in needs_model.items() if v is not None]
+    if given or config.calibration_need() is not None:
+        what = f"`{given[0]}`" if given else config.calibration_need()
+        raise ConfigError(
+            f"`stream` never holds the whole float model, so it cannot run it: {what} needs the model's forward "
+            f"(stream supports {STREAM_SUPPORTS})"
+        )
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _warn_if_too_big(source: Path) -> None:
+    """Warn (before loading) when the float weights alone exceed the available memory: say
+    `stream` for safetensors, and that a pickle cannot be streamed."""
+    try:
+        size = sum(f.stat().st_size for f in weight_files(source).files) if is_hf_folder(source) else source.stat().st_size
+    except (InputError, OSError):
+        return
+    available = _available_memory()
+    if available is None or size <= available:
+        return
+    gb = f"{size / 1e9:.1f} GB of float weights, more than the {available / 1e9:.1f} GB of memory available"
+    why = stream_problem(source)
+    if why is None:
+        _log.warning(f"{source}: {gb}: pass `stream` to read, quantize and write one layer at a time", extra={"kind": "warning"})
+    else:
+        _log.warning(f"{source}: {gb}; {why}, so it cannot be streamed: convert it to safetensors and pass `stream`",
+                     extra={"kind": "warning"})
 
 
 @torch.no_grad()
@@ -189,6 +252,8 @@ def quantize_checkpoint(
         raise TypeError("quantize_checkpoint(source, config: QuantConfig, options: QuantizeOptions): the output "
                         "path and other options go in QuantizeOptions(output=...)")
     source_path, output, report_path, dev, inputs = _check_options(Path(source_path), config, o)
+    if o.stream:
+        return _quantize_streamed(source_path, config, o, output, report_path, dev, progress)
     calib_data, calib_note = None, None
     if o.calib is not None:
         calib_data = load_tensors(o.calib, "calibration data")
@@ -252,6 +317,32 @@ def quantize_checkpoint(
         },
         layers=result.layers, probe=probe_report, fallback=result.fallback,
         size_float_bytes=source.size_bytes, size_int8_bytes=size_out,
+    )
+    if report_path is not None:
+        write_report(report, report_path, force=o.force)
+    return report
+
+
+def _quantize_streamed(source_path: Path, config: QuantConfig, o: QuantizeOptions, output: Path,
+                       report_path: Path | None, dev: torch.device, progress: Progress | None) -> QuantizeReport:
+    """`quantize_checkpoint` with `stream`: the model built without weights (meta device), each
+    layer read, quantized, written and dropped in turn (quantize.stream_layers, qfile.save_streamed);
+    the file is the one the whole model gives. Measured: each layer's weight SQNR; not the
+    model-level error (it needs the model's forward)."""
+    source = load_source_lazily(source_path, model=o.model)
+    check_streamable(source.model)
+    plan = make_plan(source.model, config)
+    floats = {e.name: source.model.get_submodule(e.name) for e in plan.entries}
+    layers = stream_layers(floats, plan, source.loaded, dev, progress)
+    result = save_streamed(source.model, config, plan, layers, source.tensor, output, force=o.force,
+                           source_name=source_path.name, source_sha256=source.sha256)
+    probe = {"description": "none", "compared": None,
+             "note": "not measured with --stream (the whole float model is never in memory to run); "
+                     "`qlin eval` measures it where the model fits"}
+    report = QuantizeReport(
+        source=str(source_path), source_kind=f"{source.kind}, streamed one layer at a time", output=str(output),
+        format=o.format, config=result.config, device=str(dev), calibration=None, layers=result.layers,
+        probe=probe, fallback=None, size_float_bytes=source.size_bytes, size_int8_bytes=output.stat().st_size,
     )
     if report_path is not None:
         write_report(report, report_path, force=o.force)

@@ -116,7 +116,7 @@ def quantize(
     kernel: Annotated[Optional[Literal[KERNELS]], typer.Option(help="Kernel request; auto picks per layer.")] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Regex on module paths to keep in float (repeatable; adds to the recipe's).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML recipe (see configs/); flags override it.")] = None,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here, and as Markdown beside it (.md).")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here, and as Markdown beside it (.md); FILE.html: one self-contained HTML page with a chart of the SQNRs by depth.")] = None,
     inputs: InputsOpt = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration inputs (same formats as --inputs); static mode and --smooth need them.")] = None,
     calib_text: Annotated[Optional[Path], typer.Option("--calib-text", help="Calibration text instead of --calib: a UTF-8 file, tokenized with the model folder's tokenizer (windows for a causal LM, a sentence per line for an encoder).")] = None,
@@ -134,6 +134,7 @@ def quantize(
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Never hold the whole float model: read, quantize and write one layer at a time (safetensors sources; weight-only/dynamic; no model-level error).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize every nn.Linear of SOURCE to int8 and write a qlin safetensors file (or a
@@ -153,7 +154,7 @@ def quantize(
         output=output, format=out_format, force=force, report=report, model=model, trust_pickle=trust_pickle,
         inputs=inputs, calib=calib, calib_text=calib_text, max_length=max_length, stride=stride,
         calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr,
-        eval_inputs=eval_inputs, device=device,
+        eval_inputs=eval_inputs, device=device, stream=stream,
     )
     with Progress(
         TextColumn("[bold]quantizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -165,7 +166,10 @@ def quantize(
             bar.update(task, completed=done, total=total, description=name)
 
         result = quantize_checkpoint(source, cfg, options, progress=progress, calib_progress=progress)
-    wrote = f"wrote {result.output}" + (f", {report} and {report.with_suffix('.md')}" if report else "")
+    if report is None or report.suffix == ".html":
+        wrote = f"wrote {result.output}" + (f" and {report}" if report else "")
+    else:
+        wrote = f"wrote {result.output}, {report} and {report.with_suffix('.md')}"
     Output(as_json).show(result, wrote)
 
 
@@ -266,10 +270,12 @@ def main(argv: list[str] | None = None) -> None:
 
 class _Note(logging.Handler):
     """The library's `qlin` log (e.g. building the fused kernels once, or running without them)
-    as one line each on stderr."""
+    as one line each on stderr, `note:` or what the record's `kind` says (`warning:` for a model
+    larger than memory)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        err.print(f"note: {record.getMessage()}", markup=False, soft_wrap=True)
+        kind = getattr(record, "kind", "note")
+        err.print(f"{kind}: {as_flags(record.getMessage())}", markup=False, soft_wrap=True)
 
 
 @functools.cache

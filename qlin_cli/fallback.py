@@ -10,6 +10,8 @@ stage, for the layers as they then are.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -141,5 +143,8 @@ def quantize_to_target(
     fallback = {
         "target_sqnr_db": min_sqnr_db, "initial_sqnr_db": initial,
         "final_sqnr_db": steps[-1]["sqnr_db_after"] if steps else initial, "steps": steps,
+        # every layer whose sensitivity was measured: the output SQNR with it alone quantized (at its
+        # last width); the report's chart draws it by depth
+        "sensitivity_db": {layer.name: layer.alone_sqnr_db for layer in layers if not math.isnan(layer.alone_sqnr_db)},
     }
     return replace(result, model=root, layers=kept, fallback=fallback)

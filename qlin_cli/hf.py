@@ -10,6 +10,7 @@ must be one that the installed transformers has. transformers reads `.bin` weigh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from .files import CONFIG_NAME, file_sha256
 
 __all__ = [
     "is_hf_folder", "weight_files", "HFModel", "load_hf_folder", "hf_probe_inputs", "HF_KIND",
-    "load_tokenizer", "encode", "is_causal_lm", "position_limit",
+    "load_tokenizer", "encode", "is_causal_lm", "position_limit", "HFSkeleton", "hf_skeleton", "parameters_on_meta",
 ]
 
 HF_KIND = "Hugging Face folder"
@@ -173,6 +174,80 @@ def load_hf_folder(folder: str | Path, *, model: str | None = None) -> HFModel:
     size = sum(f.stat().st_size for f in weights.files)
     kind = f"{HF_KIND} ({type(built).__name__}, {weights.kind})"
     return HFModel(built, kind, folder_digest(folder, weights.files), size)
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules without allocating their parameters: each parameter registered meanwhile
+    moves to the meta device (shape and dtype, no memory), as accelerate's init_empty_weights
+    does. Buffers stay real (small, and some are computed at init rather than loaded)."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+@dataclass(frozen=True)
+class HFSkeleton:
+    """The model of a Hugging Face folder built without its weights (parameters on the meta
+    device), as `load_hf_folder` would build it: same class, same dtype, ties made."""
+
+    model: nn.Module
+    kind: str
+    sha256: str
+    size_bytes: int
+    files: tuple[Path, ...]
+
+
+def hf_skeleton(folder: str | Path, *, model: str | None = None) -> HFSkeleton:
+    """The model of `folder` with its parameters on the meta device (nothing read but the config
+    and the weight files' headers), in the dtype transformers' `from_pretrained` would choose
+    (`dtype="auto"`: the config's, else the checkpoint's). Refuses, as one-line InputErrors, what
+    a skeleton would not reproduce: modules that transformers keeps in float32 under a narrower
+    load, and (later, when the tensors are matched) checkpoints whose names transformers converts."""
+    folder = Path(folder)
+    if model is not None:
+        raise ConfigError(
+            f"`model` applies to state dicts; {folder} is a Hugging Face folder whose config.json names the architecture"
+        )
+    weights = weight_files(folder)
+    transformers = _import_transformers()
+    with _Quiet(transformers):
+        try:
+            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:
+            raise InputError(f"{folder / CONFIG_NAME} cannot be read by transformers ({one_line(exc)})") from None
+        cls = _model_class(transformers, config, folder)
+        try:
+            from transformers.modeling_utils import _get_dtype  # what from_pretrained(dtype="auto") picks
+
+            files = [str(f) for f in weights.files if f.suffix == ".safetensors"]
+            config, dtype = _get_dtype("auto", files, config, None, None, True)
+        except Exception as exc:
+            raise InputError(f"{folder}: cannot tell the dtype transformers would load it in ({one_line(exc)})") from None
+        if dtype != torch.float32 and (getattr(cls, "_keep_in_fp32_modules", None) or getattr(cls, "_keep_in_fp32_modules_strict", None)):
+            raise InputError(
+                f"{folder}: {cls.__name__} keeps some modules in float32 under a {dtype} load, which `stream` does not "
+                "reproduce; quantize without `stream`"
+            )
+        try:
+            with parameters_on_meta():
+                built = cls._from_config(config, dtype=dtype)
+        except Exception as exc:
+            raise InputError(f"{folder}: transformers cannot build the model ({one_line(exc)})") from None
+    built.eval()
+    size = sum(f.stat().st_size for f in weights.files)
+    kind = f"{HF_KIND} ({type(built).__name__}, {weights.kind})"
+    return HFSkeleton(built, kind, folder_digest(folder, weights.files), size, weights.files)
 
 
 def hf_probe_inputs(model: nn.Module, samples: int = 8, tokens: int = 16, seed: int = 0) -> dict[str, torch.Tensor] | None:

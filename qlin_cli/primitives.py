@@ -85,9 +85,11 @@ def _expand(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def check_finite(x: torch.Tensor, what: str, fix: str = "fix the model first") -> None:
-    """Raise InputError naming `what` (and saying `fix`) if `x` holds NaN or Inf."""
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
+    """Raise InputError naming `what` (and saying `fix`) if `x` holds NaN or Inf. Checked in
+    blocks of rows: torch.isfinite of a whole tensor makes a float copy (its abs) and two masks,
+    which for a 262 MB float32 LM head was +440 MB of peak memory, the most of a streamed run."""
+    if not all(bool(torch.isfinite(x[i]).all()) for i in _blocks(x)):
+        bad = sum(int((~torch.isfinite(x[i])).sum()) for i in _blocks(x))
         raise InputError(f"{what} has {bad} non-finite value(s) (NaN or Inf); {fix}")
 
 
@@ -97,6 +99,17 @@ def amin_amax(
     """Min and max of `x` as float32: `()` per tensor, `(x.shape[axis],)` per channel (axis 0 for
     weights `(out, in)`: one per row; axis 1 for activations `(tokens, in)`: one per input
     channel)."""
+    if axis == 0 and x.dim() >= 1 and x.shape[0] and x.dtype != torch.float32:
+        # a weight in half precision: in blocks of rows, so that no float32 copy of the whole weight
+        # is made (a 7B model's 32000 x 4096 bf16 head: +500 MB). min and max are exact either way.
+        los, his = [], []
+        for i in _blocks(x):
+            part = x[i].detach().float()
+            part = part.reshape(1, -1) if granularity == PER_TENSOR else part.reshape(part.shape[0], -1)
+            los.append(part.amin(dim=-1))
+            his.append(part.amax(dim=-1))
+        lo, hi = torch.cat(los), torch.cat(his)
+        return (lo.amin(), hi.amax()) if granularity == PER_TENSOR else (lo, hi)
     flat = x.detach().float()
     if granularity == PER_TENSOR:
         flat = flat.reshape(-1)

@@ -30,6 +30,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -39,19 +40,21 @@ from . import __version__
 from .config import QuantConfig
 from .errors import ConfigError, FormatError, one_line
 from .files import (
-    HASH_KEYS, check_file, check_output, file_tensors, header_digest, safetensors_writer, tied_keys, write_atomic,
+    HASH_KEYS, SafetensorsStream, check_file, check_output, file_tensors, header_digest, safetensors_writer, tied_keys,
+    write_atomic,
 )
 from .plan import Plan, PlanEntry, find_linears, layer_kind, layer_shape, swap_module
 from .lowbit import pack_bits, unpack_bits
 from .primitives import packed_row_bytes
 from .qlinear import QuantizedLinear, compile_model, pack_all
-from .quantize import QuantizeResult
+from .quantize import LayerResult, QuantizeResult
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "QFile",
     "save_quantized",
+    "save_streamed",
     "read_qfile",
     "load_quantized",
     "verify_payload",
@@ -72,6 +75,27 @@ def _stored_weight_shape(e: PlanEntry) -> tuple[torch.dtype, tuple[int, int]]:
     return torch.uint8, (e.out_features, packed_row_bytes(e.in_features, bits))
 
 
+def _metadata(config: QuantConfig, plan: Plan, ties: dict[str, str], source_name: str, source_sha256: str) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "qlin_version": __version__,
+        "torch_version": torch.__version__,
+        "source_name": source_name,
+        "source_sha256": source_sha256,
+        "config": config.to_json(),
+        "plan": json.dumps(plan.to_list(), sort_keys=True, separators=(",", ":")),
+        "ties": json.dumps(ties, sort_keys=True, separators=(",", ":")),
+    }
+
+
+def _file_state(model: nn.Module, plan: Plan, keep_vars: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """The int8 model's state dict as the file takes it: a shared quantized layer once, under
+    its first path."""
+    aliases = tuple(f"{a}." for e in plan.quantized for a in e.aliases)
+    return [(k, v) for k, v in model.state_dict(keep_vars=keep_vars).items() if not aliases or not k.startswith(aliases)]
+
+
 def save_quantized(
     result: QuantizeResult,
     path: str | Path,
@@ -83,24 +107,66 @@ def save_quantized(
     """Write `result` as a qlin file at `path` (atomically; byte-identical for the same input)."""
     path = check_output(path, force=force)
     plan = result.plan
-    metadata = {
-        "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "qlin_version": __version__,
-        "torch_version": torch.__version__,
-        "source_name": source_name,
-        "source_sha256": source_sha256,
-        "config": result.config.to_json(),
-        "plan": json.dumps(plan.to_list(), sort_keys=True, separators=(",", ":")),
-    }
-    aliases = tuple(f"{a}." for e in plan.quantized for a in e.aliases)
     packed = {f"{e.name}.weight": e.scheme.bits for e in plan.quantized if e.scheme.bits < 8}
-    state = [(k, v) for k, v in result.model.state_dict().items() if not k.startswith(aliases) or not aliases]
+    state = _file_state(result.model, plan)
     ties = tied_keys(state)  # a tensor shared by two modules (a head tied to the embedding) is stored once
-    metadata["ties"] = json.dumps(ties, sort_keys=True, separators=(",", ":"))
+    metadata = _metadata(result.config, plan, ties, source_name, source_sha256)
     tensors = file_tensors(((k, pack_bits(v, packed[k]) if k in packed else v) for k, v in state), drop_tied=True)
     writer = safetensors_writer(tensors, metadata, digests=True)
     return write_atomic(path, writer, force=force)
+
+
+@torch.no_grad()
+def save_streamed(
+    model: nn.Module,
+    config: QuantConfig,
+    plan: Plan,
+    layers: Iterable[tuple[LayerResult, QuantizedLinear | None]],
+    tensor: Callable[[str], torch.Tensor],
+    path: str | Path,
+    *,
+    force: bool = False,
+    source_name: str = "",
+    source_sha256: str = "",
+) -> QuantizeResult:
+    """Write the qlin file of a model whose weights are not in memory, as `layers` (from
+    `quantize.stream_layers`) quantizes them one at a time: the same bytes `save_quantized` writes
+    for the same model and options. `model`'s parameters are on the meta device; each quantized
+    layer is swapped for a meta QuantizedLinear, so that its state dict gives every tensor's name,
+    dtype and shape (and the ties) before anything is read. Each layer's tensors go to the file
+    as it comes and are dropped; every other tensor is read with `tensor(key)` at the end, one at
+    a time. Returns the result (its model: the int8 skeleton, on the meta device)."""
+    path = check_output(path, force=force)
+    for e in plan.quantized:
+        with torch.device("meta"):
+            q = QuantizedLinear(e.in_features, e.out_features, e.scheme, bias=e.has_bias, dtype=e.torch_dtype)
+        for alias in e.paths:
+            model = swap_module(model, alias, q)
+    packed = {f"{e.name}.weight": e.scheme.bits for e in plan.quantized if e.scheme.bits < 8}
+    state = _file_state(model, plan, keep_vars=True)
+    ties = tied_keys(state)
+    specs = {}
+    for key, t in state:
+        if key not in ties:
+            n, k = t.shape if key in packed else (0, 0)
+            specs[key] = (torch.uint8, (n, packed_row_bytes(k, packed[key]))) if key in packed else (t.dtype, tuple(t.shape))
+    metadata = _metadata(config, plan, ties, source_name, source_sha256)
+    results: list[LayerResult] = []
+
+    def write(f) -> None:
+        stream = SafetensorsStream(f, specs, metadata)
+        for result, q in layers:
+            results.append(result)
+            if q is not None:
+                for suffix, t in q.state_dict().items():
+                    key = f"{result.name}.{suffix}"
+                    stream.put(key, pack_bits(t.cpu(), packed[key]) if key in packed else t)
+        for key in sorted(stream.missing):
+            stream.put(key, tensor(key))
+        stream.finish()
+
+    write_atomic(path, write, force=force)
+    return QuantizeResult(model=model, config=config, layers=tuple(results))
 
 
 @dataclass

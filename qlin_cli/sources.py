@@ -7,6 +7,7 @@ of the `torch.nn` module classes it names.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -27,9 +28,12 @@ from safetensors.torch import load_file
 
 from .errors import InputError, one_line
 from .files import SAFETENSORS_DTYPES, check_file, file_sha256, tensor_bytes
-from .hf import is_hf_folder, load_hf_folder
+from .hf import hf_skeleton, is_hf_folder, load_hf_folder, parameters_on_meta, weight_files
 
-__all__ = ["Source", "read_checkpoint", "load_source", "load_factory", "load_tensors", "check_source"]
+__all__ = [
+    "Source", "read_checkpoint", "load_source", "load_factory", "load_tensors", "check_source", "LazySource",
+    "load_source_lazily", "stream_problem",
+]
 
 
 @dataclass
@@ -346,3 +350,136 @@ def load_tensors(path: str | Path, what: str = "inputs") -> torch.Tensor | dict[
             raise InputError(f"{what} {path}: tensors disagree on the number of samples {sizes}")
         return obj
     raise InputError(f"{what} {path} holds a {type(obj).__name__}, not a tensor or a dict of tensors")
+
+
+# ----------------------------------------------------------------------------- streamed sources
+
+
+class _TensorReader:
+    """Tensors of safetensors files read one at a time with plain reads (no mmap: the pages of a
+    mapped file count in the process's resident memory while it stays mapped)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        by_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+        self.entries: dict[str, tuple[Path, torch.dtype | None, list[int], int]] = {}
+        for path in files:
+            _reject_qlin_file(path)  # validates the header, and refuses a qlin file
+            with open(path, "rb", buffering=0) as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for key, e in header.items():
+                self.entries.setdefault(key, (path, by_name.get(e["dtype"]), e["shape"], 8 + n + e["data_offsets"][0]))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def read(self, key: str) -> torch.Tensor:
+        path, dtype, shape, start = self.entries[key]
+        try:
+            if dtype is None:  # a dtype qlin does not read itself
+                with safe_open(path, framework="pt") as st:
+                    return st.get_tensor(key)
+            t = torch.empty(shape, dtype=dtype)
+            with open(path, "rb", buffering=0) as f:
+                _read_into(f, start, tensor_bytes(t))
+            return t
+        except _BAD_SAFETENSORS as exc:
+            raise _not_safetensors("source", path, exc) from None
+
+
+@dataclass
+class LazySource:
+    """A float model whose weights stay on disk: `model` has its parameters on the meta device
+    (buffers real); `tensor(key)` reads one state-dict tensor and `loaded(module)` puts a module's
+    real parameters in place for the time of a `with`. Peak memory is then one layer, not the
+    model (`qlin quantize --stream`)."""
+
+    model: nn.Module
+    path: Path
+    kind: str
+    sha256: str
+    size_bytes: int
+    reader: _TensorReader
+
+    def __post_init__(self) -> None:
+        self.state = self.model.state_dict(keep_vars=True)  # the float model's tensors (meta or real)
+        self.names: dict[int, list[str]] = {}  # id(tensor) -> every state-dict name it has (ties)
+        for key, t in self.state.items():
+            self.names.setdefault(id(t), []).append(key)
+        missing = [names[0] for names in self.names.values()
+                   if self.state[names[0]].device.type == "meta" and not any(n in self.reader for n in names)]
+        if missing:
+            raise InputError(
+                f"{self.path}: {len(missing)} of the model's tensors are not in the checkpoint under the model's names "
+                f"(e.g. {missing[0]!r}); quantize without `stream`"
+            )
+
+    def value(self, t: torch.Tensor, key: str) -> torch.Tensor:
+        """The real value of the model's tensor `t` (state-dict name `key`): read from the
+        checkpoint under any of its names and converted to `t`'s dtype, as load_state_dict would;
+        a real buffer missing from the checkpoint is itself."""
+        for name in self.names.get(id(t), [key]):
+            if name in self.reader:
+                value = self.reader.read(name)
+                if tuple(value.shape) != tuple(t.shape):
+                    raise InputError(
+                        f"{self.path}: size mismatch for {name}: {list(value.shape)} in the checkpoint, "
+                        f"{list(t.shape)} in the model"
+                    )
+                return value.to(t.dtype)
+        assert t.device.type != "meta", key
+        return t
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The float model's state-dict tensor `key`, real."""
+        return self.value(self.state[key], key)
+
+    @contextlib.contextmanager
+    def loaded(self, module: nn.Module, prefix: str):
+        """`module` (at path `prefix`) with its real parameters for the time of the `with`;
+        they are dropped (back to meta) after it."""
+        saved = []
+        for name, sub in module.named_modules():
+            for attr, p in list(sub._parameters.items()):
+                if p is not None and p.device.type == "meta":
+                    key = ".".join(x for x in (prefix, name, attr) if x)
+                    sub._parameters[attr] = nn.Parameter(self.value(p, key), requires_grad=False)
+                    saved.append((sub, attr, p))
+        try:
+            yield module
+        finally:
+            for sub, attr, p in saved:
+                sub._parameters[attr] = p
+
+
+def stream_problem(path: Path) -> str | None:
+    """Why the source at `path` cannot be streamed (pickles load whole), or None."""
+    if is_hf_folder(path):
+        kind = weight_files(path).kind
+        return None if "safetensors" in kind else f"{path} holds {kind} weights, a pickle that loads whole"
+    if path.suffix != ".safetensors":
+        return f"{path} is a pickle, which loads whole"
+    return None
+
+
+def load_source_lazily(path: str | Path, *, model: str | None = None) -> LazySource:
+    """A streamed source (`LazySource`): a Hugging Face folder with safetensors weights (single or
+    sharded), or a safetensors state dict with `model`. Pickles (`.pt`, `.bin`) cannot be read a
+    tensor at a time: InputError."""
+    path = check_source(path)
+    why = stream_problem(path)
+    if why is not None:
+        raise InputError(f"`stream`: {why} (it cannot be read a layer at a time); convert it to safetensors")
+    if path.is_dir():
+        hf = hf_skeleton(path, model=model)
+        files = [f for f in hf.files if f.suffix == ".safetensors"]
+        return LazySource(hf.model, path, hf.kind, hf.sha256, hf.size_bytes, _TensorReader(files))
+    if model is None:
+        raise InputError(f"{path} is a safetensors state dict: pass `model` package.module:factory")
+    reader = _TensorReader([path])  # validates the header before the model is built
+    with parameters_on_meta():
+        built = _build(model)
+    _check_keys(built.state_dict(), reader.entries, path, model)
+    built.eval()
+    return LazySource(built, path, "safetensors state dict", file_sha256(path), path.stat().st_size, reader)

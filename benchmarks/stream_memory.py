@@ -1,0 +1,90 @@
+"""Peak memory of `qlin quantize` on a model folder larger than a layer, whole vs `--stream`.
+
+Builds (once, in --dir) a Llama-style causal LM from a config, random float32 weights, saved
+with `save_pretrained` in several safetensors shards (default ~1.55 GB: hidden 2048, MLP 5632,
+5 layers, vocabulary 32000, untied head). Then runs `qlin quantize FOLDER` and
+`qlin quantize FOLDER --stream` (dynamic, qlin defaults), each in a fresh process, and prints
+each one's peak RSS above the peak RSS of a bare `python -c "import torch"`, against the float
+size (the weight files' bytes), and its wall time; checks the two outputs are byte-identical.
+Writes benchmarks/results/stream_memory.json.
+
+    python benchmarks/stream_memory.py [--dir /tmp/qlin-stream-bench] [--layers 5]
+
+Not a test: it needs ~2 GB of disk and ~3.5 GB of memory (the whole-model run) and takes a few
+minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def peak_rss_of(cmd: list[str]) -> tuple[int, float]:
+    """Peak RSS (bytes) and wall time (s) of `cmd`, run in a child of a fresh measuring process
+    (so that RUSAGE_CHILDREN holds that one command only)."""
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], check=True, capture_output=True, text=True).stdout.split()
+    return int(out[0]) * 1024, float(out[1])  # ru_maxrss is in KiB on Linux
+
+
+def build(folder: Path, layers: int) -> None:
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.float32)
+    model.save_pretrained(folder, max_shard_size="400MB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/qlin-stream-bench"))
+    ap.add_argument("--layers", type=int, default=5)
+    args = ap.parse_args()
+    folder = args.dir / f"llama-{args.layers}"
+    if not (folder / "config.json").is_file():
+        args.dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, __file__, "--build", str(folder), str(args.layers)], check=True)
+    shards = sorted(folder.glob("*.safetensors"))
+    float_bytes = sum(p.stat().st_size for p in shards)
+    base, _ = peak_rss_of([sys.executable, "-c", "import torch"])
+    qlin = [sys.executable, "-m", "qlin_cli"]
+    runs = {}
+    for name, extra in (("whole", []), ("stream", ["--stream"])):
+        out = args.dir / f"{name}.int8.safetensors"
+        peak, wall = peak_rss_of([*qlin, "quantize", str(folder), "-o", str(out), "--force", *extra])
+        runs[name] = {"peak_rss_bytes": peak, "above_import_torch_bytes": peak - base,
+                      "x_float": (peak - base) / float_bytes, "wall_s": wall,
+                      "sha256": hashlib.sha256(out.read_bytes()).hexdigest(), "int8_bytes": out.stat().st_size}
+    result = {"model": f"LlamaForCausalLM, hidden 2048, MLP 5632, {args.layers} layers, vocab 32000, float32",
+              "shards": len(shards), "float_bytes": float_bytes, "import_torch_peak_rss_bytes": base,
+              "identical": runs["whole"]["sha256"] == runs["stream"]["sha256"], **runs}
+    print(f"float weights {float_bytes / 2**20:.0f} MiB in {len(shards)} shards; bare import torch peaks at {base / 2**20:.0f} MiB")
+    for name, r in runs.items():
+        print(f"{name:>6}: peak {r['peak_rss_bytes'] / 2**20:.0f} MiB, above import torch {r['above_import_torch_bytes'] / 2**20:.0f} MiB "
+              f"= {r['x_float']:.2f}x the float size, {r['wall_s']:.1f} s")
+    print(f"outputs byte-identical: {result['identical']}")
+    (BENCH_DIR / "results" / "stream_memory.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--build"]:
+        build(Path(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()
