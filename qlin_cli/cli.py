@@ -14,7 +14,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -23,7 +23,7 @@ from rich.table import Table
 
 from .api import TEXT_BATCH_SIZE, QuantizeOptions, evaluate_checkpoint, evaluate_text, inspect_path, quantize_checkpoint
 from .config import QuantConfig, load_recipe
-from .errors import ConfigError
+from .errors import ConfigError, Terminated
 from .report import report_json
 from .scheme import ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, WEIGHT_GRANULARITIES
 
@@ -225,8 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
+    previous: dict[int, Any] = {}
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C -> KeyboardInterrupt below
+        for signum in TERMINATING:  # kill, systemd, a closed terminal -> Terminated below
+            previous[signum] = signal.signal(signum, _terminate)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         _notes_to_stderr()
         code = app(args=args, prog_name="qlin", standalone_mode=False)
@@ -234,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
             err.print("interrupted", markup=False)
     except typer.Exit as exc:
         code = exc.exit_code
+    except Terminated as exc:  # like Ctrl-C: every `finally` on the way removed its temporaries
+        err.print(f"interrupted ({signal.Signals(exc.signum).name})", markup=False)
+        code = 128 + exc.signum
     except (Exception, KeyboardInterrupt) as exc:
         if debug:
             raise
@@ -257,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     # The work is done (outputs complete, or cleaned up): a Ctrl-C during the interpreter's
     # teardown (~0.5 s with torch loaded, after Python has reset SIGINT to its default) would
     # kill the process silently with -SIGINT instead of this exit code.
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
     _ignore_sigint_at_exit()
     sys.exit(code or 0)
 
@@ -296,9 +304,17 @@ def as_flags(message: str) -> str:
     return re.sub(r"`([a-z][a-z_]*)`", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
 @functools.cache
 def _ignore_sigint_at_exit() -> None:
-    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, *TERMINATING):
+        atexit.register(signal.signal, signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
