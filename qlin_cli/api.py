@@ -6,6 +6,7 @@ The CLI only checks its flags, calls one of them and renders the report.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from .data import Progress, batches, first_tensor, median_latency_ms, num_sample
 from .errors import ConfigError, InputError
 from .export import CT_FORMAT, FORMATS, check_exportable, save_compressed_tensors
 from .fallback import quantize_to_target
-from .files import check_file, check_output, check_output_dir
+from .files import check_distinct, check_file, check_output, check_output_dir
 from .hf import HF_KIND, hf_probe_inputs, is_hf_folder, load_tokenizer
 from .kernels import select_kernel
 from .plan import find_linears, layer_shape, make_plan
@@ -62,6 +63,9 @@ class QuantizeOptions:
     min_sqnr: keep the most sensitive layers float until the output SQNR (dB) on `eval_inputs`
         (default: the calibration data) reaches it.
     device: where to pack and run ("cpu" or "cuda").
+    config_file: the recipe the config was read from (no output may replace it).
+    strict: make a skip pattern or recipe rule that matches no layer an error (else a warning).
+    max_memory: the most bytes of tensors a file may describe (default: `budget.default_max_memory`).
     """
 
     output: str | Path | None = None
@@ -80,6 +84,9 @@ class QuantizeOptions:
     min_sqnr: float | None = None
     eval_inputs: str | Path | None = None
     device: str = "cpu"
+    config_file: str | Path | None = None
+    strict: bool = False
+    max_memory: int | None = None
 
 
 def default_output(source: Path, format: str = "qlin") -> Path:
@@ -126,29 +133,44 @@ class _Checked(NamedTuple):
     inputs: Path | None
 
 
+def _read_files(source: Path, o: QuantizeOptions) -> list[tuple[str, Path | None]]:
+    """Every file the job reads, as (what, path): no output may be one of them."""
+    factory = o.model.partition(":")[0] if o.model else ""
+    return [
+        ("source", source), ("`inputs`", o.inputs), ("`calib`", o.calib), ("`calib_text`", o.calib_text),
+        ("`eval_inputs`", o.eval_inputs),
+        ("`config`", o.config_file), ("`model`", Path(factory) if factory.endswith(".py") else None),
+    ]
+
+
 def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -> _Checked:
     """Everything that can be checked before a model is loaded, each once."""
     report = None if o.report is None else Path(o.report)
+    if o.format not in FORMATS:
+        raise ConfigError(f"`format` {o.format!r}: use one of {', '.join(FORMATS)}")
+    if o.min_sqnr is not None and not (isinstance(o.min_sqnr, (int, float)) and math.isfinite(o.min_sqnr)):
+        raise ConfigError(f"`min_sqnr` {o.min_sqnr!r}: give a finite number of dB, e.g. 30")
+    source_path = check_source(source_path)
+    output = Path(o.output) if o.output is not None else default_output(source_path, o.format)
+    read = _read_files(source_path, o)
+    writes = [("`output`", output)]
     if report is not None:
         if report.suffix == ".md":
             raise ConfigError(
                 f"`report` {report}: give the JSON path (e.g. report.json); the Markdown twin is written beside it as .md"
             )
-        for p in (report, report.with_suffix(".md")):
-            check_output(p, force=o.force, inputs=(Path(source_path),))
-    if o.format not in FORMATS:
-        raise ConfigError(f"`format` {o.format!r}: use one of {', '.join(FORMATS)}")
-    source_path = check_source(source_path)
-    output = Path(o.output) if o.output is not None else default_output(source_path, o.format)
+        writes += [("`report`", report), ("the Markdown report", report.with_suffix(".md"))]
+    check_distinct(writes)
+    for _, p in writes[1:]:
+        check_output(p, force=o.force, inputs=read)
     if o.format == CT_FORMAT:
         if config.scheme.smooth is not None:  # SmoothQuant set by a rule only: checked on the plan
             raise ConfigError(
                 "`format` compressed-tensors cannot express SmoothQuant (no per-input-channel factor): drop `smooth`"
             )
-        data = (Path(p) for p in (o.inputs, o.calib, o.calib_text, o.eval_inputs) if p)
-        check_output_dir(output, force=o.force, inputs=(source_path, *data))
+        check_output_dir(output, force=o.force, inputs=tuple(p for _, p in read))
     else:
-        check_output(output, force=o.force, inputs=(source_path,))
+        check_output(output, force=o.force, inputs=read)
     device = check_device(o.device)
     if o.batch_size < 1 or (o.calib_samples is not None and o.calib_samples < 1):
         raise ConfigError("`batch_size` and `calib_samples` must be at least 1")
