@@ -38,8 +38,10 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .config import QuantConfig
 from .errors import ConfigError, FormatError, one_line
+from .budget import check_budget
 from .files import (
-    HASH_KEYS, check_file, check_output, file_tensors, header_digest, safetensors_writer, tied_keys, write_atomic,
+    HASH_KEYS, check_file, check_output, file_tensors, header_digest, safetensors_nbytes, safetensors_writer, tied_keys,
+    write_atomic,
 )
 from .plan import Plan, PlanEntry, find_linears, layer_kind, layer_shape, swap_module
 from .lowbit import pack_bits, unpack_bits
@@ -212,6 +214,7 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
     payload's sha256 against the recorded one with `verify`."""
     path = check_file(path, "qlin file")
     try:
+        check_budget(safetensors_nbytes(path), f"qlin file {path}")
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
