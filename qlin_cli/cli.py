@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import math
 import re
 import signal
 import sys
@@ -23,6 +24,7 @@ from rich.table import Table
 
 from .api import TEXT_BATCH_SIZE, QuantizeOptions, evaluate_checkpoint, evaluate_text, inspect_path, quantize_checkpoint
 from .config import QuantConfig, load_recipe
+from .budget import parse_size
 from .errors import ConfigError, Terminated
 from .report import report_json
 from .scheme import ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, WEIGHT_GRANULARITIES
@@ -57,6 +59,28 @@ TrustOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 DeviceOpt = Annotated[Literal["cpu", "cuda"], typer.Option("--device", help="Device to pack and run on.")]
+def _finite(value: float | None) -> float | None:
+    """A number option's value, if it is a number (NaN and infinities are usage errors)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _size(value: str | None) -> int | None:
+    """--max-memory's value in bytes ('8GB', '512MiB', '1000000')."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc).split(": ", 1)[-1]) from None
+
+
+MaxMemoryOpt = Annotated[
+    Optional[str],
+    typer.Option("--max-memory", callback=lambda v: _size(v), help="The most tensor bytes one input file may describe, e.g. 8GB "
+                 "[default: half the physical memory]."),
+]
 InputsOpt = Annotated[
     Optional[Path],
     typer.Option("--inputs", help="Model inputs (.safetensors or .pt): a tensor, or a dict of tensors as keyword arguments."),
@@ -126,14 +150,16 @@ def quantize(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per calibration forward pass.")] = 32,
     observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--observer", help="Static activation range: minmax (default), absmax, moving-average, percentile, mse.")] = None,
     weight_observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--weight-observer", help="Weight range: minmax (default), absmax, percentile, mse.")] = None,
-    percentile: Annotated[Optional[float], typer.Option("--percentile", help="Percentile of the percentile observers [default: 99.99].")] = None,
-    smooth: Annotated[Optional[float], typer.Option("--smooth", help="SmoothQuant alpha in (0, 1], e.g. 0.5 (needs --calib).")] = None,
-    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="Keep the most sensitive layers float until the output SQNR (dB) reaches this.")] = None,
+    percentile: Annotated[Optional[float], typer.Option("--percentile", callback=_finite, help="Percentile of the percentile observers [default: 99.99].")] = None,
+    smooth: Annotated[Optional[float], typer.Option("--smooth", callback=_finite, help="SmoothQuant alpha in (0, 1], e.g. 0.5 (needs --calib).")] = None,
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", callback=_finite, help="Keep the most sensitive layers float until the output SQNR (dB) reaches this.")] = None,
     eval_inputs: Annotated[Optional[Path], typer.Option("--eval-inputs", help="Data for --min-sqnr [default: the --calib data].")] = None,
     model: ModelOpt = None,
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="A --skip pattern or recipe rule that matches no layer is an error, not a warning.")] = False,
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize every nn.Linear of SOURCE to int8 and write a qlin safetensors file (or a
@@ -150,7 +176,7 @@ def quantize(
         output=output, format=out_format, force=force, report=report, model=model, trust_pickle=trust_pickle,
         inputs=inputs, calib=calib, calib_text=calib_text, max_length=max_length, stride=stride,
         calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr,
-        eval_inputs=eval_inputs, device=device,
+        eval_inputs=eval_inputs, device=device, config_file=config, strict=strict, max_memory=max_memory,
     )
     with Progress(
         TextColumn("[bold]quantizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -174,11 +200,12 @@ def inspect(
     device: DeviceOpt = "cpu",
     verify: Annotated[bool, typer.Option("--verify", help="Recompute the payload sha256 of a qlin file.")] = False,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Float checkpoints: also list the scale shape per group of G input channels.")] = None,
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a qlin file's metadata and layers, or the Linear layers of a float checkpoint."""
     Output(as_json).show(inspect_path(file, model=model, trust_pickle=trust_pickle, device=device, verify=verify,
-                                      group_size=group_size))
+                                      group_size=group_size, max_memory=max_memory))
 
 
 @app.command("eval")
@@ -196,6 +223,7 @@ def evaluate(
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile both models first (the int8 one around its kernels); compile time is reported apart.")] = False,
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the float and the int8 model on the same inputs (or text) and compare them."""
@@ -208,6 +236,7 @@ def evaluate(
         Output(as_json).show(evaluate_checkpoint(
             source, quantized, inputs, labels, model=model, trust_pickle=trust_pickle,
             batch_size=64 if batch_size is None else batch_size, repeats=repeats, device=device, compile=compile,
+            max_memory=max_memory,
         ))
         return
     taken = [flag for flag, given in (("labels", labels), ("model", model), ("trust_pickle", trust_pickle),
@@ -216,7 +245,7 @@ def evaluate(
         raise ConfigError(f"`{taken[0]}` applies to `inputs`, not to `text` (a Hugging Face folder's own tokenizer and model)")
     Output(as_json).show(evaluate_text(
         source, quantized, text, max_length=max_length, stride=stride,
-        batch_size=TEXT_BATCH_SIZE if batch_size is None else batch_size, device=device,
+        batch_size=TEXT_BATCH_SIZE if batch_size is None else batch_size, device=device, max_memory=max_memory,
     ))
 
 

@@ -73,6 +73,8 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
             module = importlib.import_module(mod_name)
     except InputError:
         raise
+    except SystemExit as exc:  # user code that exits: say so, rather than exit quietly
+        raise InputError(f"`model` {spec!r}: importing {mod_name!r} called sys.exit({exc.code!r})") from None
     except Exception as exc:  # importing user code can raise anything
         raise InputError(f"`model` {spec!r}: cannot import {mod_name!r} ({one_line(exc)})") from None
     fn = getattr(module, fn_name, None)
@@ -85,6 +87,8 @@ def _build(spec: str) -> nn.Module:
     fn = load_factory(spec)
     try:
         model = fn()
+    except SystemExit as exc:  # a factory that exits would end qlin quietly, with its code
+        raise InputError(f"`model` {spec!r}: the factory called sys.exit({exc.code!r}) instead of returning a model") from None
     except Exception as exc:
         raise InputError(f"`model` {spec!r}: the factory raised {one_line(exc)}") from None
     if not isinstance(model, nn.Module):
@@ -532,10 +536,14 @@ def load_tensors(path: str | Path, what: str = "inputs") -> torch.Tensor | dict[
     if isinstance(obj, torch.Tensor):
         if obj.dim() == 0:
             raise InputError(f"{what} {path} holds a scalar; the first dimension must be samples")
+        if obj.shape[0] == 0:
+            raise InputError(f"{what} {path} holds 0 samples (shape {tuple(obj.shape)})")
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sizes = {k: v.shape[0] if v.dim() else None for k, v in obj.items()}
         if len(set(sizes.values())) != 1 or None in sizes.values():
             raise InputError(f"{what} {path}: tensors disagree on the number of samples {sizes}")
+        if 0 in sizes.values():
+            raise InputError(f"{what} {path} holds 0 samples")
         return obj
     raise InputError(f"{what} {path} holds a {type(obj).__name__}, not a tensor or a dict of tensors")
