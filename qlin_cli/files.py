@@ -76,6 +76,11 @@ def check_file(path: str | Path, what: str = "file") -> Path:
         raise InputError(f"{what} {path} is a directory, not a file")
     if not stat.S_ISREG(mode):
         raise InputError(f"{what} {path} is a {_kind(mode)}, not a regular file; qlin reads only regular files")
+    if path.suffix == ".safetensors" and not str(path).isascii():
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{what} {path}: its name is not valid UTF-8, which safetensors cannot open; rename it") from None
     try:  # O_NONBLOCK: should a FIFO take the file's place meanwhile, opening it does not wait
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except PermissionError:
@@ -360,7 +365,9 @@ def safetensors_writer(
         end = offset + t.numel() * t.element_size()
         header[key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
         offset = end
-    meta = dict(metadata)
+    # a str from a file name that is not UTF-8 holds surrogates, which no JSON header may: the
+    # undecodable bytes become \xNN escapes
+    meta = {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for k, v in metadata.items()}
     if digests:
         payload = hashlib.sha256()
         for key in order:

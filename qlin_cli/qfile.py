@@ -242,6 +242,9 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
     except ValueError as exc:
         raise _bad(path, str(exc)) from None
     _restore_ties(path, metadata, tensors)
+    for e in plan.entries:  # so a plan has no more layers than the file has weights
+        if f"{e.name}.weight" not in tensors:
+            raise _bad(path, f"layer {e.name!r} has no tensor {e.name}.weight")
     for e in plan.quantized:
         _validate_layer(path, e, tensors)
     quantized_names = {e.name for e in plan.quantized}

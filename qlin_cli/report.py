@@ -490,5 +490,5 @@ def write_report(report: _Report, path: Path, *, force: bool) -> tuple[Path, Pat
     """Write the report as JSON at `path` and as Markdown beside it (`.md`), atomically."""
     md = path.with_suffix(".md")
     write_atomic(path, report_json(report).encode(), force=force)
-    write_atomic(md, to_markdown(report).encode(), force=force)
+    write_atomic(md, to_markdown(report).encode("utf-8", "surrogateescape"), force=force)  # file names as given
     return path, md

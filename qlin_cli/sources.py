@@ -104,7 +104,7 @@ def _nn_class(name: str) -> type | None:
         return None
     try:
         module = sys.modules.get(mod_name) or importlib.import_module(mod_name)
-    except ImportError:
+    except (ImportError, ValueError):  # no such module, or a name no module can have
         return None
     obj = getattr(module, attr, None)
     return obj if inspect.isclass(obj) and issubclass(obj, nn.Module) else None
