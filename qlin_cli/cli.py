@@ -110,7 +110,7 @@ class Output:
         else:
             self._human(report, done)
         for line in report.warnings():
-            err.print(line, markup=False)
+            err.print(as_flags(line), markup=False)
 
     def _human(self, report, done: tuple[str, ...]) -> None:
         for line in report.facts():
@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     previous: dict[int, Any] = {}
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints as \udcff, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C -> KeyboardInterrupt below
         for signum in TERMINATING:  # kill, systemd, a closed terminal -> Terminated below

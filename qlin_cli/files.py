@@ -98,16 +98,30 @@ def check_file(path: str | Path, what: str = "file") -> Path:
     return path
 
 
-def safetensors_nbytes(path: Path) -> int:
-    """The bytes of tensors a safetensors file holds, from its header alone (safetensors checks
-    the header against the file's size when it opens it; nothing is read or mapped here)."""
-    from safetensors import safe_open
+MAX_HEADER = 100_000_000  # bytes: safetensors' own limit on a header
 
+
+def safetensors_nbytes(path: Path) -> int:
+    """The bytes of tensors a safetensors file describes, from its header alone: nothing else is
+    read or mapped (safetensors maps the whole file, which a sparse file can make any size).
+    ValueError if the header is not one."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= min(size - 8, MAX_HEADER):
+            raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
     total = 0
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():
-            sl = f.get_slice(key)
-            total += math.prod(sl.get_shape()) * _ITEM_SIZES.get(sl.get_dtype(), 8)
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            shape = [int(d) for d in entry["shape"]]
+            total += math.prod(shape) * _ITEM_SIZES.get(entry["dtype"], 8)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {key!r} has no valid shape and dtype") from None
     return total
 
 

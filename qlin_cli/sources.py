@@ -481,8 +481,8 @@ def load_source(
         hf = load_hf_folder(path, model=model)
         return Source(hf.model, path, hf.kind, hf.sha256, hf.size_bytes)
     if path.suffix == ".safetensors" and model is not None:
-        _reject_qlin_file(path)  # also validates the header, before the model is built
         _safetensors_budget(path, "source")
+        _reject_qlin_file(path)  # also validates the header, before the model is built
         built, kind = _build(model), "safetensors state dict"
         if _plain_loading(built):
             _fill_from_safetensors(built, path, model)
