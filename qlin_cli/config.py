@@ -238,6 +238,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     Errors name the file, and the key and line where the problem is.
     """
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO would block, /dev/zero never end
+        raise ConfigError(f"recipe {path} is not a regular file; qlin reads only regular files")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -110,23 +110,35 @@ def _nn_class(name: str) -> type | None:
     return obj if inspect.isclass(obj) and issubclass(obj, nn.Module) else None
 
 
+MAX_DEPTH = 200  # modules or dicts nested deeper: refused (torch's own recursion ends near 500)
+
+
+def _tensors_of(obj: Any, path: Path) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of a loaded checkpoint (a module's parameters and buffers, a dict's values at
+    any depth) with its name, found without recursion; nesting deeper than MAX_DEPTH is refused."""
+    found, stack = [], [("", obj, 0)]
+    while stack:
+        prefix, o, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InputError(f"{path} nests modules or dicts more than {MAX_DEPTH} deep")
+        if isinstance(o, torch.Tensor):
+            found.append((prefix, o))
+        elif isinstance(o, nn.Module):
+            for k, v in (*o._parameters.items(), *o._buffers.items(), *o._modules.items()):
+                if v is not None:
+                    stack.append((f"{prefix}{k}" if isinstance(v, torch.Tensor) else f"{prefix}{k}.", v, depth + 1))
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                stack.append((f"{prefix}{k}" if isinstance(v, torch.Tensor) else f"{prefix}{k}.", v, depth + 1))
+    return found
+
+
 def _check_tensors(obj: Any, path: Path) -> None:
     """Refuse tensors that describe more than their storage holds (a view that repeats one
     element 30000 x 30000 times by stride 0, a meta tensor) or that are not dense, and more
     tensor bytes in all than `max_memory`: qlin would make each of them whole."""
-    if isinstance(obj, nn.Module):
-        items = list(obj.state_dict(keep_vars=True).items())
-    elif isinstance(obj, dict):
-        items = [(str(k), v) for k, v in obj.items()]
-    else:
-        items = [("", obj)]
     total = 0
-    for key, t in items:
-        if isinstance(t, dict):
-            _check_tensors(t, path)
-            continue
-        if not isinstance(t, torch.Tensor):
-            continue
+    for key, t in sorted(_tensors_of(obj, path), key=lambda kv: kv[0]):
         name = f"tensor {key!r} " if key else "its tensor "
         if t.layout != torch.strided:
             raise InputError(f"{path}: {name}is {t.layout} ({tuple(t.shape)}); qlin reads dense tensors only")

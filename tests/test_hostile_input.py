@@ -522,3 +522,27 @@ def test_a_plan_of_ghost_layers_is_refused_and_a_long_table_prints(digits_q, tmp
     code, out, err = cli(capsys, "inspect", tmp_path / "wide.pt")
     assert code == 0, err
     assert sum(bool(re.match(r"l\d+ ", line)) for line in out.splitlines()) == 1500
+
+
+def test_a_recipe_that_is_a_fifo_is_refused_unread(tmp_path):
+    os.mkfifo(tmp_path / "r.toml")
+    code, out, err, _ = run_measured("quantize", DIGITS_PT, "-o", tmp_path / "q.safetensors", "--config",
+                                     tmp_path / "r.toml", cwd=tmp_path, timeout=60)  # reading it waited forever
+    assert code == 1 and "recipe" in err and "is not a regular file" in assert_one_error_line(err)
+
+
+@pytest.mark.parametrize("what", ["modules", "dicts"])
+def test_deep_nesting_is_a_one_line_error(what, tmp_path, capsys):
+    """A pickle nests modules (or dicts) 3000 deep in a few kB: Python's recursion gave up inside
+    state_dict (internal error RecursionError)."""
+    obj = nn.Linear(2, 2) if what == "modules" else {"w": torch.zeros(2)}
+    for _ in range(3000):
+        obj = nn.Sequential(obj) if what == "modules" else {"a": obj}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)  # for torch.save's pickler
+    try:
+        torch.save(obj, tmp_path / "deep.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+    code, out, err = cli(capsys, "inspect", tmp_path / "deep.pt")
+    assert code == 1 and "nests modules or dicts more than 200 deep" in assert_one_error_line(err)
