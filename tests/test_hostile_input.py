@@ -182,8 +182,6 @@ def sparse_inputs(folder: Path) -> Path:
 HOSTILE = [
     ("nn.Linear(40000, 40000) call", linear_call, lambda f: ["inspect", f],
      "calls torch.nn.modules.linear.Linear(40000, 40000)"),
-    ("nn.Linear(40000, 40000) call", linear_call, lambda f: ["quantize", f, "-o", "out.safetensors"],
-     "calls torch.nn.modules.linear.Linear(40000, 40000)"),
     ("bytearray(10**10) call", bytearray_call, lambda f: ["inspect", f], "calls builtins.bytearray(10000000000)"),
     ("torch.Tensor.__new__(60000, 60000)", tensor_new, lambda f: ["quantize", DIGITS_PT, "--inputs", f],
      "makes a torch.Tensor from arguments"),
