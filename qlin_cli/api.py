@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -17,12 +18,13 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from .budget import limit
 from .config import QuantConfig
-from .data import Progress, batches, first_tensor, median_latency_ms, num_samples, run_model
+from .data import Progress, batches, check_finite_inputs, first_tensor, median_latency_ms, num_samples, run_model
 from .errors import ConfigError, InputError
 from .export import CT_FORMAT, FORMATS, check_exportable, save_compressed_tensors
 from .fallback import quantize_to_target
-from .files import check_file, check_output, check_output_dir
+from .files import check_distinct, check_file, check_output, check_output_dir
 from .hf import HF_KIND, hf_probe_inputs, is_hf_folder, load_tokenizer, weight_files
 from .kernels import select_kernel
 from .plan import find_linears, layer_shape, make_plan
@@ -67,6 +69,9 @@ class QuantizeOptions:
     device: where to pack and run ("cpu" or "cuda").
     stream: never hold the whole float model: build it without weights, then read, quantize,
         write and drop one layer at a time (`STREAM_SUPPORTS` says for what).
+    config_file: the recipe the config was read from (no output may replace it).
+    strict: make a skip pattern or recipe rule that matches no layer an error (else a warning).
+    max_memory: the most bytes of tensors a file may describe (default: `budget.default_max_memory`).
     """
 
     output: str | Path | None = None
@@ -86,6 +91,9 @@ class QuantizeOptions:
     eval_inputs: str | Path | None = None
     device: str = "cpu"
     stream: bool = False
+    config_file: str | Path | None = None
+    strict: bool = False
+    max_memory: int | None = None
 
 
 # what `stream` supports, as its refusals say it
@@ -117,7 +125,9 @@ def _probe_inputs(model: nn.Module, inputs_path: Path | None) -> tuple[Any, str]
     if inputs_path is not None:
         inputs = load_tensors(inputs_path, "inputs")
         n = min(PROBE_SAMPLES, num_samples(inputs))
-        return next(batches(inputs, n)), f"{n} samples of {inputs_path.name}"
+        probe = next(batches(inputs, n))
+        check_finite_inputs(probe, f"inputs {inputs_path}")
+        return probe, f"{n} samples of {inputs_path.name}"
     tokens = hf_probe_inputs(model)  # a transformers text model takes token ids
     if tokens is not None:
         ids = tokens["input_ids"]
@@ -137,29 +147,46 @@ class _Checked(NamedTuple):
     inputs: Path | None
 
 
+def _read_files(source: Path, o: QuantizeOptions) -> list[tuple[str, Path | None]]:
+    """Every file the job reads, as (what, path): no output may be one of them."""
+    factory = o.model.partition(":")[0] if o.model else ""
+    return [
+        ("source", source), ("`inputs`", o.inputs), ("`calib`", o.calib), ("`calib_text`", o.calib_text),
+        ("`eval_inputs`", o.eval_inputs),
+        ("`config`", o.config_file), ("`model`", Path(factory) if factory.endswith(".py") else None),
+    ]
+
+
 def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -> _Checked:
     """Everything that can be checked before a model is loaded, each once."""
     report = None if o.report is None else Path(o.report)
+    if o.format not in FORMATS:
+        raise ConfigError(f"`format` {o.format!r}: use one of {', '.join(FORMATS)}")
+    if o.min_sqnr is not None and not (isinstance(o.min_sqnr, (int, float)) and math.isfinite(o.min_sqnr)):
+        raise ConfigError(f"`min_sqnr` {o.min_sqnr!r}: give a finite number of dB, e.g. 30")
+    source_path = check_source(source_path)
+    output = Path(o.output) if o.output is not None else default_output(source_path, o.format)
+    read = _read_files(source_path, o)
+    writes = [("`output`", output)]
     if report is not None:
         if report.suffix == ".md":
             raise ConfigError(
                 f"`report` {report}: give the JSON path (e.g. report.json); the Markdown twin is written beside it as .md"
             )
-        for p in (report,) if report.suffix == ".html" else (report, report.with_suffix(".md")):
-            check_output(p, force=o.force, inputs=(Path(source_path),))
-    if o.format not in FORMATS:
-        raise ConfigError(f"`format` {o.format!r}: use one of {', '.join(FORMATS)}")
-    source_path = check_source(source_path)
-    output = Path(o.output) if o.output is not None else default_output(source_path, o.format)
+        writes.append(("`report`", report))
+        if report.suffix != ".html":  # an HTML report has no Markdown twin
+            writes.append(("the Markdown report", report.with_suffix(".md")))
+    check_distinct(writes)
+    for _, p in writes[1:]:
+        check_output(p, force=o.force, inputs=read)
     if o.format == CT_FORMAT:
         if config.scheme.smooth is not None:  # SmoothQuant set by a rule only: checked on the plan
             raise ConfigError(
                 "`format` compressed-tensors cannot express SmoothQuant (no per-input-channel factor): drop `smooth`"
             )
-        data = (Path(p) for p in (o.inputs, o.calib, o.calib_text, o.eval_inputs) if p)
-        check_output_dir(output, force=o.force, inputs=(source_path, *data))
+        check_output_dir(output, force=o.force, inputs=tuple(p for _, p in read))
     else:
-        check_output(output, force=o.force, inputs=(source_path,))
+        check_output(output, force=o.force, inputs=read)
     device = check_device(o.device)
     if o.batch_size < 1 or (o.calib_samples is not None and o.calib_samples < 1):
         raise ConfigError("`batch_size` and `calib_samples` must be at least 1")
@@ -251,7 +278,13 @@ def quantize_checkpoint(
     if not isinstance(config, QuantConfig) or not isinstance(o, QuantizeOptions):
         raise TypeError("quantize_checkpoint(source, config: QuantConfig, options: QuantizeOptions): the output "
                         "path and other options go in QuantizeOptions(output=...)")
-    source_path, output, report_path, dev, inputs = _check_options(Path(source_path), config, o)
+    with limit(o.max_memory):
+        return _quantize(Path(source_path), config, o, progress, calib_progress)
+
+
+def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progress: Progress | None,
+              calib_progress: Progress | None) -> QuantizeReport:
+    source_path, output, report_path, dev, inputs = _check_options(source_path, config, o)
     if o.stream:
         return _quantize_streamed(source_path, config, o, output, report_path, dev, progress)
     calib_data, calib_note = None, None
@@ -275,6 +308,9 @@ def quantize_checkpoint(
     if not find_linears(float_model):
         raise InputError(f"{source_path}: the model has no nn.Linear layer to quantize")
     plan = make_plan(float_model, config)
+    notes = tuple(f"{what} matches no layer" for what in config.unmatched([p for e in plan.entries for p in e.paths]))
+    if notes and o.strict:
+        raise ConfigError(f"{notes[0]} (`strict`); fix the pattern or drop it")
     if o.format == CT_FORMAT:
         check_exportable(plan)
     probe, description = _probe_inputs(float_model, inputs)
@@ -292,7 +328,12 @@ def quantize_checkpoint(
     if o.min_sqnr is None:
         result = quantize_model(float_model, config, **run)
     else:
-        data = calib_data if o.eval_inputs is None else _to_device(load_tensors(o.eval_inputs, "eval inputs"), dev)
+        if o.eval_inputs is None:
+            data = calib_data
+        else:
+            data = load_tensors(o.eval_inputs, "eval inputs")
+            check_finite_inputs(data, f"eval inputs {o.eval_inputs}")
+            data = _to_device(data, dev)
         result = quantize_to_target(float_model, config, min_sqnr_db=o.min_sqnr, eval_inputs=data, **run)
     probe_report: dict[str, Any] = {"description": description, "compared": compared, "note": probe_note}
     if reference is not None:
@@ -316,7 +357,7 @@ def quantize_checkpoint(
             "used_for": "calibration" if plan.calibration_need() else "measuring the first batch",
         },
         layers=result.layers, probe=probe_report, fallback=result.fallback,
-        size_float_bytes=source.size_bytes, size_int8_bytes=size_out,
+        size_float_bytes=source.size_bytes, size_int8_bytes=size_out, notes=notes,
     )
     if report_path is not None:
         write_report(report, report_path, force=o.force)
@@ -368,12 +409,19 @@ def _metadata(path: Path) -> dict[str, str]:
 
 def inspect_path(
     path: str | Path, *, model: str | None = None, trust_pickle: bool = False, device: str = "cpu",
-    verify: bool = False, group_size: int | None = None,
+    verify: bool = False, group_size: int | None = None, max_memory: int | None = None,
 ) -> InspectReport | FloatInspectReport:
     """Describe a qlin file (metadata, every layer's tensors and this machine's kernel) or a
     float checkpoint (its Linear layers and the scale shape each would get, per group of
     `group_size` too). `verify` also recomputes a qlin file's payload sha256 (a mismatch is a
-    FormatError)."""
+    FormatError). `max_memory`: the most bytes of tensors the file may describe (default: half the
+    physical memory, budget.py)."""
+    with limit(max_memory):
+        return _inspect(Path(path), model, trust_pickle, device, verify, group_size)
+
+
+def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, verify: bool, group_size: int | None
+             ) -> InspectReport | FloatInspectReport:
     path = check_file(path, "file")
     dev = check_device(device)
     is_qlin = _metadata(path).get("format") == FORMAT
@@ -456,13 +504,23 @@ def evaluate_checkpoint(
     repeats: int = 5,
     device: str = "cpu",
     compile: bool = False,
+    max_memory: int | None = None,
 ) -> EvalReport:
     """Run the float and the int8 model on the same inputs; errors, agreement, accuracy,
     latency and sizes. `compile` compiles both models (`qlinear.compile_model` for the int8 one;
     torch.compile for the float one, so that the speedup compares like with like) and reports
-    their first call, which compiles, apart from the timed runs."""
-    if batch_size < 1:
-        raise ConfigError("`batch_size` must be at least 1")
+    their first call, which compiles, apart from the timed runs. `max_memory`: the most bytes of
+    tensors any one file may describe (default: half the physical memory, budget.py)."""
+    with limit(max_memory):
+        return _evaluate(source_path, quantized_path, inputs_path, labels_path, model=model,
+                         trust_pickle=trust_pickle, batch_size=batch_size, repeats=repeats, device=device,
+                         compile=compile)
+
+
+def _evaluate(source_path, quantized_path, inputs_path, labels_path, *, model, trust_pickle, batch_size, repeats,
+              device, compile) -> EvalReport:
+    if batch_size < 1 or repeats < 1:
+        raise ConfigError("`batch_size` and `repeats` must be at least 1")
     dev = check_device(device)
     source, float_model, int8_model, qpath, kernels = _load_pair(
         source_path, quantized_path, model=model, trust_pickle=trust_pickle, dev=dev)
@@ -471,12 +529,16 @@ def evaluate_checkpoint(
     if compile:
         runs = {"float model": torch.compile(float_model), "int8 model": compile_model(int8_model)}
     inputs = load_tensors(inputs_path, "inputs")
+    check_finite_inputs(inputs, f"inputs {inputs_path}")
     n = num_samples(inputs)
     labels = None
     if labels_path is not None:
         labels = load_tensors(labels_path, "labels")
         if isinstance(labels, dict) or labels.dim() != 1:
             raise InputError(f"labels {labels_path} must be one 1-D tensor of class indices")
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise InputError(f"labels {labels_path} are {str(labels.dtype).removeprefix('torch.')}; "
+                             "give integer class indices (int64)")
         if labels.shape[0] != n:
             raise InputError(f"labels {labels_path} has {labels.shape[0]} entries but the inputs have {n} samples")
     ref_parts, out_parts, compared = [], [], None
@@ -491,10 +553,19 @@ def evaluate_checkpoint(
         ref_parts.append(ref.float().cpu())
         out_parts.append(out.float().cpu())
     reference, output = torch.cat(ref_parts), torch.cat(out_parts)
+    check_finite_inputs(reference, f"the float model's {compared} on inputs {inputs_path}")
     accuracy_float = accuracy_int8 = None
     if labels is not None:
         if reference.dim() != 2:
             raise InputError(f"`labels` needs (samples, classes) outputs; {compared} has shape {tuple(reference.shape)}")
+        classes = reference.shape[1]
+        outside = (labels < 0) | (labels >= classes)
+        if bool(outside.any()):
+            first = int(outside.to(torch.uint8).argmax())
+            raise InputError(
+                f"labels {labels_path}: {int(outside.sum())} label(s) outside [0, {classes}) for the model's "
+                f"{classes} classes, the first {int(labels[first])} at sample {first}"
+            )
         accuracy_float = float((reference.argmax(1) == labels).double().mean())
         accuracy_int8 = float((output.argmax(1) == labels).double().mean())
     t_float, t_int8 = median_latency_ms(list(runs.values()), _to_device(inputs, dev), batch_size, repeats)
@@ -522,11 +593,19 @@ def evaluate_text(
     stride: int | None = None,
     batch_size: int = TEXT_BATCH_SIZE,
     device: str = "cpu",
+    max_memory: int | None = None,
 ) -> TextEvalReport:
     """Run the float model of a Hugging Face folder and the int8 model of a qlin file made from
     it on a UTF-8 text, tokenized with the folder's tokenizer (text.text_inputs). A causal LM
     gets the perplexity of each on the same windows and their top-1 next-token agreement; an
-    encoder the cosine of each line's mean-pooled embedding and the nearest-neighbour agreement."""
+    encoder the cosine of each line's mean-pooled embedding and the nearest-neighbour agreement.
+    `max_memory`: the most bytes of tensors any one file may describe (budget.py)."""
+    with limit(max_memory):
+        return _evaluate_text(source_path, quantized_path, text_path, max_length=max_length, stride=stride,
+                              batch_size=batch_size, device=device)
+
+
+def _evaluate_text(source_path, quantized_path, text_path, *, max_length, stride, batch_size, device) -> TextEvalReport:
     if batch_size < 1:
         raise ConfigError("`batch_size` must be at least 1")
     dev = check_device(device)

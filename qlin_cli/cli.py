@@ -9,12 +9,13 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import math
 import re
 import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -23,7 +24,8 @@ from rich.table import Table
 
 from .api import TEXT_BATCH_SIZE, QuantizeOptions, evaluate_checkpoint, evaluate_text, inspect_path, quantize_checkpoint
 from .config import QuantConfig, load_recipe
-from .errors import ConfigError
+from .budget import parse_size
+from .errors import ConfigError, Terminated
 from .report import report_json
 from .scheme import ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, WEIGHT_GRANULARITIES
 
@@ -57,6 +59,28 @@ TrustOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 DeviceOpt = Annotated[Literal["cpu", "cuda"], typer.Option("--device", help="Device to pack and run on.")]
+def _finite(value: float | None) -> float | None:
+    """A number option's value, if it is a number (NaN and infinities are usage errors)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _size(value: str | None) -> int | None:
+    """--max-memory's value in bytes ('8GB', '512MiB', '1000000')."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc).split(": ", 1)[-1]) from None
+
+
+MaxMemoryOpt = Annotated[
+    Optional[str],
+    typer.Option("--max-memory", callback=lambda v: _size(v), help="The most tensor bytes one input file may describe, e.g. 8GB "
+                 "[default: half the physical memory]."),
+]
 InputsOpt = Annotated[
     Optional[Path],
     typer.Option("--inputs", help="Model inputs (.safetensors or .pt): a tensor, or a dict of tensors as keyword arguments."),
@@ -86,12 +110,15 @@ class Output:
         else:
             self._human(report, done)
         for line in report.warnings():
-            err.print(line, markup=False)
+            err.print(as_flags(line), markup=False)
 
     def _human(self, report, done: tuple[str, ...]) -> None:
         for line in report.facts():
             out.print(line, markup=False)
         for t in report.tables():
+            if len(t.rows) > PLAIN_TABLE_ROWS:
+                _plain_table(t)
+                continue
             table = Table(title=t.title, title_justify="left")
             for col in t.columns:
                 table.add_column(col, justify="right" if col in t.numeric else "left")
@@ -100,6 +127,20 @@ class Output:
             out.print(table)
         for line in (*report.summary(), *done):
             out.print(line, markup=False)
+
+
+PLAIN_TABLE_ROWS = 1000  # rich lays a table out at ~1.4 ms a row: 600k plan rows took 14 minutes
+
+
+def _plain_table(t) -> None:
+    """A long table as plain aligned columns: every row, in time linear in its size."""
+    rows = [tuple(t.columns), *t.rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(t.columns))]
+    lines = [t.title] + [
+        "  ".join(cell.rjust(w) if col in t.numeric else cell.ljust(w) for cell, w, col in zip(r, widths, t.columns)).rstrip()
+        for r in rows
+    ]
+    out.file.write("\n".join(lines) + "\n")
 
 
 @app.command()
@@ -126,15 +167,17 @@ def quantize(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per calibration forward pass.")] = 32,
     observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--observer", help="Static activation range: minmax (default), absmax, moving-average, percentile, mse.")] = None,
     weight_observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--weight-observer", help="Weight range: minmax (default), absmax, percentile, mse.")] = None,
-    percentile: Annotated[Optional[float], typer.Option("--percentile", help="Percentile of the percentile observers [default: 99.99].")] = None,
-    smooth: Annotated[Optional[float], typer.Option("--smooth", help="SmoothQuant alpha in (0, 1], e.g. 0.5 (needs --calib).")] = None,
-    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="Keep the most sensitive layers float until the output SQNR (dB) reaches this.")] = None,
+    percentile: Annotated[Optional[float], typer.Option("--percentile", callback=_finite, help="Percentile of the percentile observers [default: 99.99].")] = None,
+    smooth: Annotated[Optional[float], typer.Option("--smooth", callback=_finite, help="SmoothQuant alpha in (0, 1], e.g. 0.5 (needs --calib).")] = None,
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", callback=_finite, help="Keep the most sensitive layers float until the output SQNR (dB) reaches this.")] = None,
     eval_inputs: Annotated[Optional[Path], typer.Option("--eval-inputs", help="Data for --min-sqnr [default: the --calib data].")] = None,
     model: ModelOpt = None,
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Never hold the whole float model: read, quantize and write one layer at a time (safetensors sources; weight-only/dynamic; no model-level error).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="A --skip pattern or recipe rule that matches no layer is an error, not a warning.")] = False,
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize every nn.Linear of SOURCE to int8 and write a qlin safetensors file (or a
@@ -154,7 +197,8 @@ def quantize(
         output=output, format=out_format, force=force, report=report, model=model, trust_pickle=trust_pickle,
         inputs=inputs, calib=calib, calib_text=calib_text, max_length=max_length, stride=stride,
         calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr,
-        eval_inputs=eval_inputs, device=device, stream=stream,
+        eval_inputs=eval_inputs, device=device, stream=stream, config_file=config, strict=strict,
+        max_memory=max_memory,
     )
     with Progress(
         TextColumn("[bold]quantizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -181,11 +225,12 @@ def inspect(
     device: DeviceOpt = "cpu",
     verify: Annotated[bool, typer.Option("--verify", help="Recompute the payload sha256 of a qlin file.")] = False,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Float checkpoints: also list the scale shape per group of G input channels.")] = None,
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a qlin file's metadata and layers, or the Linear layers of a float checkpoint."""
     Output(as_json).show(inspect_path(file, model=model, trust_pickle=trust_pickle, device=device, verify=verify,
-                                      group_size=group_size))
+                                      group_size=group_size, max_memory=max_memory))
 
 
 @app.command("eval")
@@ -203,6 +248,7 @@ def evaluate(
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile both models first (the int8 one around its kernels); compile time is reported apart.")] = False,
+    max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the float and the int8 model on the same inputs (or text) and compare them."""
@@ -215,6 +261,7 @@ def evaluate(
         Output(as_json).show(evaluate_checkpoint(
             source, quantized, inputs, labels, model=model, trust_pickle=trust_pickle,
             batch_size=64 if batch_size is None else batch_size, repeats=repeats, device=device, compile=compile,
+            max_memory=max_memory,
         ))
         return
     taken = [flag for flag, given in (("labels", labels), ("model", model), ("trust_pickle", trust_pickle),
@@ -223,7 +270,7 @@ def evaluate(
         raise ConfigError(f"`{taken[0]}` applies to `inputs`, not to `text` (a Hugging Face folder's own tokenizer and model)")
     Output(as_json).show(evaluate_text(
         source, quantized, text, max_length=max_length, stride=stride,
-        batch_size=TEXT_BATCH_SIZE if batch_size is None else batch_size, device=device,
+        batch_size=TEXT_BATCH_SIZE if batch_size is None else batch_size, device=device, max_memory=max_memory,
     ))
 
 
@@ -232,8 +279,14 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
+    previous: dict[int, Any] = {}
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints as \udcff, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C -> KeyboardInterrupt below
+        for signum in TERMINATING:  # kill, systemd, a closed terminal -> Terminated below
+            previous[signum] = signal.signal(signum, _terminate)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         _notes_to_stderr()
         code = app(args=args, prog_name="qlin", standalone_mode=False)
@@ -241,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
             err.print("interrupted", markup=False)
     except typer.Exit as exc:
         code = exc.exit_code
+    except Terminated as exc:  # like Ctrl-C: every `finally` on the way removed its temporaries
+        err.print(f"interrupted ({signal.Signals(exc.signum).name})", markup=False)
+        code = 128 + exc.signum
     except (Exception, KeyboardInterrupt) as exc:
         if debug:
             raise
@@ -264,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     # The work is done (outputs complete, or cleaned up): a Ctrl-C during the interpreter's
     # teardown (~0.5 s with torch loaded, after Python has reset SIGINT to its default) would
     # kill the process silently with -SIGINT instead of this exit code.
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
     _ignore_sigint_at_exit()
     sys.exit(code or 0)
 
@@ -305,9 +363,17 @@ def as_flags(message: str) -> str:
     return re.sub(r"`([a-z][a-z_]*)`", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
 @functools.cache
 def _ignore_sigint_at_exit() -> None:
-    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, *TERMINATING):
+        atexit.register(signal.signal, signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

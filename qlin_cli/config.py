@@ -3,17 +3,25 @@ TOML recipes, whose keys are the scheme's plus `skip` and `layers`.
 
 A QuantConfig says *what* to compute. It never says *where*: the device is chosen when a model
 is packed, so a saved file is portable.
+
+Skip patterns and rules' `match` run on RE2 (google-re2), whose time is linear in the module
+path for every pattern it accepts: Python's `re` backtracks, and `(.*.*)*X` against an ordinary
+module path never ends. RE2 refuses what it cannot run in linear time (backreferences,
+lookaround) with a clear error; everything else reads as in `re`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import re2
 
 from .errors import ConfigError
 from .scheme import (
@@ -38,6 +46,35 @@ __all__ = [
 SCHEME_KEYS = tuple(f.name for f in dataclasses.fields(LayerScheme))
 RECIPE_KEYS = (*SCHEME_KEYS, "skip", "layers")  # a recipe's top-level keys
 RULE_KEYS = ("match", "skip", *SCHEME_KEYS)  # what a [[layers]] rule may set
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the error is raised to the caller, not logged on stderr
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(pattern: str):
+    return re2.compile(pattern, _RE2_OPTIONS)
+
+
+def check_pattern(pattern: Any, what: str) -> str:
+    """`pattern` if RE2 compiles it, else a ConfigError that names `what` and says why."""
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{what} must be a string (a regex), not {type(pattern).__name__}")
+    try:
+        _compiled(pattern)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise ConfigError(
+            f"{what} {pattern!r} is not a valid regex: {reason} (patterns run on RE2, in linear time: no "
+            "backreferences or lookaround)"
+        ) from None
+    return pattern
+
+
+def search(pattern: str, name: str) -> bool:
+    """True if `pattern` (RE2) is found anywhere in module path `name`, as `re.search`."""
+    return _compiled(pattern).search(name) is not None
 
 
 @dataclass(frozen=True)
@@ -71,10 +108,7 @@ class Rule:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r}; a rule may set {', '.join(RULE_KEYS)}")
         if not isinstance(rule.get("match"), str):
             raise ConfigError(f"{where} needs match = \"REGEX\" (the module paths it applies to)")
-        try:
-            re.compile(rule["match"])
-        except re.error as exc:
-            raise ConfigError(f"{where}: match {rule['match']!r} is not a valid regex: {exc}") from None
+        check_pattern(rule["match"], f"{where}: match")
         if not isinstance(rule.get("skip", False), bool):
             raise ConfigError(f"{where}: skip must be true or false")
         changes = tuple(sorted((k, v) for k, v in rule.items() if k not in ("match", "skip")))
@@ -114,10 +148,7 @@ class QuantConfig:
         object.__setattr__(self, "skip", tuple(skip))
         object.__setattr__(self, "layers", tuple(Rule.from_dict(r, i) for i, r in enumerate(layers)))
         for pattern in self.skip:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"skip pattern {pattern!r} is not a valid regex: {exc}") from None
+            check_pattern(pattern, "skip pattern")
         for i, rule in enumerate(self.layers):
             try:
                 self.scheme.with_changes(**dict(rule.changes))
@@ -153,11 +184,18 @@ class QuantConfig:
 
     def rule_for(self, name: str) -> Rule | None:
         """The first per-layer rule whose `match` finds module path `name`, or None."""
-        return next((r for r in self.layers if re.search(r.match, name)), None)
+        return next((r for r in self.layers if search(r.match, name)), None)
 
     def skips(self, name: str) -> str | None:
         """The first skip pattern that matches module path `name`, or None."""
-        return next((p for p in self.skip if re.search(p, name)), None)
+        return next((p for p in self.skip if search(p, name)), None)
+
+    def unmatched(self, names: list[str]) -> list[str]:
+        """The skip patterns and rules that find none of the module paths `names`, each in words
+        ("`skip` 'x'", "recipe rule layers[0] match 'y'"): likely a typo."""
+        out = [f"`skip` {p!r}" for p in self.skip if not any(search(p, n) for n in names)]
+        return out + [f"recipe rule layers[{i}] match {r.match!r}" for i, r in enumerate(self.layers)
+                      if not any(search(r.match, n) for n in names)]
 
     def for_layer(self, name: str) -> LayerScheme | Skip:
         """The scheme of layer `name` (the default, or changed by its rule), or Skip with the
@@ -200,6 +238,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     Errors name the file, and the key and line where the problem is.
     """
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO would block, /dev/zero never end
+        raise ConfigError(f"recipe {path} is not a regular file; qlin reads only regular files")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -21,6 +21,7 @@ __all__ = [
     "Inputs",
     "Progress",
     "num_samples",
+    "check_finite_inputs",
     "batches",
     "run_model",
     "first_tensor",
@@ -57,6 +58,24 @@ def first_tensor(output: Any, where: str = "output") -> tuple[torch.Tensor, str]
 
 def num_samples(inputs: Inputs) -> int:
     return (next(iter(inputs.values())) if isinstance(inputs, dict) else inputs).shape[0]
+
+
+def check_finite_inputs(inputs: Inputs, what: str) -> None:
+    """Refuse float inputs that hold NaN or Inf (every error and agreement measured on them
+    would be NaN), saying how many values, in how many samples, and the first one's index."""
+    for key, t in inputs.items() if isinstance(inputs, dict) else [(None, inputs)]:
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        bad = ~torch.isfinite(t)
+        count = int(bad.sum())
+        if count:
+            first = tuple(int(i) for i in torch.unravel_index(bad.reshape(-1).to(torch.uint8).argmax(), bad.shape))
+            samples = int(bad.reshape(bad.shape[0], -1).any(1).sum())
+            where = f" (tensor {key!r})" if key is not None else ""
+            raise InputError(
+                f"{what}{where} has {count} non-finite value(s) (NaN or Inf) in {samples} of {t.shape[0]} "
+                f"samples, the first at index {first}; fix or drop those samples"
+            )
 
 
 def batches(inputs: Inputs, batch_size: int) -> Iterator[Inputs]:

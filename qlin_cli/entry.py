@@ -1,4 +1,5 @@
-"""The `qlin` console script: catch Ctrl-C from the very start, before the heavy imports."""
+"""The `qlin` console script: catch Ctrl-C, SIGTERM and SIGHUP from the very start, before the
+heavy imports."""
 
 import os
 import signal
@@ -7,13 +8,15 @@ import sys
 
 def _interrupted_while_starting(signum, frame):
     # Nothing has been read or written yet: say so and leave, without a traceback.
-    sys.stderr.write("interrupted\n")
+    name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+    sys.stderr.write(f"interrupted{name}\n")
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(128 + signum)
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupted_while_starting)
     try:
         from .cli import main as run  # imports torch, typer and rich
     except KeyboardInterrupt:  # raised by an import itself rather than by the signal

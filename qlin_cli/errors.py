@@ -6,7 +6,7 @@ A message names an option by its meaning, the keyword a library caller passes, i
 
 from __future__ import annotations
 
-__all__ = ["QlinError", "InputError", "ConfigError", "FormatError", "OutputError", "one_line"]
+__all__ = ["QlinError", "InputError", "ConfigError", "FormatError", "OutputError", "Terminated", "one_line"]
 
 
 class QlinError(Exception):
@@ -27,6 +27,17 @@ class FormatError(QlinError):
 
 class OutputError(QlinError):
     """An output cannot be written (exists without --force, unwritable folder, same as input)."""
+
+
+class Terminated(BaseException):
+    """The process got SIGTERM or SIGHUP (`kill`, systemd, a container runtime, a closed
+    terminal). Raised by the CLI's signal handler so that, like KeyboardInterrupt for Ctrl-C, it
+    unwinds through every `finally` (temporary files and folders are removed) and no `except
+    Exception` stops it; the CLI then exits with 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:

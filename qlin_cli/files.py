@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
@@ -26,12 +27,15 @@ __all__ = [
     "check_file",
     "file_sha256",
     "check_output",
+    "check_distinct",
+    "same_file",
     "check_parent",
     "check_output_dir",
     "write_atomic",
     "write_folder_atomic",
     "temporary_name",
     "SAFETENSORS_DTYPES",
+    "safetensors_nbytes",
     "HASH_KEYS",
     "tensor_bytes",
     "header_digest",
@@ -49,20 +53,77 @@ Content = bytes | Callable[[BinaryIO], None]
 # ----------------------------------------------------------------------------- checks
 
 
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file or a folder is, in words."""
+    for test, name in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
 def check_file(path: str | Path, what: str = "file") -> Path:
-    """`path` as a Path if it is an existing, readable, non-empty regular file; else InputError."""
+    """`path` as a Path if it is an existing, readable, non-empty regular file; else InputError.
+    Devices, FIFOs and sockets are refused without reading them (reading /dev/zero never ends,
+    opening a FIFO waits for a writer)."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} {path} does not exist")
-    if path.is_dir():
-        raise InputError(f"{what} {path} is a directory, not a file")
     try:
-        with path.open("rb") as f:
-            if not f.read(1):
-                raise InputError(f"{what} {path} is empty")
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise InputError(f"{what} {path} cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{what} {path} is a {_kind(mode)}, not a regular file; qlin reads only regular files")
+    if path.suffix == ".safetensors" and not str(path).isascii():
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{what} {path}: its name is not valid UTF-8, which safetensors cannot open; rename it") from None
+    try:  # O_NONBLOCK: should a FIFO take the file's place meanwhile, opening it does not wait
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except PermissionError:
         raise InputError(f"{what} {path} is not readable (permission denied)") from None
+    except OSError as exc:
+        raise InputError(f"{what} {path} cannot be read ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{what} {path} is a {_kind(st.st_mode)}, not a regular file; qlin reads only regular files")
+        if st.st_size == 0:
+            raise InputError(f"{what} {path} is empty")
+    finally:
+        os.close(fd)
     return path
+
+
+MAX_HEADER = 100_000_000  # bytes: safetensors' own limit on a header
+
+
+def safetensors_nbytes(path: Path) -> int:
+    """The bytes of tensors a safetensors file describes, from its header alone: nothing else is
+    read or mapped (safetensors maps the whole file, which a sparse file can make any size).
+    ValueError if the header is not one."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= min(size - 8, MAX_HEADER):
+            raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    total = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            shape = [int(d) for d in entry["shape"]]
+            total += math.prod(shape) * _ITEM_SIZES.get(entry["dtype"], 8)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {key!r} has no valid shape and dtype") from None
+    return total
 
 
 def file_sha256(path: Path) -> str:
@@ -75,18 +136,54 @@ def _folder(path: Path) -> Path:
     return path.parent if str(path.parent) else Path(".")
 
 
-def check_output(path: str | Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
-    """Refuse an output that is an input, exists without `force`, or whose folder is missing."""
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True if `a` and `b` name one file: the same resolved path, or the same inode (a hard link,
+    or another path to it through a bind mount)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+Named = Iterable[tuple[str, "str | Path | None"]]  # (what it is, e.g. "`calib`", its path or None)
+
+
+def check_output(path: str | Path, *, force: bool, inputs: Named = ()) -> Path:
+    """Refuse an output that is one of `inputs` (by path or inode, even with `force`), that
+    exists without `force`, that exists and is not a regular file (a device, a FIFO: even with
+    `force`), or whose folder is missing. `inputs`: (what, path) pairs, e.g. ("source", p)."""
     path = Path(path)
-    for src in inputs:
-        if path.resolve() == Path(src).resolve():
-            raise OutputError(f"output {path} is the input file; choose another -o")
-    if path.is_dir():
+    for what, src in inputs:
+        if src is not None and same_file(path, src):
+            raise OutputError(f"output {path} is the input file {src} ({what}); qlin never writes over an input")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
         raise OutputError(f"output {path} is a directory")
-    if path.exists() and not force:
+    if mode is not None and not stat.S_ISREG(mode):
+        raise OutputError(f"output {path} is a {_kind(mode)}; qlin writes only regular files, even with `force`")
+    if (mode is not None or path.is_symlink()) and not force:
         raise OutputError(f"output {path} exists; pass `force` to overwrite it")
     check_parent(path)
     return path
+
+
+def check_distinct(outputs: Named) -> None:
+    """Refuse two outputs of one command that are the same file (`output` x.json and `report`
+    x.json would write one over the other)."""
+    seen: list[tuple[str, Path]] = []
+    for what, path in outputs:
+        if path is None:
+            continue
+        for other_what, other in seen:
+            if Path(path) == other or same_file(path, other):
+                raise OutputError(f"{what} {path} and {other_what} {other} are the same file; give each its own path")
+        seen.append((what, Path(path)))
 
 
 def check_parent(path: Path) -> None:
@@ -158,6 +255,12 @@ def write_atomic(path: str | Path, data: Content, *, force: bool) -> Path:
         _write_synced(fd, data)
         os.chmod(tmp, 0o644)
         if force:
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                mode = stat.S_IFREG
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):  # never replace a device node or a FIFO
+                raise OutputError(f"output {path} is a {_kind(mode)}; qlin writes only regular files, even with `force`")
             os.replace(tmp, path)
         else:
             try:
@@ -234,6 +337,9 @@ SAFETENSORS_DTYPES = {
     torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 
+_ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4}  # safetensors' dtypes by element size; the rest take 8
+
 HASH_KEYS = ("payload_sha256", "header_sha256")  # the metadata that `digests` adds
 
 
@@ -249,6 +355,12 @@ def header_digest(header: dict) -> str:
     meta = {k: v for k, v in header.get("__metadata__", {}).items() if k not in HASH_KEYS}
     body = {**{k: v for k, v in header.items() if k != "__metadata__"}, "__metadata__": meta}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def utf8_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """`metadata` fit for a JSON header: a str from a file name that is not UTF-8 holds
+    surrogates, which no JSON header may, so the undecodable bytes become \\xNN escapes."""
+    return {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for k, v in metadata.items()}
 
 
 def _header_bytes(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[list[str], dict, bytes]:
@@ -284,6 +396,7 @@ def safetensors_writer(
     two more copies (BERT-base: +530 MB peak RSS and 2 s for a 182 MB file).
     `SafetensorsStream` writes the same bytes from tensors that arrive one at a time.
     """
+    metadata = utf8_metadata(metadata)
     specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
     order, header, text = _header_bytes(specs, metadata)
     if digests:
@@ -316,7 +429,7 @@ class SafetensorsStream:
 
     def __init__(self, f: BinaryIO, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
         self.f, self.specs = f, dict(specs)
-        self.metadata = {**metadata, "payload_sha256": self._PLACEHOLDER}
+        self.metadata = {**utf8_metadata(metadata), "payload_sha256": self._PLACEHOLDER}
         order, header, _ = _header_bytes(self.specs, self.metadata)
         self.metadata["header_sha256"] = header_digest({**header, "__metadata__": self.metadata})
         _, self.header, self.text = _header_bytes(self.specs, self.metadata)

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .budget import check_budget
 from .errors import ConfigError, InputError, one_line
-from .files import CONFIG_NAME, file_sha256
+from .files import CONFIG_NAME, check_file, file_sha256, safetensors_nbytes
+from .pickles import scan_pickle
 
 __all__ = [
     "is_hf_folder", "weight_files", "HFModel", "load_hf_folder", "hf_probe_inputs", "HF_KIND",
@@ -138,6 +140,23 @@ class HFModel:
     size_bytes: int  # of the weight files
 
 
+def _check_weights(weights: WeightFiles) -> None:
+    """What transformers will read, checked before it reads it: every safetensors shard's header
+    and every .bin shard's pickle (transformers' torch.load calls what the pickle asks of its
+    allowlist, e.g. bytearray(10**10)), and their total against `max_memory`."""
+    total = 0
+    for f in weights.files:
+        check_file(f, "weights")
+        if f.suffix == ".safetensors":
+            try:
+                total += safetensors_nbytes(f)
+            except (OSError, ValueError) as exc:
+                raise InputError(f"weights {f} is not a valid safetensors file ({one_line(exc)})") from None
+        elif f.suffix == ".bin":
+            total += scan_pickle(f, lambda detail: InputError(f"weights {f} cannot be loaded safely ({detail})"))
+    check_budget(total, f"{weights.files[0].parent}")
+
+
 def load_hf_folder(folder: str | Path, *, model: str | None = None) -> HFModel:
     """Load the float model of a Hugging Face folder through transformers, offline, in eval mode.
 
@@ -150,6 +169,7 @@ def load_hf_folder(folder: str | Path, *, model: str | None = None) -> HFModel:
             f"`model` applies to state dicts; {folder} is a Hugging Face folder whose config.json names the architecture"
         )
     weights = weight_files(folder)
+    _check_weights(weights)
     transformers = _import_transformers()
     with _Quiet(transformers):
         try:

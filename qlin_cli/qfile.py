@@ -39,9 +39,10 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .config import QuantConfig
 from .errors import ConfigError, FormatError, one_line
+from .budget import check_budget
 from .files import (
-    HASH_KEYS, SafetensorsStream, check_file, check_output, file_tensors, header_digest, safetensors_writer, tied_keys,
-    write_atomic,
+    HASH_KEYS, SafetensorsStream, check_file, check_output, file_tensors, header_digest, safetensors_nbytes,
+    safetensors_writer, tied_keys, write_atomic,
 )
 from .plan import Plan, PlanEntry, find_linears, layer_kind, layer_shape, swap_module
 from .lowbit import pack_bits, unpack_bits
@@ -278,6 +279,7 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
     payload's sha256 against the recorded one with `verify`."""
     path = check_file(path, "qlin file")
     try:
+        check_budget(safetensors_nbytes(path), f"qlin file {path}")
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -305,6 +307,9 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
     except ValueError as exc:
         raise _bad(path, str(exc)) from None
     _restore_ties(path, metadata, tensors)
+    for e in plan.entries:  # so a plan has no more layers than the file has weights
+        if f"{e.name}.weight" not in tensors:
+            raise _bad(path, f"layer {e.name!r} has no tensor {e.name}.weight")
     for e in plan.quantized:
         _validate_layer(path, e, tensors)
     quantized_names = {e.name for e in plan.quantized}

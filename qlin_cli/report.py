@@ -152,10 +152,14 @@ class QuantizeReport(_Report):
     fallback: dict[str, Any] | None
     size_float_bytes: int
     size_int8_bytes: int
+    notes: tuple[str, ...] = ()  # warnings, e.g. a skip pattern that matches no layer
 
     @property
     def title(self) -> str:
         return f"qlin quantize {self.source} -> {self.output}"
+
+    def warnings(self) -> list[str]:
+        return [f"warning: {n}" for n in self.notes]
 
     def totals(self) -> dict[str, Any]:
         quantized = [r for r in self.layers if r.status == "quantized"]
@@ -179,7 +183,7 @@ class QuantizeReport(_Report):
             "source": self.source, "source_kind": self.source_kind, "output": self.output, "format": self.format,
             "config": self.config.to_dict(), "device": self.device, "calibration": self.calibration,
             "layers": [_row_dict(r) for r in self.layers], "probe": self.probe, "fallback": self.fallback,
-            "totals": self.totals(),
+            "totals": self.totals(), "warnings": list(self.notes),
         }
 
     def tables(self) -> list[Table]:
@@ -585,5 +589,5 @@ def write_report(report: _Report, path: Path, *, force: bool) -> tuple[Path, ...
         return (write_atomic(path, to_html(report).encode(), force=force),)
     md = path.with_suffix(".md")
     write_atomic(path, report_json(report).encode(), force=force)
-    write_atomic(md, to_markdown(report).encode(), force=force)
+    write_atomic(md, to_markdown(report).encode("utf-8", "surrogateescape"), force=force)  # file names as given
     return path, md

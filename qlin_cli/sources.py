@@ -26,9 +26,11 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from .budget import check_budget, format_size
 from .errors import InputError, one_line
-from .files import SAFETENSORS_DTYPES, check_file, file_sha256, tensor_bytes
+from .files import SAFETENSORS_DTYPES, check_file, file_sha256, safetensors_nbytes, tensor_bytes
 from .hf import hf_skeleton, is_hf_folder, load_hf_folder, parameters_on_meta, weight_files
+from .pickles import scan_pickle
 
 __all__ = [
     "Source", "read_checkpoint", "load_source", "load_factory", "load_tensors", "check_source", "LazySource",
@@ -75,6 +77,8 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
             module = importlib.import_module(mod_name)
     except InputError:
         raise
+    except SystemExit as exc:  # user code that exits: say so, rather than exit quietly
+        raise InputError(f"`model` {spec!r}: importing {mod_name!r} called sys.exit({exc.code!r})") from None
     except Exception as exc:  # importing user code can raise anything
         raise InputError(f"`model` {spec!r}: cannot import {mod_name!r} ({one_line(exc)})") from None
     fn = getattr(module, fn_name, None)
@@ -87,6 +91,8 @@ def _build(spec: str) -> nn.Module:
     fn = load_factory(spec)
     try:
         model = fn()
+    except SystemExit as exc:  # a factory that exits would end qlin quietly, with its code
+        raise InputError(f"`model` {spec!r}: the factory called sys.exit({exc.code!r}) instead of returning a model") from None
     except Exception as exc:
         raise InputError(f"`model` {spec!r}: the factory raised {one_line(exc)}") from None
     if not isinstance(model, nn.Module):
@@ -96,16 +102,64 @@ def _build(spec: str) -> nn.Module:
 
 def _nn_class(name: str) -> type | None:
     """The torch.nn Module class that a pickle global like 'torch.nn.modules.linear.Linear'
-    names, or None if it names anything else."""
+    names, or None if it names anything else (or nothing)."""
     mod_name, _, attr = name.rpartition(".")
     if not mod_name.startswith("torch.nn.modules"):
         return None
-    obj = getattr(sys.modules.get(mod_name) or importlib.import_module(mod_name), attr, None)
+    try:
+        module = sys.modules.get(mod_name) or importlib.import_module(mod_name)
+    except (ImportError, ValueError):  # no such module, or a name no module can have
+        return None
+    obj = getattr(module, attr, None)
     return obj if inspect.isclass(obj) and issubclass(obj, nn.Module) else None
 
 
+MAX_DEPTH = 200  # modules or dicts nested deeper: refused (torch's own recursion ends near 500)
+
+
+def _tensors_of(obj: Any, path: Path) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of a loaded checkpoint (a module's parameters and buffers, a dict's values at
+    any depth) with its name, found without recursion; nesting deeper than MAX_DEPTH is refused."""
+    found, stack = [], [("", obj, 0)]
+    while stack:
+        prefix, o, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InputError(f"{path} nests modules or dicts more than {MAX_DEPTH} deep")
+        if isinstance(o, torch.Tensor):
+            found.append((prefix, o))
+        elif isinstance(o, nn.Module):
+            for k, v in (*o._parameters.items(), *o._buffers.items(), *o._modules.items()):
+                if v is not None:
+                    stack.append((f"{prefix}{k}" if isinstance(v, torch.Tensor) else f"{prefix}{k}.", v, depth + 1))
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                stack.append((f"{prefix}{k}" if isinstance(v, torch.Tensor) else f"{prefix}{k}.", v, depth + 1))
+    return found
+
+
+def _check_tensors(obj: Any, path: Path) -> None:
+    """Refuse tensors that describe more than their storage holds (a view that repeats one
+    element 30000 x 30000 times by stride 0, a meta tensor) or that are not dense, and more
+    tensor bytes in all than `max_memory`: qlin would make each of them whole."""
+    total = 0
+    for key, t in sorted(_tensors_of(obj, path), key=lambda kv: kv[0]):
+        name = f"tensor {key!r} " if key else "its tensor "
+        if t.layout != torch.strided:
+            raise InputError(f"{path}: {name}is {t.layout} ({tuple(t.shape)}); qlin reads dense tensors only")
+        logical = t.numel() * t.element_size()
+        held = t.untyped_storage().nbytes() if t.device.type != "meta" else 0
+        if logical > held:
+            raise InputError(
+                f"{path}: {name}{tuple(t.shape)} describes {format_size(logical)} but its storage holds "
+                f"{format_size(held)} (a repeated or missing view); qlin reads tensors whose elements are in the file"
+            )
+        total += logical
+    check_budget(total, str(path))
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    """torch.load with weights_only, allowing the torch.nn module classes the file names."""
+    """torch.load with weights_only, allowing the torch.nn module classes the file names, after
+    `_scan_pickle` has checked what loading it would call and allocate."""
     if trust_pickle:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)  # the user trusts it
@@ -116,7 +170,9 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         with path.open("rb") as f:
             if f.read(1) != b"\x80":  # torch.save writes a zip archive or a protocol 2+ pickle
                 raise InputError(f"{path} is not a PyTorch checkpoint or safetensors file (neither a zip archive nor a pickle)")
-    else:
+    scan_pickle(path, lambda detail: InputError(
+        f"{path} cannot be loaded safely ({detail}); pass `trust_pickle` if you trust the file"))
+    if zipfile.is_zipfile(path):
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception as exc:
@@ -133,7 +189,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = _unpickling_detail(exc)
         raise InputError(
@@ -141,6 +197,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         ) from None
     except Exception as exc:
         raise InputError(f"{path} is not a PyTorch checkpoint or safetensors file ({one_line(exc)})") from None
+    _check_tensors(obj, path)
+    return obj
 
 
 def _unpickling_detail(exc: Exception) -> str:
@@ -163,7 +221,17 @@ def _not_safetensors(what: str, path: Path, exc: BaseException) -> InputError:
     return InputError(f"{what} {path} is not a valid safetensors file ({one_line(exc)})")
 
 
+def _safetensors_budget(path: Path, what: str) -> None:
+    """Refuse a safetensors file whose header describes more tensor bytes than `max_memory`."""
+    try:
+        nbytes = safetensors_nbytes(path)
+    except _BAD_SAFETENSORS as exc:
+        raise _not_safetensors(what, path, exc) from None
+    check_budget(nbytes, f"{what} {path}")
+
+
 def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    _safetensors_budget(path, what)
     try:
         return load_file(path)
     except _BAD_SAFETENSORS as exc:
@@ -291,6 +359,7 @@ def load_source(
         hf = load_hf_folder(path, model=model)
         return Source(hf.model, path, hf.kind, hf.sha256, hf.size_bytes)
     if path.suffix == ".safetensors" and model is not None:
+        _safetensors_budget(path, "source")
         _reject_qlin_file(path)  # also validates the header, before the model is built
         built, kind = _build(model), "safetensors state dict"
         if _plain_loading(built):
@@ -332,22 +401,28 @@ def load_tensors(path: str | Path, what: str = "inputs") -> torch.Tensor | dict[
     if path.suffix == ".safetensors":
         obj: Any = _read_safetensors(path, what)
     else:
+        scan_pickle(path, lambda detail: InputError(f"{what} {path} cannot be loaded as tensors ({detail})"))
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise InputError(f"{what} {path} cannot be loaded as tensors ({one_line(exc)})") from None
+        _check_tensors(obj, path)
     if isinstance(obj, dict) and len(obj) == 1:
         obj = next(iter(obj.values()))
     if isinstance(obj, torch.Tensor):
         if obj.dim() == 0:
             raise InputError(f"{what} {path} holds a scalar; the first dimension must be samples")
+        if obj.shape[0] == 0:
+            raise InputError(f"{what} {path} holds 0 samples (shape {tuple(obj.shape)})")
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sizes = {k: v.shape[0] if v.dim() else None for k, v in obj.items()}
         if len(set(sizes.values())) != 1 or None in sizes.values():
             raise InputError(f"{what} {path}: tensors disagree on the number of samples {sizes}")
+        if 0 in sizes.values():
+            raise InputError(f"{what} {path} holds 0 samples")
         return obj
     raise InputError(f"{what} {path} holds a {type(obj).__name__}, not a tensor or a dict of tensors")
 

@@ -252,3 +252,29 @@ def test_without_transformers_the_error_names_the_extra(folders, tmp_path, capsy
         load_hf_folder(folders["bert"])
     assert "pip install -e .[hf]" in _error(capsys, "quantize", folders["bert"], "-o", tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+class _Call:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def test_a_bin_shard_is_scanned_before_transformers_loads_it(folders, tmp_path, capsys):
+    """transformers' torch.load(weights_only=True) calls what the pickle asks of torch's allowlist
+    (bytearray(n) with the file's n): qlin refuses it first (issue 17)."""
+    import shutil
+
+    folder = tmp_path / "hostile"
+    shutil.copytree(folders["llama-bin"], folder)
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    torch.save({**state, "x": _Call(bytearray, 10**6)}, folder / "pytorch_model.bin")
+    msg = _error(capsys, "quantize", folder)
+    assert "cannot be loaded safely (it calls builtins.bytearray(1000000) while it loads" in msg
+
+
+def test_a_folder_over_max_memory(folders, capsys):
+    msg = _error(capsys, "quantize", folders["bert"], "--max-memory", "1kB")
+    assert "of tensors, more than --max-memory 1.0 kB" in msg

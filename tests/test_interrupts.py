@@ -1,5 +1,5 @@
 """Interrupted runs lose nothing (issue 6): a quantize of a ~50 MB model
-killed (SIGKILL) or interrupted (SIGINT) at many points leaves no output or a complete one (the
+killed (SIGKILL) or interrupted (SIGINT; SIGTERM and SIGHUP since issue 17) at many points leaves no output or a complete one (the
 previous file or the new one, byte for byte), no stray temporary file after Ctrl-C or a normal
 exit, and the input untouched; Ctrl-C at startup, during the write and at teardown.
 """
@@ -149,6 +149,9 @@ KILL_CASES = [
     # test_ctrl_c_as_the_temporary_file_is_created_leaves_no_temporary
     (signal.SIGINT, "tmp_data", 0.0, True),
     (signal.SIGINT, "tmp_full", 0.0, False),
+    # kill, systemd and container runtimes send SIGTERM; a closed terminal SIGHUP (issue 17)
+    (signal.SIGTERM, "tmp_data", 0.0, True),
+    (signal.SIGHUP, "tmp_full", 0.0, False),
 ]
 
 
@@ -204,6 +207,9 @@ def test_killed_quantize_loses_nothing(sig, how, delay, has_prev, big, tmp_path)
             assert code != 0
             if how != "time":  # interrupted in qlin's own code, not in Python's imports
                 assert code == 130 and "Traceback" not in stderr, stderr
+        elif sig in (signal.SIGTERM, signal.SIGHUP):
+            assert temps == [], f"{sig.name} left a temporary file"
+            assert code == 128 + sig and stderr.strip() == f"interrupted ({sig.name})", (code, stderr)
         else:
             assert code == -signal.SIGKILL
         for name in temps:  # what a SIGKILL may leave; cleaned for the next attempt
