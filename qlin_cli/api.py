@@ -292,6 +292,8 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
         calib_data = load_tensors(o.calib, "calibration data")
     elif o.calib_text is not None:
         tokenizer, raw = load_tokenizer(source_path), read_text(o.calib_text, "calibration text")
+    if progress is not None:
+        progress(0, 0, "loading model")
     source = load_source(source_path, model=o.model, trust_pickle=o.trust_pickle)
     if o.calib_text is not None:
         text = text_inputs(source.model, tokenizer, raw, o.calib_text, max_length=o.max_length, stride=o.stride,

@@ -15,15 +15,17 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
+from . import __version__
 from .api import TEXT_BATCH_SIZE, QuantizeOptions, evaluate_checkpoint, evaluate_text, inspect_path, quantize_checkpoint
-from .config import QuantConfig, load_recipe
+from .config import QuantConfig, load_recipe, recipe_names
 from .budget import parse_size
 from .errors import ConfigError, Terminated
 from .report import report_json
@@ -52,7 +54,7 @@ EXIT_CODES = {"QlinError": 1, "UsageError": 2, "Abort": 130, "KeyboardInterrupt"
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", help="Architecture for a state dict: package.module:factory or file.py:factory."),
+    typer.Option("--model", metavar="MOD:FN", help="Architecture for a state dict: package.module:factory or file.py:factory."),
 ]
 TrustOpt = Annotated[
     bool, typer.Option("--trust-pickle", help="Unpickle a module with classes of its own (runs code from the file).")
@@ -83,16 +85,36 @@ MaxMemoryOpt = Annotated[
 ]
 InputsOpt = Annotated[
     Optional[Path],
-    typer.Option("--inputs", help="Model inputs (.safetensors or .pt): a tensor, or a dict of tensors as keyword arguments."),
+    typer.Option("--inputs", metavar="FILE", help="Model inputs (.safetensors or .pt): a tensor, or a dict of tensors as keyword arguments."),
 ]
 
 MaxLengthOpt = Annotated[
     Optional[int],
-    typer.Option("--max-length", help="Text: tokens per window (causal LM) or per line (encoder) [default: the model's position limit, at most 1024]."),
+    typer.Option("--max-length", metavar="N", help="Text: tokens per window (causal LM) or per line (encoder) [default: the model's position limit, at most 1024]."),
 ]
 StrideOpt = Annotated[
-    Optional[int], typer.Option("--stride", help="Text, causal LM: tokens between window starts [default: half of --max-length]."),
+    Optional[int], typer.Option("--stride", metavar="N", help="Text, causal LM: tokens between window starts [default: half of --max-length]."),
 ]
+
+
+class _Count(MofNCompleteColumn):
+    """done/total, and nothing while a step has no count (loading the model)."""
+
+    def render(self, task) -> Text:
+        return Text("") if task.total is None else super().render(task)
+
+
+def _progress_bar(label: str) -> tuple[Progress, Callable[[int, int, str], None]]:
+    """A transient bar on stderr (off when stderr is not a terminal) and the `progress(done,
+    total, what)` callback that drives it; total 0 is a step without a count."""
+    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), _Count(), TextColumn("{task.description}"),
+                   TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+    task = bar.add_task("starting", total=None)
+
+    def progress(done: int, total: int, what: str) -> None:
+        bar.update(task, completed=done, total=total or None, description=what)
+
+    return bar, progress
 
 
 class Output:
@@ -143,34 +165,61 @@ def _plain_table(t) -> None:
     out.file.write("\n".join(lines) + "\n")
 
 
-@app.command()
+class _Command(typer.core.TyperCommand):
+    """A command whose usage line reads as people write it, `qlin eval [OPTIONS] SOURCE QUANTIZED`
+    (typer would write `{SOURCE} {QUANTIZED}`)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [p[1:-1] if p[:1] == "{" and p[-1:] == "}" else p for p in super().collect_usage_pieces(ctx)]
+
+
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"qlin {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print qlin's version and exit.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Post-training int8 quantization of the nn.Linear layers of a PyTorch model."""
+    # --debug is taken out of the arguments by `main` (before any command parses them), wherever
+    # it stands; it is declared here and on each command so that --help lists it.
+
+
+@app.command(cls=_Command)
 def quantize(
-    source: Annotated[Path, typer.Argument(help="Float checkpoint: .pt/.pth/.bin or .safetensors, or a Hugging Face model folder.")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file, or folder for --format compressed-tensors [default: <stem>.int8.safetensors or <stem>-int8-compressed-tensors].")] = None,
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="Float checkpoint: .pt/.pth/.bin or .safetensors, or a Hugging Face model folder.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="PATH", help="Output file, or folder for --format compressed-tensors [default: <stem>.int8.safetensors or <stem>-int8-compressed-tensors].")] = None,
     out_format: Annotated[Literal["qlin", "compressed-tensors"], typer.Option("--format", help="qlin (a qlin safetensors file, the default) or compressed-tensors (a model folder for transformers/vLLM).")] = "qlin",
     mode: Annotated[Optional[Literal[MODES]], typer.Option(help="dynamic (default), weight-only, or static (needs --calib).")] = None,
     granularity: Annotated[Optional[Literal[WEIGHT_GRANULARITY_NAMES]], typer.Option(help="Weight scales: channel (default) or tensor.")] = None,
-    bits: Annotated[Optional[int], typer.Option("--bits", help="Weight width, 2 to 8 [default: 8]; fewer bits are stored packed.")] = None,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", help="One weight scale per G input channels, scale shape (out, ceil(in/G)); weight-only (selected when --mode is not given).")] = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", metavar="B", help="Weight width, 2 to 8 [default: 8]; fewer bits are stored packed.")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", metavar="G", help="One weight scale per G input channels, scale shape (out, ceil(in/G)); weight-only (selected when --mode is not given).")] = None,
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Weight zero point 0 (default) or fitted.")] = None,
     act_granularity: Annotated[Optional[Literal[ACT_GRANULARITY_NAMES]], typer.Option(help="Dynamic activations: token (default, batch-invariant) or tensor (batch-dependent).")] = None,
     kernel: Annotated[Optional[Literal[KERNELS]], typer.Option(help="Kernel request; auto picks per layer.")] = None,
-    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Regex on module paths to keep in float (repeatable; adds to the recipe's).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML recipe (see configs/); flags override it.")] = None,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here, and as Markdown beside it (.md); FILE.html: one self-contained HTML page with a chart of the SQNRs by depth.")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", metavar="REGEX", help="Regex on module paths to keep in float (repeatable; adds to the recipe's).")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", metavar="RECIPE", help=f"A shipped recipe by name ({', '.join(recipe_names())}) or a TOML file; flags override it.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE", help="Write the report as JSON here, and as Markdown beside it (.md); FILE.html: one self-contained HTML page with a chart of the SQNRs by depth.")] = None,
     inputs: InputsOpt = None,
-    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration inputs (same formats as --inputs); static mode and --smooth need them.")] = None,
-    calib_text: Annotated[Optional[Path], typer.Option("--calib-text", help="Calibration text instead of --calib: a UTF-8 file, tokenized with the model folder's tokenizer (windows for a causal LM, a sentence per line for an encoder).")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", metavar="FILE", help="Calibration inputs (same formats as --inputs); static mode and --smooth need them.")] = None,
+    calib_text: Annotated[Optional[Path], typer.Option("--calib-text", metavar="FILE", help="Calibration text instead of --calib: a UTF-8 file, tokenized with the model folder's tokenizer (windows for a causal LM, a sentence per line for an encoder).")] = None,
     max_length: MaxLengthOpt = None,
     stride: StrideOpt = None,
-    calib_samples: Annotated[Optional[int], typer.Option("--calib-samples", help="Use the first N calibration samples.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per calibration forward pass.")] = 32,
+    calib_samples: Annotated[Optional[int], typer.Option("--calib-samples", metavar="N", help="Use the first N calibration samples.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Samples per calibration forward pass.")] = 32,
     observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--observer", help="Static activation range: minmax (default), absmax, moving-average, percentile, mse.")] = None,
     weight_observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--weight-observer", help="Weight range: minmax (default), absmax, percentile, mse.")] = None,
-    percentile: Annotated[Optional[float], typer.Option("--percentile", callback=_finite, help="Percentile of the percentile observers [default: 99.99].")] = None,
-    smooth: Annotated[Optional[float], typer.Option("--smooth", callback=_finite, help="SmoothQuant alpha in (0, 1], e.g. 0.5 (needs --calib).")] = None,
-    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", callback=_finite, help="Keep the most sensitive layers float until the output SQNR (dB) reaches this.")] = None,
-    eval_inputs: Annotated[Optional[Path], typer.Option("--eval-inputs", help="Data for --min-sqnr [default: the --calib data].")] = None,
+    percentile: Annotated[Optional[float], typer.Option("--percentile", metavar="P", callback=_finite, help="Percentile of the percentile observers [default: 99.99].")] = None,
+    smooth: Annotated[Optional[float], typer.Option("--smooth", metavar="ALPHA", callback=_finite, help="SmoothQuant alpha in (0, 1], e.g. 0.5 (needs --calib).")] = None,
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", metavar="DB", callback=_finite, help="Keep the most sensitive layers float until the output SQNR (dB) reaches this.")] = None,
+    eval_inputs: Annotated[Optional[Path], typer.Option("--eval-inputs", metavar="FILE", help="Data for --min-sqnr [default: the --calib data].")] = None,
     model: ModelOpt = None,
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
@@ -179,6 +228,7 @@ def quantize(
     strict: Annotated[bool, typer.Option("--strict", help="A --skip pattern or recipe rule that matches no layer is an error, not a warning.")] = False,
     max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Quantize every nn.Linear of SOURCE to int8 and write a qlin safetensors file (or a
     compressed-tensors model folder)."""
@@ -197,15 +247,8 @@ def quantize(
         eval_inputs=eval_inputs, device=device, stream=stream, config_file=config, strict=strict,
         max_memory=max_memory,
     )
-    with Progress(
-        TextColumn("[bold]quantizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
-    ) as bar:
-        task = bar.add_task("", total=None)
-
-        def progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=name)
-
+    bar, progress = _progress_bar("quantizing")
+    with bar:
         result = quantize_checkpoint(source, cfg, options, progress=progress, calib_progress=progress)
     if group_size is not None and mode is None and "mode" not in recipe:  # said once it worked
         logging.getLogger("qlin").info(
@@ -217,39 +260,41 @@ def quantize(
     Output(as_json).show(result, wrote)
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
-    file: Annotated[Path, typer.Argument(help="A qlin file, or a float checkpoint.")],
+    file: Annotated[Path, typer.Argument(metavar="PATH", help="A qlin file or a compressed-tensors folder qlin wrote, or a float checkpoint or Hugging Face model folder.", show_default=False)],
     model: ModelOpt = None,
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
     verify: Annotated[bool, typer.Option("--verify", help="Recompute the payload sha256 of a qlin file.")] = False,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Float checkpoints: also list the scale shape per group of G input channels.")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", metavar="G", help="Float checkpoints: also list the scale shape per group of G input channels.")] = None,
     max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
-    """Show a qlin file's metadata and layers, or the Linear layers of a float checkpoint."""
+    """Show a quantized model's metadata and layers, or the Linear layers of a float model."""
     Output(as_json).show(inspect_path(file, model=model, trust_pickle=trust_pickle, device=device, verify=verify,
                                       group_size=group_size, max_memory=max_memory))
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def evaluate(
-    source: Annotated[Path, typer.Argument(help="The float checkpoint.")],
-    quantized: Annotated[Path, typer.Argument(help="The qlin file made from it.")],
-    inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Inputs: a tensor (samples first) or a dict of tensors as keyword arguments.")] = None,
-    text: Annotated[Optional[Path], typer.Option("--text", help="Instead of --inputs, a UTF-8 text tokenized with the model folder's tokenizer: perplexity (causal LM) or sentence embeddings, one a line (encoder).")] = None,
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="The float checkpoint or Hugging Face model folder.", show_default=False)],
+    quantized: Annotated[Path, typer.Argument(metavar="QUANTIZED", help="The qlin file, or compressed-tensors folder, qlin made from it.", show_default=False)],
+    inputs: Annotated[Optional[Path], typer.Option("--inputs", metavar="FILE", help="Inputs: a tensor (samples first) or a dict of tensors as keyword arguments.")] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", metavar="FILE", help="Instead of --inputs, a UTF-8 text tokenized with the model folder's tokenizer: perplexity (causal LM) or sentence embeddings, one a line (encoder).")] = None,
     max_length: MaxLengthOpt = None,
     stride: StrideOpt = None,
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="Class index per sample, for accuracy.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help=f"Samples per forward pass [default: 64; {TEXT_BATCH_SIZE} windows or lines with --text].")] = None,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed passes over the inputs.")] = 5,
+    labels: Annotated[Optional[Path], typer.Option("--labels", metavar="FILE", help="Class index per sample, for accuracy.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", metavar="N", min=1, help=f"Samples per forward pass [default: 64; {TEXT_BATCH_SIZE} windows or lines with --text].")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", metavar="N", min=1, help="Timed passes over the inputs.")] = 5,
     model: ModelOpt = None,
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile both models first (the int8 one around its kernels); compile time is reported apart.")] = False,
     max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Run the float and the int8 model on the same inputs (or text) and compare them."""
     if (inputs is None) == (text is None):  # a usage error (exit 2), as a missing option is

@@ -40,12 +40,17 @@ __all__ = [
     "Skip",
     "Rule",
     "QuantConfig",
+    "RECIPES",
+    "recipe_names",
+    "find_recipe",
     "load_recipe",
 ]
 
 SCHEME_KEYS = tuple(f.name for f in dataclasses.fields(LayerScheme))
 RECIPE_KEYS = (*SCHEME_KEYS, "skip", "layers")  # a recipe's top-level keys
 RULE_KEYS = ("match", "skip", *SCHEME_KEYS)  # what a [[layers]] rule may set
+# The shipped recipes: package data, installed with qlin (a checkout's top-level configs/ links here).
+RECIPES = Path(__file__).with_name("configs")
 
 
 _RE2_OPTIONS = re2.Options()
@@ -232,12 +237,32 @@ class QuantConfig:
         return cls(**data)
 
 
+def recipe_names() -> list[str]:
+    """The names of the shipped recipes (`w8a8-static` for configs/w8a8-static.toml), sorted."""
+    return sorted(p.stem for p in RECIPES.glob("*.toml"))
+
+
+def find_recipe(spec: str | Path) -> Path:
+    """The recipe file `spec` names: a TOML file, or else a shipped recipe by name (`w8a8-static`
+    or `w8a8-static.toml`), whatever the current folder."""
+    path = Path(spec)
+    if path.exists() or path.parent != Path("."):  # a path: used as it is
+        return path
+    shipped = RECIPES / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"recipe {spec} does not exist: it is neither a file nor a shipped recipe ({', '.join(recipe_names())})"
+    )
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a TOML recipe (top-level keys are QuantConfig fields) and return its validated dict.
+    """Read a TOML recipe (top-level keys are QuantConfig fields): a file, or a shipped recipe by
+    name (`find_recipe`). Returns its validated dict.
 
     Errors name the file, and the key and line where the problem is.
     """
-    path = Path(path)
+    path = find_recipe(path)
     if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO would block, /dev/zero never end
         raise ConfigError(f"recipe {path} is not a regular file; qlin reads only regular files")
     try:

@@ -30,7 +30,8 @@ __all__ = [
 ]
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
-Progress = Callable[[int, int, str], None]  # (steps done, steps total, what: a layer or a stage)
+# (steps done, steps total, what: a layer or a stage); total 0: a step without a count ("loading model")
+Progress = Callable[[int, int, str], None]
 
 
 def first_tensor(output: Any, where: str = "output") -> tuple[torch.Tensor, str]:

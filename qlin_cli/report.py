@@ -28,6 +28,7 @@ from .scheme import PER_CHANNEL, PER_TENSOR, PerGroup
 __all__ = [
     "compare_outputs",
     "json_safe",
+    "shrink",
     "Table",
     "layer_note",
     "to_html",
@@ -79,6 +80,15 @@ def fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, (list, tuple)):
         return "(" + ", ".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
     return str(value)
+
+
+def shrink(before: int, after: int) -> str:
+    """How a size changed, in words: "3.75x smaller", or "did not shrink: 1.14x larger"."""
+    if after < before:
+        return f"{before / after:.2f}x smaller"
+    if after == before:
+        return "did not shrink: the same size"
+    return f"did not shrink: {after / max(before, 1):.2f}x larger"
 
 
 @dataclass(frozen=True)
@@ -213,10 +223,7 @@ class QuantizeReport(_Report):
     def summary(self) -> list[str]:
         """Totals, the model-level error and the fallback steps, one line each."""
         t, probe = self.totals(), self.probe
-        if t["compression"] >= 1:
-            size = f"{t['compression']:.2f}x smaller"
-        else:
-            size = f"{1 / t['compression']:.2f}x larger"
+        size = shrink(t["size_float_bytes"], t["size_int8_bytes"])
         lines = [
             f"layers: {t['layers_quantized']} of {t['layers_total']} quantized, {t['layers_skipped']} kept float",
             f"file size: {t['size_float_bytes']:,} -> {t['size_int8_bytes']:,} bytes ({size}); "
@@ -287,7 +294,7 @@ class EvalReport(_Report):
             (f"latency float ms (batch {self.batch_size}, {self.threads} threads)", fmt(self.latency_float_ms, 3)),
             ("latency int8 ms", fmt(self.latency_int8_ms, 3)),
             ("speedup", f"{self.latency_float_ms / self.latency_int8_ms:.2f}x"),
-            ("size float bytes", f"{self.size_float_bytes:,}"), ("size int8 bytes", f"{self.size_int8_bytes:,}"),
+            ("size float bytes", f"{self.size_float_bytes:,}"), ("size int8 bytes", f"{self.size_int8_bytes:,} ({shrink(self.size_float_bytes, self.size_int8_bytes)})"),
             ("kernels", ", ".join(f"{k} x{v}" for k, v in self.kernels.items())),
             *(() if self.compile_s is None else (
                 ("compile s (first call, not timed above)", f"float {self.compile_s['float']:.1f}, int8 {self.compile_s['int8']:.1f}"),

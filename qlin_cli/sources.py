@@ -166,7 +166,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         except Exception as exc:
             raise InputError(f"{path} could not be unpickled: {one_line(exc)}") from None
     allowed = []
-    if not zipfile.is_zipfile(path):
+    legacy = not zipfile.is_zipfile(path)
+    if legacy:
         with path.open("rb") as f:
             if f.read(1) != b"\x80":  # torch.save writes a zip archive or a protocol 2+ pickle
                 raise InputError(f"{path} is not a PyTorch checkpoint or safetensors file (neither a zip archive nor a pickle)")
@@ -192,6 +193,15 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = _unpickling_detail(exc)
+        pickled = _pickled_global(exc)
+        if legacy and (pickled is None and "persistent_load" in str(exc) or pickled and _nn_class(pickled)):
+            # torch's legacy format stores each module class with its source code, which
+            # weights_only cannot read, even for torch.nn classes (the zip format loads them)
+            raise InputError(
+                f"{path} is a whole module in PyTorch's legacy (non-zip) torch.save format, which cannot be "
+                "loaded safely: save it again with torch.save(model, path) (the zip format, PyTorch >= 1.6), "
+                "save its state_dict() and pass `model`, or pass `trust_pickle` if you trust the file"
+            ) from None
         raise InputError(
             f"{path} cannot be loaded safely ({detail}); pass `trust_pickle` if you trust the file"
         ) from None
@@ -201,12 +211,19 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     return obj
 
 
+def _pickled_global(exc: Exception) -> str | None:
+    """The class or function named by torch's weights_only refusal ('Unsupported global: GLOBAL
+    x.Y' -> 'x.Y'), or None."""
+    match = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(exc))
+    return match.group(1) if match else None
+
+
 def _unpickling_detail(exc: Exception) -> str:
     """The useful line of torch's weights_only refusal (e.g. 'Unsupported global: GLOBAL x.Y')."""
     text = str(exc)
-    match = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", text)
-    if match:
-        return f"it pickles {match.group(1)}, which could run code"
+    name = _pickled_global(exc)
+    if name:
+        return f"it pickles {name}, which could run code"
     match = re.search(r"(Unsupported operand \d+|Unsupported class [\w.]+)", text)
     if match:
         return match.group(1)

@@ -325,6 +325,24 @@ def test_pickled_torch_nn_module_loads_without_trust():
     assert_state_equal(obj, digits_state())
 
 
+def test_legacy_format_state_dict_loads_and_whole_module_names_the_format(tmp_path, in_repo):
+    """torch.save(..., _use_new_zipfile_serialization=False): a state dict loads as from the zip
+    format; a whole module cannot be read with weights_only (the legacy format pickles each
+    class's source code), and the message says the format is the reason and what to do."""
+    model = load_source(DIGITS_PT).model
+    torch.save(model.state_dict(), tmp_path / "sd.pt", _use_new_zipfile_serialization=False)
+    loaded = load_source(tmp_path / "sd.pt", model=DIGITS_FACTORY).model
+    assert_state_equal(loaded, digits_state())
+    torch.save(model, tmp_path / "whole.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(InputError) as exc:
+        read_checkpoint(tmp_path / "whole.pt")
+    msg = str(exc.value)
+    assert "legacy (non-zip) torch.save format" in msg and "torch.save(model, path)" in msg
+    assert "`trust_pickle`" in msg and "\n" not in msg
+    obj, kind = read_checkpoint(tmp_path / "whole.pt", trust_pickle=True)  # the user trusts it
+    assert kind == "pickled module" and isinstance(obj, nn.Sequential)
+
+
 def test_safetensors_state_dict():
     obj, kind = read_checkpoint(DIGITS_SD)
     assert kind == "safetensors state dict"
