@@ -1,10 +1,12 @@
 """qlin: post-training int8 quantization of the nn.Linear layers of a PyTorch model.
 
-    from qlin_cli import QuantConfig, quantize_model, save_quantized, load_quantized
+    from qlin_cli import QuantConfig, quantize_model, save_quantized, load_quantized, empty_weights
 
     result = quantize_model(model, QuantConfig(mode="dynamic"))   # swaps layers in place
     save_quantized(result, "model.int8.safetensors")
-    int8_model = load_quantized(build_float_model(), "model.int8.safetensors")
+    with empty_weights():                       # a skeleton: no float weights allocated
+        skeleton = build_float_model()
+    int8_model = load_quantized(skeleton, "model.int8.safetensors")
 """
 
 __version__ = "0.1.0"
@@ -16,6 +18,7 @@ _EXPORTS = {
     "LayerScheme": "scheme", "QuantConfig": "config",
     "QlinError": "errors", "QuantizedLinear": "qlinear", "QuantizeResult": "quantize",
     "quantize_model": "quantize", "save_quantized": "qfile", "load_quantized": "qfile", "read_qfile": "qfile",
+    "empty_weights": "qfile",
 }
 
 
@@ -41,5 +44,6 @@ __all__ = [
     "quantize_model",
     "save_quantized",
     "load_quantized",
+    "empty_weights",
     "read_qfile",
 ]

@@ -22,10 +22,10 @@ from .budget import limit
 from .config import QuantConfig
 from .data import Progress, batches, check_finite_inputs, first_tensor, median_latency_ms, num_samples, run_model
 from .errors import ConfigError, InputError
-from .export import CT_FORMAT, FORMATS, check_exportable, save_compressed_tensors
+from .export import CT_FORMAT, FORMATS, QLIN_PLAN, check_exportable, save_compressed_tensors
 from .fallback import quantize_to_target
-from .files import check_distinct, check_file, check_output, check_output_dir
-from .hf import HF_KIND, hf_probe_inputs, is_hf_folder, load_tokenizer, weight_files
+from .files import check_distinct, check_file, check_output, check_output_dir, size_bytes
+from .hf import HF_KIND, hf_probe_inputs, is_hf_folder, load_tokenizer, quant_method, weight_files
 from .kernels import select_kernel
 from .plan import find_linears, layer_shape, make_plan
 from .qfile import FORMAT, load_quantized, read_qfile, save_quantized, save_streamed
@@ -40,7 +40,7 @@ from .text import embedding_scores, lm_scores, read_text, text_inputs
 
 __all__ = [
     "QuantizeOptions", "quantize_checkpoint", "inspect_path", "evaluate_checkpoint", "evaluate_text", "default_output",
-    "check_device",
+    "check_device", "is_quantized",
 ]
 
 PROBE_SAMPLES = 64
@@ -345,10 +345,9 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
         hf_folder = source_path if source.kind.startswith(HF_KIND) else None
         save_compressed_tensors(result, output, force=o.force, source_dir=hf_folder,
                                 source_name=source_path.name, source_sha256=source.sha256)
-        size_out = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
     else:
         save_quantized(result, output, force=o.force, source_name=source_path.name, source_sha256=source.sha256)
-        size_out = output.stat().st_size
+    size_out = size_bytes(output)
     report = QuantizeReport(
         source=str(source_path), source_kind=source.kind, output=str(output), format=o.format,
         config=result.config, device=str(dev),
@@ -400,7 +399,7 @@ def _to_device(inputs: Any, dev: torch.device) -> Any:
 
 def _metadata(path: Path) -> dict[str, str]:
     """A safetensors file's metadata, or {} for anything that is not one."""
-    if path.suffix != ".safetensors":
+    if path.suffix != ".safetensors" or not path.is_file():
         return {}
     try:
         with safe_open(path, framework="pt") as f:
@@ -409,12 +408,22 @@ def _metadata(path: Path) -> dict[str, str]:
         return {}
 
 
+def is_quantized(path: Path) -> bool:
+    """True for what `read_qfile` reads (a qlin file, or a compressed-tensors export's folder or
+    weights file), and for any other quantized model folder (which it refuses with the reason)."""
+    if path.is_dir():
+        return quant_method(path) is not None
+    meta = _metadata(path)
+    return meta.get("format") == FORMAT or QLIN_PLAN in meta
+
+
 def inspect_path(
     path: str | Path, *, model: str | None = None, trust_pickle: bool = False, device: str = "cpu",
     verify: bool = False, group_size: int | None = None, max_memory: int | None = None,
 ) -> InspectReport | FloatInspectReport:
-    """Describe a qlin file (metadata, every layer's tensors and this machine's kernel) or a
-    float checkpoint (its Linear layers and the scale shape each would get, per group of
+    """Describe a quantized model (a qlin file or a compressed-tensors folder qlin wrote: its
+    metadata, every layer's tensors and this machine's kernel) or a float one (a checkpoint or a
+    Hugging Face model folder: its Linear layers and the scale shape each would get, per group of
     `group_size` too). `verify` also recomputes a qlin file's payload sha256 (a mismatch is a
     FormatError). `max_memory`: the most bytes of tensors the file may describe (default: half the
     physical memory, budget.py)."""
@@ -424,40 +433,47 @@ def inspect_path(
 
 def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, verify: bool, group_size: int | None
              ) -> InspectReport | FloatInspectReport:
-    path = check_file(path, "file")
     dev = check_device(device)
-    is_qlin = _metadata(path).get("format") == FORMAT
-    if verify and not is_qlin:
-        raise ConfigError(f"`verify` checks qlin files; {path} is not one")
-    if is_qlin:
-        qf = read_qfile(path, verify=verify)
-        layers = []
-        for e in qf.plan.entries:
-            row: dict[str, Any] = {
-                "name": e.name, "status": e.status, "reason": e.reason,
-                "weight_shape": [e.out_features, e.in_features], "aliases": list(e.aliases),
-            }
-            if e.scheme is not None:
-                scale, zp = qf.tensors[f"{e.name}.weight_scale"], qf.tensors[f"{e.name}.weight_zero_point"]
-                choice = select_kernel(e.scheme, device=dev, dtype=e.torch_dtype,
-                                       in_features=e.in_features, out_features=e.out_features)
-                bits = e.scheme.bits
+    if not is_quantized(path):
+        if verify:
+            raise ConfigError(f"`verify` checks qlin files; {path} is not one")
+        return _inspect_float(check_source(path, "file"), model, trust_pickle, group_size)
+    qf = read_qfile(path, verify=verify)
+    layers = []
+    for e in qf.plan.entries:
+        row: dict[str, Any] = {
+            "name": e.name, "status": e.status, "reason": e.reason,
+            "weight_shape": [e.out_features, e.in_features], "aliases": list(e.aliases),
+        }
+        if e.scheme is not None:
+            scale, zp = qf.tensors[f"{e.name}.weight_scale"], qf.tensors[f"{e.name}.weight_zero_point"]
+            choice = select_kernel(e.scheme, device=dev, dtype=e.torch_dtype,
+                                   in_features=e.in_features, out_features=e.out_features)
+            bits = e.scheme.bits
+            row.update(
+                weight_dtype="int8" if bits == 8 else f"int{bits} (packed in uint8)",
+                scale_shape=list(scale.shape), zero_point_shape=list(zp.shape), **e.scheme.to_dict(),
+                scale_min=float(scale.min()), scale_max=float(scale.max()),
+                kernel=choice.name, kernel_reason=choice.reason, batch_invariant=choice.batch_invariant,
+            )
+            if e.scheme.static:
                 row.update(
-                    weight_dtype="int8" if bits == 8 else f"int{bits} (packed in uint8)",
-                    scale_shape=list(scale.shape), zero_point_shape=list(zp.shape), **e.scheme.to_dict(),
-                    scale_min=float(scale.min()), scale_max=float(scale.max()),
-                    kernel=choice.name, kernel_reason=choice.reason, batch_invariant=choice.batch_invariant,
+                    input_scale=float(qf.tensors[f"{e.name}.input_scale"]),
+                    input_zero_point=int(qf.tensors[f"{e.name}.input_zero_point"]),
                 )
-                if e.scheme.static:
-                    row.update(
-                        input_scale=float(qf.tensors[f"{e.name}.input_scale"]),
-                        input_zero_point=int(qf.tensors[f"{e.name}.input_zero_point"]),
-                    )
-            layers.append(row)
-        meta = {k: v for k, v in sorted(qf.metadata.items()) if k not in ("config", "plan")}  # safetensors returns it unordered
-        return InspectReport(str(path), meta, qf.config, layers, len(qf.tensors), path.stat().st_size, verify)
-    if model is not None:
-        obj, kind = load_source(path, model=model, trust_pickle=trust_pickle).model, "state dict + --model"
+        layers.append(row)
+    meta = {k: v for k, v in sorted(qf.metadata.items()) if k not in ("config", "plan")}  # safetensors returns it unordered
+    kind = "compressed-tensors" if path.is_dir() or qf.metadata.get("format") != FORMAT else "qlin"
+    return InspectReport(str(path), meta, qf.config, layers, len(qf.tensors), size_bytes(path), verify, kind)
+
+
+def _inspect_float(path: Path, model: str | None, trust_pickle: bool, group_size: int | None) -> FloatInspectReport:
+    """A float checkpoint's or model folder's Linear layers (a state dict without `model`: its
+    2-D float weights), with the scale shape per group of `group_size` too."""
+    size = size_bytes(path)
+    if model is not None or path.is_dir():
+        source = load_source(path, model=model, trust_pickle=trust_pickle)
+        obj, kind, size = source.model, source.kind if path.is_dir() else "state dict + --model", source.size_bytes
     else:
         obj, kind = read_checkpoint(path, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
@@ -469,28 +485,33 @@ def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, ver
             for k, v in obj.items() if k.endswith("weight") and v.dim() == 2 and v.is_floating_point()
         ]
         note = "2-D float weights of the state dict (Linear or Embedding: pass --model to know)"
-    return FloatInspectReport(str(path), f"float ({kind})", note, found, path.stat().st_size,
+    return FloatInspectReport(str(path), f"float ({kind})", note, found, size,
                               None if group_size is None else PerGroup(group_size).size)
 
 
 class _Pair(NamedTuple):
-    """The float model of a source and the int8 model of a qlin file made from it."""
+    """The float model of a source and the int8 model of a qlin file (or compressed-tensors
+    folder qlin wrote) made from it."""
 
     source: Any  # sources.Source
     float_model: nn.Module
     int8_model: nn.Module
     qpath: Path
     kernels: dict[str, int]
+    size_int8_bytes: int  # the file's, or the folder's files'
+    source_matches: bool  # the quantized model records this source's sha256
 
 
 def _load_pair(source_path: str | Path, quantized_path: str | Path, *, model: str | None, trust_pickle: bool,
                dev: torch.device) -> _Pair:
     source = load_source(source_path, model=model, trust_pickle=trust_pickle)
     float_model = source.model.to(dev)
-    qpath = check_file(quantized_path, "qlin file")
-    int8_model = load_quantized(copy.deepcopy(float_model), qpath, device=dev)
+    qpath = Path(quantized_path)
+    qf = read_qfile(qpath)
+    int8_model = load_quantized(copy.deepcopy(float_model), qf, device=dev)
     kernels = Counter(m.kernel.name for m in int8_model.modules() if isinstance(m, QuantizedLinear))
-    return _Pair(source, float_model, int8_model, qpath, dict(sorted(kernels.items())))
+    return _Pair(source, float_model, int8_model, qpath, dict(sorted(kernels.items())), size_bytes(qpath),
+                 qf.metadata.get("source_sha256") == source.sha256)
 
 
 @torch.no_grad()
@@ -524,7 +545,7 @@ def _evaluate(source_path, quantized_path, inputs_path, labels_path, *, model, t
     if batch_size < 1 or repeats < 1:
         raise ConfigError("`batch_size` and `repeats` must be at least 1")
     dev = check_device(device)
-    source, float_model, int8_model, qpath, kernels = _load_pair(
+    source, float_model, int8_model, qpath, kernels, size_int8, source_matches = _load_pair(
         source_path, quantized_path, model=model, trust_pickle=trust_pickle, dev=dev)
     runs = {"float model": float_model, "int8 model": int8_model}
     first_call_s: dict[str, float] = {}
@@ -576,8 +597,7 @@ def _evaluate(source_path, quantized_path, inputs_path, labels_path, *, model, t
         output_shape=list(output.shape), metrics=compare_outputs(reference, output),
         accuracy_float=accuracy_float, accuracy_int8=accuracy_int8, latency_float_ms=t_float, latency_int8_ms=t_int8,
         batch_size=batch_size, threads=torch.get_num_threads(), size_float_bytes=source.size_bytes,
-        size_int8_bytes=qpath.stat().st_size, kernels=kernels, device=str(dev),
-        source_matches=_metadata(qpath).get("source_sha256") == source.sha256,
+        size_int8_bytes=size_int8, kernels=kernels, device=str(dev), source_matches=source_matches,
         compile_s={"float": first_call_s["float model"], "int8": first_call_s["int8 model"]} if compile else None,
     )
 
@@ -629,6 +649,6 @@ def _evaluate_text(source_path, quantized_path, text_path, *, max_length, stride
         truncated_lines=text.truncated if text.kind == "encoder" else None, metrics=scores,
         seconds_float=seconds["float"], seconds_int8=seconds["int8"], batch_size=batch_size,
         threads=torch.get_num_threads(), size_float_bytes=pair.source.size_bytes,
-        size_int8_bytes=pair.qpath.stat().st_size, kernels=pair.kernels, device=str(dev),
-        source_matches=_metadata(pair.qpath).get("source_sha256") == pair.source.sha256,
+        size_int8_bytes=pair.size_int8_bytes, kernels=pair.kernels, device=str(dev),
+        source_matches=pair.source_matches,
     )

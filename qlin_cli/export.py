@@ -57,11 +57,17 @@ compressed-tensors' own compressor writes it packed, as here), which load with d
 
 The folder is written atomically (a temporary folder beside it, then renamed into place) and is
 byte-identical for the same input and options.
+
+The weights file's metadata also holds qlin's own config, plan and ties (`qlin_format_version`,
+`qlin_config`, `qlin_plan`, `qlin_ties`, as in a qlin file; other loaders ignore them), so that
+qlin reads the folder back: `from_export` turns its tensors into the qlin file's layout, and
+`qlin inspect`, `qlin eval` and `load_quantized` take the folder wherever they take a qlin file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,8 +75,9 @@ from typing import Any
 import torch
 
 from . import __version__
-from .errors import ConfigError
-from .files import CONFIG_NAME, check_output_dir, file_tensors, safetensors_writer, write_folder_atomic
+from .errors import ConfigError, FormatError
+from .files import CONFIG_NAME, check_output_dir, file_tensors, safetensors_writer, tied_keys, write_folder_atomic
+from .hf import quant_method
 from .plan import Plan, PlanEntry
 from .quantize import QuantizeResult
 from .scheme import PER_TENSOR, LayerScheme
@@ -84,11 +91,16 @@ __all__ = [
     "quantization_config",
     "export_tensors",
     "save_compressed_tensors",
+    "export_weights",
+    "from_export",
+    "QLIN_PLAN",
 ]
 
 FORMATS = ("qlin", "compressed-tensors")
 CT_FORMAT = "compressed-tensors"
 WEIGHTS_NAME = "model.safetensors"
+QLIN_PLAN = "qlin_plan"  # the metadata key that marks a weights file qlin can read back
+QLIN_FORMAT_VERSION = 2  # the qlin file format (qfile.FORMAT_VERSION) of that config, plan and ties
 
 # qlin's observers as compressed-tensors names them (the closest one where there is no twin;
 # loaders of a compressed checkpoint do not use observers, they only describe calibration).
@@ -325,8 +337,81 @@ def save_compressed_tensors(
         config, files = {}, {}
     config["quantization_config"] = qconfig
     metadata = {"format": "pt", "producer": f"qlin {__version__}", "source_name": source_name,
-                "source_sha256": source_sha256}
-    tensors = export_tensors(result, drop_tied=source_dir is not None)
+                "source_sha256": source_sha256, "qlin_format_version": str(QLIN_FORMAT_VERSION),
+                "qlin_config": result.config.to_json(), QLIN_PLAN: result.plan.to_json()}
+    drop_tied = source_dir is not None
+    aliases = tuple(f"{a}." for e in result.plan.quantized for a in e.aliases)
+    state = [(k, v) for k, v in result.model.state_dict().items() if not (aliases and k.startswith(aliases))]
+    metadata["qlin_ties"] = json.dumps(tied_keys(state) if drop_tied else {}, sort_keys=True, separators=(",", ":"))
+    tensors = export_tensors(result, drop_tied=drop_tied)
     files[WEIGHTS_NAME] = safetensors_writer(tensors, metadata)
     files[CONFIG_NAME] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     return write_folder_atomic(path, files, force=force)
+
+
+def export_weights(folder: Path) -> Path:
+    """The weights file of a compressed-tensors model folder; FormatError for another folder."""
+    method = quant_method(folder)
+    if method != CT_FORMAT:
+        what = f"a {method} model" if method else "not a compressed-tensors model folder (no quantization_config in a config.json)"
+        raise FormatError(f"{folder} is a folder, {what}; qlin reads qlin files and the compressed-tensors folders it writes")
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FormatError(f"{folder} has no {WEIGHTS_NAME}: it is not a compressed-tensors folder that qlin wrote")
+    return weights
+
+
+def _word_bytes(words: torch.Tensor) -> torch.Tensor:
+    """int32 `(N, W)` -> uint8 `(N, 4 W)`: each row's bit string, byte 0 first (`pack_int32`)."""
+    b = words.contiguous().view(torch.uint8).reshape(words.shape[0], -1, 4)
+    return (b.flip(-1) if sys.byteorder == "big" else b).reshape(words.shape[0], -1)
+
+
+def _unpack_int32(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """`pack_int32`'s inverse: int32 `(N, W)` -> int8 B-bit values `(N, K)`."""
+    b, per = _word_bytes(words), 8 // bits
+    u = torch.stack([(b >> (j * bits)) & ((1 << bits) - 1) for j in range(per)], dim=-1).reshape(b.shape[0], -1)
+    return (u[:, :k].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+
+
+def from_export(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of an export's weights file (`path`) in the qlin file's terms:
+    its `config`, `plan`, `ties` and `format_version`, and per quantized layer the weight (a
+    pack-quantized one as the qlin file packs it: the same bit string without the padding to
+    whole words, or int8 at 8 bits), the scale as float32 of the scheme's shape, the zero point
+    (unpacked; zeros where the export leaves it out), and static mode's input scale and zero
+    point of shape `()`. Values are unchanged but for the scales, which the export stores in the
+    model's dtype (what a loader of the folder uses, so what qlin runs too). A tensor that does
+    not fit is left as it is, for the qlin file's validation to name."""
+    meta = {"format_version": metadata.get("qlin_format_version", ""), "config": metadata.get("qlin_config", ""),
+            "plan": metadata[QLIN_PLAN], "ties": metadata.get("qlin_ties", "{}"),
+            "container": f"compressed-tensors folder ({metadata.get('producer', '?')})",
+            **{k: metadata[k] for k in ("source_name", "source_sha256") if k in metadata}}
+    try:
+        plan = Plan.from_list(json.loads(metadata[QLIN_PLAN]))
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"{path}: its qlin_plan is invalid ({str(exc)[:160]})") from None
+    out = dict(tensors)
+    for e in plan.quantized:
+        s, name = e.scheme, e.name
+        shape = s.granularity.scale_shape((e.out_features, e.in_features))
+        packed = out.pop(f"{name}.weight_packed", None)
+        out.pop(f"{name}.weight_shape", None)
+        if packed is not None and packed.dtype == torch.int32 and packed.dim() == 2:
+            row = _word_bytes(packed)[:, : -(-e.in_features * s.bits // 8)]  # the qlin file's packed row
+            out[f"{name}.weight"] = (row ^ 0x80).view(torch.int8) if s.bits == 8 else row.contiguous()
+        for suffix, want in (("weight_scale", shape), ("input_scale", ())):
+            t = tensors.get(f"{name}.{suffix}")
+            if t is not None and t.numel() == math.prod(want):
+                out[f"{name}.{suffix}"] = t.float().reshape(want)
+        zp = tensors.get(f"{name}.weight_zero_point")
+        if zp is None:
+            out[f"{name}.weight_zero_point"] = torch.zeros(shape, dtype=torch.int8)
+        elif zp.dtype == torch.int32 and zp.dim() == 2:  # pack-quantized: packed along the outputs
+            out[f"{name}.weight_zero_point"] = _unpack_int32(zp.t(), s.bits, e.out_features).t().reshape(shape).contiguous()
+        elif zp.numel() == math.prod(shape):
+            out[f"{name}.weight_zero_point"] = zp.reshape(shape)
+        t = tensors.get(f"{name}.input_zero_point")
+        if t is not None and t.numel() == 1:
+            out[f"{name}.input_zero_point"] = t.reshape(())
+    return meta, out

@@ -26,6 +26,7 @@ __all__ = [
     "CONFIG_NAME",
     "check_file",
     "file_sha256",
+    "size_bytes",
     "check_output",
     "check_distinct",
     "same_file",
@@ -129,6 +130,13 @@ def safetensors_nbytes(path: Path) -> int:
 def file_sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def size_bytes(path: Path) -> int:
+    """The size of a file, or of the files of a folder (not its subfolders)."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return path.stat().st_size
 
 
 def _folder(path: Path) -> Path:

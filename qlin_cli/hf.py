@@ -27,7 +27,7 @@ from .files import CONFIG_NAME, check_file, file_sha256, safetensors_nbytes
 from .pickles import scan_pickle
 
 __all__ = [
-    "is_hf_folder", "weight_files", "HFModel", "load_hf_folder", "hf_probe_inputs", "HF_KIND",
+    "is_hf_folder", "quant_method", "weight_files", "HFModel", "load_hf_folder", "hf_probe_inputs", "HF_KIND",
     "load_tokenizer", "encode", "is_causal_lm", "position_limit", "HFSkeleton", "hf_skeleton", "parameters_on_meta",
 ]
 
@@ -39,6 +39,18 @@ def is_hf_folder(path: str | Path) -> bool:
     """True if `path` is a folder holding a `config.json` (a Hugging Face model folder)."""
     path = Path(path)
     return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+
+def quant_method(folder: str | Path) -> str | None:
+    """The `quant_method` of a model folder's `quantization_config` (e.g. "compressed-tensors" for
+    the folders `--format compressed-tensors` writes), or None: a float model, or no model folder."""
+    try:
+        config = json.loads((Path(folder) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    return str(method) if method else None
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,9 @@ def load_hf_folder(folder: str | Path, *, model: str | None = None) -> HFModel:
         raise ConfigError(
             f"`model` applies to state dicts; {folder} is a Hugging Face folder whose config.json names the architecture"
         )
+    method = quant_method(folder)
+    if method is not None:
+        raise InputError(f"{folder} is already quantized ({method}); pass the float model folder")
     weights = weight_files(folder)
     _check_weights(weights)
     transformers = _import_transformers()

@@ -44,6 +44,8 @@ __all__ = [
     "cpu_features",
     "select_kernel",
     "pack",
+    "ONEDNN_UNTRACEABLE",
+    "FBGEMM_UNTRACEABLE",
 ]
 
 
@@ -412,6 +414,8 @@ class _Fbgemm:
         self.act = None if act_qparams is None else (float(act_qparams[0]), int(act_qparams[1]) + 128)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise RuntimeError(FBGEMM_UNTRACEABLE)
         if self.smooth is not None:
             x = x / self.smooth
         x = x.contiguous()
@@ -468,6 +472,21 @@ _LAST_INPUT = _LastInput()
 _EMPTY = torch.empty(0)
 
 
+# What torch.jit.trace and torch.export cannot record, said plainly instead of torch's own error
+# deep inside the kernel. The fused kernels are C++ functions that torch's dispatcher does not
+# know; fbgemm's prepacked weight is a TorchScript object that jit.trace finds only on a module's
+# attribute, where torch.export could no longer take it (it cannot fake the object): qlin keeps
+# torch.export working.
+ONEDNN_UNTRACEABLE = (
+    "qlin's fused onednn kernel cannot be traced or exported (its C++ functions are not torch ops): "
+    "set QLIN_NATIVE=0 before loading the model to run the fbgemm kernel instead, which torch.export exports"
+)
+FBGEMM_UNTRACEABLE = (
+    "torch.jit.trace cannot record qlin's fbgemm kernel (its prepacked weight is kept outside the module): "
+    "use torch.export.export, which can"
+)
+
+
 class _Onednn:
     """Dynamic per-token (asymmetric) activations on oneDNN's u8 x s8 GEMM, with qlin's fused
     kernels (native.py) before and after it: three passes and three parallel regions per layer.
@@ -510,6 +529,8 @@ class _Onednn:
         return last.codes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            raise RuntimeError(ONEDNN_UNTRACEABLE)
         q, a, c, rowsum = self._codes(x.float().contiguous())
         y = torch.ops.onednn.qlinear_pointwise(
             q, 1.0, 0, self.packed, self.scale, self.gemm_zero_point, None, 1.0, 0, torch.float32, "none", [], "")

@@ -15,6 +15,7 @@ are the plan entry's form in the qlin file's metadata.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -125,6 +126,10 @@ class Plan:
 
     def to_list(self) -> list[dict[str, Any]]:
         return [e.to_dict() for e in self.entries]
+
+    def to_json(self) -> str:
+        """The plan as the qlin file's metadata holds it (and a compressed-tensors export's)."""
+        return json.dumps(self.to_list(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_list(cls, data: Any) -> "Plan":

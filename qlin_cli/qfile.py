@@ -22,6 +22,14 @@ in its high nibble; at 2 bits, four values per byte from the lowest bits up; at 
 cross byte boundaries.
 
 Version 1 files (8-bit only, no bits/group_size in the plan) load as before.
+
+Reading takes a compressed-tensors folder that qlin wrote, or its weights file, too: its
+metadata holds the same config, plan and ties, and `export.from_export` gives its tensors this
+layout.
+
+Loading fills a float model skeleton: a real one, or one whose parameters are on the meta device
+(`empty_weights()`, or `torch.device("meta")` for a model without non-persistent buffers), so that
+loading an int8 model never allocates the float weights.
 """
 
 from __future__ import annotations
@@ -38,8 +46,10 @@ from safetensors import SafetensorError, safe_open
 
 from . import __version__
 from .config import QuantConfig
-from .errors import ConfigError, FormatError, one_line
+from .errors import ConfigError, FormatError, InputError, one_line
 from .budget import check_budget
+from .export import QLIN_PLAN, export_weights, from_export
+from .hf import parameters_on_meta
 from .files import (
     HASH_KEYS, SafetensorsStream, check_file, check_output, file_tensors, header_digest, safetensors_nbytes,
     safetensors_writer, tied_keys, write_atomic,
@@ -58,6 +68,7 @@ __all__ = [
     "save_streamed",
     "read_qfile",
     "load_quantized",
+    "empty_weights",
     "verify_payload",
     "pack_bits",
     "unpack_bits",
@@ -85,7 +96,7 @@ def _metadata(config: QuantConfig, plan: Plan, ties: dict[str, str], source_name
         "source_name": source_name,
         "source_sha256": source_sha256,
         "config": config.to_json(),
-        "plan": json.dumps(plan.to_list(), sort_keys=True, separators=(",", ":")),
+        "plan": plan.to_json(),
         "ties": json.dumps(ties, sort_keys=True, separators=(",", ":")),
     }
 
@@ -172,7 +183,7 @@ def save_streamed(
 
 @dataclass
 class QFile:
-    """A validated qlin file."""
+    """A validated qlin file (or compressed-tensors folder qlin wrote: `path` is its weights file)."""
 
     path: Path
     metadata: dict[str, str]
@@ -275,9 +286,12 @@ def verify_payload(path: Path, metadata: dict[str, str]) -> None:
 
 
 def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
-    """Open and validate a qlin file: names, dtypes and shapes against its plan, always; the
-    payload's sha256 against the recorded one with `verify`."""
-    path = check_file(path, "qlin file")
+    """Open and validate a qlin file, or a compressed-tensors folder qlin wrote (or its weights
+    file): names, dtypes and shapes against its plan, always; the payload's sha256 against the
+    recorded one with `verify` (a qlin file only)."""
+    path = Path(path)
+    folder = path if path.is_dir() else None
+    path = check_file(path if folder is None else export_weights(folder), "qlin file")
     try:
         check_budget(safetensors_nbytes(path), f"qlin file {path}")
         with safe_open(path, framework="pt") as f:
@@ -285,7 +299,14 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise _bad(path, f"not a valid safetensors file ({one_line(exc)})") from None
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") != FORMAT and QLIN_PLAN in metadata:
+        if verify:
+            raise ConfigError(f"`verify` checks qlin files; {folder or path} is a compressed-tensors export, which records no payload sha256")
+        metadata, tensors = from_export(path, metadata, tensors)
+    elif folder is not None:
+        raise _bad(folder, "a compressed-tensors folder that this qlin did not write (its weights hold no qlin "
+                           "plan); transformers loads it (with compressed-tensors installed)")
+    elif metadata.get("format") != FORMAT:
         raise _bad(path, "not a qlin file (its metadata has no format=qlin); is it a float checkpoint?")
     try:
         version = int(metadata.get("format_version", ""))
@@ -324,15 +345,20 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
 
 @torch.no_grad()
 def load_quantized(
-    model: nn.Module, path: str | Path, *, device: torch.device | str = "cpu", verify: bool = False,
+    model: nn.Module, path: str | Path | QFile, *, device: torch.device | str = "cpu", verify: bool = False,
     compile: bool = False,
 ) -> nn.Module:
     """Turn a float model skeleton (same architecture as the quantized one) into the int8 model
-    stored at `path`, packed for `device`. Changes `model` in place and returns it (a new module
-    if the model itself is one quantized `nn.Linear`). Shapes and dtypes are always checked; with
-    `verify` the payload's sha256 too. `compile` returns `qlinear.compile_model(model)`: the first
-    call compiles (tens of seconds), later calls run the fused graph."""
-    qf = read_qfile(path, verify=verify)
+    stored at `path` (a qlin file, a compressed-tensors folder qlin wrote, or a `read_qfile`
+    result), packed for `device`. Changes `model` in place and returns it (a new module if the
+    model itself is one quantized `nn.Linear`).
+
+    The skeleton's parameters may be on the meta device (build it under `empty_weights()`): its
+    Linear layers are replaced and every other tensor is materialised from the file, so the float
+    weights are never allocated. Shapes and dtypes are always checked; with `verify` the payload's
+    sha256 too. `compile` returns `qlinear.compile_model(model)`: the first call compiles (tens of
+    seconds), later calls run the fused graph."""
+    qf = path if isinstance(path, QFile) else read_qfile(path, verify=verify)
     found = find_linears(model)
     linears = {name: m for name, m, _, _ in found}
     aliases = {name: sorted(a) for name, _, a, _ in found}
@@ -358,14 +384,15 @@ def load_quantized(
                     if f"{e.name}.{suffix}" in state:
                         state[f"{alias}.{suffix}"] = state[f"{e.name}.{suffix}"]
         swapped.append(q)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    targets = model.state_dict(keep_vars=True)
+    missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
     if missing or unexpected:
         first = missing[0] if missing else unexpected[0]
         raise FormatError(
             f"{qf.path} does not fit the model: {len(missing)} missing and {len(unexpected)} "
             f"unexpected tensors (e.g. {first!r})"
         )
+    _materialize(model, targets)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -375,3 +402,35 @@ def load_quantized(
     model.to(device)
     pack_all(swapped, device)
     return compile_model(model.eval()) if compile else model.eval()
+
+
+def _materialize(model: nn.Module, targets: dict[str, torch.Tensor]) -> None:
+    """Give each meta-device parameter and buffer of `model` uninitialised CPU memory, ties kept,
+    for load_state_dict to fill. Refuses a meta tensor that is not in the state dict (a
+    non-persistent buffer, which the file cannot hold) before allocating anything."""
+    in_state = {id(t) for t in targets.values()}
+    for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        if t.is_meta and id(t) not in in_state:
+            raise InputError(
+                f"the model's {name!r} is on the meta device and not in the file (a buffer the model computes "
+                "when it is built): build the skeleton under qlin_cli.empty_weights(), which keeps buffers real"
+            )
+    new: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for k, t in store.items():
+                if t is not None and t.is_meta:
+                    if id(t) not in new:
+                        empty = torch.empty_like(t, device="cpu")
+                        new[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+                    store[k] = new[id(t)]
+
+
+# The public name of `hf.parameters_on_meta` (streaming builds its skeletons with it too): build
+# a skeleton for `load_quantized` without its weights, every parameter on the meta device and
+# buffers (e.g. position ids computed in `__init__`) real:
+#
+#     with empty_weights():
+#         skeleton = build_model()          # or AutoModelForCausalLM.from_config(config)
+#     model = load_quantized(skeleton, "model.int8.safetensors")
+empty_weights = parameters_on_meta

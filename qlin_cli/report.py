@@ -382,7 +382,8 @@ class TextEvalReport(_Report):
 
 @dataclass
 class InspectReport(_Report):
-    """A qlin file: its metadata, config, and every layer's tensors, scheme and kernel here."""
+    """A quantized model qlin wrote (a qlin file or compressed-tensors folder): its metadata,
+    config, and every layer's tensors, scheme and kernel here."""
 
     path: str
     metadata: dict[str, str]  # all but config and plan
@@ -391,14 +392,16 @@ class InspectReport(_Report):
     tensors: int
     size_bytes: int
     verified: bool
+    kind: str = "qlin"  # or "compressed-tensors": a folder qlin wrote, read back through its plan
 
     @property
     def title(self) -> str:
-        return f"{self.path}: {len(self.layers)} Linear layers"
+        what = "" if self.kind == "qlin" else f" ({self.kind} folder qlin wrote)"
+        return f"{self.path}{what}: {len(self.layers)} Linear layers"
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "path": self.path, "kind": "qlin", "metadata": self.metadata, "config": self.config.to_dict(),
+            "path": self.path, "kind": self.kind, "metadata": self.metadata, "config": self.config.to_dict(),
             "layers": self.layers, "tensors": self.tensors, "size_bytes": self.size_bytes, "verified": self.verified,
         }
 

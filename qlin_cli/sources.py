@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from .budget import check_budget, format_size
 from .errors import InputError, one_line
-from .files import SAFETENSORS_DTYPES, check_file, file_sha256, safetensors_nbytes, tensor_bytes
+from .files import CONFIG_NAME, SAFETENSORS_DTYPES, check_file, file_sha256, safetensors_nbytes, tensor_bytes
 from .hf import hf_skeleton, is_hf_folder, load_hf_folder, parameters_on_meta, weight_files
 from .pickles import scan_pickle
 
@@ -49,10 +49,14 @@ class Source:
     size_bytes: int
 
 
-def check_source(path: str | Path) -> Path:
+def check_source(path: str | Path, what: str = "source") -> Path:
     """A model source: a Hugging Face model folder (a folder with config.json, see hf.py), or
     else a file as `check_file` accepts it (any other folder is an error)."""
-    return Path(path) if is_hf_folder(path) else check_file(path, "source")
+    if is_hf_folder(path):
+        return Path(path)
+    if Path(path).is_dir():
+        raise InputError(f"{what} {path} is a folder but not a model folder (it has no {CONFIG_NAME})")
+    return check_file(path, what)
 
 
 def load_factory(spec: str) -> Callable[[], nn.Module]:

@@ -574,7 +574,7 @@ def _factory_file(tmp: Path) -> str:
 # name -> (setup(tmp) -> argv after "quantize" with tmp-relative paths, expected phrases)
 QUANTIZE_ERRORS = {
     "missing source": (lambda t: ["missing.pt"], ["missing.pt", "does not exist"]),
-    "directory source": (lambda t: [(t / "adir").mkdir() or "adir"], ["adir", "is a directory"]),
+    "directory source": (lambda t: [(t / "adir").mkdir() or "adir"], ["adir", "is a folder but not a model folder (it has no config.json)"]),
     "empty file": (lambda t: [_write(t / "empty.pt", b"").name], ["empty.pt", "is empty"]),
     "random bytes .pt": (lambda t: [_write(t / "rnd.pt", random.Random(0).randbytes(4096)).name], ["rnd.pt"]),
     "random bytes .safetensors": (

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,6 +285,129 @@ def test_mixed_schemes_get_one_group_each(llama, tmp_path):
             assert torch.equal(module.weight.detach(), ours[name]), name
     assert torch.equal(dense.model.layers[0].self_attn.o_proj.weight,
                        load_file(folder / "model.safetensors")["model.layers.0.self_attn.o_proj.weight"])
+
+
+# ----------------------------------------------------------------------------- qlin reads its folders back
+
+
+@pytest.fixture(scope="module")
+def llama_both(llama, tmp_path_factory):
+    """The tiny Llama (head tied) quantized once by the CLI into a qlin file and once into a
+    compressed-tensors folder, with the same options: (folder, inputs, qlin file, export)."""
+    import contextlib
+    import io
+
+    from qlin_cli.cli import main
+
+    folder, inputs = llama
+    root = tmp_path_factory.mktemp("both")
+    for out, fmt in ((root / "q.safetensors", "qlin"), (root / "ct", "compressed-tensors")):
+        with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(io.StringIO()):
+            main(["quantize", str(folder), "-o", str(out), "--format", fmt, "--kernel", "int_mm"])
+        assert exc.value.code in (0, None)
+    return folder, inputs, root / "q.safetensors", root / "ct"
+
+
+def test_inspect_an_export_as_the_qlin_file_it_matches(llama_both, capsys):
+    """Issue 18, item 2: `qlin inspect` on the folder, or on its model.safetensors (which it called
+    a float state dict), shows the same layers, scales and kernels as the qlin file."""
+    _, _, qfile, ct = llama_both
+    q = cli_json(capsys, "inspect", qfile)
+    for path in (ct, ct / "model.safetensors"):
+        r = cli_json(capsys, "inspect", path)
+        assert r["kind"] == "compressed-tensors"
+        assert r["layers"] == q["layers"] and r["config"] == q["config"]
+        assert r["metadata"]["container"].startswith("compressed-tensors folder (qlin ")
+        assert r["metadata"]["source_sha256"] == q["metadata"]["source_sha256"]
+    assert [l["name"] for l in r["layers"] if l["status"] == "skipped"] == ["lm_head"]
+    code, out, err = cli(capsys, "inspect", ct)
+    assert code == 0 and "compressed-tensors folder qlin wrote" in out
+
+
+def test_eval_an_export_gives_the_qlin_files_numbers(llama_both, capsys):
+    folder, inputs, qfile, ct = llama_both
+    q = cli_json(capsys, "eval", folder, qfile, "--inputs", inputs, "--repeats", "1")
+    r = cli_json(capsys, "eval", folder, ct, "--inputs", inputs, "--repeats", "1")
+    for key in ("sqnr_db", "cosine", "max_abs_err", "top1_agreement", "kernels", "source_matches"):
+        assert r[key] == q[key], key  # float32 scales: the same int8 model, bit for bit
+    assert r["source_matches"] is True and r["sqnr_db"] > 20
+    assert r["size_int8_bytes"] == sum(f.stat().st_size for f in ct.iterdir())
+
+
+def test_load_quantized_from_an_export_into_an_empty_skeleton(llama_both):
+    """The export stores the tied head once (as save_pretrained does); loading keeps the tie."""
+    from qlin_cli import empty_weights, load_quantized
+
+    tf = _transformers()
+    folder, inputs, qfile, ct = llama_both
+    ids = load_file(inputs)
+    config = tf.AutoConfig.from_pretrained(folder)
+    models = []
+    for path in (qfile, ct):
+        with empty_weights():
+            skeleton = tf.LlamaForCausalLM(config)
+        models.append(load_quantized(skeleton, path).eval())
+    assert models[1].lm_head.weight is models[1].model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(models[0](**ids).logits, models[1](**ids).logits)
+
+
+def test_export_metadata_is_the_qlin_files(llama_both):
+    """The export's qlin metadata is the qlin file's own: same format version, config, plan and
+    ties (the tied head, stored once by both)."""
+    from qlin_cli.export import QLIN_FORMAT_VERSION
+    from qlin_cli.qfile import FORMAT_VERSION
+
+    _, _, qfile, ct = llama_both
+    assert QLIN_FORMAT_VERSION == FORMAT_VERSION
+    with safe_open(qfile, "pt") as f, safe_open(ct / "model.safetensors", "pt") as g:
+        q, c = f.metadata(), g.metadata()
+    assert (c["qlin_format_version"], c["qlin_config"], c["qlin_plan"], c["qlin_ties"]) == (
+        q["format_version"], q["config"], q["plan"], q["ties"])
+    assert json.loads(c["qlin_ties"]) == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, False), (2, None, False), (8, 16, False), (4, None, True)])
+def test_pack_quantized_layers_read_back_as_the_qlin_file_stores_them(bits, group, symmetric):
+    """`from_export` inverts the export's pack-quantized layout exactly: the weight's words are
+    the qlin file's packed rows padded to whole words (int8 values at 8 bits), and asymmetric
+    zero points, packed along the outputs, unpack to qlin's."""
+    from qlin_cli.export import QLIN_PLAN, _layer_tensors, from_export, layer_format
+    from qlin_cli.plan import Plan, PlanEntry
+    from qlin_cli.qfile import pack_bits
+    from qlin_cli.scheme import LayerScheme
+
+    scheme = LayerScheme(mode="weight-only", bits=bits, group_size=group, symmetric=symmetric)
+    assert layer_format(scheme) == "pack-quantized"
+    out_f, in_f = 24, 64
+    entry = PlanEntry("l", in_f, out_f, False, "float32", scheme=scheme)
+    gen = torch.Generator().manual_seed(bits)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    q = torch.randint(lo, hi + 1, (out_f, in_f), generator=gen, dtype=torch.int8)
+    shape = scheme.granularity.scale_shape((out_f, in_f))
+    scale = torch.rand(shape, generator=gen) + 0.1
+    zp = torch.zeros(shape, dtype=torch.int8) if symmetric else torch.randint(lo, hi + 1, shape, generator=gen, dtype=torch.int8)
+    tensors = dict(pair for key, t in (("l.weight", q), ("l.weight_scale", scale), ("l.weight_zero_point", zp))
+                   for pair in _layer_tensors(entry, key, t))
+    assert "l.weight_packed" in tensors and "l.weight" not in tensors
+    _, back = from_export(Path("x"), {QLIN_PLAN: Plan((entry,)).to_json()}, tensors)
+    assert sorted(back) == ["l.weight", "l.weight_scale", "l.weight_zero_point"]
+    assert torch.equal(back["l.weight"], pack_bits(q, bits) if bits < 8 else q)
+    assert torch.equal(back["l.weight_zero_point"], zp) and torch.equal(back["l.weight_scale"], scale)
+
+
+def test_folders_qlin_cannot_read_say_why(llama_both, tmp_path, capsys):
+    folder, inputs, _, ct = llama_both
+    other = tmp_path / "other-ct"  # written by another tool: no qlin plan in its weights' metadata
+    shutil.copytree(ct, other)
+    tensors = load_file(other / "model.safetensors")
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    msg = _error(capsys, "inspect", other)
+    assert "a compressed-tensors folder that this qlin did not write" in msg and "transformers loads it" in msg
+    assert "this qlin did not write" in _error(capsys, "eval", folder, other, "--inputs", inputs)
+    msg = _error(capsys, "quantize", ct, "-o", tmp_path / "x.safetensors")
+    assert msg == f"error: {ct} is already quantized (compressed-tensors); pass the float model folder"
+    assert "records no payload sha256" in _error(capsys, "inspect", ct, "--verify")
 
 
 # ----------------------------------------------------------------------------- other sources, files, errors

@@ -20,8 +20,8 @@ from conftest import cli, cli_json
 
 transformers = pytest.importorskip("transformers")
 
-from qlin_cli import QuantConfig, load_quantized, quantize_model, save_quantized  # noqa: E402
-from qlin_cli.errors import ConfigError, InputError  # noqa: E402
+from qlin_cli import QuantConfig, empty_weights, load_quantized, quantize_model, save_quantized  # noqa: E402
+from qlin_cli.errors import ConfigError, FormatError, InputError  # noqa: E402
 from qlin_cli.hf import load_hf_folder  # noqa: E402
 from qlin_cli.sources import load_source  # noqa: E402
 
@@ -134,6 +134,61 @@ def test_api_reload_into_a_fresh_model_is_bit_identical(folders, tmp_path, name)
     assert path.read_bytes() == path2.read_bytes()
 
 
+def test_inspect_a_folder_lists_its_linear_layers(folders, capsys):
+    """Issue 18, item 2: `qlin inspect DIR` on a float model folder (it said 'is a directory')."""
+    r = cli_json(capsys, "inspect", folders["llama-tied"])
+    assert r["kind"] == "float (Hugging Face folder (LlamaForCausalLM, sharded safetensors))"
+    names = [layer["name"] for layer in r["layers"]]
+    assert len(names) == 15 and names[0] == "model.layers.0.self_attn.q_proj" and names[-1] == "lm_head"
+    assert r["layers"][0]["weight_shape"] == [64, 64] and r["layers"][0]["scale_shape_per_channel"] == [64]
+    weights = sorted(folders["llama-tied"].glob("model-*.safetensors"))
+    assert r["size_bytes"] == sum(f.stat().st_size for f in weights) + (folders["llama-tied"] / "model.safetensors.index.json").stat().st_size
+
+
+@pytest.mark.parametrize("name", ["bert", "llama-tied"])
+def test_load_into_a_skeleton_without_weights(folders, tmp_path, name):
+    """Issue 18, item 3: a skeleton built under empty_weights() holds no float weights (every
+    parameter on the meta device, buffers real); load_quantized materialises the rest from the
+    file, ties kept, and gives the outputs of a full float skeleton bit for bit."""
+    inputs = load_file(folders["inputs"])
+    source = load_source(folders[name])
+    result = quantize_model(source.model, QuantConfig())
+    path = save_quantized(result, tmp_path / "q.safetensors")
+    with torch.no_grad():
+        expected = result.model(**inputs)[0]
+    config = transformers.AutoConfig.from_pretrained(folders[name])
+    with empty_weights():
+        skeleton = transformers.AutoModel.from_config(config) if name == "bert" else _llama(tied=True)
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert not any(b.is_meta for b in skeleton.buffers())
+    model = load_quantized(skeleton, path)
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    if name == "llama-tied":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], expected)
+
+
+def test_meta_skeleton_errors_are_one_line(folders, tmp_path):
+    """torch.device('meta') puts BERT's computed position ids on meta too: the error says what
+    to use instead. A skeleton of another size is refused as before."""
+    source = load_source(folders["bert"])
+    path = save_quantized(quantize_model(source.model, QuantConfig()), tmp_path / "q.safetensors")
+    config = transformers.AutoConfig.from_pretrained(folders["bert"])
+    with torch.device("meta"):
+        skeleton = transformers.AutoModel.from_config(config)
+    with pytest.raises(InputError) as exc:
+        load_quantized(skeleton, path)
+    msg = str(exc.value)
+    assert msg.startswith("the model's 'embeddings.position_ids' is on the meta device and not in the file")
+    assert "qlin_cli.empty_weights()" in msg and "\n" not in msg
+    config.intermediate_size = 96
+    with empty_weights():
+        other = transformers.AutoModel.from_config(config)
+    with pytest.raises(FormatError, match=r"the model has no nn.Linear 'encoder.layer.0.intermediate.dense' of shape \(128, 64\)"):
+        load_quantized(other, path)
+
+
 def test_tied_head_stays_float_and_tied(folders, tmp_path):
     source = load_source(folders["llama-tied"])
     model = source.model
@@ -197,7 +252,8 @@ def _error(capsys, *args) -> str:
 
 def test_folder_without_config_is_still_an_error(tmp_path, capsys):
     (tmp_path / "plain").mkdir()
-    assert "is a directory, not a file" in _error(capsys, "quantize", tmp_path / "plain")
+    assert "is a folder but not a model folder (it has no config.json)" in _error(capsys, "quantize", tmp_path / "plain")
+    assert "is a folder but not a model folder" in _error(capsys, "inspect", tmp_path / "plain")
 
 
 def test_folder_without_weights(tmp_path, capsys):
