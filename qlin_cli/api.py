@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from .budget import limit
 from .config import QuantConfig
-from .data import Progress, batches, check_finite_inputs, first_tensor, median_latency_ms, num_samples, run_model
+from .data import Progress, batches, check_finite_inputs, first_tensor, num_samples, run_model, time_models
 from .errors import ConfigError, InputError
 from .export import CT_FORMAT, FORMATS, QLIN_PLAN, check_exportable, save_compressed_tensors
 from .fallback import quantize_to_target
@@ -66,6 +66,8 @@ class QuantizeOptions:
     batch_size: samples per calibration forward pass.
     min_sqnr: keep the most sensitive layers float until the output SQNR (dB) on `eval_inputs`
         (default: the calibration data) reaches it.
+    sensitivity: also measure each quantized layer's sensitivity (the model's output SQNR with
+        only that layer in int8) on the same data (without any: on the probe batch).
     device: where to pack and run ("cpu" or "cuda").
     stream: never hold the whole float model: build it without weights, then read, quantize,
         write and drop one layer at a time (`STREAM_SUPPORTS` says for what).
@@ -89,6 +91,7 @@ class QuantizeOptions:
     batch_size: int = 32
     min_sqnr: float | None = None
     eval_inputs: str | Path | None = None
+    sensitivity: bool = False
     device: str = "cpu"
     stream: bool = False
     config_file: str | Path | None = None
@@ -119,15 +122,17 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def _probe_inputs(model: nn.Module, inputs_path: Path | None) -> tuple[Any, str]:
-    """A probe batch: the first samples of `inputs_path`, or a seeded random normal batch of 8
-    rows sized for the first Linear layer."""
-    if inputs_path is not None:
-        inputs = load_tensors(inputs_path, "inputs")
+def _probe_inputs(model: nn.Module, inputs_path: Path | None, data: Any = None, data_name: str = "") -> tuple[Any, str]:
+    """A probe batch: the first samples of `inputs_path`, else of `data` (the eval or calibration
+    data, named `data_name`), else a seeded random batch that fits the model (token ids for a
+    transformers text model, or a normal batch of 8 rows sized for the first Linear layer)."""
+    if inputs_path is not None or data is not None:
+        inputs = load_tensors(inputs_path, "inputs") if inputs_path is not None else data
         n = min(PROBE_SAMPLES, num_samples(inputs))
         probe = next(batches(inputs, n))
-        check_finite_inputs(probe, f"inputs {inputs_path}")
-        return probe, f"{n} samples of {inputs_path.name}"
+        if inputs_path is not None:
+            check_finite_inputs(probe, f"inputs {inputs_path}")
+        return probe, f"{n} samples of {inputs_path.name if inputs_path else data_name}"
     tokens = hf_probe_inputs(model)  # a transformers text model takes token ids
     if tokens is not None:
         ids = tokens["input_ids"]
@@ -221,7 +226,7 @@ def _check_stream(source: Path, config: QuantConfig, o: QuantizeOptions) -> None
     if o.format != "qlin":
         raise ConfigError(f"`stream` writes the qlin format only, not {o.format}")
     needs_model = {"calib": o.calib, "calib_text": o.calib_text, "inputs": o.inputs, "min_sqnr": o.min_sqnr,
-                   "eval_inputs": o.eval_inputs}
+                   "eval_inputs": o.eval_inputs, "sensitivity": o.sensitivity or None}
     given = [k for k, v in needs_model.items() if v is not None]
     if given or config.calibration_need() is not None:
         what = f"`{given[0]}`" if given else config.calibration_need()
@@ -287,7 +292,7 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
     source_path, output, report_path, dev, inputs = _check_options(source_path, config, o)
     if o.stream:
         return _quantize_streamed(source_path, config, o, output, report_path, dev, progress)
-    calib_data, calib_note = None, None
+    calib_data, calib_note, eval_data = None, None, None
     if o.calib is not None:
         calib_data = load_tensors(o.calib, "calibration data")
     elif o.calib_text is not None:
@@ -306,6 +311,14 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
         if o.calib_samples is not None:
             calib_data = next(batches(calib_data, o.calib_samples))
         calib_data = _to_device(calib_data, dev)
+    if o.eval_inputs is not None:
+        eval_data = load_tensors(o.eval_inputs, "eval inputs")
+        check_finite_inputs(eval_data, f"eval inputs {o.eval_inputs}")
+        eval_data = _to_device(eval_data, dev)
+    # the data the model-level error, the fallback and the sensitivity are measured on
+    calib_name = Path(o.calib or o.calib_text or "").name
+    data, data_name = (eval_data, Path(o.eval_inputs).name) if eval_data is not None else (
+        (calib_data, f"{calib_name} (the calibration data)") if calib_data is not None else (None, ""))
     float_model = source.model.to(dev)
     if not find_linears(float_model):
         raise InputError(f"{source_path}: the model has no nn.Linear layer to quantize")
@@ -315,7 +328,7 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
         raise ConfigError(f"{notes[0]} (`strict`); fix the pattern or drop it")
     if o.format == CT_FORMAT:
         check_exportable(plan)
-    probe, description = _probe_inputs(float_model, inputs)
+    probe, description = _probe_inputs(float_model, inputs, data, data_name)
     probe = _to_device(probe, dev)
     try:
         reference, compared = first_tensor(run_model(float_model, probe))
@@ -327,16 +340,12 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
         reference, compared, probe_note = None, None, f"{exc}; pass --inputs FILE to measure it"
     run = dict(calib=calib_data, batch_size=o.batch_size, device=dev, progress=progress,
                calib_progress=calib_progress, plan=plan)
-    if o.min_sqnr is None:
+    if o.min_sqnr is None and not o.sensitivity:
         result = quantize_model(float_model, config, **run)
     else:
-        if o.eval_inputs is None:
-            data = calib_data
-        else:
-            data = load_tensors(o.eval_inputs, "eval inputs")
-            check_finite_inputs(data, f"eval inputs {o.eval_inputs}")
-            data = _to_device(data, dev)
-        result = quantize_to_target(float_model, config, min_sqnr_db=o.min_sqnr, eval_inputs=data, **run)
+        measured_on = data if data is not None else probe
+        result = quantize_to_target(float_model, config, min_sqnr_db=o.min_sqnr, eval_inputs=measured_on,
+                                    sensitivity=o.sensitivity, **run)
     probe_report: dict[str, Any] = {"description": description, "compared": compared, "note": probe_note}
     if reference is not None:
         out, _ = first_tensor(run_model(result.model, probe, "int8 model"))
@@ -358,6 +367,9 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
             "used_for": "calibration" if plan.calibration_need() else "measuring the first batch",
         },
         layers=result.layers, probe=probe_report, fallback=result.fallback,
+        sensitivity=None if result.sensitivity is None else {
+            "data": f"{num_samples(data)} samples of {data_name}" if data is not None else description,
+            **result.sensitivity},
         size_float_bytes=source.size_bytes, size_int8_bytes=size_out, notes=notes,
     )
     if report_path is not None:
@@ -528,23 +540,29 @@ def evaluate_checkpoint(
     device: str = "cpu",
     compile: bool = False,
     max_memory: int | None = None,
+    progress: Progress | None = None,
 ) -> EvalReport:
-    """Run the float and the int8 model on the same inputs; errors, agreement, accuracy,
-    latency and sizes. `compile` compiles both models (`qlinear.compile_model` for the int8 one;
-    torch.compile for the float one, so that the speedup compares like with like) and reports
-    their first call, which compiles, apart from the timed runs. `max_memory`: the most bytes of
-    tensors any one file may describe (default: half the physical memory, budget.py)."""
+    """Run the float and the int8 model (a qlin file or a compressed-tensors folder qlin wrote)
+    on the same inputs; errors, agreement, accuracy, latency (min, median and max of the timed
+    forwards, and the CPU other processes used meanwhile) and sizes. `compile` compiles both
+    models (`qlinear.compile_model` for the int8 one; torch.compile for the float one, so that the
+    speedup compares like with like) and reports their first call, which compiles, apart from the
+    timed runs. `max_memory`: the most bytes of tensors any one file may describe (default: half
+    the physical memory, budget.py). `progress(done, total, what)` follows the batches compared,
+    then timed."""
     with limit(max_memory):
         return _evaluate(source_path, quantized_path, inputs_path, labels_path, model=model,
                          trust_pickle=trust_pickle, batch_size=batch_size, repeats=repeats, device=device,
-                         compile=compile)
+                         compile=compile, progress=progress)
 
 
 def _evaluate(source_path, quantized_path, inputs_path, labels_path, *, model, trust_pickle, batch_size, repeats,
-              device, compile) -> EvalReport:
+              device, compile, progress) -> EvalReport:
     if batch_size < 1 or repeats < 1:
         raise ConfigError("`batch_size` and `repeats` must be at least 1")
     dev = check_device(device)
+    if progress is not None:
+        progress(0, 0, "loading models")
     source, float_model, int8_model, qpath, kernels, size_int8, source_matches = _load_pair(
         source_path, quantized_path, model=model, trust_pickle=trust_pickle, dev=dev)
     runs = {"float model": float_model, "int8 model": int8_model}
@@ -565,7 +583,8 @@ def _evaluate(source_path, quantized_path, inputs_path, labels_path, *, model, t
         if labels.shape[0] != n:
             raise InputError(f"labels {labels_path} has {labels.shape[0]} entries but the inputs have {n} samples")
     ref_parts, out_parts, compared = [], [], None
-    for chunk in batches(inputs, batch_size):
+    chunks = -(-n // batch_size)
+    for i, chunk in enumerate(batches(inputs, batch_size)):
         chunk = _to_device(chunk, dev)
         outputs = []
         for what, m in runs.items():
@@ -575,6 +594,8 @@ def _evaluate(source_path, quantized_path, inputs_path, labels_path, *, model, t
         (ref, compared), (out, _) = outputs
         ref_parts.append(ref.float().cpu())
         out_parts.append(out.float().cpu())
+        if progress is not None:
+            progress(i + 1, chunks, "comparing")
     reference, output = torch.cat(ref_parts), torch.cat(out_parts)
     check_finite_inputs(reference, f"the float model's {compared} on inputs {inputs_path}")
     accuracy_float = accuracy_int8 = None
@@ -591,12 +612,12 @@ def _evaluate(source_path, quantized_path, inputs_path, labels_path, *, model, t
             )
         accuracy_float = float((reference.argmax(1) == labels).double().mean())
         accuracy_int8 = float((output.argmax(1) == labels).double().mean())
-    t_float, t_int8 = median_latency_ms(list(runs.values()), _to_device(inputs, dev), batch_size, repeats)
+    timing = time_models(list(runs.values()), _to_device(inputs, dev), batch_size, repeats, progress)
     return EvalReport(
         source=str(source_path), quantized=str(quantized_path), compared=compared, samples=n,
         output_shape=list(output.shape), metrics=compare_outputs(reference, output),
-        accuracy_float=accuracy_float, accuracy_int8=accuracy_int8, latency_float_ms=t_float, latency_int8_ms=t_int8,
-        batch_size=batch_size, threads=torch.get_num_threads(), size_float_bytes=source.size_bytes,
+        accuracy_float=accuracy_float, accuracy_int8=accuracy_int8, timing=timing,
+        threads=torch.get_num_threads(), size_float_bytes=source.size_bytes,
         size_int8_bytes=size_int8, kernels=kernels, device=str(dev), source_matches=source_matches,
         compile_s={"float": first_call_s["float model"], "int8": first_call_s["int8 model"]} if compile else None,
     )

@@ -219,7 +219,8 @@ def quantize(
     percentile: Annotated[Optional[float], typer.Option("--percentile", metavar="P", callback=_finite, help="Percentile of the percentile observers [default: 99.99].")] = None,
     smooth: Annotated[Optional[float], typer.Option("--smooth", metavar="ALPHA", callback=_finite, help="SmoothQuant alpha in (0, 1], e.g. 0.5 (needs --calib).")] = None,
     min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", metavar="DB", callback=_finite, help="Keep the most sensitive layers float until the output SQNR (dB) reaches this.")] = None,
-    eval_inputs: Annotated[Optional[Path], typer.Option("--eval-inputs", metavar="FILE", help="Data for --min-sqnr [default: the --calib data].")] = None,
+    eval_inputs: Annotated[Optional[Path], typer.Option("--eval-inputs", metavar="FILE", help="Data for --min-sqnr, --sensitivity and the model-level error [default: the --calib data].")] = None,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also show each layer's sensitivity: the model's output SQNR with only that layer in int8.")] = False,
     model: ModelOpt = None,
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
@@ -244,8 +245,8 @@ def quantize(
         output=output, format=out_format, force=force, report=report, model=model, trust_pickle=trust_pickle,
         inputs=inputs, calib=calib, calib_text=calib_text, max_length=max_length, stride=stride,
         calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr,
-        eval_inputs=eval_inputs, device=device, stream=stream, config_file=config, strict=strict,
-        max_memory=max_memory,
+        eval_inputs=eval_inputs, sensitivity=sensitivity, device=device, stream=stream, config_file=config,
+        strict=strict, max_memory=max_memory,
     )
     bar, progress = _progress_bar("quantizing")
     with bar:
@@ -303,11 +304,14 @@ def evaluate(
     if text is None:
         if max_length is not None or stride is not None:
             raise ConfigError("`max_length` and `stride` cut `text` into windows: pass `text` FILE")
-        Output(as_json).show(evaluate_checkpoint(
-            source, quantized, inputs, labels, model=model, trust_pickle=trust_pickle,
-            batch_size=64 if batch_size is None else batch_size, repeats=repeats, device=device, compile=compile,
-            max_memory=max_memory,
-        ))
+        bar, progress = _progress_bar("evaluating")
+        with bar:
+            report = evaluate_checkpoint(
+                source, quantized, inputs, labels, model=model, trust_pickle=trust_pickle,
+                batch_size=64 if batch_size is None else batch_size, repeats=repeats, device=device,
+                compile=compile, max_memory=max_memory, progress=progress,
+            )
+        Output(as_json).show(report)
         return
     taken = [flag for flag, given in (("labels", labels), ("model", model), ("trust_pickle", trust_pickle),
                                       ("compile", compile)) if given]

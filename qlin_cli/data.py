@@ -8,8 +8,10 @@ the model as keyword arguments (e.g. transformers' `input_ids` and `attention_ma
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -26,7 +28,10 @@ __all__ = [
     "run_model",
     "first_tensor",
     "model_output",
-    "median_latency_ms",
+    "OtherLoad",
+    "BUSY_CORES",
+    "Timing",
+    "time_models",
 ]
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
@@ -110,18 +115,79 @@ def model_output(model: nn.Module, inputs: Inputs, batch_size: int) -> torch.Ten
     return torch.cat(parts)
 
 
+class OtherLoad:
+    """CPU time that other processes used while the block ran, in cores (`cores`: 0.0 when the
+    machine was ours; None where /proc is not readable). A latency timed while another process
+    computes is not this machine's speed; benchmarks/common.py measures the same way.
+
+        with OtherLoad() as load:
+            ...                      # timing
+        load.cores                   # e.g. 0.93: another process kept about one core busy
+    """
+
+    cores: float | None = None
+
+    def __enter__(self) -> "OtherLoad":
+        self._t0, self._start = time.perf_counter(), _jiffies()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end, seconds = _jiffies(), max(time.perf_counter() - self._t0, 1e-6)
+        if self._start is not None and end is not None:
+            (all0, own0), (all1, own1) = self._start, end
+            self.cores = max(0.0, (all1 - all0) - (own1 - own0)) / os.sysconf("SC_CLK_TCK") / seconds
+
+
+def _jiffies() -> tuple[int, int] | None:
+    """(busy clock ticks of the whole machine, of this process), or None without /proc."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    return sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0), int(own[11]) + int(own[12])  # minus idle, iowait
+
+
+# Other processes using more than this many cores while qlin times (a quarter of a core) make
+# its latencies slower and noisier than the machine's own.
+BUSY_CORES = 0.25
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latencies of one forward on a batch of `batch_size` samples, per model: (min, median, max)
+    ms over `forwards` timed forwards each; `other_load_cores`: what other processes used
+    meanwhile (OtherLoad)."""
+
+    latencies_ms: tuple[tuple[float, float, float], ...]
+    batch_size: int
+    forwards: int
+    other_load_cores: float | None
+
+
 @torch.no_grad()
-def median_latency_ms(models: list[nn.Module], inputs: Inputs, batch_size: int, repeats: int = 5) -> list[float]:
-    """Median wall time (ms) of one batch for each model, timing the models interleaved (every
-    batch goes through each model in turn) after one warm-up pass."""
+def time_models(models: list[nn.Module], inputs: Inputs, batch_size: int, repeats: int = 5,
+                progress: Progress | None = None) -> Timing:
+    """Time one forward per batch for each model, interleaved (every batch goes through each
+    model in turn), over `repeats` passes after one warm-up forward each. Only full batches are
+    timed (all of the inputs when there are fewer than `batch_size`), so that every timed forward
+    has the batch size the result reports."""
+    size = min(batch_size, num_samples(inputs))
+    chunks = [c for c in batches(inputs, size) if num_samples(c) == size]
     samples: list[list[float]] = [[] for _ in models]
-    chunks = list(batches(inputs, batch_size))
     for model in models:  # warm-up
         run_model(model, chunks[0])
-    for _ in range(repeats):
-        for chunk in chunks:
-            for i, model in enumerate(models):
-                t0 = time.perf_counter()
-                run_model(model, chunk)
-                samples[i].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(s) for s in samples]
+    total = repeats * len(chunks)
+    with OtherLoad() as load:
+        for r in range(repeats):
+            for j, chunk in enumerate(chunks):
+                for i, model in enumerate(models):
+                    t0 = time.perf_counter()
+                    run_model(model, chunk)
+                    samples[i].append((time.perf_counter() - t0) * 1e3)
+                if progress is not None:
+                    progress(r * len(chunks) + j + 1, total, "timing")
+    spread = tuple((min(s), statistics.median(s), max(s)) for s in samples)
+    return Timing(spread, size, total, load.cores)

@@ -5,7 +5,8 @@ do layers go back to float, most sensitive first.
 
 A layer's sensitivity is the model's output SQNR when that layer alone is quantized (every
 other layer float): the lower, the more the layer costs. It is measured again before the float
-stage, for the layers as they then are.
+stage, for the layers as they then are. On request (`sensitivity`) every quantized layer's
+sensitivity is measured and returned, whether or not any layer falls back.
 """
 
 from __future__ import annotations
@@ -66,14 +67,17 @@ def quantize_to_target(
     model: nn.Module,
     config: QuantConfig,
     *,
-    min_sqnr_db: float,
+    min_sqnr_db: float | None,
     eval_inputs: Inputs,
     batch_size: int = 32,
+    sensitivity: bool = False,
     **options: Any,
 ) -> QuantizeResult:
     """`quantize_model(model, config, batch_size=..., **options)`, then fall back to float, most
-    sensitive layer first, until the output SQNR on `eval_inputs` is at least `min_sqnr_db`.
-    Returns a new result whose plan keeps those layers in float; `fallback` records each step.
+    sensitive layer first, until the output SQNR on `eval_inputs` is at least `min_sqnr_db`
+    (None: no target). Returns a new result whose plan keeps those layers in float; `fallback`
+    records each step. With `sensitivity`, `result.sensitivity` gives every quantized layer's
+    sensitivity as quantized, before any fallback step (measured whether or not one is taken).
 
     Raises ConfigError (before anything is written) if only an all-float model meets the target.
     """
@@ -108,6 +112,11 @@ def quantize_to_target(
         return sorted(which, key=lambda layer: (layer.alone_sqnr_db, layer.name))
 
     initial = current = measure()
+    alone = None if not sensitivity else {"all_int8_sqnr_db": initial, "layers": [
+        {"layer": layer.name, "alone_sqnr_db": layer.alone_sqnr_db} for layer in sensitivities(layers)
+    ]}
+    if min_sqnr_db is None:
+        return replace(result, model=root, sensitivity=alone)
     steps: list[dict] = []
     narrow = [layer for layer in layers if layer.result.plan.scheme.bits < 8]
     if current < min_sqnr_db and narrow:  # first: low-bit layers to 8 bits
@@ -147,4 +156,4 @@ def quantize_to_target(
         # last width); the report's chart draws it by depth
         "sensitivity_db": {layer.name: layer.alone_sqnr_db for layer in layers if not math.isnan(layer.alone_sqnr_db)},
     }
-    return replace(result, model=root, layers=kept, fallback=fallback)
+    return replace(result, model=root, layers=kept, fallback=fallback, sensitivity=alone)

@@ -76,6 +76,8 @@ class QuantizeResult:
     config: QuantConfig
     layers: tuple[LayerResult, ...]
     fallback: dict | None = None  # accuracy-aware fallback steps (fallback.quantize_to_target)
+    # each quantized layer's sensitivity, most sensitive first (fallback.quantize_to_target)
+    sensitivity: dict | None = None
 
     @property
     def plan(self) -> Plan:

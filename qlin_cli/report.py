@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .config import QuantConfig
+from .data import BUSY_CORES, Timing
 from .errors import InputError
 from .files import write_atomic
 from .primitives import sqnr_db
@@ -163,6 +164,8 @@ class QuantizeReport(_Report):
     size_float_bytes: int
     size_int8_bytes: int
     notes: tuple[str, ...] = ()  # warnings, e.g. a skip pattern that matches no layer
+    # with --sensitivity: data, all_int8_sqnr_db, layers [{layer, alone_sqnr_db}], most sensitive first
+    sensitivity: dict[str, Any] | None = None
 
     @property
     def title(self) -> str:
@@ -193,6 +196,7 @@ class QuantizeReport(_Report):
             "source": self.source, "source_kind": self.source_kind, "output": self.output, "format": self.format,
             "config": self.config.to_dict(), "device": self.device, "calibration": self.calibration,
             "layers": [_row_dict(r) for r in self.layers], "probe": self.probe, "fallback": self.fallback,
+            **({} if self.sensitivity is None else {"sensitivity": self.sensitivity}),
             "totals": self.totals(), "warnings": list(self.notes),
         }
 
@@ -218,7 +222,17 @@ class QuantizeReport(_Report):
             note = layer_note(r.status, r.plan.reason, r.kernel, r.kernel_reason, r.batch_invariant)
             rows.append((*cells, f"{r.bytes_float:,} -> {r.bytes_int8:,}", note))
         numeric = frozenset(c for c in cols if "SQNR" in c or "bytes" in c or "input" in c)
-        return [Table(self.title, tuple(cols), tuple(rows), numeric)]
+        tables = [Table(self.title, tuple(cols), tuple(rows), numeric)]
+        s = self.sensitivity
+        if s is not None:
+            title = (f"sensitivity on {s['data']}: the model's output SQNR with only this layer in int8, most "
+                     f"sensitive first (all layers in int8: {fmt(s['all_int8_sqnr_db'])} dB)")
+            moved = {st["layer"]: st.get("to", "float") for st in (self.fallback or {}).get("steps", ())}
+            notes = {"float": "kept float by --min-sqnr", "8-bit": "widened to 8 bits by --min-sqnr"}
+            rows = tuple((r["layer"] or "(root)", fmt(r["alone_sqnr_db"]), notes.get(moved.get(r["layer"]), ""))
+                         for r in s["layers"])
+            tables.append(Table(title, ("layer", "output SQNR dB, alone", "note"), rows, frozenset({"output SQNR dB, alone"})))
+        return tables
 
     def summary(self) -> list[str]:
         """Totals, the model-level error and the fallback steps, one line each."""
@@ -257,9 +271,7 @@ class EvalReport(_Report):
     metrics: dict[str, float | None]  # compare_outputs
     accuracy_float: float | None
     accuracy_int8: float | None
-    latency_float_ms: float
-    latency_int8_ms: float
-    batch_size: int
+    timing: Timing  # (float, int8) latencies, the batch size timed, the other processes' load
     threads: int
     size_float_bytes: int
     size_int8_bytes: int
@@ -272,12 +284,24 @@ class EvalReport(_Report):
     def title(self) -> str:
         return f"qlin eval: {self.source} vs {self.quantized} on {self.samples} samples ({self.compared})"
 
+    def latency(self, which: int) -> dict[str, float]:
+        """min, median and max ms of one forward of model `which` (0 float, 1 int8)."""
+        return dict(zip(("min", "median", "max"), self.timing.latencies_ms[which]))
+
+    @property
+    def speedup(self) -> float:
+        """The float model's median latency over the int8 model's."""
+        return self.timing.latencies_ms[0][1] / self.timing.latencies_ms[1][1]
+
     def to_dict(self) -> dict[str, Any]:
+        t = self.timing
         return {
             "compared": self.compared, "samples": self.samples, "output_shape": self.output_shape, **self.metrics,
             "accuracy_float": self.accuracy_float, "accuracy_int8": self.accuracy_int8,
-            "latency_float_ms": self.latency_float_ms, "latency_int8_ms": self.latency_int8_ms,
-            "speedup": self.latency_float_ms / self.latency_int8_ms, "batch_size": self.batch_size,
+            "latency_float_ms": self.latency(0)["median"], "latency_int8_ms": self.latency(1)["median"],
+            "speedup": self.speedup, "batch_size": t.batch_size,
+            "latency_ms": {"float": self.latency(0), "int8": self.latency(1)}, "timed_forwards": t.forwards,
+            "other_load_cores": t.other_load_cores,
             "threads": self.threads, "size_float_bytes": self.size_float_bytes,
             "size_int8_bytes": self.size_int8_bytes, "kernels": self.kernels, "device": self.device,
             "source_matches": self.source_matches,
@@ -285,16 +309,22 @@ class EvalReport(_Report):
         }
 
     def tables(self) -> list[Table]:
-        m = self.metrics
+        m, t = self.metrics, self.timing
+
+        def spread(which: int) -> str:
+            return " / ".join(f"{v:.3f}" for v in t.latencies_ms[which])
+
         rows = (
             ("SQNR dB", fmt(m["sqnr_db"])), ("cosine (mean per sample)", fmt(m["cosine"], 6)),
             ("max abs error", f"{m['max_abs_err']:.4g}"), ("MSE", f"{m['mse']:.4g}"),
             ("top-1 agreement", fmt(m["top1_agreement"], 4)),
             ("accuracy float", fmt(self.accuracy_float, 4)), ("accuracy int8", fmt(self.accuracy_int8, 4)),
-            (f"latency float ms (batch {self.batch_size}, {self.threads} threads)", fmt(self.latency_float_ms, 3)),
-            ("latency int8 ms", fmt(self.latency_int8_ms, 3)),
-            ("speedup", f"{self.latency_float_ms / self.latency_int8_ms:.2f}x"),
-            ("size float bytes", f"{self.size_float_bytes:,}"), ("size int8 bytes", f"{self.size_int8_bytes:,} ({shrink(self.size_float_bytes, self.size_int8_bytes)})"),
+            (f"latency float ms, min / median / max (batch {t.batch_size}, {self.threads} threads, "
+             f"{t.forwards} forwards)", spread(0)),
+            ("latency int8 ms, min / median / max", spread(1)),
+            ("speedup (medians)", f"{self.speedup:.2f}x"),
+            ("size float bytes", f"{self.size_float_bytes:,}"),
+            ("size int8 bytes", f"{self.size_int8_bytes:,} ({shrink(self.size_float_bytes, self.size_int8_bytes)})"),
             ("kernels", ", ".join(f"{k} x{v}" for k, v in self.kernels.items())),
             *(() if self.compile_s is None else (
                 ("compile s (first call, not timed above)", f"float {self.compile_s['float']:.1f}, int8 {self.compile_s['int8']:.1f}"),
@@ -303,7 +333,12 @@ class EvalReport(_Report):
         return [Table(self.title, ("metric", "value"), rows, frozenset({"value"}))]
 
     def warnings(self) -> list[str]:
-        return [] if self.source_matches else ["note: the qlin file records another source file (sha256 differs)"]
+        notes = [] if self.source_matches else ["note: the qlin file records another source file (sha256 differs)"]
+        busy = self.timing.other_load_cores
+        if busy is not None and busy >= BUSY_CORES:
+            notes.append(f"warning: other processes used {busy:.2f} CPU cores on average while qlin timed the models: "
+                         "the latencies are slower and noisier than this machine's own")
+        return notes
 
 
 @dataclass

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from qlin_cli.data import batches, first_tensor, median_latency_ms
+from qlin_cli.data import OtherLoad, batches, first_tensor, time_models
 from qlin_cli.errors import InputError
 
 
@@ -33,7 +33,32 @@ def test_batches_slice_tensors_and_dicts():
     assert [len(b["mask"]) for b in batches(d, 2)] == [2, 2, 1]
 
 
-def test_latency_is_measured_for_each_model():
+def test_latency_is_measured_for_each_model_with_its_spread():
     models = [torch.nn.Linear(4, 4), torch.nn.Identity()]
-    times = median_latency_ms(models, torch.randn(8, 4), batch_size=4, repeats=2)
-    assert len(times) == 2 and all(t > 0 for t in times)
+    seen = []
+    t = time_models(models, torch.randn(10, 4), batch_size=4, repeats=3, progress=lambda *a: seen.append(a))
+    assert len(t.latencies_ms) == 2 and all(0 < lo <= mid <= hi for lo, mid, hi in t.latencies_ms)
+    assert t.batch_size == 4 and t.forwards == 3 * 2  # the last 2 samples are not a full batch: not timed
+    assert seen == [(i, 6, "timing") for i in range(1, 7)]
+    small = time_models(models, torch.randn(3, 4), batch_size=64, repeats=2)
+    assert small.batch_size == 3 and small.forwards == 2  # fewer samples than a batch: the batch used is 3
+
+
+def test_other_load_sees_a_busy_process():
+    """A process spinning on one core for 0.6 s: OtherLoad counts it (and not this process's own
+    work, here sleeping)."""
+    import subprocess
+    import sys
+    import time as _time
+
+    spinner = subprocess.Popen([sys.executable, "-S", "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        _time.sleep(0.3)
+        with OtherLoad() as load:
+            _time.sleep(0.6)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    if load.cores is None:
+        pytest.skip("no /proc here")
+    assert load.cores > 0.5
