@@ -134,6 +134,36 @@ def test_loading_into_the_wrong_skeleton_fails_clearly(good_file):
         load_quantized(torch.nn.Sequential(torch.nn.Linear(3, 3)), good_file)
 
 
+@pytest.mark.parametrize("how", ["torch.device('meta')", "empty_weights()"])
+def test_load_into_a_meta_skeleton(good_file, digits_test, how):
+    """Issue 18, item 3: a skeleton whose parameters are on the meta device (it failed with
+    'Cannot copy out of meta tensor') loads into the same int8 model as a full one."""
+    from qlin_cli import empty_weights
+    from sample_models.digits import build_digits_mlp
+
+    with torch.device("meta") if how.startswith("torch") else empty_weights():
+        skeleton = build_digits_mlp()
+    assert all(p.is_meta for p in skeleton.parameters())
+    model = load_quantized(skeleton, good_file)
+    x = digits_test[0][:32]
+    with torch.no_grad():
+        assert torch.equal(model(x), load_quantized(load_digits_mlp(), good_file)(x))
+    with torch.device("meta"):
+        wrong = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                    torch.nn.ReLU(), torch.nn.Linear(256, 10), torch.nn.ReLU(), torch.nn.Linear(10, 10))
+    with pytest.raises(FormatError, match=r"does not fit the model: 2 missing and 0 unexpected tensors \(e.g. '6.bias'\)"):
+        load_quantized(wrong, good_file)
+
+
+def test_empty_weights_restores_parameter_registration():
+    from qlin_cli import empty_weights
+
+    with pytest.raises(RuntimeError):
+        with empty_weights():
+            raise RuntimeError("while building")
+    assert not torch.nn.Linear(2, 2).weight.is_meta
+
+
 def test_payload_sha256_is_recorded_and_verified(good_file, tmp_path):
     qf = read_qfile(good_file, verify=True)
     data = good_file.read_bytes()
