@@ -122,7 +122,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._run is None:
             raise RuntimeError("QuantizedLinear used before pack(); call quantize_model or load_quantized")
-        if torch.compiler.is_compiling():  # one opaque op in the graph instead of a graph break
+        # under compile_model: one opaque op in the graph instead of a graph break; torch.export
+        # (which also counts as compiling) and a plain torch.compile trace the kernel itself
+        if self._compiled is not None and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
             y = torch.ops.qlin.linear(x.reshape(-1, self.in_features), self._compiled.handle)
             return y.reshape(*x.shape[:-1], self.out_features)
         if x.dim() == 2 or self._any_rank:  # (M, in) -> (M, out): the common case, without reshapes
