@@ -117,8 +117,10 @@ def model_output(model: nn.Module, inputs: Inputs, batch_size: int) -> torch.Ten
 
 class OtherLoad:
     """CPU time that other processes used while the block ran, in cores (`cores`: 0.0 when the
-    machine was ours; None where /proc is not readable). A latency timed while another process
-    computes is not this machine's speed; benchmarks/common.py measures the same way.
+    machine was ours; None where /proc is not readable, or when the block took under MIN_S: the
+    kernel counts CPU time in ticks of 10 ms, too coarse to tell for a shorter block). A latency
+    timed while another process computes is not this machine's speed; benchmarks/common.py
+    measures the same way.
 
         with OtherLoad() as load:
             ...                      # timing
@@ -126,6 +128,7 @@ class OtherLoad:
     """
 
     cores: float | None = None
+    MIN_S = 0.25
 
     def __enter__(self) -> "OtherLoad":
         self._t0, self._start = time.perf_counter(), _jiffies()
@@ -133,7 +136,7 @@ class OtherLoad:
 
     def __exit__(self, *exc: object) -> None:
         end, seconds = _jiffies(), max(time.perf_counter() - self._t0, 1e-6)
-        if self._start is not None and end is not None:
+        if self._start is not None and end is not None and seconds >= self.MIN_S:
             (all0, own0), (all1, own1) = self._start, end
             self.cores = max(0.0, (all1 - all0) - (own1 - own0)) / os.sysconf("SC_CLK_TCK") / seconds
 
