@@ -220,7 +220,7 @@ def quantize(
     smooth: Annotated[Optional[float], typer.Option("--smooth", metavar="ALPHA", callback=_finite, help="SmoothQuant alpha in (0, 1], e.g. 0.5 (needs --calib).")] = None,
     min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", metavar="DB", callback=_finite, help="Keep the most sensitive layers float until the output SQNR (dB) reaches this.")] = None,
     eval_inputs: Annotated[Optional[Path], typer.Option("--eval-inputs", metavar="FILE", help="Data for --min-sqnr, --sensitivity and the model-level error [default: the --calib data].")] = None,
-    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also show each layer's sensitivity: the model's output SQNR with only that layer in int8.")] = False,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also show each layer's sensitivity: the model's output SQNR with only that layer quantized.")] = False,
     model: ModelOpt = None,
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
