@@ -19,8 +19,11 @@ X = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
 
 
 def _mlp(kernel: str, mode: str = "dynamic"):
+    """The sample MLP with every layer on `kernel` (`dequant`: `auto`, which keeps its small layers
+    in float on CPU)."""
     calib = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)) if mode == "static" else None
-    model = quantize_model(load_digits_mlp(), QuantConfig(mode=mode, kernel=kernel), calib=calib).model
+    request = "auto" if kernel == "dequant" else kernel
+    model = quantize_model(load_digits_mlp(), QuantConfig(mode=mode, kernel=request), calib=calib).model
     kernels = {m.kernel.name for m in model.modules() if isinstance(m, QuantizedLinear)}
     if kernels != {kernel}:
         pytest.skip(f"the {kernel} kernel does not run here ({kernels})")
@@ -34,7 +37,9 @@ def _trace(model, *args):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kernel, mode", [("int_mm", "dynamic"), ("int_mm", "static"), ("weight_only", "weight-only")])
+@pytest.mark.parametrize("kernel, mode", [
+    ("int_mm", "dynamic"), ("int_mm", "static"), ("weight_only", "weight-only"), ("dequant", "dynamic"),
+])
 def test_torch_ops_kernels_trace_and_export(kernel, mode):
     model = _mlp(kernel, mode)
     expected = model(X)
