@@ -374,7 +374,7 @@ def test_pack_quantized_layers_read_back_as_the_qlin_file_stores_them(bits, grou
     zero points, packed along the outputs, unpack to qlin's."""
     from qlin_cli.export import QLIN_PLAN, _layer_tensors, from_export, layer_format
     from qlin_cli.plan import Plan, PlanEntry
-    from qlin_cli.qfile import pack_bits
+    from qlin_cli.lowbit import pack_bits
     from qlin_cli.scheme import LayerScheme
 
     scheme = LayerScheme(mode="weight-only", bits=bits, group_size=group, symmetric=symmetric)
@@ -394,6 +394,19 @@ def test_pack_quantized_layers_read_back_as_the_qlin_file_stores_them(bits, grou
     assert sorted(back) == ["l.weight", "l.weight_scale", "l.weight_zero_point"]
     assert torch.equal(back["l.weight"], pack_bits(q, bits) if bits < 8 else q)
     assert torch.equal(back["l.weight_zero_point"], zp) and torch.equal(back["l.weight_scale"], scale)
+
+
+def test_a_pack_quantized_export_evaluates_as_its_qlin_file(llama, tmp_path, capsys):
+    """4-bit weights in groups of 32: the folder (pack-quantized) and the qlin file give the same
+    int8 model, so the same numbers."""
+    folder, inputs = llama
+    for out, fmt in ((tmp_path / "q.safetensors", "qlin"), (tmp_path / "ct", "compressed-tensors")):
+        cli_json(capsys, "quantize", folder, "-o", out, "--format", fmt, "--bits", "4", "--group-size", "32")
+    q = cli_json(capsys, "eval", folder, tmp_path / "q.safetensors", "--inputs", inputs, "--repeats", "1")
+    r = cli_json(capsys, "eval", folder, tmp_path / "ct", "--inputs", inputs, "--repeats", "1")
+    assert (r["sqnr_db"], r["max_abs_err"], r["kernels"]) == (q["sqnr_db"], q["max_abs_err"], q["kernels"])
+    layer = cli_json(capsys, "inspect", tmp_path / "ct")["layers"][0]
+    assert layer["weight_dtype"] == "int4 (packed in uint8)" and layer["scale_shape"] == [64, 2]
 
 
 def test_folders_qlin_cannot_read_say_why(llama_both, tmp_path, capsys):
