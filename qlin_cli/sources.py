@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import json
 import pickle
+import pickletools
 import re
 import sys
 import warnings
@@ -175,6 +176,14 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         with path.open("rb") as f:
             if f.read(1) != b"\x80":  # torch.save writes a zip archive or a protocol 2+ pickle
                 raise InputError(f"{path} is not a PyTorch checkpoint or safetensors file (neither a zip archive nor a pickle)")
+    if legacy and _legacy_module(path):
+        # torch's legacy format stores each module class with its source code, which
+        # weights_only cannot read, even for torch.nn classes (the zip format loads them)
+        raise InputError(
+            f"{path} is a whole module in PyTorch's legacy (non-zip) torch.save format, which cannot be "
+            "loaded safely: save it again with torch.save(model, path) (the zip format, PyTorch >= 1.6), "
+            "save its state_dict() and pass `model`, or pass `trust_pickle` if you trust the file"
+        )
     scan_pickle(path, lambda detail: InputError(
         f"{path} cannot be loaded safely ({detail}); pass `trust_pickle` if you trust the file"))
     if zipfile.is_zipfile(path):
@@ -197,15 +206,6 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = _unpickling_detail(exc)
-        pickled = _pickled_global(exc)
-        if legacy and (pickled is None and "persistent_load" in str(exc) or pickled and _nn_class(pickled)):
-            # torch's legacy format stores each module class with its source code, which
-            # weights_only cannot read, even for torch.nn classes (the zip format loads them)
-            raise InputError(
-                f"{path} is a whole module in PyTorch's legacy (non-zip) torch.save format, which cannot be "
-                "loaded safely: save it again with torch.save(model, path) (the zip format, PyTorch >= 1.6), "
-                "save its state_dict() and pass `model`, or pass `trust_pickle` if you trust the file"
-            ) from None
         raise InputError(
             f"{path} cannot be loaded safely ({detail}); pass `trust_pickle` if you trust the file"
         ) from None
@@ -213,6 +213,21 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         raise InputError(f"{path} is not a PyTorch checkpoint or safetensors file ({one_line(exc)})") from None
     _check_tensors(obj, path)
     return obj
+
+
+def _legacy_module(path: Path) -> bool:
+    """True if a legacy (non-zip) torch.save file pickles a torch.nn module class: its first
+    pickles (magic number, protocol, system info, the object) are read opcode by opcode, never
+    run, looking for a GLOBAL that names one."""
+    try:
+        with path.open("rb") as f:
+            for _ in range(4):
+                for op, arg, _pos in pickletools.genops(f):
+                    if op.name == "GLOBAL" and _nn_class(str(arg).replace(" ", ".")) is not None:
+                        return True
+    except Exception:  # not a pickle stream we can read: the checks below say what it is
+        return False
+    return False
 
 
 def _pickled_global(exc: Exception) -> str | None:
