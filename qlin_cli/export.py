@@ -190,7 +190,8 @@ def quantization_config(result: QuantizeResult) -> dict[str, Any]:
         else:
             groups.append((scheme, e.paths))
     if not groups:
-        raise ConfigError("no layer was quantized: there is nothing to export as compressed-tensors")
+        why = next((f" (e.g. {e.name!r}: {e.reason})" for e in plan.entries if e.reason), "")
+        raise ConfigError(f"no layer was quantized{why}: there is nothing to export as compressed-tensors")
     config_groups = {}
     for i, (scheme, names) in enumerate(groups):
         targets = ["Linear"] if len(groups) == 1 else names

@@ -6,8 +6,9 @@ weight `W.T` (`(out, in)`, as the file stores every layer), and its plan entry s
 "Conv1D".
 
 `make_plan` finds the Linear layers (each module once, with the other paths it is used at), ties,
-layers that other modules read directly, nn.Linear subclasses (captured by their affine map), and
-the config's skip patterns and rules, and returns a `Plan`: one `PlanEntry` per layer, quantized
+layers that other modules read directly, nn.Linear subclasses (captured by their affine map), the
+config's skip patterns and rules, and layers too small for int8 to pay under `auto`
+(`kernels.kept_float_for_speed`), and returns a `Plan`: one `PlanEntry` per layer, quantized
 with a `LayerScheme` or kept in float with the reason. Calibration, quantization, packing and the
 qlin file consume it; the accuracy fallback makes a new one. `PlanEntry.to_dict` / `from_dict`
 are the plan entry's form in the qlin file's metadata.
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 from .config import QuantConfig, Skip
 from .errors import ConfigError, InputError
+from .kernels import kept_float_for_speed
 from .primitives import sqnr_db
 from .scheme import LayerScheme, calibration_need
 
@@ -272,6 +274,9 @@ def make_plan(model: nn.Module, config: QuantConfig) -> Plan:
         if not reason:
             effective, note = affine_surrogate(linear)
             reason = note
+            slow = None if effective is None else kept_float_for_speed(scheme, in_f, out_f)
+            if slow is not None:  # too small for int8 to pay (`auto`): float, recorded as such
+                effective, reason = None, slow
         entry = PlanEntry(
             name, in_f, out_f, linear.bias is not None,
             str(linear.weight.dtype).removeprefix("torch."), tuple(aliases), module=layer_kind(linear),

@@ -21,6 +21,7 @@ import torch
 from .config import QuantConfig
 from .errors import InputError
 from .files import write_atomic
+from .kernels import KEPT_FOR_SPEED
 from .primitives import sqnr_db
 from .quantize import LayerResult
 from .scheme import PER_CHANNEL, PER_TENSOR, PerGroup
@@ -237,6 +238,14 @@ class QuantizeReport(_Report):
             )
         return lines
 
+    def warnings(self) -> list[str]:
+        """A note when `auto` kept layers in float for speed: the file is then barely smaller."""
+        slow = [r for r in self.layers if r.status != "quantized" and r.plan.reason.startswith(KEPT_FOR_SPEED)]
+        if not slow:
+            return []
+        return [f"note: {len(slow)} of {len(self.layers)} Linear layers are too small for int8 to be faster than "
+                f"float and were kept float (kernel auto); an explicit --kernel (e.g. fbgemm) quantizes every layer"]
+
 
 @dataclass
 class EvalReport(_Report):
@@ -405,7 +414,8 @@ class InspectReport(_Report):
         for r in self.layers:
             name = r["name"] or "(root)"
             if r["status"] != "quantized":
-                rows.append((name, fmt(r["weight_shape"]), *["-"] * 7, f"float: {r['reason']}"))
+                why = r["reason"] if r["reason"].startswith(KEPT_FOR_SPEED) else f"float: {r['reason']}"
+                rows.append((name, fmt(r["weight_shape"]), *["-"] * 7, why))
                 continue
             notes = [layer_note(r["status"], r["reason"], r["kernel"], r["kernel_reason"], r["batch_invariant"])]
             if r["mode"] == "static":
