@@ -180,6 +180,8 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
     for _, p in writes[1:]:
         check_output(p, force=o.force, inputs=read)
     if o.format == CT_FORMAT:
+        if config.embeddings:
+            raise ConfigError("`format` compressed-tensors describes Linear layers only: drop `embeddings`")
         if config.scheme.smooth is not None:  # SmoothQuant set by a rule only: checked on the plan
             raise ConfigError(
                 "`format` compressed-tensors cannot express SmoothQuant (no per-input-channel factor): drop `smooth`"
@@ -220,6 +222,8 @@ def _check_stream(source: Path, config: QuantConfig, o: QuantizeOptions) -> None
         raise ConfigError(f"`stream`: {why} and cannot be read a layer at a time; convert it to safetensors")
     if o.format != "qlin":
         raise ConfigError(f"`stream` writes the qlin format only, not {o.format}")
+    if config.embeddings:
+        raise ConfigError("`stream` quantizes the Linear layers one at a time, not embedding tables: drop `embeddings`")
     needs_model = {"calib": o.calib, "calib_text": o.calib_text, "inputs": o.inputs, "min_sqnr": o.min_sqnr,
                    "eval_inputs": o.eval_inputs}
     given = [k for k, v in needs_model.items() if v is not None]
@@ -356,7 +360,7 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
             # without static layers or SmoothQuant, the data only measures each layer's output SQNR
             "used_for": "calibration" if plan.calibration_need() else "measuring the first batch",
         },
-        layers=result.layers, probe=probe_report, fallback=result.fallback,
+        layers=result.layers, probe=probe_report, fallback=result.fallback, embeddings=result.embeddings,
         size_float_bytes=source.size_bytes, size_int8_bytes=size_out, notes=notes,
     )
     if report_path is not None:
@@ -452,7 +456,17 @@ def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, ver
                         input_zero_point=int(qf.tensors[f"{e.name}.input_zero_point"]),
                     )
             layers.append(row)
-        meta = {k: v for k, v in sorted(qf.metadata.items()) if k not in ("config", "plan")}  # safetensors returns it unordered
+        for e in qf.plan.embeddings:
+            row = {"name": e.name, "status": e.status, "reason": e.reason, "kind": "embedding",
+                   "weight_shape": [e.num_embeddings, e.embedding_dim], "aliases": []}
+            if e.quantized:
+                scale = qf.tensors[f"{e.name}.weight_scale"]
+                row.update(weight_dtype="int8", scale_shape=list(scale.shape), zero_point_shape=None,
+                           granularity="channel", symmetric=True, scale_min=float(scale.min()),
+                           scale_max=float(scale.max()), kernel="gather", kernel_reason="int8 rows dequantized on lookup",
+                           batch_invariant=True, mode="weight-only", smooth=None)
+            layers.append(row)
+        meta = {k: v for k, v in sorted(qf.metadata.items()) if k not in ("config", "plan", "embeddings")}  # safetensors returns it unordered
         return InspectReport(str(path), meta, qf.config, layers, len(qf.tensors), path.stat().st_size, verify)
     if model is not None:
         obj, kind = load_source(path, model=model, trust_pickle=trust_pickle).model, "state dict + --model"

@@ -155,6 +155,7 @@ def quantize(
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Weight zero point 0 (default) or fitted.")] = None,
     act_granularity: Annotated[Optional[Literal[ACT_GRANULARITY_NAMES]], typer.Option(help="Dynamic activations: token (default, batch-invariant) or tensor (batch-dependent).")] = None,
     kernel: Annotated[Optional[Literal[KERNELS]], typer.Option(help="Kernel request; auto picks per layer.")] = None,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="Also quantize nn.Embedding tables, int8 per row (weight-only).")] = False,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Regex on module paths to keep in float (repeatable; adds to the recipe's).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML recipe (see configs/); flags override it.")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here, and as Markdown beside it (.md); FILE.html: one self-contained HTML page with a chart of the SQNRs by depth.")] = None,
@@ -188,7 +189,7 @@ def quantize(
         mode=mode, granularity=granularity, bits=bits, group_size=group_size, symmetric=symmetric,
         act_granularity=act_granularity, kernel=kernel,
         observer=observer, weight_observer=weight_observer, percentile=percentile, smooth=smooth,
-        skip=[*base.skip, *skip] if skip else None,
+        skip=[*base.skip, *skip] if skip else None, embeddings=True if embeddings else None,
     )
     if group_size is not None and mode is None and "mode" not in recipe:
         logging.getLogger("qlin").info(

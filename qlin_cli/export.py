@@ -55,6 +55,7 @@ that route cannot load asymmetric pack-quantized layers per group or per channel
 5.24 with compressed-tensors 0.20: its empty model expects the zero point unpacked, while
 compressed-tensors' own compressor writes it packed, as here), which load with dequantize=True.
 
+Int8 embeddings (`--embeddings`) are refused too: the format describes Linear layers here.
 The folder is written atomically (a temporary folder beside it, then renamed into place) and is
 byte-identical for the same input and options.
 """
@@ -158,6 +159,8 @@ def check_exportable(plan: Plan) -> None:
                 f"different compressed-tensors releases (32 // {s.bits} values per int32 up to 0.17, a dense "
                 f"bit string since 0.18), so loaders would disagree: use `bits` 2, 4 or 8, or the qlin format"
             )
+    if plan.quantized_embeddings:
+        raise ConfigError("`format` compressed-tensors describes Linear layers only: drop `embeddings`")
 
 
 def _scheme(e: PlanEntry) -> dict[str, Any]:

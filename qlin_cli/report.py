@@ -23,7 +23,7 @@ from .errors import InputError
 from .files import write_atomic
 from .kernels import KEPT_FOR_SPEED
 from .primitives import sqnr_db
-from .quantize import LayerResult
+from .quantize import EmbeddingResult, LayerResult
 from .scheme import PER_CHANNEL, PER_TENSOR, PerGroup
 
 __all__ = [
@@ -154,6 +154,7 @@ class QuantizeReport(_Report):
     size_float_bytes: int
     size_int8_bytes: int
     notes: tuple[str, ...] = ()  # warnings, e.g. a skip pattern that matches no layer
+    embeddings: tuple[EmbeddingResult, ...] = ()  # with `embeddings`: one per nn.Embedding
 
     @property
     def title(self) -> str:
@@ -177,6 +178,9 @@ class QuantizeReport(_Report):
             "size_int8_bytes": self.size_int8_bytes,
             "compression": self.size_float_bytes / self.size_int8_bytes,
             "kernels": dict(sorted(kernels.items())),
+            "embeddings_quantized": sum(e.entry.quantized for e in self.embeddings),
+            "embedding_bytes_float": sum(e.bytes_float for e in self.embeddings),
+            "embedding_bytes_int8": sum(e.bytes_int8 for e in self.embeddings),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,7 +188,7 @@ class QuantizeReport(_Report):
             "source": self.source, "source_kind": self.source_kind, "output": self.output, "format": self.format,
             "config": self.config.to_dict(), "device": self.device, "calibration": self.calibration,
             "layers": [_row_dict(r) for r in self.layers], "probe": self.probe, "fallback": self.fallback,
-            "totals": self.totals(), "warnings": list(self.notes),
+            "embeddings": [e.to_dict() for e in self.embeddings], "totals": self.totals(), "warnings": list(self.notes),
         }
 
     def tables(self) -> list[Table]:
@@ -208,6 +212,15 @@ class QuantizeReport(_Report):
                           f"{r.input_scale:.3g} (z={r.input_zero_point})" if r.input_scale is not None else "-"]
             note = layer_note(r.status, r.plan.reason, r.kernel, r.kernel_reason, r.batch_invariant)
             rows.append((*cells, f"{r.bytes_float:,} -> {r.bytes_int8:,}", note))
+        for e in self.embeddings:  # the same columns: an int8 table per row is weight-only, gathered
+            d, n = e.to_dict(), e.entry.num_embeddings
+            cells = [e.entry.name, fmt([n, e.entry.embedding_dim]), fmt([n]) if e.entry.quantized else "-"]
+            cells += ["8" if e.entry.quantized else "-"] if low_bit else []
+            cells += ["gather" if e.entry.quantized else "float", fmt(d["weight_sqnr_db"])]
+            cells += ["-"] if calibrated else []
+            cells += ["-", "-"] if static else []
+            note = "nn.Embedding, int8 per row" if e.entry.quantized else f"nn.Embedding: {e.entry.reason}"
+            rows.append((*cells, f"{e.bytes_float:,} -> {e.bytes_int8:,}", note))
         numeric = frozenset(c for c in cols if "SQNR" in c or "bytes" in c or "input" in c)
         return [Table(self.title, tuple(cols), tuple(rows), numeric)]
 
@@ -221,7 +234,9 @@ class QuantizeReport(_Report):
         lines = [
             f"layers: {t['layers_quantized']} of {t['layers_total']} quantized, {t['layers_skipped']} kept float",
             f"file size: {t['size_float_bytes']:,} -> {t['size_int8_bytes']:,} bytes ({size}); "
-            f"Linear weights: {t['linear_bytes_float']:,} -> {t['linear_bytes_int8']:,} bytes",
+            f"Linear weights: {t['linear_bytes_float']:,} -> {t['linear_bytes_int8']:,} bytes"
+            + (f"; embeddings ({t['embeddings_quantized']} of {len(self.embeddings)} int8 per row): "
+               f"{t['embedding_bytes_float']:,} -> {t['embedding_bytes_int8']:,} bytes" if self.embeddings else ""),
         ]
         if probe.get("sqnr_db") is not None:
             lines.append(
@@ -396,7 +411,8 @@ class InspectReport(_Report):
 
     @property
     def title(self) -> str:
-        return f"{self.path}: {len(self.layers)} Linear layers"
+        tables = sum(r.get("kind") == "embedding" for r in self.layers)
+        return f"{self.path}: {len(self.layers) - tables} Linear layers" + (f", {tables} embeddings" if tables else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -418,6 +434,8 @@ class InspectReport(_Report):
                 rows.append((name, fmt(r["weight_shape"]), *["-"] * 7, why))
                 continue
             notes = [layer_note(r["status"], r["reason"], r["kernel"], r["kernel_reason"], r["batch_invariant"])]
+            if r.get("kind") == "embedding":
+                notes.append("nn.Embedding, int8 per row")
             if r["mode"] == "static":
                 notes.append(f"static input scale {r['input_scale']:.3g}, zero point {r['input_zero_point']} ({r['observer']})")
             if r["smooth"] is not None:
