@@ -169,7 +169,8 @@ def quantize(
     observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--observer", help="Static activation range: minmax (default), absmax, moving-average, percentile, mse.")] = None,
     weight_observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--weight-observer", help="Weight range: minmax (default), absmax, percentile, mse.")] = None,
     percentile: Annotated[Optional[float], typer.Option("--percentile", callback=_finite, help="Percentile of the percentile observers [default: 99.99].")] = None,
-    smooth: Annotated[Optional[float], typer.Option("--smooth", callback=_finite, help="SmoothQuant alpha in (0, 1], e.g. 0.5 (needs --calib).")] = None,
+    smooth: Annotated[Optional[float], typer.Option("--smooth", callback=_finite, help="SmoothQuant alpha in (0, 1] for every layer (factors from --calib, else --inputs, else a text model's token ids).")] = None,
+    no_smooth: Annotated[bool, typer.Option("--no-smooth", help="Turn off the default SmoothQuant (alpha 0.5) of dynamic layers when realistic data is at hand.")] = False,
     min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", callback=_finite, help="Keep the most sensitive layers float until the output SQNR (dB) reaches this.")] = None,
     eval_inputs: Annotated[Optional[Path], typer.Option("--eval-inputs", help="Data for --min-sqnr [default: the --calib data].")] = None,
     model: ModelOpt = None,
@@ -197,7 +198,7 @@ def quantize(
     options = QuantizeOptions(
         output=output, format=out_format, force=force, report=report, model=model, trust_pickle=trust_pickle,
         inputs=inputs, calib=calib, calib_text=calib_text, max_length=max_length, stride=stride,
-        calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr,
+        calib_samples=calib_samples, default_smooth=not no_smooth, batch_size=batch_size, min_sqnr=min_sqnr,
         eval_inputs=eval_inputs, device=device, stream=stream, config_file=config, strict=strict,
         max_memory=max_memory,
     )

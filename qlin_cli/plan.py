@@ -168,6 +168,27 @@ class Plan:
         """What of the planned layers needs calibration data, in words (static mode first), or None."""
         return calibration_need(e.scheme for e in self.quantized)
 
+    def with_smoothing(self, alpha: float) -> tuple["Plan", int]:
+        """This plan with SmoothQuant `alpha` on every dynamic layer that does not set `smooth`
+        (qlin's default where it has realistic data), and how many layers that changed."""
+        entries, changed = [], 0
+        for e in self.entries:
+            if e.scheme is not None and e.scheme.mode == "dynamic" and e.scheme.smooth is None:
+                e, changed = replace(e, scheme=replace(e.scheme, smooth=alpha)), changed + 1
+            entries.append(e)
+        return replace(self, entries=tuple(entries)), changed
+
+    def without_smoothing(self, notes: dict[str, str]) -> "Plan":
+        """This plan with SmoothQuant off everywhere (`calibrate.fold_smoothing` moved it into the
+        model or found it could not), each layer's note from `notes` added to its reason."""
+        entries = []
+        for e in self.entries:
+            if e.scheme is not None and e.scheme.smooth is not None:
+                note = notes.get(e.name, "")
+                e = replace(e, scheme=replace(e.scheme, smooth=None), reason="; ".join(r for r in (e.reason, note) if r))
+            entries.append(e)
+        return replace(self, entries=tuple(entries))
+
     def to_list(self) -> list[dict[str, Any]]:
         return [e.to_dict() for e in self.entries]
 

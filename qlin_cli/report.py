@@ -154,6 +154,9 @@ class QuantizeReport(_Report):
     size_float_bytes: int
     size_int8_bytes: int
     notes: tuple[str, ...] = ()  # warnings, e.g. a skip pattern that matches no layer
+    # SmoothQuant: alpha (list), layers, default (how many by qlin's default), data (what the
+    # factors came from), folded (compressed-tensors: layers folded into a norm; else None)
+    smoothing: dict[str, Any] | None = None
     embeddings: tuple[EmbeddingResult, ...] = ()  # with `embeddings`: one per nn.Embedding
 
     @property
@@ -188,7 +191,8 @@ class QuantizeReport(_Report):
             "source": self.source, "source_kind": self.source_kind, "output": self.output, "format": self.format,
             "config": self.config.to_dict(), "device": self.device, "calibration": self.calibration,
             "layers": [_row_dict(r) for r in self.layers], "probe": self.probe, "fallback": self.fallback,
-            "embeddings": [e.to_dict() for e in self.embeddings], "totals": self.totals(), "warnings": list(self.notes),
+            "smoothing": self.smoothing, "embeddings": [e.to_dict() for e in self.embeddings],
+            "totals": self.totals(), "warnings": list(self.notes),
         }
 
     def tables(self) -> list[Table]:
@@ -245,6 +249,15 @@ class QuantizeReport(_Report):
             )
         else:
             lines.append(f"model output: not measured ({probe.get('note', '')})")
+        sm = self.smoothing
+        if sm is not None:
+            alpha = ", ".join(f"{a:g}" for a in sm["alpha"])
+            by_default = f", {sm['default']} by default (--no-smooth turns it off)" if sm["default"] else ""
+            line = f"SmoothQuant alpha {alpha} on {sm['layers']} layers{by_default}, factors from {sm['data']}"
+            if sm["folded"] is not None:
+                line += (f"; compressed-tensors: folded into the norm before {sm['folded']} of them, the other "
+                         f"{sm['layers'] - sm['folded']} exported without it (see each layer's note)")
+            lines.append(line)
         fb = self.fallback
         if fb is not None:
             lines.append(
