@@ -68,7 +68,7 @@ def _quantized(folder, inputs, config: QuantConfig | None = None, **options):
     from qlin_cli.hf import load_hf_folder
 
     source = load_hf_folder(folder)
-    if "kernel" not in options and options.get("mode") != "weight-only":
+    if config is None and "kernel" not in options and QuantConfig(**options).mode != "weight-only":
         options["kernel"] = "int_mm"  # the tiny models' layers are under the size `auto` quantizes
     config = config or QuantConfig(**options)
     calib = load_file(inputs) if config.mode == "static" else None
@@ -620,7 +620,7 @@ def test_mixed_int8_and_grouped_layers(llama128, tmp_path):
     each group's scheme (transformers' dequantize=True reads every layer with the first group's
     scheme, so a mixed model loads compressed)."""
     folder, inputs = llama128
-    recipe = QuantConfig(layers=({"match": r"\.mlp\.", "bits": 4, "group_size": 32},))
+    recipe = QuantConfig(kernel="int_mm", layers=({"match": r"\.mlp\.", "bits": 4, "group_size": 32, "kernel": "auto"},))
     result, _ = _quantized(folder, inputs, recipe)
     qc = quantization_config(result)
     assert qc["format"] == "mixed-precision"
@@ -707,7 +707,7 @@ def test_conv1d_layers_are_refused():
     tf = _transformers()
     cfg = tf.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=1, n_head=4)
     torch.manual_seed(0)
-    result = quantize_model(tf.GPT2LMHeadModel(cfg).eval(), QuantConfig())
+    result = quantize_model(tf.GPT2LMHeadModel(cfg).eval(), QuantConfig(kernel="int_mm"))
     with pytest.raises(ConfigError, match="layer 'transformer.h.0.attn.c_attn' is a transformers Conv1D"):
         check_exportable(result.plan)
 
