@@ -163,9 +163,6 @@ class QuantizeReport(_Report):
     def title(self) -> str:
         return f"qlin quantize {self.source} -> {self.output}"
 
-    def warnings(self) -> list[str]:
-        return [f"warning: {n}" for n in self.notes]
-
     def totals(self) -> dict[str, Any]:
         quantized = [r for r in self.layers if r.status == "quantized"]
         kernels: dict[str, int] = {}
@@ -267,11 +264,13 @@ class QuantizeReport(_Report):
         return lines
 
     def warnings(self) -> list[str]:
-        """A note when `auto` kept layers in float for speed: the file is then barely smaller."""
+        """The notes (e.g. a skip pattern that matches no layer), and a note when `auto` kept layers
+        in float for speed (the file is then barely smaller)."""
+        lines = [f"warning: {n}" for n in self.notes]
         slow = [r for r in self.layers if r.status != "quantized" and r.plan.reason.startswith(KEPT_FOR_SPEED)]
         if not slow:
-            return []
-        return [f"note: {len(slow)} of {len(self.layers)} Linear layers are too small for int8 to be faster than "
+            return lines
+        return lines + [f"note: {len(slow)} of {len(self.layers)} Linear layers are too small for int8 to be faster than "
                 f"float and were kept float (kernel auto); an explicit --kernel (e.g. fbgemm) quantizes every layer"]
 
 
