@@ -192,9 +192,6 @@ def quantize(
         observer=observer, weight_observer=weight_observer, percentile=percentile, smooth=smooth,
         skip=[*base.skip, *skip] if skip else None, embeddings=True if embeddings else None,
     )
-    if group_size is not None and mode is None and "mode" not in recipe:
-        logging.getLogger("qlin").info(
-            "--group-size selects weight-only mode (one scale per group cannot follow an int8 x int8 dot product)")
     options = QuantizeOptions(
         output=output, format=out_format, force=force, report=report, model=model, trust_pickle=trust_pickle,
         inputs=inputs, calib=calib, calib_text=calib_text, max_length=max_length, stride=stride,
@@ -212,6 +209,9 @@ def quantize(
             bar.update(task, completed=done, total=total, description=name)
 
         result = quantize_checkpoint(source, cfg, options, progress=progress, calib_progress=progress)
+    if group_size is not None and mode is None and "mode" not in recipe:  # said once it worked
+        logging.getLogger("qlin").info(
+            "--group-size selected weight-only mode (one scale per group cannot follow an int8 x int8 dot product)")
     if report is None or report.suffix == ".html":
         wrote = f"wrote {result.output}" + (f" and {report}" if report else "")
     else:

@@ -312,7 +312,7 @@ def test_cli_quantize_and_inspect_show_groups(tmp_path, capsys):
     assert code == 0, stderr
     r = json.loads(stdout)
     assert r["config"]["mode"] == "weight-only" and r["config"]["group_size"] == 32 and r["config"]["bits"] == 4
-    assert "note: --group-size selects weight-only mode" in stderr
+    assert "note: --group-size selected weight-only mode" in stderr
     assert [l["scale_shape"] for l in r["layers"]] == [[256, 2], [256, 8], [10, 8]]
     code, stdout, stderr = cli(capsys, "inspect", out, "--json")
     assert code == 0, stderr
