@@ -19,6 +19,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from .budget import limit
+from .calibrate import DEFAULT_SMOOTH, fold_smoothing
 from .config import QuantConfig
 from .data import Progress, batches, check_finite_inputs, first_tensor, num_samples, run_model, time_models
 from .errors import ConfigError, InputError
@@ -59,10 +60,13 @@ class QuantizeOptions:
     model: the architecture of a state dict, `package.module:factory` or `file.py:factory`.
     trust_pickle: unpickle a module with classes of its own (runs code from the file).
     inputs: the probe batch for the model-level error (default: random inputs that fit).
-    calib: calibration data (static mode and SmoothQuant need it); its first `calib_samples`.
+    calib: calibration data (static mode needs it); its first `calib_samples`.
     calib_text: instead of `calib`, a UTF-8 text tokenized with the model folder's tokenizer
         (text.text_inputs: windows of `max_length` tokens `stride` apart for a causal LM, a
         sentence per line for an encoder); `calib_samples` counts windows or lines.
+    default_smooth: in dynamic mode, apply SmoothQuant (alpha `calibrate.DEFAULT_SMOOTH`) to the
+        layers that do not set `smooth`, with factors from realistic data: `calib` (or `calib_text`), else `inputs`,
+        else the token ids of a text model's probe (never from a random normal probe).
     batch_size: samples per calibration forward pass.
     min_sqnr: keep the most sensitive layers float until the output SQNR (dB) on `eval_inputs`
         (default: the calibration data) reaches it.
@@ -88,6 +92,7 @@ class QuantizeOptions:
     max_length: int | None = None
     stride: int | None = None
     calib_samples: int | None = None
+    default_smooth: bool = True
     batch_size: int = 32
     min_sqnr: float | None = None
     eval_inputs: str | Path | None = None
@@ -122,24 +127,33 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def _probe_inputs(model: nn.Module, inputs_path: Path | None, data: Any = None, data_name: str = "") -> tuple[Any, str]:
+class _Probe(NamedTuple):
+    """The probe batch, what it is, and whether it is realistic enough to calibrate SmoothQuant
+    on (the user's inputs or data, or token ids for a text model; not a random normal batch)."""
+
+    inputs: Any
+    description: str
+    realistic: bool
+
+
+def _probe_inputs(model: nn.Module, inputs_path: Path | None, data: Any = None, data_name: str = "") -> _Probe:
     """A probe batch: the first samples of `inputs_path`, else of `data` (the eval or calibration
-    data, named `data_name`), else a seeded random batch that fits the model (token ids for a
-    transformers text model, or a normal batch of 8 rows sized for the first Linear layer)."""
+    data, named `data_name`), else 32 seeded random token-id sequences for a transformers text
+    model, or a seeded random normal batch of 8 rows sized for the first Linear layer."""
     if inputs_path is not None or data is not None:
         inputs = load_tensors(inputs_path, "inputs") if inputs_path is not None else data
         n = min(PROBE_SAMPLES, num_samples(inputs))
         probe = next(batches(inputs, n))
         if inputs_path is not None:
             check_finite_inputs(probe, f"inputs {inputs_path}")
-        return probe, f"{n} samples of {inputs_path.name if inputs_path else data_name}"
-    tokens = hf_probe_inputs(model)  # a transformers text model takes token ids
+        return _Probe(probe, f"{n} samples of {inputs_path.name if inputs_path else data_name}", True)
+    tokens = hf_probe_inputs(model, samples=32)  # a transformers text model takes token ids
     if tokens is not None:
         ids = tokens["input_ids"]
-        return tokens, f"random token ids {tuple(ids.shape)} with an all-ones attention mask"
+        return _Probe(tokens, f"random token ids {tuple(ids.shape)} with an all-ones attention mask", True)
     in_features = layer_shape(find_linears(model)[0][1])[0]
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(8, in_features, generator=gen), f"a random normal batch (8, {in_features})"
+    return _Probe(torch.randn(8, in_features, generator=gen), f"a random normal batch (8, {in_features})", False)
 
 
 class _Checked(NamedTuple):
@@ -185,10 +199,8 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
     for _, p in writes[1:]:
         check_output(p, force=o.force, inputs=read)
     if o.format == CT_FORMAT:
-        if config.scheme.smooth is not None:  # SmoothQuant set by a rule only: checked on the plan
-            raise ConfigError(
-                "`format` compressed-tensors cannot express SmoothQuant (no per-input-channel factor): drop `smooth`"
-            )
+        if config.embeddings:
+            raise ConfigError("`format` compressed-tensors describes Linear layers only: drop `embeddings`")
         check_output_dir(output, force=o.force, inputs=tuple(p for _, p in read))
     else:
         check_output(output, force=o.force, inputs=read)
@@ -203,9 +215,12 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
     if (o.max_length is not None or o.stride is not None) and o.calib_text is None:
         raise ConfigError("`max_length` and `stride` cut `calib_text` into windows: pass `calib_text` FILE")
     calib = o.calib if o.calib is not None else o.calib_text
-    need = config.calibration_need()
-    if need is not None and calib is None:
-        raise ConfigError(f"{need} needs calibration data: pass `calib` FILE (inputs the model takes) or `calib_text` FILE")
+    # static mode needs calibration data; SmoothQuant can also take `inputs`, or a text model's
+    # token ids (checked on the plan once the model is loaded)
+    if config.calibration_need() == "static mode" and calib is None:
+        raise ConfigError("static mode needs calibration data: pass `calib` FILE (inputs the model takes) or `calib_text` FILE")
+    if not o.default_smooth and config.scheme.smooth is not None:
+        raise ConfigError(f"`smooth` {config.scheme.smooth:g} and `no_smooth` contradict each other: drop one")
     inputs = None if o.inputs is None else check_file(o.inputs, "inputs")
     if o.calib_samples is not None and calib is None:
         raise ConfigError("`calib_samples` needs `calib` FILE or `calib_text` FILE")
@@ -225,6 +240,8 @@ def _check_stream(source: Path, config: QuantConfig, o: QuantizeOptions) -> None
         raise ConfigError(f"`stream`: {why} and cannot be read a layer at a time; convert it to safetensors")
     if o.format != "qlin":
         raise ConfigError(f"`stream` writes the qlin format only, not {o.format}")
+    if config.embeddings:
+        raise ConfigError("`stream` quantizes the Linear layers one at a time, not embedding tables: drop `embeddings`")
     needs_model = {"calib": o.calib, "calib_text": o.calib_text, "inputs": o.inputs, "min_sqnr": o.min_sqnr,
                    "eval_inputs": o.eval_inputs, "sensitivity": o.sensitivity or None}
     given = [k for k, v in needs_model.items() if v is not None]
@@ -326,10 +343,25 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
     notes = tuple(f"{what} matches no layer" for what in config.unmatched([p for e in plan.entries for p in e.paths]))
     if notes and o.strict:
         raise ConfigError(f"{notes[0]} (`strict`); fix the pattern or drop it")
-    if o.format == CT_FORMAT:
-        check_exportable(plan)
-    probe, description = _probe_inputs(float_model, inputs, data, data_name)
+    if o.format == CT_FORMAT:  # before any work; SmoothQuant is folded or left out below
+        check_exportable(plan.without_smoothing({}))
+    probe, description, realistic = _probe_inputs(float_model, inputs, data, data_name)
     probe = _to_device(probe, dev)
+    # SmoothQuant's data: the calibration data, else the probe where it is realistic
+    smooth_data, smooth_from = (calib_data, f"{num_samples(calib_data)} samples of {Path(o.calib or o.calib_text).name}") \
+        if calib_data is not None else (probe, description) if realistic else (None, None)
+    default_smoothed = 0
+    if o.default_smooth and smooth_data is not None:
+        plan, default_smoothed = plan.with_smoothing(DEFAULT_SMOOTH)
+    need = plan.calibration_need()
+    if need is not None and smooth_data is None:
+        raise ConfigError(f"{need} needs calibration data: pass `calib` FILE (inputs the model takes) or `calib_text` FILE, or `inputs` FILE")
+    calib_run = calib_data if calib_data is not None else (probe if need is not None else None)
+    smoothed = [e for e in plan.quantized if e.scheme.smooth is not None]
+    smoothing = None if not smoothed else {
+        "alpha": sorted({e.scheme.smooth for e in smoothed}), "layers": len(smoothed), "default": default_smoothed,
+        "data": smooth_from, "folded": None,
+    }
     try:
         reference, compared = first_tensor(run_model(float_model, probe))
         reference = reference.clone()
@@ -338,7 +370,13 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
         if inputs is not None:
             raise
         reference, compared, probe_note = None, None, f"{exc}; pass --inputs FILE to measure it"
-    run = dict(calib=calib_data, batch_size=o.batch_size, device=dev, progress=progress,
+    if o.format == CT_FORMAT and smoothed:
+        # compressed-tensors cannot divide inside the kernel: fold into the norms, else drop it
+        notes = fold_smoothing(float_model, smoothed, smooth_data, batch_size=o.batch_size)
+        plan = plan.without_smoothing(notes)
+        smoothing["folded"] = sum(note.startswith("SmoothQuant") for note in notes.values())
+        calib_run = calib_data
+    run = dict(calib=calib_run, batch_size=o.batch_size, device=dev, progress=progress,
                calib_progress=calib_progress, plan=plan)
     if o.min_sqnr is None and not o.sensitivity:
         result = quantize_model(float_model, config, **run)
@@ -360,13 +398,16 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
     report = QuantizeReport(
         source=str(source_path), source_kind=source.kind, output=str(output), format=o.format,
         config=result.config, device=str(dev),
-        calibration=None if calib_data is None else {
-            "file": str(o.calib if o.calib is not None else o.calib_text), "samples": num_samples(calib_data),
-            "batch_size": o.batch_size, **({} if calib_note is None else {"text": calib_note}),
+        calibration=None if calib_run is None else {
+            "file": str(o.calib if o.calib is not None else o.calib_text) if calib_data is not None else None,
+            "samples": num_samples(calib_run), "batch_size": o.batch_size,
+            **({} if calib_note is None else {"text": calib_note}),
             # without static layers or SmoothQuant, the data only measures each layer's output SQNR
-            "used_for": "calibration" if plan.calibration_need() else "measuring the first batch",
+            "used_for": ("calibration" if calib_data is not None else f"SmoothQuant factors from the probe ({description})")
+            if plan.calibration_need() else "measuring the first batch",
         },
-        layers=result.layers, probe=probe_report, fallback=result.fallback,
+        layers=result.layers, probe=probe_report, fallback=result.fallback, smoothing=smoothing,
+        embeddings=result.embeddings,
         sensitivity=None if result.sensitivity is None else {
             "data": f"{num_samples(data)} samples of {data_name}" if data is not None else description,
             **result.sensitivity},
@@ -474,7 +515,17 @@ def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, ver
                     input_zero_point=int(qf.tensors[f"{e.name}.input_zero_point"]),
                 )
         layers.append(row)
-    meta = {k: v for k, v in sorted(qf.metadata.items()) if k not in ("config", "plan")}  # safetensors returns it unordered
+    for e in qf.plan.embeddings:
+        row = {"name": e.name, "status": e.status, "reason": e.reason, "kind": "embedding",
+               "weight_shape": [e.num_embeddings, e.embedding_dim], "aliases": []}
+        if e.quantized:
+            scale = qf.tensors[f"{e.name}.weight_scale"]
+            row.update(weight_dtype="int8", scale_shape=list(scale.shape), zero_point_shape=None,
+                       granularity="channel", symmetric=True, scale_min=float(scale.min()),
+                       scale_max=float(scale.max()), kernel="gather", kernel_reason="int8 rows dequantized on lookup",
+                       batch_invariant=True, mode="weight-only", smooth=None)
+        layers.append(row)
+    meta = {k: v for k, v in sorted(qf.metadata.items()) if k not in ("config", "plan", "embeddings")}  # safetensors returns it unordered
     kind = "compressed-tensors" if path.is_dir() or qf.metadata.get("format") != FORMAT else "qlin"
     return InspectReport(str(path), meta, qf.config, layers, len(qf.tensors), size_bytes(path), verify, kind)
 

@@ -204,6 +204,7 @@ def quantize(
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Weight zero point 0 (default) or fitted.")] = None,
     act_granularity: Annotated[Optional[Literal[ACT_GRANULARITY_NAMES]], typer.Option(help="Dynamic activations: token (default, batch-invariant) or tensor (batch-dependent).")] = None,
     kernel: Annotated[Optional[Literal[KERNELS]], typer.Option(help="Kernel request; auto picks per layer.")] = None,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="Also quantize nn.Embedding tables, int8 per row (weight-only).")] = False,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", metavar="REGEX", help="Regex on module paths to keep in float (repeatable; adds to the recipe's).")] = None,
     config: Annotated[Optional[str], typer.Option("--config", metavar="RECIPE", help=f"A shipped recipe by name ({', '.join(recipe_names())}) or a TOML file; flags override it.")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE", help="Write the report as JSON here, and as Markdown beside it (.md); FILE.html: one self-contained HTML page with a chart of the SQNRs by depth.")] = None,
@@ -217,7 +218,8 @@ def quantize(
     observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--observer", help="Static activation range: minmax (default), absmax, moving-average, percentile, mse.")] = None,
     weight_observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--weight-observer", help="Weight range: minmax (default), absmax, percentile, mse.")] = None,
     percentile: Annotated[Optional[float], typer.Option("--percentile", metavar="P", callback=_finite, help="Percentile of the percentile observers [default: 99.99].")] = None,
-    smooth: Annotated[Optional[float], typer.Option("--smooth", metavar="ALPHA", callback=_finite, help="SmoothQuant alpha in (0, 1], e.g. 0.5 (needs --calib).")] = None,
+    smooth: Annotated[Optional[float], typer.Option("--smooth", metavar="ALPHA", callback=_finite, help="SmoothQuant alpha in (0, 1] for every layer (factors from --calib, else --inputs, else a text model's token ids).")] = None,
+    no_smooth: Annotated[bool, typer.Option("--no-smooth", help="Turn off the default SmoothQuant (alpha 0.5) of dynamic layers when realistic data is at hand.")] = False,
     min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", metavar="DB", callback=_finite, help="Keep the most sensitive layers float until the output SQNR (dB) reaches this.")] = None,
     eval_inputs: Annotated[Optional[Path], typer.Option("--eval-inputs", metavar="FILE", help="Data for --min-sqnr, --sensitivity and the model-level error [default: the --calib data].")] = None,
     sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also show each layer's sensitivity: the model's output SQNR with only that layer quantized.")] = False,
@@ -239,12 +241,12 @@ def quantize(
         mode=mode, granularity=granularity, bits=bits, group_size=group_size, symmetric=symmetric,
         act_granularity=act_granularity, kernel=kernel,
         observer=observer, weight_observer=weight_observer, percentile=percentile, smooth=smooth,
-        skip=[*base.skip, *skip] if skip else None,
+        skip=[*base.skip, *skip] if skip else None, embeddings=True if embeddings else None,
     )
     options = QuantizeOptions(
         output=output, format=out_format, force=force, report=report, model=model, trust_pickle=trust_pickle,
         inputs=inputs, calib=calib, calib_text=calib_text, max_length=max_length, stride=stride,
-        calib_samples=calib_samples, batch_size=batch_size, min_sqnr=min_sqnr,
+        calib_samples=calib_samples, default_smooth=not no_smooth, batch_size=batch_size, min_sqnr=min_sqnr,
         eval_inputs=eval_inputs, sensitivity=sensitivity, device=device, stream=stream, config_file=config,
         strict=strict, max_memory=max_memory,
     )

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 SCHEME_KEYS = tuple(f.name for f in dataclasses.fields(LayerScheme))
-RECIPE_KEYS = (*SCHEME_KEYS, "skip", "layers")  # a recipe's top-level keys
+RECIPE_KEYS = (*SCHEME_KEYS, "skip", "layers", "embeddings")  # a recipe's top-level keys
 RULE_KEYS = ("match", "skip", *SCHEME_KEYS)  # what a [[layers]] rule may set
 # The shipped recipes: package data, installed with qlin (a checkout's top-level configs/ links here).
 RECIPES = Path(__file__).with_name("configs")
@@ -136,13 +136,17 @@ class QuantConfig:
     skip: regular expressions; a layer whose module path matches any (re.search) stays float.
     layers: per-layer rules (`Rule`, or dicts with `match` and any of RULE_KEYS); the FIRST rule
         that matches a layer applies to it.
+    embeddings: also quantize the `nn.Embedding` tables, int8 per row (weight-only; a lookup
+        dequantizes the rows it gathers); skip patterns apply to them too.
     """
 
     scheme: LayerScheme
     skip: tuple[str, ...]
     layers: tuple[Rule, ...]
+    embeddings: bool
 
-    def __init__(self, scheme: LayerScheme | None = None, *, skip: Any = (), layers: Any = (), **keys: Any) -> None:
+    def __init__(self, scheme: LayerScheme | None = None, *, skip: Any = (), layers: Any = (),
+                 embeddings: bool = False, **keys: Any) -> None:
         if scheme is None:
             scheme = LayerScheme(**keys)
         elif keys:
@@ -152,6 +156,9 @@ class QuantConfig:
         object.__setattr__(self, "scheme", scheme)
         object.__setattr__(self, "skip", tuple(skip))
         object.__setattr__(self, "layers", tuple(Rule.from_dict(r, i) for i, r in enumerate(layers)))
+        if not isinstance(embeddings, bool):
+            raise ConfigError(f"embeddings must be true or false, not {embeddings!r}")
+        object.__setattr__(self, "embeddings", embeddings)
         for pattern in self.skip:
             check_pattern(pattern, "skip pattern")
         for i, rule in enumerate(self.layers):
@@ -183,9 +190,9 @@ class QuantConfig:
         """A copy with `changes` (scheme keys, `skip`, `layers`) applied; None values are ignored.
         Another mode re-derives act_granularity unless `changes` sets it too."""
         changes = {k: v for k, v in changes.items() if v is not None}
-        own = {k: changes.pop(k) for k in ("skip", "layers") if k in changes}
+        own = {k: changes.pop(k) for k in ("skip", "layers", "embeddings") if k in changes}
         return QuantConfig(self.scheme.with_changes(**changes), skip=own.get("skip", self.skip),
-                           layers=own.get("layers", self.layers))
+                           layers=own.get("layers", self.layers), embeddings=own.get("embeddings", self.embeddings))
 
     def rule_for(self, name: str) -> Rule | None:
         """The first per-layer rule whose `match` finds module path `name`, or None."""
@@ -222,7 +229,7 @@ class QuantConfig:
             out[key] = value
             if key == "kernel":
                 out["skip"] = list(self.skip)
-        return {**out, "layers": [r.to_dict() for r in self.layers]}
+        return {**out, "layers": [r.to_dict() for r in self.layers], "embeddings": self.embeddings}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

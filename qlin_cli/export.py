@@ -44,7 +44,7 @@ span the 256 levels), static mode `{"strategy": "tensor", "dynamic": false, "sym
 false}`, weight-only (every grouped layer) None.
 
 Not expressible, so refused before any work (`check_exportable`): transformers' Conv1D layers
-(compressed-tensors quantizes nn.Linear); SmoothQuant layers (no per-input-channel factor); a group size that does not divide a layer's input (compressed-tensors
+(compressed-tensors quantizes nn.Linear); a group size that does not divide a layer's input (compressed-tensors
 and vLLM split each row into whole groups and refuse a shorter last one); pack-quantized widths
 that do not divide 32 (3, 5, 6, 7 bits: compressed-tensors up to 0.17 put 32 // B values in each
 int32, 0.18 and later pack them densely across words, so one file would read differently in
@@ -55,6 +55,11 @@ that route cannot load asymmetric pack-quantized layers per group or per channel
 5.24 with compressed-tensors 0.20: its empty model expects the zero point unpacked, while
 compressed-tensors' own compressor writes it packed, as here), which load with dequantize=True.
 
+The format has no per-input-channel factor, so it cannot divide activations by SmoothQuant's
+factors inside the kernel: `api.quantize_checkpoint` folds them into the LayerNorm/RMSNorm that
+feeds the layers instead (`calibrate.fold_smoothing`, SmoothQuant's original form) and exports
+the other layers without SmoothQuant, each layer's note saying which. A result that still holds
+`smooth_scale` is refused here, as are int8 embeddings (`--embeddings`: Linear layers only).
 The folder is written atomically (a temporary folder beside it, then renamed into place) and is
 byte-identical for the same input and options.
 
@@ -139,13 +144,13 @@ def layer_format(scheme: LayerScheme) -> str:
 def check_exportable(plan: Plan) -> None:
     """Raise ConfigError, before any work, if a planned layer's scheme has no compressed-tensors
     form: transformers' Conv1D layers (compressed-tensors quantizes nn.Linear, and would read
-    the (out, in) weight into an (in, out) one); SmoothQuant (whether the config or one of its
-    rules asks for it); a group size that
+    the (out, in) weight into an (in, out) one); SmoothQuant factors left to divide inside the
+    kernel (`calibrate.fold_smoothing` moves them out first); a group size that
     does not divide the layer's input (compressed-tensors and vLLM reshape each row into whole
     groups: a shorter last group is refused when the model loads); pack-quantized widths that do
     not divide 32 (3, 5, 6 and 7 bits: their pack-quantized layout changed between
     compressed-tensors releases, from 32 // B values per int32 to a dense bit string, so one file
-    would read differently in different loaders)."""
+    would read differently in different loaders); int8 embeddings."""
     for e in plan.quantized:
         s = e.scheme
         if e.module != "Linear":
@@ -155,8 +160,8 @@ def check_exportable(plan: Plan) -> None:
             )
         if s.smooth is not None:
             raise ConfigError(
-                f"`format` compressed-tensors cannot express SmoothQuant (no per-input-channel factor), which "
-                f"layer {e.name!r} uses: drop `smooth`"
+                f"`format` compressed-tensors cannot divide by SmoothQuant factors inside the kernel, which "
+                f"layer {e.name!r} needs: fold them into the model first (calibrate.fold_smoothing)"
             )
         if s.group_size is not None and e.in_features % s.group_size:
             raise ConfigError(
@@ -170,6 +175,8 @@ def check_exportable(plan: Plan) -> None:
                 f"different compressed-tensors releases (32 // {s.bits} values per int32 up to 0.17, a dense "
                 f"bit string since 0.18), so loaders would disagree: use `bits` 2, 4 or 8, or the qlin format"
             )
+    if plan.quantized_embeddings:
+        raise ConfigError("`format` compressed-tensors describes Linear layers only: drop `embeddings`")
 
 
 def _scheme(e: PlanEntry) -> dict[str, Any]:
@@ -202,7 +209,8 @@ def quantization_config(result: QuantizeResult) -> dict[str, Any]:
         else:
             groups.append((scheme, e.paths))
     if not groups:
-        raise ConfigError("no layer was quantized: there is nothing to export as compressed-tensors")
+        why = next((f" (e.g. {e.name!r}: {e.reason})" for e in plan.entries if e.reason), "")
+        raise ConfigError(f"no layer was quantized{why}: there is nothing to export as compressed-tensors")
     config_groups = {}
     for i, (scheme, names) in enumerate(groups):
         targets = ["Linear"] if len(groups) == 1 else names

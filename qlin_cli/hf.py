@@ -285,7 +285,7 @@ def hf_skeleton(folder: str | Path, *, model: str | None = None) -> HFSkeleton:
     return HFSkeleton(built, kind, folder_digest(folder, weights.files), size, weights.files)
 
 
-def hf_probe_inputs(model: nn.Module, samples: int = 8, tokens: int = 16, seed: int = 0) -> dict[str, torch.Tensor] | None:
+def hf_probe_inputs(model: nn.Module, samples: int = 32, tokens: int = 16, seed: int = 0) -> dict[str, torch.Tensor] | None:
     """A seeded random batch of token ids `(samples, tokens)` and an all-ones attention mask for a
     transformers text model, or None when the model does not take `input_ids`."""
     config = getattr(model, "config", None)

@@ -13,12 +13,17 @@ Kernels (weights `(N, K)` int8 = `(out_features, in_features)`, activations `x` 
 | `int4pack`    | float (weight-only, 4-bit groups of 32-256) | `torch._weight_int4pack_mm[_for_cpu]` | CPU, CUDA |
 | `dequant`     | float                              | `F.linear` on dequantized weights    | any       |
 
-`dequant` is never chosen by `auto` for a mode it does not implement faithfully: it is the
-reported fallback of weight-only mode where `_weight_int8pack_mm` cannot run.
+`dequant` is never chosen for a mode it does not implement faithfully: it is the reported
+fallback of weight-only mode where `_weight_int8pack_mm` cannot run. A dynamic or static layer
+always quantizes its activations, on every machine.
 
 Selection (`select_kernel`) is a pure function of the layer's scheme (kernel request, mode,
 activation granularity), the device, dtype and shape, and of what this torch build and CPU offer; it never times anything, so
 the same machine always picks the same kernel and the saved file never depends on it.
+
+Whether a layer is too small for int8 to pay (`kept_float_for_speed`) is decided when the model
+is planned, from its shape and scheme only, and recorded in the file as a layer kept in float:
+the machine that loads the file never changes what a layer computes.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ __all__ = [
     "IntMMRules",
     "INT_MM_RULES",
     "cpu_features",
+    "SMALL_LAYER",
+    "KEPT_FOR_SPEED",
+    "kept_float_for_speed",
     "select_kernel",
     "pack",
     "ONEDNN_UNTRACEABLE",
@@ -161,13 +169,28 @@ def _weight_int8pack_missing(device_type: str, dtype: torch.dtype, k: int, n: in
     return None
 
 
-# Layers with fewer weights than this keep a float matmul under `auto` on CPU: the int8 kernel's
-# fixed costs (per-token quantization and rescaling are a dozen small ops) outweigh the matmul
-# itself. The bound is where int8 reaches float's speed at 16 tokens (benchmarks/RESULTS.md,
-# "kernels-small": per-token 1.03-1.11x at 2**17 weights, 0.65-0.69x at 2**16; static 1.29-1.35x
-# at 2**16, 0.65x at 2**14). At 1 token float stays faster up to ~512x512; from 128 tokens int8
-# wins from ~2**16 weights: no bound suits every batch, and the choice may not depend on it.
+# Layers with fewer weights than this are kept in float under `auto` (decided at plan time,
+# `kept_float_for_speed`): the int8 layer's fixed cost per call (~50 us: per-token quantization
+# and rescaling around the GEMM) outweighs the matmul itself. The bound is where int8 reaches
+# float's speed at 16 tokens (benchmarks/RESULTS.md, "kernels-small": per-token 1.03-1.11x at
+# 2**17 weights, 0.65-0.69x at 2**16; static 1.29-1.35x at 2**16, 0.65x at 2**14). At 1 token
+# float stays faster up to ~512x512; from 128 tokens int8 wins from ~2**16 weights: no bound
+# suits every batch, and the choice may not depend on it. Weight-only layers have no activation
+# quantization to pay for and are never kept float for speed.
 SMALL_LAYER = {"dynamic": 1 << 17, "static": 1 << 16}
+KEPT_FOR_SPEED = "kept float for speed"  # how such a layer's reason starts
+
+
+def kept_float_for_speed(scheme: LayerScheme, in_features: int, out_features: int) -> str | None:
+    """Why `auto` keeps a layer of this scheme and shape `(out_features, in_features)` in float,
+    or None. A pure function of the two: the plan records the answer in the file, so every
+    machine that loads it runs the same numerics. An explicit kernel request quantizes any size."""
+    bound = SMALL_LAYER.get(scheme.mode)
+    weights = in_features * out_features
+    if scheme.kernel != "auto" or bound is None or weights >= bound:
+        return None
+    return (f"{KEPT_FOR_SPEED}: a {scheme.mode} int8 layer under {bound:,} weights is slower than float "
+            f"on CPU ({out_features}, {in_features}); an explicit --kernel (e.g. fbgemm) quantizes it anyway")
 
 
 def select_kernel(
@@ -191,11 +214,6 @@ def select_kernel(
         return KernelChoice(
             "dequant", f"fallback: torch._weight_int8pack_mm cannot run ({missing})", False
         )
-    small = SMALL_LAYER.get(mode, 0)
-    if request == "auto" and device.type == "cpu" and in_features * out_features < small:
-        return KernelChoice(
-            "dequant", f"auto: kept in float: int8 is slower than float for {mode} layers under "
-            f"{small:,} weights on CPU ({in_features}x{out_features})", False)
     per_token = scheme.per_token
     if request == "onednn":
         why_not = _onednn_missing(device, dtype) if per_token else "the oneDNN kernel runs dynamic per-token layers only"
@@ -613,7 +631,7 @@ class _Int4Pack:
 
 class _Dequant:
     """A float matmul on the dequantized weight (no int8 arithmetic at all): weight-only mode's
-    fallback, and `auto`'s choice for layers too small for int8 to pay. SmoothQuant's factors
+    fallback (and the low-bit one's where no fused kernel runs). SmoothQuant's factors
     `(K,)` are folded back into the weight's columns; static activation parameters are unused
     (the activations stay float)."""
 

@@ -6,8 +6,9 @@ weight `W.T` (`(out, in)`, as the file stores every layer), and its plan entry s
 "Conv1D".
 
 `make_plan` finds the Linear layers (each module once, with the other paths it is used at), ties,
-layers that other modules read directly, nn.Linear subclasses (captured by their affine map), and
-the config's skip patterns and rules, and returns a `Plan`: one `PlanEntry` per layer, quantized
+layers that other modules read directly, nn.Linear subclasses (captured by their affine map), the
+config's skip patterns and rules, and layers too small for int8 to pay under `auto`
+(`kernels.kept_float_for_speed`), and returns a `Plan`: one `PlanEntry` per layer, quantized
 with a `LayerScheme` or kept in float with the reason. Calibration, quantization, packing and the
 qlin file consume it; the accuracy fallback makes a new one. `PlanEntry.to_dict` / `from_dict`
 are the plan entry's form in the qlin file's metadata.
@@ -24,11 +25,13 @@ import torch.nn as nn
 
 from .config import QuantConfig, Skip
 from .errors import ConfigError, InputError
+from .kernels import kept_float_for_speed
 from .primitives import sqnr_db
 from .scheme import LayerScheme, calibration_need
 
 __all__ = [
-    "PlanEntry", "Plan", "make_plan", "find_linears", "layer_kind", "layer_shape", "swap_module", "affine_surrogate", "effective_linear",
+    "PlanEntry", "EmbeddingEntry", "Plan", "make_plan", "find_linears", "layer_kind", "layer_shape", "swap_module",
+    "affine_surrogate", "effective_linear",
 ]
 LINEAR_MODULES = ("Linear", "Conv1D")  # what a plan entry's `module` can be
 
@@ -111,10 +114,52 @@ class PlanEntry:
 
 
 @dataclass(frozen=True)
+class EmbeddingEntry:
+    """An `nn.Embedding` at module path `name` (with `--embeddings`): quantized int8 per row
+    (weight-only), or kept float for `reason`. `to_dict`/`from_dict` are its form in the file."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    dtype: str
+    quantized: bool
+    reason: str = ""
+
+    @property
+    def status(self) -> str:
+        return "quantized" if self.quantized else "skipped"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "dtype": self.dtype, "status": self.status, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, e: Any) -> "EmbeddingEntry":
+        """An entry read from a qlin file; ValueError names what is wrong."""
+        types = {"name": str, "num_embeddings": int, "embedding_dim": int, "dtype": str, "status": str, "reason": str}
+        if not isinstance(e, dict):
+            raise ValueError("metadata embeddings is not a list of embeddings")
+        for key, typ in types.items():
+            if not isinstance(e.get(key), typ) or (typ is int and (isinstance(e[key], bool) or e[key] < 1)):
+                raise ValueError(f"embedding entry {e.get('name', '?')!r} has no valid {key!r}")
+        if e["status"] not in ("quantized", "skipped"):
+            raise ValueError(f"embedding {e['name']!r} has status {e['status']!r}")
+        if not isinstance(getattr(torch, e["dtype"], None), torch.dtype) or not getattr(torch, e["dtype"]).is_floating_point:
+            raise ValueError(f"embedding {e['name']!r} has dtype {e['dtype']!r}, not a float dtype")
+        return cls(e["name"], e["num_embeddings"], e["embedding_dim"], e["dtype"], e["status"] == "quantized", e["reason"])
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Every `nn.Linear` of a model, in module order, and its fate."""
+    """Every `nn.Linear` of a model, in module order, and its fate; with `--embeddings`, every
+    `nn.Embedding` too."""
 
     entries: tuple[PlanEntry, ...]
+    embeddings: tuple[EmbeddingEntry, ...] = ()
+
+    @property
+    def quantized_embeddings(self) -> list[EmbeddingEntry]:
+        return [e for e in self.embeddings if e.quantized]
 
     @property
     def quantized(self) -> list[PlanEntry]:
@@ -123,6 +168,27 @@ class Plan:
     def calibration_need(self) -> str | None:
         """What of the planned layers needs calibration data, in words (static mode first), or None."""
         return calibration_need(e.scheme for e in self.quantized)
+
+    def with_smoothing(self, alpha: float) -> tuple["Plan", int]:
+        """This plan with SmoothQuant `alpha` on every dynamic layer that does not set `smooth`
+        (qlin's default where it has realistic data), and how many layers that changed."""
+        entries, changed = [], 0
+        for e in self.entries:
+            if e.scheme is not None and e.scheme.mode == "dynamic" and e.scheme.smooth is None:
+                e, changed = replace(e, scheme=replace(e.scheme, smooth=alpha)), changed + 1
+            entries.append(e)
+        return replace(self, entries=tuple(entries)), changed
+
+    def without_smoothing(self, notes: dict[str, str]) -> "Plan":
+        """This plan with SmoothQuant off everywhere (`calibrate.fold_smoothing` moved it into the
+        model or found it could not), each layer's note from `notes` added to its reason."""
+        entries = []
+        for e in self.entries:
+            if e.scheme is not None and e.scheme.smooth is not None:
+                note = notes.get(e.name, "")
+                e = replace(e, scheme=replace(e.scheme, smooth=None), reason="; ".join(r for r in (e.reason, note) if r))
+            entries.append(e)
+        return replace(self, entries=tuple(entries))
 
     def to_list(self) -> list[dict[str, Any]]:
         return [e.to_dict() for e in self.entries]
@@ -277,6 +343,9 @@ def make_plan(model: nn.Module, config: QuantConfig) -> Plan:
         if not reason:
             effective, note = affine_surrogate(linear)
             reason = note
+            slow = None if effective is None else kept_float_for_speed(scheme, in_f, out_f)
+            if slow is not None:  # too small for int8 to pay (`auto`): float, recorded as such
+                effective, reason = None, slow
         entry = PlanEntry(
             name, in_f, out_f, linear.bias is not None,
             str(linear.weight.dtype).removeprefix("torch."), tuple(aliases), module=layer_kind(linear),
@@ -285,7 +354,45 @@ def make_plan(model: nn.Module, config: QuantConfig) -> Plan:
             entries.append(replace(entry, reason=reason))
         else:
             entries.append(replace(entry, scheme=scheme, reason=reason, has_bias=effective.bias is not None))
-    return Plan(tuple(entries))
+    return Plan(tuple(entries), plan_embeddings(model, config) if config.embeddings else ())
+
+
+def plan_embeddings(model: nn.Module, config: QuantConfig) -> tuple[EmbeddingEntry, ...]:
+    """Every `nn.Embedding` of `model` (module order) and its fate: int8 per row, or float where
+    the config skips it or quantizing would change the model: a table used at several paths, one
+    whose weight another module holds too (a tied language-model head, which stays float), a
+    subclass with its own forward, `max_norm` (the lookup rewrites the table)."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname.rpartition(".")[0])
+    paths: dict[int, list[str]] = {}
+    modules: dict[int, nn.Embedding] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Embedding):
+            paths.setdefault(id(m), []).append(name)
+            modules[id(m)] = m
+    entries = []
+    for key, names in paths.items():
+        name, m = names[0], modules[key]
+        tied = [o for o in owners.get(id(m.weight), []) if o not in names]
+        pattern = config.skips(name)
+        if pattern is not None:
+            reason = f"matches --skip {pattern!r}"
+        elif len(names) > 1:
+            reason = f"used at {len(names)} paths ({', '.join(names)})"
+        elif tied:
+            reason = f"weight tied to {tied[0] or '(root)'}"
+        elif type(m).forward is not nn.Embedding.forward:
+            reason = f"{type(m).__qualname__} overrides forward"
+        elif m.max_norm is not None:
+            reason = "max_norm renormalizes the table at each lookup"
+        elif not m.weight.is_floating_point():
+            reason = f"weight dtype {m.weight.dtype} is not a float dtype"
+        else:
+            reason = ""
+        entries.append(EmbeddingEntry(name, m.num_embeddings, m.embedding_dim,
+                                      str(m.weight.dtype).removeprefix("torch."), not reason, reason))
+    return tuple(entries)
 
 
 def effective_linear(module: nn.Linear, name: str) -> nn.Linear:

@@ -21,6 +21,13 @@ high bits of its last byte are 0. At 4 bits: byte j holds value 2j in its low ni
 in its high nibble; at 2 bits, four values per byte from the lowest bits up; at 3 bits, values
 cross byte boundaries.
 
+Version 3 (written only when the file has int8 embeddings, `--embeddings`): metadata
+`embeddings` (JSON list, one entry per nn.Embedding: name, num_embeddings, embedding_dim, dtype,
+status, reason) and, per quantized embedding `<name>`, `<name>.weight` int8 `(num, dim)` and
+`<name>.weight_scale` float32 `(num,)` (symmetric per row, `qembedding.py`). A file without
+them is written as version 2, so older readers keep reading it; a version-2 reader refuses a
+version-3 file instead of loading int8 tables as float.
+
 Version 1 files (8-bit only, no bits/group_size in the plan) load as before.
 
 Reading takes a compressed-tensors folder that qlin wrote, or its weights file, too: its
@@ -54,9 +61,10 @@ from .files import (
     HASH_KEYS, SafetensorsStream, check_file, check_output, file_tensors, header_digest, safetensors_nbytes,
     safetensors_writer, tied_keys, write_atomic,
 )
-from .plan import Plan, PlanEntry, find_linears, layer_kind, layer_shape, swap_module
+from .plan import EmbeddingEntry, Plan, PlanEntry, find_linears, layer_kind, layer_shape, swap_module
 from .lowbit import pack_bits, unpack_bits
 from .primitives import packed_row_bytes
+from .qembedding import QuantizedEmbedding
 from .qlinear import QuantizedLinear, compile_model, pack_all
 from .quantize import LayerResult, QuantizeResult
 
@@ -75,7 +83,7 @@ __all__ = [
 ]
 
 FORMAT = "qlin"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest this qlin reads and writes; files without int8 embeddings are written as 2
 LAYER_TENSORS = ("weight", "weight_scale", "weight_zero_point", "bias", "input_scale", "input_zero_point", "smooth_scale")
 
 
@@ -90,7 +98,7 @@ def _stored_weight_shape(e: PlanEntry) -> tuple[torch.dtype, tuple[int, int]]:
 def _metadata(config: QuantConfig, plan: Plan, ties: dict[str, str], source_name: str, source_sha256: str) -> dict[str, str]:
     return {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if plan.quantized_embeddings else 2),
         "qlin_version": __version__,
         "torch_version": torch.__version__,
         "source_name": source_name,
@@ -98,6 +106,8 @@ def _metadata(config: QuantConfig, plan: Plan, ties: dict[str, str], source_name
         "config": config.to_json(),
         "plan": plan.to_json(),
         "ties": json.dumps(ties, sort_keys=True, separators=(",", ":")),
+        **({} if not plan.embeddings else {
+            "embeddings": json.dumps([e.to_dict() for e in plan.embeddings], sort_keys=True, separators=(",", ":"))}),
     }
 
 
@@ -267,6 +277,20 @@ def _retie(model: nn.Module, ties: dict[str, str]) -> None:
             setattr(module, attr, target)
 
 
+def _validate_embedding(path: Path, e: EmbeddingEntry, tensors: dict[str, torch.Tensor]) -> None:
+    """A quantized embedding's table `(num, dim)` int8 and its scales `(num,)`, finite and positive."""
+    for suffix, (dtype, shape) in {"weight": (torch.int8, (e.num_embeddings, e.embedding_dim)),
+                                   "weight_scale": (torch.float32, (e.num_embeddings,))}.items():
+        t = tensors.get(f"{e.name}.{suffix}")
+        if t is None:
+            raise _bad(path, f"embedding {e.name!r} has no tensor {e.name}.{suffix}")
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise _bad(path, f"{e.name}.{suffix} is {t.dtype} {tuple(t.shape)}, the plan says {dtype} {shape}")
+    scale = tensors[f"{e.name}.weight_scale"]
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise _bad(path, f"{e.name}.weight_scale has values that are not finite and positive")
+
+
 def verify_payload(path: Path, metadata: dict[str, str]) -> None:
     """Recompute the sha256 of the tensor payload and of the header, and compare them with the
     recorded ones."""
@@ -319,12 +343,15 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
     try:
         config = QuantConfig.from_dict(json.loads(metadata["config"]))
         plan_data = json.loads(metadata["plan"])
+        embeddings_data = json.loads(metadata.get("embeddings", "[]"))
     except KeyError as exc:
         raise _bad(path, f"metadata has no {exc.args[0]!r}") from None
     except (ValueError, RecursionError, ConfigError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise _bad(path, f"metadata config/plan is invalid ({str(exc)[:160]})") from None
     try:
-        plan = Plan.from_list(plan_data)
+        if not isinstance(embeddings_data, list):
+            raise ValueError("metadata embeddings is not a list of embeddings")
+        plan = Plan(Plan.from_list(plan_data).entries, tuple(EmbeddingEntry.from_dict(e) for e in embeddings_data))
     except ValueError as exc:
         raise _bad(path, str(exc)) from None
     _restore_ties(path, metadata, tensors)
@@ -333,7 +360,9 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
             raise _bad(path, f"layer {e.name!r} has no tensor {e.name}.weight")
     for e in plan.quantized:
         _validate_layer(path, e, tensors)
-    quantized_names = {e.name for e in plan.quantized}
+    for e in plan.quantized_embeddings:
+        _validate_embedding(path, e, tensors)
+    quantized_names = {e.name for e in plan.quantized} | {e.name for e in plan.quantized_embeddings}
     for key in tensors:
         layer, _, suffix = key.rpartition(".")
         if suffix in LAYER_TENSORS[1:] and suffix != "bias" and layer not in quantized_names:
@@ -384,6 +413,14 @@ def load_quantized(
                     if f"{e.name}.{suffix}" in state:
                         state[f"{alias}.{suffix}"] = state[f"{e.name}.{suffix}"]
         swapped.append(q)
+    for e in qf.plan.quantized_embeddings:
+        table = dict(model.named_modules()).get(e.name)
+        if not isinstance(table, nn.Embedding) or (table.num_embeddings, table.embedding_dim) != (e.num_embeddings, e.embedding_dim):
+            raise FormatError(
+                f"{qf.path}: the model has no nn.Embedding {e.name!r} of shape ({e.num_embeddings}, "
+                f"{e.embedding_dim}); is it the model the file was made from?")
+        model = swap_module(model, e.name, QuantizedEmbedding(
+            e.num_embeddings, e.embedding_dim, padding_idx=table.padding_idx, dtype=getattr(torch, e.dtype)))
     targets = model.state_dict(keep_vars=True)
     missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
     if missing or unexpected:

@@ -17,11 +17,13 @@ from .config import QuantConfig
 from .data import Inputs, Progress
 from .errors import ConfigError, InputError
 from .kernels import select_kernel
-from .plan import Plan, PlanEntry, effective_linear, find_linears, layer_kind, make_plan, swap_module
+from .plan import EmbeddingEntry, Plan, PlanEntry, effective_linear, find_linears, layer_kind, make_plan, swap_module
 from .primitives import packed_row_bytes, sqnr_db, weight_sqnr_db
+from .qembedding import QuantizedEmbedding
 from .qlinear import QuantizedLinear
 
-__all__ = ["LayerResult", "QuantizeResult", "quantize_layer", "quantize_model", "check_streamable", "stream_layers"]
+__all__ = ["LayerResult", "EmbeddingResult", "QuantizeResult", "quantize_layer", "quantize_model", "check_streamable",
+           "stream_layers"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,23 @@ class LayerResult:
 
 
 @dataclass(frozen=True)
+class EmbeddingResult:
+    """An embedding's plan entry and what quantizing its table cost (bytes of the file's tensors)."""
+
+    entry: EmbeddingEntry
+    weight_sqnr_db: float | None = None
+    bytes_float: int = 0
+    bytes_int8: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {**self.entry.to_dict(), "weight_sqnr_db": self.weight_sqnr_db, "bytes_float": self.bytes_float,
+             "bytes_int8": self.bytes_int8}
+        if d["weight_sqnr_db"] is not None and math.isinf(d["weight_sqnr_db"]):
+            d["weight_sqnr_db"] = 999.0
+        return d
+
+
+@dataclass(frozen=True)
 class QuantizeResult:
     """The quantized model (the input model, changed in place, unless the model itself was a bare
     `nn.Linear`), the config used, and one result per `nn.Linear`, in the plan's order."""
@@ -78,10 +97,11 @@ class QuantizeResult:
     fallback: dict | None = None  # accuracy-aware fallback steps (fallback.quantize_to_target)
     # each quantized layer's sensitivity, most sensitive first (fallback.quantize_to_target)
     sensitivity: dict | None = None
+    embeddings: tuple[EmbeddingResult, ...] = ()  # with `embeddings`: one per nn.Embedding
 
     @property
     def plan(self) -> Plan:
-        return Plan(tuple(r.plan for r in self.layers))
+        return Plan(tuple(r.plan for r in self.layers), tuple(r.entry for r in self.embeddings))
 
     @property
     def quantized(self) -> list[LayerResult]:
@@ -179,7 +199,8 @@ def quantize_model(
         del linear
         if progress is not None:
             progress(i + 1, total, entry.name)
-    return QuantizeResult(model=model, config=config, layers=tuple(results))
+    embeddings = tuple(_quantize_embedding(model, e) for e in plan.embeddings)
+    return QuantizeResult(model=model, config=config, layers=tuple(results), embeddings=embeddings)
 
 
 def _glibc_trim() -> Callable[[], None] | None:
@@ -244,3 +265,15 @@ def stream_layers(
         _release_freed_memory()
         if progress is not None:
             progress(i + 1, total, entry.name)
+
+
+def _quantize_embedding(model: nn.Module, entry: EmbeddingEntry) -> EmbeddingResult:
+    """Swap a planned embedding for its int8 table (in place); what it cost."""
+    table = model.get_submodule(entry.name)
+    size = _nbytes(table.weight)
+    if not entry.quantized:
+        return EmbeddingResult(entry, bytes_float=size, bytes_int8=size)
+    q = QuantizedEmbedding.from_float(table, name=entry.name)
+    swap_module(model, entry.name, q)
+    return EmbeddingResult(entry, weight_sqnr_db=sqnr_db(table.weight, q.dequantized()), bytes_float=size,
+                           bytes_int8=_nbytes(q.weight, q.weight_scale))

@@ -22,8 +22,9 @@ from .config import QuantConfig
 from .data import BUSY_CORES, Timing
 from .errors import InputError
 from .files import write_atomic
+from .kernels import KEPT_FOR_SPEED
 from .primitives import sqnr_db
-from .quantize import LayerResult
+from .quantize import EmbeddingResult, LayerResult
 from .scheme import PER_CHANNEL, PER_TENSOR, PerGroup
 
 __all__ = [
@@ -166,13 +167,14 @@ class QuantizeReport(_Report):
     notes: tuple[str, ...] = ()  # warnings, e.g. a skip pattern that matches no layer
     # with --sensitivity: data, all_int8_sqnr_db, layers [{layer, alone_sqnr_db}], most sensitive first
     sensitivity: dict[str, Any] | None = None
+    # SmoothQuant: alpha (list), layers, default (how many by qlin's default), data (what the
+    # factors came from), folded (compressed-tensors: layers folded into a norm; else None)
+    smoothing: dict[str, Any] | None = None
+    embeddings: tuple[EmbeddingResult, ...] = ()  # with `embeddings`: one per nn.Embedding
 
     @property
     def title(self) -> str:
         return f"qlin quantize {self.source} -> {self.output}"
-
-    def warnings(self) -> list[str]:
-        return [f"warning: {n}" for n in self.notes]
 
     def totals(self) -> dict[str, Any]:
         quantized = [r for r in self.layers if r.status == "quantized"]
@@ -189,6 +191,9 @@ class QuantizeReport(_Report):
             "size_int8_bytes": self.size_int8_bytes,
             "compression": self.size_float_bytes / self.size_int8_bytes,
             "kernels": dict(sorted(kernels.items())),
+            "embeddings_quantized": sum(e.entry.quantized for e in self.embeddings),
+            "embedding_bytes_float": sum(e.bytes_float for e in self.embeddings),
+            "embedding_bytes_int8": sum(e.bytes_int8 for e in self.embeddings),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,6 +201,7 @@ class QuantizeReport(_Report):
             "source": self.source, "source_kind": self.source_kind, "output": self.output, "format": self.format,
             "config": self.config.to_dict(), "device": self.device, "calibration": self.calibration,
             "layers": [_row_dict(r) for r in self.layers], "probe": self.probe, "fallback": self.fallback,
+            "smoothing": self.smoothing, "embeddings": [e.to_dict() for e in self.embeddings],
             **({} if self.sensitivity is None else {"sensitivity": self.sensitivity}),
             "totals": self.totals(), "warnings": list(self.notes),
         }
@@ -221,6 +227,15 @@ class QuantizeReport(_Report):
                           f"{r.input_scale:.3g} (z={r.input_zero_point})" if r.input_scale is not None else "-"]
             note = layer_note(r.status, r.plan.reason, r.kernel, r.kernel_reason, r.batch_invariant)
             rows.append((*cells, f"{r.bytes_float:,} -> {r.bytes_int8:,}", note))
+        for e in self.embeddings:  # the same columns: an int8 table per row is weight-only, gathered
+            d, n = e.to_dict(), e.entry.num_embeddings
+            cells = [e.entry.name, fmt([n, e.entry.embedding_dim]), fmt([n]) if e.entry.quantized else "-"]
+            cells += ["8" if e.entry.quantized else "-"] if low_bit else []
+            cells += ["gather" if e.entry.quantized else "float", fmt(d["weight_sqnr_db"])]
+            cells += ["-"] if calibrated else []
+            cells += ["-", "-"] if static else []
+            note = "nn.Embedding, int8 per row" if e.entry.quantized else f"nn.Embedding: {e.entry.reason}"
+            rows.append((*cells, f"{e.bytes_float:,} -> {e.bytes_int8:,}", note))
         numeric = frozenset(c for c in cols if "SQNR" in c or "bytes" in c or "input" in c)
         tables = [Table(self.title, tuple(cols), tuple(rows), numeric)]
         s = self.sensitivity
@@ -241,7 +256,9 @@ class QuantizeReport(_Report):
         lines = [
             f"layers: {t['layers_quantized']} of {t['layers_total']} quantized, {t['layers_skipped']} kept float",
             f"file size: {t['size_float_bytes']:,} -> {t['size_int8_bytes']:,} bytes ({size}); "
-            f"Linear weights: {t['linear_bytes_float']:,} -> {t['linear_bytes_int8']:,} bytes",
+            f"Linear weights: {t['linear_bytes_float']:,} -> {t['linear_bytes_int8']:,} bytes"
+            + (f"; embeddings ({t['embeddings_quantized']} of {len(self.embeddings)} int8 per row): "
+               f"{t['embedding_bytes_float']:,} -> {t['embedding_bytes_int8']:,} bytes" if self.embeddings else ""),
         ]
         if probe.get("sqnr_db") is not None:
             lines.append(
@@ -250,6 +267,15 @@ class QuantizeReport(_Report):
             )
         else:
             lines.append(f"model output: not measured ({probe.get('note', '')})")
+        sm = self.smoothing
+        if sm is not None:
+            alpha = ", ".join(f"{a:g}" for a in sm["alpha"])
+            by_default = f", {sm['default']} by default (--no-smooth turns it off)" if sm["default"] else ""
+            line = f"SmoothQuant alpha {alpha} on {sm['layers']} layers{by_default}, factors from {sm['data']}"
+            if sm["folded"] is not None:
+                line += (f"; compressed-tensors: folded into the norm before {sm['folded']} of them, the other "
+                         f"{sm['layers'] - sm['folded']} exported without it (see each layer's note)")
+            lines.append(line)
         fb = self.fallback
         if fb is not None:
             lines.append(
@@ -257,6 +283,16 @@ class QuantizeReport(_Report):
                 + "".join(f"; {st['layer']} {st.get('to', 'float')} -> {st['sqnr_db_after']:.2f} dB" for st in fb["steps"])
             )
         return lines
+
+    def warnings(self) -> list[str]:
+        """The notes (e.g. a skip pattern that matches no layer), and a note when `auto` kept layers
+        in float for speed (the file is then barely smaller)."""
+        lines = [f"warning: {n}" for n in self.notes]
+        slow = [r for r in self.layers if r.status != "quantized" and r.plan.reason.startswith(KEPT_FOR_SPEED)]
+        if not slow:
+            return lines
+        return lines + [f"note: {len(slow)} of {len(self.layers)} Linear layers are too small for int8 to be faster than "
+                f"float and were kept float (kernel auto); an explicit --kernel (e.g. fbgemm) quantizes every layer"]
 
 
 @dataclass
@@ -432,7 +468,8 @@ class InspectReport(_Report):
     @property
     def title(self) -> str:
         what = "" if self.kind == "qlin" else f" ({self.kind} folder qlin wrote)"
-        return f"{self.path}{what}: {len(self.layers)} Linear layers"
+        tables = sum(r.get("kind") == "embedding" for r in self.layers)
+        return f"{self.path}{what}: {len(self.layers) - tables} Linear layers" + (f", {tables} embeddings" if tables else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -450,9 +487,12 @@ class InspectReport(_Report):
         for r in self.layers:
             name = r["name"] or "(root)"
             if r["status"] != "quantized":
-                rows.append((name, fmt(r["weight_shape"]), *["-"] * 7, f"float: {r['reason']}"))
+                why = r["reason"] if r["reason"].startswith(KEPT_FOR_SPEED) else f"float: {r['reason']}"
+                rows.append((name, fmt(r["weight_shape"]), *["-"] * 7, why))
                 continue
             notes = [layer_note(r["status"], r["reason"], r["kernel"], r["kernel_reason"], r["batch_invariant"])]
+            if r.get("kind") == "embedding":
+                notes.append("nn.Embedding, int8 per row")
             if r["mode"] == "static":
                 notes.append(f"static input scale {r['input_scale']:.3g}, zero point {r['input_zero_point']} ({r['observer']})")
             if r["smooth"] is not None:

@@ -184,8 +184,9 @@ def quantize_once(folder: Path, *options: str) -> Path:
 
 @pytest.fixture(scope="module")
 def digits_q(tmp_path_factory) -> Path:
-    """digits_mlp.pt quantized with the default options."""
-    return quantize_once(tmp_path_factory.mktemp("digits_q"))
+    """digits_mlp.pt quantized with the default options and the int8 kernel named (`auto` keeps
+    layers this small float)."""
+    return quantize_once(tmp_path_factory.mktemp("digits_q"), "--kernel", "fbgemm")
 
 
 def mlp_with(layer: int, param: str, index: tuple[int, ...], value: float) -> torch.nn.Sequential:

@@ -114,7 +114,7 @@ def test_broken_safetensors_entry_point_has_no_traceback(case, command, tmp_path
 def test_non_finite_weights_name_the_layer(layer, param, index, value, phrase, tmp_path, capsys):
     torch.save(mlp_with(layer, param, index, value), tmp_path / "bad.pt")
     before = files_in(tmp_path)
-    code, stdout, stderr = cli(capsys, "quantize", tmp_path / "bad.pt", "-o", tmp_path / "out.safetensors")
+    code, stdout, stderr = cli(capsys, "quantize", tmp_path / "bad.pt", "-o", tmp_path / "out.safetensors", "--kernel", "fbgemm")
     assert code == 1 and stdout == ""
     assert phrase in assert_one_error_line(stderr)
     assert files_in(tmp_path) == before
@@ -122,7 +122,7 @@ def test_non_finite_weights_name_the_layer(layer, param, index, value, phrase, t
 
 def test_non_finite_weights_entry_point(tmp_path):
     torch.save(mlp_with(2, "weight", (0, 0), float("nan")), tmp_path / "nan.pt")
-    proc = subprocess_qlin("quantize", "nan.pt", cwd=tmp_path)  # default output beside the input
+    proc = subprocess_qlin("quantize", "nan.pt", "--kernel", "fbgemm", cwd=tmp_path)  # default output beside the input
     assert proc.returncode == 1 and proc.stdout == ""
     assert "layer '2': weight has 1 non-finite" in assert_one_error_line(proc.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]

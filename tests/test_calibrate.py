@@ -20,9 +20,9 @@ def calib():
 
 def test_static_needs_calibration_data():
     with pytest.raises(ConfigError, match="static mode needs calibration data: pass `calib`"):
-        quantize_model(load_digits_mlp(), QuantConfig(mode="static"))
+        quantize_model(load_digits_mlp(), QuantConfig(kernel="fbgemm", mode="static"))
     with pytest.raises(ConfigError, match="SmoothQuant"):
-        quantize_model(load_digits_mlp(), QuantConfig(smooth=0.5))
+        quantize_model(load_digits_mlp(), QuantConfig(kernel="fbgemm", smooth=0.5))
 
 
 def test_hooks_are_removed_even_when_the_forward_fails():
@@ -33,14 +33,14 @@ def test_hooks_are_removed_even_when_the_forward_fails():
             model(torch.randn(2, 3))  # wrong input size
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
     with pytest.raises(InputError, match="do not fit the model during calibration"):
-        planned = make_plan(model, QuantConfig(mode="static", skip=["^4$"])).quantized
+        planned = make_plan(model, QuantConfig(kernel="fbgemm", mode="static", skip=["^4$"])).quantized
         assert [e.name for e in planned] == list(layers)
         calibrate(model, planned, torch.randn(8, 3))
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
 
 
 def test_static_file_round_trip_is_bit_identical(tmp_path, calib, digits_test, device):
-    config = QuantConfig(mode="static", smooth=0.5, observer="percentile")
+    config = QuantConfig(kernel="fbgemm", mode="static", smooth=0.5, observer="percentile")
     model = load_encoder()
     result = quantize_model(model, config, calib=calib, device=device)
     path = save_quantized(result, tmp_path / "s.safetensors")
@@ -91,7 +91,7 @@ def test_static_mode_is_batch_invariant(kernel, calib, digits_test):
 def test_calibration_memory_is_bounded(calib):
     model = load_digits_mlp()
     big = calib.repeat(8, 1)  # 2048 samples
-    planned = make_plan(model, QuantConfig(mode="static", observer="mse", skip=["^[24]$"])).quantized
+    planned = make_plan(model, QuantConfig(kernel="fbgemm", mode="static", observer="mse", skip=["^[24]$"])).quantized
     (stats,) = calibrate(model, planned, big, batch_size=64)
     assert stats.sample.shape[0] <= SAMPLE_ROWS and stats.input_qparams is not None
 
@@ -127,7 +127,7 @@ def test_smoothquant_clearly_improves_static_int8_on_activation_outliers():
     scores = {}
     for smooth in (None, 0.5):
         m = _outlier_model_and_data()[0]
-        quantize_model(m, QuantConfig(mode="static", smooth=smooth), calib=calib)
+        quantize_model(m, QuantConfig(kernel="fbgemm", mode="static", smooth=smooth), calib=calib)
         with torch.no_grad():
             scores[smooth] = sqnr_db(ref, m(test))
     assert scores[0.5] > scores[None] + 6.0, scores

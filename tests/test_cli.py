@@ -38,6 +38,7 @@ DIGITS_LAYERS = ["0", "2", "4"]
 DIGITS_SHAPES = [[256, 64], [256, 256], [10, 256]]
 
 QUANTIZE_KEYS = {"source", "output", "config", "layers", "totals", "probe"}
+INT8 = ("--kernel", "fbgemm")  # the sample models' layers are under the size `auto` quantizes
 EVAL_KEYS = {
     "sqnr_db", "cosine", "max_abs_err", "mse", "top1_agreement", "accuracy_float", "accuracy_int8",
     "latency_float_ms", "latency_int8_ms", "speedup", "size_float_bytes", "size_int8_bytes",
@@ -95,10 +96,11 @@ def _isolate(isolate_imports):
 
 @pytest.fixture(scope="module")
 def digits_q(tmp_path_factory) -> Path:
-    """digits_mlp.pt quantized with the default options, written once for the module."""
+    """digits_mlp.pt quantized as the quick start does (the default options, the int8 kernel
+    named), written once for the module."""
     out = tmp_path_factory.mktemp("digits_q") / "digits_mlp.int8.safetensors"
     with pytest.raises(SystemExit) as exc:
-        main(["quantize", str(DIGITS_PT), "-o", str(out)])
+        main(["quantize", str(DIGITS_PT), "-o", str(out), *INT8])
     assert exc.value.code in (0, None)
     assert out.is_file()
     return out
@@ -107,9 +109,29 @@ def digits_q(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- quantize
 
 
-def test_quantize_pickled_module_json(tmp_path, capsys):
+def test_auto_keeps_layers_too_small_for_int8_float_and_says_so(tmp_path, capsys):
+    """Issue 18, item 1: `auto` keeps a dynamic layer under 131,072 weights float, decided when
+    quantizing (the file records it), so the table shows what runs: float, with the reason and
+    the shape as (out, in); the summary counts them and a note says how to quantize them."""
     out = tmp_path / "q.safetensors"
-    code, stdout, stderr = cli(capsys, "quantize", DIGITS_PT, "-o", out, "--json")
+    r = cli_json(capsys, "quantize", DIGITS_PT, "-o", out)
+    assert [(l["status"], l["kernel"]) for l in r["layers"]] == [("skipped", None)] * 3
+    for layer, shape in zip(r["layers"], ("(256, 64)", "(256, 256)", "(10, 256)")):
+        assert layer["reason"] == (f"kept float for speed: a dynamic int8 layer under 131,072 weights is slower than "
+                                   f"float on CPU {shape}; an explicit --kernel (e.g. fbgemm) quantizes it anyway")
+    assert r["probe"]["sqnr_db"] == "inf"  # all float: the output is the float one
+    plan = json.loads(metadata(out)["plan"])
+    assert [e["status"] for e in plan] == ["skipped"] * 3 and plan[0]["reason"].startswith("kept float for speed")
+    code, stdout, stderr = cli(capsys, "quantize", DIGITS_PT, "-o", out, "--force")
+    assert code == 0 and "layers: 0 of 3 quantized, 3 kept float" in stdout and "dequant" not in stdout
+    assert stderr.strip() == ("note: 3 of 3 Linear layers are too small for int8 to be faster than float and were kept "
+                              "float (kernel auto); an explicit --kernel (e.g. fbgemm) quantizes every layer")
+
+
+def test_quantize_pickled_module_json(tmp_path, capsys):
+    """The quick start: the int8 kernel named, so the sample model's small layers are quantized."""
+    out = tmp_path / "q.safetensors"
+    code, stdout, stderr = cli(capsys, "quantize", DIGITS_PT, "-o", out, "--json", *INT8)
     assert code == 0, stderr
     r = json.loads(stdout)
     assert QUANTIZE_KEYS <= set(r)
@@ -118,8 +140,8 @@ def test_quantize_pickled_module_json(tmp_path, capsys):
     assert r["source_kind"] == "pickled module"
     assert r["config"] == {
         "mode": "dynamic", "granularity": "channel", "bits": 8, "group_size": None, "symmetric": True,
-        "act_granularity": "token", "kernel": "auto", "skip": [], "observer": "minmax", "weight_observer": "minmax",
-        "percentile": 99.99, "smooth": None, "layers": [],
+        "act_granularity": "token", "kernel": "fbgemm", "skip": [], "observer": "minmax", "weight_observer": "minmax",
+        "percentile": 99.99, "smooth": None, "layers": [], "embeddings": False,
     }
     assert [l["name"] for l in r["layers"]] == DIGITS_LAYERS
     assert [l["weight_shape"] for l in r["layers"]] == DIGITS_SHAPES
@@ -127,7 +149,7 @@ def test_quantize_pickled_module_json(tmp_path, capsys):
     for layer in r["layers"]:
         assert layer["status"] == "quantized"
         assert layer["granularity"] == "channel" and layer["symmetric"] is True
-        assert layer["kernel"] in ("int_mm", "fbgemm", "weight_only", "dequant")
+        assert layer["kernel"] in ("int_mm", "fbgemm")  # int_mm: fbgemm's fallback without VNNI
         assert layer["weight_sqnr_db"] > 30
         assert layer["bytes_int8"] < layer["bytes_float"] / 3
     t = r["totals"]
@@ -155,7 +177,7 @@ def test_quantize_pickled_module_json(tmp_path, capsys):
 
 def test_quantize_without_json_prints_table_and_writes_file(tmp_path, capsys):
     out = tmp_path / "q.safetensors"
-    code, stdout, stderr = cli(capsys, "quantize", DIGITS_PT, "-o", out)
+    code, stdout, stderr = cli(capsys, "quantize", DIGITS_PT, *INT8, "-o", out)
     assert code == 0, stderr
     assert out.is_file()
     for phrase in ("weight shape", "scale shape", "(256, 64)", "(10,)", "smaller", f"wrote {out}"):
@@ -164,7 +186,7 @@ def test_quantize_without_json_prints_table_and_writes_file(tmp_path, capsys):
 
 def test_quantize_granularity_tensor(tmp_path, capsys):
     out = tmp_path / "q.safetensors"
-    r = cli_json(capsys, "quantize", DIGITS_PT, "-o", out, "--granularity", "tensor")
+    r = cli_json(capsys, "quantize", DIGITS_PT, *INT8, "-o", out, "--granularity", "tensor")
     assert r["config"]["granularity"] == "tensor"
     assert [l["scale_shape"] for l in r["layers"]] == [[], [], []]
     assert [l["granularity"] for l in r["layers"]] == ["tensor"] * 3
@@ -191,7 +213,7 @@ def test_quantize_state_dict_with_module_factory(tmp_path, capsys, monkeypatch):
     out = tmp_path / "enc.safetensors"
     r = cli_json(
         capsys, "quantize", "sample_models/encoder.safetensors", "--model", "sample_models.encoder:build",
-        "--inputs", "sample_models/digits_test.safetensors", "-o", out,
+        "--inputs", "sample_models/digits_test.safetensors", "-o", out, *INT8,
     )
     assert r["source_kind"] == "safetensors state dict"
     assert r["totals"]["layers_quantized"] == 10 == len(r["layers"])
@@ -243,7 +265,7 @@ def test_quantize_weight_only(tmp_path, capsys):
 
 def test_quantize_asymmetric_has_nonzero_zero_points(tmp_path, capsys):
     out = tmp_path / "q.safetensors"
-    r = cli_json(capsys, "quantize", DIGITS_PT, "-o", out, "--asymmetric")
+    r = cli_json(capsys, "quantize", DIGITS_PT, *INT8, "-o", out, "--asymmetric")
     assert r["config"]["symmetric"] is False
     assert [l["symmetric"] for l in r["layers"]] == [False] * 3
     ts = tensors(out)
@@ -267,7 +289,7 @@ def test_quantize_kernel_fbgemm(tmp_path, capsys):
 
 def test_quantize_skip_regex(tmp_path, capsys):
     out = tmp_path / "q.safetensors"
-    r = cli_json(capsys, "quantize", DIGITS_PT, "-o", out, "--skip", "^2$")
+    r = cli_json(capsys, "quantize", DIGITS_PT, *INT8, "-o", out, "--skip", "^2$")
     by_name = {l["name"]: l for l in r["layers"]}
     assert by_name["2"]["status"] == "skipped"
     assert "^2$" in by_name["2"]["reason"]
@@ -281,13 +303,13 @@ def test_quantize_skip_regex(tmp_path, capsys):
 
 
 def test_quantize_skip_is_repeatable(tmp_path, capsys):
-    r = cli_json(capsys, "quantize", DIGITS_PT, "-o", tmp_path / "q.safetensors", "--skip", "^0$", "--skip", "^4$")
+    r = cli_json(capsys, "quantize", DIGITS_PT, *INT8, "-o", tmp_path / "q.safetensors", "--skip", "^0$", "--skip", "^4$")
     assert [l["status"] for l in r["layers"]] == ["skipped", "quantized", "skipped"]
     assert r["config"]["skip"] == ["^0$", "^4$"]
 
 
 def test_quantize_config_recipe(tmp_path, capsys):
-    r = cli_json(capsys, "quantize", DIGITS_PT, "-o", tmp_path / "q.safetensors",
+    r = cli_json(capsys, "quantize", DIGITS_PT, *INT8, "-o", tmp_path / "q.safetensors",
                  "--config", CONFIGS / "per-tensor.toml")
     assert r["config"]["granularity"] == "tensor"
     assert r["config"]["act_granularity"] == "tensor"
@@ -298,7 +320,7 @@ def test_quantize_flag_overrides_recipe(tmp_path, capsys):
     r = cli_json(capsys, "quantize", DIGITS_PT, "-o", tmp_path / "a.safetensors",
                  "--config", CONFIGS / "weight-only.toml")
     assert r["config"]["mode"] == "weight-only"
-    r = cli_json(capsys, "quantize", DIGITS_PT, "-o", tmp_path / "b.safetensors",
+    r = cli_json(capsys, "quantize", DIGITS_PT, *INT8, "-o", tmp_path / "b.safetensors",
                  "--config", CONFIGS / "weight-only.toml", "--mode", "dynamic")
     assert r["config"]["mode"] == "dynamic"
     assert r["config"]["granularity"] == "channel"  # from the recipe
@@ -309,7 +331,7 @@ def test_quantize_recipe_with_unknown_key(tmp_path, capsys):
     recipe = tmp_path / "bad.toml"
     recipe.write_text('mode = "dynamic"\ngranularity = "channel"\nbogus = 3\n')
     out = tmp_path / "q.safetensors"
-    code, stdout, stderr = cli(capsys, "quantize", DIGITS_PT, "-o", out, "--config", recipe)
+    code, stdout, stderr = cli(capsys, "quantize", DIGITS_PT, *INT8, "-o", out, "--config", recipe)
     assert code == 1
     line = assert_one_error_line(stderr)
     assert f"{recipe}:3" in line and "'bogus'" in line
@@ -319,7 +341,7 @@ def test_quantize_recipe_with_unknown_key(tmp_path, capsys):
 
 def test_quantize_report_json_and_markdown(tmp_path, capsys):
     report = tmp_path / "report.json"
-    code, stdout, stderr = cli(capsys, "quantize", DIGITS_PT, "-o", tmp_path / "q.safetensors",
+    code, stdout, stderr = cli(capsys, "quantize", DIGITS_PT, *INT8, "-o", tmp_path / "q.safetensors",
                                "--report", report, "--json")
     assert code == 0, stderr
     data = json.loads(report.read_text())
@@ -334,7 +356,7 @@ def test_quantize_report_json_and_markdown(tmp_path, capsys):
 
 def test_quantize_report_with_md_suffix_is_not_half_done(tmp_path, capsys):
     out, report = tmp_path / "q.safetensors", tmp_path / "r.md"
-    code, _, stderr = cli(capsys, "quantize", DIGITS_PT, "-o", out, "--report", report)
+    code, _, stderr = cli(capsys, "quantize", DIGITS_PT, *INT8, "-o", out, "--report", report)
     if code == 0:  # accepted: then the twin is real Markdown and the JSON went somewhere else
         assert report.read_text().startswith("# qlin quantize report")
     else:  # refused: one line, before anything was written
@@ -346,7 +368,7 @@ def test_quantize_report_with_md_suffix_is_not_half_done(tmp_path, capsys):
 def test_quantize_is_deterministic(tmp_path, capsys):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     for out in (a, b):
-        cli_json(capsys, "quantize", DIGITS_PT, "-o", out, "--asymmetric", "--skip", "^4$")
+        cli_json(capsys, "quantize", DIGITS_PT, *INT8, "-o", out, "--asymmetric", "--skip", "^4$")
     assert a.read_bytes() == b.read_bytes()
 
 
@@ -449,7 +471,7 @@ def test_inspect_qlin_file_table(digits_q, capsys):
 
 def test_inspect_shows_skipped_layers(tmp_path, capsys):
     out = tmp_path / "q.safetensors"
-    cli_json(capsys, "quantize", DIGITS_PT, "-o", out, "--skip", "^4$", "--granularity", "tensor")
+    cli_json(capsys, "quantize", DIGITS_PT, *INT8, "-o", out, "--skip", "^4$", "--granularity", "tensor")
     layers = {l["name"]: l for l in cli_json(capsys, "inspect", out)["layers"]}
     assert layers["4"]["status"] == "skipped" and "^4$" in layers["4"]["reason"]
     assert layers["0"]["scale_shape"] == layers["0"]["zero_point_shape"] == []
@@ -859,7 +881,7 @@ def test_entry_point_debug_shows_traceback(tmp_path):
 
 def test_entry_point_quantize_json_clean_streams(tmp_path):
     out = tmp_path / "q.safetensors"
-    proc = subprocess_qlin("quantize", DIGITS_PT, "-o", out, "--json")
+    proc = subprocess_qlin("quantize", DIGITS_PT, "-o", out, "--json", *INT8)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no warnings, no progress bar when stderr is not a terminal
     assert json.loads(proc.stdout)["output"] == str(out)

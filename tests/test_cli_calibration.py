@@ -42,7 +42,7 @@ ENCODER_LAYERS["head"] = 128
 DIGITS_LAYERS = {"0": 64, "2": 256, "4": 256}
 
 ENCODER = [ENCODER_SD, "--model", ENCODER_MODEL]
-STATIC = ["--mode", "static", "--calib", CALIB]
+STATIC = ["--mode", "static", "--calib", CALIB, "--kernel", "fbgemm"]  # a kernel named: auto keeps layers this small float
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -250,7 +250,7 @@ def test_calib_as_pt_file_gives_the_same_file(fmt, mlp_static, tmp_path, capsys,
     path = tmp_path / "calib.pt"
     torch.save(calib if fmt == "pt tensor" else {"inputs": calib}, path)
     out = tmp_path / "q.safetensors"
-    code, _, err = cli(capsys, "quantize", DIGITS_PT, "--mode", "static", "--calib", path, "-o", out)
+    code, _, err = cli(capsys, "quantize", DIGITS_PT, *STATIC[:2], "--calib", path, *STATIC[4:], "-o", out)
     assert code == 0, err
     assert out.read_bytes() == mlp_static[1].read_bytes()
 
@@ -261,7 +261,7 @@ def test_calib_as_pt_file_gives_the_same_file(fmt, mlp_static, tmp_path, capsys,
 # name -> (options after the encoder source, exit code, phrases in the error line)
 OPTION_ERRORS = {
     "static without --calib": (["--mode", "static"], 1, ["static mode", "--calib"]),
-    "smooth without --calib": (["--smooth", "0.5"], 1, ["SmoothQuant", "--calib"]),
+    "smooth without --calib": (["--smooth", "0.5", "--kernel", "fbgemm"], 1, ["SmoothQuant", "--calib", "--inputs"]),
     "static smooth without --calib": (["--mode", "static", "--smooth", "0.5"], 1, ["--calib"]),
     "smooth above 1": ([*STATIC, "--smooth", "1.5"], 1, ["smooth", "1.5", "(0, 1]"]),
     "smooth 0": ([*STATIC, "--smooth", "0"], 1, ["smooth", "(0, 1]"]),
@@ -288,8 +288,8 @@ def test_option_errors(case, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left
 
 
-@pytest.mark.parametrize("mode", [["--mode", "static"], ["--mode", "dynamic"], ["--smooth", "0.5"]],
-                         ids=["static", "dynamic", "smooth"])
+@pytest.mark.parametrize("mode", [["--mode", "static"], ["--mode", "dynamic", "--kernel", "fbgemm"],
+                                  ["--smooth", "0.5", "--kernel", "fbgemm"]], ids=["static", "dynamic", "smooth"])
 def test_calibration_inputs_that_do_not_fit(mode, tmp_path, capsys):
     bad = tmp_path / "calib.safetensors"
     save_file({"inputs": torch.randn(10, 7)}, bad)
@@ -302,9 +302,9 @@ def test_calibration_inputs_that_do_not_fit(mode, tmp_path, capsys):
 
 
 NAN_CASES = [
-    pytest.param(["--mode", "static"], id="static"),
-    pytest.param(["--mode", "dynamic", "--smooth", "0.5"], id="dynamic-smooth"),
-    pytest.param(["--mode", "dynamic"], id="dynamic"),
+    pytest.param(["--mode", "static", "--kernel", "fbgemm"], id="static"),
+    pytest.param(["--mode", "dynamic", "--smooth", "0.5", "--kernel", "fbgemm"], id="dynamic-smooth"),
+    pytest.param(["--mode", "dynamic", "--kernel", "fbgemm"], id="dynamic"),
     pytest.param(["--mode", "weight-only"], id="weight-only"),
 ]
 
@@ -393,7 +393,7 @@ def test_weight_observer_reaches_the_weights(tmp_path, capsys):
     zps = {}
     for obs in ("minmax", "absmax"):
         out = tmp_path / f"{obs}.safetensors"
-        cli_json(capsys, "quantize", DIGITS_PT, "--asymmetric", "--weight-observer", obs, "-o", out)
+        cli_json(capsys, "quantize", DIGITS_PT, "--asymmetric", "--weight-observer", obs, "--kernel", "fbgemm", "-o", out)
         assert [e["weight_observer"] for e in read_qfile(out).plan.to_list()] == [obs] * 3
         zps[obs] = torch.cat([tensors(out)[f"{n}.weight_zero_point"] for n in DIGITS_LAYERS])
     assert int((zps["minmax"] != 0).sum()) > 100
@@ -504,10 +504,13 @@ def test_static_smooth_is_deterministic(smooth_run, tmp_path, capsys):
 # ----------------------------------------------------------------------------- dynamic mode with data
 
 
-def test_dynamic_with_calib_only_measures(tmp_path, capsys):
+def test_dynamic_with_calib_and_no_smooth_only_measures(tmp_path, capsys):
+    """With --no-smooth, dynamic mode's calibration data only measures each layer (by default it
+    also gives SmoothQuant its factors: tests/test_default_smooth.py)."""
     with_data, without = tmp_path / "with.safetensors", tmp_path / "without.safetensors"
-    r = cli_json(capsys, "quantize", *ENCODER, "--mode", "dynamic", "--calib", CALIB, "-o", with_data)
-    r0 = cli_json(capsys, "quantize", *ENCODER, "--mode", "dynamic", "-o", without)
+    fbgemm = ("--kernel", "fbgemm", "--no-smooth")
+    r = cli_json(capsys, "quantize", *ENCODER, "--mode", "dynamic", "--calib", CALIB, *fbgemm, "-o", with_data)
+    r0 = cli_json(capsys, "quantize", *ENCODER, "--mode", "dynamic", *fbgemm, "-o", without)
     assert r["calibration"] == {"file": str(CALIB), "samples": 256, "batch_size": 32, "used_for": "measuring the first batch"}
     assert r0["calibration"] is None
     for row, row0 in zip(r["layers"], r0["layers"]):

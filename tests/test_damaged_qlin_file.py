@@ -46,7 +46,7 @@ pytestmark = pytest.mark.usefixtures("isolate_imports")
 def digits_static(tmp_path_factory) -> Path:
     """digits_mlp.pt quantized in static mode with SmoothQuant."""
     return quantize_once(tmp_path_factory.mktemp("digits_static"), "--mode", "static", "--smooth", "0.5",
-                          "--calib", str(SAMPLES / "digits_calib.safetensors"))
+                          "--calib", str(SAMPLES / "digits_calib.safetensors"), "--kernel", "fbgemm")
 
 
 def _add_ghost_layer(plan: list[dict]) -> list[dict]:
@@ -94,7 +94,7 @@ QLIN_MISMATCHES = {
     "plan size negative": (dict(plan=_set_plan("4", out_features=-10)), "layer '4' has shape (-10, 256)"),
     "plan size a string": (dict(plan=_set_plan("4", in_features="256")), "has no valid 'in_features'"),
     "NaN scale": (dict(tensors={"0.weight_scale": _nan_scale}), "not finite and positive"),
-    "format version 3": (dict(meta={"format_version": "3"}), "format version 3; this qlin reads up to 2: upgrade qlin"),
+    "format version 4": (dict(meta={"format_version": "4"}), "format version 4; this qlin reads up to 3: upgrade qlin"),
     "format version not a number": (dict(meta={"format_version": "one"}), "format_version 'one' is not a number"),
     "format version 0": (dict(meta={"format_version": "0"}), "format_version 0 is not valid"),
     "config missing": (dict(meta={"config": None}), "metadata has no 'config'"),
@@ -135,7 +135,7 @@ def test_qlin_file_that_disagrees_with_itself(case, command, request, tmp_path, 
 
 
 def test_inspect_json_of_a_bad_qlin_file_prints_nothing_on_stdout(digits_q, tmp_path, capsys):
-    bad = tamper(digits_q, tmp_path / "bad.safetensors", meta={"format_version": "3"})
+    bad = tamper(digits_q, tmp_path / "bad.safetensors", meta={"format_version": "4"})
     code, stdout, stderr = cli(capsys, "inspect", bad, "--json")
     assert code == 1 and stdout == ""
     assert "upgrade qlin" in assert_one_error_line(stderr)
@@ -154,11 +154,11 @@ def test_stray_float_tensor_is_shown_by_inspect_and_refused_by_eval(digits_q, tm
     assert "does not fit the model" in line and "1 unexpected" in line and "'extra.weight'" in line
 
 
-def test_format_version_3_is_refused_by_the_entry_point(digits_q, tmp_path):
-    bad = tamper(digits_q, tmp_path / "v2.safetensors", meta={"format_version": "3"})
+def test_format_version_4_is_refused_by_the_entry_point(digits_q, tmp_path):
+    bad = tamper(digits_q, tmp_path / "v2.safetensors", meta={"format_version": "4"})
     proc = subprocess_qlin("inspect", bad, cwd=tmp_path)
     assert proc.returncode == 1 and proc.stdout == ""
-    assert "format version 3; this qlin reads up to 2: upgrade qlin" in assert_one_error_line(proc.stderr)
+    assert "format version 4; this qlin reads up to 3: upgrade qlin" in assert_one_error_line(proc.stderr)
 
 
 # ============================================================================= 2. fuzzing
@@ -172,9 +172,9 @@ def _tiny() -> nn.Sequential:
 # the files mutated: the default scheme, and one with every optional tensor (static input
 # scale and zero point, SmoothQuant scales) and per-tensor asymmetric weights
 FUZZ_BASES = {
-    "dynamic": lambda: qlin_cli.QuantConfig(),
+    "dynamic": lambda: qlin_cli.QuantConfig(kernel="fbgemm"),  # a kernel named: auto keeps layers this small float
     "static-smooth-tensor-asym": lambda: qlin_cli.QuantConfig(mode="static", smooth=0.5, granularity="tensor",
-                                                               symmetric=False),
+                                                               symmetric=False, kernel="fbgemm"),
 }
 
 

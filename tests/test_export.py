@@ -31,6 +31,7 @@ from qlin_cli.primitives import dequantize
 from qlin_cli.qlinear import QuantizedLinear
 
 VOCAB, TOKENS = 128, 12
+INT8 = ("--kernel", "int_mm")  # these models' layers are under the size `auto` quantizes
 
 
 def _ct():
@@ -68,6 +69,8 @@ def _quantized(folder, inputs, config: QuantConfig | None = None, **options):
     from qlin_cli.hf import load_hf_folder
 
     source = load_hf_folder(folder)
+    if config is None and "kernel" not in options and QuantConfig(**options).mode != "weight-only":
+        options["kernel"] = "int_mm"  # the tiny models' layers are under the size `auto` quantizes
     config = config or QuantConfig(**options)
     calib = load_file(inputs) if config.mode == "static" else None
     return quantize_model(source.model, config, calib=calib), source
@@ -101,7 +104,8 @@ def _cosine(a, b) -> float:
 def test_cli_writes_a_compressed_tensors_folder(llama, tmp_path, capsys):
     folder, inputs = llama
     out = tmp_path / "ct"
-    report = cli_json(capsys, "quantize", folder, "--format", "compressed-tensors", "-o", out, "--inputs", inputs)
+    report = cli_json(capsys, "quantize", folder, "--format", "compressed-tensors", "-o", out, "--inputs", inputs, *INT8,
+                      "--no-smooth")  # the layout of the plain export: norms as in the source (folding: test_default_smooth.py)
     assert report["format"] == "compressed-tensors" and report["output"] == str(out)
     assert report["probe"]["cosine"] > 0.99
     assert sorted(p.name for p in out.iterdir()) == [
@@ -262,7 +266,7 @@ def test_transformers_loads_it_and_weights_equal_qlins(llama, tmp_path, config):
 def test_mixed_schemes_get_one_group_each(llama, tmp_path):
     folder, inputs = llama
     # static attention, weight-only MLPs, one layer float
-    recipe = QuantConfig(mode="static", layers=({"match": r"\.mlp\.", "mode": "weight-only"},
+    recipe = QuantConfig(mode="static", kernel="int_mm", layers=({"match": r"\.mlp\.", "mode": "weight-only", "kernel": "auto"},
                                                 {"match": r"layers\.0\.self_attn\.o_proj$", "skip": True}))
     result, _ = _quantized(folder, inputs, recipe)
     qc = quantization_config(result)
@@ -428,7 +432,7 @@ def test_folders_qlin_cannot_read_say_why(llama_both, tmp_path, capsys):
 
 def test_non_hf_source_gets_a_minimal_config(tmp_path, capsys):
     out = tmp_path / "digits-ct"
-    cli_json(capsys, "quantize", SAMPLES / "digits_mlp.pt", "--format", "compressed-tensors", "-o", out)
+    cli_json(capsys, "quantize", SAMPLES / "digits_mlp.pt", "--format", "compressed-tensors", "-o", out, *INT8)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert list(config) == ["quantization_config"]
@@ -436,7 +440,7 @@ def test_non_hf_source_gets_a_minimal_config(tmp_path, capsys):
     tensors = load_file(out / "model.safetensors")
     assert sorted(tensors) == sorted(f"{i}.{s}" for i in "024" for s in ("weight", "weight_scale", "bias"))
     float_model = load_digits_mlp()
-    ours = _qlin_weights(quantize_model(float_model, QuantConfig()).model)
+    ours = _qlin_weights(quantize_model(float_model, QuantConfig(kernel="int_mm")).model)
     for i in "024":
         w = tensors[f"{i}.weight"].float() * tensors[f"{i}.weight_scale"]
         assert torch.equal(w, ours[i])
@@ -445,7 +449,7 @@ def test_non_hf_source_gets_a_minimal_config(tmp_path, capsys):
 def test_same_input_same_bytes(llama, tmp_path, capsys):
     folder, inputs = llama
     for name in ("a", "b"):
-        cli_json(capsys, "quantize", folder, "--format", "compressed-tensors", "-o", tmp_path / name)
+        cli_json(capsys, "quantize", folder, "--format", "compressed-tensors", "-o", tmp_path / name, *INT8)
     for f in (tmp_path / "a").iterdir():
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
 
@@ -454,7 +458,7 @@ def test_default_output_folder(llama, tmp_path, capsys):
     folder, _ = llama
     copy = tmp_path / "tiny.llama"
     shutil.copytree(folder, copy)
-    report = cli_json(capsys, "quantize", copy, "--format", "compressed-tensors")
+    report = cli_json(capsys, "quantize", copy, "--format", "compressed-tensors", *INT8)
     assert report["output"] == str(tmp_path / "tiny.llama-int8-compressed-tensors")
 
 
@@ -469,7 +473,7 @@ def _error(capsys, *args) -> str:
 def test_existing_output_needs_force_and_is_replaced_whole(tmp_path, capsys):
     out = tmp_path / "ct"
     args = ("quantize", SAMPLES / "digits_mlp.pt", "--format", "compressed-tensors", "-o", out)
-    cli_json(capsys, *args)
+    cli_json(capsys, *args, *INT8)
     (out / "stale.txt").write_text("from before")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert "exists; pass --force" in _error(capsys, *args, "--mode", "weight-only")
@@ -503,11 +507,16 @@ def test_refuses_the_source_folder_as_output(llama, tmp_path, capsys):
     assert sorted(p.name for p in copy.iterdir()) == before
 
 
-def test_smoothquant_is_refused(tmp_path, capsys):
-    msg = _error(capsys, "quantize", SAMPLES / "digits_mlp.pt", "--format", "compressed-tensors", "-o", tmp_path / "ct",
-                 "--smooth", "0.5", "--calib", SAMPLES / "digits_calib.safetensors")
-    assert "SmoothQuant" in msg
-    assert not (tmp_path / "ct").exists()
+def test_smoothquant_without_a_norm_to_fold_into_is_left_out_and_said(tmp_path, capsys):
+    """The format cannot divide by SmoothQuant's factors inside the kernel; the MLP has no norm to
+    fold them into, so they are left out (tests/test_default_smooth.py folds them into a Llama's
+    norms), and the report says so, per layer and in the summary."""
+    code, out, err = cli(capsys, "quantize", SAMPLES / "digits_mlp.pt", "--format", "compressed-tensors", "-o",
+                         tmp_path / "ct", "--smooth", "0.5", "--calib", SAMPLES / "digits_calib.safetensors", *INT8)
+    assert code == 0, err
+    assert "exported without SmoothQuant: its input does not come straight from a LayerNorm/RMSNorm" in out
+    assert "compressed-tensors: folded into the norm before 0 of them, the other 3 exported without it" in out
+    assert not [k for k in load_file(tmp_path / "ct" / "model.safetensors") if "smooth" in k]
 
 
 def test_unknown_format_is_a_usage_error(tmp_path, capsys):
@@ -748,7 +757,7 @@ def test_mixed_int8_and_grouped_layers(llama128, tmp_path):
     each group's scheme (transformers' dequantize=True reads every layer with the first group's
     scheme, so a mixed model loads compressed)."""
     folder, inputs = llama128
-    recipe = QuantConfig(layers=({"match": r"\.mlp\.", "bits": 4, "group_size": 32},))
+    recipe = QuantConfig(kernel="int_mm", layers=({"match": r"\.mlp\.", "bits": 4, "group_size": 32, "kernel": "auto"},))
     result, _ = _quantized(folder, inputs, recipe)
     qc = quantization_config(result)
     assert qc["format"] == "mixed-precision"
@@ -835,7 +844,7 @@ def test_conv1d_layers_are_refused():
     tf = _transformers()
     cfg = tf.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=1, n_head=4)
     torch.manual_seed(0)
-    result = quantize_model(tf.GPT2LMHeadModel(cfg).eval(), QuantConfig())
+    result = quantize_model(tf.GPT2LMHeadModel(cfg).eval(), QuantConfig(kernel="int_mm"))
     with pytest.raises(ConfigError, match="layer 'transformer.h.0.attn.c_attn' is a transformers Conv1D"):
         check_exportable(result.plan)
 

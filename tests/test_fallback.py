@@ -23,11 +23,11 @@ def data():
 def test_fallback_reaches_the_target_on_the_sample_encoder(data, tmp_path):
     calib, test = data
     reference = model_output(load_encoder(), test, 64)
-    all_int8 = quantize_to_target(load_encoder(), QuantConfig(mode="static"), min_sqnr_db=0.0, eval_inputs=test, calib=calib)
+    all_int8 = quantize_to_target(load_encoder(), QuantConfig(kernel="fbgemm", mode="static"), min_sqnr_db=0.0, eval_inputs=test, calib=calib)
     initial = all_int8.fallback["initial_sqnr_db"]
     assert all_int8.fallback["steps"] == [] and len(all_int8.quantized) == 10
     target = initial + 2.0
-    result = quantize_to_target(load_encoder(), QuantConfig(mode="static"), min_sqnr_db=target, eval_inputs=test, calib=calib)
+    result = quantize_to_target(load_encoder(), QuantConfig(kernel="fbgemm", mode="static"), min_sqnr_db=target, eval_inputs=test, calib=calib)
     fb = result.fallback
     assert fb["initial_sqnr_db"] == pytest.approx(initial)
     assert fb["steps"] and fb["final_sqnr_db"] >= target
@@ -54,7 +54,7 @@ def test_impossible_target_writes_nothing(tmp_path):
     out = tmp_path / "x.safetensors"
     with pytest.raises(ConfigError, match="cannot be met with any layer in int8"):
         quantize_checkpoint(
-            SAMPLES / "encoder.safetensors", QuantConfig(), QuantizeOptions(
+            SAMPLES / "encoder.safetensors", QuantConfig(kernel="fbgemm"), QuantizeOptions(
                 output=out, model="sample_models.encoder:build", calib=SAMPLES / "digits_calib.safetensors",
                 min_sqnr=300.0,
             ),

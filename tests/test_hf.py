@@ -84,7 +84,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 ])
 def test_cli_quantize_and_eval_a_folder(folders, tmp_path, capsys, name, compared):
     out = tmp_path / "m.int8.safetensors"
-    report = cli_json(capsys, "quantize", folders[name], "-o", out, "--inputs", folders["inputs"])
+    report = cli_json(capsys, "quantize", folders[name], "-o", out, "--inputs", folders["inputs"], "--kernel", "fbgemm")
     assert report["source_kind"].startswith("Hugging Face folder")
     assert report["probe"]["compared"] == compared
     assert report["probe"]["cosine"] > 0.99
@@ -97,7 +97,7 @@ def test_cli_quantize_and_eval_a_folder(folders, tmp_path, capsys, name, compare
 
 def test_default_probe_is_random_token_ids(folders, tmp_path, capsys):
     report = cli_json(capsys, "quantize", folders["bert"], "-o", tmp_path / "b.safetensors")
-    assert "random token ids (8, 16)" in report["probe"]["description"]
+    assert "random token ids (32, 16)" in report["probe"]["description"]
     assert report["probe"]["cosine"] > 0.99
 
 
@@ -117,7 +117,7 @@ def test_api_reload_into_a_fresh_model_is_bit_identical(folders, tmp_path, name)
     source = load_source(folders[name])
     with torch.no_grad():
         reference = source.model(**inputs)[0]
-    result = quantize_model(source.model, QuantConfig())
+    result = quantize_model(source.model, QuantConfig(kernel="fbgemm"))
     path = save_quantized(result, tmp_path / "q.safetensors", source_sha256=source.sha256)
     with torch.no_grad():
         quantized = result.model(**inputs)[0]
@@ -129,7 +129,7 @@ def test_api_reload_into_a_fresh_model_is_bit_identical(folders, tmp_path, name)
     assert torch.equal(quantized, again)
     # the same input gives the same bytes
     source2 = load_source(folders[name])
-    path2 = save_quantized(quantize_model(source2.model, QuantConfig()), tmp_path / "q2.safetensors",
+    path2 = save_quantized(quantize_model(source2.model, QuantConfig(kernel="fbgemm")), tmp_path / "q2.safetensors",
                            source_sha256=source2.sha256)
     assert path.read_bytes() == path2.read_bytes()
 
@@ -194,7 +194,7 @@ def test_tied_head_stays_float_and_tied(folders, tmp_path):
     model = source.model
     assert model.lm_head.weight is model.model.embed_tokens.weight
     embedding = model.model.embed_tokens.weight.detach().clone()
-    result = quantize_model(model, QuantConfig())
+    result = quantize_model(model, QuantConfig(kernel="fbgemm"))
     head = next(r for r in result.layers if r.name == "lm_head")
     assert head.status == "skipped" and head.plan.reason == "weight tied to model.embed_tokens"
     assert len(result.quantized) == 14  # every other Linear
@@ -206,7 +206,7 @@ def test_tied_head_stays_float_and_tied(folders, tmp_path):
 
 
 def test_untied_head_is_quantized(folders):
-    result = quantize_model(load_source(folders["llama-bin"]).model, QuantConfig())
+    result = quantize_model(load_source(folders["llama-bin"]).model, QuantConfig(kernel="fbgemm"))
     assert len(result.quantized) == 15 and not [r for r in result.layers if r.status != "quantized"]
 
 
@@ -222,7 +222,7 @@ def test_tied_linear_without_transformers_is_skipped_too():
         def forward(self, ids):
             return self.head(self.body(self.emb(ids)))
 
-    result = quantize_model(Tiny(), QuantConfig())
+    result = quantize_model(Tiny(), QuantConfig(kernel="fbgemm"))
     assert {r.name: r.plan.reason for r in result.layers} == {"body": "", "head": "weight tied to emb"}
 
 

@@ -327,7 +327,7 @@ def test_sigterm_during_the_write_cleans_up_like_ctrl_c(signum, out_format, tmp_
     signal, sent to a process, is in test_interrupts.py)."""
     monkeypatch.setattr(qlin_cli.files, "os", ModuleWith(os, fsync=_terminate_on("fsync", signum)))
     out = tmp_path / ("out.safetensors" if out_format == "qlin" else "out-ct")
-    code, stdout, err = cli(capsys, "quantize", DIGITS_PT, "-o", out, "--format", out_format)
+    code, stdout, err = cli(capsys, "quantize", DIGITS_PT, "-o", out, "--format", out_format, "--kernel", "fbgemm")
     assert code == 128 + signum and stdout == ""
     assert err.strip() == f"interrupted ({signal.Signals(signum).name})"
     assert list(tmp_path.iterdir()) == []  # no .tmp file or folder
@@ -435,7 +435,7 @@ def test_out_of_range_numbers_are_one_line_errors(tmp_path, capsys):
 
 
 def test_a_backtracking_skip_pattern_runs_in_linear_time(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "qlin_cli", "quantize", str(DIGITS_PT), "-o", str(tmp_path / "q.safetensors"),
+    p = subprocess.run([sys.executable, "-m", "qlin_cli", "quantize", str(DIGITS_PT), "--kernel", "fbgemm", "-o", str(tmp_path / "q.safetensors"),
                         "--skip", "(.*.*)*X", "--skip", "(a|aa)+$", "--json"],
                        capture_output=True, text=True, env=qlin_env(), timeout=90)  # backtracking: never ends
     assert p.returncode == 0, p.stderr

@@ -35,7 +35,7 @@ def page(tmp_path_factory):
     test = load_file(SAMPLES / "digits_test.safetensors")["inputs"][:32]
     save_file({"inputs": test}, root / "eval.safetensors")
     report = quantize_checkpoint(
-        SAMPLES / "encoder.safetensors", QuantConfig(mode="static"),
+        SAMPLES / "encoder.safetensors", QuantConfig(mode="static", kernel="fbgemm"),
         QuantizeOptions(output=root / "e.safetensors", model="sample_models.encoder:build", report=root / "r.html",
                         calib=SAMPLES / "digits_calib.safetensors", calib_samples=32,
                         eval_inputs=root / "eval.safetensors", min_sqnr=50.0),

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from qlin_cli.kernels import (
     INT_MM_RULES, SMALL_LAYER, IntMMRules, KernelChoice, _fbgemm_reduce_range, _fbgemm_unusable, _onednn_missing,
-    pack, select_kernel,
+    kept_float_for_speed, pack, select_kernel,
 )
 from qlin_cli.primitives import choose_qparams, dequantize, quantize, quantize_activations, sqnr_db
 from qlin_cli.scheme import PER_CHANNEL, PER_TENSOR, LayerScheme
@@ -167,22 +167,26 @@ def test_auto_selection_table():
     assert _select() == _select()  # deterministic
 
 
-def test_auto_keeps_small_layers_in_float_on_cpu():
-    """Below SMALL_LAYER weights int8 loses to float on CPU (benchmarks/RESULTS.md): auto keeps a
-    float matmul there and says why; an explicit request, another device or weight-only mode
-    still get their int8 kernel. The rule depends on the shape alone, never on the batch."""
+def test_small_layers_are_kept_float_at_plan_time_never_by_the_loading_machine():
+    """Below SMALL_LAYER weights int8 loses to float on CPU (benchmarks/RESULTS.md): `auto` keeps
+    such a layer float, decided from its shape and scheme alone (the plan records it), and says
+    why with the shape as (out, in). Kernel selection, which runs on the loading machine, never
+    swaps a dynamic or static layer to a float matmul: every machine quantizes its activations."""
+    dynamic = LayerScheme()
     for k, n in [(64, 32), (128, 512), (512, 255)]:
-        c = _select(in_features=k, out_features=n)
-        assert (c.name, c.batch_invariant, c.fallback) == ("dequant", False, False)
-        assert c.reason.startswith("auto: kept in float") and f"{k}x{n}" in c.reason
+        why = kept_float_for_speed(dynamic, k, n)
+        assert why.startswith("kept float for speed") and f"({n}, {k})" in why and "131,072" in why
+        for device in ("cpu", "cuda"):
+            c = _select(in_features=k, out_features=n, device=device)
+            assert c.name != "dequant" and c.batch_invariant, (k, n, device)
     assert SMALL_LAYER == {"dynamic": 128 * 1024, "static": 64 * 1024}
-    assert _select(in_features=256, out_features=512).name != "dequant"  # exactly SMALL_LAYER weights
-    static = dict(mode="static", act_granularity="tensor")
-    assert _select(in_features=255, out_features=256, **static).name == "dequant"
-    assert _select(in_features=256, out_features=256, **static).name != "dequant"
-    assert _select(in_features=64, out_features=32, request="fbgemm").name == "fbgemm"
-    assert _select(in_features=64, out_features=32, request="int_mm").name == "int_mm"
-    assert _select(in_features=64, out_features=32, device="cuda").name == "int_mm"
+    assert kept_float_for_speed(dynamic, 256, 512) is None  # exactly SMALL_LAYER weights
+    static = LayerScheme(mode="static")
+    assert "65,536" in kept_float_for_speed(static, 255, 256) and kept_float_for_speed(static, 256, 256) is None
+    for request in ("onednn", "fbgemm", "int_mm"):  # an explicit request quantizes any size
+        assert kept_float_for_speed(LayerScheme(kernel=request), 64, 32) is None
+    for scheme in (LayerScheme(mode="weight-only"), LayerScheme(bits=4, group_size=32)):  # no activation cost
+        assert kept_float_for_speed(scheme, 64, 32) is None
     assert _select(in_features=64, out_features=32, mode="weight-only", act_granularity=None).name == "weight_only"
 
 

@@ -24,11 +24,11 @@ def test_plan_finds_every_linear_once_with_aliases_and_reasons():
         ("attn.out_proj", []),
     ]
     assert found[0][1] is model.shared and found[-1][3] is model.attn  # the module, its parent
-    plan = make_plan(model, QuantConfig())
+    plan = make_plan(model, QuantConfig(kernel="fbgemm"))
     by_name = {e.name: e for e in plan.entries}
     assert list(by_name) == [name for name, *_ in found]  # module order
     assert by_name["shared"].aliases == ("heads.b",) and by_name["shared"].paths == ["shared", "heads.b"]
-    assert by_name["shared"].status == "quantized" and by_name["shared"].scheme == LayerScheme()
+    assert by_name["shared"].status == "quantized" and by_name["shared"].scheme == LayerScheme(kernel="fbgemm")
     assert by_name["scaled"].status == "quantized" and "affine map of ScaledLinear" in by_name["scaled"].reason
     # the plan holds no module: float layers free as they are swapped
     assert not any(isinstance(v, nn.Module) for e in plan.entries for v in vars(e).values())
@@ -54,7 +54,7 @@ def test_affine_subclasses_are_planned_as_their_effective_map(cls):
     x = torch.randn(64, 32)
     with torch.no_grad():
         assert sqnr_db(layer(x), surrogate(x)) > 80  # the subclass's own function, to float rounding
-    entry = make_plan(nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 4)), QuantConfig()).entries[0]
+    entry = make_plan(nn.Sequential(layer, nn.ReLU(), nn.Linear(16, 4)), QuantConfig(kernel="fbgemm")).entries[0]
     assert entry.status == "quantized" and entry.reason == note and entry.has_bias
     assert torch.equal(effective_linear(layer, "0").weight, surrogate.weight)  # measured again, the same
     assert effective_linear(plain := nn.Linear(8, 4), "p") is plain
@@ -66,20 +66,20 @@ def test_non_affine_subclass_is_kept_float_with_the_reason():
     model = nn.Sequential(SquashLinear(8, 8), nn.Linear(8, 2))
     surrogate, why = affine_surrogate(model[0])
     assert surrogate is None and "not affine (an affine fit gives" in why
-    plan = make_plan(model, QuantConfig())
+    plan = make_plan(model, QuantConfig(kernel="fbgemm"))
     assert [e.status for e in plan.entries] == ["skipped", "quantized"]
     assert plan.entries[0].reason == why and plan.entries[0].scheme is None
 
 
 def test_skip_patterns_keep_layers_float():
-    plan = make_plan(load_digits_mlp(), QuantConfig(skip=(r"^4$",)))
+    plan = make_plan(load_digits_mlp(), QuantConfig(kernel="fbgemm", skip=(r"^4$",)))
     assert [e.status for e in plan.entries] == ["quantized", "quantized", "skipped"]
     assert plan.entries[2].reason == "matches --skip '^4$'" and plan.entries[2].scheme is None
 
 
 def test_model_without_linear_is_an_error():
     with pytest.raises(InputError, match="no nn.Linear layer"):
-        make_plan(nn.Sequential(nn.ReLU()), QuantConfig())
+        make_plan(nn.Sequential(nn.ReLU()), QuantConfig(kernel="fbgemm"))
     with pytest.raises(InputError, match="no nn.Linear layer"):
         quantize_model(nn.Sequential(nn.ReLU()))
 
@@ -95,19 +95,19 @@ def test_tied_weights_and_non_float_weights_stay_float():
             self.counts = nn.Linear(8, 2, dtype=torch.float32)
             self.counts.weight = nn.Parameter(torch.ones(2, 8, dtype=torch.int32), requires_grad=False)
 
-    plan = make_plan(Tiny(), QuantConfig())
+    plan = make_plan(Tiny(), QuantConfig(kernel="fbgemm"))
     assert {e.name: (e.status, e.reason) for e in plan.entries} == {
         "body": ("quantized", ""), "head": ("skipped", "weight tied to emb"),
         "counts": ("skipped", "weight dtype torch.int32 is not a float dtype"),
     }
     # one module used at two paths is not a tie: it is quantized once, with an alias
     shared = nn.Linear(4, 4)
-    plan = make_plan(nn.Sequential(shared, nn.ReLU(), shared), QuantConfig())
+    plan = make_plan(nn.Sequential(shared, nn.ReLU(), shared), QuantConfig(kernel="fbgemm"))
     assert [(e.name, e.aliases, e.status) for e in plan.entries] == [("0", ("2",), "quantized")]
 
 
 def test_recipe_rules_apply_per_layer():
-    config = QuantConfig(mode="static", layers=[{"match": "^4$", "skip": True}, {"match": "^2$", "mode": "dynamic"}])
+    config = QuantConfig(kernel="fbgemm", mode="static", layers=[{"match": "^4$", "skip": True}, {"match": "^2$", "mode": "dynamic"}])
     plan = make_plan(load_digits_mlp(), config)
     modes = [(e.name, e.status, e.scheme and e.scheme.mode) for e in plan.entries]
     assert modes == [("0", "quantized", "static"), ("2", "quantized", "dynamic"), ("4", "skipped", None)]
@@ -115,13 +115,13 @@ def test_recipe_rules_apply_per_layer():
     assert [e.scheme for e in plan.entries[:2]] == [config.for_layer("0"), config.for_layer("2")]
     assert plan.entries[0].scheme is config.scheme and plan.entries[1].scheme.act_granularity is not None
     assert plan.calibration_need() == "static mode"
-    smooth = make_plan(load_digits_mlp(), QuantConfig(layers=[{"match": "^2$", "smooth": 0.5}]))
+    smooth = make_plan(load_digits_mlp(), QuantConfig(kernel="fbgemm", layers=[{"match": "^2$", "smooth": 0.5}]))
     assert smooth.calibration_need() == "SmoothQuant (`smooth`)"
     assert [e.scheme.smooth for e in smooth.entries] == [None, 0.5, None]
 
 
 def test_plan_round_trips_through_its_file_form():
-    plan = make_plan(Net().eval(), QuantConfig(skip=("heads",)))
+    plan = make_plan(Net().eval(), QuantConfig(kernel="fbgemm", skip=("heads",)))
     back = Plan.from_list(plan.to_list())
     assert back == plan  # the surrogate is not part of the file's plan (nor of equality)
     assert [e.status for e in back.entries].count("skipped") == 2  # heads.a and attn.out_proj
@@ -134,3 +134,14 @@ def test_swap_module_replaces_by_path_and_the_root():
     new = nn.Identity()
     assert swap_module(model, "1.0", new) is model and model[1][0] is new
     assert swap_module(model, "", new) is new
+
+
+def test_auto_keeps_small_layers_float_in_the_plan_itself():
+    """Issue 18, item 1: the speed decision is the plan's (from shape and scheme only), so the file
+    records it and no loading machine can change what a layer computes. A subclass that is not
+    affine keeps its own reason; weight-only and named kernels are not affected."""
+    model = nn.Sequential(nn.Linear(256, 511), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 16))
+    plan = make_plan(model, QuantConfig(layers=[{"match": "^4$", "mode": "weight-only"}]))
+    assert [e.status for e in plan.entries] == ["skipped", "quantized", "quantized"]  # 130,816 < 2**17 <= 131,072
+    assert plan.entries[0].reason.startswith("kept float for speed") and "(511, 256)" in plan.entries[0].reason
+    assert [e.status for e in make_plan(model, QuantConfig(kernel="int_mm")).entries] == ["quantized"] * 3

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +16,14 @@ from qlin_cli.errors import FormatError, OutputError
 from qlin_cli.files import write_atomic
 from qlin_cli.qfile import FORMAT_VERSION
 
+# the encoder's layers are under the size `auto` quantizes (all but fc1/fc2 kept float for speed):
+# most configs name the kernel
 CONFIGS = [
     QuantConfig(),
-    QuantConfig(granularity="tensor", symmetric=False),
+    QuantConfig(granularity="tensor", symmetric=False, kernel="fbgemm"),
     QuantConfig(kernel="fbgemm"),
     QuantConfig(mode="weight-only", symmetric=False),
-    QuantConfig(skip=("fc1",)),
+    QuantConfig(skip=("fc1",), kernel="int_mm"),
 ]
 
 
@@ -39,7 +42,7 @@ def test_round_trip_is_bit_identical(config, tmp_path, digits_test, device):
 
 
 def test_layout_matches_the_design(tmp_path):
-    result = quantize_model(load_encoder(), QuantConfig(skip=("head",)))
+    result = quantize_model(load_encoder(), QuantConfig(skip=("head",), kernel="fbgemm"))
     path = save_quantized(result, tmp_path / "e.safetensors", source_name="encoder.safetensors", source_sha256="00")
     tensors = load_file(path)
     assert tensors["blocks.0.fc1.weight"].dtype == torch.int8 and tensors["blocks.0.fc1.weight"].shape == (512, 128)
@@ -51,17 +54,18 @@ def test_layout_matches_the_design(tmp_path):
     assert tensors["pos_embed"].shape == (8, 128) and tensors["norm.weight"].dtype == torch.float32
     with safe_open(path, "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "qlin" and meta["format_version"] == str(FORMAT_VERSION)
+    assert meta["format"] == "qlin" and meta["format_version"] == "2"  # 3 only with int8 embeddings
+    assert FORMAT_VERSION == 3
     assert meta["source_name"] == "encoder.safetensors" and meta["torch_version"] == torch.__version__
     assert {"qlin_version", "source_sha256", "config", "plan"} <= set(meta)
     plan = {e["name"]: e for e in json.loads(meta["plan"])}
     assert plan["head"]["status"] == "skipped" and "head" in plan["head"]["reason"]
-    assert plan["embed"]["granularity"] == "channel" and plan["embed"]["kernel_request"] == "auto"
+    assert plan["embed"]["granularity"] == "channel" and plan["embed"]["kernel_request"] == "fbgemm"
     assert json.loads(meta["config"])["skip"] == ["head"]
 
 
 def test_per_tensor_scales_are_scalars(tmp_path):
-    result = quantize_model(load_digits_mlp(), QuantConfig(granularity="tensor"))
+    result = quantize_model(load_digits_mlp(), QuantConfig(granularity="tensor", kernel="fbgemm"))
     tensors = load_file(save_quantized(result, tmp_path / "m.safetensors"))
     assert tensors["0.weight_scale"].shape == () and tensors["0.weight_zero_point"].shape == ()
 
@@ -69,7 +73,7 @@ def test_per_tensor_scales_are_scalars(tmp_path):
 def test_same_input_gives_byte_identical_files(tmp_path):
     digests = set()
     for i in range(2):
-        result = quantize_model(load_encoder(), QuantConfig())
+        result = quantize_model(load_encoder(), QuantConfig(kernel="fbgemm"))
         path = save_quantized(result, tmp_path / f"{i}.safetensors", source_name="e", source_sha256="x")
         digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
     assert len(digests) == 1
@@ -94,7 +98,7 @@ def test_no_overwrite_without_force_and_no_temp_files(tmp_path):
 @pytest.fixture(scope="module")
 def good_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("q") / "good.safetensors"
-    return save_quantized(quantize_model(load_digits_mlp()), path)
+    return save_quantized(quantize_model(load_digits_mlp(), QuantConfig(kernel="fbgemm")), path)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +111,7 @@ def good_file(tmp_path_factory):
         (dict(drop=("0.bias",)), r"layer '0': bias missing"),
         (dict(tensors={"9.weight_scale": torch.ones(3)}), r"9.weight_scale belongs to no quantized layer"),
         (dict(tensors={"0.weight_scale": torch.zeros(256)}), r"not finite and positive"),
-        (dict(meta={"format_version": "3"}), r"format version 3; this qlin reads up to 2: upgrade"),
+        (dict(meta={"format_version": "4"}), r"format version 4; this qlin reads up to 3: upgrade"),
         (dict(meta={"format": "other"}), r"not a qlin file"),
         (dict(meta={"plan": "[{"}), r"metadata config/plan is invalid"),
         (dict(meta={"config": '{"mode": "int4"}'}), r"metadata config/plan is invalid"),
@@ -242,3 +246,32 @@ def test_load_packs_on_threads_with_the_same_results(tmp_path, digits_test):
     pack_all(layers)  # one worker per torch thread; with 1 thread the plain loop
     with torch.inference_mode():
         assert torch.equal(pooled(inputs[:64]), single(inputs[:64]))
+
+
+def test_a_file_from_an_earlier_qlin_runs_the_int8_kernel_its_plan_names(digits_test):
+    """Issue 18, item 1: an earlier qlin marked `auto` layers under 2**17 weights quantized and ran
+    them in float on a CPU that loaded the file (51.95 dB with auto against 44.98 dB with
+    --kernel fbgemm on the sample MLP). Such a file still loads; now every machine runs what its
+    plan says, int8 activations, which is what a file made with the int8 kernel named computes,
+    and `inspect` reports that kernel."""
+    from qlin_cli.api import inspect_path
+    from qlin_cli.primitives import sqnr_db
+    from qlin_cli.qlinear import QuantizedLinear
+
+    old = Path(__file__).parent / "data" / "digits_mlp.v1.dynamic.safetensors"
+    loaded = load_quantized(load_digits_mlp(), old)
+    kernels = {m.kernel.name for m in loaded.modules() if isinstance(m, QuantizedLinear)}
+    assert len(kernels) == 1 and kernels <= {"onednn", "fbgemm", "int_mm"}
+    assert {row["kernel"] for row in inspect_path(old).layers} == kernels
+    from qlin_cli.primitives import dequantize
+
+    named = quantize_model(load_digits_mlp(), QuantConfig(kernel="fbgemm")).model
+    float_matmul = load_digits_mlp()  # what the earlier qlin ran: the dequantized weights in float
+    for i in (0, 2, 4):
+        q = loaded[i]
+        float_matmul[i].weight.data = dequantize(q.weight, q.weight_scale, q.weight_zero_point)
+    x = digits_test[0]
+    with torch.no_grad():
+        got = loaded(x)
+        assert sqnr_db(named(x), got) > 90  # the same int8 codes: equal to float rounding
+        assert sqnr_db(float_matmul(x), got) < 60  # activations quantized: not the float matmul

@@ -111,6 +111,8 @@ def test_state_dict_is_exactly_the_files_tensors(name, tmp_path):
     s = SCHEMES[name]
     model = nn.Sequential(linear(64, 32))
     calib = inputs(40, 64)
+    if s.mode != "weight-only":  # a kernel named: `auto` keeps a layer this small float
+        s = s.with_changes(kernel="int_mm")
     result = quantize_model(model, QuantConfig(s), calib=calib)
     q = model[0]
     assert isinstance(q, QuantizedLinear)
@@ -199,8 +201,13 @@ def test_nd_inputs_give_nd_outputs_row_for_row(name):
     assert q(inputs(2, 1, 4, IN)).shape == (2, 1, 4, OUT)
 
 
-def test_nd_inputs_on_the_float_fallback_kernel():
-    q = QuantizedLinear.from_float(linear(32, 16), LayerScheme()).pack()  # small: auto keeps a float matmul
+def test_nd_inputs_on_the_float_fallback_kernel(monkeypatch):
+    import qlin_cli.qlinear
+    from qlin_cli.kernels import KernelChoice
+
+    # weight-only mode's fallback where _weight_int8pack_mm cannot run (it can here)
+    monkeypatch.setattr(qlin_cli.qlinear, "select_kernel", lambda *a, **k: KernelChoice("dequant", "fallback: test", False))
+    q = QuantizedLinear.from_float(linear(32, 16), LayerScheme(mode="weight-only")).pack()
     assert q.kernel.name == "dequant"
     x = inputs(4, 6, 32)
     y = q(x)

@@ -16,14 +16,16 @@ from qlin_cli.plan import make_plan
 from qlin_cli.primitives import sqnr_db
 from qlin_cli.scheme import PER_CHANNEL, PER_TOKEN, LayerScheme
 
+INT8 = QuantConfig(kernel="fbgemm")  # these models' layers are under the size `auto` quantizes
+
 
 def test_swaps_every_plain_linear_and_skips_with_reasons(device):
     torch.manual_seed(0)
     model = Net().eval()
     x = torch.randn(2, 5, 16)
     ref = model(x)
-    plan = make_plan(model, QuantConfig())
-    result = quantize_model(model, QuantConfig(), device=device)
+    plan = make_plan(model, QuantConfig(kernel="fbgemm"))
+    result = quantize_model(model, QuantConfig(kernel="fbgemm"), device=device)
     assert result.plan == plan  # one record per plan entry, in order (test_plan.py checks the plan)
     by_name = {r.name: r for r in result.layers}
     assert set(by_name) == {"shared", "blocks.0.0", "blocks.0.2", "heads.a", "scaled", "attn.out_proj"}
@@ -34,7 +36,7 @@ def test_swaps_every_plain_linear_and_skips_with_reasons(device):
     assert by_name["attn.out_proj"].status == "skipped" and "MultiheadAttention" in by_name["attn.out_proj"].plan.reason
     assert type(model.attn.out_proj) is not QuantizedLinear and by_name["attn.out_proj"].kernel is None
     assert {r.name for r in result.quantized} == set(by_name) - {"attn.out_proj"}
-    assert all(r.kernel is not None and r.plan.scheme == QuantConfig().scheme for r in result.quantized)
+    assert all(r.kernel is not None and r.plan.scheme == QuantConfig(kernel="fbgemm").scheme for r in result.quantized)
     assert isinstance(model.blocks[0][2], QuantizedLinear) and model.blocks[0][2].bias is None
     y = model(x.to(device)).cpu()
     assert y.shape == ref.shape and sqnr_db(ref, y) > 30
@@ -52,7 +54,7 @@ def test_affine_subclasses_are_quantized_as_their_effective_map(cls, tmp_path):
     x = torch.randn(64, 32)
     with torch.no_grad():
         ref = model(x)
-        result = quantize_model(model)
+        result = quantize_model(model, INT8)
         out = model(x)
     rec = result.layers[0]
     assert rec.status == "quantized" and f"affine map of {cls.__name__}" in rec.plan.reason and rec.plan.has_bias
@@ -66,7 +68,7 @@ def test_affine_subclasses_are_quantized_as_their_effective_map(cls, tmp_path):
 
 def test_non_affine_subclass_is_left_in_place():
     model = nn.Sequential(SquashLinear(8, 8), nn.Linear(8, 2))
-    result = quantize_model(model)
+    result = quantize_model(model, INT8)
     assert result.layers[0].status == "skipped" and type(model[0]) is SquashLinear
     assert "not affine (an affine fit gives" in result.layers[0].plan.reason
     assert isinstance(model[1], QuantizedLinear)
@@ -74,7 +76,7 @@ def test_non_affine_subclass_is_left_in_place():
 
 def test_skipped_layers_stay_float_modules():
     model = load_digits_mlp()
-    result = quantize_model(model, QuantConfig(skip=(r"^4$",)))
+    result = quantize_model(model, QuantConfig(kernel="fbgemm", skip=(r"^4$",)))
     assert [r.status for r in result.layers] == ["quantized", "quantized", "skipped"]
     assert result.layers[2].plan.reason == "matches --skip '^4$'" and type(model[4]) is nn.Linear
     skipped = result.layers[2]
@@ -99,12 +101,12 @@ def test_non_finite_weight_names_the_layer():
     with torch.no_grad():
         model[1].weight[0, 0] = float("inf")
     with pytest.raises(InputError, match=r"layer '1': weight has 1 non-finite"):
-        quantize_model(model)
+        quantize_model(model, INT8)
 
 
 def test_bare_linear_root_is_returned_swapped():
     lin = nn.Linear(8, 4)
-    result = quantize_model(lin)
+    result = quantize_model(lin, INT8)
     assert isinstance(result.model, QuantizedLinear) and result.layers[0].name == ""
 
 
@@ -123,7 +125,8 @@ def test_quantized_linear_shapes_dtypes_and_nd_inputs():
 
 @pytest.mark.parametrize(
     "config",
-    [QuantConfig(), QuantConfig(granularity="tensor"), QuantConfig(kernel="fbgemm"), QuantConfig(mode="weight-only")],
+    [QuantConfig(kernel="onednn"), QuantConfig(kernel="int_mm", granularity="tensor"), QuantConfig(kernel="fbgemm"),
+     QuantConfig(mode="weight-only")],
     ids=["dynamic-channel", "dynamic-tensor", "fbgemm", "weight-only"],
 )
 def test_digits_int8_accuracy_within_one_point_of_float(config, digits_test):
@@ -142,7 +145,7 @@ def test_encoder_output_sqnr(digits_test):
     model = load_encoder()
     with torch.no_grad():
         ref = model(inputs)
-        quantize_model(model)
+        quantize_model(model, INT8)
         out = model(inputs)
     assert sqnr_db(ref, out) > 35
     assert torch.nn.functional.cosine_similarity(ref, out).mean() > 0.999
@@ -154,7 +157,7 @@ def test_recipe_rules_apply_per_layer(digits_test):
     from conftest import SAMPLES
 
     calib = load_file(SAMPLES / "digits_calib.safetensors")["inputs"]
-    config = QuantConfig(mode="static", layers=[{"match": "^4$", "skip": True}, {"match": "^2$", "mode": "dynamic"}])
+    config = QuantConfig(kernel="fbgemm", mode="static", layers=[{"match": "^4$", "skip": True}, {"match": "^2$", "mode": "dynamic"}])
     result = quantize_model(load_digits_mlp(), config, calib=calib)
     modes = [(r.name, r.status, r.plan.scheme and r.plan.scheme.mode) for r in result.layers]
     assert modes == [("0", "quantized", "static"), ("2", "quantized", "dynamic"), ("4", "skipped", None)]
@@ -165,8 +168,8 @@ def test_recipe_rules_apply_per_layer(digits_test):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(kernel="fbgemm"), QuantConfig(mode="weight-only")],
-                         ids=["dynamic", "fbgemm", "weight-only"])
+@pytest.mark.parametrize("config", [QuantConfig(kernel="int_mm"), QuantConfig(kernel="fbgemm"), QuantConfig(mode="weight-only")],
+                         ids=["int_mm", "fbgemm", "weight-only"])
 def test_half_precision_models_keep_their_dtype(dtype, config, tmp_path):
     from qlin_cli import load_quantized, save_quantized
 
@@ -195,7 +198,7 @@ def test_transposed_non_contiguous_weight():
     x = torch.randn(5, 24)
     ref = lin(x).detach()
     model = nn.Sequential(lin)
-    quantize_model(model)
+    quantize_model(model, INT8)
     assert sqnr_db(ref, model(x).detach()) > 35
 
 
@@ -208,7 +211,7 @@ def test_a_reused_plan_quantizes_subclasses_as_their_own_function():
     x = torch.randn(16, 256)
     with torch.no_grad():
         ref = first(x)
-    r1 = quantize_model(first, QuantConfig())
-    r2 = quantize_model(again, QuantConfig(), plan=r1.plan)
+    r1 = quantize_model(first, QuantConfig(kernel="fbgemm"))
+    r2 = quantize_model(again, QuantConfig(kernel="fbgemm"), plan=r1.plan)
     with torch.no_grad():
         assert sqnr_db(ref, r2.model(x)) > 30 and torch.equal(r1.model(x), r2.model(x))

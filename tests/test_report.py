@@ -113,20 +113,22 @@ def test_report_files_of_a_real_run(tmp_path):
     """quantize_checkpoint returns the report it writes: the .md file is to_markdown(report),
     with one row per Linear layer, and the JSON file is report.to_dict()."""
     out, path = tmp_path / "m.int8.safetensors", tmp_path / "report.json"
-    report = quantize_checkpoint(SAMPLES / "digits_mlp.pt", QuantConfig(skip=("2$",)),
+    report = quantize_checkpoint(SAMPLES / "digits_mlp.pt", QuantConfig(skip=("2$",), layers=[{"match": "^4$", "kernel": "fbgemm"}]),
                                  QuantizeOptions(output=out, report=path))
     assert isinstance(report, QuantizeReport)
     md = (tmp_path / "report.md").read_text()
     assert md == to_markdown(report)
     assert json.loads(path.read_text()) == json_safe(report.to_dict())
-    assert [(r.name, r.status) for r in report.layers] == [("0", "quantized"), ("2", "skipped"), ("4", "quantized")]
+    assert [(r.name, r.status) for r in report.layers] == [("0", "skipped"), ("2", "skipped"), ("4", "quantized")]
     for r in report.layers:
         assert md.count(f"| {r.name} |") == 1
         cells = next(line for line in md.splitlines() if line.startswith(f"| {r.name} |")).split(" | ")
         note = layer_note(r.status, r.plan.reason, r.kernel, r.kernel_reason, r.batch_invariant)
         assert cells[3] == (r.kernel or "float") and cells[-1] == f"{note} |"
-        if r.status == "skipped":
+        if r.name == "2":
             assert note == "matches --skip '2$'"
-        else:  # under 2**17 weights on CPU, auto keeps a float matmul: the note says why
-            assert r.kernel == "dequant" and note == f"{r.kernel_reason}; batch-dependent"
-            assert note.startswith("auto: kept in float")
+        elif r.name == "0":  # under 2**17 weights `auto` keeps it float, and the note says why, shape (out, in)
+            assert r.kernel is None and cells[3] == "float" and note.startswith("kept float for speed:") and "(256, 64)" in note
+        else:  # the kernel named by a rule: int8 whatever the size, nothing to note
+            assert r.kernel in ("fbgemm", "int_mm") and note == ("" if r.kernel == "fbgemm" else r.kernel_reason)
+    assert "- note: 1 of 3 Linear layers are too small for int8" in md
