@@ -128,6 +128,15 @@ class _Quiet:
             self.logging.enable_progress_bar()
 
 
+def _config_and_class(transformers, folder: Path):
+    """A folder's config, read by transformers offline, and the model class that loads it."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise InputError(f"{folder / CONFIG_NAME} cannot be read by transformers ({one_line(exc)})") from None
+    return config, _model_class(transformers, config, folder)
+
+
 def _model_class(transformers: Any, config: Any, folder: Path) -> Any:
     """The class named by config.architectures[0], or AutoModel when the config names none."""
     archs = getattr(config, "architectures", None) or []
@@ -187,11 +196,7 @@ def load_hf_folder(folder: str | Path, *, model: str | None = None) -> HFModel:
     _check_weights(weights)
     transformers = _import_transformers()
     with _Quiet(transformers):
-        try:
-            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        except Exception as exc:
-            raise InputError(f"{folder / CONFIG_NAME} cannot be read by transformers ({one_line(exc)})") from None
-        cls = _model_class(transformers, config, folder)
+        config, cls = _config_and_class(transformers, folder)
         try:
             built, info = cls.from_pretrained(folder, config=config, local_files_only=True, output_loading_info=True)
         except Exception as exc:
@@ -257,11 +262,7 @@ def hf_skeleton(folder: str | Path, *, model: str | None = None) -> HFSkeleton:
     weights = weight_files(folder)
     transformers = _import_transformers()
     with _Quiet(transformers):
-        try:
-            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        except Exception as exc:
-            raise InputError(f"{folder / CONFIG_NAME} cannot be read by transformers ({one_line(exc)})") from None
-        cls = _model_class(transformers, config, folder)
+        config, cls = _config_and_class(transformers, folder)
         try:
             from transformers.modeling_utils import _get_dtype  # what from_pretrained(dtype="auto") picks
 

@@ -307,7 +307,9 @@ def llama_both(llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("both")
     for out, fmt in ((root / "q.safetensors", "qlin"), (root / "ct", "compressed-tensors")):
         with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(io.StringIO()):
-            main(["quantize", str(folder), "-o", str(out), "--format", fmt, "--kernel", "int_mm"])
+            # --no-smooth: the export folds SmoothQuant into the norms, the qlin file divides in the
+            # kernel, so only unsmoothed runs give the same numbers both ways
+            main(["quantize", str(folder), "-o", str(out), "--format", fmt, "--kernel", "int_mm", "--no-smooth"])
         assert exc.value.code in (0, None)
     return folder, inputs, root / "q.safetensors", root / "ct"
 
@@ -360,10 +362,9 @@ def test_export_metadata_is_the_qlin_files(llama_both):
     """The export's qlin metadata is the qlin file's own: same format version, config, plan and
     ties (the tied head, stored once by both)."""
     from qlin_cli.export import QLIN_FORMAT_VERSION
-    from qlin_cli.qfile import FORMAT_VERSION
 
     _, _, qfile, ct = llama_both
-    assert QLIN_FORMAT_VERSION == FORMAT_VERSION
+    assert QLIN_FORMAT_VERSION == 2  # version 3 only adds int8 embedding tables, which the export refuses
     with safe_open(qfile, "pt") as f, safe_open(ct / "model.safetensors", "pt") as g:
         q, c = f.metadata(), g.metadata()
     assert (c["qlin_format_version"], c["qlin_config"], c["qlin_plan"], c["qlin_ties"]) == (

@@ -185,7 +185,8 @@ def test_meta_skeleton_errors_are_one_line(folders, tmp_path):
     config.intermediate_size = 96
     with empty_weights():
         other = transformers.AutoModel.from_config(config)
-    with pytest.raises(FormatError, match=r"the model has no nn.Linear 'encoder.layer.0.intermediate.dense' of shape \(128, 64\)"):
+    with pytest.raises(FormatError, match=r"the model has no nn.Linear 'encoder.layer.0.intermediate.dense' of shape \(128, 64\)"
+                       r"|does not fit the model: size mismatch for encoder.layer.0.intermediate.dense.weight"):
         load_quantized(other, path)
 
 
