@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import lowbit, native
 from .primitives import QMAX, QMIN, dequantize, quantize_activations, row_ranges
 from .scheme import LayerScheme
 
@@ -584,10 +584,8 @@ class _LowBit:
     channel is one group of K, per tensor one scale repeated per row. Rows are independent."""
 
     def __init__(self, weight, scale, zero_point, bias, dtype, bits: int, group_size: int | None):
-        from . import lowbit
-
         n, k = weight.shape
-        self.run = lowbit.lowbit_linear
+        self.run = lowbit.implementation()  # looked up once here, not at each call
         self.bits = 4 if bits == 4 else 8
         self.weight = lowbit.pack_int4(weight) if bits == 4 else weight.contiguous()
         self.group_size = k if group_size is None else group_size

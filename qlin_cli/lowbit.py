@@ -26,7 +26,10 @@ import torch.nn.functional as F
 from . import native, primitives
 from .primitives import packed_row_bytes
 
-__all__ = ["pack_bits", "unpack_bits", "pack_int4", "unpack_int4", "dequantize", "lowbit_linear_reference", "lowbit_linear"]
+__all__ = [
+    "pack_bits", "unpack_bits", "pack_int4", "unpack_int4", "dequantize", "lowbit_linear_reference", "implementation",
+    "lowbit_linear",
+]
 
 _EMPTY_F32 = torch.empty(0)
 _EMPTY_I8 = torch.empty(0, dtype=torch.int8)
@@ -130,6 +133,17 @@ def lowbit_linear_reference(x: torch.Tensor, w: torch.Tensor, bits: int, scale: 
     return F.linear(x, weight, bias if bias is not None and bias.numel() else None)
 
 
+def implementation():
+    """The function that computes `lowbit_linear` here, looked up once by a caller that packs a
+    layer: qlin's fused kernel where it is built (native.py; the reason it is not is said once),
+    else `lowbit_linear_reference`. Both take (x, w, bits, scale, zero_point, group_size, bias)
+    with an empty tensor for no zero point or no bias."""
+    kernels = native.load()
+    if kernels is None or not hasattr(kernels, "lowbit_linear"):
+        return lowbit_linear_reference
+    return kernels.lowbit_linear
+
+
 def lowbit_linear(x: torch.Tensor, w: torch.Tensor, bits: int, scale: torch.Tensor,
                   zero_point: torch.Tensor | None, group_size: int,
                   bias: torch.Tensor | None) -> torch.Tensor:
@@ -140,8 +154,5 @@ def lowbit_linear(x: torch.Tensor, w: torch.Tensor, bits: int, scale: torch.Tens
     w: uint8 (N, ceil(K/2)) packed 4-bit (bits=4) or int8 (N, K); scale float32 (N, ngroups);
     zero_point int8 (N, ngroups) or None/empty (symmetric); bias float32 (N,) or None.
     """
-    kernels = native.load()
-    if kernels is None or not hasattr(kernels, "lowbit_linear"):
-        return lowbit_linear_reference(x, w, bits, scale, zero_point, group_size, bias)
-    return kernels.lowbit_linear(x, w, bits, scale, _EMPTY_I8 if zero_point is None else zero_point,
-                                 group_size, _EMPTY_F32 if bias is None else bias)
+    return implementation()(x, w, bits, scale, _EMPTY_I8 if zero_point is None else zero_point,
+                            group_size, _EMPTY_F32 if bias is None else bias)
