@@ -602,6 +602,15 @@ def _loaded_row(rows: list[dict], method: str, batch: int) -> dict | None:
     return next((x for x in rows if x["method"] == method and x["batch"] == batch and "loaded" in x), None)
 
 
+def _loaded_rows(rows: list[dict], methods, batches):
+    """(method, batch, row) for each method and batch that has a loaded row."""
+    for meth in methods:
+        for b in batches:
+            r = _loaded_row(rows, meth, b)
+            if r is not None:
+                yield meth, b, r
+
+
 def load_markdown(rows: list[dict], load_args: dict) -> list[str]:
     """The --load tables of one model: every method quiet → loaded, then the issue-14 targets
     for the default and the forced oneDNN kernel."""
@@ -627,43 +636,35 @@ def load_markdown(rows: list[dict], load_args: dict) -> list[str]:
            f"{max(other, default=0):.2f} cores at most (rounds disturbed by them are set aside and redone).", ""]
     header = ["method", "batch", "median ms", "worst ms", "CPU ms / forward", "after ms", "forwards timed"]
     table = []
-    for meth in methods:
-        for b in batches:
-            r = _loaded_row(rows, meth, b)
-            if r is None:
-                continue
-            table.append([meth, b, _ql(r, "median_ms"), _ql(r, "worst_ms"), _ql(r, "cpu_ms"),
-                          f"{r['quiet'].get('cpu_tail_ms', 0):.1f} / {r['loaded'].get('cpu_tail_ms', 0):.1f}",
-                          f"{r['quiet'].get('calls', r['quiet']['samples'])} / {r['loaded'].get('calls', r['loaded']['samples'])}"])
+    for meth, b, r in _loaded_rows(rows, methods, batches):
+        table.append([meth, b, _ql(r, "median_ms"), _ql(r, "worst_ms"), _ql(r, "cpu_ms"),
+                      f"{r['quiet'].get('cpu_tail_ms', 0):.1f} / {r['loaded'].get('cpu_tail_ms', 0):.1f}",
+                      f"{r['quiet'].get('calls', r['quiet']['samples'])} / {r['loaded'].get('calls', r['loaded']['samples'])}"])
     out += [common.md_table(header, table), ""]
     # the targets (issue 14)
     trows = []
-    for meth in TARGET_METHODS:
-        for b in batches:
-            r = _loaded_row(rows, meth, b)
-            if r is None:
-                continue
-            ao = _loaded_row(rows, TORCH_AO, b)
-            fl = _loaded_row(rows, "float", b)
+    for meth, b, r in _loaded_rows(rows, TARGET_METHODS, batches):
+        ao = _loaded_row(rows, TORCH_AO, b)
+        fl = _loaded_row(rows, "float", b)
 
-            def vs_ao(key):
-                mine, theirs = _ratio(r, key), (_ratio(ao, key) if ao else None)
-                if mine is None or theirs is None:
-                    return "—"
-                return f"{mine:.2f} vs {theirs:.2f}: " + ("met" if mine <= theirs else "missed")
+        def vs_ao(key):
+            mine, theirs = _ratio(r, key), (_ratio(ao, key) if ao else None)
+            if mine is None or theirs is None:
+                return "—"
+            return f"{mine:.2f} vs {theirs:.2f}: " + ("met" if mine <= theirs else "missed")
 
-            cpu = _ratio(r, "cpu_ms")
-            worst = r["loaded"]["worst_ms"]
+        cpu = _ratio(r, "cpu_ms")
+        worst = r["loaded"]["worst_ms"]
 
-            def vs_float(phase):
-                if fl is None:
-                    return "—"
-                f_med = fl[phase]["median_ms"]
-                return f"{worst:,.1f} vs {f_med:,.1f}: " + ("met" if worst <= f_med else "missed")
+        def vs_float(phase):
+            if fl is None:
+                return "—"
+            f_med = fl[phase]["median_ms"]
+            return f"{worst:,.1f} vs {f_med:,.1f}: " + ("met" if worst <= f_med else "missed")
 
-            trows.append([meth, b, vs_ao("median_ms"), vs_ao("worst_ms"),
-                          "—" if cpu is None else f"{cpu:.2f}: " + ("met" if cpu <= CPU_RATIO_TARGET else "missed"),
-                          vs_float("loaded"), vs_float("quiet")])
+        trows.append([meth, b, vs_ao("median_ms"), vs_ao("worst_ms"),
+                      "—" if cpu is None else f"{cpu:.2f}: " + ("met" if cpu <= CPU_RATIO_TARGET else "missed"),
+                      vs_float("loaded"), vs_float("quiet")])
     if trows:
         out += ["Issue-14 targets under load: the method's slowdown (loaded / quiet) of the median and of "
                 "the worst forward no larger than torch.ao `quantize_dynamic`'s; its CPU time per forward "
