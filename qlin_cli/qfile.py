@@ -269,10 +269,11 @@ def _restore_ties(path: Path, metadata: dict[str, str], tensors: dict[str, torch
 def _retie(model: nn.Module, ties: dict[str, str]) -> None:
     """Make each tied parameter of `model` the very Parameter of its source again (a skeleton
     that was not tied, or a load that copied into two), as the float model had them."""
+    params = dict(model.named_parameters(remove_duplicate=False)) if ties else {}
     for key, source in ties.items():
         owner, _, attr = key.rpartition(".")
         module = model.get_submodule(owner)
-        target = model.get_parameter(source) if source in dict(model.named_parameters(remove_duplicate=False)) else None
+        target = params.get(source)  # a buffer tie needs no re-tying: load_state_dict copied it
         if target is not None and getattr(module, attr) is not target:
             setattr(module, attr, target)
 
