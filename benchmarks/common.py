@@ -1,4 +1,4 @@
-"""Shared helpers of the qlin benchmark scripts (`benchmarks/kernels.py`, `benchmarks/models.py`).
+"""Shared helpers of the qlin benchmark scripts (`benchmarks/layer_kernels.py`, `benchmarks/models.py`).
 
 Not a benchmark itself and not a test. It holds:
 

@@ -36,8 +36,8 @@ Weights are nn.Linear's default (seeded) initialization; biases included.
 
 How to run (from the repository root; peers: `pip install -e '.[bench]'`):
 
-    python benchmarks/kernels.py --threads 2            # full: ~2 min on a quiet 2-core machine
-    python benchmarks/kernels.py --threads 2 --quick    # one shape, 2 token counts: ~10 s
+    python benchmarks/layer_kernels.py --threads 2            # full: ~2 min on a quiet 2-core machine
+    python benchmarks/layer_kernels.py --threads 2 --quick    # one shape, 2 token counts: ~10 s
 
 (longer while other processes use the CPUs: the script waits for them, up to --max-wait per
 configuration, and redoes disturbed timing rounds; 11 min was seen on a busy machine).
@@ -48,13 +48,13 @@ Options: --shapes 768x3072,4096x4096 --tokens 1,128 --budget SECONDS (time per m
 configuration, default 0.5) --no-peers --no-outliers --no-md --md-section NAME --out FILE
 --max-wait SECONDS. The BERT-batch-32 shapes (4096 tokens per layer call) are a separate run:
 
-    python benchmarks/kernels.py --shapes 768x768,768x3072,3072x768 --tokens 4096 --no-outliers \
+    python benchmarks/layer_kernels.py --shapes 768x768,768x3072,3072x768 --tokens 4096 --no-outliers \
         --out benchmarks/results/kernels_m4096.json --md-section kernels-m4096     # ~1.5 min
 
 The issue-14 check (auto within 5% of the faster of torch.ao's `linear_dynamic` and the oneDNN
 GEMM alone, on the BERT shapes at 128, 512 and 4096 tokens) has a preset:
 
-    python benchmarks/kernels.py --threads 2 --bert    # kernels_bert.json, section kernels-bert
+    python benchmarks/layer_kernels.py --threads 2 --bert    # kernels_bert.json, section kernels-bert
 
 Timing hygiene: other processes on a 2-core machine skew everything, so before each
 configuration the script waits (up to --max-wait) for the CPUs to be quiet, sets aside and redoes
@@ -581,7 +581,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     result = {
         "machine": common.machine_info(args.threads),
-        "command": "python benchmarks/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/layer_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": {"threads": args.threads, "shapes": shapes, "tokens": tokens, "budget_s": budget,
                  "quick": args.quick, "md_section": args.md_section, "outlier_tokens": OUTLIER_TOKENS,
                  "outlier_channels": OUTLIER_CHANNELS, "outlier_factor": OUTLIER_FACTOR},
