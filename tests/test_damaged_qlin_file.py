@@ -1,4 +1,4 @@
-"""qlin files changed after they were written (issue 6).
+"""qlin files changed after they were written.
 
 1. Files whose metadata disagrees with their tensors, a future format version, a stray tensor:
    inspect and eval exit 1 with one line naming the file, no traceback, nothing written.

@@ -1,6 +1,6 @@
-"""`--embeddings` (issue 18, item 6): nn.Embedding tables int8 per row, weight-only. The gather
-against the float table, what the file saves on a BERT built from a config, the reload, the
-tables that stay float (tied, shared) and the errors."""
+"""`--embeddings`: nn.Embedding tables int8 per row, weight-only. What the file saves on a BERT
+built from a config, the reload, the tables that stay float (tied, shared) and the errors (the
+table itself: test_qembedding.py)."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def one_line(exc_info) -> str:
 # -- granularities -----------------------------------------------------------------------------
 
 
-def test_touchstone_scale_shapes():
+def test_scale_shapes_of_weights_and_activations():
     w = (1024, 512)
     assert PER_TENSOR.scale_shape(w) == ()
     assert PER_CHANNEL.scale_shape(w) == (1024,)

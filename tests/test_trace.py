@@ -1,4 +1,4 @@
-"""What torch.jit.trace and torch.export do with a qlin model (issue 18, item 3), per kernel: the
+"""What torch.jit.trace and torch.export do with a qlin model, per kernel: the
 sample MLP and a transformers model built from a config. Where they work, the traced or exported
 program gives the eager model's outputs bit for bit; where they cannot, qlin says why in one
 sentence instead of torch's error from deep inside the kernel."""
