@@ -153,7 +153,7 @@ def test_static_only_through_a_rule_needs_calibration(tmp_path, monkeypatch):
     monkeypatch.setattr(qlin_cli.quantize, "calibrate", never_calibrate)
     out = tmp_path / "m.safetensors"
     config = QuantConfig(layers=[{"match": "^2$", "mode": "static"}])
-    assert config.mode == "dynamic" and config.needs_calibration
+    assert config.mode == "dynamic" and config.calibration_need() == "static mode"
     with pytest.raises(ConfigError) as exc:
         quantize_checkpoint(MLP, config, QuantizeOptions(output=out))
     msg = str(exc.value)

@@ -99,8 +99,8 @@ def test_layer_rules_first_match_wins():
     assert c.for_layer("embed") is c.scheme and c.rule_for("head") == Rule("head$", skip=True)
     assert c.rule_for("head").to_dict() == {"match": "head$", "skip": True}
     assert c.for_layer("head") == Skip("recipe rule match='head$' skips it")
-    assert QuantConfig(layers=[{"match": "x", "mode": "static"}]).needs_calibration
-    assert not QuantConfig(layers=[{"match": "x", "mode": "weight-only"}]).needs_calibration
+    assert QuantConfig(layers=[{"match": "x", "mode": "static"}]).calibration_need() == "static mode"
+    assert QuantConfig(layers=[{"match": "x", "mode": "weight-only"}]).calibration_need() is None
     assert QuantConfig.from_dict(c.to_dict()) == c
 
 

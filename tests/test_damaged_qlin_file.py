@@ -180,7 +180,7 @@ FUZZ_BASES = {
 
 def _fuzz_base(folder: Path, base: str) -> dict:
     config = FUZZ_BASES[base]()
-    if config.needs_calibration:
+    if config.calibration_need() is not None:
         result = quantize_model(_tiny(), config, calib=torch.randn(32, 16, generator=torch.Generator().manual_seed(1)))
     else:
         result = quantize_model(_tiny(), config)
