@@ -181,11 +181,6 @@ class QuantConfig:
         for, in words, or None; a model's plan knows for sure (`Plan.calibration_need`)."""
         return calibration_need(self.schemes())
 
-    @property
-    def needs_calibration(self) -> bool:
-        """True if any layer (by default or through a rule) is static or smoothed."""
-        return self.calibration_need() is not None
-
     def with_changes(self, **changes: Any) -> "QuantConfig":
         """A copy with `changes` (scheme keys, `skip`, `layers`) applied; None values are ignored.
         Another mode re-derives act_granularity unless `changes` sets it too."""

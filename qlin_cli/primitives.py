@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 QMIN, QMAX = -128, 127
-SYM_QMAX = 127  # symmetric ranges stay in [-127, 127] so that negation is exact
 MIN_SCALE = 2.0**-40  # ~9.1e-13, exact in float32: scale given to an all-zero row/tensor instead of 0 (no division by zero)
 
 

@@ -284,11 +284,6 @@ class LayerScheme:
         return self.act_granularity == PER_TOKEN
 
     @property
-    def needs_calibration(self) -> bool:
-        """Static activation ranges and SmoothQuant factors come from calibration data."""
-        return self.calibration_need is not None
-
-    @property
     def calibration_need(self) -> str | None:
         """What of this scheme needs calibration data, in words, or None."""
         if self.static:

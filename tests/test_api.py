@@ -153,7 +153,7 @@ def test_static_only_through_a_rule_needs_calibration(tmp_path, monkeypatch):
     monkeypatch.setattr(qlin_cli.quantize, "calibrate", never_calibrate)
     out = tmp_path / "m.safetensors"
     config = QuantConfig(layers=[{"match": "^2$", "mode": "static"}])
-    assert config.mode == "dynamic" and config.needs_calibration
+    assert config.mode == "dynamic" and config.calibration_need() == "static mode"
     with pytest.raises(ConfigError) as exc:
         quantize_checkpoint(MLP, config, QuantizeOptions(output=out))
     msg = str(exc.value)
@@ -225,7 +225,7 @@ def test_static_rule_with_calibration(tmp_path):
 
 
 def test_compile_is_an_option_that_changes_no_result_and_reports_its_time(tmp_path):
-    """`load_quantized(compile=True)` / `evaluate_checkpoint(compile=True)` (issue 14): the
+    """`load_quantized(compile=True)` / `evaluate_checkpoint(compile=True)`: the
     compiled int8 model gives the eager one's outputs (to float rounding: the work between the
     Linear layers fuses), and eval reports each model's first call, which compiles, apart."""
     import torch

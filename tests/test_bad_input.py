@@ -1,4 +1,4 @@
-"""Broken input files through the real CLI (issue 6): safetensors
+"""Broken input files through the real CLI: safetensors
 files that lie about their size or whose header is not JSON, given to quantize and inspect, and
 float models with NaN/Inf weights. Always exit 1, one line starting with "error:", no traceback,
 nothing written.

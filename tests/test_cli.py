@@ -1,4 +1,4 @@
-"""The `qlin` command line (issue 2, items 2, 5, 6 and 8): quantize, inspect and eval end to end
+"""The `qlin` command line: quantize, inspect and eval end to end
 on the sample models, exit codes, one-line errors, and the files written (or not written).
 
 Most cases call `qlin_cli.cli.main([...])` in-process (it ends in sys.exit); a few run the real
@@ -110,7 +110,7 @@ def digits_q(tmp_path_factory) -> Path:
 
 
 def test_auto_keeps_layers_too_small_for_int8_float_and_says_so(tmp_path, capsys):
-    """Issue 18, item 1: `auto` keeps a dynamic layer under 131,072 weights float, decided when
+    """`auto` keeps a dynamic layer under 131,072 weights float, decided when
     quantizing (the file records it), so the table shows what runs: float, with the reason and
     the shape as (out, in); the summary counts them and a note says how to quantize them."""
     out = tmp_path / "q.safetensors"
@@ -487,8 +487,8 @@ def test_inspect_float_checkpoint(capsys):
     assert [l["scale_shape_per_channel"] for l in info["layers"]] == [[256], [256], [10]]
 
 
-def test_inspect_touchstone_linear_512_1024(tmp_path, capsys):
-    """Issue 2, item 5: a Linear(512, 1024) has weight (1024, 512); per tensor its scale shape
+def test_inspect_shows_a_linear_512_1024s_scale_shape_per_tensor_and_per_channel(tmp_path, capsys):
+    """A Linear(512, 1024) has weight (1024, 512); per tensor its scale shape
     is (), per channel (1024,)."""
     torch.manual_seed(0)
     src = tmp_path / "wide.pt"
@@ -897,7 +897,7 @@ def test_entry_point_help():
 
 def test_without_the_fused_kernels_qlin_says_so_once_and_runs(tmp_path):
     """No C++ compiler (here: QLIN_NATIVE=0): the per-token layers run the torch-op path, the
-    kernel reason says why, and one note on stderr says so (issue 14)."""
+    kernel reason says why, and one note on stderr says so."""
     from conftest import subprocess_qlin
 
     out = tmp_path / "q.safetensors"

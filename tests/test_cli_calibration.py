@@ -1,4 +1,4 @@
-"""Calibration through the real command line (issue 3): `--calib`, `--calib-samples`,
+"""Calibration through the real command line: `--calib`, `--calib-samples`,
 `--batch-size`, `--mode static`, `--observer` / `--weight-observer` / `--percentile`,
 `--smooth`; what the JSON report, the qlin file, `qlin inspect` and `qlin eval` show.
 

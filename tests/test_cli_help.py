@@ -1,4 +1,4 @@
-"""The first hour with the `qlin` command line (issue 18, item 5): --version, --debug and natural
+"""What a new user of the `qlin` command line meets first: --version, --debug and natural
 metavars in the help, the shipped recipes by name from any folder, sizes that did not shrink,
 the progress bar while the model loads, and the static-mode message of a recipe rule."""
 

@@ -1,5 +1,5 @@
 """GPT-2's `Conv1D` layers (transformers; weight stored `(in, out)`) are quantized like
-`nn.Linear` (issue 16, item 1), on a GPT-2 built from a config."""
+`nn.Linear`, on a GPT-2 built from a config."""
 
 from __future__ import annotations
 

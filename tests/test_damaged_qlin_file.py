@@ -1,4 +1,4 @@
-"""qlin files changed after they were written (issue 6).
+"""qlin files changed after they were written.
 
 1. Files whose metadata disagrees with their tensors, a future format version, a stray tensor:
    inspect and eval exit 1 with one line naming the file, no traceback, nothing written.
@@ -180,7 +180,7 @@ FUZZ_BASES = {
 
 def _fuzz_base(folder: Path, base: str) -> dict:
     config = FUZZ_BASES[base]()
-    if config.needs_calibration:
+    if config.calibration_need() is not None:
         result = quantize_model(_tiny(), config, calib=torch.randn(32, 16, generator=torch.Generator().manual_seed(1)))
     else:
         result = quantize_model(_tiny(), config)

@@ -1,4 +1,4 @@
-"""SmoothQuant by default (issue 18, item 7): dynamic layers are smoothed (alpha 0.5) with factors
+"""SmoothQuant by default: dynamic layers are smoothed (alpha 0.5) with factors
 from realistic data (a text model's token-id probe, `--inputs`, or `--calib`), never from a
 random normal probe; `--no-smooth` turns it off; the compressed-tensors export folds the factors
 into the norm that feeds a layer, or exports the layer without them and says so.

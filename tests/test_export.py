@@ -1,4 +1,4 @@
-"""compressed-tensors export (issue 4, item 4): `qlin quantize ... --format compressed-tensors -o DIR`.
+"""compressed-tensors export: `qlin quantize ... --format compressed-tensors -o DIR`.
 
 The folder is checked against compressed-tensors itself where it is installed (the dev extra
 installs it): its QuantizationConfig pydantic model validates the config, and transformers
@@ -7,7 +7,7 @@ loads the folder through compressed-tensors (CompressedTensorsHfQuantizer), both
 dequantized weights exactly (float32 models), and the loaded model's outputs must agree with
 qlin's int8 model. The layout (names, dtypes, shapes) is checked without the package too.
 
-B-bit and group-wise weights (issue 15) go in the pack-quantized layout; their tests (at the end)
+B-bit and group-wise weights go in the pack-quantized layout; their tests (at the end)
 unpack `weight_packed` by hand and compare qlin's int values bit for bit, and check the loaded
 weights against `dequantize(q, scale, zero_point, group_size)`.
 """
@@ -315,8 +315,8 @@ def llama_both(llama, tmp_path_factory):
 
 
 def test_inspect_an_export_as_the_qlin_file_it_matches(llama_both, capsys):
-    """Issue 18, item 2: `qlin inspect` on the folder, or on its model.safetensors (which it called
-    a float state dict), shows the same layers, scales and kernels as the qlin file."""
+    """`qlin inspect` on the folder, or on its model.safetensors (not taken for a float state
+    dict), shows the same layers, scales and kernels as the qlin file."""
     _, _, qfile, ct = llama_both
     q = cli_json(capsys, "inspect", qfile)
     for path in (ct, ct / "model.safetensors"):
@@ -534,7 +534,7 @@ def test_api_refuses_nothing_quantized(tmp_path):
         save_compressed_tensors(result, tmp_path / "missing" / "ct")
 
 
-# ----------------------------------------------------------------------------- B-bit and group-wise weights (issue 15)
+# ----------------------------------------------------------------------------- B-bit and group-wise weights
 #
 # Weight-only layers of fewer than 8 bits, or per group, are written in compressed-tensors'
 # pack-quantized layout (the W4A16 / W8A16 form vLLM serves). The tests unpack `weight_packed`

@@ -1,4 +1,4 @@
-"""Hugging Face model folders (issue 4, item 1): `qlin quantize DIR`, `qlin eval DIR FILE` with
+"""Hugging Face model folders: `qlin quantize DIR`, `qlin eval DIR FILE` with
 dict inputs, the reload into a fresh model from the folder, tied weights, and the errors.
 
 The models are tiny ones built from a config here (random weights, no download) and saved with
@@ -135,7 +135,7 @@ def test_api_reload_into_a_fresh_model_is_bit_identical(folders, tmp_path, name)
 
 
 def test_inspect_a_folder_lists_its_linear_layers(folders, capsys):
-    """Issue 18, item 2: `qlin inspect DIR` on a float model folder (it said 'is a directory')."""
+    """`qlin inspect DIR` on a float model folder lists its Linear layers (not 'is a directory')."""
     r = cli_json(capsys, "inspect", folders["llama-tied"])
     assert r["kind"] == "float (Hugging Face folder (LlamaForCausalLM, sharded safetensors))"
     names = [layer["name"] for layer in r["layers"]]
@@ -147,7 +147,7 @@ def test_inspect_a_folder_lists_its_linear_layers(folders, capsys):
 
 @pytest.mark.parametrize("name", ["bert", "llama-tied"])
 def test_load_into_a_skeleton_without_weights(folders, tmp_path, name):
-    """Issue 18, item 3: a skeleton built under empty_weights() holds no float weights (every
+    """A skeleton built under empty_weights() holds no float weights (every
     parameter on the meta device, buffers real); load_quantized materialises the rest from the
     file, ties kept, and gives the outputs of a full float skeleton bit for bit."""
     inputs = load_file(folders["inputs"])
@@ -321,7 +321,7 @@ class _Call:
 
 def test_a_bin_shard_is_scanned_before_transformers_loads_it(folders, tmp_path, capsys):
     """transformers' torch.load(weights_only=True) calls what the pickle asks of torch's allowlist
-    (bytearray(n) with the file's n): qlin refuses it first (issue 17)."""
+    (bytearray(n) with the file's n): qlin refuses it first."""
     import shutil
 
     folder = tmp_path / "hostile"

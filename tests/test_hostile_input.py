@@ -1,4 +1,4 @@
-"""Hostile and careless input, round two (issue 17), through the real CLI: tiny files that would
+"""Hostile and careless input through the real CLI: tiny files that would
 make qlin allocate gigabytes, special files, outputs that are inputs, signals, nonsense in eval,
 regexes that backtrack, and exits that were `internal error`. Each ends in one line on stderr,
 exit 1 (2 for usage), inputs unchanged, nothing written; where memory is the point, the peak
@@ -97,7 +97,7 @@ class _Call:
 
 
 def linear_call(folder: Path) -> Path:
-    """1 KB: unpickling calls nn.Linear(40000, 40000) (6.4 GB, 83 s of init before the fix)."""
+    """1 KB: unpickling calls nn.Linear(40000, 40000) (6.4 GB and 83 s of init if it were made)."""
     torch.save(_Call(nn.Linear, 40000, 40000), folder / "linear_call.pt")
     return folder / "linear_call.pt"
 

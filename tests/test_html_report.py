@@ -1,4 +1,4 @@
-"""`qlin quantize --report FILE.html` (issue 16, item 6): one self-contained page (no script,
+"""`qlin quantize --report FILE.html`: one self-contained page (no script,
 nothing fetched) with the layer table and an inline SVG chart of each layer's weight SQNR, output
 SQNR and sensitivity by depth; rendered in headless Chromium, whose screenshot must have the
 window's size and the chart's colors drawn.

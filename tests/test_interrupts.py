@@ -1,5 +1,5 @@
-"""Interrupted runs lose nothing (issue 6): a quantize of a ~50 MB model
-killed (SIGKILL) or interrupted (SIGINT; SIGTERM and SIGHUP since issue 17) at many points leaves no output or a complete one (the
+"""Interrupted runs lose nothing: a quantize of a ~50 MB model
+killed (SIGKILL) or interrupted (SIGINT, SIGTERM, SIGHUP) at many points leaves no output or a complete one (the
 previous file or the new one, byte for byte), no stray temporary file after Ctrl-C or a normal
 exit, and the input untouched; Ctrl-C at startup, during the write and at teardown.
 """
@@ -149,7 +149,7 @@ KILL_CASES = [
     # test_ctrl_c_as_the_temporary_file_is_created_leaves_no_temporary
     (signal.SIGINT, "tmp_data", 0.0, True),
     (signal.SIGINT, "tmp_full", 0.0, False),
-    # kill, systemd and container runtimes send SIGTERM; a closed terminal SIGHUP (issue 17)
+    # kill, systemd and container runtimes send SIGTERM; a closed terminal SIGHUP
     (signal.SIGTERM, "tmp_data", 0.0, True),
     (signal.SIGHUP, "tmp_full", 0.0, False),
 ]

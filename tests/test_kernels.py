@@ -274,7 +274,7 @@ needs_onednn = pytest.mark.skipif(not ONEDNN, reason=f"onednn: {_onednn_missing(
 @pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smooth"])
 def test_onednn_equals_the_torch_op_path_to_float_rounding(sym, smooth):
     """The fused kernel computes the fbgemm per-token path's codes bit for bit; only the order of
-    the float epilogue differs: output SQNR between them > 100 dB (issue 14)."""
+    the float epilogue differs: output SQNR between them > 100 dB."""
     q, s, z, b = _layer(out_f=300, in_f=200, sym=sym)
     g = torch.Generator().manual_seed(9)
     sm = torch.rand(200, generator=g) + 0.5 if smooth else None

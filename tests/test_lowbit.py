@@ -1,4 +1,4 @@
-"""n-bit group-wise weight-only linear (issue 15): the 4-bit packing, the fused C++ kernel
+"""n-bit group-wise weight-only linear: the 4-bit packing, the fused C++ kernel
 (`native_kernels.cpp`, `lowbit_linear`, its AVX-512 path and its portable scalar path) against a
 float64 reference, its batch invariance, and the torch-op reference path (lowbit.py)."""
 

@@ -1,4 +1,4 @@
-"""Measurements a user can trust (issue 18, item 4): eval's progress over batches, latencies with
+"""Measurements a user can trust: eval's progress over batches, latencies with
 their spread and the batch size actually timed, a warning when other processes were busy while
 timing, the model-level error measured on the calibration data when there is some, and the
 per-layer sensitivity table on request (`--sensitivity`)."""

@@ -1,4 +1,4 @@
-"""B-bit and group-wise weights (issue 15): the scheme, the math, the packed file (format
+"""B-bit and group-wise weights: the scheme, the math, the packed file (format
 version 2, version 1 still loading), the kernels against the dequantized float reference, recipe
 rules that mix widths, the accuracy fallback that widens before it gives up int8, and bad input."""
 
@@ -35,7 +35,7 @@ def mlp(seed: int = 0) -> nn.Module:
 # -- scheme and shapes ----------------------------------------------------------------------------
 
 
-def test_touchstone_scale_shapes_with_groups():
+def test_scale_shapes_per_tensor_channel_and_group_of_a_1024x512_weight():
     shape = (1024, 512)
     assert PER_TENSOR.scale_shape(shape) == ()
     assert PER_CHANNEL.scale_shape(shape) == (1024,)

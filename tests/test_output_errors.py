@@ -1,4 +1,4 @@
-"""Outputs that cannot be written, through the real CLI (issue 6): an
+"""Outputs that cannot be written, through the real CLI: an
 unwritable folder, a parent that is a file, an output that is a folder, a full disk. Exit 1, one
 line starting with "error:", and nothing written or the previous file kept.
 """

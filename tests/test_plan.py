@@ -137,7 +137,7 @@ def test_swap_module_replaces_by_path_and_the_root():
 
 
 def test_auto_keeps_small_layers_float_in_the_plan_itself():
-    """Issue 18, item 1: the speed decision is the plan's (from shape and scheme only), so the file
+    """The speed decision is the plan's (from shape and scheme only), so the file
     records it and no loading machine can change what a layer computes. A subclass that is not
     affine keeps its own reason; weight-only and named kernels are not affected."""
     model = nn.Sequential(nn.Linear(256, 511), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 16))

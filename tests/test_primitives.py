@@ -20,7 +20,7 @@ from qlin_cli.primitives import (
 )
 
 
-def test_touchstone_scale_shapes():
+def test_qparams_shapes_per_tensor_and_per_channel_of_a_1024x512_weight():
     """A (1024, 512) weight: scale () per tensor, (1024,) per output channel (one per row)."""
     w = torch.randn(1024, 512)
     s, z = choose_qparams(w, PER_TENSOR)

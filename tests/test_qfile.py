@@ -140,8 +140,8 @@ def test_loading_into_the_wrong_skeleton_fails_clearly(good_file):
 
 @pytest.mark.parametrize("how", ["torch.device('meta')", "empty_weights()"])
 def test_load_into_a_meta_skeleton(good_file, digits_test, how):
-    """Issue 18, item 3: a skeleton whose parameters are on the meta device (it failed with
-    'Cannot copy out of meta tensor') loads into the same int8 model as a full one."""
+    """A skeleton whose parameters are on the meta device (no 'Cannot copy out of meta
+    tensor') loads into the same int8 model as a full one."""
     from qlin_cli import empty_weights
     from sample_models.digits import build_digits_mlp
 
@@ -249,7 +249,7 @@ def test_load_packs_on_threads_with_the_same_results(tmp_path, digits_test):
 
 
 def test_a_file_from_an_earlier_qlin_runs_the_int8_kernel_its_plan_names(digits_test):
-    """Issue 18, item 1: an earlier qlin marked `auto` layers under 2**17 weights quantized and ran
+    """An earlier qlin marked `auto` layers under 2**17 weights quantized and ran
     them in float on a CPU that loaded the file (51.95 dB with auto against 44.98 dB with
     --kernel fbgemm on the sample MLP). Such a file still loads; now every machine runs what its
     plan says, int8 activations, which is what a file made with the int8 kernel named computes,

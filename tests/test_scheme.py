@@ -32,7 +32,7 @@ def one_line(exc_info) -> str:
 # -- granularities -----------------------------------------------------------------------------
 
 
-def test_touchstone_scale_shapes():
+def test_scale_shapes_of_weights_and_activations():
     w = (1024, 512)
     assert PER_TENSOR.scale_shape(w) == ()
     assert PER_CHANNEL.scale_shape(w) == (1024,)
@@ -103,7 +103,7 @@ def test_defaults():
     assert (s.mode, s.granularity, s.symmetric, s.act_granularity, s.kernel) == (
         "dynamic", PER_CHANNEL, True, PER_TOKEN, "auto")
     assert (s.observer, s.weight_observer, s.percentile, s.smooth) == ("minmax", "minmax", 99.99, None)
-    assert s.per_token and not s.static and not s.needs_calibration
+    assert s.per_token and not s.static and s.calibration_need is None
     assert LayerScheme(mode="static").act_granularity == PER_TENSOR
     assert LayerScheme(mode="weight-only").act_granularity is None
     assert LayerScheme(granularity="tensor").granularity is PER_TENSOR  # names become the singletons
@@ -170,11 +170,12 @@ def test_boundary_numbers_are_valid_and_stored_as_float():
     assert LayerScheme(mode="static", smooth=0.01).smooth == 0.01
 
 
-def test_needs_calibration():
-    assert LayerScheme(mode="static").needs_calibration
-    assert LayerScheme(smooth=0.5).needs_calibration
-    assert not LayerScheme(mode="weight-only").needs_calibration
-    assert not LayerScheme(act_granularity="tensor").needs_calibration
+def test_calibration_need_says_what_needs_calibration_data():
+    assert LayerScheme(mode="static").calibration_need == "static mode"
+    assert LayerScheme(mode="static", smooth=0.5).calibration_need == "static mode"
+    assert LayerScheme(smooth=0.5).calibration_need == "SmoothQuant (`smooth`)"
+    assert LayerScheme(mode="weight-only").calibration_need is None
+    assert LayerScheme(act_granularity="tensor").calibration_need is None
 
 
 # -- the plan entry's form ---------------------------------------------------------------------

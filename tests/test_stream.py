@@ -1,4 +1,4 @@
-"""`qlin quantize --stream` (issue 16, item 5): the model is built without its weights (meta
+"""`qlin quantize --stream`: the model is built without its weights (meta
 device) and each layer is read, quantized, written and dropped in turn.
 
 - the file is byte-identical to the whole-model run for the same options: Hugging Face folders

@@ -1,4 +1,4 @@
-"""Text in (issue 16, item 3): `qlin eval DIR Q --text FILE` and `qlin quantize DIR --calib-text
+"""Text in: `qlin eval DIR Q --text FILE` and `qlin quantize DIR --calib-text
 FILE`, tokenized with the folder's own tokenizer.
 
 References by hand: the windows and the targets each scores; a GPT-2 whose blocks are all zero,

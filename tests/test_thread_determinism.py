@@ -1,4 +1,4 @@
-"""Determinism across threads (issue 6): 1 and 2 threads, set in process
+"""Determinism across threads: 1 and 2 threads, set in process
 or by OMP_NUM_THREADS, give byte-identical qlin files.
 """
 

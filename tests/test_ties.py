@@ -1,4 +1,4 @@
-"""Tied weights are stored once in the qlin file and tied again on load (issue 16, item 2)."""
+"""Tied weights are stored once in the qlin file and tied again on load."""
 
 from __future__ import annotations
 

@@ -1,0 +1,275 @@
+"""qlin's fused C++ kernels (native.py, native_kernels.cpp): where the module is cached and what
+its name depends on, why qlin runs without it (turned off, no compiler, a failed build) and that
+it says so once, and `quantize_rows` / `epilogue_` against their torch formulas. (`lowbit_linear`
+has its own tests in test_lowbit.py.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import qlin_env
+from qlin_cli import native
+
+KERNELS = native.load()
+needs_native = pytest.mark.skipif(KERNELS is None, reason=f"qlin's fused kernels are not built here: "
+                                                           f"{native.unavailable_reason()}")
+MIN_SCALE = 2.0**-40  # primitives.MIN_SCALE: the width of a constant row
+
+
+# ----------------------------------------------------------------------------- the build's cache
+
+
+def test_the_cache_folder_is_qlin_cache_dir_else_xdg_else_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("QLIN_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert native._cache_dir() == tmp_path / "mine"
+    monkeypatch.setenv("QLIN_CACHE_DIR", "")  # set but empty: not a folder
+    assert native._cache_dir() == tmp_path / "xdg" / "qlin"
+    monkeypatch.delenv("QLIN_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert native._cache_dir() == tmp_path / "home" / ".cache" / "qlin"
+
+
+def test_the_module_name_changes_with_source_flags_compiler_torch_python_and_cpu(monkeypatch, tmp_path):
+    """A module built for one source, compiler, torch, Python or CPU is never loaded by another:
+    each is part of the hashed name, and the same inputs give the same name."""
+    monkeypatch.setenv("QLIN_CACHE_DIR", str(tmp_path))
+    path = native._module_path("// source", "c++")
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    assert path.parent == tmp_path
+    assert re.fullmatch(r"qlin_native_[0-9a-f]{16}" + re.escape(suffix), path.name), path.name
+    assert native._module_path("// source", "c++") == path
+    names = {path, native._module_path("// source 2", "c++"), native._module_path("// source", "clang++")}
+    monkeypatch.setattr(native, "CFLAGS", (*native.CFLAGS, "-g"))
+    names.add(native._module_path("// source", "c++"))
+    monkeypatch.setattr(native.torch, "__version__", "0.0.0")
+    names.add(native._module_path("// source", "c++"))
+    monkeypatch.setattr(native.sys, "version", "3.0.0 (another Python)")
+    names.add(native._module_path("// source", "c++"))
+    monkeypatch.setattr(native, "_cpu", lambda: "model name : another CPU")
+    names.add(native._module_path("// source", "c++"))
+    assert len(names) == 7
+
+
+def test_the_cpu_key_is_the_model_name_and_flags_once_each():
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo on this system")
+    lines = native._cpu().splitlines()
+    assert lines and len(lines) == len(set(lines))  # one line per distinct value, not one per core
+    assert {ln.split(":")[0].strip() for ln in lines} <= {"model name", "flags"}
+    assert any(ln.startswith("flags") for ln in lines)
+
+
+@needs_native
+def test_the_loaded_module_is_the_one_named_for_this_source_and_machine():
+    cxx = os.environ.get("CXX", "c++")
+    path = native._module_path(native.SOURCE.read_text(), cxx)
+    assert Path(KERNELS.__file__) == path and path.is_file()
+    assert all(hasattr(KERNELS, name) for name in ("quantize_rows", "epilogue_", "lowbit_linear"))
+    assert native.unavailable_reason() is None and native.load() is KERNELS  # built once, loaded once
+
+
+# ----------------------------------------------------------------------------- running without it
+
+WARNING = ("qlin runs without its fused kernels ({}): per-token int8 layers use torch ops (the same results to float "
+           "rounding, but slower) and low-bit weight-only layers their dequantized float weight\n")
+
+
+def test_qlin_native_0_turns_the_kernels_off_and_says_why_once(tmp_path):
+    """In a fresh process: nothing is built or loaded, every call answers None, the reason is
+    the environment variable, and the warning is given once, not once per call."""
+    code = "from qlin_cli import native; print(native.load(), native.load(), native.unavailable_reason(), sep='|')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=qlin_env(QLIN_NATIVE="0", QLIN_CACHE_DIR=str(tmp_path / "cache")))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "None|None|turned off by QLIN_NATIVE=0\n"
+    assert done.stderr == WARNING.format("turned off by QLIN_NATIVE=0")
+    assert not (tmp_path / "cache").exists()
+
+
+def _load_afresh(monkeypatch, tmp_path, cxx: str):
+    """`native._load` as a process that has not loaded the kernels yet would run it, with
+    compiler `cxx` and its cache in `tmp_path / "cache"`."""
+    monkeypatch.setenv("QLIN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", cxx)
+    monkeypatch.delenv("QLIN_NATIVE", raising=False)
+    return native._load.__wrapped__()
+
+
+def test_without_a_compiler_the_reason_names_it(monkeypatch, tmp_path):
+    missing = str(tmp_path / "no-such-c++")
+    assert _load_afresh(monkeypatch, tmp_path, missing) == (None, f"no C++ compiler ({missing}) on PATH")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_failed_build_gives_the_compilers_first_error_and_leaves_no_file(monkeypatch, tmp_path):
+    """A compiler that writes half a module and fails: the reason quotes its first error line,
+    and the cache holds nothing a later run could load."""
+    cxx = tmp_path / "bad-c++"
+    cxx.write_text("#!/bin/sh\n"
+                   "while [ $# -gt 0 ]; do [ \"$1\" = -o ] && echo half > \"$2\"; shift; done\n"
+                   "echo 'In file included from x.cpp:' >&2\n"
+                   "echo 'x.cpp:3:1: error: expected declaration' >&2\n"
+                   "echo 'x.cpp:9:1: error: another one' >&2\n"
+                   "exit 1\n")
+    cxx.chmod(0o755)
+    module, reason = _load_afresh(monkeypatch, tmp_path, str(cxx))
+    assert module is None
+    assert reason == f"the fused kernels could not be built (RuntimeError: {cxx} failed: x.cpp:3:1: error: expected declaration)"
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_the_warning_is_given_once_per_reason(caplog):
+    native._say_once.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="qlin"):
+            for _ in range(3):
+                native._say_once("reason one")
+            native._say_once("reason two")
+        assert [r.getMessage() for r in caplog.records] == [WARNING.format("reason one").rstrip("\n"),
+                                                            WARNING.format("reason two").rstrip("\n")]
+    finally:
+        native._say_once.cache_clear()
+
+
+# ----------------------------------------------------------------------------- quantize_rows
+
+
+def _rows(seed=0, m=37, k=83):
+    """Rows of very different ranges (M, K), with a constant row, a zero row and a tiny one."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10 + torch.randn(m, 1, generator=g)
+    x[1] = 0.0
+    x[2] = -3.25
+    x[4] *= 1e-30
+    return x
+
+
+@needs_native
+def test_quantize_rows_maps_each_row_onto_0_255_within_half_a_step():
+    """u = round((x - lo) / width * 255): x ~ a * u + c with a = width / 255, c = lo, to half a
+    step; each row with a range uses both ends of [0, 255]; the row sums are the codes' sums."""
+    x = _rows()
+    codes, a, c, rowsum = KERNELS.quantize_rows(x, torch.empty(0))
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape and a.shape == c.shape == rowsum.shape == (37,)
+    lo, hi = x.amin(1), x.amax(1)
+    assert torch.equal(c, lo)
+    assert torch.equal(a, (hi - lo).clamp_min(MIN_SCALE) / 255)
+    error = (a[:, None] * codes.double() + c[:, None] - x.double()).abs()  # (M, K)
+    assert bool((error <= a.double()[:, None] * (0.5 + 1e-5)).all())
+    ranged = hi - lo >= MIN_SCALE  # not the constant rows, nor the one narrower than the smallest width
+    assert torch.equal(codes.amin(1)[ranged], torch.zeros(int(ranged.sum()), dtype=torch.uint8))
+    assert torch.equal(codes.amax(1)[ranged], torch.full((int(ranged.sum()),), 255, dtype=torch.uint8))
+    assert torch.equal(rowsum, codes.sum(1).float())
+
+
+@needs_native
+def test_a_constant_or_tiny_row_gets_code_0_and_the_smallest_width():
+    x = _rows()
+    codes, a, c, _ = KERNELS.quantize_rows(x, torch.empty(0))
+    for row, value in ((1, 0.0), (2, -3.25), (4, float(x[4].min()))):
+        assert int(codes[row].max()) == 0 and float(c[row]) == value
+        assert float(a[row]) == pytest.approx(MIN_SCALE / 255, rel=1e-6)
+
+
+@needs_native
+def test_quantize_rows_divides_by_the_smoothing_factors_first():
+    """SmoothQuant's division folded into the pass gives the codes of the divided rows, bit for bit."""
+    x = _rows(seed=1)
+    smooth = torch.rand(83, generator=torch.Generator().manual_seed(2)) + 0.25
+    fused = KERNELS.quantize_rows(x, smooth)
+    divided = KERNELS.quantize_rows((x / smooth).contiguous(), torch.empty(0))
+    assert all(torch.equal(f, d) for f, d in zip(fused, divided))
+    assert not torch.equal(fused[0], KERNELS.quantize_rows(x, torch.empty(0))[0])
+
+
+@needs_native
+def test_a_rows_codes_do_not_depend_on_the_other_rows():
+    x = _rows(seed=3, m=64, k=1000)  # rows over the AVX-512 width and a tail
+    codes, a, c, rowsum = KERNELS.quantize_rows(x, torch.empty(0))
+    for i in (0, 5, 63):
+        one = KERNELS.quantize_rows(x[i : i + 1].contiguous(), torch.empty(0))
+        assert torch.equal(one[0][0], codes[i]) and float(one[1]) == float(a[i]) and float(one[3]) == float(rowsum[i])
+
+
+@needs_native
+@pytest.mark.parametrize("args, message", [
+    (lambda x: (x.double(), torch.empty(0)), "quantize_rows: x must be a contiguous float32 CPU (M, K) tensor"),
+    (lambda x: (x.t(), torch.empty(0)), "quantize_rows: x must be a contiguous float32 CPU (M, K) tensor"),
+    (lambda x: (x[0], torch.empty(0)), "quantize_rows: x must be a contiguous float32 CPU (M, K) tensor"),
+    (lambda x: (x, torch.ones(82)), "quantize_rows: smooth must be contiguous float32 (K,)"),
+    (lambda x: (x, torch.ones(83, dtype=torch.float64)), "quantize_rows: smooth must be contiguous float32 (K,)"),
+])
+def test_quantize_rows_refuses_operands_it_cannot_read(args, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        KERNELS.quantize_rows(*args(_rows()))
+
+
+# ----------------------------------------------------------------------------- epilogue_
+
+
+def _epilogue_operands(m=9, n=70, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(-50_000, 50_000, (m, n), generator=g).float()  # int32 GEMM results, as float
+    a, c = torch.rand(m, generator=g) * 1e-3, torch.randn(m, generator=g)
+    rowsum = torch.randint(0, 255 * 100, (m,), generator=g).float()
+    wsum, bias, zs = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g) * 1e-2
+    return y, a, c, wsum, bias, rowsum, zs
+
+
+def _reference(y, a, c, wsum, bias, rowsum, zs):
+    """y[m, n] = a[m] * (y[m, n] - rowsum[m] * zs[n]) + c[m] * wsum[n] + b[n], in float64."""
+    y, a, c, wsum, rowsum = y.double(), a.double(), c.double(), wsum.double(), rowsum.double()
+    if zs.numel():
+        y = y - rowsum[:, None] * zs.double()[None, :]
+    out = a[:, None] * y + c[:, None] * wsum[None, :]
+    return out + bias.double()[None, :] if bias.numel() else out
+
+
+@needs_native
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("zs", [True, False], ids=["asym", "sym"])
+def test_epilogue_rescales_in_place_to_the_formula(bias, zs):
+    y, a, c, wsum, b, rowsum, z = _epilogue_operands()
+    b, z = (b if bias else torch.empty(0)), (z if zs else torch.empty(0))
+    expect = _reference(y, a, c, wsum, b, rowsum, z)
+    out = KERNELS.epilogue_(y, a, c, wsum, b, rowsum, z, None)
+    assert out.data_ptr() == y.data_ptr()  # in place
+    assert torch.allclose(out.double(), expect, rtol=1e-6, atol=1e-6 * float(expect.abs().max()))
+    if bias:
+        assert not torch.allclose(out.double(), _reference(y, a, c, wsum, torch.empty(0), rowsum, z), atol=1e-3)
+
+
+@needs_native
+def test_epilogue_into_out_leaves_y_unchanged():
+    y, a, c, wsum, b, rowsum, z = _epilogue_operands()
+    before = y.clone()
+    out = torch.empty_like(y)
+    got = KERNELS.epilogue_(y, a, c, wsum, b, rowsum, z, out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(y, before)
+    assert torch.equal(out, KERNELS.epilogue_(y.clone(), a, c, wsum, b, rowsum, z, None))
+
+
+@needs_native
+@pytest.mark.parametrize("change, message", [
+    (lambda o: {**o, "a": o["a"][:-1]}, "epilogue_: shapes do not fit"),
+    (lambda o: {**o, "wsum": o["wsum"][:-1]}, "epilogue_: shapes do not fit"),
+    (lambda o: {**o, "bias": o["bias"][:-1]}, "epilogue_: bias"),
+    (lambda o: {**o, "zs": o["zs"].double()}, "epilogue_: zero points"),
+    (lambda o: {**o, "y": o["y"].double()}, "epilogue_: y must be contiguous float32 (M, N)"),
+    (lambda o: {**o, "out": torch.empty(70, 9).t()}, "epilogue_: out must be contiguous (M, N)"),
+])
+def test_epilogue_refuses_operands_that_do_not_fit(change, message):
+    y, a, c, wsum, b, rowsum, z = _epilogue_operands()
+    o = change({"y": y, "a": a, "c": c, "wsum": wsum, "bias": b, "rowsum": rowsum, "zs": z, "out": None})
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        KERNELS.epilogue_(o["y"], o["a"], o["c"], o["wsum"], o["bias"], o["rowsum"], o["zs"], o["out"])
