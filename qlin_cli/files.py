@@ -158,7 +158,8 @@ def _entry(key: str, entry: object) -> TensorEntry:
     bits = math.prod(shape) * _DTYPE_BITS[dtype]
     if bits % 8 or offsets[1] - offsets[0] != bits // 8:
         takes = f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits"
-        raise ValueError(f"tensor {key!r}: {dtype} {list(shape)} takes {takes}, its data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes")
+        held = offsets[1] - offsets[0]
+        raise ValueError(f"tensor {key!r}: {dtype} {list(shape)} takes {takes}, its data_offsets {offsets} hold {held} bytes")
     return TensorEntry(dtype, tuple(shape), offsets[0], offsets[1])
 
 
@@ -168,7 +169,8 @@ def _check_layout(tensors: dict[str, TensorEntry], data_bytes: int) -> None:
     end = 0
     for key, e in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         if e.start != end:
-            raise ValueError(f"tensor {key!r} starts at byte {e.start} of the data, not at {end} where the one before it ends")
+            raise ValueError(
+                f"tensor {key!r} starts at byte {e.start} of the data, not at {end} where the one before it ends")
         end = e.end
     if end != data_bytes:
         raise ValueError(f"the tensors take {end} bytes but the file holds {data_bytes} after its header")
