@@ -38,7 +38,7 @@ from .qfile import FORMAT
 
 __all__ = [
     "Source", "read_checkpoint", "load_source", "load_factory", "load_tensors", "LazySource", "load_source_lazily",
-    "SourceKind", "what_is", "check_source", "stream_problem", "QLIN_FILE", "CT_WEIGHTS", "QUANTIZED_FOLDER", "SAFETENSORS", "PICKLE",
+    "SourceKind", "what_is", "QLIN_FILE", "CT_WEIGHTS", "QUANTIZED_FOLDER", "SAFETENSORS", "PICKLE",
 ]
 
 
@@ -141,26 +141,6 @@ def _file_kind(path: Path) -> SourceKind:
     meta = header.metadata
     kind = QLIN_FILE if meta.get("format") == FORMAT else CT_WEIGHTS if QLIN_PLAN in meta else SAFETENSORS
     return SourceKind(path, kind, header=header)
-
-
-def check_source(path: str | Path, what: str = "source") -> Path:
-    """A model source: a Hugging Face model folder (a folder with config.json, see hf.py), or
-    else a file as `check_file` accepts it (any other folder is an error)."""
-    if is_hf_folder(path):
-        return Path(path)
-    if Path(path).is_dir():
-        raise InputError(f"{what} {path} is a folder but not a model folder (it has no {CONFIG_NAME})")
-    return check_file(path, what)
-
-
-def stream_problem(path: Path) -> str | None:
-    """Why the source at `path` cannot be streamed (pickles load whole), or None."""
-    if is_hf_folder(path):
-        kind = weight_files(path).kind
-        return None if "safetensors" in kind else f"{path} holds {kind} weights, a pickle that loads whole"
-    if path.suffix != ".safetensors":
-        return f"{path} is a pickle, which loads whole"
-    return None
 
 
 def _kind_of(source: str | Path | SourceKind) -> SourceKind:
