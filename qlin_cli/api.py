@@ -16,32 +16,31 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from .budget import limit
 from .calibrate import DEFAULT_SMOOTH, fold_smoothing
 from .config import QuantConfig
 from .data import Progress, batches, check_finite_inputs, first_tensor, num_samples, run_model, time_models
 from .errors import ConfigError, InputError
-from .export import CT_FORMAT, FORMATS, QLIN_PLAN, check_exportable, save_compressed_tensors
+from .export import CT_FORMAT, FORMATS, check_exportable, save_compressed_tensors
 from .fallback import quantize_to_target
 from .files import check_distinct, check_file, check_output, check_output_dir, size_bytes
-from .hf import HF_KIND, hf_probe_inputs, is_hf_folder, load_tokenizer, quant_method, weight_files
+from .hf import HF_KIND, hf_probe_inputs, load_tokenizer
 from .kernels import select_kernel
 from .plan import find_linears, layer_shape, make_plan
-from .qfile import FORMAT, load_quantized, read_qfile, save_quantized, save_streamed
+from .qfile import load_quantized, read_qfile, save_quantized, save_streamed
 from .qlinear import QuantizedLinear, compile_model
 from .quantize import check_streamable, quantize_model, stream_layers
 from .scheme import PerGroup
 from .report import (
     EvalReport, FloatInspectReport, InspectReport, QuantizeReport, TextEvalReport, compare_outputs, write_report,
 )
-from .sources import check_source, load_source, load_source_lazily, load_tensors, read_checkpoint, stream_problem
+from .sources import QLIN_FILE, SourceKind, load_source, load_source_lazily, load_tensors, read_checkpoint, what_is
 from .text import embedding_scores, lm_scores, read_text, text_inputs
 
 __all__ = [
     "QuantizeOptions", "quantize_checkpoint", "inspect_path", "evaluate_checkpoint", "evaluate_text", "default_output",
-    "check_device", "is_quantized",
+    "check_device",
 ]
 
 PROBE_SAMPLES = 64
@@ -157,9 +156,9 @@ def _probe_inputs(model: nn.Module, inputs_path: Path | None, data: Any = None, 
 
 
 class _Checked(NamedTuple):
-    """What `_check_options` found: the paths and device the job then uses."""
+    """What `_check_options` found: the source, paths and device the job then uses."""
 
-    source: Path
+    source: SourceKind
     output: Path
     report: Path | None
     device: torch.device
@@ -183,7 +182,8 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
         raise ConfigError(f"`format` {o.format!r}: use one of {', '.join(FORMATS)}")
     if o.min_sqnr is not None and not (isinstance(o.min_sqnr, (int, float)) and math.isfinite(o.min_sqnr)):
         raise ConfigError(f"`min_sqnr` {o.min_sqnr!r}: give a finite number of dB, e.g. 30")
-    source_path = check_source(source_path)
+    source = what_is(source_path)
+    source_path = source.path
     output = Path(o.output) if o.output is not None else default_output(source_path, o.format)
     read = _read_files(source_path, o)
     writes = [("`output`", output)]
@@ -209,7 +209,7 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
         raise ConfigError("`batch_size` and `calib_samples` must be at least 1")
     if o.calib is not None and o.calib_text is not None:
         raise ConfigError("pass `calib` or `calib_text`, not both")
-    if o.calib_text is not None and not is_hf_folder(source_path):
+    if o.calib_text is not None and not source.folder:
         raise ConfigError(f"`calib_text` is tokenized with a model folder's tokenizer; {source_path} is not a Hugging "
                           "Face folder: pass `calib` FILE")
     if (o.max_length is not None or o.stride is not None) and o.calib_text is None:
@@ -227,15 +227,15 @@ def _check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) -
     if o.min_sqnr is not None and o.eval_inputs is None and calib is None:
         raise ConfigError("`min_sqnr` measures the model on data: pass `eval_inputs` FILE or `calib` FILE")
     if o.stream:
-        _check_stream(source_path, config, o)
+        _check_stream(source, config, o)
     else:
-        _warn_if_too_big(source_path)
-    return _Checked(source_path, output, report, device, inputs)
+        _warn_if_too_big(source)
+    return _Checked(source, output, report, device, inputs)
 
 
-def _check_stream(source: Path, config: QuantConfig, o: QuantizeOptions) -> None:
+def _check_stream(source: SourceKind, config: QuantConfig, o: QuantizeOptions) -> None:
     """`stream` reads one layer at a time and never runs the model: refuse what needs more."""
-    why = stream_problem(source)
+    why = source.stream_problem()
     if why is not None:
         raise ConfigError(f"`stream`: {why} and cannot be read a layer at a time; convert it to safetensors")
     if o.format != "qlin":
@@ -264,22 +264,23 @@ def _available_memory() -> int | None:
     return None
 
 
-def _warn_if_too_big(source: Path) -> None:
+def _warn_if_too_big(source: SourceKind) -> None:
     """Warn (before loading) when the float weights alone exceed the available memory: say
     `stream` for safetensors, and that a pickle cannot be streamed."""
     try:
-        size = sum(f.stat().st_size for f in weight_files(source).files) if is_hf_folder(source) else source.stat().st_size
+        files = source.weight_files().files if source.folder else (source.path,)
+        size = sum(f.stat().st_size for f in files)
     except (InputError, OSError):
         return
     available = _available_memory()
     if available is None or size <= available:
         return
     gb = f"{size / 1e9:.1f} GB of float weights, more than the {available / 1e9:.1f} GB of memory available"
-    why = stream_problem(source)
+    why = source.stream_problem()
     if why is None:
-        _log.warning(f"{source}: {gb}: pass `stream` to read, quantize and write one layer at a time", extra={"kind": "warning"})
+        _log.warning(f"{source.path}: {gb}: pass `stream` to read, quantize and write one layer at a time", extra={"kind": "warning"})
     else:
-        _log.warning(f"{source}: {gb}; {why}, so it cannot be streamed: convert it to safetensors and pass `stream`",
+        _log.warning(f"{source.path}: {gb}; {why}, so it cannot be streamed: convert it to safetensors and pass `stream`",
                      extra={"kind": "warning"})
 
 
@@ -306,9 +307,10 @@ def quantize_checkpoint(
 
 def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progress: Progress | None,
               calib_progress: Progress | None) -> QuantizeReport:
-    source_path, output, report_path, dev, inputs = _check_options(source_path, config, o)
+    kind, output, report_path, dev, inputs = _check_options(source_path, config, o)
+    source_path = kind.path
     if o.stream:
-        return _quantize_streamed(source_path, config, o, output, report_path, dev, progress)
+        return _quantize_streamed(kind, config, o, output, report_path, dev, progress)
     calib_data, calib_note, eval_data = None, None, None
     if o.calib is not None:
         calib_data = load_tensors(o.calib, "calibration data")
@@ -316,7 +318,7 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
         tokenizer, raw = load_tokenizer(source_path), read_text(o.calib_text, "calibration text")
     if progress is not None:
         progress(0, 0, "loading model")
-    source = load_source(source_path, model=o.model, trust_pickle=o.trust_pickle)
+    source = load_source(kind, model=o.model, trust_pickle=o.trust_pickle)
     if o.calib_text is not None:
         text = text_inputs(source.model, tokenizer, raw, o.calib_text, max_length=o.max_length, stride=o.stride,
                            what="calibration text")
@@ -418,13 +420,14 @@ def _quantize(source_path: Path, config: QuantConfig, o: QuantizeOptions, progre
     return report
 
 
-def _quantize_streamed(source_path: Path, config: QuantConfig, o: QuantizeOptions, output: Path,
+def _quantize_streamed(kind: SourceKind, config: QuantConfig, o: QuantizeOptions, output: Path,
                        report_path: Path | None, dev: torch.device, progress: Progress | None) -> QuantizeReport:
     """`quantize_checkpoint` with `stream`: the model built without weights (meta device), each
     layer read, quantized, written and dropped in turn (quantize.stream_layers, qfile.save_streamed);
     the file is the one the whole model gives. Measured: each layer's weight SQNR; not the
     model-level error (it needs the model's forward)."""
-    source = load_source_lazily(source_path, model=o.model)
+    source_path = kind.path
+    source = load_source_lazily(kind, model=o.model)
     check_streamable(source.model)
     plan = make_plan(source.model, config)
     floats = {e.name: source.model.get_submodule(e.name) for e in plan.entries}
@@ -450,26 +453,6 @@ def _to_device(inputs: Any, dev: torch.device) -> Any:
     return inputs.to(dev)
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    """A safetensors file's metadata, or {} for anything that is not one."""
-    if path.suffix != ".safetensors" or not path.is_file():
-        return {}
-    try:
-        with safe_open(path, framework="pt") as f:
-            return f.metadata() or {}
-    except Exception:
-        return {}
-
-
-def is_quantized(path: Path) -> bool:
-    """True for what `read_qfile` reads (a qlin file, or a compressed-tensors export's folder or
-    weights file), and for any other quantized model folder (which it refuses with the reason)."""
-    if path.is_dir():
-        return quant_method(path) is not None
-    meta = _metadata(path)
-    return meta.get("format") == FORMAT or QLIN_PLAN in meta
-
-
 def inspect_path(
     path: str | Path, *, model: str | None = None, trust_pickle: bool = False, device: str = "cpu",
     verify: bool = False, group_size: int | None = None, max_memory: int | None = None,
@@ -487,10 +470,14 @@ def inspect_path(
 def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, verify: bool, group_size: int | None
              ) -> InspectReport | FloatInspectReport:
     dev = check_device(device)
-    if not is_quantized(path):
+    try:
+        kind = what_is(path, "file")
+    except InputError:  # not a model path at all: `verify` says so first
+        kind = None
+    if kind is None or not kind.quantized:
         if verify:
             raise ConfigError(f"`verify` checks qlin files; {path} is not one")
-        return _inspect_float(check_source(path, "file"), model, trust_pickle, group_size)
+        return _inspect_float(kind or what_is(path, "file"), model, trust_pickle, group_size)
     qf = read_qfile(path, verify=verify)
     layers = []
     for e in qf.plan.entries:
@@ -526,19 +513,20 @@ def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, ver
                        batch_invariant=True, mode="weight-only", smooth=None)
         layers.append(row)
     meta = {k: v for k, v in sorted(qf.metadata.items()) if k not in ("config", "plan", "embeddings")}  # safetensors returns it unordered
-    kind = "compressed-tensors" if path.is_dir() or qf.metadata.get("format") != FORMAT else "qlin"
-    return InspectReport(str(path), meta, qf.config, layers, len(qf.tensors), size_bytes(path), verify, kind)
+    container = "qlin" if kind.kind == QLIN_FILE else "compressed-tensors"
+    return InspectReport(str(path), meta, qf.config, layers, len(qf.tensors), size_bytes(path), verify, container)
 
 
-def _inspect_float(path: Path, model: str | None, trust_pickle: bool, group_size: int | None) -> FloatInspectReport:
+def _inspect_float(what: SourceKind, model: str | None, trust_pickle: bool, group_size: int | None) -> FloatInspectReport:
     """A float checkpoint's or model folder's Linear layers (a state dict without `model`: its
     2-D float weights), with the scale shape per group of `group_size` too."""
+    path = what.path
     size = size_bytes(path)
-    if model is not None or path.is_dir():
-        source = load_source(path, model=model, trust_pickle=trust_pickle)
-        obj, kind, size = source.model, source.kind if path.is_dir() else "state dict + --model", source.size_bytes
+    if model is not None or what.folder:
+        source = load_source(what, model=model, trust_pickle=trust_pickle)
+        obj, kind, size = source.model, source.kind if what.folder else "state dict + --model", source.size_bytes
     else:
-        obj, kind = read_checkpoint(path, trust_pickle=trust_pickle)
+        obj, kind = read_checkpoint(what, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
         found = [(name, layer_shape(m)[::-1], type(m).__name__) for name, m, _, _ in find_linears(obj)]
         note = "nn.Linear layers of the model"
@@ -565,8 +553,8 @@ class _Pair(NamedTuple):
     source_matches: bool  # the quantized model records this source's sha256
 
 
-def _load_pair(source_path: str | Path, quantized_path: str | Path, *, model: str | None, trust_pickle: bool,
-               dev: torch.device) -> _Pair:
+def _load_pair(source_path: str | Path | SourceKind, quantized_path: str | Path, *, model: str | None,
+               trust_pickle: bool, dev: torch.device) -> _Pair:
     source = load_source(source_path, model=model, trust_pickle=trust_pickle)
     float_model = source.model.to(dev)
     qpath = Path(quantized_path)
@@ -703,13 +691,14 @@ def _evaluate_text(source_path, quantized_path, text_path, *, max_length, stride
     if batch_size < 1:
         raise ConfigError("`batch_size` must be at least 1")
     dev = check_device(device)
-    source_path = check_source(Path(source_path))
-    if not is_hf_folder(source_path):
+    source = what_is(source_path)
+    source_path = source.path
+    if not source.folder:
         raise ConfigError(f"`text` is tokenized with a model folder's tokenizer; {source_path} is not a Hugging Face "
                           "folder: pass `inputs` FILE")
     tokenizer = load_tokenizer(source_path)
     raw = read_text(text_path, "text")
-    pair = _load_pair(source_path, quantized_path, model=None, trust_pickle=False, dev=dev)
+    pair = _load_pair(source, quantized_path, model=None, trust_pickle=False, dev=dev)
     text = text_inputs(pair.float_model, tokenizer, raw, text_path, max_length=max_length, stride=stride)
     models = {"float": pair.float_model, "int8": pair.int8_model}
     scores = (lm_scores if text.kind == "causal-lm" else embedding_scores)(models, text, batch_size, dev)

@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
@@ -36,7 +37,10 @@ __all__ = [
     "write_folder_atomic",
     "temporary_name",
     "SAFETENSORS_DTYPES",
-    "safetensors_nbytes",
+    "MAX_HEADER",
+    "TensorEntry",
+    "SafetensorsHeader",
+    "read_header",
     "HASH_KEYS",
     "tensor_bytes",
     "header_digest",
@@ -102,29 +106,100 @@ def check_file(path: str | Path, what: str = "file") -> Path:
 
 MAX_HEADER = 100_000_000  # bytes: safetensors' own limit on a header
 
+# safetensors' dtypes and the bits of one element
+_DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+               "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+               "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
 
-def safetensors_nbytes(path: Path) -> int:
-    """The bytes of tensors a safetensors file describes, from its header alone: nothing else is
-    read or mapped (safetensors maps the whole file, which a sparse file can make any size).
-    ValueError if the header is not one."""
-    size = path.stat().st_size
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header: its dtype as safetensors names it ("F32"), its shape,
+    and its bytes [start, end) counted from the end of the header."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The torch dtype qlin reads this tensor as itself, or None (safetensors reads the rest)."""
+        return _TORCH_DTYPES.get(self.dtype)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated safetensors header (`read_header`)."""
+
+    size: int  # bytes of the header's JSON; the tensors' bytes start at 8 + size
+    tensors: dict[str, TensorEntry]  # in the header's order
+    metadata: dict[str, str]  # `__metadata__`, {} without one
+    raw: dict = field(repr=False, compare=False)  # the JSON object as read, for `header_digest`
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of all tensors: what loading the file takes."""
+        return sum(e.end - e.start for e in self.tensors.values())
+
+
+def _entry(key: str, entry: object) -> TensorEntry:
+    """A header's entry for tensor `key`, checked: a known dtype, a shape of non-negative ints,
+    and data_offsets [start, end] that hold exactly the shape's bytes."""
+    try:
+        dtype, shape = entry["dtype"], entry["shape"]  # type: ignore[index]
+        if dtype not in _DTYPE_BITS or not all(type(d) is int and d >= 0 for d in shape):
+            raise TypeError
+    except (KeyError, TypeError):
+        raise ValueError(f"tensor {key!r} has no valid shape and dtype") from None
+    offsets = entry.get("data_offsets")  # type: ignore[union-attr]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        raise ValueError(f"tensor {key!r} has no valid data_offsets [start, end]")
+    bits = math.prod(shape) * _DTYPE_BITS[dtype]
+    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+        takes = f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits"
+        held = offsets[1] - offsets[0]
+        raise ValueError(f"tensor {key!r}: {dtype} {list(shape)} takes {takes}, its data_offsets {offsets} hold {held} bytes")
+    return TensorEntry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_layout(tensors: dict[str, TensorEntry], data_bytes: int) -> None:
+    """The tensors' bytes, in order of their offsets, must follow one another from 0 to the end
+    of the file, as safetensors lays them out: no overlap, no gap, nothing after them."""
+    end = 0
+    for key, e in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if e.start != end:
+            raise ValueError(
+                f"tensor {key!r} starts at byte {e.start} of the data, not at {end} where the one before it ends")
+        end = e.end
+    if end != data_bytes:
+        raise ValueError(f"the tensors take {end} bytes but the file holds {data_bytes} after its header")
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """The header of the safetensors file at `path`, validated, reading nothing else (safetensors
+    maps the whole file, which a sparse file can make any size). ValueError, with one line that
+    says what is wrong, for a header length beyond the file or MAX_HEADER, a header that is not a
+    JSON object, metadata that is not str -> str, an entry without a known dtype, a shape and
+    data_offsets that hold the shape's bytes, or tensors that do not tile the rest of the file."""
+    path = Path(path)
     with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
         n = int.from_bytes(f.read(8), "little")
         if not 2 <= n <= min(size - 8, MAX_HEADER):
             raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except RecursionError as exc:  # "[[[[...": a RuntimeError, which callers do not expect
+            raise ValueError(str(exc)) from None
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
-    total = 0
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            shape = [int(d) for d in entry["shape"]]
-            total += math.prod(shape) * _ITEM_SIZES.get(entry["dtype"], 8)
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"tensor {key!r} has no valid shape and dtype") from None
-    return total
+    metadata = header.get("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise ValueError("the header's __metadata__ is not a map of strings to strings")
+    tensors = {key: _entry(key, e) for key, e in header.items() if key != "__metadata__"}
+    _check_layout(tensors, size - 8 - n)
+    return SafetensorsHeader(n, tensors, metadata, header)
 
 
 def file_sha256(path: Path) -> str:
@@ -345,8 +420,7 @@ SAFETENSORS_DTYPES = {
     torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 
-_ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-               "I32": 4, "U32": 4, "F32": 4}  # safetensors' dtypes by element size; the rest take 8
+_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 HASH_KEYS = ("payload_sha256", "header_sha256")  # the metadata that `digests` adds
 

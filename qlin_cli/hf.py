@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .budget import check_budget
 from .errors import ConfigError, InputError, one_line
-from .files import CONFIG_NAME, check_file, file_sha256, safetensors_nbytes
+from .files import CONFIG_NAME, check_file, file_sha256, read_header
 from .pickles import scan_pickle
 
 __all__ = [
@@ -170,7 +170,7 @@ def _check_weights(weights: WeightFiles) -> None:
         check_file(f, "weights")
         if f.suffix == ".safetensors":
             try:
-                total += safetensors_nbytes(f)
+                total += read_header(f).nbytes
             except (OSError, ValueError) as exc:
                 raise InputError(f"weights {f} is not a valid safetensors file ({one_line(exc)})") from None
         elif f.suffix == ".bin":

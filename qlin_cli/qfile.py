@@ -58,8 +58,8 @@ from .budget import check_budget
 from .export import QLIN_PLAN, export_weights, from_export
 from .hf import parameters_on_meta
 from .files import (
-    HASH_KEYS, SafetensorsStream, check_file, check_output, file_tensors, header_digest, safetensors_nbytes,
-    safetensors_writer, tied_keys, write_atomic,
+    HASH_KEYS, SafetensorsHeader, SafetensorsStream, check_file, check_output, file_tensors, header_digest,
+    read_header, safetensors_writer, tied_keys, write_atomic,
 )
 from .plan import EmbeddingEntry, Plan, PlanEntry, find_linears, layer_kind, layer_shape, swap_module
 from .lowbit import pack_bits, unpack_bits
@@ -292,19 +292,19 @@ def _validate_embedding(path: Path, e: EmbeddingEntry, tensors: dict[str, torch.
         raise _bad(path, f"{e.name}.weight_scale has values that are not finite and positive")
 
 
-def verify_payload(path: Path, metadata: dict[str, str]) -> None:
-    """Recompute the sha256 of the tensor payload and of the header, and compare them with the
-    recorded ones."""
+def verify_payload(path: Path, header: SafetensorsHeader) -> None:
+    """Recompute the sha256 of the tensor payload and of the `header` (the file's, read), and
+    compare them with the ones its metadata records."""
+    metadata = header.metadata
     for key in HASH_KEYS:
         if not metadata.get(key):
             raise _bad(path, f"records no {key} to verify against")
     with path.open("rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        f.seek(8 + header.size)
         payload = hashlib.file_digest(f, "sha256").hexdigest()
     for what, actual, recorded in (
         ("tensor payload", payload, metadata["payload_sha256"]),
-        ("header (tensor names, shapes, offsets, metadata)", header_digest(header), metadata["header_sha256"]),
+        ("header (tensor names, shapes, offsets, metadata)", header_digest(header.raw), metadata["header_sha256"]),
     ):
         if actual != recorded:
             raise _bad(path, f"{what} sha256 {actual[:12]}... does not match the recorded {recorded[:12]}...: the file was changed or damaged")
@@ -318,12 +318,13 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
     folder = path if path.is_dir() else None
     path = check_file(path if folder is None else export_weights(folder), "qlin file")
     try:
-        check_budget(safetensors_nbytes(path), f"qlin file {path}")
+        header = read_header(path)
+        check_budget(header.nbytes, f"qlin file {path}")
         with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise _bad(path, f"not a valid safetensors file ({one_line(exc)})") from None
+    metadata = header.metadata
     if metadata.get("format") != FORMAT and QLIN_PLAN in metadata:
         if verify:
             raise ConfigError(f"`verify` checks qlin files; {folder or path} is a compressed-tensors export, which records no payload sha256")
@@ -369,7 +370,7 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
         if suffix in LAYER_TENSORS[1:] and suffix != "bias" and layer not in quantized_names:
             raise _bad(path, f"tensor {key} belongs to no quantized layer of the plan")
     if verify:
-        verify_payload(path, metadata)
+        verify_payload(path, header)
     return QFile(path, metadata, config, plan, tensors)
 
 

@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
-import json
 import pickle
 import pickletools
 import re
@@ -29,13 +28,17 @@ from safetensors.torch import load_file
 
 from .budget import check_budget, format_size
 from .errors import InputError, one_line
-from .files import CONFIG_NAME, SAFETENSORS_DTYPES, check_file, file_sha256, safetensors_nbytes, tensor_bytes
-from .hf import hf_skeleton, is_hf_folder, load_hf_folder, parameters_on_meta, weight_files
+from .export import QLIN_PLAN
+from .files import CONFIG_NAME, SafetensorsHeader, TensorEntry, check_file, file_sha256, read_header, tensor_bytes
+from .hf import (
+    HF_KIND, WeightFiles, hf_skeleton, is_hf_folder, load_hf_folder, parameters_on_meta, quant_method, weight_files,
+)
 from .pickles import scan_pickle
+from .qfile import FORMAT
 
 __all__ = [
-    "Source", "read_checkpoint", "load_source", "load_factory", "load_tensors", "check_source", "LazySource",
-    "load_source_lazily", "stream_problem",
+    "Source", "read_checkpoint", "load_source", "load_factory", "load_tensors", "LazySource", "load_source_lazily",
+    "SourceKind", "what_is", "QLIN_FILE", "CT_WEIGHTS", "QUANTIZED_FOLDER", "SAFETENSORS", "PICKLE",
 ]
 
 
@@ -50,14 +53,98 @@ class Source:
     size_bytes: int
 
 
-def check_source(path: str | Path, what: str = "source") -> Path:
-    """A model source: a Hugging Face model folder (a folder with config.json, see hf.py), or
-    else a file as `check_file` accepts it (any other folder is an error)."""
+# ----------------------------------------------------------------------------- what a path is
+
+QLIN_FILE = "qlin file"
+CT_WEIGHTS = "compressed-tensors weights"  # the weights file of a compressed-tensors folder qlin wrote
+QUANTIZED_FOLDER = "quantized model folder"  # its config.json has a quantization_config
+SAFETENSORS = "safetensors state dict"
+PICKLE = "pickle"  # a torch.save file: a state dict or a whole pickled module, which only loading tells
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """What a model path is, decided once (`what_is`) and handed to whatever loads it.
+
+    kind: HF_KIND (a folder with config.json), QUANTIZED_FOLDER (one whose config.json has a
+    quantization_config: a compressed-tensors folder, or another method's), QLIN_FILE, CT_WEIGHTS,
+    SAFETENSORS or PICKLE (by its name: any file not named .safetensors). A problem found inside
+    the file or folder is kept, not raised: the command says it when it comes to load it.
+    """
+
+    path: Path
+    kind: str
+    header: SafetensorsHeader | None = None  # a .safetensors file's header, when it reads
+    header_problem: str | None = None  # else why it does not ("ValueError: ...")
+    quant_method: str | None = None  # a model folder's quantization_config method
+    weights: WeightFiles | None = None  # a model folder's weight files
+    weights_problem: str | None = None  # else why it has none
+
+    @property
+    def folder(self) -> bool:
+        return self.kind in (HF_KIND, QUANTIZED_FOLDER)
+
+    @property
+    def quantized(self) -> bool:
+        """True for what `read_qfile` reads (a qlin file, a compressed-tensors folder or its weights
+        file), and for any other quantized model folder (which it refuses with the reason)."""
+        return self.kind in (QLIN_FILE, CT_WEIGHTS, QUANTIZED_FOLDER)
+
+    def weight_files(self) -> WeightFiles:
+        """A model folder's weight files; InputError when it has none."""
+        if self.weights is None:
+            raise InputError(self.weights_problem)
+        return self.weights
+
+    def safetensors_header(self, what: str = "source") -> SafetensorsHeader:
+        """A .safetensors file's header; InputError (naming the file `what`) when it does not read."""
+        if self.header is None:
+            raise _not_safetensors(what, self.path, self.header_problem)
+        return self.header
+
+    def stream_problem(self) -> str | None:
+        """Why this source cannot be streamed (pickles load whole), or None."""
+        if self.folder:
+            kind = self.weight_files().kind
+            return None if "safetensors" in kind else f"{self.path} holds {kind} weights, a pickle that loads whole"
+        return None if self.path.suffix == ".safetensors" else f"{self.path} is a pickle, which loads whole"
+
+
+def what_is(path: str | Path, what: str = "source") -> SourceKind:
+    """What the model path `path` is: a model folder (Hugging Face, or quantized), or a file:
+    a qlin file, a compressed-tensors weights file, a safetensors state dict, or a pickle.
+    InputError (naming the path `what`) for a folder that is not a model folder and for a path
+    that `check_file` refuses; a header that does not read or a folder without weights is kept
+    in the result for the loader to report."""
+    path = Path(path)
     if is_hf_folder(path):
-        return Path(path)
-    if Path(path).is_dir():
+        method = quant_method(path)
+        try:
+            weights, problem = weight_files(path), None
+        except InputError as exc:
+            weights, problem = None, str(exc)
+        return SourceKind(path, QUANTIZED_FOLDER if method else HF_KIND, quant_method=method, weights=weights,
+                          weights_problem=problem)
+    if path.is_dir():
         raise InputError(f"{what} {path} is a folder but not a model folder (it has no {CONFIG_NAME})")
-    return check_file(path, what)
+    return _file_kind(check_file(path, what))
+
+
+def _file_kind(path: Path) -> SourceKind:
+    """A file's kind: a pickle by its name, a .safetensors file by its header's metadata."""
+    if path.suffix != ".safetensors":
+        return SourceKind(path, PICKLE)
+    try:
+        header = read_header(path)
+    except (OSError, ValueError) as exc:
+        return SourceKind(path, SAFETENSORS, header_problem=one_line(exc))
+    meta = header.metadata
+    kind = QLIN_FILE if meta.get("format") == FORMAT else CT_WEIGHTS if QLIN_PLAN in meta else SAFETENSORS
+    return SourceKind(path, kind, header=header)
+
+
+def _kind_of(source: str | Path | SourceKind) -> SourceKind:
+    return source if isinstance(source, SourceKind) else what_is(source)
 
 
 def load_factory(spec: str) -> Callable[[], nn.Module]:
@@ -253,25 +340,25 @@ def _unpickling_detail(exc: Exception) -> str:
 _BAD_SAFETENSORS = (SafetensorError, OSError, ValueError, RuntimeError)
 
 
-def _not_safetensors(what: str, path: Path, exc: BaseException) -> InputError:
-    return InputError(f"{what} {path} is not a valid safetensors file ({one_line(exc)})")
+def _not_safetensors(what: str, path: Path, detail: str) -> InputError:
+    return InputError(f"{what} {path} is not a valid safetensors file ({detail})")
 
 
-def _safetensors_budget(path: Path, what: str) -> None:
-    """Refuse a safetensors file whose header describes more tensor bytes than `max_memory`."""
+def _header(path: Path, what: str) -> SafetensorsHeader:
+    """`read_header`, its refusal as the InputError a user sees."""
     try:
-        nbytes = safetensors_nbytes(path)
-    except _BAD_SAFETENSORS as exc:
-        raise _not_safetensors(what, path, exc) from None
-    check_budget(nbytes, f"{what} {path}")
+        return read_header(path)
+    except (OSError, ValueError) as exc:
+        raise _not_safetensors(what, path, one_line(exc)) from None
 
 
-def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    _safetensors_budget(path, what)
+def _read_safetensors(path: Path, header: SafetensorsHeader, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, once its header says they fit `max_memory`."""
+    check_budget(header.nbytes, f"{what} {path}")
     try:
         return load_file(path)
     except _BAD_SAFETENSORS as exc:
-        raise _not_safetensors(what, path, exc) from None
+        raise _not_safetensors(what, path, one_line(exc)) from None
 
 
 def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -328,48 +415,46 @@ def _read_into(f, start: int, buf: memoryview) -> None:
         done += got
 
 
-def _fill_from_safetensors(model: nn.Module, path: Path, spec: str) -> None:
-    """Read the safetensors state dict at `path` (its header already validated by safetensors,
-    in `_reject_qlin_file`) straight into `model`'s own tensors, one at a time, so that loading
-    needs no memory beyond the model (load_file + load_state_dict held the whole state dict
-    besides it: +1x the model). A tensor of another dtype than the model's is read aside and
-    converted, as load_state_dict does."""
-    by_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+def _fill_from_safetensors(model: nn.Module, path: Path, header: SafetensorsHeader, spec: str) -> None:
+    """Read the safetensors state dict at `path` (its validated `header`) straight into `model`'s
+    own tensors, one at a time, so that loading needs no memory beyond the model (load_file +
+    load_state_dict held the whole state dict besides it: +1x the model). A tensor of another
+    dtype than the model's is read aside and converted, as load_state_dict does."""
     targets = model.state_dict(keep_vars=True)
+    _check_keys(targets, header.tensors, path, spec)
     try:
         with open(path, "rb", buffering=0) as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            _check_keys(targets, header, path, spec)
             for key, target in targets.items():
-                t, entry = target.detach(), header[key]
-                if list(t.shape) != entry["shape"]:
+                t, entry = target.detach(), header.tensors[key]
+                if tuple(t.shape) != entry.shape:
                     raise InputError(
                         f"{path} does not fit `model` {spec}: size mismatch for {key}: "
-                        f"{entry['shape']} in the file, {list(t.shape)} in the model"
+                        f"{list(entry.shape)} in the file, {list(t.shape)} in the model"
                     )
-                dtype = by_name.get(entry["dtype"])
+                dtype = entry.torch_dtype
                 if dtype is None:  # a dtype qlin does not read itself
                     with safe_open(path, framework="pt") as st:
                         t.copy_(st.get_tensor(key))
                     continue
                 direct = dtype == t.dtype and t.is_contiguous() and t.device.type == "cpu"
-                buf = t if direct else torch.empty(entry["shape"], dtype=dtype)
-                _read_into(f, 8 + n + entry["data_offsets"][0], tensor_bytes(buf))
+                buf = t if direct else torch.empty(entry.shape, dtype=dtype)
+                _read_into(f, 8 + header.size + entry.start, tensor_bytes(buf))
                 if not direct:
                     t.copy_(buf)
     except _BAD_SAFETENSORS as exc:
-        raise _not_safetensors("source", path, exc) from None
+        raise _not_safetensors("source", path, one_line(exc)) from None
 
 
-def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[Any, str]:
+def read_checkpoint(source: str | Path | SourceKind, *, trust_pickle: bool = False) -> tuple[Any, str]:
     """What a checkpoint file holds, safely: (an nn.Module, "pickled module") or (a state dict,
     "state dict" / "safetensors state dict"). Raises InputError for anything else."""
-    path = check_file(path, "source")
+    kind = _kind_of(source)
+    path = kind.path
+    if kind.folder:
+        check_file(path, "source")  # says it is a folder, not a file
     if path.suffix == ".safetensors":
-        state = _read_safetensors(path, "source")
-        _reject_qlin_file(path)
+        state = _read_safetensors(path, kind.safetensors_header(), "source")
+        _reject_qlin_file(kind)
         return state, "safetensors state dict"
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
@@ -381,29 +466,31 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[An
 
 
 def load_source(
-    path: str | Path, *, model: str | None = None, trust_pickle: bool = False
+    source: str | Path | SourceKind, *, model: str | None = None, trust_pickle: bool = False
 ) -> Source:
-    """Load a float model from a checkpoint.
+    """Load a float model from a checkpoint (a path, or what `what_is` found it to be).
 
     - `.safetensors`: a state dict; needs `model` (`package.module:factory`).
     - anything else: `torch.load`; a state dict needs `model`; a whole pickled module loads
       without it when built from torch.nn classes only, else only with `trust_pickle`.
     - a Hugging Face model folder (config.json + weights): through transformers (hf.py).
     """
-    path = check_source(path)
-    if path.is_dir():
+    source = _kind_of(source)
+    path = source.path
+    if source.folder:
         hf = load_hf_folder(path, model=model)
         return Source(hf.model, path, hf.kind, hf.sha256, hf.size_bytes)
     if path.suffix == ".safetensors" and model is not None:
-        _safetensors_budget(path, "source")
-        _reject_qlin_file(path)  # also validates the header, before the model is built
+        header = source.safetensors_header()
+        check_budget(header.nbytes, f"source {path}")
+        _reject_qlin_file(source)  # before the model is built
         built, kind = _build(model), "safetensors state dict"
         if _plain_loading(built):
-            _fill_from_safetensors(built, path, model)
+            _fill_from_safetensors(built, path, header, model)
         else:
-            _load_state(built, _read_safetensors(path, "source"), path, model)
+            _load_state(built, _read_safetensors(path, header, "source"), path, model)
     else:
-        obj, kind = read_checkpoint(path, trust_pickle=trust_pickle)
+        obj, kind = read_checkpoint(source, trust_pickle=trust_pickle)
         if isinstance(obj, nn.Module):
             built = obj
         else:
@@ -418,15 +505,10 @@ def load_source(
     return Source(built, path, kind, file_sha256(path), path.stat().st_size)
 
 
-def _reject_qlin_file(path: Path) -> None:
-    """Refuse a qlin file as a float source, and a file safetensors cannot open."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except _BAD_SAFETENSORS as exc:
-        raise _not_safetensors("source", path, exc) from None
-    if metadata.get("format") == "qlin":
-        raise InputError(f"{path} is already a qlin int8 file; pass the float checkpoint")
+def _reject_qlin_file(source: SourceKind) -> None:
+    """Refuse a qlin file as a float source."""
+    if source.kind == QLIN_FILE:
+        raise InputError(f"{source.path} is already a qlin int8 file; pass the float checkpoint")
 
 
 def load_tensors(path: str | Path, what: str = "inputs") -> torch.Tensor | dict[str, torch.Tensor]:
@@ -435,7 +517,7 @@ def load_tensors(path: str | Path, what: str = "inputs") -> torch.Tensor | dict[
     gives that tensor."""
     path = check_file(path, what)
     if path.suffix == ".safetensors":
-        obj: Any = _read_safetensors(path, what)
+        obj: Any = _read_safetensors(path, _header(path, what), what)
     else:
         scan_pickle(path, lambda detail: InputError(f"{what} {path} cannot be loaded as tensors ({detail})"))
         try:
@@ -470,33 +552,29 @@ class _TensorReader:
     """Tensors of safetensors files read one at a time with plain reads (no mmap: the pages of a
     mapped file count in the process's resident memory while it stays mapped)."""
 
-    def __init__(self, files: list[Path]) -> None:
-        by_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-        self.entries: dict[str, tuple[Path, torch.dtype | None, list[int], int]] = {}
-        for path in files:
-            _reject_qlin_file(path)  # validates the header, and refuses a qlin file
-            with open(path, "rb", buffering=0) as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            for key, e in header.items():
-                self.entries.setdefault(key, (path, by_name.get(e["dtype"]), e["shape"], 8 + n + e["data_offsets"][0]))
+    def __init__(self, sources: list[SourceKind]) -> None:
+        self.entries: dict[str, tuple[Path, int, TensorEntry]] = {}  # key -> (file, its header's size, entry)
+        for source in sources:
+            header = source.safetensors_header()
+            _reject_qlin_file(source)
+            for key, e in header.tensors.items():
+                self.entries.setdefault(key, (source.path, header.size, e))
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
 
     def read(self, key: str) -> torch.Tensor:
-        path, dtype, shape, start = self.entries[key]
+        path, size, entry = self.entries[key]
         try:
-            if dtype is None:  # a dtype qlin does not read itself
+            if entry.torch_dtype is None:  # a dtype qlin does not read itself
                 with safe_open(path, framework="pt") as st:
                     return st.get_tensor(key)
-            t = torch.empty(shape, dtype=dtype)
+            t = torch.empty(entry.shape, dtype=entry.torch_dtype)
             with open(path, "rb", buffering=0) as f:
-                _read_into(f, start, tensor_bytes(t))
+                _read_into(f, 8 + size + entry.start, tensor_bytes(t))
             return t
         except _BAD_SAFETENSORS as exc:
-            raise _not_safetensors("source", path, exc) from None
+            raise _not_safetensors("source", path, one_line(exc)) from None
 
 
 @dataclass
@@ -564,31 +642,22 @@ class LazySource:
                 sub._parameters[attr] = p
 
 
-def stream_problem(path: Path) -> str | None:
-    """Why the source at `path` cannot be streamed (pickles load whole), or None."""
-    if is_hf_folder(path):
-        kind = weight_files(path).kind
-        return None if "safetensors" in kind else f"{path} holds {kind} weights, a pickle that loads whole"
-    if path.suffix != ".safetensors":
-        return f"{path} is a pickle, which loads whole"
-    return None
-
-
-def load_source_lazily(path: str | Path, *, model: str | None = None) -> LazySource:
+def load_source_lazily(source: str | Path | SourceKind, *, model: str | None = None) -> LazySource:
     """A streamed source (`LazySource`): a Hugging Face folder with safetensors weights (single or
-    sharded), or a safetensors state dict with `model`. Pickles (`.pt`, `.bin`) cannot be read a
-    tensor at a time: InputError."""
-    path = check_source(path)
-    why = stream_problem(path)
+    sharded), or a safetensors state dict with `model` (a path, or what `what_is` found it to be).
+    Pickles (`.pt`, `.bin`) cannot be read a tensor at a time: InputError."""
+    source = _kind_of(source)
+    path = source.path
+    why = source.stream_problem()
     if why is not None:
         raise InputError(f"`stream`: {why} (it cannot be read a layer at a time); convert it to safetensors")
-    if path.is_dir():
+    if source.folder:
         hf = hf_skeleton(path, model=model)
-        files = [f for f in hf.files if f.suffix == ".safetensors"]
-        return LazySource(hf.model, path, hf.kind, hf.sha256, hf.size_bytes, _TensorReader(files))
+        shards = [_file_kind(f) for f in hf.files if f.suffix == ".safetensors"]
+        return LazySource(hf.model, path, hf.kind, hf.sha256, hf.size_bytes, _TensorReader(shards))
     if model is None:
         raise InputError(f"{path} is a safetensors state dict: pass `model` package.module:factory")
-    reader = _TensorReader([path])  # validates the header before the model is built
+    reader = _TensorReader([source])  # the header is checked before the model is built
     with parameters_on_meta():
         built = _build(model)
     _check_keys(built.state_dict(), reader.entries, path, model)

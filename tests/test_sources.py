@@ -4,6 +4,7 @@ inputs and labels, and the file checks, each with the one-line InputError a user
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,10 @@ from torch import nn
 
 from qlin_cli.errors import InputError, QlinError
 from qlin_cli.files import check_file
-from qlin_cli.sources import load_factory, load_source, load_tensors, read_checkpoint
+from qlin_cli.sources import (
+    CT_WEIGHTS, PICKLE, QLIN_FILE, QUANTIZED_FOLDER, SAFETENSORS, load_factory, load_source, load_tensors, read_checkpoint,
+    what_is,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_models"
@@ -468,3 +472,125 @@ def test_load_tensors_missing_file(tmp_path):
     with pytest.raises(InputError) as exc:
         load_tensors(tmp_path / "nope.safetensors", "labels")
     assert message(exc) == f"labels {tmp_path / 'nope.safetensors'} does not exist"
+
+
+# ----------------------------------------------------------------------------- what_is: what a path is
+
+
+@pytest.fixture(scope="module")
+def quantized_outputs(tmp_path_factory):
+    """A qlin file and a compressed-tensors folder, both written by qlin from a small MLP."""
+    from qlin_cli import QuantConfig, quantize_model, save_quantized
+    from qlin_cli.export import save_compressed_tensors
+
+    root = tmp_path_factory.mktemp("quantized")
+    save_quantized(quantize_model(small_mlp(), QuantConfig(kernel="fbgemm")), root / "q.safetensors")
+    save_compressed_tensors(quantize_model(small_mlp(), QuantConfig(kernel="fbgemm")), root / "ct")
+    return root
+
+
+def test_what_is_a_qlin_file(quantized_outputs):
+    kind = what_is(quantized_outputs / "q.safetensors")
+    assert kind.kind == QLIN_FILE and kind.quantized and not kind.folder
+    assert kind.header.metadata["format"] == "qlin" and kind.header_problem is None
+    assert kind.stream_problem() is None  # a safetensors file; loading it as a source refuses it
+    with pytest.raises(InputError, match="already a qlin int8 file"):
+        load_source(kind)
+
+
+def test_what_is_a_compressed_tensors_folder_and_its_weights(quantized_outputs):
+    folder = what_is(quantized_outputs / "ct")
+    assert folder.kind == QUANTIZED_FOLDER and folder.quant_method == "compressed-tensors"
+    assert folder.quantized and folder.folder and folder.header is None
+    assert folder.weight_files().files == (quantized_outputs / "ct" / "model.safetensors",)
+    weights = what_is(quantized_outputs / "ct" / "model.safetensors")
+    assert weights.kind == CT_WEIGHTS and weights.quantized and "qlin_plan" in weights.header.metadata
+
+
+def test_what_is_a_hugging_face_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from qlin_cli.hf import HF_KIND
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    kind = what_is(tmp_path / "bert")
+    assert kind.kind == HF_KIND and kind.folder and not kind.quantized and kind.quant_method is None
+    assert kind.weight_files().kind == "model.safetensors" and kind.stream_problem() is None
+    assert load_source(kind).kind == "Hugging Face folder (BertModel, model.safetensors)"
+
+
+def test_what_is_a_folder_with_pickled_weights_or_none(tmp_path):
+    for name in ("bin", "none"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    torch.save(small_mlp().state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    assert what_is(tmp_path / "bin").stream_problem() == f"{tmp_path / 'bin'} holds pytorch_model.bin weights, a pickle that loads whole"
+    none = what_is(tmp_path / "none")  # found out now, said when the weights are needed
+    assert none.weights is None and not none.quantized
+    with pytest.raises(InputError) as exc:
+        none.weight_files()
+    assert message(exc) == (f"{tmp_path / 'none'} has a config.json but no weights: expected model.safetensors, "
+                            "model.safetensors.index.json (+ shards) or pytorch_model.bin")
+
+
+def test_what_is_a_folder_of_another_quantization_method(tmp_path):
+    (tmp_path / "gptq").mkdir()
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}}))
+    kind = what_is(tmp_path / "gptq")
+    assert (kind.kind, kind.quant_method, kind.quantized) == (QUANTIZED_FOLDER, "gptq", True)
+
+
+def test_what_is_a_state_dict(tmp_path, in_repo):
+    torch.save(digits_state(), tmp_path / "sd.pt")
+    pt = what_is(tmp_path / "sd.pt")
+    assert (pt.kind, pt.header, pt.quantized) == (PICKLE, None, False)
+    assert pt.stream_problem() == f"{tmp_path / 'sd.pt'} is a pickle, which loads whole"
+    st = what_is(DIGITS_SD)
+    assert st.kind == SAFETENSORS and not st.quantized and st.stream_problem() is None
+    assert set(st.header.tensors) == set(digits_state()) and st.header.metadata == {}
+    assert_state_equal(load_source(st, model=DIGITS_FACTORY).model, digits_state())
+
+
+def test_what_is_a_pickled_module(tmp_path):
+    torch.save(small_mlp(), tmp_path / "whole.pt")
+    kind = what_is(tmp_path / "whole.pt")
+    assert kind.kind == PICKLE  # a state dict or a module: only loading tells
+    assert read_checkpoint(kind)[1] == "pickled module"
+
+
+def test_what_is_keeps_a_damaged_header_for_the_loader(tmp_path):
+    src = tmp_path / "cut.safetensors"
+    src.write_bytes(DIGITS_SD.read_bytes()[:-10])
+    kind = what_is(src)
+    assert kind.kind == SAFETENSORS and kind.header is None
+    assert kind.header_problem.startswith("ValueError: the tensors take ")
+    with pytest.raises(InputError) as exc:
+        load_source(kind, model=DIGITS_FACTORY)
+    assert message(exc) == f"source {src} is not a valid safetensors file ({kind.header_problem})"
+
+
+@pytest.mark.parametrize("make, what, phrase", [
+    (lambda p: p / "missing.pt", "source", "does not exist"),
+    (lambda p: p, "source", "is a folder but not a model folder (it has no config.json)"),
+    (lambda p: p, "file", "is a folder but not a model folder (it has no config.json)"),
+    (_empty, "source", "is empty"),
+], ids=["missing", "plain-folder", "plain-folder-as-file", "empty"])
+def test_what_is_refuses_what_is_no_model(tmp_path, make, what, phrase):
+    path = make(tmp_path)
+    with pytest.raises(InputError) as exc:
+        what_is(path, what)
+    assert message(exc) == f"{what} {path} {phrase}"
+
+
+def test_loaders_take_the_kind_without_deciding_it_again(tmp_path, in_repo, monkeypatch):
+    import qlin_cli.sources as sources
+
+    kinds = [what_is(DIGITS_PT), what_is(DIGITS_SD)]
+    monkeypatch.setattr(sources, "what_is", lambda *a, **k: pytest.fail("what_is called again"))
+    assert load_source(kinds[0]).kind == "pickled module"
+    assert load_source(kinds[1], model=DIGITS_FACTORY).kind == "safetensors state dict"
+    assert read_checkpoint(kinds[1])[1] == "safetensors state dict"
+    lazy = sources.load_source_lazily(kinds[1], model=DIGITS_FACTORY)
+    assert lazy.tensor("0.weight").shape == digits_state()["0.weight"].shape
