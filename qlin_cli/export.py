@@ -81,7 +81,7 @@ import torch
 
 from . import __version__
 from .errors import ConfigError, FormatError
-from .files import CONFIG_NAME, check_output_dir, file_tensors, safetensors_writer, tied_keys, write_folder_atomic
+from .files import CONFIG_NAME, QLIN_PLAN, check_output_dir, file_tensors, safetensors_writer, tied_keys, write_folder_atomic
 from .hf import quant_method
 from .plan import Plan, PlanEntry
 from .quantize import QuantizeResult
@@ -98,13 +98,11 @@ __all__ = [
     "save_compressed_tensors",
     "export_weights",
     "from_export",
-    "QLIN_PLAN",
 ]
 
 FORMATS = ("qlin", "compressed-tensors")
 CT_FORMAT = "compressed-tensors"
 WEIGHTS_NAME = "model.safetensors"
-QLIN_PLAN = "qlin_plan"  # the metadata key that marks a weights file qlin can read back
 QLIN_FORMAT_VERSION = 2  # the qlin file format (qfile.FORMAT_VERSION) of that config, plan and ties
 
 # qlin's observers as compressed-tensors names them (the closest one where there is no twin;

@@ -25,6 +25,8 @@ from .errors import InputError, OutputError
 
 __all__ = [
     "CONFIG_NAME",
+    "FORMAT",
+    "QLIN_PLAN",
     "check_file",
     "file_sha256",
     "size_bytes",
@@ -50,6 +52,10 @@ __all__ = [
 ]
 
 CONFIG_NAME = "config.json"  # what makes a folder a model folder
+# what a safetensors file's metadata says it is: `format` = FORMAT for a qlin file; the key
+# QLIN_PLAN for the weights file of a compressed-tensors folder qlin wrote (readable back)
+FORMAT = "qlin"
+QLIN_PLAN = "qlin_plan"
 
 # what a file's content is given as: its bytes, or a function that writes into the open file
 Content = bytes | Callable[[BinaryIO], None]

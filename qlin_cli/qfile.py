@@ -55,10 +55,10 @@ from . import __version__
 from .config import QuantConfig
 from .errors import ConfigError, FormatError, InputError, one_line
 from .budget import check_budget
-from .export import QLIN_PLAN, export_weights, from_export
+from .export import export_weights, from_export
 from .hf import parameters_on_meta
 from .files import (
-    HASH_KEYS, SafetensorsHeader, SafetensorsStream, check_file, check_output, file_tensors, header_digest,
+    FORMAT, HASH_KEYS, QLIN_PLAN, SafetensorsHeader, SafetensorsStream, check_file, check_output, file_tensors, header_digest,
     read_header, safetensors_writer, tied_keys, write_atomic,
 )
 from .plan import EmbeddingEntry, Plan, PlanEntry, find_linears, layer_kind, layer_shape, swap_module
@@ -69,7 +69,6 @@ from .qlinear import QuantizedLinear, compile_model, pack_all
 from .quantize import LayerResult, QuantizeResult
 
 __all__ = [
-    "FORMAT",
     "FORMAT_VERSION",
     "QFile",
     "save_quantized",
@@ -82,7 +81,6 @@ __all__ = [
     "unpack_bits",
 ]
 
-FORMAT = "qlin"
 FORMAT_VERSION = 3  # the newest this qlin reads and writes; files without int8 embeddings are written as 2
 LAYER_TENSORS = ("weight", "weight_scale", "weight_zero_point", "bias", "input_scale", "input_zero_point", "smooth_scale")
 

@@ -28,13 +28,11 @@ from safetensors.torch import load_file
 
 from .budget import check_budget, format_size
 from .errors import InputError, one_line
-from .export import QLIN_PLAN
-from .files import CONFIG_NAME, SafetensorsHeader, TensorEntry, check_file, file_sha256, read_header, tensor_bytes
+from .files import CONFIG_NAME, FORMAT, QLIN_PLAN, SafetensorsHeader, TensorEntry, check_file, file_sha256, read_header, tensor_bytes
 from .hf import (
     HF_KIND, WeightFiles, hf_skeleton, is_hf_folder, load_hf_folder, parameters_on_meta, quant_method, weight_files,
 )
 from .pickles import scan_pickle
-from .qfile import FORMAT
 
 __all__ = [
     "Source", "read_checkpoint", "load_source", "load_factory", "load_tensors", "LazySource", "load_source_lazily",

@@ -377,7 +377,8 @@ def test_pack_quantized_layers_read_back_as_the_qlin_file_stores_them(bits, grou
     """`from_export` inverts the export's pack-quantized layout exactly: the weight's words are
     the qlin file's packed rows padded to whole words (int8 values at 8 bits), and asymmetric
     zero points, packed along the outputs, unpack to qlin's."""
-    from qlin_cli.export import QLIN_PLAN, _layer_tensors, from_export, layer_format
+    from qlin_cli.export import _layer_tensors, from_export, layer_format
+    from qlin_cli.files import QLIN_PLAN
     from qlin_cli.plan import Plan, PlanEntry
     from qlin_cli.lowbit import pack_bits
     from qlin_cli.scheme import LayerScheme
