@@ -379,7 +379,7 @@ def test_pack_quantized_layers_read_back_as_the_qlin_file_stores_them(bits, grou
     zero points, packed along the outputs, unpack to qlin's."""
     from qlin_cli.export import QLIN_PLAN, _layer_tensors, from_export, layer_format
     from qlin_cli.plan import Plan, PlanEntry
-    from qlin_cli.lowbit import pack_bits
+    from qlin_cli.kernels.lowbit import pack_bits
     from qlin_cli.scheme import LayerScheme
 
     scheme = LayerScheme(mode="weight-only", bits=bits, group_size=group, symmetric=symmetric)

@@ -289,7 +289,7 @@ def test_onednn_equals_the_torch_op_path_to_float_rounding(sym, smooth):
 def test_onednn_codes_are_the_fbgemm_path_codes():
     """quantize_rows against the torch-op formula of the fbgemm path, code for code, on rows with
     ties, constants, zeros and tiny ranges."""
-    from qlin_cli import native
+    from qlin_cli.kernels import native
 
     kernels = native.load()
     g = torch.Generator().manual_seed(10)
@@ -315,7 +315,7 @@ def test_onednn_codes_are_the_fbgemm_path_codes():
 def test_layers_reading_the_same_input_quantize_it_once(monkeypatch):
     """Q, K and V read one tensor: it is quantized once, and an in-place change of that tensor (a
     new version) is quantized again, so no result changes."""
-    from qlin_cli import native
+    from qlin_cli.kernels import native
 
     kernels = native.load()
     calls = []
@@ -373,7 +373,8 @@ def test_onednn_request_falls_back_with_a_reason():
 
 
 def test_without_the_fused_kernels_auto_runs_the_torch_op_path_and_says_why(monkeypatch):
-    from qlin_cli import kernels, native
+    from qlin_cli import kernels
+    from qlin_cli.kernels import native
 
     monkeypatch.setattr(native, "_load", lambda: (None, "no C++ compiler (c++) on PATH"))
     c = _select()

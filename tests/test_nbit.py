@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from qlin_cli import QuantConfig, load_quantized, native, quantize_model, save_quantized
+from qlin_cli import QuantConfig, load_quantized, quantize_model, save_quantized
+from qlin_cli.kernels import native
 from qlin_cli.errors import ConfigError
 from qlin_cli.kernels import int4pack_missing, pack, select_kernel
 from qlin_cli.primitives import choose_qparams, dequantize, qrange, quantize, sqnr_db

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from . import lowbit, native
-from .primitives import QMAX, QMIN, dequantize, quantize_activations, row_ranges
-from .scheme import LayerScheme
+from ..primitives import QMAX, QMIN, dequantize, quantize_activations, row_ranges
+from ..scheme import LayerScheme
 
 __all__ = [
     "KernelChoice",

@@ -33,7 +33,7 @@ from types import ModuleType
 
 import torch
 
-from .files import temporary_name
+from ..files import temporary_name
 
 __all__ = ["load", "unavailable_reason"]
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import native, primitives
-from .primitives import packed_row_bytes
+from .. import primitives
+from . import native
+from ..primitives import packed_row_bytes
 
 __all__ = [
     "pack_bits", "unpack_bits", "pack_int4", "unpack_int4", "dequantize", "lowbit_linear_reference", "implementation",
