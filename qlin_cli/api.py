@@ -492,7 +492,7 @@ def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, ver
             raise ConfigError(f"`verify` checks qlin files; {path} is not one")
         return _inspect_float(check_source(path, "file"), model, trust_pickle, group_size)
     qf = read_qfile(path, verify=verify)
-    layers = []
+    layers, choices = [], {}
     for e in qf.plan.entries:
         row: dict[str, Any] = {
             "name": e.name, "status": e.status, "reason": e.reason,
@@ -500,8 +500,8 @@ def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, ver
         }
         if e.scheme is not None:
             scale, zp = qf.tensors[f"{e.name}.weight_scale"], qf.tensors[f"{e.name}.weight_zero_point"]
-            choice = select_kernel(e.scheme, device=dev, dtype=e.torch_dtype,
-                                   in_features=e.in_features, out_features=e.out_features)
+            choice = choices[e.name] = select_kernel(e.scheme, device=dev, dtype=e.torch_dtype,
+                                                     in_features=e.in_features, out_features=e.out_features)
             bits = e.scheme.bits
             row.update(
                 weight_dtype="int8" if bits == 8 else f"int{bits} (packed in uint8)",
@@ -527,7 +527,7 @@ def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, ver
         layers.append(row)
     meta = {k: v for k, v in sorted(qf.metadata.items()) if k not in ("config", "plan", "embeddings")}  # safetensors returns it unordered
     kind = "compressed-tensors" if path.is_dir() or qf.metadata.get("format") != FORMAT else "qlin"
-    return InspectReport(str(path), meta, qf.config, layers, len(qf.tensors), size_bytes(path), verify, kind)
+    return InspectReport(str(path), meta, qf.config, layers, len(qf.tensors), size_bytes(path), verify, kind, choices)
 
 
 def _inspect_float(path: Path, model: str | None, trust_pickle: bool, group_size: int | None) -> FloatInspectReport:
