@@ -27,7 +27,6 @@ def cpu_features() -> frozenset[str]:
     return frozenset()
 
 
-
 def weight_row_sums(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """Row sums of the dequantized weight `(N, K)`, `s[n] * sum_k (qw[n, k] - z[n])`, as float32
     `(N,)`: what an activation offset (x = a * q + c) contributes, c * wsum[n]. The integer sums are

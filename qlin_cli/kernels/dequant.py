@@ -30,7 +30,6 @@ class _Dequant:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
-
 class _DequantKernel(Kernel):
     name, activations, rank = "dequant", "float", 70
     requestable, float_weights = False, True

@@ -48,7 +48,6 @@ def _fbgemm_missing() -> str | None:
     return None
 
 
-
 def _fbgemm_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why fbgemm cannot run this layer here, or None."""
     if device.type != "cpu":
@@ -58,7 +57,6 @@ def _fbgemm_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype != torch.float32:
         return f"fbgemm takes float32 activations, not {dtype}"
     return None
-
 
 
 class _Fbgemm:
@@ -136,7 +134,6 @@ class _Fbgemm:
 
 
 _STATIC_FBGEMM = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-
 
 
 class _FbgemmKernel(Kernel):

@@ -42,7 +42,6 @@ def int4pack_missing(device_type: str, dtype: torch.dtype, n: int, k: int, bits:
     return None
 
 
-
 class _Int4Pack:
     """torch's 4-bit group-wise kernels: `_weight_int4pack_mm_for_cpu` (float activations) and,
     on CUDA, `_weight_int4pack_mm` (bfloat16; untested here, no GPU). Their weight is the unsigned
@@ -68,7 +67,6 @@ class _Int4Pack:
         y = self.op(x.to(self.dtype).contiguous(), self.packed, self.group_size, self.scales_zeros)
         y = y if self.bias is None else y.add_(self.bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
-
 
 
 class _Int4PackKernel(Kernel):

@@ -33,7 +33,6 @@ class IntMMRules:
 INT_MM_RULES = {"cpu": IntMMRules(), "cuda": IntMMRules(k_multiple=8, n_multiple=8, min_m=17)}
 
 
-
 class _IntMM:
     """`torch._int_mm` with int8 activations: dynamic (asymmetric, per token or per tensor:
     x ~ a * qx + c, see `primitives.activation_qparams`), or static with a calibrated scale s_x
@@ -108,7 +107,6 @@ class _IntMM:
         if self.bias is not None:
             y.add_(self.bias)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-
 
 
 class _IntMMKernel(Kernel):

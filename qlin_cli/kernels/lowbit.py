@@ -184,7 +184,6 @@ class _LowBit:
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-
 class _LowBitKernel(Kernel):
     name, activations, rank, low_bit = "lowbit", "float", 40, True
 

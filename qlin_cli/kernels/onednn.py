@@ -107,7 +107,6 @@ class _Onednn:
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-
 class _OnednnKernel(Kernel):
     name, activations, rank = "onednn", "int8", 10
 

@@ -21,6 +21,7 @@ primitives, which imports the scheme, which asks this registry to validate a ker
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar
 
@@ -135,29 +136,38 @@ class Kernel:
 
 
 _KERNELS: dict[str, Kernel] = {}
-_LOADED = False
+_LOADING = threading.Lock()
+_loaded = False
 
 
 def _load() -> dict[str, Kernel]:
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        for room in ROOMS:
-            register(importlib.import_module(f"{__package__}.{room}").KERNEL)
+    """The registered kernels; the first call imports the rooms."""
+    global _loaded
+    if not _loaded:
+        with _LOADING:  # packing threads may ask at once
+            if not _loaded:
+                for room in ROOMS:
+                    _add(importlib.import_module(f"{__package__}.{room}").KERNEL)
+                _loaded = True
     return _KERNELS
 
 
-def register(kernel: Kernel) -> None:
-    """Add `kernel` (the rooms in ROOMS are added on the first lookup)."""
-    known = _load()
-    if kernel.name in known or kernel.name == "auto":
+def _add(kernel: Kernel) -> None:
+    if kernel.name in _KERNELS or kernel.name == "auto":
         raise ValueError(f"a kernel named {kernel.name!r} is registered already")
     if kernel.activations not in ("int8", "float"):
         raise ValueError(f"kernel {kernel.name!r}: activations must be 'int8' or 'float', not {kernel.activations!r}")
-    known[kernel.name] = kernel
+    _KERNELS[kernel.name] = kernel
+
+
+def register(kernel: Kernel) -> None:
+    """Add a kernel from outside the rooms (they are added on the first lookup)."""
+    _load()
+    _add(kernel)
 
 
 def unregister(name: str) -> None:
+    """Remove the kernel registered as `name`."""
     del _load()[name]
 
 
@@ -189,14 +199,16 @@ def request_problem(scheme: LayerScheme) -> str | None:
         return None
     if scheme.mode == "weight-only" and kernel.activations != "float":
         takes = [n for n in request_names() if n == "auto" or get(n).activations == "float"]
-        return f"kernel {kernel.name!r} quantizes activations; weight-only mode takes kernel {', '.join(map(repr, takes))}"
+        return (f"kernel {kernel.name!r} quantizes activations; weight-only mode takes kernel "
+                f"{', '.join(map(repr, takes))}")
     if scheme.mode != "weight-only" and kernel.activations == "float":
         return f"kernel {kernel.name!r} needs `mode` weight-only"
     return kernel.scheme_problem(scheme)
 
 
 def grouped_kernels() -> str:
-    """The kernel requests that take grouped weights, as a message lists them: 'auto', 'lowbit' or 'int4pack'."""
+    """The kernel requests that take grouped weights, as a message lists them ('auto', 'lowbit'
+    or 'int4pack')."""
     names = ["auto", *(k.name for k in _load().values() if k.low_bit)]
     return f"{', '.join(map(repr, names[:-1]))} or {names[-1]!r}"
 

@@ -27,8 +27,6 @@ def _weight_int8pack_missing(device_type: str, dtype: torch.dtype, k: int, n: in
     return None
 
 
-
-
 class _WeightOnly:
     """`torch._weight_int8pack_mm`: float activations times int8 weights `(N, K)` with per-row
     scales. Asymmetric weights subtract `rowsum(x) * s * z` afterwards."""
@@ -68,7 +66,8 @@ class _WeightOnlyKernel(Kernel):
             if scheme.group_size is not None or self.refusal(scheme, target) is not None:
                 return None
             prefix = "fallback" if fallback else "auto"
-            return KernelChoice(self.name, f"{prefix}: {why}; {scheme.bits}-bit values on the int8 kernel", True, fallback)
+            reason = f"{prefix}: {why}; {scheme.bits}-bit values on the int8 kernel"
+            return KernelChoice(self.name, reason, True, fallback)
         why_not = self.refusal(scheme, target)
         if why_not is not None:
             return why_not
