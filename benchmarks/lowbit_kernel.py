@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import short_error  # noqa: E402
 
-from qlin_cli import lowbit, native  # noqa: E402
+from qlin_cli.kernels import lowbit, native  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [1, 4, 16, 128]

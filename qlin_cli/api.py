@@ -479,7 +479,7 @@ def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, ver
             raise ConfigError(f"`verify` checks qlin files; {path} is not one")
         return _inspect_float(kind or what_is(path, "file"), model, trust_pickle, group_size)
     qf = read_qfile(path, verify=verify)
-    layers = []
+    layers, choices = [], {}
     for e in qf.plan.entries:
         row: dict[str, Any] = {
             "name": e.name, "status": e.status, "reason": e.reason,
@@ -487,8 +487,8 @@ def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, ver
         }
         if e.scheme is not None:
             scale, zp = qf.tensors[f"{e.name}.weight_scale"], qf.tensors[f"{e.name}.weight_zero_point"]
-            choice = select_kernel(e.scheme, device=dev, dtype=e.torch_dtype,
-                                   in_features=e.in_features, out_features=e.out_features)
+            choice = choices[e.name] = select_kernel(e.scheme, device=dev, dtype=e.torch_dtype,
+                                                     in_features=e.in_features, out_features=e.out_features)
             bits = e.scheme.bits
             row.update(
                 weight_dtype="int8" if bits == 8 else f"int{bits} (packed in uint8)",
@@ -514,7 +514,8 @@ def _inspect(path: Path, model: str | None, trust_pickle: bool, device: str, ver
         layers.append(row)
     meta = {k: v for k, v in sorted(qf.metadata.items()) if k not in ("config", "plan", "embeddings")}  # safetensors returns it unordered
     container = "qlin" if kind.kind == QLIN_FILE else "compressed-tensors"
-    return InspectReport(str(path), meta, qf.config, layers, len(qf.tensors), size_bytes(path), verify, container)
+    return InspectReport(str(path), meta, qf.config, layers, len(qf.tensors), size_bytes(path), verify, container,
+                         choices)
 
 
 def _inspect_float(what: SourceKind, model: str | None, trust_pickle: bool, group_size: int | None) -> FloatInspectReport:

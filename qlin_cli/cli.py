@@ -28,8 +28,9 @@ from .api import TEXT_BATCH_SIZE, QuantizeOptions, evaluate_checkpoint, evaluate
 from .config import QuantConfig, load_recipe, recipe_names
 from .budget import parse_size
 from .errors import ConfigError, Terminated
+from .kernels.registry import request_names
 from .report import report_json
-from .scheme import ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, WEIGHT_GRANULARITIES
+from .scheme import ACT_GRANULARITIES, MODES, OBSERVER_NAMES, WEIGHT_GRANULARITIES
 
 WEIGHT_GRANULARITY_NAMES = tuple(g.name for g in WEIGHT_GRANULARITIES)
 ACT_GRANULARITY_NAMES = tuple(g.name for g in ACT_GRANULARITIES)
@@ -203,7 +204,7 @@ def quantize(
     group_size: Annotated[Optional[int], typer.Option("--group-size", metavar="G", help="One weight scale per G input channels, scale shape (out, ceil(in/G)); weight-only (selected when --mode is not given).")] = None,
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Weight zero point 0 (default) or fitted.")] = None,
     act_granularity: Annotated[Optional[Literal[ACT_GRANULARITY_NAMES]], typer.Option(help="Dynamic activations: token (default, batch-invariant) or tensor (batch-dependent).")] = None,
-    kernel: Annotated[Optional[Literal[KERNELS]], typer.Option(help="Kernel request; auto picks per layer.")] = None,
+    kernel: Annotated[Optional[Literal[request_names()]], typer.Option(help="Kernel request; auto picks per layer.")] = None,
     embeddings: Annotated[bool, typer.Option("--embeddings", help="Also quantize nn.Embedding tables, int8 per row (weight-only).")] = False,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", metavar="REGEX", help="Regex on module paths to keep in float (repeatable; adds to the recipe's).")] = None,
     config: Annotated[Optional[str], typer.Option("--config", metavar="RECIPE", help=f"A shipped recipe by name ({', '.join(recipe_names())}) or a TOML file; flags override it.")] = None,

@@ -25,7 +25,7 @@ import re2
 
 from .errors import ConfigError
 from .scheme import (
-    ACT_GRANULARITIES, KERNELS, MODES, OBSERVER_NAMES, PER_CHANNEL, PER_TENSOR, Granularity, LayerScheme,
+    ACT_GRANULARITIES, MODES, OBSERVER_NAMES, PER_CHANNEL, PER_TENSOR, Granularity, LayerScheme,
     calibration_need,
 )
 
@@ -34,7 +34,6 @@ __all__ = [
     "PER_TENSOR",
     "PER_CHANNEL",
     "MODES",
-    "KERNELS",
     "ACT_GRANULARITIES",
     "OBSERVER_NAMES",
     "Skip",

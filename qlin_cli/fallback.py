@@ -23,6 +23,7 @@ from .calibrate import LayerCalibration
 from .config import QuantConfig
 from .data import Inputs, model_output
 from .errors import ConfigError
+from .kernels.registry import requested_kernel
 from .primitives import sqnr_db
 from .plan import find_linears, swap_module
 from .quantize import LayerResult, QuantizeResult, quantize_layer, quantize_model
@@ -46,7 +47,8 @@ class _Swappable:
 def _wide_scheme(scheme: LayerScheme) -> LayerScheme:
     """The 8-bit per-channel scheme a low-bit layer widens to (its mode and observers kept; a
     low-bit kernel request becomes auto)."""
-    kernel = "auto" if scheme.kernel in ("lowbit", "int4pack") else scheme.kernel
+    requested = requested_kernel(scheme)
+    kernel = "auto" if requested is not None and requested.low_bit else scheme.kernel
     return scheme.with_changes(bits=8, granularity="channel", kernel=kernel)
 
 

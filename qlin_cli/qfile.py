@@ -62,7 +62,7 @@ from .files import (
     read_header, safetensors_writer, tied_keys, write_atomic,
 )
 from .plan import EmbeddingEntry, Plan, PlanEntry, find_linears, layer_kind, layer_shape, swap_module
-from .lowbit import pack_bits, unpack_bits
+from .kernels.lowbit import pack_bits, unpack_bits
 from .primitives import packed_row_bytes
 from .qembedding import QuantizedEmbedding
 from .qlinear import QuantizedLinear, compile_model, pack_all

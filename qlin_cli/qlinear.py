@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn as nn
 
-from .kernels import KernelChoice, pack, select_kernel
+from .kernels import KernelChoice, LayerTensors, pack, select_kernel
 from .observers import make_observer
 from .primitives import check_finite, grouped, quantize
 from .scheme import PER_CHANNEL, LayerScheme
@@ -99,7 +99,7 @@ class QuantizedLinear(nn.Module):
             q.input_zero_point.copy_(input_qparams[1])
         return q
 
-    def pack(self, device: torch.device | str = "cpu", **pack_options) -> "QuantizedLinear":
+    def pack(self, device: torch.device | str = "cpu") -> "QuantizedLinear":
         """Move the buffers to `device`, choose this machine's kernel and prepare its operands."""
         self.to(device)
         self.kernel = select_kernel(
@@ -107,12 +107,8 @@ class QuantizedLinear(nn.Module):
             out_features=self.out_features,
         )
         act = None if self.input_scale is None else (self.input_scale, self.input_zero_point)
-        self._run = pack(
-            self.kernel, self.weight, self.weight_scale, self.weight_zero_point, self.bias,
-            per_token=self.scheme.per_token, device=device, dtype=self.dtype,
-            act_qparams=act, smooth=self.smooth_scale, bits=self.scheme.bits, group_size=self.scheme.group_size,
-            **pack_options,
-        )
+        layer = LayerTensors(self.weight, self.weight_scale, self.weight_zero_point, self.bias, act, self.smooth_scale)
+        self._run = pack(self.kernel, layer, self.scheme, device=device, dtype=self.dtype)
         self._any_rank = getattr(self._run, "takes_any_rank", False)
         self._compiled = None
         return self

@@ -16,7 +16,7 @@ from .calibrate import LayerCalibration, calibrate
 from .config import QuantConfig
 from .data import Inputs, Progress
 from .errors import ConfigError, InputError
-from .kernels import select_kernel
+from .kernels import KernelChoice, select_kernel
 from .plan import EmbeddingEntry, Plan, PlanEntry, effective_linear, find_linears, layer_kind, make_plan, swap_module
 from .primitives import packed_row_bytes, sqnr_db, weight_sqnr_db
 from .qembedding import QuantizedEmbedding
@@ -31,9 +31,7 @@ class LayerResult:
     """A plan entry and what quantizing it gave on this machine (not saved in the file)."""
 
     plan: PlanEntry
-    kernel: str | None = None
-    kernel_reason: str | None = None
-    batch_invariant: bool | None = None
+    choice: KernelChoice | None = None  # the kernel it runs here, and why (None: kept float)
     weight_sqnr_db: float | None = None
     bytes_float: int = 0
     bytes_int8: int = 0
@@ -50,10 +48,22 @@ class LayerResult:
     def status(self) -> str:
         return self.plan.status
 
+    @property
+    def kernel(self) -> str | None:
+        return None if self.choice is None else self.choice.name
+
+    @property
+    def kernel_reason(self) -> str | None:
+        return None if self.choice is None else self.choice.reason
+
+    @property
+    def batch_invariant(self) -> bool | None:
+        return None if self.choice is None else self.choice.batch_invariant
+
     def kept_float(self, reason: str) -> "LayerResult":
         """This layer put back in float for `reason` (its measured SQNRs stay, as what int8 gave)."""
         return replace(
-            self, plan=self.plan.kept_float(reason), kernel=None, kernel_reason=None, batch_invariant=None,
+            self, plan=self.plan.kept_float(reason), choice=None,
             input_range=None, input_scale=None, input_zero_point=None, bytes_int8=self.bytes_float,
         )
 
@@ -138,7 +148,7 @@ def quantize_layer(
     static = entry.scheme.static
     result = LayerResult(
         plan=entry,
-        kernel=q.kernel.name, kernel_reason=q.kernel.reason, batch_invariant=q.kernel.batch_invariant,
+        choice=q.kernel,
         weight_sqnr_db=weight_sqnr_db(effective.weight, q.weight, q.weight_scale, q.weight_zero_point, cal.smooth_scale,
                                       entry.scheme.group_size),
         bytes_float=_nbytes(linear.weight, linear.bias), bytes_int8=_stored_bytes(q),

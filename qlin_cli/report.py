@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from .config import QuantConfig
 from .data import BUSY_CORES, Timing
 from .errors import InputError
 from .files import write_atomic
-from .kernels import KEPT_FOR_SPEED
+from .kernels import KEPT_FOR_SPEED, KernelChoice, registry
 from .primitives import sqnr_db
 from .quantize import EmbeddingResult, LayerResult
 from .scheme import PER_CHANNEL, PER_TENSOR, PerGroup
@@ -103,17 +103,16 @@ class Table:
     numeric: frozenset[str] = frozenset()  # columns aligned right
 
 
-def layer_note(status: str, reason: str, kernel: str | None, kernel_reason: str | None,
-               batch_invariant: bool | None) -> str:
+def layer_note(status: str, reason: str, choice: KernelChoice | None) -> str:
     """The one "note" of a layer in every table: why it is float; for a quantized layer how its
     function was captured (an nn.Linear subclass), why its kernel is not the one asked for (a
-    fallback, or kept in float for speed), and whether its rows depend on the batch."""
+    fallback) or computes in float, and whether its rows depend on the batch."""
     if status != "quantized":
         return reason
     parts = [reason] if reason else []
-    if kernel_reason and (kernel_reason.startswith("fallback") or kernel == "dequant"):
-        parts.append(kernel_reason)
-    if batch_invariant is False:
+    if choice is not None and (choice.fallback or registry.get(choice.name).float_weights):
+        parts.append(choice.reason)
+    if choice is not None and not choice.batch_invariant:
         parts.append("batch-dependent")
     return "; ".join(parts)
 
@@ -225,7 +224,7 @@ class QuantizeReport(_Report):
                 rng = r.input_range
                 cells += [f"[{rng[0]:.3g}, {rng[1]:.3g}]" if rng else "-",
                           f"{r.input_scale:.3g} (z={r.input_zero_point})" if r.input_scale is not None else "-"]
-            note = layer_note(r.status, r.plan.reason, r.kernel, r.kernel_reason, r.batch_invariant)
+            note = layer_note(r.status, r.plan.reason, r.choice)
             rows.append((*cells, f"{r.bytes_float:,} -> {r.bytes_int8:,}", note))
         for e in self.embeddings:  # the same columns: an int8 table per row is weight-only, gathered
             d, n = e.to_dict(), e.entry.num_embeddings
@@ -464,6 +463,7 @@ class InspectReport(_Report):
     size_bytes: int
     verified: bool
     kind: str = "qlin"  # or "compressed-tensors": a folder qlin wrote, read back through its plan
+    choices: dict[str, KernelChoice] = field(default_factory=dict)  # each quantized Linear's kernel here
 
     @property
     def title(self) -> str:
@@ -490,7 +490,7 @@ class InspectReport(_Report):
                 why = r["reason"] if r["reason"].startswith(KEPT_FOR_SPEED) else f"float: {r['reason']}"
                 rows.append((name, fmt(r["weight_shape"]), *["-"] * 7, why))
                 continue
-            notes = [layer_note(r["status"], r["reason"], r["kernel"], r["kernel_reason"], r["batch_invariant"])]
+            notes = [layer_note(r["status"], r["reason"], self.choices.get(r["name"]))]
             if r.get("kind") == "embedding":
                 notes.append("nn.Embedding, int8 per row")
             if r["mode"] == "static":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 from .errors import ConfigError
+from .kernels import registry
 
 __all__ = [
     "Granularity",
@@ -24,7 +25,6 @@ __all__ = [
     "PER_CHANNEL",
     "PER_TOKEN",
     "MODES",
-    "KERNELS",
     "OBSERVER_NAMES",
     "WEIGHT_GRANULARITIES",
     "ACT_GRANULARITIES",
@@ -34,8 +34,6 @@ __all__ = [
 
 MODES = ("dynamic", "weight-only", "static")
 OBSERVER_NAMES = ("minmax", "absmax", "moving-average", "percentile", "mse")  # see observers.py
-KERNELS = ("auto", "onednn", "fbgemm", "int_mm", "weight_only", "lowbit", "int4pack")
-WEIGHT_ONLY_KERNELS = ("auto", "weight_only", "lowbit", "int4pack")
 
 
 @dataclass(frozen=True)
@@ -210,7 +208,7 @@ class LayerScheme:
                 f"`mode` {self.mode!r} or `group_size`")
         if not isinstance(self.symmetric, bool):
             raise ConfigError(f"symmetric must be true or false, not {self.symmetric!r}")
-        _choice("kernel", self.kernel, KERNELS)
+        _choice("kernel", self.kernel, registry.request_names())
         _choice("observer", self.observer, OBSERVER_NAMES)
         _choice("weight_observer", self.weight_observer, OBSERVER_NAMES)
         if not _number(self.percentile) or not 50 < self.percentile <= 100:
@@ -251,23 +249,13 @@ class LayerScheme:
             _choice("act_granularity", str(act) if isinstance(act, Granularity) else act,
                     tuple(g.name for g in ACT_GRANULARITIES))
             act = Granularity.parse(act, ACT_GRANULARITIES)
+        if self.mode == "weight-only" and act is not None:
+            raise ConfigError("act_granularity applies to dynamic mode only; drop it for weight-only")
+        problem = registry.request_problem(self)  # the kernel named against the mode and weights
+        if problem is not None:
+            raise ConfigError(problem)
         if self.mode == "weight-only":
-            if act is not None:
-                raise ConfigError("act_granularity applies to dynamic mode only; drop it for weight-only")
-            if self.kernel not in WEIGHT_ONLY_KERNELS:
-                raise ConfigError(
-                    f"kernel {self.kernel!r} quantizes activations; weight-only mode takes "
-                    f"kernel {', '.join(map(repr, WEIGHT_ONLY_KERNELS))}"
-                )
-            if self.kernel == "weight_only" and self.group_size is not None:
-                raise ConfigError("kernel 'weight_only' (torch._weight_int8pack_mm) has one scale per output "
-                                  "channel; grouped weights take kernel 'auto', 'lowbit' or 'int4pack'")
-            if self.kernel == "int4pack" and (self.bits != 4 or self.group_size not in (32, 64, 128, 256)):
-                raise ConfigError("kernel 'int4pack' (torch._weight_int4pack_mm) takes `bits` 4 with "
-                                  "`group_size` 32, 64, 128 or 256")
             return None
-        if self.kernel in WEIGHT_ONLY_KERNELS[1:]:
-            raise ConfigError(f"kernel {self.kernel!r} needs `mode` weight-only")
         if self.mode == "static":
             if act not in (None, PER_TENSOR):
                 raise ConfigError("static mode calibrates one activation scale per tensor; drop act_granularity")

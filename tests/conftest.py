@@ -35,7 +35,7 @@ def fused_kernels_built():
     the cached module instead of each spending ~25 s on a first build (or being killed during
     one). Where they cannot be built, the tests run the torch-op path and the fused-kernel tests
     skip with the reason."""
-    from qlin_cli import native
+    from qlin_cli.kernels import native
 
     native.load()
 

@@ -380,7 +380,7 @@ def test_pack_quantized_layers_read_back_as_the_qlin_file_stores_them(bits, grou
     from qlin_cli.export import _layer_tensors, from_export, layer_format
     from qlin_cli.files import QLIN_PLAN
     from qlin_cli.plan import Plan, PlanEntry
-    from qlin_cli.lowbit import pack_bits
+    from qlin_cli.kernels.lowbit import pack_bits
     from qlin_cli.scheme import LayerScheme
 
     scheme = LayerScheme(mode="weight-only", bits=bits, group_size=group, symmetric=symmetric)

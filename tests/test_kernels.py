@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlin_cli.kernels import (
-    INT_MM_RULES, SMALL_LAYER, IntMMRules, KernelChoice, _fbgemm_reduce_range, _fbgemm_unusable, _onednn_missing,
-    kept_float_for_speed, pack, select_kernel,
-)
+from qlin_cli.kernels import SMALL_LAYER, KernelChoice, LayerTensors, kept_float_for_speed, pack, select_kernel
+from qlin_cli.kernels.common import reduce_range
+from qlin_cli.kernels.fbgemm import _fbgemm_unusable
+from qlin_cli.kernels.int_mm import INT_MM_RULES, IntMMRules, _IntMM
+from qlin_cli.kernels.onednn import _onednn_missing
 from qlin_cli.primitives import choose_qparams, dequantize, quantize, quantize_activations, sqnr_db
 from qlin_cli.scheme import PER_CHANNEL, PER_TENSOR, LayerScheme
 
@@ -25,7 +26,17 @@ def _layer(out_f=96, in_f=80, gran=PER_CHANNEL, sym=True, seed=0):
 
 
 def _choice(name, act):
-    return KernelChoice(name, "test", act != "tensor")
+    return KernelChoice(name, "test", act != "tensor", False)
+
+
+def _pack(name, act, q, s, z, b, device="cpu", dtype=torch.float32, smooth=None):
+    """Kernel `name` packed for the layer (q, s, z, b), its activations per token, per tensor
+    (`act` "token", "tensor") or float (None: weight-only), divided by `smooth` `(K,)` if given."""
+    if act is None:
+        scheme = LayerScheme(mode="weight-only")
+    else:
+        scheme = LayerScheme(act_granularity=act, smooth=None if smooth is None else 0.5)
+    return pack(_choice(name, act), LayerTensors(q, s, z, b, smooth=smooth), scheme, device=device, dtype=dtype)
 
 
 def _runnable(name, device):
@@ -42,7 +53,7 @@ def test_kernel_matches_dequantized_float_reference(name, act, gran, sym, device
         pytest.skip(f"{name} does not run here")
     q, s, z, b = _layer(gran=gran, sym=sym)
     x = torch.randn(33, q.shape[1], generator=torch.Generator().manual_seed(1))
-    run = pack(_choice(name, act), q, s, z, b, per_token=act == "token", device=device)
+    run = _pack(name, act, q, s, z, b, device=device)
     y = run(x.to(device)).cpu()
     assert y.shape == (33, q.shape[0]) and y.dtype == torch.float32
     ref = F.linear(x, dequantize(q, s, z), b)
@@ -56,8 +67,7 @@ def test_kernel_matches_dequantized_float_reference(name, act, gran, sym, device
 def test_int_mm_equals_exact_integer_emulation(per_token, sym):
     q, s, z, b = _layer(sym=sym)
     x = torch.randn(17, q.shape[1], generator=torch.Generator().manual_seed(2))
-    run = pack(_choice("int_mm", "token" if per_token else "tensor"), q, s, z, b,
-               per_token=per_token, device="cpu")
+    run = _pack("int_mm", "token" if per_token else "tensor", q, s, z, b)
     qx, a, c = quantize_activations(x, per_token)
     zcol = z.long().reshape(-1, 1) if z.dim() else z.long()  # (N, 1) or ()
     acc = qx.long() @ (q.long() - zcol).T  # exact integer (M, N)
@@ -74,9 +84,8 @@ def test_cuda_shape_rules_pad_without_changing_results(shape, sym):
     m, k, n = shape
     q, s, z, b = _layer(out_f=n, in_f=k, sym=sym)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
-    plain = pack(_choice("int_mm", "token"), q, s, z, b, per_token=True, device="cpu")
-    padded = pack(_choice("int_mm", "token"), q, s, z, b, per_token=True, device="cpu",
-                  rules=INT_MM_RULES["cuda"])
+    plain = _pack("int_mm", "token", q, s, z, b)
+    padded = _IntMM(q, s, z, b, True, INT_MM_RULES["cuda"])
     assert padded.wt.shape[0] % 8 == 0 and padded.wt.shape[1] % 8 == 0
     assert torch.equal(plain(x), padded(x))
     assert INT_MM_RULES["cuda"] == IntMMRules(8, 8, 17)
@@ -88,7 +97,7 @@ def test_batch_invariant_kernels_give_bit_identical_rows(name, act, device):
     if not _runnable(name, device):
         pytest.skip(f"{name} does not run here")
     q, s, z, b = _layer(out_f=64, in_f=48)
-    run = pack(_choice(name, act), q, s, z, b, per_token=act == "token", device=device)
+    run = _pack(name, act, q, s, z, b, device=device)
     row = torch.randn(1, 48, generator=torch.Generator().manual_seed(4)).to(device)
     alone = run(row)
     for batch in (1, 7, 32, 300):
@@ -107,7 +116,7 @@ def test_batch_invariance_holds_for_odd_shapes_threads_and_chunks(name):
     if name == "onednn" and not ONEDNN:
         pytest.skip(f"onednn: {_onednn_missing(torch.device('cpu'), torch.float32)}")
     q, s, z, b = _layer(out_f=1031, in_f=333)
-    run = pack(_choice(name, "token"), q, s, z, b, per_token=True, device="cpu")
+    run = _pack(name, "token", q, s, z, b)
     x = torch.randn(1100, 333, generator=torch.Generator().manual_seed(8)) * torch.rand(1100, 1) * 10
     full = run(x)
     for i in (0, 511, 512, 777, 1099):
@@ -127,7 +136,7 @@ def test_per_tensor_activations_depend_on_the_batch():
     row = torch.randn(1, 48, generator=torch.Generator().manual_seed(4))
     big = torch.randn(8, 48) * 1000
     for name in ("fbgemm", "int_mm"):
-        run = pack(_choice(name, "tensor"), q, s, z, b, per_token=False, device="cpu")
+        run = _pack(name, "tensor", q, s, z, b)
         assert not torch.equal(run(torch.cat([row, big]))[:1], run(row))
 
 
@@ -135,7 +144,7 @@ def test_output_dtype_follows_input_dtype():
     q, s, z, b = _layer()
     x = torch.randn(4, q.shape[1], dtype=torch.bfloat16)
     for name, act in [("int_mm", "token"), ("weight_only", None), ("dequant", None)]:
-        run = pack(_choice(name, act), q, s, z, b, per_token=act == "token", device="cpu", dtype=torch.bfloat16)
+        run = _pack(name, act, q, s, z, b, dtype=torch.bfloat16)
         assert run(x).dtype == torch.bfloat16
 
 
@@ -147,7 +156,7 @@ def _select(request="auto", mode="dynamic", act_granularity="token", **kw):
     return select_kernel(scheme, **args)
 
 
-FBGEMM_TOKEN = _fbgemm_unusable(torch.device("cpu"), torch.float32) is None and not _fbgemm_reduce_range()
+FBGEMM_TOKEN = _fbgemm_unusable(torch.device("cpu"), torch.float32) is None and not reduce_range()
 ONEDNN = _onednn_missing(torch.device("cpu"), torch.float32) is None
 
 
@@ -194,7 +203,7 @@ def test_small_layers_are_kept_float_at_plan_time_never_by_the_loading_machine()
 def test_fbgemm_per_token_rows_do_not_depend_on_the_chunking():
     """Rows are processed `rows` at a time; any chunk size gives bit-identical results."""
     q, s, z, b = _layer(out_f=40, in_f=56)
-    run = pack(_choice("fbgemm", "token"), q, s, z, b, per_token=True, device="cpu")
+    run = _pack("fbgemm", "token", q, s, z, b)
     x = torch.randn(1000, 56, generator=torch.Generator().manual_seed(5))
     assert run.rows == 512
     whole = run(x)
@@ -209,8 +218,8 @@ def test_fbgemm_and_int_mm_compute_the_same_per_token_scheme(sym):
     """Both kernels quantize each row onto the same 256 levels (only rounding ties may differ)."""
     q, s, z, b = _layer(sym=sym)
     x = torch.randn(64, q.shape[1], generator=torch.Generator().manual_seed(6)) + 0.5
-    fb = pack(_choice("fbgemm", "token"), q, s, z, b, per_token=True, device="cpu")(x)
-    im = pack(_choice("int_mm", "token"), q, s, z, b, per_token=True, device="cpu")(x)
+    fb = _pack("fbgemm", "token", q, s, z, b)(x)
+    im = _pack("int_mm", "token", q, s, z, b)(x)
     assert sqnr_db(im, fb) > 60
 
 
@@ -222,7 +231,7 @@ def test_one_sided_inputs_use_the_whole_int8_range(name, device):
         pytest.skip(f"{name} does not run here")
     q, s, z, b = _layer()
     x = F.gelu(torch.randn(128, q.shape[1], generator=torch.Generator().manual_seed(7)) * 2)
-    y = pack(_choice(name, "token"), q, s, z, b, per_token=True, device=device)(x.to(device)).cpu()
+    y = _pack(name, "token", q, s, z, b, device=device)(x.to(device)).cpu()
     assert sqnr_db(F.linear(x, dequantize(q, s, z), b), y) > 48
 
 
@@ -247,8 +256,8 @@ def test_cuda_kernels_match_cpu():
     q, s, z, b = _layer()
     x = torch.randn(40, q.shape[1])
     for name, act in [("int_mm", "token"), ("weight_only", None)]:
-        cpu = pack(_choice(name, act), q, s, z, b, per_token=act == "token", device="cpu")(x)
-        gpu = pack(_choice(name, act), q, s, z, b, per_token=act == "token", device="cuda")(x.cuda()).cpu()
+        cpu = _pack(name, act, q, s, z, b)(x)
+        gpu = _pack(name, act, q, s, z, b, device="cuda")(x.cuda()).cpu()
         assert sqnr_db(cpu, gpu) > 60
 
 
@@ -260,11 +269,11 @@ def test_no_warnings_reach_the_user():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for name, act in KERNELS:
-            pack(_choice(name, act), q, s, z, b, per_token=act == "token", device="cpu")(torch.randn(3, q.shape[1]))
+            _pack(name, act, q, s, z, b)(torch.randn(3, q.shape[1]))
     assert [str(w.message) for w in caught] == []
 
 
-# the fused oneDNN kernel (kernels._Onednn, native.py) --------------------------------------------
+# the fused oneDNN kernel (kernels/onednn.py, native.py) ----------------------------------------
 
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason=f"onednn: {_onednn_missing(torch.device('cpu'), torch.float32)}")
 
@@ -279,8 +288,8 @@ def test_onednn_equals_the_torch_op_path_to_float_rounding(sym, smooth):
     g = torch.Generator().manual_seed(9)
     sm = torch.rand(200, generator=g) + 0.5 if smooth else None
     x = torch.randn(77, 200, generator=g) * torch.rand(77, 1, generator=g) * 5
-    fused = pack(_choice("onednn", "token"), q, s, z, b, per_token=True, device="cpu", smooth=sm)(x)
-    torch_ops = pack(_choice("fbgemm", "token"), q, s, z, b, per_token=True, device="cpu", smooth=sm)(x)
+    fused = _pack("onednn", "token", q, s, z, b, smooth=sm)(x)
+    torch_ops = _pack("fbgemm", "token", q, s, z, b, smooth=sm)(x)
     assert fused.shape == torch_ops.shape == (77, 300)
     assert sqnr_db(torch_ops, fused) > 100
 
@@ -289,7 +298,7 @@ def test_onednn_equals_the_torch_op_path_to_float_rounding(sym, smooth):
 def test_onednn_codes_are_the_fbgemm_path_codes():
     """quantize_rows against the torch-op formula of the fbgemm path, code for code, on rows with
     ties, constants, zeros and tiny ranges."""
-    from qlin_cli import native
+    from qlin_cli.kernels import native
 
     kernels = native.load()
     g = torch.Generator().manual_seed(10)
@@ -315,7 +324,7 @@ def test_onednn_codes_are_the_fbgemm_path_codes():
 def test_layers_reading_the_same_input_quantize_it_once(monkeypatch):
     """Q, K and V read one tensor: it is quantized once, and an in-place change of that tensor (a
     new version) is quantized again, so no result changes."""
-    from qlin_cli import native
+    from qlin_cli.kernels import native
 
     kernels = native.load()
     calls = []
@@ -329,7 +338,7 @@ def test_layers_reading_the_same_input_quantize_it_once(monkeypatch):
 
     layers = [_layer(out_f=64, in_f=48, seed=i) for i in range(3)]
     monkeypatch.setattr(native, "load", lambda: Counting())
-    runs = [pack(_choice("onednn", "token"), *layer, per_token=True, device="cpu") for layer in layers]
+    runs = [_pack("onednn", "token", *layer) for layer in layers]
     x = torch.randn(10, 48)
     first = [run(x) for run in runs]
     assert len(calls) == 1
@@ -356,7 +365,7 @@ def test_layers_reading_the_same_input_quantize_it_once(monkeypatch):
 def test_a_packed_onednn_layer_deep_copies():
     import copy
 
-    run = pack(_choice("onednn", "token"), *_layer(), per_token=True, device="cpu")
+    run = _pack("onednn", "token", *_layer())
     x = torch.randn(5, 80)
     assert torch.equal(copy.deepcopy(run)(x), run(x))
 
@@ -373,7 +382,7 @@ def test_onednn_request_falls_back_with_a_reason():
 
 
 def test_without_the_fused_kernels_auto_runs_the_torch_op_path_and_says_why(monkeypatch):
-    from qlin_cli import kernels, native
+    from qlin_cli.kernels import native
 
     monkeypatch.setattr(native, "_load", lambda: (None, "no C++ compiler (c++) on PATH"))
     c = _select()
@@ -382,4 +391,4 @@ def test_without_the_fused_kernels_auto_runs_the_torch_op_path_and_says_why(monk
         assert c.reason.endswith("(not fused: no C++ compiler (c++) on PATH)")
     c = _select(request="onednn")
     assert c.fallback and "no C++ compiler" in c.reason
-    assert kernels.native.load() is None
+    assert native.load() is None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlin_cli import lowbit, native
+from qlin_cli.kernels import lowbit, native
 from qlin_cli.primitives import sqnr_db
 
 KERNELS = native.load()
@@ -209,7 +209,7 @@ def test_bad_arguments_raise(path):
 
 _NO_AVX512_RUNNER = """
 import os, sys
-from qlin_cli import native
+from qlin_cli.kernels import native
 native.CFLAGS = native.CFLAGS + ("-mno-avx512f",)
 kernels = native.load()
 assert kernels is not None and kernels.lowbit_avx512 is False, native.unavailable_reason()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import qlin_env
-from qlin_cli import native
+from qlin_cli.kernels import native
 
 KERNELS = native.load()
 needs_native = pytest.mark.skipif(KERNELS is None, reason=f"qlin's fused kernels are not built here: "
@@ -87,7 +87,7 @@ WARNING = ("qlin runs without its fused kernels ({}): per-token int8 layers use 
 def test_qlin_native_0_turns_the_kernels_off_and_says_why_once(tmp_path):
     """In a fresh process: nothing is built or loaded, every call answers None, the reason is
     the environment variable, and the warning is given once, not once per call."""
-    code = "from qlin_cli import native; print(native.load(), native.load(), native.unavailable_reason(), sep='|')"
+    code = "from qlin_cli.kernels import native; print(native.load(), native.load(), native.unavailable_reason(), sep='|')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=qlin_env(QLIN_NATIVE="0", QLIN_CACHE_DIR=str(tmp_path / "cache")))
     assert done.returncode == 0, done.stderr

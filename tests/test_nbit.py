@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from qlin_cli import QuantConfig, load_quantized, native, quantize_model, save_quantized
+from qlin_cli import QuantConfig, load_quantized, quantize_model, save_quantized
 from qlin_cli.errors import ConfigError
-from qlin_cli.kernels import int4pack_missing, pack, select_kernel
+from qlin_cli.kernels import KernelChoice, LayerTensors, native, pack, select_kernel
+from qlin_cli.kernels.int4pack import int4pack_missing
 from qlin_cli.primitives import choose_qparams, dequantize, qrange, quantize, sqnr_db
 from qlin_cli.qfile import pack_bits, read_qfile, unpack_bits
 from qlin_cli.quantize import LayerResult
@@ -222,16 +223,15 @@ def test_kernels_match_the_dequantized_float_layer(bits, group, kernel, symmetri
     with torch.no_grad():
         reference.weight.copy_(dequantize(q, scale, zp, group))
         reference.bias.copy_(bias)
+    scheme = LayerScheme(mode="weight-only", bits=bits, group_size=group, symmetric=symmetric,
+                         kernel="auto" if kernel in ("auto", "dequant") else kernel)
     if kernel == "dequant":
-        from qlin_cli.kernels import KernelChoice
-        choice = KernelChoice("dequant", "test", False)
+        choice = KernelChoice("dequant", "test", False, False)
     else:
-        scheme = LayerScheme(mode="weight-only", bits=bits, group_size=group, symmetric=symmetric,
-                             kernel="auto" if kernel == "auto" else kernel)
         choice = select_kernel(scheme, device="cpu", dtype=torch.float32, in_features=k, out_features=n)
         if kernel != "auto":  # lowbit falls back, reported, where the fused kernels are not built
             assert choice.name == kernel or (kernel == "lowbit" and native.unavailable_reason()), choice
-    run = pack(choice, q, scale, zp, bias, per_token=False, device="cpu", bits=bits, group_size=group)
+    run = pack(choice, LayerTensors(q, scale, zp, bias), scheme, device="cpu")
     x = torch.randn(7, k)
     assert sqnr_db(reference(x), run(x)) > KERNEL_BOUND[choice.name], choice
     if choice.batch_invariant:

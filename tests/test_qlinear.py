@@ -206,7 +206,7 @@ def test_nd_inputs_on_the_float_fallback_kernel(monkeypatch):
     from qlin_cli.kernels import KernelChoice
 
     # weight-only mode's fallback where _weight_int8pack_mm cannot run (it can here)
-    monkeypatch.setattr(qlin_cli.qlinear, "select_kernel", lambda *a, **k: KernelChoice("dequant", "fallback: test", False))
+    monkeypatch.setattr(qlin_cli.qlinear, "select_kernel", lambda *a, **k: KernelChoice("dequant", "fallback: test", False, True))
     q = QuantizedLinear.from_float(linear(32, 16), LayerScheme(mode="weight-only")).pack()
     assert q.kernel.name == "dequant"
     x = inputs(4, 6, 32)

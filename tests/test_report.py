@@ -10,6 +10,7 @@ from conftest import SAMPLES
 from qlin_cli.api import QuantizeOptions, quantize_checkpoint
 from qlin_cli.config import QuantConfig
 from qlin_cli.errors import InputError
+from qlin_cli.kernels import KernelChoice
 from qlin_cli.plan import PlanEntry
 from qlin_cli.quantize import LayerResult
 from qlin_cli.report import QuantizeReport, compare_outputs, json_safe, layer_note, to_markdown
@@ -30,10 +31,10 @@ def test_compare_outputs_numbers():
         compare_outputs(torch.ones(2, 3), torch.ones(3, 2))
 
 
-def _result(name, out_f, in_f, scheme=None, reason="", kernel=None, kernel_reason=None, batch_invariant=None,
-            bytes_float=0, bytes_int8=0, weight_sqnr=None, output_sqnr=None):
+def _result(name, out_f, in_f, scheme=None, reason="", choice=None, bytes_float=0, bytes_int8=0, weight_sqnr=None,
+            output_sqnr=None):
     entry = PlanEntry(name, in_f, out_f, True, "float32", scheme=scheme, reason=reason)
-    return LayerResult(entry, kernel, kernel_reason, batch_invariant, weight_sqnr, bytes_float, bytes_int8, output_sqnr)
+    return LayerResult(entry, choice, weight_sqnr, bytes_float, bytes_int8, output_sqnr)
 
 
 def _report(layers, calibration=True, fallback=None):
@@ -53,8 +54,8 @@ def test_json_safe_and_markdown():
     fallback = {"target_sqnr_db": 40.0, "initial_sqnr_db": 38.5, "final_sqnr_db": 41.5,
                 "steps": [{"layer": "head", "alone_sqnr_db": 30.0, "sqnr_db_after": 41.5}]}
     report = _report([
-        _result("fc", 4, 8, LayerScheme(), kernel="int_mm", kernel_reason="auto: per-token int8 activations",
-                batch_invariant=True, bytes_float=144, bytes_int8=56, weight_sqnr=44.0, output_sqnr=41.0),
+        _result("fc", 4, 8, LayerScheme(), choice=KernelChoice("int_mm", "auto: per-token int8 activations", True, False),
+                bytes_float=144, bytes_int8=56, weight_sqnr=44.0, output_sqnr=41.0),
         _result("head", 2, 4, reason="matches --skip 'head'", bytes_float=40, bytes_int8=40),
     ], fallback=fallback)
     md = to_markdown(report)
@@ -86,11 +87,11 @@ def test_layer_notes_in_the_markdown():
     fallback = "fallback: fbgemm runs on CPU only"
     small = "auto: kept in float: int8 is slower than float for dynamic layers under 131,072 weights on CPU (8x4)"
     report = _report([
-        _result("sub", 4, 8, LayerScheme(), reason=affine, kernel="int_mm", kernel_reason="auto: per-token",
-                batch_invariant=True),
-        _result("forced", 4, 8, per_tensor, kernel="int_mm", kernel_reason=fallback, batch_invariant=False),
-        _result("requested", 4, 8, per_tensor, kernel="fbgemm", kernel_reason="requested", batch_invariant=False),
-        _result("small", 4, 8, LayerScheme(), kernel="dequant", kernel_reason=small, batch_invariant=False),
+        _result("sub", 4, 8, LayerScheme(), reason=affine,
+                choice=KernelChoice("int_mm", "auto: per-token", True, False)),
+        _result("forced", 4, 8, per_tensor, choice=KernelChoice("int_mm", fallback, False, True)),
+        _result("requested", 4, 8, per_tensor, choice=KernelChoice("fbgemm", "requested", False, False)),
+        _result("small", 4, 8, LayerScheme(), choice=KernelChoice("dequant", small, False, False)),
         _result("tied", 4, 8, reason="weight tied to embed"),
     ], calibration=False)
     rows = {line.split(" | ")[0].removeprefix("| "): line for line in to_markdown(report).splitlines()
@@ -105,8 +106,8 @@ def test_layer_notes_in_the_markdown():
         "tied": "weight tied to embed",
     }
     assert "output SQNR dB" not in to_markdown(report)  # no calibration data: no output SQNR column
-    assert layer_note("skipped", "weight tied to embed", None, None, None) == "weight tied to embed"
-    assert layer_note("quantized", "", "int_mm", "auto: per-token", True) == ""
+    assert layer_note("skipped", "weight tied to embed", None) == "weight tied to embed"
+    assert layer_note("quantized", "", KernelChoice("int_mm", "auto: per-token", True, False)) == ""
 
 
 def test_report_files_of_a_real_run(tmp_path):
@@ -123,7 +124,7 @@ def test_report_files_of_a_real_run(tmp_path):
     for r in report.layers:
         assert md.count(f"| {r.name} |") == 1
         cells = next(line for line in md.splitlines() if line.startswith(f"| {r.name} |")).split(" | ")
-        note = layer_note(r.status, r.plan.reason, r.kernel, r.kernel_reason, r.batch_invariant)
+        note = layer_note(r.status, r.plan.reason, r.choice)
         assert cells[3] == (r.kernel or "float") and cells[-1] == f"{note} |"
         if r.name == "2":
             assert note == "matches --skip '2$'"

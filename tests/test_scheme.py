@@ -9,8 +9,9 @@ import re
 import pytest
 
 from qlin_cli.errors import ConfigError
+from qlin_cli.kernels.registry import request_names
 from qlin_cli.scheme import (
-    ACT_GRANULARITIES, KERNELS, MODES, PER_CHANNEL, PER_TENSOR, PER_TOKEN, WEIGHT_GRANULARITIES, Granularity,
+    ACT_GRANULARITIES, MODES, PER_CHANNEL, PER_TENSOR, PER_TOKEN, WEIGHT_GRANULARITIES, Granularity,
     LayerScheme, PerChannel, PerTensor, PerToken,
 )
 
@@ -222,7 +223,7 @@ def all_combinations():
     """Every mode x granularity x symmetric x act granularity x kernel that validates."""
     valid, invalid = [], 0
     for mode, gran, sym, act, kernel in itertools.product(
-        MODES, WEIGHT_GRANULARITIES, (True, False), (None, PER_TOKEN, PER_TENSOR), KERNELS
+        MODES, WEIGHT_GRANULARITIES, (True, False), (None, PER_TOKEN, PER_TENSOR), request_names()
     ):
         try:
             valid.append(LayerScheme(mode=mode, granularity=gran, symmetric=sym, act_granularity=act, kernel=kernel))

@@ -12,8 +12,9 @@ import torch
 
 from conftest import load_digits_mlp
 from qlin_cli import QuantConfig, quantize_model
-from qlin_cli import native
-from qlin_cli.kernels import FBGEMM_UNTRACEABLE, ONEDNN_UNTRACEABLE
+from qlin_cli.kernels import native
+from qlin_cli.kernels.fbgemm import FBGEMM_UNTRACEABLE
+from qlin_cli.kernels.onednn import ONEDNN_UNTRACEABLE
 from qlin_cli.qlinear import QuantizedLinear
 
 X = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))

@@ -3,7 +3,7 @@
 The per-token int8 path needs a row's min and max, its uint8 codes, a GEMM and a rescale. In
 torch ops that is six passes over memory and seven parallel regions per layer; the two C++ loops
 here do the passes before and after the GEMM in one parallel region each, with SmoothQuant's
-division folded into the first (kernels.py, kernel `onednn`). `lowbit_linear` is the fused n-bit
+division folded into the first (onednn.py, kernel `onednn`). `lowbit_linear` is the fused n-bit
 group-wise weight-only layer (lowbit.py holds its torch-op reference and the 4-bit packing).
 
 Build: one `c++` command (compile and link against this torch), into the cache folder
@@ -33,7 +33,7 @@ from types import ModuleType
 
 import torch
 
-from .files import temporary_name
+from ..files import temporary_name
 
 __all__ = ["load", "unavailable_reason"]
 

@@ -1,5 +1,6 @@
-"""n-bit group-wise weight-only linear: the 4-bit packing, the reference math, and the entry
-point that runs qlin's fused C++ kernel (`native_kernels.cpp`, `lowbit_linear`) where it is built.
+"""`lowbit`: n-bit group-wise weight-only linear: the 4-bit packing, the reference math, the entry
+point that runs qlin's fused C++ kernel (`native_kernels.cpp`, `lowbit_linear`) where it is built,
+and the kernel `lowbit` (CPU; `auto`'s choice there for grouped or 4-bit weights).
 
 Weights: q (N, K) integers of B bits (2 <= B <= 8), one scale (and zero point) per group of G
 consecutive input channels of a row; ngroups = ceil(K / G), the last group may be shorter, and
@@ -23,12 +24,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import native, primitives
-from .primitives import packed_row_bytes
+from .. import primitives
+from ..primitives import packed_row_bytes
+from . import native
+from .registry import Kernel, KernelChoice, low_bit_layer
 
 __all__ = [
     "pack_bits", "unpack_bits", "pack_int4", "unpack_int4", "dequantize", "lowbit_linear_reference", "implementation",
-    "lowbit_linear",
+    "lowbit_linear", "KERNEL",
 ]
 
 _EMPTY_F32 = torch.empty(0)
@@ -156,3 +159,50 @@ def lowbit_linear(x: torch.Tensor, w: torch.Tensor, bits: int, scale: torch.Tens
     """
     return implementation()(x, w, bits, scale, _EMPTY_I8 if zero_point is None else zero_point,
                             group_size, _EMPTY_F32 if bias is None else bias)
+
+
+class _LowBit:
+    """qlin's fused weight-only kernel (`lowbit_linear`): float32 activations times B-bit
+    weights with one scale (and zero point) per group of G input channels, unpacked on the fly.
+    4-bit weights are kept packed two per byte (the file's layout); other widths as int8. Per
+    channel is one group of K, per tensor one scale repeated per row. Rows are independent."""
+
+    def __init__(self, weight, scale, zero_point, bias, dtype, bits: int, group_size: int | None):
+        n, k = weight.shape
+        self.run = implementation()  # looked up once here, not at each call
+        self.bits = 4 if bits == 4 else 8
+        self.weight = pack_int4(weight) if bits == 4 else weight.contiguous()
+        self.group_size = k if group_size is None else group_size
+        shape = (n, -(-k // self.group_size))
+        self.scale = scale.float().reshape(-1, 1).expand(shape).contiguous() if scale.dim() < 2 else scale.float().contiguous()
+        zp = zero_point.reshape(-1, 1).expand(shape).contiguous() if zero_point.dim() < 2 else zero_point.contiguous()
+        self.zero_point = zp if bool(zp.any()) else _EMPTY_I8
+        self.bias = _EMPTY_F32 if bias is None else bias.float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.run(x.float().contiguous(), self.weight, self.bits, self.scale, self.zero_point, self.group_size, self.bias)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+class _LowBitKernel(Kernel):
+    name, activations, rank, low_bit = "lowbit", "float", 40, True
+
+    def refusal(self, scheme, target):
+        return "qlin's fused kernels run on CPU only" if target.device.type != "cpu" else native.unavailable_reason()
+
+    def offer(self, scheme, target, why, fallback):
+        if fallback or not low_bit_layer(scheme):
+            return None
+        why_not = self.refusal(scheme, target)
+        if why_not is not None:
+            return why_not
+        group = scheme.group_size
+        what = f"{scheme.bits}-bit" + (f" groups of {group}" if group else " per channel"
+                                       if scheme.granularity.name == "channel" else " per tensor")
+        return KernelChoice(self.name, f"auto: {what}, fused unpack-and-dot", True, False)
+
+    def pack(self, layer, scheme, device, dtype):
+        return _LowBit(layer.weight, layer.scale, layer.zero_point, layer.bias, dtype, scheme.bits, scheme.group_size)
+
+
+KERNEL = _LowBitKernel()

@@ -1,0 +1,42 @@
+"""What several kernels share: the CPU's int8 features, a weight's dequantized row sums, an empty
+tensor for "none" where a C++ function takes tensors only."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["cpu_features", "reduce_range", "weight_row_sums", "EMPTY"]
+
+EMPTY = torch.empty(0)
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """CPU flags that matter to int8 kernels (avx512_vnni, avx_vnni, amx_int8, ...), from
+    /proc/cpuinfo; empty where that is not readable."""
+    wanted = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(set(line.split(":", 1)[1].split()) & wanted)
+    except OSError:
+        pass
+    return frozenset()
+
+
+def weight_row_sums(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Row sums of the dequantized weight `(N, K)`, `s[n] * sum_k (qw[n, k] - z[n])`, as float32
+    `(N,)`: what an activation offset (x = a * q + c) contributes, c * wsum[n]. The integer sums are
+    exact."""
+    n, k = weight.shape
+    sums = weight.sum(dim=1, dtype=torch.int32) - k * zero_point.to(torch.int32).reshape(-1)  # (N,) exact
+    return sums.float() * scale.float().reshape(-1)
+
+
+def reduce_range() -> bool:
+    """Whether uint8 activations must keep to 7 bits here: fbgemm's 8-bit activations can saturate
+    int16 sums on CPUs without VNNI (and so would oneDNN's full-range codes)."""
+    return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_features())

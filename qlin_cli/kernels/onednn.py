@@ -1,0 +1,131 @@
+"""`onednn`: dynamic per-token (asymmetric) activations on oneDNN's u8 x s8 GEMM
+(`onednn.qlinear_pointwise`, VNNI), with the codes and the epilogue computed by qlin's fused C++
+kernels (native.py, native_kernels.cpp); CPU, float32. Where it cannot run, a request falls back
+to fbgemm, and `auto` says why in fbgemm's reason ("not fused: ...")."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import torch
+
+from . import native
+from .common import EMPTY as _EMPTY
+from .common import reduce_range
+from .common import weight_row_sums as _weight_row_sums
+from .registry import Kernel, KernelChoice
+
+__all__ = ["ONEDNN_UNTRACEABLE", "KERNEL"]
+
+# What torch.jit.trace and torch.export cannot record, said plainly instead of torch's own error
+# deep inside the kernel: the fused kernels are C++ functions that torch's dispatcher does not know.
+ONEDNN_UNTRACEABLE = (
+    "qlin's fused onednn kernel cannot be traced or exported (its C++ functions are not torch ops): "
+    "set QLIN_NATIVE=0 before loading the model to run the fbgemm kernel instead, which torch.export exports"
+)
+
+
+def _onednn_missing(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the fused per-token oneDNN kernel cannot run this layer here, or None."""
+    if device.type != "cpu":
+        return "the oneDNN kernel runs on CPU only"
+    if dtype != torch.float32:
+        return f"the oneDNN kernel takes float32 activations, not {dtype}"
+    if not hasattr(torch.ops.onednn, "qlinear_pointwise") or "onednn" not in torch.backends.quantized.supported_engines:
+        return "this torch build has no oneDNN quantized linear"
+    if reduce_range():
+        return "full-range uint8 activations can saturate without VNNI"
+    return native.unavailable_reason()
+
+
+class _LastInput(threading.local):
+    """The input a fused per-token layer quantized last on this thread, and its codes: layers that
+    read the same tensor (Q, K and V; gate and up) quantize it once. The entry holds the tensor,
+    so its memory cannot be reused for another while the key (address, shape, strides, version
+    counter: an in-place torch op bumps it) is kept. A layer never reuses an entry it has read
+    already: its next call is the next forward, and a buffer refilled behind torch's back (through
+    numpy, say) keeps its version. Inference-mode tensors have no version counter: not cached."""
+
+    key: tuple | None = None
+    x: torch.Tensor | None = None
+    codes: tuple | None = None
+    readers: set | None = None  # id() of the layers that have used this entry
+
+
+_LAST_INPUT = _LastInput()
+
+
+class _Onednn:
+    """Dynamic per-token (asymmetric) activations on oneDNN's u8 x s8 GEMM, with qlin's fused
+    kernels (native.py) before and after it: three passes and three parallel regions per layer.
+
+        quantize_rows: u[m] = rne((x[m] - lo[m]) / w[m] * 255) in [0, 255] (the codes of the
+            fbgemm per-token path, bit for bit; SmoothQuant's division folded in),
+            x ~ a[m] * u + c[m] with a = w / 255, c = lo
+        GEMM: y[m, n] = s[n] * sum_k u[m, k] * qw[n, k] (`onednn.qlinear_pointwise`, input scale 1,
+            zero point 0, float32 out)
+        epilogue: y = a[m] * (y - rowsum(u)[m] * s[n] * z[n]) + c[m] * wsum[n] + b[n], in place
+    Every parameter is per row or fixed, so rows never influence each other (batch-invariant).
+    """
+
+    def __init__(self, weight, scale, zero_point, bias, smooth):
+        n, _ = weight.shape
+        s = scale.float().reshape(-1).expand(n).contiguous()
+        zp = zero_point.to(torch.int32).reshape(-1).expand(n)
+        self.packed = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
+        self.scale, self.gemm_zero_point = s, torch.zeros(n, dtype=torch.int32)
+        self.zs = (s * zp.float()).contiguous() if bool(zp.any()) else _EMPTY  # asymmetric weights
+        self.wsum = _weight_row_sums(weight, scale, zero_point).contiguous()
+        self.bias = _EMPTY if bias is None else bias.float().contiguous()
+        self.smooth = _EMPTY if smooth is None else smooth.float().contiguous()
+        kernels = native.load()  # looked up once here, not at each call; no module object is kept
+        self.quantize_rows, self.epilogue_ = kernels.quantize_rows, kernels.epilogue_
+
+    def __deepcopy__(self, memo) -> "_Onednn":
+        return copy.copy(self)  # its tensors are never written; oneDNN's packed weight cannot be copied
+
+    def _codes(self, x: torch.Tensor) -> tuple:
+        if x.is_inference():
+            return self.quantize_rows(x, self.smooth)
+        last = _LAST_INPUT
+        key = (x.data_ptr(), x.shape, x.stride(), x._version, self.smooth.data_ptr())
+        if last.key != key or id(self) in last.readers:
+            last.key, last.x, last.codes = None, None, None  # drop the old entry before computing
+            last.codes = self.quantize_rows(x, self.smooth)
+            last.key, last.x, last.readers = key, x, set()
+        last.readers.add(id(self))
+        return last.codes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            raise RuntimeError(ONEDNN_UNTRACEABLE)
+        q, a, c, rowsum = self._codes(x.float().contiguous())
+        y = torch.ops.onednn.qlinear_pointwise(
+            q, 1.0, 0, self.packed, self.scale, self.gemm_zero_point, None, 1.0, 0, torch.float32, "none", [], "")
+        y = self.epilogue_(y, a, c, self.wsum, self.bias, rowsum, self.zs, None)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+class _OnednnKernel(Kernel):
+    name, activations, rank = "onednn", "int8", 10
+
+    def refusal(self, scheme, target):
+        if not scheme.per_token:
+            return "the oneDNN kernel runs dynamic per-token layers only"
+        return _onednn_missing(target.device, target.dtype)
+
+    def offer(self, scheme, target, why, fallback):
+        if fallback or not scheme.per_token or target.device.type != "cpu":
+            return None
+        # fewest passes and parallel regions per layer: fused quantize, one GEMM, fused epilogue
+        why_not = _onednn_missing(target.device, target.dtype)
+        if why_not is not None:
+            return why_not
+        return KernelChoice(self.name, "auto: per-token int8 activations, fused oneDNN", True, False)
+
+    def pack(self, layer, scheme, device, dtype):
+        return _Onednn(layer.weight, layer.scale, layer.zero_point, layer.bias, layer.smooth)
+
+
+KERNEL = _OnednnKernel()
