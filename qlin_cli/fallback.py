@@ -25,7 +25,9 @@ from .data import Inputs, model_output
 from .errors import ConfigError
 from .primitives import sqnr_db
 from .plan import find_linears, swap_module
-from .quantize import LayerResult, QuantizeResult, quantize_layer, quantize_model
+from .quantize import (
+    Fallback, FallbackStep, LayerResult, LayerSensitivity, QuantizeResult, Sensitivity, quantize_layer, quantize_model,
+)
 from .scheme import LayerScheme
 
 __all__ = ["quantize_to_target"]
@@ -76,8 +78,9 @@ def quantize_to_target(
     """`quantize_model(model, config, batch_size=..., **options)`, then fall back to float, most
     sensitive layer first, until the output SQNR on `eval_inputs` is at least `min_sqnr_db`
     (None: no target). Returns a new result whose plan keeps those layers in float; `fallback`
-    records each step. With `sensitivity`, `result.sensitivity` gives every quantized layer's
-    sensitivity as quantized, before any fallback step (measured whether or not one is taken).
+    records each step, and `sensitivity` each layer's sensitivity it went by. With `sensitivity`,
+    `result.sensitivity.ranking` gives every quantized layer's sensitivity as quantized, before any
+    fallback step (measured whether or not one is taken).
 
     Raises ConfigError (before anything is written) if only an all-float model meets the target.
     """
@@ -112,48 +115,44 @@ def quantize_to_target(
         return sorted(which, key=lambda layer: (layer.alone_sqnr_db, layer.name))
 
     initial = current = measure()
-    alone = None if not sensitivity else {"all_int8_sqnr_db": initial, "layers": [
-        {"layer": layer.name, "alone_sqnr_db": layer.alone_sqnr_db} for layer in sensitivities(layers)
-    ]}
+    ranking = None if not sensitivity else tuple(
+        LayerSensitivity(layer.name, layer.alone_sqnr_db) for layer in sensitivities(layers))
+    steps: list[FallbackStep] = []
+    if min_sqnr_db is not None:
+        narrow = [layer for layer in layers if layer.result.plan.scheme.bits < 8]
+        if current < min_sqnr_db and narrow:  # first: low-bit layers to 8 bits
+            remaining = sensitivities(narrow)
+            while current < min_sqnr_db and remaining:
+                layer = remaining.pop(0)
+                bits = layer.result.plan.scheme.bits
+                _widen(layer, device)
+                put(layer, int8=True)
+                current = measure()
+                steps.append(FallbackStep(layer.name, "8-bit", layer.alone_sqnr_db, current, from_bits=bits))
+        if current < min_sqnr_db:  # then: layers back to float
+            remaining = sensitivities(layers)
+            while current < min_sqnr_db and remaining:
+                layer = remaining.pop(0)
+                put(layer, int8=False)
+                current = measure()
+                steps.append(FallbackStep(layer.name, "float", layer.alone_sqnr_db, current))
+            if not remaining:
+                best = max((layer.alone_sqnr_db for layer in layers), default=float("nan"))
+                raise ConfigError(
+                    f"`min_sqnr` {min_sqnr_db:g} dB cannot be met with any layer in int8 (the least "
+                    f"sensitive layer alone gives {best:.1f} dB); nothing was written"
+                )
+    # every layer whose sensitivity was measured: the output SQNR with it alone quantized (at its last width)
+    latest = tuple(LayerSensitivity(layer.name, layer.alone_sqnr_db) for layer in layers
+                   if not math.isnan(layer.alone_sqnr_db))
+    measured = Sensitivity(initial, latest, ranking)
     if min_sqnr_db is None:
-        return replace(result, model=root, sensitivity=alone)
-    steps: list[dict] = []
-    narrow = [layer for layer in layers if layer.result.plan.scheme.bits < 8]
-    if current < min_sqnr_db and narrow:  # first: low-bit layers to 8 bits
-        remaining = sensitivities(narrow)
-        while current < min_sqnr_db and remaining:
-            layer = remaining.pop(0)
-            bits = layer.result.plan.scheme.bits
-            _widen(layer, device)
-            put(layer, int8=True)
-            current = measure()
-            steps.append({"layer": layer.name, "to": "8-bit", "from_bits": bits, "alone_sqnr_db": layer.alone_sqnr_db,
-                          "sqnr_db_after": current})
-    if current < min_sqnr_db:  # then: layers back to float
-        remaining = sensitivities(layers)
-        while current < min_sqnr_db and remaining:
-            layer = remaining.pop(0)
-            put(layer, int8=False)
-            current = measure()
-            steps.append({"layer": layer.name, "to": "float", "alone_sqnr_db": layer.alone_sqnr_db, "sqnr_db_after": current})
-        if not remaining:
-            best = max((layer.alone_sqnr_db for layer in layers), default=float("nan"))
-            raise ConfigError(
-                f"`min_sqnr` {min_sqnr_db:g} dB cannot be met with any layer in int8 (the least "
-                f"sensitive layer alone gives {best:.1f} dB); nothing was written"
-            )
+        return replace(result, model=root, sensitivity=measured if sensitivity else None)
     reasons = {
-        step["layer"]: f"accuracy fallback (--min-sqnr {min_sqnr_db:g}): quantized alone it gives "
-                       f"{step['alone_sqnr_db']:.1f} dB"
-        for step in steps if step["to"] == "float"
+        step.layer: f"accuracy fallback (--min-sqnr {min_sqnr_db:g}): quantized alone it gives {step.alone_sqnr_db:.1f} dB"
+        for step in steps if step.to == "float"
     }
     now = {layer.name: layer.result for layer in layers}  # widened layers have new results
     kept = tuple(r.kept_float(reasons[r.name]) if r.name in reasons else now.get(r.name, r) for r in result.layers)
-    fallback = {
-        "target_sqnr_db": min_sqnr_db, "initial_sqnr_db": initial,
-        "final_sqnr_db": steps[-1]["sqnr_db_after"] if steps else initial, "steps": steps,
-        # every layer whose sensitivity was measured: the output SQNR with it alone quantized (at its
-        # last width); the report's chart draws it by depth
-        "sensitivity_db": {layer.name: layer.alone_sqnr_db for layer in layers if not math.isnan(layer.alone_sqnr_db)},
-    }
-    return replace(result, model=root, layers=kept, fallback=fallback, sensitivity=alone)
+    fallback = Fallback(min_sqnr_db, initial, steps[-1].sqnr_db_after if steps else initial, tuple(steps))
+    return replace(result, model=root, layers=kept, fallback=fallback, sensitivity=measured)
