@@ -9,6 +9,7 @@ import html
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 from .files import write_atomic
 from .report import QuantizeReport
@@ -64,25 +65,33 @@ def _chart_svg(report: QuantizeReport, width: int = 900, height: int = 360) -> s
                      f'<text x="{lx + 20}" y="24">kept float</text>')
         lx += 20 + 7 * len("kept float") + 24
     for name, color, vals in series:
-        runs, run = [], []
-        for i, v in enumerate(vals):
-            if v is None:
-                runs, run = runs + ([run] if run else []), []
-            else:
-                run.append((x(i), y(v)))
-        runs += [run] if run else []
-        for r in runs:
-            pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in r)
-            parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for i, v in enumerate(vals):
-            if v is not None:
-                parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{color}">'
-                             f'<title>{html.escape(report.layers[i].name)}: {name} {v:.2f} dB</title></circle>')
+        parts += _series_svg(name, color, vals, [r.name for r in report.layers], x, y)
         parts.append(f'<rect x="{lx}" y="12" width="14" height="14" fill="{color}"/>'
                      f'<text x="{lx + 20}" y="24">{html.escape(name)}</text>')
         lx += 20 + 7 * len(name) + 24  # ~7 px a character at 12 px
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _series_svg(name: str, color: str, values: list[float | None], layers: list[str],
+                x: Callable[[int], float], y: Callable[[float], float]) -> list[str]:
+    """One series of the chart: a line through each run of measured `values` (None: a gap) and
+    a point per value that names its layer, at `(x(depth), y(dB))`."""
+    runs, run, parts = [], [], []
+    for i, v in enumerate(values):
+        if v is None:
+            runs, run = runs + ([run] if run else []), []
+        else:
+            run.append((x(i), y(v)))
+    runs += [run] if run else []
+    for r in runs:
+        pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in r)
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
+    for i, v in enumerate(values):
+        if v is not None:
+            parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{color}">'
+                         f'<title>{html.escape(layers[i])}: {name} {v:.2f} dB</title></circle>')
+    return parts
 
 
 def to_html(report: QuantizeReport) -> str:
