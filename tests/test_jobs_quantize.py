@@ -141,3 +141,21 @@ def test_a_source_larger_than_the_memory_available_is_warned_about_before_loadin
     with caplog.at_level(logging.WARNING, logger="qlin"):
         check_options(src, QuantConfig(), QuantizeOptions())
     assert caplog.text == ""
+
+
+def test_a_compressed_tensors_export_with_smoothquant_keeps_the_warnings(tmp_path):
+    """SmoothQuant folded into the norms leaves the report's warnings as they were (they once
+    became the names of the folded layers)."""
+    import transformers
+
+    from qlin_cli.api import quantize_checkpoint
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )).save_pretrained(tmp_path / "llama")
+    report = quantize_checkpoint(tmp_path / "llama", QuantConfig(kernel="int_mm", skip=("^nothing$",)),
+                                 QuantizeOptions(output=tmp_path / "ct", format="compressed-tensors"))
+    assert report.smoothing.folded > 0 and report.smoothing.data.startswith("random token ids")
+    assert len(report.notes) == 1 and report.notes[0].endswith("matches no layer")

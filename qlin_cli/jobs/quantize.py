@@ -76,9 +76,7 @@ def _quantize(job: _Job) -> QuantizeReport:
     data = choose_data(model, *data, c.inputs, c.device)
     plan, smoothing = _smooth(job, plan, data)
     reference = _reference(model, data)
-    plan, smoothing, calib, folded = _calibrate(job, model, plan, smoothing, data)
-    if folded:  # as the job always did: the fold's per-layer notes took the warnings' variable
-        notes = tuple(folded)
+    plan, smoothing, calib = _calibrate(job, model, plan, smoothing, data)
     result = _quantize_or_fall_back(job, model, plan, calib, data)
     probe = _measure(result, data, reference)
     size = _save(job, result, source)
@@ -148,18 +146,18 @@ def _reference(model: nn.Module, data: RunData) -> tuple[torch.Tensor | None, st
 
 
 def _calibrate(job: _Job, model: nn.Module, plan: Plan, smoothing: Smoothing | None, data: RunData
-               ) -> tuple[Plan, Smoothing | None, Inputs | None, dict[str, str]]:
+               ) -> tuple[Plan, Smoothing | None, Inputs | None]:
     """The plan and the data calibration runs on. compressed-tensors cannot divide inside the
-    kernel: SmoothQuant is folded into the norms before it (else dropped; the fold's note per
-    layer) and calibration then runs on the calibration data only."""
+    kernel: SmoothQuant is folded into the norms before it (else dropped; each layer's note
+    says which) and calibration then runs on the calibration data only."""
     calib = data.calibration_run(plan.calibration_need() is not None)
     if job.options.format != CT_FORMAT or smoothing is None:
-        return plan, smoothing, calib, {}
+        return plan, smoothing, calib
     smoothed = [e for e in plan.quantized if e.scheme.smooth is not None]
     notes = fold_smoothing(model, smoothed, data.smoothing.inputs, batch_size=job.options.batch_size)
     folded = sum(note.startswith("SmoothQuant") for note in notes.values())
     calib = None if data.calibration is None else data.calibration.samples.inputs
-    return plan.without_smoothing(notes), replace(smoothing, folded=folded), calib, notes
+    return plan.without_smoothing(notes), replace(smoothing, folded=folded), calib
 
 
 def _quantize_or_fall_back(job: _Job, model: nn.Module, plan: Plan, calib: Inputs | None, data: RunData
