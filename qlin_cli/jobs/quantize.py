@@ -71,9 +71,9 @@ class _Job:
 def _quantize(job: _Job) -> QuantizeReport:
     """The stages, in order (the module docstring)."""
     c, o = job.checked, job.options
-    source, model, data = _load(job)
+    source, model, given = _load(job)
     plan, notes = _plan(job, model)
-    data = choose_data(model, *data, c.inputs, c.device)
+    data = choose_data(model, *given, c.inputs, c.device)
     plan, smoothing = _smooth(job, plan, data)
     reference = _reference(model, data)
     plan, smoothing, calib = _calibrate(job, model, plan, smoothing, data)
