@@ -107,9 +107,9 @@ def measure(name: str, model: nn.Module, keys: dict[str, Any], run, reference: t
     if labels is not None:
         row["accuracy"] = float((out.argmax(-1) == labels).float().mean())
     if res.fallback is not None:
-        steps = res.fallback["steps"]
-        row["widened"] = sum(s["to"] == "8-bit" for s in steps)
-        row["to_float"] = sum(s["to"] == "float" for s in steps)
+        steps = res.fallback.steps
+        row["widened"] = sum(s.to == "8-bit" for s in steps)
+        row["to_float"] = sum(s.to == "float" for s in steps)
     path.unlink()
     return row
 

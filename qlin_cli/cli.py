@@ -24,10 +24,11 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .api import TEXT_BATCH_SIZE, QuantizeOptions, evaluate_checkpoint, evaluate_text, inspect_path, quantize_checkpoint
+from .api import QuantizeOptions, evaluate_checkpoint, evaluate_text, inspect_path, quantize_checkpoint
 from .config import QuantConfig, load_recipe, recipe_names
 from .budget import parse_size
 from .errors import ConfigError, Terminated
+from .jobs.evaluate import TEXT_BATCH_SIZE
 from .kernels.registry import request_names
 from .report import report_json
 from .scheme import ACT_GRANULARITIES, MODES, OBSERVER_NAMES, WEIGHT_GRANULARITIES

@@ -26,7 +26,9 @@ from .errors import ConfigError
 from .kernels.registry import requested_kernel
 from .primitives import sqnr_db
 from .plan import find_linears, swap_module
-from .quantize import LayerResult, QuantizeResult, quantize_layer, quantize_model
+from .quantize import (
+    Fallback, FallbackStep, LayerResult, LayerSensitivity, QuantizeResult, Sensitivity, quantize_layer, quantize_model,
+)
 from .scheme import LayerScheme
 
 __all__ = ["quantize_to_target"]
@@ -42,6 +44,36 @@ class _Swappable:
     int8: nn.Module  # the layer as quantized now (B bits until widened)
     result: LayerResult
     alone_sqnr_db: float = float("nan")  # the model's output SQNR with only this layer quantized
+
+
+class _Swaps:
+    """The quantized model with each quantized layer swappable between its int8 and its float
+    module, measured against the float model's output on the eval inputs."""
+
+    def __init__(self, root: nn.Module, layers: list[_Swappable], reference: torch.Tensor, eval_inputs: Inputs,
+                 batch_size: int):
+        self.root, self.layers, self.reference = root, layers, reference
+        self.eval_inputs, self.batch_size = eval_inputs, batch_size
+
+    def put(self, layer: _Swappable, int8: bool) -> None:
+        for path in layer.paths:
+            self.root = swap_module(self.root, path, layer.int8 if int8 else layer.float)
+
+    def measure(self) -> float:
+        """The model's output SQNR (dB) as the layers are now."""
+        return sqnr_db(self.reference, model_output(self.root, self.eval_inputs, self.batch_size))
+
+    def sensitivities(self, which: list[_Swappable]) -> list[_Swappable]:
+        """`which`, most sensitive first (each measured quantized alone, the others float)."""
+        for layer in self.layers:
+            self.put(layer, int8=False)
+        for layer in which:
+            self.put(layer, int8=True)
+            layer.alone_sqnr_db = self.measure()
+            self.put(layer, int8=False)
+        for layer in self.layers:
+            self.put(layer, int8=True)
+        return sorted(which, key=lambda layer: (layer.alone_sqnr_db, layer.name))
 
 
 def _wide_scheme(scheme: LayerScheme) -> LayerScheme:
@@ -78,8 +110,9 @@ def quantize_to_target(
     """`quantize_model(model, config, batch_size=..., **options)`, then fall back to float, most
     sensitive layer first, until the output SQNR on `eval_inputs` is at least `min_sqnr_db`
     (None: no target). Returns a new result whose plan keeps those layers in float; `fallback`
-    records each step. With `sensitivity`, `result.sensitivity` gives every quantized layer's
-    sensitivity as quantized, before any fallback step (measured whether or not one is taken).
+    records each step, and `sensitivity` each layer's sensitivity it went by. With `sensitivity`,
+    `result.sensitivity.ranking` gives every quantized layer's sensitivity as quantized, before any
+    fallback step (measured whether or not one is taken).
 
     Raises ConfigError (before anything is written) if only an all-float model meets the target.
     """
@@ -87,75 +120,56 @@ def quantize_to_target(
     reference = model_output(model, eval_inputs, batch_size)
     floats = {name: linear for name, linear, _, _ in find_linears(model)}
     result = quantize_model(model, config, batch_size=batch_size, **options)
-    root = result.model
-    device = options.get("device", "cpu")
     # each quantized layer: its paths, its float and its quantized module, and its sensitivity
-    layers = [_Swappable(r.name, r.plan.paths, floats[r.name], root.get_submodule(r.name), r) for r in result.quantized]
+    layers = [_Swappable(r.name, r.plan.paths, floats[r.name], result.model.get_submodule(r.name), r)
+              for r in result.quantized]
     del floats
-
-    def put(layer: _Swappable, int8: bool) -> None:
-        nonlocal root
-        for path in layer.paths:
-            root = swap_module(root, path, layer.int8 if int8 else layer.float)
-
-    def measure() -> float:
-        return sqnr_db(reference, model_output(root, eval_inputs, batch_size))
-
-    def sensitivities(which: list[_Swappable]) -> list[_Swappable]:
-        """`which`, most sensitive first (each measured quantized alone, the others float)."""
-        for layer in layers:
-            put(layer, int8=False)
-        for layer in which:
-            put(layer, int8=True)
-            layer.alone_sqnr_db = measure()
-            put(layer, int8=False)
-        for layer in layers:
-            put(layer, int8=True)
-        return sorted(which, key=lambda layer: (layer.alone_sqnr_db, layer.name))
-
-    initial = current = measure()
-    alone = None if not sensitivity else {"all_int8_sqnr_db": initial, "layers": [
-        {"layer": layer.name, "alone_sqnr_db": layer.alone_sqnr_db} for layer in sensitivities(layers)
-    ]}
+    swaps = _Swaps(result.model, layers, reference, eval_inputs, batch_size)
+    initial = swaps.measure()
+    ranking = None if not sensitivity else tuple(
+        LayerSensitivity(layer.name, layer.alone_sqnr_db) for layer in swaps.sensitivities(layers))
+    steps = () if min_sqnr_db is None else _fall_back(swaps, min_sqnr_db, initial, options.get("device", "cpu"))
+    # every layer whose sensitivity was measured: the output SQNR with it alone quantized (at its last width)
+    latest = tuple(LayerSensitivity(layer.name, layer.alone_sqnr_db) for layer in layers
+                   if not math.isnan(layer.alone_sqnr_db))
+    measured = Sensitivity(initial, latest, ranking)
     if min_sqnr_db is None:
-        return replace(result, model=root, sensitivity=alone)
-    steps: list[dict] = []
-    narrow = [layer for layer in layers if layer.result.plan.scheme.bits < 8]
+        return replace(result, model=swaps.root, sensitivity=measured if sensitivity else None)
+    reasons = {
+        step.layer: f"accuracy fallback (--min-sqnr {min_sqnr_db:g}): quantized alone it gives {step.alone_sqnr_db:.1f} dB"
+        for step in steps if step.to == "float"
+    }
+    now = {layer.name: layer.result for layer in layers}  # widened layers have new results
+    kept = tuple(r.kept_float(reasons[r.name]) if r.name in reasons else now.get(r.name, r) for r in result.layers)
+    fallback = Fallback(min_sqnr_db, initial, steps[-1].sqnr_db_after if steps else initial, steps)
+    return replace(result, model=swaps.root, layers=kept, fallback=fallback, sensitivity=measured)
+
+
+def _fall_back(swaps: _Swaps, min_sqnr_db: float, current: float, device) -> tuple[FallbackStep, ...]:
+    """Widen low-bit layers to 8 bits, then put layers back in float, most sensitive first,
+    until the output SQNR (now `current`) reaches `min_sqnr_db`; the steps taken."""
+    steps: list[FallbackStep] = []
+    narrow = [layer for layer in swaps.layers if layer.result.plan.scheme.bits < 8]
     if current < min_sqnr_db and narrow:  # first: low-bit layers to 8 bits
-        remaining = sensitivities(narrow)
+        remaining = swaps.sensitivities(narrow)
         while current < min_sqnr_db and remaining:
             layer = remaining.pop(0)
             bits = layer.result.plan.scheme.bits
             _widen(layer, device)
-            put(layer, int8=True)
-            current = measure()
-            steps.append({"layer": layer.name, "to": "8-bit", "from_bits": bits, "alone_sqnr_db": layer.alone_sqnr_db,
-                          "sqnr_db_after": current})
+            swaps.put(layer, int8=True)
+            current = swaps.measure()
+            steps.append(FallbackStep(layer.name, "8-bit", layer.alone_sqnr_db, current, from_bits=bits))
     if current < min_sqnr_db:  # then: layers back to float
-        remaining = sensitivities(layers)
+        remaining = swaps.sensitivities(swaps.layers)
         while current < min_sqnr_db and remaining:
             layer = remaining.pop(0)
-            put(layer, int8=False)
-            current = measure()
-            steps.append({"layer": layer.name, "to": "float", "alone_sqnr_db": layer.alone_sqnr_db, "sqnr_db_after": current})
+            swaps.put(layer, int8=False)
+            current = swaps.measure()
+            steps.append(FallbackStep(layer.name, "float", layer.alone_sqnr_db, current))
         if not remaining:
-            best = max((layer.alone_sqnr_db for layer in layers), default=float("nan"))
+            best = max((layer.alone_sqnr_db for layer in swaps.layers), default=float("nan"))
             raise ConfigError(
                 f"`min_sqnr` {min_sqnr_db:g} dB cannot be met with any layer in int8 (the least "
                 f"sensitive layer alone gives {best:.1f} dB); nothing was written"
             )
-    reasons = {
-        step["layer"]: f"accuracy fallback (--min-sqnr {min_sqnr_db:g}): quantized alone it gives "
-                       f"{step['alone_sqnr_db']:.1f} dB"
-        for step in steps if step["to"] == "float"
-    }
-    now = {layer.name: layer.result for layer in layers}  # widened layers have new results
-    kept = tuple(r.kept_float(reasons[r.name]) if r.name in reasons else now.get(r.name, r) for r in result.layers)
-    fallback = {
-        "target_sqnr_db": min_sqnr_db, "initial_sqnr_db": initial,
-        "final_sqnr_db": steps[-1]["sqnr_db_after"] if steps else initial, "steps": steps,
-        # every layer whose sensitivity was measured: the output SQNR with it alone quantized (at its
-        # last width); the report's chart draws it by depth
-        "sensitivity_db": {layer.name: layer.alone_sqnr_db for layer in layers if not math.isnan(layer.alone_sqnr_db)},
-    }
-    return replace(result, model=root, layers=kept, fallback=fallback, sensitivity=alone)
+    return tuple(steps)

@@ -22,8 +22,8 @@ from .primitives import packed_row_bytes, sqnr_db, weight_sqnr_db
 from .qembedding import QuantizedEmbedding
 from .qlinear import QuantizedLinear
 
-__all__ = ["LayerResult", "EmbeddingResult", "QuantizeResult", "quantize_layer", "quantize_model", "check_streamable",
-           "stream_layers"]
+__all__ = ["LayerResult", "EmbeddingResult", "FallbackStep", "Fallback", "LayerSensitivity", "Sensitivity",
+           "QuantizeResult", "quantize_layer", "quantize_model", "check_streamable", "stream_layers"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,71 @@ class EmbeddingResult:
 
 
 @dataclass(frozen=True)
+class FallbackStep:
+    """One step of the accuracy fallback (fallback.quantize_to_target): a layer widened to 8 bits
+    or put back in float, its sensitivity then, and the model's output SQNR after the step."""
+
+    layer: str
+    to: str  # "8-bit" or "float"
+    alone_sqnr_db: float
+    sqnr_db_after: float
+    from_bits: int | None = None  # widened to 8 bits: the bits it had
+
+    def to_dict(self) -> dict[str, Any]:
+        widened = {} if self.from_bits is None else {"from_bits": self.from_bits}
+        return {"layer": self.layer, "to": self.to, **widened, "alone_sqnr_db": self.alone_sqnr_db,
+                "sqnr_db_after": self.sqnr_db_after}
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """The accuracy fallback to a target output SQNR (dB): all quantized, each step, the end.
+    The sensitivities it went by are the result's `Sensitivity`."""
+
+    target_sqnr_db: float
+    initial_sqnr_db: float
+    final_sqnr_db: float
+    steps: tuple[FallbackStep, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target_sqnr_db": self.target_sqnr_db, "initial_sqnr_db": self.initial_sqnr_db,
+                "final_sqnr_db": self.final_sqnr_db, "steps": [st.to_dict() for st in self.steps]}
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """A layer's sensitivity: the model's output SQNR (dB) with only this layer quantized."""
+
+    layer: str
+    alone_sqnr_db: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "alone_sqnr_db": self.alone_sqnr_db}
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """The layers' sensitivities (fallback.quantize_to_target), the one home of them: the report's
+    sensitivity table reads `ranking`; the fallback's JSON and the HTML chart read `latest`."""
+
+    all_int8_sqnr_db: float  # the model's output SQNR with every layer quantized
+    latest: tuple[LayerSensitivity, ...]  # each layer measured, at its last width, in module order
+    # on request: every quantized layer as quantized, before any fallback step, most sensitive first
+    ranking: tuple[LayerSensitivity, ...] | None = None
+    data: str = ""  # what it was measured on, as the report names it
+
+    def by_layer(self) -> dict[str, float]:
+        """Each measured layer's latest sensitivity, in module order."""
+        return {s.layer: s.alone_sqnr_db for s in self.latest}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ranking (the report's `sensitivity`)."""
+        assert self.ranking is not None, "only a ranking on request is reported"
+        return {"data": self.data, "all_int8_sqnr_db": self.all_int8_sqnr_db,
+                "layers": [s.to_dict() for s in self.ranking]}
+
+
+@dataclass(frozen=True)
 class QuantizeResult:
     """The quantized model (the input model, changed in place, unless the model itself was a bare
     `nn.Linear`), the config used, and one result per `nn.Linear`, in the plan's order."""
@@ -104,9 +169,8 @@ class QuantizeResult:
     model: nn.Module
     config: QuantConfig
     layers: tuple[LayerResult, ...]
-    fallback: dict | None = None  # accuracy-aware fallback steps (fallback.quantize_to_target)
-    # each quantized layer's sensitivity, most sensitive first (fallback.quantize_to_target)
-    sensitivity: dict | None = None
+    fallback: Fallback | None = None  # accuracy-aware fallback steps (fallback.quantize_to_target)
+    sensitivity: Sensitivity | None = None  # what the fallback measured (fallback.quantize_to_target)
     embeddings: tuple[EmbeddingResult, ...] = ()  # with `embeddings`: one per nn.Embedding
 
     @property

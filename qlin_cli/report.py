@@ -3,16 +3,18 @@
 
 Each report has `to_dict()` (JSON-able: the `--json` output and the `--report` file) and lays
 itself out as renderer-neutral parts: `title`, `facts()`, `tables()` (`Table`), `summary()` and
-`warnings()`. `to_markdown` renders any report; the CLI renders the same parts with rich. What a
-layer's "note" says is decided once, in `layer_note`.
+`warnings()`. `to_markdown` renders any report; the CLI renders the same parts with rich;
+report_html.py draws a quantize report as one HTML page. What a report carries is typed: frozen
+records (`Calibration`, `Probe`, `Smoothing`, `InspectRow`; the fallback's and the sensitivities'
+from quantize.py), each with the `to_dict()` its JSON shows. What a layer's "note" says is
+decided once, in `layer_note`.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,8 @@ from .errors import InputError
 from .files import write_atomic
 from .kernels import KEPT_FOR_SPEED, KernelChoice, registry
 from .primitives import sqnr_db
-from .quantize import EmbeddingResult, LayerResult
-from .scheme import PER_CHANNEL, PER_TENSOR, PerGroup
+from .quantize import EmbeddingResult, Fallback, LayerResult, Sensitivity
+from .scheme import PER_CHANNEL, PER_TENSOR, LayerScheme, PerGroup
 
 __all__ = [
     "compare_outputs",
@@ -33,13 +35,17 @@ __all__ = [
     "shrink",
     "Table",
     "layer_note",
-    "to_html",
+    "Calibration",
+    "Probe",
+    "Smoothing",
+    "InspectRow",
     "QuantizeReport",
     "EvalReport",
     "TextEvalReport",
     "InspectReport",
     "FloatInspectReport",
     "to_markdown",
+    "report_json",
     "write_report",
 ]
 
@@ -138,6 +144,51 @@ class _Report:
         return []
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """The data a quantize run calibrated on (static ranges, SmoothQuant factors, each layer's
+    output SQNR)."""
+
+    file: str | None  # the `calib` or `calib_text` file; None: the probe
+    samples: int
+    batch_size: int
+    used_for: str  # "calibration", SmoothQuant factors from the probe, or "measuring the first batch"
+    text: str | None = None  # `calib_text`: what the text became (tokens, windows or lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        text = {} if self.text is None else {"text": self.text}
+        return {"file": self.file, "samples": self.samples, "batch_size": self.batch_size, **text,
+                "used_for": self.used_for}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The model-level error: the float and the int8 model on the probe batch."""
+
+    description: str  # what the probe batch is
+    compared: str | None  # where in the model's output the compared tensor was found
+    note: str  # why it was not measured ("" when it was)
+    metrics: dict[str, float | None] | None = None  # compare_outputs, when measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"description": self.description, "compared": self.compared, "note": self.note, **(self.metrics or {})}
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """SmoothQuant in a quantize run."""
+
+    alpha: tuple[float, ...]  # the alphas used, ascending
+    layers: int  # layers smoothed
+    default: int  # of them, by qlin's default (not asked for)
+    data: str  # what the factors came from
+    folded: int | None = None  # compressed-tensors: layers folded into a norm (else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"alpha": list(self.alpha), "layers": self.layers, "default": self.default, "data": self.data,
+                "folded": self.folded}
+
+
 def _row_dict(r: LayerResult) -> dict[str, Any]:
     """A quantize report's layer row: the result's keys, the weight shape `(out, in)` and the
     scale shape its scheme gives."""
@@ -157,18 +208,15 @@ class QuantizeReport(_Report):
     format: str
     config: QuantConfig
     device: str
-    calibration: dict[str, Any] | None  # file, samples, batch_size, used_for
+    calibration: Calibration | None
     layers: tuple[LayerResult, ...]
-    probe: dict[str, Any]  # description, compared, note, and compare_outputs' metrics when measured
-    fallback: dict[str, Any] | None
+    probe: Probe
+    fallback: Fallback | None  # --min-sqnr
     size_float_bytes: int
     size_int8_bytes: int
     notes: tuple[str, ...] = ()  # warnings, e.g. a skip pattern that matches no layer
-    # with --sensitivity: data, all_int8_sqnr_db, layers [{layer, alone_sqnr_db}], most sensitive first
-    sensitivity: dict[str, Any] | None = None
-    # SmoothQuant: alpha (list), layers, default (how many by qlin's default), data (what the
-    # factors came from), folded (compressed-tensors: layers folded into a norm; else None)
-    smoothing: dict[str, Any] | None = None
+    sensitivity: Sensitivity | None = None  # --min-sqnr or --sensitivity (the ranking: with --sensitivity)
+    smoothing: Smoothing | None = None
     embeddings: tuple[EmbeddingResult, ...] = ()  # with `embeddings`: one per nn.Embedding
 
     @property
@@ -195,13 +243,26 @@ class QuantizeReport(_Report):
             "embedding_bytes_int8": sum(e.bytes_int8 for e in self.embeddings),
         }
 
+    def _ranking(self) -> Sensitivity | None:
+        """The sensitivities when their ranking was asked for (--sensitivity)."""
+        s = self.sensitivity
+        return s if s is not None and s.ranking is not None else None
+
+    def sensitivity_db(self) -> dict[str, float]:
+        """Each measured layer's latest sensitivity (dB) by name: what the fallback went by."""
+        return {} if self.sensitivity is None else self.sensitivity.by_layer()
+
     def to_dict(self) -> dict[str, Any]:
+        fallback = None if self.fallback is None else {**self.fallback.to_dict(), "sensitivity_db": self.sensitivity_db()}
+        ranking = self._ranking()
         return {
             "source": self.source, "source_kind": self.source_kind, "output": self.output, "format": self.format,
-            "config": self.config.to_dict(), "device": self.device, "calibration": self.calibration,
-            "layers": [_row_dict(r) for r in self.layers], "probe": self.probe, "fallback": self.fallback,
-            "smoothing": self.smoothing, "embeddings": [e.to_dict() for e in self.embeddings],
-            **({} if self.sensitivity is None else {"sensitivity": self.sensitivity}),
+            "config": self.config.to_dict(), "device": self.device,
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "layers": [_row_dict(r) for r in self.layers], "probe": self.probe.to_dict(), "fallback": fallback,
+            "smoothing": None if self.smoothing is None else self.smoothing.to_dict(),
+            "embeddings": [e.to_dict() for e in self.embeddings],
+            **({} if ranking is None else {"sensitivity": ranking.to_dict()}),
             "totals": self.totals(), "warnings": list(self.notes),
         }
 
@@ -237,14 +298,14 @@ class QuantizeReport(_Report):
             rows.append((*cells, f"{e.bytes_float:,} -> {e.bytes_int8:,}", note))
         numeric = frozenset(c for c in cols if "SQNR" in c or "bytes" in c or "input" in c)
         tables = [Table(self.title, tuple(cols), tuple(rows), numeric)]
-        s = self.sensitivity
+        s = self._ranking()
         if s is not None:
-            title = (f"sensitivity on {s['data']}: the model's output SQNR with only this layer in int8, most "
-                     f"sensitive first (all layers in int8: {fmt(s['all_int8_sqnr_db'])} dB)")
-            moved = {st["layer"]: st.get("to", "float") for st in (self.fallback or {}).get("steps", ())}
+            title = (f"sensitivity on {s.data}: the model's output SQNR with only this layer in int8, most "
+                     f"sensitive first (all layers in int8: {fmt(s.all_int8_sqnr_db)} dB)")
+            moved = {st.layer: st.to for st in (() if self.fallback is None else self.fallback.steps)}
             notes = {"float": "kept float by --min-sqnr", "8-bit": "widened to 8 bits by --min-sqnr"}
-            rows = tuple((r["layer"] or "(root)", fmt(r["alone_sqnr_db"]), notes.get(moved.get(r["layer"]), ""))
-                         for r in s["layers"])
+            rows = tuple((r.layer or "(root)", fmt(r.alone_sqnr_db), notes.get(moved.get(r.layer), ""))
+                         for r in s.ranking)
             tables.append(Table(title, ("layer", "output SQNR dB, alone", "note"), rows, frozenset({"output SQNR dB, alone"})))
         return tables
 
@@ -259,27 +320,28 @@ class QuantizeReport(_Report):
             + (f"; embeddings ({t['embeddings_quantized']} of {len(self.embeddings)} int8 per row): "
                f"{t['embedding_bytes_float']:,} -> {t['embedding_bytes_int8']:,} bytes" if self.embeddings else ""),
         ]
-        if probe.get("sqnr_db") is not None:
+        m = probe.metrics
+        if m is not None:
             lines.append(
-                f"model output on {probe['description']} ({probe['compared']}): SQNR {fmt(probe['sqnr_db'])} dB, "
-                f"cosine {fmt(probe['cosine'], 5)}, max abs err {probe['max_abs_err']:.3g}"
+                f"model output on {probe.description} ({probe.compared}): SQNR {fmt(m['sqnr_db'])} dB, "
+                f"cosine {fmt(m['cosine'], 5)}, max abs err {m['max_abs_err']:.3g}"
             )
         else:
-            lines.append(f"model output: not measured ({probe.get('note', '')})")
+            lines.append(f"model output: not measured ({probe.note})")
         sm = self.smoothing
         if sm is not None:
-            alpha = ", ".join(f"{a:g}" for a in sm["alpha"])
-            by_default = f", {sm['default']} by default (--no-smooth turns it off)" if sm["default"] else ""
-            line = f"SmoothQuant alpha {alpha} on {sm['layers']} layers{by_default}, factors from {sm['data']}"
-            if sm["folded"] is not None:
-                line += (f"; compressed-tensors: folded into the norm before {sm['folded']} of them, the other "
-                         f"{sm['layers'] - sm['folded']} exported without it (see each layer's note)")
+            alpha = ", ".join(f"{a:g}" for a in sm.alpha)
+            by_default = f", {sm.default} by default (--no-smooth turns it off)" if sm.default else ""
+            line = f"SmoothQuant alpha {alpha} on {sm.layers} layers{by_default}, factors from {sm.data}"
+            if sm.folded is not None:
+                line += (f"; compressed-tensors: folded into the norm before {sm.folded} of them, the other "
+                         f"{sm.layers - sm.folded} exported without it (see each layer's note)")
             lines.append(line)
         fb = self.fallback
         if fb is not None:
             lines.append(
-                f"accuracy fallback to {fb['target_sqnr_db']:g} dB: all int8 gave {fb['initial_sqnr_db']:.2f} dB"
-                + "".join(f"; {st['layer']} {st.get('to', 'float')} -> {st['sqnr_db_after']:.2f} dB" for st in fb["steps"])
+                f"accuracy fallback to {fb.target_sqnr_db:g} dB: all int8 gave {fb.initial_sqnr_db:.2f} dB"
+                + "".join(f"; {st.layer} {st.to} -> {st.sqnr_db_after:.2f} dB" for st in fb.steps)
             )
         return lines
 
@@ -450,6 +512,60 @@ class TextEvalReport(_Report):
         return notes
 
 
+@dataclass(frozen=True)
+class InspectRow:
+    """One layer of a quantized model as `qlin inspect` shows it: a Linear layer (its plan entry;
+    when quantized, its tensors, scheme and this machine's kernel) or an embedding table
+    (`embedding`: when quantized, int8 per row, weight-only, gathered)."""
+
+    name: str
+    status: str
+    reason: str
+    weight_shape: tuple[int, int]  # (out, in); an embedding's (num_embeddings, embedding_dim)
+    aliases: tuple[str, ...] = ()
+    embedding: bool = False
+    # quantized: the weight's stored dtype, the scale's and zero point's shapes, the scale's range
+    weight_dtype: str | None = None
+    scale_shape: tuple[int, ...] | None = None
+    zero_point_shape: tuple[int, ...] | None = None
+    scale_min: float | None = None
+    scale_max: float | None = None
+    scheme: LayerScheme | None = None  # a quantized Linear layer's
+    # the kernel it runs on here, why, and whether its rows depend on the batch (an embedding: gather)
+    choice: KernelChoice | None = None
+    input_scale: float | None = None  # static
+    input_zero_point: int | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_dtype is not None
+
+    @property
+    def scheme_keys(self) -> dict[str, Any]:
+        """The scheme's keys as the table reads them (an int8 table: channel, symmetric, weight-only)."""
+        if self.scheme is not None:
+            return self.scheme.to_dict()
+        return {"granularity": "channel", "symmetric": True, "mode": "weight-only", "smooth": None, "observer": None}
+
+    def to_dict(self) -> dict[str, Any]:
+        head = {"name": self.name, "status": self.status, "reason": self.reason,
+                **({"kind": "embedding"} if self.embedding else {}),
+                "weight_shape": list(self.weight_shape), "aliases": list(self.aliases)}
+        if not self.quantized:
+            return head
+        tensors = {"weight_dtype": self.weight_dtype, "scale_shape": list(self.scale_shape),
+                   "zero_point_shape": None if self.zero_point_shape is None else list(self.zero_point_shape)}
+        c = self.choice
+        kernel = {"kernel": c.name, "kernel_reason": c.reason, "batch_invariant": c.batch_invariant}
+        scale = {"scale_min": self.scale_min, "scale_max": self.scale_max}
+        if self.embedding:
+            return {**head, **tensors, "granularity": "channel", "symmetric": True, **scale, **kernel,
+                    "mode": "weight-only", "smooth": None}
+        static = {} if self.input_scale is None else {"input_scale": self.input_scale,
+                                                      "input_zero_point": self.input_zero_point}
+        return {**head, **tensors, **self.scheme.to_dict(), **scale, **kernel, **static}
+
+
 @dataclass
 class InspectReport(_Report):
     """A quantized model qlin wrote (a qlin file or compressed-tensors folder): its metadata,
@@ -458,23 +574,22 @@ class InspectReport(_Report):
     path: str
     metadata: dict[str, str]  # all but config and plan
     config: QuantConfig
-    layers: list[dict[str, Any]]  # see api.inspect_path
+    layers: list[InspectRow]
     tensors: int
     size_bytes: int
     verified: bool
     kind: str = "qlin"  # or "compressed-tensors": a folder qlin wrote, read back through its plan
-    choices: dict[str, KernelChoice] = field(default_factory=dict)  # each quantized Linear's kernel here
 
     @property
     def title(self) -> str:
         what = "" if self.kind == "qlin" else f" ({self.kind} folder qlin wrote)"
-        tables = sum(r.get("kind") == "embedding" for r in self.layers)
+        tables = sum(r.embedding for r in self.layers)
         return f"{self.path}{what}: {len(self.layers) - tables} Linear layers" + (f", {tables} embeddings" if tables else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path, "kind": self.kind, "metadata": self.metadata, "config": self.config.to_dict(),
-            "layers": self.layers, "tensors": self.tensors, "size_bytes": self.size_bytes, "verified": self.verified,
+            "layers": [r.to_dict() for r in self.layers], "tensors": self.tensors, "size_bytes": self.size_bytes, "verified": self.verified,
         }
 
     def facts(self) -> list[str]:
@@ -485,22 +600,23 @@ class InspectReport(_Report):
                 "scale min", "scale max", "kernel here", "note")
         rows = []
         for r in self.layers:
-            name = r["name"] or "(root)"
-            if r["status"] != "quantized":
-                why = r["reason"] if r["reason"].startswith(KEPT_FOR_SPEED) else f"float: {r['reason']}"
-                rows.append((name, fmt(r["weight_shape"]), *["-"] * 7, why))
+            name = r.name or "(root)"
+            if r.status != "quantized":
+                why = r.reason if r.reason.startswith(KEPT_FOR_SPEED) else f"float: {r.reason}"
+                rows.append((name, fmt(r.weight_shape), *["-"] * 7, why))
                 continue
-            notes = [layer_note(r["status"], r["reason"], self.choices.get(r["name"]))]
-            if r.get("kind") == "embedding":
+            s = r.scheme_keys
+            notes = [layer_note(r.status, r.reason, None if r.embedding else r.choice)]
+            if r.embedding:
                 notes.append("nn.Embedding, int8 per row")
-            if r["mode"] == "static":
-                notes.append(f"static input scale {r['input_scale']:.3g}, zero point {r['input_zero_point']} ({r['observer']})")
-            if r["smooth"] is not None:
-                notes.append(f"SmoothQuant alpha {r['smooth']}")
+            if s["mode"] == "static":
+                notes.append(f"static input scale {r.input_scale:.3g}, zero point {r.input_zero_point} ({s['observer']})")
+            if s["smooth"] is not None:
+                notes.append(f"SmoothQuant alpha {s['smooth']}")
             rows.append((
-                name, f"{r['weight_dtype']} {fmt(r['weight_shape'])}", fmt(r["scale_shape"]),
-                fmt(r["zero_point_shape"]), r["granularity"], fmt(r["symmetric"]),
-                f"{r['scale_min']:.3g}", f"{r['scale_max']:.3g}", r["kernel"], "; ".join(n for n in notes if n),
+                name, f"{r.weight_dtype} {fmt(r.weight_shape)}", fmt(r.scale_shape),
+                fmt(r.zero_point_shape), s["granularity"],
+                fmt(s["symmetric"]), f"{r.scale_min:.3g}", f"{r.scale_max:.3g}", r.choice.name, "; ".join(n for n in notes if n),
             ))
         return [Table(self.title, cols, tuple(rows))]
 
@@ -573,105 +689,9 @@ def report_json(report: _Report) -> str:
     return json.dumps(json_safe(report.to_dict()), indent=2) + "\n"
 
 
-def _chart_svg(report: "QuantizeReport", width: int = 900, height: int = 360) -> str:
-    """An inline SVG line chart, by depth (the layer's index in module order): each layer's weight
-    SQNR, and where measured its output SQNR and its sensitivity (the model's output SQNR with it
-    alone quantized, from --min-sqnr). A layer kept float has a grey band behind it (its points
-    are what int8 gave it); an exact layer (999 dB) is clipped to the top of the axis."""
-    sensitivity = (report.fallback or {}).get("sensitivity_db", {})
-    series = [
-        ("weight SQNR", "#1f77b4", [r.weight_sqnr_db for r in report.layers]),
-        ("output SQNR", "#ff7f0e", [r.output_sqnr_db for r in report.layers]),
-        ("sensitivity (model output SQNR, layer alone int8)", "#2ca02c", [sensitivity.get(r.name) for r in report.layers]),
-    ]
-    series = [(n, c, [None if v is None or not math.isfinite(v) else v for v in vals]) for n, c, vals in series]
-    series = [s for s in series if any(v is not None for v in s[2])]
-    values = [v for _, _, vals in series for v in vals if v is not None]
-    left, right, top, bottom = 56, 16, 40, 44
-    pw, ph = width - left - right, height - top - bottom
-    lo = 0.0 if not values else min(0.0, math.floor(min(values) / 10) * 10)
-    hi = 10.0 if not values else max(lo + 10, math.ceil(min(max(values), 120) / 10) * 10)
-    n = max(len(report.layers), 1)
-
-    def x(i: int) -> float:
-        return left + (pw * (i + 0.5) / n)
-
-    def y(v: float) -> float:
-        return top + ph * (1 - (min(v, hi) - lo) / (hi - lo))
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-             'role="img" aria-label="SQNR by depth" font-family="sans-serif" font-size="12">',
-             f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>']
-    step = 10 if hi - lo <= 80 else 20
-    for t in range(int(lo), int(hi) + 1, step):
-        parts.append(f'<line x1="{left}" y1="{y(t):.1f}" x2="{width - right}" y2="{y(t):.1f}" stroke="#dddddd"/>'
-                     f'<text x="{left - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{t}</text>')
-    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333333"/>'
-                 f'<line x1="{left}" y1="{top + ph}" x2="{width - right}" y2="{top + ph}" stroke="#333333"/>')
-    parts.append(f'<text x="16" y="{top + ph / 2:.0f}" transform="rotate(-90 16 {top + ph / 2:.0f})" text-anchor="middle">dB</text>'
-                 f'<text x="{left + pw / 2:.0f}" y="{height - 8}" text-anchor="middle">layer depth (module order, 0 .. {n - 1})</text>')
-    lx = left + 10
-    floats = [i for i, r in enumerate(report.layers) if r.status != "quantized"]
-    for i in floats:  # a band behind each layer kept float: its SQNRs are what int8 gave
-        parts.append(f'<rect x="{x(i) - pw / (2 * n):.1f}" y="{top}" width="{pw / n:.1f}" height="{ph}" fill="#e8e8e8">'
-                     f'<title>{html.escape(report.layers[i].name)}: kept float</title></rect>')
-    if floats:
-        parts.append(f'<rect x="{lx}" y="12" width="14" height="14" fill="#e8e8e8" stroke="#999999"/>'
-                     f'<text x="{lx + 20}" y="24">kept float</text>')
-        lx += 20 + 7 * len("kept float") + 24
-    for name, color, vals in series:
-        runs, run = [], []
-        for i, v in enumerate(vals):
-            if v is None:
-                runs, run = runs + ([run] if run else []), []
-            else:
-                run.append((x(i), y(v)))
-        runs += [run] if run else []
-        for r in runs:
-            pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in r)
-            parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for i, v in enumerate(vals):
-            if v is not None:
-                parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{color}">'
-                             f'<title>{html.escape(report.layers[i].name)}: {name} {v:.2f} dB</title></circle>')
-        parts.append(f'<rect x="{lx}" y="12" width="14" height="14" fill="{color}"/>'
-                     f'<text x="{lx + 20}" y="24">{html.escape(name)}</text>')
-        lx += 20 + 7 * len(name) + 24  # ~7 px a character at 12 px
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def to_html(report: "QuantizeReport") -> str:
-    """The quantize report as one self-contained HTML page: no script, nothing fetched (inline
-    CSS and an inline SVG chart of the SQNRs by depth), then the layer table, the summary."""
-    esc = html.escape
-    rows = []
-    for t in report.tables():
-        head = "".join(f"<th>{esc(c)}</th>" for c in t.columns)
-        body = "".join(
-            "<tr>" + "".join(f'<td class="{"num" if c in t.numeric else ""}">{esc(str(v))}</td>' for c, v in zip(t.columns, row)) + "</tr>"
-            for row in t.rows
-        )
-        rows.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-    items = "".join(f"<li>{esc(line)}</li>" for line in (*report.facts(), *report.summary(), *report.warnings()))
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{esc(report.title)}</title>"
-        "<style>body{font-family:sans-serif;margin:16px;color:#222}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:2px 6px}td.num{text-align:right}th{background:#f4f4f4}</style>"
-        f"</head><body><h1>{esc(report.title)}</h1>"
-        f"<p>{esc(report.source_kind)}; config: {esc(json.dumps(report.config.to_dict(), sort_keys=True))}</p>"
-        f'<figure id="chart">{_chart_svg(report)}</figure><ul>{items}</ul>{"".join(rows)}</body></html>\n'
-    )
-
-
 def write_report(report: _Report, path: Path, *, force: bool) -> tuple[Path, ...]:
-    """Write the report as JSON at `path` and as Markdown beside it (`.md`), atomically; for a
-    `.html` path (a quantize report), the one HTML page `to_html` gives instead."""
-    if path.suffix == ".html":
-        if not isinstance(report, QuantizeReport):
-            raise InputError(f"an HTML report is written for `qlin quantize` only; {path}: use .json")
-        return (write_atomic(path, to_html(report).encode(), force=force),)
+    """Write the report as JSON at `path` and as Markdown beside it (`.md`), atomically (an HTML
+    page instead: report_html.write_html)."""
     md = path.with_suffix(".md")
     write_atomic(path, report_json(report).encode(), force=force)
     write_atomic(md, to_markdown(report).encode("utf-8", "surrogateescape"), force=force)  # file names as given

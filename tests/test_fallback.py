@@ -24,17 +24,17 @@ def test_fallback_reaches_the_target_on_the_sample_encoder(data, tmp_path):
     calib, test = data
     reference = model_output(load_encoder(), test, 64)
     all_int8 = quantize_to_target(load_encoder(), QuantConfig(kernel="fbgemm", mode="static"), min_sqnr_db=0.0, eval_inputs=test, calib=calib)
-    initial = all_int8.fallback["initial_sqnr_db"]
-    assert all_int8.fallback["steps"] == [] and len(all_int8.quantized) == 10
+    initial = all_int8.fallback.initial_sqnr_db
+    assert all_int8.fallback.steps == () and len(all_int8.quantized) == 10
     target = initial + 2.0
     result = quantize_to_target(load_encoder(), QuantConfig(kernel="fbgemm", mode="static"), min_sqnr_db=target, eval_inputs=test, calib=calib)
     fb = result.fallback
-    assert fb["initial_sqnr_db"] == pytest.approx(initial)
-    assert fb["steps"] and fb["final_sqnr_db"] >= target
-    alone = [s["alone_sqnr_db"] for s in fb["steps"]]
+    assert fb.initial_sqnr_db == pytest.approx(initial)
+    assert fb.steps and fb.final_sqnr_db >= target
+    alone = [s.alone_sqnr_db for s in fb.steps]
     assert alone == sorted(alone)  # most sensitive (lowest alone SQNR) first
-    assert all(s["sqnr_db_after"] < target for s in fb["steps"][:-1])  # stops as soon as it is met
-    fell = {s["layer"] for s in fb["steps"]}
+    assert all(s.sqnr_db_after < target for s in fb.steps[:-1])  # stops as soon as it is met
+    fell = {s.layer for s in fb.steps}
     for rec in result.layers:
         module = result.model.get_submodule(rec.name)
         if rec.name in fell:
@@ -42,7 +42,7 @@ def test_fallback_reaches_the_target_on_the_sample_encoder(data, tmp_path):
             assert rec.plan.scheme is None and rec.kernel is None
         else:
             assert isinstance(module, QuantizedLinear)
-    assert sqnr_db(reference, model_output(result.model, test, 64)) == pytest.approx(fb["final_sqnr_db"])
+    assert sqnr_db(reference, model_output(result.model, test, 64)) == pytest.approx(fb.final_sqnr_db)
     # the saved file keeps the fallen-back layers float and reloads to the same outputs
     path = save_quantized(result, tmp_path / "fb.safetensors")
     loaded = load_quantized(load_encoder(), path)

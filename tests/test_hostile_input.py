@@ -336,12 +336,12 @@ def test_sigterm_during_the_write_cleans_up_like_ctrl_c(signum, out_format, tmp_
 def test_sigterm_to_a_running_quantize(tmp_path):
     """The real signal: the handler is installed and the exit code is 143 with one line."""
     code = (
-        "import os, signal, sys, qlin_cli.api as api\n"
-        "real = api.quantize_model\n"
+        "import os, signal, sys, qlin_cli.jobs.quantize as job\n"
+        "real = job.quantize_model\n"
         "def slow(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return real(*a, **k)\n"
-        "api.quantize_model = slow\n"
+        "job.quantize_model = slow\n"
         "from qlin_cli.cli import main\n"
         "main(sys.argv[1:])\n"
     )

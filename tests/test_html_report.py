@@ -51,7 +51,7 @@ def test_page_is_self_contained_and_holds_the_numbers(page):
     assert "@import" not in text and "url(" not in text
     assert not (set(re.findall(r"https?://[^\s\"']+", text)) - {"http://www.w3.org/2000/svg"})  # a namespace, not fetched
     assert not path.with_suffix(".md").exists() and not path.with_suffix(".json").exists()
-    sensitivity = report.fallback["sensitivity_db"]
+    sensitivity = report.sensitivity_db()
     assert len(sensitivity) >= 7  # every quantized layer's was measured (the target needed fallback)
     for r in report.layers:  # each measured point carries its value, to the hundredth
         assert f"{r.name}: weight SQNR {r.weight_sqnr_db:.2f} dB" in text

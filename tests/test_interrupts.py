@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-import qlin_cli.api
+import qlin_cli.jobs.quantize
 import qlin_cli.files
 from conftest import ModuleWith, cli, mlp_with, qlin_env, raising, sha256
 from qlin_cli import quantize_model, read_qfile, save_quantized
@@ -265,7 +265,7 @@ def test_ctrl_c_as_the_temporary_file_is_created_leaves_no_temporary(tmp_path, c
 
 
 def test_ctrl_c_says_interrupted(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(qlin_cli.api, "quantize_model", raising(KeyboardInterrupt()))
+    monkeypatch.setattr(qlin_cli.jobs.quantize, "quantize_model", raising(KeyboardInterrupt()))
     code, stdout, stderr = cli(capsys, "quantize", DIGITS_PT, "-o", tmp_path / "out.safetensors")
     assert code == 130 and stdout == ""
     assert stderr.strip() == "interrupted"

@@ -290,10 +290,10 @@ def test_min_sqnr_widens_low_bit_layers_to_8_bits_before_float():
     model = mlp()
     reference = mlp()(data)
     res = quantize_to_target(model, QuantConfig(bits=2, group_size=32), min_sqnr_db=25.0, eval_inputs=data)
-    steps = res.fallback["steps"]
-    assert steps and steps[0]["to"] == "8-bit" and steps[0]["from_bits"] == 2
-    assert res.fallback["final_sqnr_db"] >= 25.0
-    widened = [s["layer"] for s in steps if s["to"] == "8-bit"]
+    steps = res.fallback.steps
+    assert steps and steps[0].to == "8-bit" and steps[0].from_bits == 2
+    assert res.fallback.final_sqnr_db >= 25.0
+    widened = [s.layer for s in steps if s.to == "8-bit"]
     for r in res.layers:
         if r.name in widened:
             assert r.plan.scheme.bits == 8 and r.plan.scheme.group_size is None and r.status == "quantized"

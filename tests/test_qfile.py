@@ -262,7 +262,7 @@ def test_a_file_from_an_earlier_qlin_runs_the_int8_kernel_its_plan_names(digits_
     loaded = load_quantized(load_digits_mlp(), old)
     kernels = {m.kernel.name for m in loaded.modules() if isinstance(m, QuantizedLinear)}
     assert len(kernels) == 1 and kernels <= {"onednn", "fbgemm", "int_mm"}
-    assert {row["kernel"] for row in inspect_path(old).layers} == kernels
+    assert {row.kernel for row in inspect_path(old).layers} == kernels
     from qlin_cli.primitives import dequantize
 
     named = quantize_model(load_digits_mlp(), QuantConfig(kernel="fbgemm")).model

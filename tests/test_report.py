@@ -12,8 +12,8 @@ from qlin_cli.config import QuantConfig
 from qlin_cli.errors import InputError
 from qlin_cli.kernels import KernelChoice
 from qlin_cli.plan import PlanEntry
-from qlin_cli.quantize import LayerResult
-from qlin_cli.report import QuantizeReport, compare_outputs, json_safe, layer_note, to_markdown
+from qlin_cli.quantize import Fallback, FallbackStep, LayerResult
+from qlin_cli.report import Calibration, Probe, QuantizeReport, compare_outputs, json_safe, layer_note, to_markdown
 from qlin_cli.scheme import PER_TENSOR, LayerScheme
 
 
@@ -40,19 +40,17 @@ def _result(name, out_f, in_f, scheme=None, reason="", choice=None, bytes_float=
 def _report(layers, calibration=True, fallback=None):
     return QuantizeReport(
         source="m.pt", source_kind="module", output="m.int8.safetensors", format="qlin", config=QuantConfig(),
-        device="cpu", calibration={"file": "c.safetensors", "samples": 8, "batch_size": 4,
-                                   "used_for": "measuring the first batch"} if calibration else None,
+        device="cpu", calibration=Calibration("c.safetensors", 8, 4, "measuring the first batch") if calibration else None,
         layers=tuple(layers),
-        probe={"sqnr_db": 41.5, "cosine": 0.99999, "description": "8 samples", "compared": "output",
-               "max_abs_err": 0.01, "mse": 1e-4, "top1_agreement": 1.0, "note": ""},
+        probe=Probe("8 samples", "output", "", {"sqnr_db": 41.5, "cosine": 0.99999, "max_abs_err": 0.01, "mse": 1e-4,
+                                                "top1_agreement": 1.0}),
         fallback=fallback, size_float_bytes=400, size_int8_bytes=100,
     )
 
 
 def test_json_safe_and_markdown():
     assert json_safe({"a": [float("inf"), -float("inf"), 1.0]}) == {"a": ["inf", "-inf", 1.0]}
-    fallback = {"target_sqnr_db": 40.0, "initial_sqnr_db": 38.5, "final_sqnr_db": 41.5,
-                "steps": [{"layer": "head", "alone_sqnr_db": 30.0, "sqnr_db_after": 41.5}]}
+    fallback = Fallback(40.0, 38.5, 41.5, (FallbackStep("head", "float", 30.0, 41.5),))
     report = _report([
         _result("fc", 4, 8, LayerScheme(), choice=KernelChoice("int_mm", "auto: per-token int8 activations", True, False),
                 bytes_float=144, bytes_int8=56, weight_sqnr=44.0, output_sqnr=41.0),
@@ -75,7 +73,9 @@ def test_json_safe_and_markdown():
     assert d["layers"][1]["reason"] == "matches --skip 'head'" and d["layers"][1]["status"] == "skipped"
     assert d["totals"]["layers_quantized"] == 1 and d["totals"]["compression"] == 4.0
     assert d["totals"]["linear_bytes_float"] == 184 and d["totals"]["kernels"] == {"int_mm": 1}
-    assert d["fallback"] == fallback
+    assert d["fallback"] == {"target_sqnr_db": 40.0, "initial_sqnr_db": 38.5, "final_sqnr_db": 41.5,
+                             "steps": [{"layer": "head", "to": "float", "alone_sqnr_db": 30.0, "sqnr_db_after": 41.5}],
+                             "sensitivity_db": {}}
 
 
 def test_layer_notes_in_the_markdown():

@@ -71,8 +71,8 @@ def test_streamed_file_is_byte_identical(folders, tmp_path, name, config):
     assert b.source_kind.endswith("streamed one layer at a time") and "streamed" not in a.source_kind
     # the same layers, and the same measured weight SQNR for each (the output's needs the forward)
     assert [(r.name, r.status, r.weight_sqnr_db) for r in a.layers] == [(r.name, r.status, r.weight_sqnr_db) for r in b.layers]
-    assert b.probe["compared"] is None and "not measured with --stream" in b.probe["note"]
-    assert a.probe["cosine"] > 0.9
+    assert b.probe.compared is None and "not measured with --stream" in b.probe.note
+    assert a.probe.metrics["cosine"] > 0.9
 
 
 def test_tied_head_is_read_once_and_written_once(folders, tmp_path):
@@ -138,9 +138,9 @@ def test_pickles_cannot_be_streamed(folders, tmp_path, capsys):
 
 
 def test_a_source_larger_than_memory_is_warned_about(folders, tmp_path, capsys, monkeypatch):
-    import qlin_cli.api as api
+    import qlin_cli.jobs.options as options
 
-    monkeypatch.setattr(api, "_available_memory", lambda: 1000)  # bytes
+    monkeypatch.setattr(options, "_available_memory", lambda: 1000)  # bytes
     code, _, err = cli(capsys, "quantize", folders / "bert", "-o", tmp_path / "a.safetensors")
     assert code == 0
     assert "warning: " in err and "more than the 0.0 GB of memory available: pass --stream" in err
