@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -90,6 +89,30 @@ int64_t quantize_row(const float* x, uint8_t* u, int64_t K, float lo, float inv,
   return total;
 }
 
+// per row of x (M, K): its codes into u (M, ku), zero padded from K to ku (>= K), a = width / 255,
+// c = lo and the codes' sum; one parallel region over the rows
+void quantize_into(const float* x, const float* sm, int64_t M, int64_t K, uint8_t* u, int64_t ku, float* a,
+                   float* c, float* rowsum) {
+  const float inv_s = inv_s_fbgemm();
+  const int64_t grain = std::max<int64_t>(1, WORK_PER_TASK / std::max<int64_t>(K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> buf;  // the smoothed row, kept between calls
+    if (sm && static_cast<int64_t>(buf.size()) < K) buf.resize(K);
+    for (int64_t m = begin; m < end; ++m) {
+      const float* row = x + m * K;
+      float lo, hi;
+      row_min_max(row, sm, buf.data(), K, lo, hi);
+      float width = hi - lo;
+      width = width < MIN_SCALE ? MIN_SCALE : width;
+      const int64_t total = quantize_row(sm ? buf.data() : row, u + m * ku, K, lo, 1.0f / width, inv_s);
+      std::fill(u + m * ku + K, u + (m + 1) * ku, uint8_t(0));
+      a[m] = width / 255.0f;
+      c[m] = lo;
+      rowsum[m] = static_cast<float>(total);
+    }
+  });
+}
+
 std::vector<at::Tensor> quantize_rows(const at::Tensor& x, const at::Tensor& smooth) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
               "quantize_rows: x must be a contiguous float32 CPU (M, K) tensor");
@@ -105,22 +128,7 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& x, const at::Tensor& smo
   const float* sp = has_smooth ? smooth.data_ptr<float>() : nullptr;
   uint8_t* qp = q.data_ptr<uint8_t>();
   float *ap = a.data_ptr<float>(), *cp = c.data_ptr<float>(), *rp = rs.data_ptr<float>();
-  const float inv_s = inv_s_fbgemm();
-  const int64_t grain = std::max<int64_t>(1, WORK_PER_TASK / std::max<int64_t>(K, 1));
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> buf(has_smooth ? new float[K] : nullptr);
-    for (int64_t m = begin; m < end; ++m) {
-      const float* row = xp + m * K;
-      float lo, hi;
-      row_min_max(row, sp, buf.get(), K, lo, hi);
-      float width = hi - lo;
-      width = width < MIN_SCALE ? MIN_SCALE : width;
-      const int64_t total = quantize_row(has_smooth ? buf.get() : row, qp + m * K, K, lo, 1.0f / width, inv_s);
-      ap[m] = width / 255.0f;
-      cp[m] = lo;
-      rp[m] = static_cast<float>(total);
-    }
-  });
+  quantize_into(xp, sp, M, K, qp, K, ap, cp, rp);
   return {q, a, c, rs};
 }
 
@@ -312,29 +320,6 @@ void pertoken_blocks_vnni(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
 }
 #endif
 
-// the codes of x's rows into u (M, ku), as quantize_rows computes them
-void pertoken_quantize(const float* x, const float* sm, int64_t M, int64_t K, uint8_t* u, int64_t ku, float* a,
-                       float* c, float* rowsum) {
-  const float inv_s = inv_s_fbgemm();
-  const int64_t grain = std::max<int64_t>(1, WORK_PER_TASK / std::max<int64_t>(K, 1));
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> buf;  // the smoothed row, kept between calls
-    if (sm && static_cast<int64_t>(buf.size()) < K) buf.resize(K);
-    for (int64_t m = begin; m < end; ++m) {
-      const float* row = x + m * K;
-      float lo, hi;
-      row_min_max(row, sm, buf.data(), K, lo, hi);
-      float width = hi - lo;
-      width = width < MIN_SCALE ? MIN_SCALE : width;
-      const int64_t total = quantize_row(sm ? buf.data() : row, u + m * ku, K, lo, 1.0f / width, inv_s);
-      std::fill(u + m * ku + K, u + (m + 1) * ku, uint8_t(0));
-      a[m] = width / 255.0f;
-      c[m] = lo;
-      rowsum[m] = static_cast<float>(total);
-    }
-  });
-}
-
 at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
                                 const at::Tensor& wsum, const at::Tensor& bias, const at::Tensor& zs,
                                 const at::Tensor& smooth, bool force_scalar) {
@@ -361,7 +346,7 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
   if (static_cast<int64_t>(codes.size()) < M * ku) codes.resize(M * ku);
   if (static_cast<int64_t>(rowp.size()) < 3 * M) rowp.resize(3 * M);
   float *a = rowp.data(), *c = a + M, *rs = c + M;
-  pertoken_quantize(x.data_ptr<float>(), has_smooth ? smooth.data_ptr<float>() : nullptr, M, K, codes.data(), ku, a,
+  quantize_into(x.data_ptr<float>(), has_smooth ? smooth.data_ptr<float>() : nullptr, M, K, codes.data(), ku, a,
                     c, rs);
   PertokenArgs p{codes.data(), ku, a, c, rs, w.data_ptr<int8_t>(), scale.data_ptr<float>(),
                  wsum.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr,
