@@ -198,7 +198,7 @@ at::Tensor epilogue_(at::Tensor y, const at::Tensor& a, const at::Tensor& c, con
 // the same integers and the same float operations: the same bits.
 
 constexpr int64_t PT_MAX_ROWS = 16;             // rows this kernel takes; oneDNN's GEMM above
-constexpr int64_t PT_MACS_PER_TASK = 1 << 21;   // multiply-adds a thread takes at least (~15 us)
+constexpr int64_t PT_MACS_PER_TASK = 1 << 22;   // multiply-adds a thread takes at least (~30 us here)
 constexpr int64_t PT_NB = 16;                   // weight rows per block (one output vector)
 
 struct PertokenArgs {
