@@ -20,7 +20,7 @@ thread all of the work, with two the caller's share), and the process's CPU time
 included). The load average is recorded before each thread count: on a shared machine wall times
 are noisy and thread CPU times are the steadier figure.
 
-    python benchmarks/layer_cost.py                 # ~2 min; writes benchmarks/results/layer_cost.json
+    python benchmarks/layer_cost.py                 # ~2 min quiet; writes benchmarks/results/layer_cost.json
     python benchmarks/layer_cost.py --threads 1 --budget 0.2 --out /tmp/x.json
 
 This is a script run by hand, never a test.
@@ -117,7 +117,7 @@ def main() -> None:
                                        "loadavg_after": os.getloadavg(), "methods": timings})
                 common.log(f"  {k}x{n} M={m}: " + ", ".join(
                     f"{name} {t['wall_us']:.1f}/{t['thread_cpu_us']:.1f}" for name, t in timings.items()))
-    common.write_json(args.out, result)
+                common.write_json(args.out, result)  # after each configuration: a cut-short run keeps its part
     common.log(f"wrote {args.out}")
 
 

@@ -78,6 +78,23 @@ def test_per_tensor_weights():
         assert torch.equal(_fused(path, run, x), run._three_calls(x))
 
 
+@pytest.mark.parametrize("w", [127, -128])
+def test_sums_past_float32s_integers(w):
+    """Codes of 255 times weights of 127 (or -128) over 4097 inputs: int32 sums of ~1.3e8, past
+    2**24, where the conversion to float32 rounds; both paths round them alike."""
+    k = 4097
+    q = torch.full((33, k), w, dtype=torch.int8)
+    q[1, ::3] = 0
+    s, z = torch.rand(33) * 1e-2 + 1e-3, torch.zeros(33, dtype=torch.int8)
+    z[::2] = 5
+    run = pack(KernelChoice("onednn", "test", True), q, s, z, torch.randn(33), per_token=True, device="cpu")
+    x = torch.full((3, k), 7.0)
+    x[:, 0] = -1.0  # every other code is 255
+    x[1, 5::7] = 3.3
+    for path in PATHS:
+        assert torch.equal(_fused(path, run, x), run._three_calls(x))
+
+
 @pytest.mark.parametrize("m", [16, 33, 128])
 def test_a_row_is_the_same_alone_and_in_any_batch(m):
     """Batch invariance across both paths: each row alone (one call), in blocks of the fused
