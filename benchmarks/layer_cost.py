@@ -22,6 +22,8 @@ are noisy and thread CPU times are the steadier figure.
 
     python benchmarks/layer_cost.py                 # ~2 min quiet; writes benchmarks/results/layer_cost.json
     python benchmarks/layer_cost.py --threads 1 --budget 0.2 --out /tmp/x.json
+    python benchmarks/layer_cost.py --threads 1 --shapes 64x64,128x128,256x256,128x512 \
+        --out benchmarks/results/layer_cost_small.json    # below auto's SMALL_LAYER (2**17 weights)
 
 This is a script run by hand, never a test.
 """
@@ -101,13 +103,15 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--budget", type=float, default=0.3, help="seconds per method per configuration")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="in x out, e.g. 128x128,256x256")
     args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     result = {"machine": common.machine_info(torch.get_num_threads()), "runs": []}
     for threads in [int(t) for t in args.threads.split(",")]:
         common.setup_threads(threads)
         load = os.getloadavg()
         common.log(f"{threads} thread(s), load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-        for k, n in SHAPES:
+        for k, n in shapes:
             lin = nn.Linear(k, n)
             torch.manual_seed(0)
             lin.reset_parameters()
