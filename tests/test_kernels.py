@@ -335,11 +335,13 @@ def test_layers_reading_the_same_input_quantize_it_once(monkeypatch):
             return kernels.quantize_rows(x, smooth)
 
         epilogue_ = staticmethod(kernels.epilogue_)
+        pertoken_linear, pertoken_max_rows = staticmethod(kernels.pertoken_linear), kernels.pertoken_max_rows
 
     layers = [_layer(out_f=64, in_f=48, seed=i) for i in range(3)]
     monkeypatch.setattr(native, "load", lambda: Counting())
     runs = [_pack("onednn", "token", *layer) for layer in layers]
-    x = torch.randn(10, 48)
+    rows = kernels.pertoken_max_rows + 1  # the three-call path: fewer rows are one call, never cached
+    x = torch.randn(rows, 48)
     first = [run(x) for run in runs]
     assert len(calls) == 1
     x.mul_(2)  # a new version of the same memory
@@ -349,11 +351,11 @@ def test_layers_reading_the_same_input_quantize_it_once(monkeypatch):
         assert not torch.equal(a, b)
         assert torch.equal(b, run(x.clone()))  # same as a fresh tensor: nothing stale
     with torch.inference_mode():  # no version counter: never cached
-        xi = torch.randn(10, 48)
+        xi = torch.randn(rows, 48)
         [run(xi) for run in runs]
     assert len(calls) == 2 + 3 + 3  # 3 fresh clones above, 3 inference calls
     # a buffer refilled behind torch's back keeps its version: the next forward still re-quantizes
-    buf = torch.randn(10, 48)
+    buf = torch.randn(rows, 48)
     before = [run(buf) for run in runs]
     buf.numpy()[:] *= 3
     after = [run(buf) for run in runs]

@@ -3,7 +3,8 @@
 The per-token int8 path needs a row's min and max, its uint8 codes, a GEMM and a rescale. In
 torch ops that is six passes over memory and seven parallel regions per layer; the two C++ loops
 here do the passes before and after the GEMM in one parallel region each, with SmoothQuant's
-division folded into the first (onednn.py, kernel `onednn`). `lowbit_linear` is the fused n-bit
+division folded into the first (onednn.py, kernel `onednn`); for a few rows `pertoken_linear` does
+the whole layer, GEMM included, in one call. `lowbit_linear` is the fused n-bit
 group-wise weight-only layer (lowbit.py holds its torch-op reference and the 4-bit packing).
 
 Build: one `c++` command (compile and link against this torch), into the cache folder
@@ -112,8 +113,8 @@ def _load() -> tuple[ModuleType | None, str | None]:
 
 
 def load() -> ModuleType | None:
-    """The compiled kernels (`quantize_rows`, `epilogue_`, `lowbit_linear`), built on first use;
-    None where they cannot be had (the reason is logged once)."""
+    """The compiled kernels (`quantize_rows`, `epilogue_`, `pertoken_linear`, `lowbit_linear`),
+    built on first use; None where they cannot be had (the reason is logged once)."""
     module, reason = _load()
     if module is None:
         _say_once(reason)

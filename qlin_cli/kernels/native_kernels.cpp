@@ -9,6 +9,7 @@
 // epilogue_: one parallel region, in place (or into `out`):
 //     y[m, n] = a[m] * (y[m, n] - rowsum[m] * zs[n]) + c[m] * wsum[n] + b[n]
 //   (zs = weight scale * zero point: asymmetric weights only).
+// pertoken_linear: both, with the GEMM between them, in one call for a few rows (below).
 //
 // Built with -ffp-contract=off so that the quantize pass's mul/sub never become an FMA (that would
 // change codes); the epilogue uses explicit FMAs. Small row blocks run on one thread (grain).
@@ -17,7 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <memory>
+#include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define QLIN_AVX512 1
@@ -88,6 +89,30 @@ int64_t quantize_row(const float* x, uint8_t* u, int64_t K, float lo, float inv,
   return total;
 }
 
+// per row of x (M, K): its codes into u (M, ku), zero padded from K to ku (>= K), a = width / 255,
+// c = lo and the codes' sum; one parallel region over the rows
+void quantize_into(const float* x, const float* sm, int64_t M, int64_t K, uint8_t* u, int64_t ku, float* a,
+                   float* c, float* rowsum) {
+  const float inv_s = inv_s_fbgemm();
+  const int64_t grain = std::max<int64_t>(1, WORK_PER_TASK / std::max<int64_t>(K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> buf;  // the smoothed row, kept between calls
+    if (sm && static_cast<int64_t>(buf.size()) < K) buf.resize(K);
+    for (int64_t m = begin; m < end; ++m) {
+      const float* row = x + m * K;
+      float lo, hi;
+      row_min_max(row, sm, buf.data(), K, lo, hi);
+      float width = hi - lo;
+      width = width < MIN_SCALE ? MIN_SCALE : width;
+      const int64_t total = quantize_row(sm ? buf.data() : row, u + m * ku, K, lo, 1.0f / width, inv_s);
+      std::fill(u + m * ku + K, u + (m + 1) * ku, uint8_t(0));
+      a[m] = width / 255.0f;
+      c[m] = lo;
+      rowsum[m] = static_cast<float>(total);
+    }
+  });
+}
+
 std::vector<at::Tensor> quantize_rows(const at::Tensor& x, const at::Tensor& smooth) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
               "quantize_rows: x must be a contiguous float32 CPU (M, K) tensor");
@@ -103,22 +128,7 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& x, const at::Tensor& smo
   const float* sp = has_smooth ? smooth.data_ptr<float>() : nullptr;
   uint8_t* qp = q.data_ptr<uint8_t>();
   float *ap = a.data_ptr<float>(), *cp = c.data_ptr<float>(), *rp = rs.data_ptr<float>();
-  const float inv_s = inv_s_fbgemm();
-  const int64_t grain = std::max<int64_t>(1, WORK_PER_TASK / std::max<int64_t>(K, 1));
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> buf(has_smooth ? new float[K] : nullptr);
-    for (int64_t m = begin; m < end; ++m) {
-      const float* row = xp + m * K;
-      float lo, hi;
-      row_min_max(row, sp, buf.get(), K, lo, hi);
-      float width = hi - lo;
-      width = width < MIN_SCALE ? MIN_SCALE : width;
-      const int64_t total = quantize_row(has_smooth ? buf.get() : row, qp + m * K, K, lo, 1.0f / width, inv_s);
-      ap[m] = width / 255.0f;
-      cp[m] = lo;
-      rp[m] = static_cast<float>(total);
-    }
-  });
+  quantize_into(xp, sp, M, K, qp, K, ap, cp, rp);
   return {q, a, c, rs};
 }
 
@@ -168,6 +178,202 @@ at::Tensor epilogue_(at::Tensor y, const at::Tensor& a, const at::Tensor& c, con
     }
   });
   return dst;
+}
+
+// ---------------------------------------------------------------------------------------------
+// pertoken_linear: the whole per-token int8 layer in one call, for few rows (kernels._Onednn runs
+// it up to PT_MAX_ROWS rows, oneDNN's GEMM above). Bit for bit the three-call path (quantize_rows,
+// onednn.qlinear_pointwise with input scale 1 and weight scales s, epilogue_):
+//   codes u, a, c, rowsum: quantize_rows' own loops (row_min_max, quantize_row);
+//   acc[m, n] = sum_k u[m, k] * qw[n, k]   (int32, exact: the order does not matter);
+//   y = float(acc) * s[n]                  (what oneDNN writes: one rounding each);
+//   then epilogue_'s operations, in its order, on 16 outputs while they are in registers.
+// The weight is the layer's own int8 (N, K), read in place: no second copy beside oneDNN's.
+// AVX-512 VNNI: for a block of 16 weight rows and one row of codes, 16 accumulators of
+// vpdpbusd (u8 x s8, 64 k a step); their lanes are summed by a transposing add tree into one
+// vector of 16 outputs. Codes live in a thread-local buffer kept between calls, zero padded to a
+// multiple of 64 (the weight's tail is a masked load). Threads follow the work: a task takes at
+// least PT_MACS_PER_TASK multiply-adds, so a small layer runs on the calling thread alone.
+// The scalar path (no AVX-512 VNNI; also exposed as _pertoken_linear_scalar for tests) computes
+// the same integers and the same float operations: the same bits.
+
+constexpr int64_t PT_MAX_ROWS = 16;             // rows this kernel takes; oneDNN's GEMM above
+constexpr int64_t PT_MACS_PER_TASK = 1 << 22;   // multiply-adds a thread takes at least (~30 us here)
+constexpr int64_t PT_NB = 16;                   // weight rows per block (one output vector)
+
+struct PertokenArgs {
+  const uint8_t* u;        // codes (M, ku), rows zero padded to ku (a multiple of 64)
+  int64_t ku;
+  const float *a, *c, *rowsum;   // (M,)
+  const int8_t* w;         // (N, K)
+  const float *scale, *wsum, *bias, *zs;  // (N,); bias and zs may be nullptr
+  float* y;                // (M, N)
+  int64_t M, N, K;
+};
+
+inline float pt_output(const PertokenArgs& p, int64_t m, int64_t n, int32_t acc) {
+  float v = static_cast<float>(acc) * p.scale[n];
+  if (p.zs) v = std::fma(-p.rowsum[m], p.zs[n], v);
+  const float t = p.bias ? std::fma(p.c[m], p.wsum[n], p.bias[n]) : p.c[m] * p.wsum[n];
+  return std::fma(p.a[m], v, t);
+}
+
+void pertoken_blocks_scalar(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
+  for (int64_t n = nb0 * PT_NB; n < std::min(p.N, nb1 * PT_NB); ++n) {
+    const int8_t* wr = p.w + n * p.K;
+    for (int64_t m = 0; m < p.M; ++m) {
+      const uint8_t* ur = p.u + m * p.ku;
+      int32_t acc = 0;
+      for (int64_t k = 0; k < p.K; ++k) acc += static_cast<int32_t>(ur[k]) * static_cast<int32_t>(wr[k]);
+      p.y[m * p.N + n] = pt_output(p, m, n, acc);
+    }
+  }
+}
+
+#if defined(QLIN_AVX512) && defined(__AVX512VNNI__)
+#define QLIN_VNNI 1
+// out lane j = the sum of the 16 lanes of v[j]
+__attribute__((always_inline)) inline __m512i pt_sum16(const __m512i* v) {
+  __m512i s1[8], s2[4], s3[2];
+  _Pragma("GCC unroll 16") for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a, b, a, b] partial sums of v[2i], v[2i+1]
+    s1[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  _Pragma("GCC unroll 16") for (int i = 0; i < 4; ++i)  // per 128-bit lane: [a, b, c, d] of v[4i..4i+3]
+    s2[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(s1[2 * i], s1[2 * i + 1]), _mm512_unpackhi_epi64(s1[2 * i], s1[2 * i + 1]));
+  _Pragma("GCC unroll 16") for (int i = 0; i < 2; ++i)  // 128-bit lanes: [v0-3, v0-3, v4-7, v4-7] (of 8i..)
+    s3[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(s2[2 * i], s2[2 * i + 1], 0x88),
+                             _mm512_shuffle_i32x4(s2[2 * i], s2[2 * i + 1], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(s3[0], s3[1], 0x88), _mm512_shuffle_i32x4(s3[0], s3[1], 0xDD));
+}
+
+// acc[i * NR + r] += codes of row i . weight row r over k .. k + 63 (the weight's bytes in `live`):
+// each weight vector is loaded once for the MB rows (one row: loaded where it is used, as 16
+// weight vectors beside 16 accumulators would not fit in the 32 registers)
+template <int MB>
+__attribute__((always_inline)) inline void pt_step(__m512i* acc, const uint8_t* const* ur, const int8_t* const* wr,
+                                                   int64_t k, __mmask64 live) {
+  constexpr int NR = PT_NB / MB;
+  // vpdpbusd (u8 codes x s8 weights) in place: the intrinsic's copy-and-add made GCC shuffle
+  // every accumulator through other registers
+  auto dot = [](__m512i& acc, __m512i x, __m512i w) { asm("vpdpbusd %[w], %[x], %[acc]" : [acc] "+v"(acc) : [x] "v"(x), [w] "v"(w)); };
+  if (MB == 1) {
+    const __m512i xv = _mm512_loadu_si512(ur[0] + k);
+    _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) dot(acc[r], xv, _mm512_maskz_loadu_epi8(live, wr[r] + k));
+    return;
+  }
+  __m512i wv[NR];
+  _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_epi8(live, wr[r] + k);
+  _Pragma("GCC unroll 16") for (int i = 0; i < MB; ++i) {
+    const __m512i xv = _mm512_loadu_si512(ur[i] + k);
+    _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) dot(acc[i * NR + r], xv, wv[r]);
+  }
+}
+
+// MB rows of codes from m0 against NR = 16 / MB weight rows from n0 (rows <= NR of them live):
+// MB x NR accumulators, vector i = (row i / NR, weight row i % NR), summed into one vector whose
+// lane j holds output (m0 + j / NR, n0 + j % NR); epilogue_'s operations on it (see pt_output)
+template <int MB>
+void pertoken_tile_vnni(const PertokenArgs& p, int64_t m0, int64_t n0, int64_t rows) {
+  constexpr int NR = PT_NB / MB;
+  const int64_t ktail = p.K % 64, kmain = p.K - ktail;
+  const int8_t* wr[NR];  // rows past N repeat the last one; their outputs are not stored
+  _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) wr[r] = p.w + (n0 + std::min<int64_t>(r, rows - 1)) * p.K;
+  const uint8_t* ur[MB];
+  _Pragma("GCC unroll 16") for (int i = 0; i < MB; ++i) ur[i] = p.u + (m0 + i) * p.ku;
+  __m512i acc[PT_NB];
+// (fixed-count loops unrolled before GCC looks at them: the arrays stay in registers)
+  _Pragma("GCC unroll 16") for (int i = 0; i < PT_NB; ++i) acc[i] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < kmain; k += 64) pt_step<MB>(acc, ur, wr, k, ~0ULL);
+  if (ktail) pt_step<MB>(acc, ur, wr, kmain, ~0ULL >> (64 - ktail));  // codes are zero padded
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i in = _mm512_and_si512(lane, _mm512_set1_epi32(NR - 1)), im = _mm512_srli_epi32(lane, NR == 16 ? 4 : NR == 8 ? 3 : 2);
+  const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1), rowmask = static_cast<__mmask16>((1u << MB) - 1);
+  auto per_n = [&](const float* v) { return _mm512_permutexvar_ps(in, _mm512_maskz_loadu_ps(live, v + n0)); };
+  auto per_m = [&](const float* v) { return _mm512_permutexvar_ps(im, _mm512_maskz_loadu_ps(rowmask, v + m0)); };
+  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(pt_sum16(acc)), per_n(p.scale));
+  if (p.zs) v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_setzero_ps(), per_m(p.rowsum)), per_n(p.zs), v);
+  const __m512 c = per_m(p.c), ws = per_n(p.wsum);
+  const __m512 t = p.bias ? _mm512_fmadd_ps(c, ws, per_n(p.bias)) : _mm512_mul_ps(c, ws);
+  const __m512 out = _mm512_fmadd_ps(per_m(p.a), v, t);
+  _Pragma("GCC unroll 16") for (int i = 0; i < MB; ++i)  // lanes i * NR .. to the front, then the live ones stored
+    _mm512_mask_storeu_ps(p.y + (m0 + i) * p.N + n0, live,
+                          _mm512_permutexvar_ps(_mm512_add_epi32(lane, _mm512_set1_epi32(i * NR)), out));
+}
+
+// rows [mb, me) of codes, in MB-row tiles, against weight rows [nb, ne), NR at a time: the NR
+// weight rows (NR * K bytes) stay in L1 while every tile of codes passes them
+template <int MB>
+void pertoken_tiles_vnni(const PertokenArgs& p, int64_t mb, int64_t me, int64_t nb, int64_t ne) {
+  constexpr int64_t NR = PT_NB / MB;
+  for (int64_t n = nb; n < ne; n += NR)
+    for (int64_t m = mb; m < me; m += MB) pertoken_tile_vnni<MB>(p, m, n, std::min(NR, ne - n));
+}
+
+// blocks [nb0, nb1) of 16 weight rows against all rows of codes: 4 at a time, then 2, then 1
+void pertoken_blocks_vnni(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
+  const int64_t m4 = p.M / 4 * 4, m2 = m4 + (p.M - m4) / 2 * 2, n_end = std::min(p.N, nb1 * PT_NB);
+  for (int64_t nb = nb0 * PT_NB; nb < n_end; nb += PT_NB) {
+    const int64_t ne = std::min(n_end, nb + PT_NB);
+    pertoken_tiles_vnni<4>(p, 0, m4, nb, ne);
+    pertoken_tiles_vnni<2>(p, m4, m2, nb, ne);
+    pertoken_tiles_vnni<1>(p, m2, p.M, nb, ne);
+  }
+}
+#endif
+
+at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
+                                const at::Tensor& wsum, const at::Tensor& bias, const at::Tensor& zs,
+                                const at::Tensor& smooth, bool force_scalar) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.is_cpu(), "pertoken_linear: x must be a 2-D CPU (M, K) tensor");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();  // no copy when it is already
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M <= PT_MAX_ROWS, "pertoken_linear: takes at most ", PT_MAX_ROWS, " rows, got ", M);
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "pertoken_linear: w must be contiguous int8 (N, K) with K = ", K);
+  auto vec = [N](const at::Tensor& t, bool optional) {
+    return (optional && t.numel() == 0) ||
+           (t.dim() == 1 && t.size(0) == N && t.scalar_type() == at::kFloat && t.is_contiguous());
+  };
+  TORCH_CHECK(vec(scale, false) && vec(wsum, false) && vec(bias, true) && vec(zs, true),
+              "pertoken_linear: scale, wsum, bias and zs must be contiguous float32 (N,) (bias, zs may be empty)");
+  const bool has_smooth = smooth.numel() > 0;
+  TORCH_CHECK(!has_smooth || (smooth.dim() == 1 && smooth.size(0) == K && smooth.scalar_type() == at::kFloat &&
+                              smooth.is_contiguous()), "pertoken_linear: smooth must be contiguous float32 (K,)");
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  thread_local std::vector<uint8_t> codes;  // kept between calls: (M, ku) and a, c, rowsum
+  thread_local std::vector<float> rowp;
+  const int64_t ku = (K + 63) / 64 * 64;
+  if (static_cast<int64_t>(codes.size()) < M * ku) codes.resize(M * ku);
+  if (static_cast<int64_t>(rowp.size()) < 3 * M) rowp.resize(3 * M);
+  float *a = rowp.data(), *c = a + M, *rs = c + M;
+  quantize_into(x.data_ptr<float>(), has_smooth ? smooth.data_ptr<float>() : nullptr, M, K, codes.data(), ku, a,
+                    c, rs);
+  PertokenArgs p{codes.data(), ku, a, c, rs, w.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                 wsum.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr,
+                 zs.numel() ? zs.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K};
+  const int64_t blocks = (N + PT_NB - 1) / PT_NB;
+  const int64_t grain = std::max<int64_t>(1, PT_MACS_PER_TASK / std::max<int64_t>(M * K * PT_NB, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+#ifdef QLIN_VNNI
+    if (!force_scalar) {
+      pertoken_blocks_vnni(p, begin, end);
+      return;
+    }
+#endif
+    pertoken_blocks_scalar(p, begin, end);
+  });
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
+
+at::Tensor pertoken_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& wsum,
+                           const at::Tensor& bias, const at::Tensor& zs, const at::Tensor& smooth) {
+  return pertoken_linear_impl(x, w, scale, wsum, bias, zs, smooth, false);
+}
+
+at::Tensor pertoken_linear_scalar(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                                  const at::Tensor& wsum, const at::Tensor& bias, const at::Tensor& zs,
+                                  const at::Tensor& smooth) {
+  return pertoken_linear_impl(x, w, scale, wsum, bias, zs, smooth, true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -486,6 +692,9 @@ at::Tensor lowbit_linear_scalar(const at::Tensor& x, const at::Tensor& w, int64_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "per-row uint8 codes, scale, offset and code sums");
   m.def("epilogue_", &epilogue_, "y = a * (y - rowsum * zs) + c * wsum + b, in place or into out");
+  m.def("pertoken_linear", &pertoken_linear, "the per-token int8 layer in one call, few rows (kernels._Onednn)");
+  m.def("_pertoken_linear_scalar", &pertoken_linear_scalar, "pertoken_linear's portable path (for tests)");
+  m.attr("pertoken_max_rows") = PT_MAX_ROWS;
   m.def("lowbit_linear", &lowbit_linear, "y = x @ dequant(w).T + bias, n-bit group-wise weights (lowbit.py)");
   m.def("_lowbit_linear_scalar", &lowbit_linear_scalar, "lowbit_linear's portable path (for tests)");
 #ifdef QLIN_AVX512

@@ -40,8 +40,9 @@ def _onednn_missing(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 class _LastInput(threading.local):
-    """The input a fused per-token layer quantized last on this thread, and its codes: layers that
-    read the same tensor (Q, K and V; gate and up) quantize it once. The entry holds the tensor,
+    """The input a fused per-token layer quantized last on this thread (on the three-call path:
+    more than `pertoken_max_rows` rows), and its codes: layers that read the same tensor (Q, K
+    and V; gate and up) quantize it once. The entry holds the tensor,
     so its memory cannot be reused for another while the key (address, shape, strides, version
     counter: an in-place torch op bumps it) is kept. A layer never reuses an entry it has read
     already: its next call is the next forward, and a buffer refilled behind torch's back (through
@@ -57,16 +58,21 @@ _LAST_INPUT = _LastInput()
 
 
 class _Onednn:
-    """Dynamic per-token (asymmetric) activations on oneDNN's u8 x s8 GEMM, with qlin's fused
-    kernels (native.py) before and after it: three passes and three parallel regions per layer.
+    """Dynamic per-token (asymmetric) activations times int8 weights, in three steps:
 
         quantize_rows: u[m] = rne((x[m] - lo[m]) / w[m] * 255) in [0, 255] (the codes of the
             fbgemm per-token path, bit for bit; SmoothQuant's division folded in),
             x ~ a[m] * u + c[m] with a = w / 255, c = lo
-        GEMM: y[m, n] = s[n] * sum_k u[m, k] * qw[n, k] (`onednn.qlinear_pointwise`, input scale 1,
-            zero point 0, float32 out)
-        epilogue: y = a[m] * (y - rowsum(u)[m] * s[n] * z[n]) + c[m] * wsum[n] + b[n], in place
-    Every parameter is per row or fixed, so rows never influence each other (batch-invariant).
+        GEMM: y[m, n] = s[n] * sum_k u[m, k] * qw[n, k] (int32 sums, one float rounding each)
+        epilogue: y = a[m] * (y - rowsum(u)[m] * s[n] * z[n]) + c[m] * wsum[n] + b[n]
+
+    Up to `max_rows` rows (a sentence, a decode step): one C++ call does all three
+    (native_kernels.cpp, `pertoken_linear`: its own VNNI GEMM over the layer's own int8 weight,
+    the epilogue on the accumulators in registers, threads only where the work pays for them),
+    ~4 us fixed cost instead of ~45. More rows: qlin's `quantize_rows`, oneDNN's u8 x s8 GEMM
+    (`onednn.qlinear_pointwise`) and `epilogue_`, three calls and three parallel regions. Both
+    compute the same codes, the same int32 sums and the same float operations in the same order:
+    the same bits (tested), so a row's result never depends on the batch (batch-invariant).
     """
 
     def __init__(self, weight, scale, zero_point, bias, smooth):
@@ -79,8 +85,10 @@ class _Onednn:
         self.wsum = _weight_row_sums(weight, scale, zero_point).contiguous()
         self.bias = _EMPTY if bias is None else bias.float().contiguous()
         self.smooth = _EMPTY if smooth is None else smooth.float().contiguous()
+        self.weight = weight.contiguous()  # the layer's own int8 buffer (no copy): pertoken_linear reads it
         kernels = native.load()  # looked up once here, not at each call; no module object is kept
         self.quantize_rows, self.epilogue_ = kernels.quantize_rows, kernels.epilogue_
+        self.linear, self.max_rows = kernels.pertoken_linear, kernels.pertoken_max_rows
 
     def __deepcopy__(self, memo) -> "_Onednn":
         return copy.copy(self)  # its tensors are never written; oneDNN's packed weight cannot be copied
@@ -100,6 +108,12 @@ class _Onednn:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing() or torch.compiler.is_exporting():
             raise RuntimeError(ONEDNN_UNTRACEABLE)
+        if x.shape[0] <= self.max_rows:  # one call; quantizing is part of it, so no codes are cached
+            return self.linear(x, self.weight, self.scale, self.wsum, self.bias, self.zs, self.smooth)
+        return self._three_calls(x)
+
+    def _three_calls(self, x: torch.Tensor) -> torch.Tensor:
+        """quantize_rows (codes shared through `_LastInput`), oneDNN's GEMM, epilogue_."""
         q, a, c, rowsum = self._codes(x.float().contiguous())
         y = torch.ops.onednn.qlinear_pointwise(
             q, 1.0, 0, self.packed, self.scale, self.gemm_zero_point, None, 1.0, 0, torch.float32, "none", [], "")

@@ -1,0 +1,129 @@
+"""The per-call cost of one layer (issue 23 item 1): float32 and bfloat16 `F.linear`, torch.ao's
+`quantize_dynamic` Linear, and qlin's per-token int8 layer (`onednn` kernel) before and after the
+one-call path, at 1, 16 and 128 tokens.
+
+Layers (in, out): 384x384, 384x1536, 768x768, 4096x4096 (nn.Linear's seeded initialization, with
+bias); inputs `(M, in)` float32 (bfloat16 for the bf16 row: a model cast to bf16 passes bf16).
+Methods:
+- `float32`: `F.linear(x, w, b)`; `bf16`: the same in bfloat16;
+- `torch.ao dynamic`: `torch.ao.quantization.quantize_dynamic` (default qconfig: per-tensor
+  weights and activations, fbgemm `linear_dynamic`), the module call;
+- `qlin onednn, three calls`: the packed layer's `_three_calls` (quantize_rows, oneDNN's GEMM,
+  epilogue_: what every call ran before the one-call path, at any M);
+- `qlin onednn`: the packed layer as it runs now (one `pertoken_linear` call up to
+  `pertoken_max_rows` rows, the three calls above), and `qlin module`: the whole
+  `QuantizedLinear` call (reshapes included).
+For each (threads, shape, M) the methods are timed round-robin, one call at a time; reported per
+call: median wall time, median CPU time of the calling thread (`time.thread_time_ns`: with one
+thread all of the work, with two the caller's share), and the process's CPU time per call
+(`time.process_time_ns` over all calls, so with two threads it includes the worker, spinning
+included). The load average is recorded before each thread count: on a shared machine wall times
+are noisy and thread CPU times are the steadier figure.
+
+    python benchmarks/layer_cost.py                 # ~2 min quiet; writes benchmarks/results/layer_cost.json
+    python benchmarks/layer_cost.py --threads 1 --budget 0.2 --out /tmp/x.json
+    python benchmarks/layer_cost.py --threads 1 --shapes 64x64,128x128,256x256,128x512 \
+        --out benchmarks/results/layer_cost_small.json    # below auto's SMALL_LAYER (2**17 weights)
+
+This is a script run by hand, never a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import Unavailable  # noqa: E402
+
+from qlin_cli.qlinear import QuantizedLinear  # noqa: E402
+from qlin_cli.scheme import LayerScheme  # noqa: E402
+
+SHAPES = [(384, 384), (384, 1536), (768, 768), (4096, 4096)]
+TOKENS = [1, 16, 128]
+OUT = common.RESULTS_DIR / "layer_cost.json"
+
+
+def _methods(lin: nn.Linear, m: int) -> dict:
+    """name -> (callable, its input) for one layer and token count."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, lin.in_features, generator=g)
+    w, b = lin.weight.detach(), lin.bias.detach()
+    wb, bb, xb = w.bfloat16(), b.bfloat16(), x.bfloat16()
+    q = QuantizedLinear.from_float(lin, LayerScheme(kernel="onednn")).pack("cpu")
+    assert q.kernel.name == "onednn", q.kernel
+    methods = {
+        "float32": (lambda x: F.linear(x, w, b), x),
+        "bf16": (lambda x: F.linear(x, wb, bb), xb),
+        "qlin onednn, three calls": (q._run._three_calls, x),
+        "qlin onednn": (q._run, x),
+        "qlin module": (q, x),
+    }
+    try:
+        methods["torch.ao dynamic"] = (common.torch_ao_dynamic(lin), x)
+    except Unavailable as exc:
+        common.log(f"torch.ao dynamic: unavailable ({exc})")
+    return methods
+
+
+def _time(methods: dict, budget: float) -> dict:
+    """Round-robin single calls until each method had ~budget seconds (at least 5 calls)."""
+    wall = {k: [] for k in methods}
+    cpu = {k: [] for k in methods}
+    proc = dict.fromkeys(methods, 0)
+    spent = dict.fromkeys(methods, 0.0)
+    with torch.inference_mode():
+        for fn, x in methods.values():  # warm-up
+            for _ in range(3):
+                fn(x)
+        while min(spent.values()) < budget or min(len(v) for v in wall.values()) < 5:
+            for name, (fn, x) in methods.items():
+                p0, c0, t0 = time.process_time_ns(), time.thread_time_ns(), time.perf_counter_ns()
+                fn(x)
+                t1, c1, p1 = time.perf_counter_ns(), time.thread_time_ns(), time.process_time_ns()
+                wall[name].append(t1 - t0)
+                cpu[name].append(c1 - c0)
+                proc[name] += p1 - p0
+                spent[name] += (t1 - t0) / 1e9
+    return {name: {"wall_us": statistics.median(wall[name]) / 1e3, "thread_cpu_us": statistics.median(cpu[name]) / 1e3,
+                   "process_cpu_us": proc[name] / len(wall[name]) / 1e3, "calls": len(wall[name])} for name in methods}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--budget", type=float, default=0.3, help="seconds per method per configuration")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="in x out, e.g. 128x128,256x256")
+    args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    result = {"machine": common.machine_info(torch.get_num_threads()), "runs": []}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        common.setup_threads(threads)
+        load = os.getloadavg()
+        common.log(f"{threads} thread(s), load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        for k, n in shapes:
+            lin = nn.Linear(k, n)
+            torch.manual_seed(0)
+            lin.reset_parameters()
+            for m in TOKENS:
+                timings = _time(_methods(lin, m), args.budget)
+                result["runs"].append({"threads": threads, "in": k, "out": n, "tokens": m, "loadavg_before": load,
+                                       "loadavg_after": os.getloadavg(), "methods": timings})
+                common.log(f"  {k}x{n} M={m}: " + ", ".join(
+                    f"{name} {t['wall_us']:.1f}/{t['thread_cpu_us']:.1f}" for name, t in timings.items()))
+                common.write_json(args.out, result)  # after each configuration: a cut-short run keeps its part
+    common.log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The per-token int8 layer in one call: `native_kernels.cpp`'s `pertoken_linear`
+(its AVX-512 VNNI path and its portable scalar path), which the `onednn` kernel runs up to
+`pertoken_max_rows` rows, against the three-call path it replaces there (quantize_rows, oneDNN's
+GEMM, epilogue_): the same bits, whatever the shape, the scheme, the batch and the threads."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlin_cli.kernels import KernelChoice, LayerTensors, native, pack
+from qlin_cli.kernels.onednn import _onednn_missing
+from qlin_cli.primitives import choose_qparams, quantize
+from qlin_cli.scheme import PER_CHANNEL, PER_TENSOR, LayerScheme
+from test_lowbit import _NO_AVX512_RUNNER  # builds with -mno-avx512f and runs a test file
+
+WHY_NOT = _onednn_missing(torch.device("cpu"), torch.float32)
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"onednn: {WHY_NOT}")
+KERNELS = native.load()
+PATHS = ["pertoken_linear", "_pertoken_linear_scalar"]  # the one that runs here, and the portable one
+ROWS = [1, 2, 3, 4, 7, 16, 33, 128]
+SHAPES = [(96, 80), (33, 200), (384, 384), (17, 1000), (300, 65), (1, 7)]  # (out, in): in % 64 != 0 mostly
+
+
+def _layer(n, k, sym=True, smooth=False, bias=True, gran=PER_CHANNEL, seed=0):
+    """A packed onednn layer `(n, k)` with weights over the int8 range (asymmetric: zero points)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.linspace(0.2, 2.0, n)[:, None] / k**0.5
+    if not sym:
+        w += torch.rand(n, 1, generator=g)  # shifted rows: nonzero zero points
+    s, z = choose_qparams(w, gran, sym)
+    b = torch.randn(n, generator=g) if bias else None
+    sm = torch.rand(k, generator=g) + 0.5 if smooth else None
+    return _onednn(quantize(w, s, z, sym), s, z, b, sm)
+
+
+def _onednn(q, s, z, b, smooth=None):
+    """The `onednn` kernel packed for the layer (q, s, z, b), its input divided by `smooth` `(K,)`."""
+    scheme = LayerScheme(act_granularity="token", smooth=None if smooth is None else 0.5)
+    return pack(KernelChoice("onednn", "test", True, False), LayerTensors(q, s, z, b, smooth=smooth), scheme,
+                device="cpu", dtype=torch.float32)
+
+
+def _inputs(m, k, seed=1):
+    """Rows of different ranges, offsets, a constant row and exact ties."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 5 + torch.randn(m, 1, generator=g)
+    if m > 2:
+        x[1] = 3.5
+        x[2] = torch.arange(k) / max(k - 1, 1) * 255
+    return x
+
+
+def _fused(path, run, x):
+    return getattr(KERNELS, path)(x, run.weight, run.scale, run.wsum, run.bias, run.zs, run.smooth)
+
+
+@pytest.mark.parametrize("sym, smooth, bias", list(itertools.product([True, False], repeat=3)))
+def test_one_call_is_the_three_call_path_bit_for_bit(sym, smooth, bias):
+    """Both compiled paths, every row count the fused call takes, against quantize_rows + oneDNN +
+    epilogue_ on the same rows: same codes, same int32 sums, same float operations."""
+    for n, k in SHAPES:
+        run = _layer(n, k, sym, smooth, bias, seed=n + k)
+        assert not sym == bool(run.zs.numel())  # asymmetric weights take the zero-point term
+        for m in ROWS:
+            x = _inputs(m, k, seed=m)
+            expect = run._three_calls(x)
+            assert torch.equal(run(x), expect), (n, k, m)
+            if m <= KERNELS.pertoken_max_rows:
+                for path in PATHS:
+                    assert torch.equal(_fused(path, run, x), expect), (path, n, k, m)
+
+
+def test_per_tensor_weights():
+    run = _layer(40, 130, sym=False, gran=PER_TENSOR)
+    x = _inputs(5, 130)
+    for path in PATHS:
+        assert torch.equal(_fused(path, run, x), run._three_calls(x))
+
+
+@pytest.mark.parametrize("w", [127, -128])
+def test_sums_past_float32s_integers(w):
+    """Codes of 255 times weights of 127 (or -128) over 4097 inputs: int32 sums of ~1.3e8, past
+    2**24, where the conversion to float32 rounds; both paths round them alike."""
+    k = 4097
+    q = torch.full((33, k), w, dtype=torch.int8)
+    q[1, ::3] = 0
+    s, z = torch.rand(33) * 1e-2 + 1e-3, torch.zeros(33, dtype=torch.int8)
+    z[::2] = 5
+    run = _onednn(q, s, z, torch.randn(33))
+    x = torch.full((3, k), 7.0)
+    x[:, 0] = -1.0  # every other code is 255
+    x[1, 5::7] = 3.3
+    for path in PATHS:
+        assert torch.equal(_fused(path, run, x), run._three_calls(x))
+
+
+@pytest.mark.parametrize("m", [16, 33, 128])
+def test_a_row_is_the_same_alone_and_in_any_batch(m):
+    """Batch invariance across both paths: each row alone (one call), in blocks of the fused
+    kernel's tile sizes, and in the whole batch (the oneDNN path above max_rows)."""
+    run = _layer(77, 300, sym=False, smooth=True, seed=5)
+    x = _inputs(m, 300, seed=6)
+    full = run(x)
+    for i in range(m):
+        assert torch.equal(run(x[i : i + 1]), full[i : i + 1]), i
+    for i in range(0, m - 3, 5):
+        assert torch.equal(run(x[i : i + 3]), full[i : i + 3]), i
+
+
+def test_the_thread_count_changes_no_result():
+    """A layer large enough to be split over threads (16 x 1000 x 1000 multiply-adds) gives the
+    same bits on 1 thread and on 2."""
+    run = _layer(1000, 1000, sym=False, seed=7)
+    x = _inputs(16, 1000, seed=8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(x)
+        torch.set_num_threads(2)
+        two = run(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(one, run._three_calls(x))
+
+
+def test_inputs_of_other_dtypes_and_layouts():
+    """bfloat16 in, bfloat16 out (computed in float32, as the three-call path does); a
+    non-contiguous input; no rows."""
+    run = _layer(50, 70, seed=9)
+    x = _inputs(6, 70)
+    xb = x.bfloat16()
+    y = run(xb)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, run._three_calls(xb))
+    xt = torch.cat([x, x], dim=1)[:, ::2]  # (6, 70) with stride 2
+    assert not xt.is_contiguous() and torch.equal(run(xt), run(xt.contiguous()))
+    assert run(torch.empty(0, 70)).shape == (0, 50)
+
+
+def test_a_buffer_refilled_through_numpy_is_quantized_again():
+    """No codes are cached on the one-call path: a tensor changed behind torch's back (same
+    address, shape, strides and version) gives the new result."""
+    runs = [_layer(64, 48, seed=i) for i in range(3)]
+    buf = _inputs(10, 48)
+    before = [run(buf) for run in runs]
+    buf.numpy()[:] *= 3
+    for run, old in zip(runs, before):
+        new = run(buf)
+        assert not torch.equal(new, old) and torch.equal(new, run._three_calls(buf.clone()))
+
+
+def test_bad_operands_are_refused():
+    run = _layer(32, 64)
+    x = _inputs(4, 64)
+    args = [run.weight, run.scale, run.wsum, run.bias, run.zs, run.smooth]
+    cases = [
+        ((_inputs(KERNELS.pertoken_max_rows + 1, 64), *args), "takes at most"),
+        ((x[:, :60], *args), "w must be contiguous int8"),
+        ((x, run.weight.float(), *args[1:]), "w must be contiguous int8"),
+        ((x, run.weight, run.scale[:5], *args[2:]), "must be contiguous float32"),
+        ((x, *args[:3], torch.ones(3), *args[4:]), "must be contiguous float32"),
+        ((x, *args[:5], torch.ones(3)), "smooth must be contiguous float32"),
+    ]
+    for path in PATHS:
+        for case, message in cases:
+            with pytest.raises(RuntimeError, match=message):
+                getattr(KERNELS, path)(*case)
+
+
+@pytest.mark.skipif(os.environ.get("QLIN_TEST_NO_AVX512_BUILD") != "1",
+                    reason="builds the kernels a second time (~30-60 s): set QLIN_TEST_NO_AVX512_BUILD=1")
+def test_the_build_without_avx512_passes_this_file(tmp_path):
+    """The module as a CPU without AVX-512 gets it (-mno-avx512f: pertoken_linear runs its
+    scalar path) passes every test above, with test_lowbit.py's runner."""
+    env = {k: v for k, v in os.environ.items() if k != "QLIN_TEST_NO_AVX512_BUILD"}
+    env["QLIN_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", _NO_AVX512_RUNNER, __file__], env=env, capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
