@@ -541,6 +541,10 @@ class InspectRow:
         return self.weight_dtype is not None
 
     @property
+    def kernel(self) -> str | None:
+        return None if self.choice is None else self.choice.name
+
+    @property
     def scheme_keys(self) -> dict[str, Any]:
         """The scheme's keys as the table reads them (an int8 table: channel, symmetric, weight-only)."""
         if self.scheme is not None:
@@ -616,7 +620,7 @@ class InspectReport(_Report):
             rows.append((
                 name, f"{r.weight_dtype} {fmt(r.weight_shape)}", fmt(r.scale_shape),
                 fmt(r.zero_point_shape), s["granularity"],
-                fmt(s["symmetric"]), f"{r.scale_min:.3g}", f"{r.scale_max:.3g}", r.choice.name, "; ".join(n for n in notes if n),
+                fmt(s["symmetric"]), f"{r.scale_min:.3g}", f"{r.scale_max:.3g}", r.kernel, "; ".join(n for n in notes if n),
             ))
         return [Table(self.title, cols, tuple(rows))]
 
