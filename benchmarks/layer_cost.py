@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.3, help="seconds per method per configuration")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="in x out, e.g. 128x128,256x256")
+    parser.add_argument("--md-section", default="layer-cost", help="the RESULTS.md section to rewrite ('' for none)")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     result = {"machine": common.machine_info(torch.get_num_threads()), "runs": []}
@@ -122,7 +123,31 @@ def main() -> None:
                 common.log(f"  {k}x{n} M={m}: " + ", ".join(
                     f"{name} {t['wall_us']:.1f}/{t['thread_cpu_us']:.1f}" for name, t in timings.items()))
                 common.write_json(args.out, result)  # after each configuration: a cut-short run keeps its part
-    common.log(f"wrote {args.out}")
+    if args.md_section:
+        result["command"] = "python benchmarks/layer_cost.py " + " ".join(sys.argv[1:])
+        common.update_results_md(args.md_section, markdown(result))
+    common.log(f"wrote {args.out}" + (f" and the {args.md_section} section of RESULTS.md" if args.md_section else ""))
+
+
+def markdown(result: dict) -> str:
+    """One table per thread count: median wall µs per call of each method, and qlin's module
+    against float32 and bf16."""
+    parts = ["## The per-call cost of one layer (`benchmarks/layer_cost.py`)", common.machine_md(result["machine"]),
+             f"Command: `{result.get('command', 'python benchmarks/layer_cost.py')}`. Median wall µs of one call "
+             "(methods timed round-robin, one call at a time); `qlin onednn, three calls` is the path every call "
+             "took before the one-call path (and still takes above 16 rows); `qlin module` is the whole "
+             "`QuantizedLinear` call; `x f32` / `x bf16` = that method's time / qlin module's."]
+    names = list(result["runs"][0]["methods"])
+    for threads in sorted({r["threads"] for r in result["runs"]}):
+        rows = []
+        for r in (r for r in result["runs"] if r["threads"] == threads):
+            t = {k: v["wall_us"] for k, v in r["methods"].items()}
+            rows.append([f"{r['in']}x{r['out']}", r["tokens"], *(common.fmt(t.get(k)) for k in names),
+                         common.fmt(t["float32"] / t["qlin module"], 2), common.fmt(t["bf16"] / t["qlin module"], 2)])
+        load = next(r["loadavg_before"] for r in result["runs"] if r["threads"] == threads)
+        parts += [f"{threads} thread(s), load average {load[0]:.2f} before:",
+                  common.md_table(["layer (in x out)", "tokens", *names, "x f32", "x bf16"], rows)]
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":
