@@ -6,7 +6,6 @@ to fbgemm, and `auto` says why in fbgemm's reason ("not fused: ...")."""
 from __future__ import annotations
 
 import copy
-import threading
 
 import torch
 
@@ -37,24 +36,6 @@ def _onednn_missing(device: torch.device, dtype: torch.dtype) -> str | None:
     if reduce_range():
         return "full-range uint8 activations can saturate without VNNI"
     return native.unavailable_reason()
-
-
-class _LastInput(threading.local):
-    """The input a fused per-token layer quantized last on this thread (on the three-call path:
-    more than `pertoken_max_rows` rows), and its codes: layers that read the same tensor (Q, K
-    and V; gate and up) quantize it once. The entry holds the tensor,
-    so its memory cannot be reused for another while the key (address, shape, strides, version
-    counter: an in-place torch op bumps it) is kept. A layer never reuses an entry it has read
-    already: its next call is the next forward, and a buffer refilled behind torch's back (through
-    numpy, say) keeps its version. Inference-mode tensors have no version counter: not cached."""
-
-    key: tuple | None = None
-    x: torch.Tensor | None = None
-    codes: tuple | None = None
-    readers: set | None = None  # id() of the layers that have used this entry
-
-
-_LAST_INPUT = _LastInput()
 
 
 class _Onednn:
@@ -93,18 +74,6 @@ class _Onednn:
     def __deepcopy__(self, memo) -> "_Onednn":
         return copy.copy(self)  # its tensors are never written; oneDNN's packed weight cannot be copied
 
-    def _codes(self, x: torch.Tensor) -> tuple:
-        if x.is_inference():
-            return self.quantize_rows(x, self.smooth)
-        last = _LAST_INPUT
-        key = (x.data_ptr(), x.shape, x.stride(), x._version, self.smooth.data_ptr())
-        if last.key != key or id(self) in last.readers:
-            last.key, last.x, last.codes = None, None, None  # drop the old entry before computing
-            last.codes = self.quantize_rows(x, self.smooth)
-            last.key, last.x, last.readers = key, x, set()
-        last.readers.add(id(self))
-        return last.codes
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing() or torch.compiler.is_exporting():
             raise RuntimeError(ONEDNN_UNTRACEABLE)
@@ -113,8 +82,11 @@ class _Onednn:
         return self._three_calls(x)
 
     def _three_calls(self, x: torch.Tensor) -> torch.Tensor:
-        """quantize_rows (codes shared through `_LastInput`), oneDNN's GEMM, epilogue_."""
-        q, a, c, rowsum = self._codes(x.float().contiguous())
+        """quantize_rows, oneDNN's GEMM, epilogue_. Every call quantizes its own input: codes
+        shared between layers that read one tensor (Q, K, V) were keyed by the tensor's address,
+        shape, strides and version, and a buffer refilled behind torch's back (through numpy)
+        keeps all four, so a second model reused the first one's codes."""
+        q, a, c, rowsum = self.quantize_rows(x.float().contiguous(), self.smooth)
         y = torch.ops.onednn.qlinear_pointwise(
             q, 1.0, 0, self.packed, self.scale, self.gemm_zero_point, None, 1.0, 0, torch.float32, "none", [], "")
         y = self.epilogue_(y, a, c, self.wsum, self.bias, rowsum, self.zs, None)
