@@ -45,14 +45,17 @@ def inspect_path(
     path = Path(path)
     with limit(max_memory):
         dev = check_device(device)
+        not_qlin = ConfigError(f"`verify` checks qlin files; {path} is not one")
         try:
             kind = what_is(path, "file")
         except InputError:  # not a model path at all: `verify` says so first
-            kind = None
-        if kind is None or not kind.quantized:
             if verify:
-                raise ConfigError(f"`verify` checks qlin files; {path} is not one")
-            return _inspect_float(kind or what_is(path, "file"), model, trust_pickle, group_size)
+                raise not_qlin from None
+            raise
+        if not kind.quantized:
+            if verify:
+                raise not_qlin
+            return _inspect_float(kind, model, trust_pickle, group_size)
         qf = read_qfile(path, verify=verify)
         layers = [_linear_row(e, qf, dev) for e in qf.plan.entries] + [_embedding_row(e, qf) for e in qf.plan.embeddings]
         meta = {k: v for k, v in sorted(qf.metadata.items()) if k not in ("config", "plan", "embeddings")}  # safetensors returns it unordered

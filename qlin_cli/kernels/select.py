@@ -33,13 +33,14 @@ __all__ = ["SMALL_LAYER", "KEPT_FOR_SPEED", "kept_float_for_speed", "select_kern
 
 
 # Layers with fewer weights than this are kept in float under `auto` (decided at plan time,
-# `kept_float_for_speed`): the int8 layer's fixed cost per call (~50 us: per-token quantization
-# and rescaling around the GEMM) outweighs the matmul itself. The bound is where int8 reaches
-# float's speed at 16 tokens (benchmarks/RESULTS.md, "kernels-small": per-token 1.03-1.11x at
-# 2**17 weights, 0.65-0.69x at 2**16; static 1.29-1.35x at 2**16, 0.65x at 2**14). At 1 token
-# float stays faster up to ~512x512; from 128 tokens int8 wins from ~2**16 weights: no bound
-# suits every batch, and the choice may not depend on it. Weight-only layers have no activation
-# quantization to pay for and are never kept float for speed.
+# `kept_float_for_speed`): the int8 layer's fixed cost per call (~45 us where it takes three
+# calls: quantization, GEMM and rescaling) outweighs the matmul itself. The bound is where int8
+# reached float's speed at 16 tokens on the three-call paths (benchmarks/RESULTS.md,
+# "kernels-small": per-token 1.03-1.11x at 2**17 weights, 0.65-0.69x at 2**16; static 1.29-1.35x at
+# 2**16, 0.65x at 2**14). The one-call `onednn` path (up to 16 rows, ~7-10 us) wins from 2**16
+# weights at 1, 16 and 128 tokens ("layer-cost-small"), but the bound is recorded in the file from
+# the shape alone, and CPUs without that path still pay the three-call cost. Weight-only layers
+# have no activation quantization to pay for and are never kept float for speed.
 SMALL_LAYER = {"dynamic": 1 << 17, "static": 1 << 16}
 KEPT_FOR_SPEED = "kept float for speed"  # how such a layer's reason starts
 
