@@ -16,13 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .primitives import check_finite, choose_qparams, quantize
+from .qmodule import QuantizedModule
 from .scheme import PER_CHANNEL
 
 __all__ = ["QuantizedEmbedding"]
 
 
-class QuantizedEmbedding(nn.Module):
-    """ids `(...)` int64 -> rows `(..., embedding_dim)` in `dtype`, gathered from an int8 table."""
+class QuantizedEmbedding(QuantizedModule):
+    """ids `(...)` int64 -> rows `(..., embedding_dim)` in `dtype`, gathered from an int8 table
+    (`model.to(torch.bfloat16)` makes the rows bf16; the table and its scales stay as stored)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, padding_idx: int | None = None,
                  dtype: torch.dtype = torch.float32) -> None:

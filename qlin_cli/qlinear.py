@@ -21,15 +21,19 @@ import torch.nn as nn
 from .kernels import KernelChoice, LayerTensors, pack, select_kernel
 from .observers import make_observer
 from .primitives import check_finite, grouped, quantize
+from .qmodule import QuantizedModule
 from .scheme import PER_CHANNEL, LayerScheme
 
 __all__ = ["QuantizedLinear", "pack_all", "compile_model"]
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(QuantizedModule):
     """y = x @ dequant(weight).T + bias, computed by an int8 kernel.
 
     Shapes: input `(..., in_features)` -> output `(..., out_features)`, in the input's dtype.
+    `dtype` is the activations' dtype the kernel is chosen for: the float layer's, until the
+    model is cast (`model.to(torch.bfloat16)`: the buffers keep their dtypes and the layer is
+    packed again for bf16 activations; see qmodule.py).
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class QuantizedLinear(nn.Module):
 
     def pack(self, device: torch.device | str = "cpu") -> "QuantizedLinear":
         """Move the buffers to `device`, choose this machine's kernel and prepare its operands."""
+        self._run = None  # not packed twice by the move (_moved)
         self.to(device)
         self.kernel = select_kernel(
             self.scheme, device=device, dtype=self.dtype, in_features=self.in_features,
@@ -112,6 +117,10 @@ class QuantizedLinear(nn.Module):
         self._any_rank = getattr(self._run, "takes_any_rank", False)
         self._compiled = None
         return self
+
+    def _moved(self, device: torch.device) -> None:
+        if self._run is not None:  # packed for another device or activation dtype
+            self.pack(device)
 
     @torch.no_grad()  # int8 kernels have no gradient; an input that requires grad (after a float
     # embedding) must not reach their in-place and out= ops under autograd

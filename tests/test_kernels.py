@@ -9,12 +9,14 @@ from qlin_cli.kernels import SMALL_LAYER, KernelChoice, LayerTensors, kept_float
 from qlin_cli.kernels.common import reduce_range
 from qlin_cli.kernels.fbgemm import _fbgemm_unusable
 from qlin_cli.kernels.int_mm import INT_MM_RULES, IntMMRules, _IntMM
+from qlin_cli.kernels import native, pertoken, registry
 from qlin_cli.kernels.onednn import _onednn_missing
+from qlin_cli.kernels.registry import Target
 from qlin_cli.primitives import choose_qparams, dequantize, quantize, quantize_activations, sqnr_db
 from qlin_cli.scheme import PER_CHANNEL, PER_TENSOR, LayerScheme
 
 KERNELS = [("int_mm", "token"), ("int_mm", "tensor"), ("fbgemm", "token"), ("fbgemm", "tensor"), ("onednn", "token"),
-           ("weight_only", None), ("dequant", None)]
+           ("pertoken", "token"), ("weight_only", None), ("dequant", None)]
 
 
 def _layer(out_f=96, in_f=80, gran=PER_CHANNEL, sym=True, seed=0):
@@ -39,17 +41,18 @@ def _pack(name, act, q, s, z, b, device="cpu", dtype=torch.float32, smooth=None)
     return pack(_choice(name, act), LayerTensors(q, s, z, b, smooth=smooth), scheme, device=device, dtype=dtype)
 
 
-def _runnable(name, device):
-    if name == "onednn":
-        return device == "cpu" and ONEDNN
-    return not (name == "fbgemm" and device != "cpu")
+def _runnable(name, device, act="token"):
+    """Whether kernel `name` runs a layer with activations `act` on `device` here (its registry
+    refusal: fbgemm's per-token codes saturate without VNNI, onednn needs VNNI, ...)."""
+    scheme = LayerScheme(mode="weight-only") if act is None else LayerScheme(act_granularity=act)
+    return registry.get(name).refusal(scheme, Target(torch.device(device), torch.float32, 80, 96)) is None
 
 
 @pytest.mark.parametrize("name, act", KERNELS)
 @pytest.mark.parametrize("gran", [PER_TENSOR, PER_CHANNEL], ids=str)
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 def test_kernel_matches_dequantized_float_reference(name, act, gran, sym, device):
-    if not _runnable(name, device):
+    if not _runnable(name, device, act):
         pytest.skip(f"{name} does not run here")
     q, s, z, b = _layer(gran=gran, sym=sym)
     x = torch.randn(33, q.shape[1], generator=torch.Generator().manual_seed(1))
@@ -91,10 +94,11 @@ def test_cuda_shape_rules_pad_without_changing_results(shape, sym):
     assert INT_MM_RULES["cuda"] == IntMMRules(8, 8, 17)
 
 
-@pytest.mark.parametrize("name, act", [("int_mm", "token"), ("fbgemm", "token"), ("onednn", "token"), ("weight_only", None)])
+@pytest.mark.parametrize("name, act", [("int_mm", "token"), ("fbgemm", "token"), ("onednn", "token"), ("pertoken", "token"),
+                                       ("weight_only", None)])
 def test_batch_invariant_kernels_give_bit_identical_rows(name, act, device):
     """A row's output alone and inside any batch (other rows 1000x larger) is bit-identical."""
-    if not _runnable(name, device):
+    if not _runnable(name, device, act):
         pytest.skip(f"{name} does not run here")
     q, s, z, b = _layer(out_f=64, in_f=48)
     run = _pack(name, act, q, s, z, b, device=device)
@@ -107,7 +111,7 @@ def test_batch_invariant_kernels_give_bit_identical_rows(name, act, device):
             assert torch.equal(run(full)[pos : pos + 1], alone), (batch, pos)
 
 
-@pytest.mark.parametrize("name", ["int_mm", "fbgemm", "onednn"])
+@pytest.mark.parametrize("name", ["int_mm", "fbgemm", "onednn", "pertoken"])
 def test_batch_invariance_holds_for_odd_shapes_threads_and_chunks(name):
     """Large enough for the elementwise ops to split rows between threads at odd places, and for
     the fbgemm path to cut the batch into chunks: a row's result still never changes."""
@@ -115,6 +119,8 @@ def test_batch_invariance_holds_for_odd_shapes_threads_and_chunks(name):
         pytest.skip("per-token fbgemm needs a VNNI x86 CPU")
     if name == "onednn" and not ONEDNN:
         pytest.skip(f"onednn: {_onednn_missing(torch.device('cpu'), torch.float32)}")
+    if name == "pertoken" and not PERTOKEN:
+        pytest.skip("pertoken: no SIMD GEMM built here")
     q, s, z, b = _layer(out_f=1031, in_f=333)
     run = _pack(name, "token", q, s, z, b)
     x = torch.randn(1100, 333, generator=torch.Generator().manual_seed(8)) * torch.rand(1100, 1) * 10
@@ -158,11 +164,13 @@ def _select(request="auto", mode="dynamic", act_granularity="token", **kw):
 
 FBGEMM_TOKEN = _fbgemm_unusable(torch.device("cpu"), torch.float32) is None and not reduce_range()
 ONEDNN = _onednn_missing(torch.device("cpu"), torch.float32) is None
+PERTOKEN = pertoken.missing(torch.device("cpu"), torch.float32) is None and pertoken.isa() != "scalar"
+PER_TOKEN_HERE = "onednn" if ONEDNN else "pertoken" if PERTOKEN else "fbgemm" if FBGEMM_TOKEN else "int_mm"
 
 
 def test_auto_selection_table():
-    c = _select()  # per-token: fused oneDNN where it builds, else prepacked fbgemm on VNNI CPUs, else int_mm
-    assert (c.name, c.batch_invariant, c.fallback) == ("onednn" if ONEDNN else "fbgemm" if FBGEMM_TOKEN else "int_mm", True, False)
+    c = _select()  # per-token: fused oneDNN on VNNI CPUs, qlin's own GEMM on AVX2 ones, else torch's ops
+    assert (c.name, c.batch_invariant, c.fallback) == (PER_TOKEN_HERE, True, False)
     c = _select(device="cuda")
     assert (c.name, c.batch_invariant) == ("int_mm", True)
     c = _select(mode="static", act_granularity="tensor")
@@ -223,11 +231,11 @@ def test_fbgemm_and_int_mm_compute_the_same_per_token_scheme(sym):
     assert sqnr_db(im, fb) > 60
 
 
-@pytest.mark.parametrize("name", ["int_mm", "fbgemm", "onednn"])
+@pytest.mark.parametrize("name", ["int_mm", "fbgemm", "onednn", "pertoken"])
 def test_one_sided_inputs_use_the_whole_int8_range(name, device):
     """ReLU/GELU outputs are one-sided: asymmetric per-token activations give them 255 steps.
     This layer: 49.6 dB (both kernels); symmetric per-token int8 would give it 43.9 dB."""
-    if not _runnable(name, device):
+    if not _runnable(name, device, "token"):
         pytest.skip(f"{name} does not run here")
     q, s, z, b = _layer()
     x = F.gelu(torch.randn(128, q.shape[1], generator=torch.Generator().manual_seed(7)) * 2)
@@ -367,8 +375,8 @@ def test_onednn_request_falls_back_with_a_reason():
     assert c.name in ("fbgemm", "int_mm") and c.fallback
     c = _select(request="onednn", device="cuda")
     assert c.name == "int_mm" and c.fallback and "CPU only" in c.reason
-    c = _select(request="onednn", dtype=torch.bfloat16)
-    assert c.fallback and "float32" in c.reason
+    c = _select(request="onednn", dtype=torch.float16)
+    assert c.fallback and "float32 or bfloat16" in c.reason
 
 
 def test_without_the_fused_kernels_auto_runs_the_torch_op_path_and_says_why(monkeypatch):
@@ -380,5 +388,41 @@ def test_without_the_fused_kernels_auto_runs_the_torch_op_path_and_says_why(monk
     if FBGEMM_TOKEN:
         assert c.reason.endswith("(not fused: no C++ compiler (c++) on PATH)")
     c = _select(request="onednn")
-    assert c.fallback and "no C++ compiler" in c.reason
+    assert c.name != "pertoken" and c.fallback  # the one-call kernel needs the compiled module too
+    assert c.reason == "fallback: " + _onednn_missing(torch.device("cpu"), torch.float32)
+    assert "no C++ compiler" in c.reason or "VNNI" in c.reason  # the first thing missing here
     assert native.load() is None
+
+
+@pytest.mark.parametrize("vnni, isa, expect", [
+    (True, "avx512_vnni", "onednn"),   # oneDNN's u8 GEMM is exact with VNNI
+    (False, "avx2", "pertoken"),       # without it: qlin's own exact AVX2 GEMM
+    (False, "scalar", "int_mm"),       # no SIMD GEMM built: torch's int8 matmul
+])
+def test_per_token_kernel_follows_the_cpus_flags(monkeypatch, vnni, isa, expect):
+    """Both branches of the CPU-dependent choice, whatever this CPU is: per-token layers run
+    `onednn` where the CPU has VNNI, `pertoken` on AVX2 CPUs without it, else int_mm (fbgemm's
+    per-token codes saturate without VNNI too)."""
+    from qlin_cli.kernels import common, fbgemm, onednn
+
+    if not ONEDNN and vnni and not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        pytest.skip("this torch build has no oneDNN quantized linear")
+    monkeypatch.setattr(native, "_load", lambda: (_FakeNative(isa), None))
+    for room in (common, onednn, fbgemm):
+        if hasattr(room, "reduce_range"):
+            monkeypatch.setattr(room, "reduce_range", lambda: not vnni)
+    c = _select()
+    assert (c.name, c.batch_invariant, c.fallback) == (expect, True, False)
+    if expect == "pertoken":
+        assert c.reason == ("auto: per-token int8 activations, qlin's avx2 GEMM "
+                            "(onednn: full-range uint8 activations can saturate without VNNI)")
+    assert _select(dtype=torch.bfloat16).name == expect  # bf16 activations: the same kernels
+    assert _select(act_granularity="tensor").name == "fbgemm"  # per tensor: not these kernels
+
+
+class _FakeNative:
+    """Stands in for the compiled module where only its build facts are read."""
+
+    def __init__(self, isa):
+        self.pertoken_isa, self.pertoken_max_rows = isa, 16
+

@@ -203,9 +203,9 @@ def test_a_rows_codes_do_not_depend_on_the_other_rows():
 
 @needs_native
 @pytest.mark.parametrize("args, message", [
-    (lambda x: (x.double(), torch.empty(0)), "quantize_rows: x must be a contiguous float32 CPU (M, K) tensor"),
-    (lambda x: (x.t(), torch.empty(0)), "quantize_rows: x must be a contiguous float32 CPU (M, K) tensor"),
-    (lambda x: (x[0], torch.empty(0)), "quantize_rows: x must be a contiguous float32 CPU (M, K) tensor"),
+    (lambda x: (x.double(), torch.empty(0)), "quantize_rows: x must be a contiguous float32 or bfloat16 CPU (M, K) tensor"),
+    (lambda x: (x.t(), torch.empty(0)), "quantize_rows: x must be a contiguous float32 or bfloat16 CPU (M, K) tensor"),
+    (lambda x: (x[0], torch.empty(0)), "quantize_rows: x must be a contiguous float32 or bfloat16 CPU (M, K) tensor"),
     (lambda x: (x, torch.ones(82)), "quantize_rows: smooth must be contiguous float32 (K,)"),
     (lambda x: (x, torch.ones(83, dtype=torch.float64)), "quantize_rows: smooth must be contiguous float32 (K,)"),
 ])
@@ -266,7 +266,7 @@ def test_epilogue_into_out_leaves_y_unchanged():
     (lambda o: {**o, "bias": o["bias"][:-1]}, "epilogue_: bias"),
     (lambda o: {**o, "zs": o["zs"].double()}, "epilogue_: zero points"),
     (lambda o: {**o, "y": o["y"].double()}, "epilogue_: y must be contiguous float32 (M, N)"),
-    (lambda o: {**o, "out": torch.empty(70, 9).t()}, "epilogue_: out must be contiguous (M, N)"),
+    (lambda o: {**o, "out": torch.empty(70, 9).t()}, "epilogue_: out must be contiguous float32 or bfloat16 (M, N)"),
 ])
 def test_epilogue_refuses_operands_that_do_not_fit(change, message):
     y, a, c, wsum, b, rowsum, z = _epilogue_operands()

@@ -1,7 +1,9 @@
-"""The per-token int8 layer in one call: `native_kernels.cpp`'s `pertoken_linear`
-(its AVX-512 VNNI path and its portable scalar path), which the `onednn` kernel runs up to
-`pertoken_max_rows` rows, against the three-call path it replaces there (quantize_rows, oneDNN's
-GEMM, epilogue_): the same bits, whatever the shape, the scheme, the batch and the threads."""
+"""The per-token int8 layer in one call: `native_kernels.cpp`'s `pertoken_linear` (its AVX-512
+VNNI path, its AVX2 path, its portable scalar path), which the `pertoken` kernel runs at every
+row count and the `onednn` kernel up to `pertoken_max_rows` rows: against an exact reference
+(quantize_rows' codes, int64 sums, epilogue_), and on VNNI CPUs against the three-call path it
+replaces there (quantize_rows, oneDNN's GEMM, epilogue_): the same bits, whatever the shape, the
+scheme, the batch, the threads and the activations' dtype (float32, bfloat16)."""
 
 from __future__ import annotations
 
@@ -14,22 +16,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlin_cli.kernels import KernelChoice, LayerTensors, native, pack
+from qlin_cli.kernels import KernelChoice, LayerTensors, native, pack, pertoken
 from qlin_cli.kernels.onednn import _onednn_missing
 from qlin_cli.primitives import choose_qparams, quantize
 from qlin_cli.scheme import PER_CHANNEL, PER_TENSOR, LayerScheme
 from test_lowbit import _NO_AVX512_RUNNER  # builds with -mno-avx512f and runs a test file
 
-WHY_NOT = _onednn_missing(torch.device("cpu"), torch.float32)
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"onednn: {WHY_NOT}")
+WHY_NOT = pertoken.missing(torch.device("cpu"), torch.float32)
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"pertoken: {WHY_NOT}")
+ONEDNN_WHY_NOT = _onednn_missing(torch.device("cpu"), torch.float32)
+needs_onednn = pytest.mark.skipif(ONEDNN_WHY_NOT is not None, reason=f"onednn: {ONEDNN_WHY_NOT}")
 KERNELS = native.load()
 PATHS = ["pertoken_linear", "_pertoken_linear_scalar"]  # the one that runs here, and the portable one
 ROWS = [1, 2, 3, 4, 7, 16, 33, 128]
 SHAPES = [(96, 80), (33, 200), (384, 384), (17, 1000), (300, 65), (1, 7)]  # (out, in): in % 64 != 0 mostly
 
 
-def _layer(n, k, sym=True, smooth=False, bias=True, gran=PER_CHANNEL, seed=0):
-    """A packed onednn layer `(n, k)` with weights over the int8 range (asymmetric: zero points)."""
+def _layer(n, k, sym=True, smooth=False, bias=True, gran=PER_CHANNEL, seed=0, kernel="pertoken"):
+    """A packed per-token layer `(n, k)` with weights over the int8 range (asymmetric: zero points)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * torch.linspace(0.2, 2.0, n)[:, None] / k**0.5
     if not sym:
@@ -37,14 +41,26 @@ def _layer(n, k, sym=True, smooth=False, bias=True, gran=PER_CHANNEL, seed=0):
     s, z = choose_qparams(w, gran, sym)
     b = torch.randn(n, generator=g) if bias else None
     sm = torch.rand(k, generator=g) + 0.5 if smooth else None
-    return _onednn(quantize(w, s, z, sym), s, z, b, sm)
+    return _packed(quantize(w, s, z, sym), s, z, b, sm, kernel)
 
 
-def _onednn(q, s, z, b, smooth=None):
-    """The `onednn` kernel packed for the layer (q, s, z, b), its input divided by `smooth` `(K,)`."""
+def _packed(q, s, z, b, smooth=None, kernel="pertoken"):
+    """Kernel `kernel` packed for the layer (q, s, z, b), its input divided by `smooth` `(K,)`."""
     scheme = LayerScheme(act_granularity="token", smooth=None if smooth is None else 0.5)
-    return pack(KernelChoice("onednn", "test", True, False), LayerTensors(q, s, z, b, smooth=smooth), scheme,
+    return pack(KernelChoice(kernel, "test", True, False), LayerTensors(q, s, z, b, smooth=smooth), scheme,
                 device="cpu", dtype=torch.float32)
+
+
+def _reference(run, x):
+    """The exact result in torch: quantize_rows' codes, int64 sums (exact; int32 never overflows
+    here), float32(sum) * s[n] (oneDNN's one rounding), then epilogue_ (in x's dtype)."""
+    host = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    q, a, c, rowsum = KERNELS.quantize_rows(x.to(host).contiguous(), run.smooth)
+    acc = (q.long() @ run.weight.long().T).to(torch.int32)
+    y = acc.float() * run.scale
+    out = torch.empty(y.shape, dtype=torch.bfloat16) if host == torch.bfloat16 else None
+    y = KERNELS.epilogue_(y, a, c, run.wsum, run.bias, rowsum, run.zs, out)
+    return y.to(x.dtype)
 
 
 def _inputs(m, k, seed=1):
@@ -62,26 +78,40 @@ def _fused(path, run, x):
 
 
 @pytest.mark.parametrize("sym, smooth, bias", list(itertools.product([True, False], repeat=3)))
-def test_one_call_is_the_three_call_path_bit_for_bit(sym, smooth, bias):
-    """Both compiled paths, every row count the fused call takes, against quantize_rows + oneDNN +
-    epilogue_ on the same rows: same codes, same int32 sums, same float operations."""
+def test_one_call_is_the_exact_reference_bit_for_bit(sym, smooth, bias):
+    """Both compiled paths, at every row count, against the exact reference on the same rows:
+    same codes, same int32 sums, same float operations."""
     for n, k in SHAPES:
         run = _layer(n, k, sym, smooth, bias, seed=n + k)
         assert not sym == bool(run.zs.numel())  # asymmetric weights take the zero-point term
         for m in ROWS:
             x = _inputs(m, k, seed=m)
-            expect = run._three_calls(x)
+            expect = _reference(run, x)
             assert torch.equal(run(x), expect), (n, k, m)
-            if m <= KERNELS.pertoken_max_rows:
-                for path in PATHS:
-                    assert torch.equal(_fused(path, run, x), expect), (path, n, k, m)
+            if m <= 33:  # the scalar path is slow
+                assert torch.equal(_fused("_pertoken_linear_scalar", run, x), expect), (n, k, m)
+
+
+@needs_onednn
+@pytest.mark.parametrize("sym, smooth", list(itertools.product([True, False], repeat=2)))
+def test_onednn_three_calls_are_the_one_call_bit_for_bit(sym, smooth):
+    """On VNNI CPUs, `onednn` runs the one call up to max_rows rows and quantize_rows + oneDNN's
+    GEMM + epilogue_ above: both are the exact reference."""
+    for n, k in SHAPES:
+        run = _layer(n, k, sym, smooth, seed=n + k, kernel="onednn")
+        for m in ROWS:
+            x = _inputs(m, k, seed=m)
+            expect = run._three_calls(x)
+            assert torch.equal(run(x), expect) and torch.equal(_reference(run, x), expect), (n, k, m)
+            for path in PATHS:
+                assert torch.equal(_fused(path, run, x), expect), (path, n, k, m)
 
 
 def test_per_tensor_weights():
     run = _layer(40, 130, sym=False, gran=PER_TENSOR)
     x = _inputs(5, 130)
     for path in PATHS:
-        assert torch.equal(_fused(path, run, x), run._three_calls(x))
+        assert torch.equal(_fused(path, run, x), _reference(run, x))
 
 
 @pytest.mark.parametrize("w", [127, -128])
@@ -93,25 +123,26 @@ def test_sums_past_float32s_integers(w):
     q[1, ::3] = 0
     s, z = torch.rand(33) * 1e-2 + 1e-3, torch.zeros(33, dtype=torch.int8)
     z[::2] = 5
-    run = _onednn(q, s, z, torch.randn(33))
+    run = _packed(q, s, z, torch.randn(33))
     x = torch.full((3, k), 7.0)
     x[:, 0] = -1.0  # every other code is 255
     x[1, 5::7] = 3.3
     for path in PATHS:
-        assert torch.equal(_fused(path, run, x), run._three_calls(x))
+        assert torch.equal(_fused(path, run, x), _reference(run, x))
 
 
 @pytest.mark.parametrize("m", [16, 33, 128])
 def test_a_row_is_the_same_alone_and_in_any_batch(m):
-    """Batch invariance across both paths: each row alone (one call), in blocks of the fused
-    kernel's tile sizes, and in the whole batch (the oneDNN path above max_rows)."""
-    run = _layer(77, 300, sym=False, smooth=True, seed=5)
-    x = _inputs(m, 300, seed=6)
-    full = run(x)
-    for i in range(m):
-        assert torch.equal(run(x[i : i + 1]), full[i : i + 1]), i
-    for i in range(0, m - 3, 5):
-        assert torch.equal(run(x[i : i + 3]), full[i : i + 3]), i
+    """Batch invariance: each row alone, in blocks of the kernel's tile sizes, and in the whole
+    batch (for `onednn` on VNNI CPUs, the oneDNN path above max_rows)."""
+    for kernel in ("pertoken",) + (("onednn",) if ONEDNN_WHY_NOT is None else ()):
+        run = _layer(77, 300, sym=False, smooth=True, seed=5, kernel=kernel)
+        x = _inputs(m, 300, seed=6)
+        full = run(x)
+        for i in range(m):
+            assert torch.equal(run(x[i : i + 1]), full[i : i + 1]), (kernel, i)
+        for i in range(0, m - 3, 5):
+            assert torch.equal(run(x[i : i + 3]), full[i : i + 3]), (kernel, i)
 
 
 def test_the_thread_count_changes_no_result():
@@ -128,32 +159,60 @@ def test_the_thread_count_changes_no_result():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
-    assert torch.equal(one, run._three_calls(x))
+    assert torch.equal(one, _reference(run, x))
+
+
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_bfloat16_rows_in_and_out_without_conversions(m):
+    """bf16 in, bf16 out: the codes of the rows' float32 values and the float32 result rounded
+    as `.to(torch.bfloat16)` rounds, bit for bit, on every path (one call, the scalar path, and
+    on VNNI CPUs oneDNN's three calls, whose epilogue writes bf16)."""
+    x = _inputs(m, 70).bfloat16()
+    for kernel in ("pertoken",) + (("onednn",) if ONEDNN_WHY_NOT is None else ()):
+        run = _layer(50, 70, seed=9, smooth=True, kernel=kernel)
+        y = run(x)
+        expect = run(x.float()).bfloat16()
+        assert y.dtype == torch.bfloat16 and torch.equal(y.view(torch.int16), expect.view(torch.int16)), kernel
+        assert torch.equal(_reference(run, x).view(torch.int16), expect.view(torch.int16))
+        for path in PATHS:
+            assert torch.equal(_fused(path, run, x).view(torch.int16), expect.view(torch.int16)), path
+
+
+def test_bfloat16_output_rounds_as_torch_rounds():
+    """The epilogue's float32 -> bf16 rounding on ties, subnormals, infinities and NaN is
+    `Tensor.to(torch.bfloat16)`'s, on the vector body and the scalar tail (N = 18)."""
+    v = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40, -1e-40, 1.00390625, 1.01171875, 3.0e38,
+                      -3.4e38] * 2)
+    n = v.numel()
+    y, one, zero, none = v.reshape(1, n), torch.ones(1), torch.zeros(1), torch.empty(0)
+    out = torch.empty(1, n, dtype=torch.bfloat16)
+    KERNELS.epilogue_(y.clone(), one, zero, torch.zeros(n), none, zero, none, out)
+    expect = KERNELS.epilogue_(y.clone(), one, zero, torch.zeros(n), none, zero, none, None).bfloat16()
+    assert torch.equal(out.view(torch.int16), expect.view(torch.int16))
 
 
 def test_inputs_of_other_dtypes_and_layouts():
-    """bfloat16 in, bfloat16 out (computed in float32, as the three-call path does); a
-    non-contiguous input; no rows."""
+    """float16 in, float16 out (computed in float32); a non-contiguous input; no rows."""
     run = _layer(50, 70, seed=9)
     x = _inputs(6, 70)
-    xb = x.bfloat16()
-    y = run(xb)
-    assert y.dtype == torch.bfloat16 and torch.equal(y, run._three_calls(xb))
+    xh = x.half()
+    y = run(xh)
+    assert y.dtype == torch.float16 and torch.equal(y, run(xh.float()).half())
     xt = torch.cat([x, x], dim=1)[:, ::2]  # (6, 70) with stride 2
     assert not xt.is_contiguous() and torch.equal(run(xt), run(xt.contiguous()))
     assert run(torch.empty(0, 70)).shape == (0, 50)
 
 
 def test_a_buffer_refilled_through_numpy_is_quantized_again():
-    """No codes are cached on the one-call path: a tensor changed behind torch's back (same
-    address, shape, strides and version) gives the new result."""
+    """No codes are cached: a tensor changed behind torch's back (same address, shape, strides
+    and version) gives the new result."""
     runs = [_layer(64, 48, seed=i) for i in range(3)]
     buf = _inputs(10, 48)
     before = [run(buf) for run in runs]
     buf.numpy()[:] *= 3
     for run, old in zip(runs, before):
         new = run(buf)
-        assert not torch.equal(new, old) and torch.equal(new, run._three_calls(buf.clone()))
+        assert not torch.equal(new, old) and torch.equal(new, _reference(run, buf.clone()))
 
 
 def test_bad_operands_are_refused():
@@ -161,7 +220,6 @@ def test_bad_operands_are_refused():
     x = _inputs(4, 64)
     args = [run.weight, run.scale, run.wsum, run.bias, run.zs, run.smooth]
     cases = [
-        ((_inputs(KERNELS.pertoken_max_rows + 1, 64), *args), "takes at most"),
         ((x[:, :60], *args), "w must be contiguous int8"),
         ((x, run.weight.float(), *args[1:]), "w must be contiguous int8"),
         ((x, run.weight, run.scale[:5], *args[2:]), "must be contiguous float32"),
@@ -178,7 +236,7 @@ def test_bad_operands_are_refused():
                     reason="builds the kernels a second time (~30-60 s): set QLIN_TEST_NO_AVX512_BUILD=1")
 def test_the_build_without_avx512_passes_this_file(tmp_path):
     """The module as a CPU without AVX-512 gets it (-mno-avx512f: pertoken_linear runs its
-    scalar path) passes every test above, with test_lowbit.py's runner."""
+    AVX2 path) passes every test above, with test_lowbit.py's runner."""
     env = {k: v for k, v in os.environ.items() if k != "QLIN_TEST_NO_AVX512_BUILD"}
     env["QLIN_CACHE_DIR"] = str(tmp_path)
     done = subprocess.run([sys.executable, "-c", _NO_AVX512_RUNNER, __file__], env=env, capture_output=True,

@@ -34,15 +34,46 @@ float inv_s_fbgemm() {
   return 1.0f / s;
 }
 
+// Rows are float32 or bfloat16 (T): a bf16 value is read as the float32 it is exactly (its 16 bits
+// above 16 zero bits), so a bf16 row gets the codes of its float32 copy, bit for bit, without
+// that copy. Outputs are written as float32, or rounded to bf16 as a tensor's .to(bfloat16)
+// rounds on CPU (round to nearest even; NaN -> 0xFFFF, ATen's vectorized conversion), so
+// y.to(bfloat16) and a bf16 output are the same bits.
+using bf16 = at::BFloat16;
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) { return static_cast<float>(v); }
+inline void store_out(float* y, float v) { *y = v; }
+inline void store_out(bf16* y, float v) {
+  *y = std::isnan(v) ? bf16(0xFFFF, bf16::from_bits()) : bf16(v);  // c10's round to nearest even
+}
+#ifdef QLIN_AVX512
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const bf16* x) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// store_out's rounding on 16 lanes: round to nearest even in integers, NaN -> 0xFFFF
+inline __m256i to_bf16(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void store16(float* y, __m512 v, __mmask16 m = 0xFFFF) { _mm512_mask_storeu_ps(y, m, v); }
+inline void store16(bf16* y, __m512 v, __mmask16 m = 0xFFFF) { _mm256_mask_storeu_epi16(y, m, to_bf16(v)); }
+#endif
+
 // xs[k] = x[k] / smooth[k] into buf (when smooth); lo, hi of the (smoothed) row
-void row_min_max(const float* x, const float* sm, float* buf, int64_t K, float& lo, float& hi) {
+template <typename T>
+void row_min_max(const T* x, const float* sm, float* buf, int64_t K, float& lo, float& hi) {
   int64_t k = 0;
   lo = INFINITY;
   hi = -INFINITY;
 #ifdef QLIN_AVX512
   __m512 vmin = _mm512_set1_ps(INFINITY), vmax = _mm512_set1_ps(-INFINITY);
   for (; k + 16 <= K; k += 16) {
-    __m512 v = _mm512_loadu_ps(x + k);
+    __m512 v = load16(x + k);
     if (sm) {
       v = _mm512_div_ps(v, _mm512_loadu_ps(sm + k));
       _mm512_storeu_ps(buf + k, v);
@@ -54,7 +85,7 @@ void row_min_max(const float* x, const float* sm, float* buf, int64_t K, float& 
   hi = _mm512_reduce_max_ps(vmax);
 #endif
   for (; k < K; ++k) {
-    float v = x[k];
+    float v = to_float(x[k]);
     if (sm) {
       v = v / sm[k];
       buf[k] = v;
@@ -65,14 +96,15 @@ void row_min_max(const float* x, const float* sm, float* buf, int64_t K, float& 
 }
 
 // u[k] = clamp(rne(((x[k] - lo) * inv) * inv_s), 0, 255); returns the sum of u
-int64_t quantize_row(const float* x, uint8_t* u, int64_t K, float lo, float inv, float inv_s) {
+template <typename T>
+int64_t quantize_row(const T* x, uint8_t* u, int64_t K, float lo, float inv, float inv_s) {
   int64_t k = 0, total = 0;
 #ifdef QLIN_AVX512
   const __m512 vlo = _mm512_set1_ps(lo), vinv = _mm512_set1_ps(inv), vs = _mm512_set1_ps(inv_s);
   const __m512i zero = _mm512_setzero_si512(), top = _mm512_set1_epi32(255);
   __m512i acc = _mm512_setzero_si512();
   for (; k + 16 <= K; k += 16) {
-    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + k), vlo), vinv), vs);
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(load16(x + k), vlo), vinv), vs);
     __m512i i = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(v), zero), top);  // rne
     acc = _mm512_add_epi32(acc, i);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(u + k), _mm512_cvtepi32_epi8(i));
@@ -80,7 +112,7 @@ int64_t quantize_row(const float* x, uint8_t* u, int64_t K, float lo, float inv,
   total = _mm512_reduce_add_epi32(acc);
 #endif
   for (; k < K; ++k) {
-    float r = std::nearbyint(((x[k] - lo) * inv) * inv_s);
+    float r = std::nearbyint(((to_float(x[k]) - lo) * inv) * inv_s);
     r = r < 0.f ? 0.f : (r > 255.f ? 255.f : r);
     const int32_t i = static_cast<int32_t>(r);
     total += i;
@@ -91,7 +123,8 @@ int64_t quantize_row(const float* x, uint8_t* u, int64_t K, float lo, float inv,
 
 // per row of x (M, K): its codes into u (M, ku), zero padded from K to ku (>= K), a = width / 255,
 // c = lo and the codes' sum; one parallel region over the rows
-void quantize_into(const float* x, const float* sm, int64_t M, int64_t K, uint8_t* u, int64_t ku, float* a,
+template <typename T>
+void quantize_into(const T* x, const float* sm, int64_t M, int64_t K, uint8_t* u, int64_t ku, float* a,
                    float* c, float* rowsum) {
   const float inv_s = inv_s_fbgemm();
   const int64_t grain = std::max<int64_t>(1, WORK_PER_TASK / std::max<int64_t>(K, 1));
@@ -99,12 +132,14 @@ void quantize_into(const float* x, const float* sm, int64_t M, int64_t K, uint8_
     thread_local std::vector<float> buf;  // the smoothed row, kept between calls
     if (sm && static_cast<int64_t>(buf.size()) < K) buf.resize(K);
     for (int64_t m = begin; m < end; ++m) {
-      const float* row = x + m * K;
+      const T* row = x + m * K;
       float lo, hi;
       row_min_max(row, sm, buf.data(), K, lo, hi);
       float width = hi - lo;
       width = width < MIN_SCALE ? MIN_SCALE : width;
-      const int64_t total = quantize_row(sm ? buf.data() : row, u + m * ku, K, lo, 1.0f / width, inv_s);
+      const float inv = 1.0f / width;
+      const int64_t total = sm ? quantize_row(buf.data(), u + m * ku, K, lo, inv, inv_s)
+                               : quantize_row(row, u + m * ku, K, lo, inv, inv_s);
       std::fill(u + m * ku + K, u + (m + 1) * ku, uint8_t(0));
       a[m] = width / 255.0f;
       c[m] = lo;
@@ -114,22 +149,62 @@ void quantize_into(const float* x, const float* sm, int64_t M, int64_t K, uint8_
 }
 
 std::vector<at::Tensor> quantize_rows(const at::Tensor& x, const at::Tensor& smooth) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
-              "quantize_rows: x must be a contiguous float32 CPU (M, K) tensor");
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  x.is_contiguous() && x.is_cpu(),
+              "quantize_rows: x must be a contiguous float32 or bfloat16 CPU (M, K) tensor");
   const int64_t M = x.size(0), K = x.size(1);
   const bool has_smooth = smooth.numel() > 0;
   if (has_smooth)
     TORCH_CHECK(smooth.dim() == 1 && smooth.size(0) == K && smooth.scalar_type() == at::kFloat &&
                     smooth.is_contiguous(), "quantize_rows: smooth must be contiguous float32 (K,)");
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kByte));
-  at::Tensor a = at::empty({M}, x.options()), c = at::empty({M}, x.options()),
-             rs = at::empty({M}, x.options());
-  const float* xp = x.data_ptr<float>();
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor a = at::empty({M}, f32), c = at::empty({M}, f32), rs = at::empty({M}, f32);
   const float* sp = has_smooth ? smooth.data_ptr<float>() : nullptr;
   uint8_t* qp = q.data_ptr<uint8_t>();
   float *ap = a.data_ptr<float>(), *cp = c.data_ptr<float>(), *rp = rs.data_ptr<float>();
-  quantize_into(xp, sp, M, K, qp, K, ap, cp, rp);
+  if (x.scalar_type() == at::kBFloat16)
+    quantize_into(x.data_ptr<bf16>(), sp, M, K, qp, K, ap, cp, rp);
+  else
+    quantize_into(x.data_ptr<float>(), sp, M, K, qp, K, ap, cp, rp);
   return {q, a, c, rs};
+}
+
+// epilogue_'s operands: y (M, N) float32 (GEMM output), per row a, c, rowsum, per column wsum, bias, zs
+struct EpilogueArgs {
+  const float *y, *a, *c, *wsum, *bias, *zs, *rowsum;  // bias, zs may be nullptr
+  int64_t N;
+};
+
+template <typename T>
+void epilogue_rows(const EpilogueArgs& e, T* op, int64_t M) {
+  const int64_t N = e.N;
+  const float *yp = e.y, *ap = e.a, *cp = e.c, *wp = e.wsum, *bp = e.bias, *zp = e.zs, *rp = e.rowsum;
+  const int64_t grain = std::max<int64_t>(1, WORK_PER_TASK / std::max<int64_t>(N, 1));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* row = yp + m * N;
+      T* orow = op + m * N;
+      const float am = ap[m], cm = cp[m], rm = -rp[m];
+      int64_t n = 0;
+#ifdef QLIN_AVX512
+      const __m512 va = _mm512_set1_ps(am), vc = _mm512_set1_ps(cm), vr = _mm512_set1_ps(rm);
+      for (; n + 16 <= N; n += 16) {
+        __m512 v = _mm512_loadu_ps(row + n);
+        if (zp) v = _mm512_fmadd_ps(vr, _mm512_loadu_ps(zp + n), v);
+        __m512 t = bp ? _mm512_fmadd_ps(vc, _mm512_loadu_ps(wp + n), _mm512_loadu_ps(bp + n))
+                      : _mm512_mul_ps(vc, _mm512_loadu_ps(wp + n));
+        store16(orow + n, _mm512_fmadd_ps(va, v, t));
+      }
+#endif
+      for (; n < N; ++n) {
+        float v = row[n];
+        if (zp) v = std::fma(rm, zp[n], v);
+        const float t = bp ? std::fma(cm, wp[n], bp[n]) : cm * wp[n];
+        store_out(orow + n, std::fma(am, v, t));
+      }
+    }
+  });
 }
 
 at::Tensor epilogue_(at::Tensor y, const at::Tensor& a, const at::Tensor& c, const at::Tensor& wsum,
@@ -144,39 +219,16 @@ at::Tensor epilogue_(at::Tensor y, const at::Tensor& a, const at::Tensor& c, con
   TORCH_CHECK(!has_b || (bias.numel() == N && bias.scalar_type() == at::kFloat), "epilogue_: bias");
   TORCH_CHECK(!has_z || (zs.numel() == N && zs.scalar_type() == at::kFloat), "epilogue_: zero points");
   at::Tensor dst = out.has_value() ? *out : y;
-  TORCH_CHECK(dst.scalar_type() == at::kFloat && dst.size(0) == M && dst.size(1) == N &&
-                  dst.stride(1) == 1 && dst.stride(0) == N, "epilogue_: out must be contiguous (M, N)");
-  const float* yp = y.data_ptr<float>();
-  float* op = dst.data_ptr<float>();
-  const float *ap = a.data_ptr<float>(), *cp = c.data_ptr<float>(), *wp = wsum.data_ptr<float>();
-  const float* bp = has_b ? bias.data_ptr<float>() : nullptr;
-  const float* zp = has_z ? zs.data_ptr<float>() : nullptr;
-  const float* rp = rowsum.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, WORK_PER_TASK / std::max<int64_t>(N, 1));
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const float* row = yp + m * N;
-      float* orow = op + m * N;
-      const float am = ap[m], cm = cp[m], rm = -rp[m];
-      int64_t n = 0;
-#ifdef QLIN_AVX512
-      const __m512 va = _mm512_set1_ps(am), vc = _mm512_set1_ps(cm), vr = _mm512_set1_ps(rm);
-      for (; n + 16 <= N; n += 16) {
-        __m512 v = _mm512_loadu_ps(row + n);
-        if (zp) v = _mm512_fmadd_ps(vr, _mm512_loadu_ps(zp + n), v);
-        __m512 t = bp ? _mm512_fmadd_ps(vc, _mm512_loadu_ps(wp + n), _mm512_loadu_ps(bp + n))
-                      : _mm512_mul_ps(vc, _mm512_loadu_ps(wp + n));
-        _mm512_storeu_ps(orow + n, _mm512_fmadd_ps(va, v, t));
-      }
-#endif
-      for (; n < N; ++n) {
-        float v = row[n];
-        if (zp) v = std::fma(rm, zp[n], v);
-        const float t = bp ? std::fma(cm, wp[n], bp[n]) : cm * wp[n];
-        orow[n] = std::fma(am, v, t);
-      }
-    }
-  });
+  TORCH_CHECK((dst.scalar_type() == at::kFloat || dst.scalar_type() == at::kBFloat16) && dst.size(0) == M &&
+                  dst.size(1) == N && dst.stride(1) == 1 && dst.stride(0) == N,
+              "epilogue_: out must be contiguous float32 or bfloat16 (M, N)");
+  EpilogueArgs e{y.data_ptr<float>(), a.data_ptr<float>(), c.data_ptr<float>(), wsum.data_ptr<float>(),
+                 has_b ? bias.data_ptr<float>() : nullptr, has_z ? zs.data_ptr<float>() : nullptr,
+                 rowsum.data_ptr<float>(), N};
+  if (dst.scalar_type() == at::kBFloat16)
+    epilogue_rows(e, dst.data_ptr<bf16>(), M);
+  else
+    epilogue_rows(e, dst.data_ptr<float>(), M);
   return dst;
 }
 
@@ -207,7 +259,8 @@ struct PertokenArgs {
   const float *a, *c, *rowsum;   // (M,)
   const int8_t* w;         // (N, K)
   const float *scale, *wsum, *bias, *zs;  // (N,); bias and zs may be nullptr
-  float* y;                // (M, N)
+  float* y;                // (M, N) float32 output, or nullptr when
+  bf16* yb;                //   the output is bfloat16 (M, N)
   int64_t M, N, K;
 };
 
@@ -225,7 +278,8 @@ void pertoken_blocks_scalar(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
       const uint8_t* ur = p.u + m * p.ku;
       int32_t acc = 0;
       for (int64_t k = 0; k < p.K; ++k) acc += static_cast<int32_t>(ur[k]) * static_cast<int32_t>(wr[k]);
-      p.y[m * p.N + n] = pt_output(p, m, n, acc);
+      const float v = pt_output(p, m, n, acc);
+      p.yb ? store_out(p.yb + m * p.N + n, v) : store_out(p.y + m * p.N + n, v);
     }
   }
 }
@@ -294,9 +348,11 @@ void pertoken_tile_vnni(const PertokenArgs& p, int64_t m0, int64_t n0, int64_t r
   const __m512 c = per_m(p.c), ws = per_n(p.wsum);
   const __m512 t = p.bias ? _mm512_fmadd_ps(c, ws, per_n(p.bias)) : _mm512_mul_ps(c, ws);
   const __m512 out = _mm512_fmadd_ps(per_m(p.a), v, t);
-  _Pragma("GCC unroll 16") for (int i = 0; i < MB; ++i)  // lanes i * NR .. to the front, then the live ones stored
-    _mm512_mask_storeu_ps(p.y + (m0 + i) * p.N + n0, live,
-                          _mm512_permutexvar_ps(_mm512_add_epi32(lane, _mm512_set1_epi32(i * NR)), out));
+  _Pragma("GCC unroll 16") for (int i = 0; i < MB; ++i) {  // lanes i * NR .. to the front, then the live ones stored
+    const __m512 row = _mm512_permutexvar_ps(_mm512_add_epi32(lane, _mm512_set1_epi32(i * NR)), out);
+    const int64_t at = (m0 + i) * p.N + n0;
+    p.yb ? store16(p.yb + at, row, live) : store16(p.y + at, row, live);
+  }
 }
 
 // rows [mb, me) of codes, in MB-row tiles, against weight rows [nb, ne), NR at a time: the NR
@@ -320,13 +376,95 @@ void pertoken_blocks_vnni(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
 }
 #endif
 
+#if defined(__AVX2__) && !defined(QLIN_VNNI)
+#include <immintrin.h>
+#define QLIN_AVX2_INT8 1
+// AVX2 without VNNI (e.g. AMD Zen 1-3, Intel before Cascade Lake): vpmaddubsw (u8 x s8) would
+// saturate int16 pair sums with full-range codes, which is why oneDNN and fbgemm keep codes to 7
+// bits on these CPUs. Here both operands are widened to int16 and multiplied by vpmaddwd: exact
+// int32 sums, the same integers as the VNNI path, so the same bits out. A tile is MB rows of
+// codes x NR = 8 / MB weight rows: 8 accumulators of 8 int32 lanes (k mod 16 pairs), summed by a
+// transposing add tree into one vector of 8 outputs; k past the last multiple of 16 and the
+// epilogue (pt_output, the scalar path's own function) run per output. Any number of rows: the
+// same tiles for every M, so a row's result never depends on the batch.
+constexpr int64_t PT2_NB = 8;   // outputs per tile (MB x NR)
+constexpr int64_t PT2_MBLOCK = 64;  // rows of codes per pass over a thread's weight rows (L2)
+
+// lane j = the sum of the 8 int32 lanes of v[j]
+__attribute__((always_inline)) inline __m256i pt2_sum8(const __m256i* v) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+template <int MB>
+void pertoken_tile_avx2(const PertokenArgs& p, int64_t m0, int64_t n0, int64_t rows) {
+  constexpr int NR = PT2_NB / MB;
+  const int64_t kmain = p.K / 16 * 16;
+  const int8_t* wr[NR];  // rows past N repeat the last one; their outputs are not stored
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) wr[r] = p.w + (n0 + std::min<int64_t>(r, rows - 1)) * p.K;
+  const uint8_t* ur[MB];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) ur[i] = p.u + (m0 + i) * p.ku;
+  __m256i acc[PT2_NB];
+  _Pragma("GCC unroll 8") for (int i = 0; i < PT2_NB; ++i) acc[i] = _mm256_setzero_si256();
+  auto widen_w = [](const int8_t* q) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))); };
+  auto widen_u = [](const uint8_t* q) { return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))); };
+  for (int64_t k = 0; k < kmain; k += 16) {
+    if (MB == 1) {  // a weight vector is widened where it is used (8 of them would not fit beside 8 sums)
+      const __m256i xv = widen_u(ur[0] + k);
+      _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(xv, widen_w(wr[r] + k)));
+      continue;
+    }
+    __m256i wv[NR];
+    _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) wv[r] = widen_w(wr[r] + k);
+    _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) {
+      const __m256i xv = widen_u(ur[i] + k);
+      _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+        acc[i * NR + r] = _mm256_add_epi32(acc[i * NR + r], _mm256_madd_epi16(xv, wv[r]));
+    }
+  }
+  alignas(32) int32_t sums[PT2_NB];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums), pt2_sum8(acc));
+  for (int j = 0; j < PT2_NB; ++j) {  // lane j: output (m0 + j / NR, n0 + j % NR)
+    const int i = j / NR, r = j % NR;
+    if (r >= rows) continue;
+    int32_t total = sums[j];
+    for (int64_t k = kmain; k < p.K; ++k) total += static_cast<int32_t>(ur[i][k]) * static_cast<int32_t>(wr[r][k]);
+    const int64_t m = m0 + i, n = n0 + r;
+    const float v = pt_output(p, m, n, total);
+    p.yb ? store_out(p.yb + m * p.N + n, v) : store_out(p.y + m * p.N + n, v);
+  }
+}
+
+// blocks [nb0, nb1) of 8 weight rows against all rows of codes, PT2_MBLOCK rows at a time (they
+// stay in L2 while the blocks' weight rows pass): 4 rows a tile, then 2, then 1
+void pertoken_blocks_avx2(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
+  const int64_t n_begin = nb0 * PT2_NB, n_end = std::min(p.N, nb1 * PT2_NB);
+  for (int64_t mb = 0; mb < p.M; mb += PT2_MBLOCK) {
+    const int64_t me = std::min(p.M, mb + PT2_MBLOCK);
+    const int64_t m4 = mb + (me - mb) / 4 * 4, m2 = m4 + (me - m4) / 2 * 2;
+    for (int64_t nb = n_begin; nb < n_end; nb += PT2_NB) {
+      const int64_t ne = std::min(n_end, nb + PT2_NB);
+      for (int64_t n = nb; n < ne; n += 2)
+        for (int64_t m = mb; m < m4; m += 4) pertoken_tile_avx2<4>(p, m, n, std::min<int64_t>(2, ne - n));
+      for (int64_t n = nb; n < ne; n += 4)
+        for (int64_t m = m4; m < m2; m += 2) pertoken_tile_avx2<2>(p, m, n, std::min<int64_t>(4, ne - n));
+      for (int64_t m = m2; m < me; ++m) pertoken_tile_avx2<1>(p, m, nb, ne - nb);
+    }
+  }
+}
+#endif
+
 at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
                                 const at::Tensor& wsum, const at::Tensor& bias, const at::Tensor& zs,
                                 const at::Tensor& smooth, bool force_scalar) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.is_cpu(), "pertoken_linear: x must be a 2-D CPU (M, K) tensor");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();  // no copy when it is already
+  // float32 and bfloat16 rows are read as they are, and the output has their dtype; others
+  // (float16) are converted to float32 and back
+  const bool is_bf16 = x_in.scalar_type() == at::kBFloat16;
+  const at::Tensor x = (is_bf16 ? x_in : x_in.to(at::kFloat)).contiguous();  // no copy when it is already
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(M <= PT_MAX_ROWS, "pertoken_linear: takes at most ", PT_MAX_ROWS, " rows, got ", M);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == at::kChar && w.is_contiguous(),
               "pertoken_linear: w must be contiguous int8 (N, K) with K = ", K);
   auto vec = [N](const at::Tensor& t, bool optional) {
@@ -338,19 +476,30 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
   const bool has_smooth = smooth.numel() > 0;
   TORCH_CHECK(!has_smooth || (smooth.dim() == 1 && smooth.size(0) == K && smooth.scalar_type() == at::kFloat &&
                               smooth.is_contiguous()), "pertoken_linear: smooth must be contiguous float32 (K,)");
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  thread_local std::vector<uint8_t> codes;  // kept between calls: (M, ku) and a, c, rowsum
-  thread_local std::vector<float> rowp;
+  at::Tensor y = at::empty({M, N}, x.options());  // float32 or bfloat16, as x
+  if (M == 0 || N == 0) return x_in.scalar_type() == x.scalar_type() ? y : y.to(x_in.scalar_type());
+  // codes (M, ku) and a, c, rowsum: a thread-local buffer kept between calls for a few rows, a
+  // fresh one for many (so that one long prompt does not keep megabytes per thread)
+  thread_local std::vector<uint8_t> kept_codes;
+  thread_local std::vector<float> kept_rowp;
+  std::vector<uint8_t> big_codes;
+  std::vector<float> big_rowp;
   const int64_t ku = (K + 63) / 64 * 64;
+  const bool few = M <= PT_MAX_ROWS;
+  std::vector<uint8_t>& codes = few ? kept_codes : big_codes;
+  std::vector<float>& rowp = few ? kept_rowp : big_rowp;
   if (static_cast<int64_t>(codes.size()) < M * ku) codes.resize(M * ku);
   if (static_cast<int64_t>(rowp.size()) < 3 * M) rowp.resize(3 * M);
   float *a = rowp.data(), *c = a + M, *rs = c + M;
-  quantize_into(x.data_ptr<float>(), has_smooth ? smooth.data_ptr<float>() : nullptr, M, K, codes.data(), ku, a,
-                    c, rs);
+  const float* sp = has_smooth ? smooth.data_ptr<float>() : nullptr;
+  if (is_bf16)
+    quantize_into(x.data_ptr<bf16>(), sp, M, K, codes.data(), ku, a, c, rs);
+  else
+    quantize_into(x.data_ptr<float>(), sp, M, K, codes.data(), ku, a, c, rs);
   PertokenArgs p{codes.data(), ku, a, c, rs, w.data_ptr<int8_t>(), scale.data_ptr<float>(),
                  wsum.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr,
-                 zs.numel() ? zs.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K};
+                 zs.numel() ? zs.data_ptr<float>() : nullptr, is_bf16 ? nullptr : y.data_ptr<float>(),
+                 is_bf16 ? y.data_ptr<bf16>() : nullptr, M, N, K};
   const int64_t blocks = (N + PT_NB - 1) / PT_NB;
   const int64_t grain = std::max<int64_t>(1, PT_MACS_PER_TASK / std::max<int64_t>(M * K * PT_NB, 1));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
@@ -360,9 +509,15 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
       return;
     }
 #endif
+#ifdef QLIN_AVX2_INT8
+    if (!force_scalar) {  // blocks of 16 rows are two of the AVX2 path's 8
+      pertoken_blocks_avx2(p, begin * (PT_NB / PT2_NB), end * (PT_NB / PT2_NB));
+      return;
+    }
+#endif
     pertoken_blocks_scalar(p, begin, end);
   });
-  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+  return x_in.scalar_type() == x.scalar_type() ? y : y.to(x_in.scalar_type());
 }
 
 at::Tensor pertoken_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& wsum,
@@ -695,6 +850,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pertoken_linear", &pertoken_linear, "the per-token int8 layer in one call, few rows (kernels._Onednn)");
   m.def("_pertoken_linear_scalar", &pertoken_linear_scalar, "pertoken_linear's portable path (for tests)");
   m.attr("pertoken_max_rows") = PT_MAX_ROWS;
+#if defined(QLIN_VNNI)
+  m.attr("pertoken_isa") = "avx512_vnni";
+#elif defined(QLIN_AVX2_INT8)
+  m.attr("pertoken_isa") = "avx2";
+#else
+  m.attr("pertoken_isa") = "scalar";
+#endif
   m.def("lowbit_linear", &lowbit_linear, "y = x @ dequant(w).T + bias, n-bit group-wise weights (lowbit.py)");
   m.def("_lowbit_linear_scalar", &lowbit_linear_scalar, "lowbit_linear's portable path (for tests)");
 #ifdef QLIN_AVX512

@@ -1,36 +1,30 @@
 """`onednn`: dynamic per-token (asymmetric) activations on oneDNN's u8 x s8 GEMM
 (`onednn.qlinear_pointwise`, VNNI), with the codes and the epilogue computed by qlin's fused C++
-kernels (native.py, native_kernels.cpp); CPU, float32. Where it cannot run, a request falls back
-to fbgemm, and `auto` says why in fbgemm's reason ("not fused: ...")."""
+kernels (native.py, native_kernels.cpp); CPU, float32 or bfloat16 activations. Up to 16 rows it
+runs the `pertoken` kernel's one call. Where it cannot run (no VNNI: oneDNN's u8 GEMM would
+saturate), a request falls back to `pertoken` (qlin's own exact GEMM) or fbgemm, and `auto` says
+why in that kernel's reason."""
 
 from __future__ import annotations
-
-import copy
 
 import torch
 
 from . import native
-from .common import EMPTY as _EMPTY
 from .common import reduce_range
-from .common import weight_row_sums as _weight_row_sums
+from .pertoken import HOSTS, UNTRACEABLE, Pertoken, refuse_tracing
 from .registry import Kernel, KernelChoice
 
 __all__ = ["ONEDNN_UNTRACEABLE", "KERNEL"]
 
-# What torch.jit.trace and torch.export cannot record, said plainly instead of torch's own error
-# deep inside the kernel: the fused kernels are C++ functions that torch's dispatcher does not know.
-ONEDNN_UNTRACEABLE = (
-    "qlin's fused onednn kernel cannot be traced or exported (its C++ functions are not torch ops): "
-    "set QLIN_NATIVE=0 before loading the model to run the fbgemm kernel instead, which torch.export exports"
-)
+ONEDNN_UNTRACEABLE = UNTRACEABLE  # (the name tests and users know)
 
 
 def _onednn_missing(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the fused per-token oneDNN kernel cannot run this layer here, or None."""
     if device.type != "cpu":
         return "the oneDNN kernel runs on CPU only"
-    if dtype != torch.float32:
-        return f"the oneDNN kernel takes float32 activations, not {dtype}"
+    if dtype not in HOSTS:
+        return f"the oneDNN kernel takes float32 or bfloat16 activations, not {dtype}"
     if not hasattr(torch.ops.onednn, "qlinear_pointwise") or "onednn" not in torch.backends.quantized.supported_engines:
         return "this torch build has no oneDNN quantized linear"
     if reduce_range():
@@ -38,8 +32,10 @@ def _onednn_missing(device: torch.device, dtype: torch.dtype) -> str | None:
     return native.unavailable_reason()
 
 
-class _Onednn:
-    """Dynamic per-token (asymmetric) activations times int8 weights, in three steps:
+class _Onednn(Pertoken):
+    """Dynamic per-token (asymmetric) activations times int8 weights, in three steps
+    (activations float32 or bfloat16, read and written in their own dtype: a bf16 row's codes
+    are its float32 copy's, and the bf16 output is the float32 result rounded as torch rounds):
 
         quantize_rows: u[m] = rne((x[m] - lo[m]) / w[m] * 255) in [0, 255] (the codes of the
             fbgemm per-token path, bit for bit; SmoothQuant's division folded in),
@@ -47,8 +43,8 @@ class _Onednn:
         GEMM: y[m, n] = s[n] * sum_k u[m, k] * qw[n, k] (int32 sums, one float rounding each)
         epilogue: y = a[m] * (y - rowsum(u)[m] * s[n] * z[n]) + c[m] * wsum[n] + b[n]
 
-    Up to `max_rows` rows (a sentence, a decode step): one C++ call does all three
-    (native_kernels.cpp, `pertoken_linear`: its own VNNI GEMM over the layer's own int8 weight,
+    Up to `max_rows` rows (a sentence, a decode step): one C++ call does all three (the
+    `pertoken` kernel's `pertoken_linear`: its own VNNI GEMM over the layer's own int8 weight,
     the epilogue on the accumulators in registers, threads only where the work pays for them),
     ~4 us fixed cost instead of ~45. More rows: qlin's `quantize_rows`, oneDNN's u8 x s8 GEMM
     (`onednn.qlinear_pointwise`) and `epilogue_`, three calls and three parallel regions. Both
@@ -57,28 +53,16 @@ class _Onednn:
     """
 
     def __init__(self, weight, scale, zero_point, bias, smooth):
-        n, _ = weight.shape
-        s = scale.float().reshape(-1).expand(n).contiguous()
-        zp = zero_point.to(torch.int32).reshape(-1).expand(n)
+        super().__init__(weight, scale, zero_point, bias, smooth)
         self.packed = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
-        self.scale, self.gemm_zero_point = s, torch.zeros(n, dtype=torch.int32)
-        self.zs = (s * zp.float()).contiguous() if bool(zp.any()) else _EMPTY  # asymmetric weights
-        self.wsum = _weight_row_sums(weight, scale, zero_point).contiguous()
-        self.bias = _EMPTY if bias is None else bias.float().contiguous()
-        self.smooth = _EMPTY if smooth is None else smooth.float().contiguous()
-        self.weight = weight.contiguous()  # the layer's own int8 buffer (no copy): pertoken_linear reads it
+        self.gemm_zero_point = torch.zeros(weight.shape[0], dtype=torch.int32)
         kernels = native.load()  # looked up once here, not at each call; no module object is kept
-        self.quantize_rows, self.epilogue_ = kernels.quantize_rows, kernels.epilogue_
-        self.linear, self.max_rows = kernels.pertoken_linear, kernels.pertoken_max_rows
-
-    def __deepcopy__(self, memo) -> "_Onednn":
-        return copy.copy(self)  # its tensors are never written; oneDNN's packed weight cannot be copied
+        self.quantize_rows, self.epilogue_, self.max_rows = kernels.quantize_rows, kernels.epilogue_, kernels.pertoken_max_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.compiler.is_exporting():
-            raise RuntimeError(ONEDNN_UNTRACEABLE)
+        refuse_tracing()
         if x.shape[0] <= self.max_rows:  # one call; quantizing is part of it, so no codes are cached
-            return self.linear(x, self.weight, self.scale, self.wsum, self.bias, self.zs, self.smooth)
+            return self.one_call(x)
         return self._three_calls(x)
 
     def _three_calls(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,11 +70,13 @@ class _Onednn:
         shared between layers that read one tensor (Q, K, V) were keyed by the tensor's address,
         shape, strides and version, and a buffer refilled behind torch's back (through numpy)
         keeps all four, so a second model reused the first one's codes."""
-        q, a, c, rowsum = self.quantize_rows(x.float().contiguous(), self.smooth)
+        host = x.dtype in HOSTS  # read as it is, and the epilogue writes this dtype
+        q, a, c, rowsum = self.quantize_rows((x if host else x.float()).contiguous(), self.smooth)
         y = torch.ops.onednn.qlinear_pointwise(
             q, 1.0, 0, self.packed, self.scale, self.gemm_zero_point, None, 1.0, 0, torch.float32, "none", [], "")
-        y = self.epilogue_(y, a, c, self.wsum, self.bias, rowsum, self.zs, None)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        out = y.new_empty(y.shape, dtype=x.dtype) if x.dtype == torch.bfloat16 else None
+        y = self.epilogue_(y, a, c, self.wsum, self.bias, rowsum, self.zs, out)
+        return y if host else y.to(x.dtype)
 
 
 class _OnednnKernel(Kernel):

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 # The rooms, in the order kernels are listed (messages, `--kernel`'s choices).
-ROOMS = ("onednn", "fbgemm", "int_mm", "weight_only", "lowbit", "int4pack", "dequant")
+ROOMS = ("onednn", "pertoken", "fbgemm", "int_mm", "weight_only", "lowbit", "int4pack", "dequant")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,111 @@
+"""`pertoken`: dynamic per-token (asymmetric) int8 activations times int8 weights in one C++ call
+at any token count (native_kernels.cpp, `pertoken_linear`): the row's codes, an exact int32 GEMM
+and the epilogue, activations read and written in float32 or bfloat16.
+
+It is the per-token kernel of x86 CPUs without VNNI (AVX2 only: AMD Zen 1-3, Intel before Cascade
+Lake). There, oneDNN's and fbgemm's u8 x s8 GEMMs would saturate full-range codes (vpmaddubsw's
+int16 pair sums), and `torch._int_mm`, the kernel `auto` fell back to, cost 8-17x float32 per
+layer (RESULTS.md, "pertoken-avx2"); qlin's AVX2 GEMM widens both operands to int16 (vpmaddwd:
+exact sums). Its codes, integer sums and float operations are the `onednn` kernel's, so a file
+gives the same bits on a CPU with VNNI and on one without, at every batch size.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from . import native
+from .common import EMPTY as _EMPTY
+from .common import weight_row_sums as _weight_row_sums
+from .registry import Kernel, KernelChoice
+
+__all__ = ["UNTRACEABLE", "Pertoken", "KERNEL"]
+
+# What torch.jit.trace and torch.export cannot record, said plainly instead of torch's own error
+# deep inside the kernel: the fused kernels are C++ functions that torch's dispatcher does not know.
+UNTRACEABLE = (
+    "qlin's fused per-token kernels (onednn, pertoken) cannot be traced or exported (their C++ functions are "
+    "not torch ops): set QLIN_NATIVE=0 before loading the model to run the fbgemm or int_mm kernel instead, "
+    "which torch.export exports"
+)
+
+# activation dtypes read and written as they are (a bf16 model's int8 layer: no conversion passes)
+HOSTS = (torch.float32, torch.bfloat16)
+
+
+class Pertoken:
+    """The layer's operands for `pertoken_linear`, prepared once: y = a[m] * (s[n] * acc[m, n] -
+    rowsum(u)[m] * s[n] * z[n]) + c[m] * wsum[n] + b[n], with acc the int32 sums of the row's
+    uint8 codes u (x ~ a * u + c, SmoothQuant's division folded in) times the int8 weight."""
+
+    def __init__(self, weight, scale, zero_point, bias, smooth):
+        n, _ = weight.shape
+        s = scale.float().reshape(-1).expand(n).contiguous()
+        zp = zero_point.to(torch.int32).reshape(-1).expand(n)
+        self.scale = s
+        self.zs = (s * zp.float()).contiguous() if bool(zp.any()) else _EMPTY  # asymmetric weights
+        self.wsum = _weight_row_sums(weight, scale, zero_point).contiguous()
+        self.bias = _EMPTY if bias is None else bias.float().contiguous()
+        self.smooth = _EMPTY if smooth is None else smooth.float().contiguous()
+        self.weight = weight.contiguous()  # the layer's own int8 buffer (no copy): pertoken_linear reads it
+        self.linear = native.load().pertoken_linear  # looked up once here; no module object is kept
+
+    def __deepcopy__(self, memo) -> "Pertoken":
+        return copy.copy(self)  # its tensors are never written (oneDNN's packed weight cannot be copied)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_tracing()
+        return self.one_call(x)
+
+    def one_call(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x, self.weight, self.scale, self.wsum, self.bias, self.zs, self.smooth)
+
+
+def refuse_tracing() -> None:
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        raise RuntimeError(UNTRACEABLE)
+
+
+def missing(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `pertoken_linear` cannot run a layer here at all, or None."""
+    if device.type != "cpu":
+        return "qlin's per-token C++ kernel runs on CPU only"
+    if dtype not in HOSTS:
+        return f"qlin's per-token C++ kernel takes float32 or bfloat16 activations, not {dtype}"
+    return native.unavailable_reason()
+
+
+def isa() -> str | None:
+    """The instruction set `pertoken_linear`'s GEMM was built for here ("avx512_vnni", "avx2",
+    "scalar"), or None without the native kernels."""
+    kernels = native.load()
+    return None if kernels is None else kernels.pertoken_isa
+
+
+class _PertokenKernel(Kernel):
+    name, activations, rank = "pertoken", "int8", 15
+
+    def refusal(self, scheme, target):
+        if not scheme.per_token:
+            return "the pertoken kernel runs dynamic per-token layers only"
+        return missing(target.device, target.dtype)
+
+    def offer(self, scheme, target, why, fallback):
+        if not scheme.per_token or target.device.type != "cpu":
+            return None
+        why_not = missing(target.device, target.dtype)
+        if why_not is not None:
+            return None if fallback else why_not
+        if isa() == "scalar":  # no SIMD GEMM built here: the next kernel (torch's) is the better bet
+            return None
+        said = f" (onednn: {why})" if why else ""
+        reason = f"fallback: {why}" if fallback else f"auto: per-token int8 activations, qlin's {isa()} GEMM{said}"
+        return KernelChoice(self.name, reason, True, fallback)
+
+    def pack(self, layer, scheme, device, dtype):
+        return Pertoken(layer.weight, layer.scale, layer.zero_point, layer.bias, layer.smooth)
+
+
+KERNEL = _PertokenKernel()
