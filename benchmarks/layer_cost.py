@@ -1,6 +1,6 @@
 """The per-call cost of one layer (issue 23 item 1): float32 and bfloat16 `F.linear`, torch.ao's
-`quantize_dynamic` Linear, and qlin's per-token int8 layer (`onednn` kernel) before and after the
-one-call path, at 1, 16 and 128 tokens.
+`quantize_dynamic` Linear, and qlin's per-token int8 layer (`auto`: the `onednn` kernel on VNNI
+CPUs, `pertoken` on AVX2 ones) against what it replaced, at 1, 16 and 128 tokens.
 
 Layers (in, out): 384x384, 384x1536, 768x768, 4096x4096 (nn.Linear's seeded initialization, with
 bias); inputs `(M, in)` float32 (bfloat16 for the bf16 row: a model cast to bf16 passes bf16).
@@ -59,15 +59,17 @@ def _methods(lin: nn.Linear, m: int) -> dict:
     x = torch.randn(m, lin.in_features, generator=g)
     w, b = lin.weight.detach(), lin.bias.detach()
     wb, bb, xb = w.bfloat16(), b.bfloat16(), x.bfloat16()
-    q = QuantizedLinear.from_float(lin, LayerScheme(kernel="onednn")).pack("cpu")
-    assert q.kernel.name == "onednn", q.kernel
-    methods = {
-        "float32": (lambda x: F.linear(x, w, b), x),
-        "bf16": (lambda x: F.linear(x, wb, bb), xb),
-        "qlin onednn, three calls": (q._run._three_calls, x),
-        "qlin onednn": (q._run, x),
-        "qlin module": (q, x),
-    }
+    q = QuantizedLinear.from_float(lin, LayerScheme()).pack("cpu")  # auto: onednn (VNNI) or pertoken (AVX2)
+    assert q.kernel.name in ("onednn", "pertoken"), q.kernel
+    methods = {"float32": (lambda x: F.linear(x, w, b), x), "bf16": (lambda x: F.linear(x, wb, bb), xb)}
+    if q.kernel.name == "onednn":  # what every call ran before the one-call path
+        methods["qlin onednn, three calls"] = (q._run._three_calls, x)
+    else:  # what auto ran on CPUs without VNNI before the pertoken kernel
+        methods["qlin int_mm"] = (QuantizedLinear.from_float(lin, LayerScheme(kernel="int_mm")).pack("cpu"), x)
+    methods[f"qlin {q.kernel.name}"] = (q._run, x)
+    methods["qlin module"] = (q, x)
+    qb = QuantizedLinear.from_float(lin, LayerScheme()).pack("cpu").to(torch.bfloat16)
+    methods["qlin module, bf16 in/out"] = (qb, xb)  # the int8 layer of a model cast to bf16
     try:
         methods["torch.ao dynamic"] = (common.torch_ao_dynamic(lin), x)
     except Unavailable as exc:
@@ -134,9 +136,11 @@ def markdown(result: dict) -> str:
     against float32 and bf16."""
     parts = ["## The per-call cost of one layer (`benchmarks/layer_cost.py`)", common.machine_md(result["machine"]),
              f"Command: `{result.get('command', 'python benchmarks/layer_cost.py')}`. Median wall µs of one call "
-             "(methods timed round-robin, one call at a time); `qlin onednn, three calls` is the path every call "
-             "took before the one-call path (and still takes above 16 rows); `qlin module` is the whole "
-             "`QuantizedLinear` call; `x f32` / `x bf16` = that method's time / qlin module's."]
+             "(methods timed round-robin, one call at a time); `qlin onednn, three calls` (VNNI CPUs) is the path "
+             "every call took before the one-call path (and still takes above 16 rows); `qlin int_mm` (CPUs "
+             "without VNNI) is what `auto` ran there before the `pertoken` kernel; `qlin module` is the whole "
+             "`QuantizedLinear` call, `bf16 in/out` the same layer in a model cast to bf16; `x f32` / `x bf16` = "
+             "that method's time / qlin module's."]
     names = list(result["runs"][0]["methods"])
     for threads in sorted({r["threads"] for r in result["runs"]}):
         rows = []
