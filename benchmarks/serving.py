@@ -10,6 +10,8 @@ Methods, all in one run, interleaved:
 - `qlin default`: `quantize_checkpoint(folder)` with default options (dynamic per-token int8,
   SmoothQuant from the token-id probe), loaded back with `load_quantized` into a skeleton: what a
   user serves;
+- `qlin default, bf16 model`: the same int8 model cast to bf16 (`model.to(torch.bfloat16)`: its
+  LayerNorm, attention, GELU and adds in bf16; the int8 layers take and return bf16);
 - `qlin compile_model`: the same model under `qlinear.compile_model` (first call compiles);
 - `torch.ao dynamic`: `quantize_dynamic` with the per-channel qconfig;
 - `ORT int8`: `onnxruntime.quantization.quantize_dynamic` (QInt8, per channel) of the exported
@@ -140,6 +142,7 @@ def _models(folder: Path, workdir: Path, threads: int, tok, *, peers: bool, comp
     notes["qlin default"] = f"quantized in {seconds:.1f} s; Linear layers: " + ", ".join(
         f"{k} x{v}" for k, v in sorted(kernels.items())) + f", float x{_linears(float_model) - sum(kernels.values())}"
     models["qlin default"] = hidden(int8)
+    models["qlin default, bf16 model"] = hidden(copy.deepcopy(int8).to(torch.bfloat16))  # non-Linear work in bf16
     if compile:
         models["qlin compile_model"] = hidden(compile_model(copy.deepcopy(int8)))
     if not peers:

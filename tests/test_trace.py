@@ -63,8 +63,9 @@ def test_fbgemm_exports_but_does_not_trace(mode):
 
 
 @torch.no_grad()
-def test_fused_onednn_kernel_neither_traces_nor_exports():
-    model = _mlp("onednn")
+@pytest.mark.parametrize("kernel", ["onednn", "pertoken"])
+def test_fused_per_token_kernels_neither_trace_nor_export(kernel):
+    model = _mlp(kernel)
     with pytest.raises(RuntimeError) as exc:
         _trace(model, X)
     assert ONEDNN_UNTRACEABLE in str(exc.value)
