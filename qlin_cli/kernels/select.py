@@ -38,9 +38,12 @@ __all__ = ["SMALL_LAYER", "KEPT_FOR_SPEED", "kept_float_for_speed", "select_kern
 # reached float's speed at 16 tokens on the three-call paths (benchmarks/RESULTS.md,
 # "kernels-small": per-token 1.03-1.11x at 2**17 weights, 0.65-0.69x at 2**16; static 1.29-1.35x at
 # 2**16, 0.65x at 2**14). The one-call `onednn` path (up to 16 rows, ~7-10 us) wins from 2**16
-# weights at 1, 16 and 128 tokens ("layer-cost-small"), but the bound is recorded in the file from
-# the shape alone, and CPUs without that path still pay the three-call cost. Weight-only layers
-# have no activation quantization to pay for and are never kept float for speed.
+# weights at 1, 16 and 128 tokens on an AVX-512 VNNI CPU ("layer-cost-small"); on an AVX2 CPU
+# without VNNI the `pertoken` kernel wins at 1 token at every size and loses at 16 and more at
+# every size (int8 and float32 multiply at the same rate there). No one bound fits both, and the
+# bound is recorded in the file from the shape alone (the quantizing machine's CPU must not change
+# the file), so it stays. Weight-only layers have no activation quantization to pay for and are
+# never kept float for speed.
 SMALL_LAYER = {"dynamic": 1 << 17, "static": 1 << 16}
 KEPT_FOR_SPEED = "kept float for speed"  # how such a layer's reason starts
 
