@@ -11,8 +11,10 @@ must be one that the installed transformers has. transformers reads `.bin` weigh
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,21 +163,91 @@ class HFModel:
     size_bytes: int  # of the weight files
 
 
-def _check_weights(weights: WeightFiles) -> None:
+@dataclass(frozen=True)
+class _Held:
+    """What a folder's weight files hold, from their headers and pickles (nothing loaded)."""
+
+    values: int  # tensor elements (for a .bin: its storage bytes, more than its elements)
+    shapes: dict[str, tuple[int, ...]]  # safetensors tensors by name (a .bin's names are not read)
+
+
+def _check_weights(weights: WeightFiles) -> _Held:
     """What transformers will read, checked before it reads it: every safetensors shard's header
     and every .bin shard's pickle (transformers' torch.load calls what the pickle asks of its
     allowlist, e.g. bytearray(10**10)), and their total against `max_memory`."""
-    total = 0
+    total = values = 0
+    shapes: dict[str, tuple[int, ...]] = {}
     for f in weights.files:
         check_file(f, "weights")
         if f.suffix == ".safetensors":
             try:
-                total += read_header(f).nbytes
+                header = read_header(f)
             except (OSError, ValueError) as exc:
                 raise InputError(f"weights {f} is not a valid safetensors file ({one_line(exc)})") from None
+            total += header.nbytes
+            values += sum(math.prod(e.shape) for e in header.tensors.values())
+            shapes.update((k, e.shape) for k, e in header.tensors.items())
         elif f.suffix == ".bin":
-            total += scan_pickle(f, lambda detail: InputError(f"weights {f} cannot be loaded safely ({detail})"))
+            storage = scan_pickle(f, lambda detail: InputError(f"weights {f} cannot be loaded safely ({detail})"))
+            total, values = total + storage, values + storage
     check_budget(total, f"{weights.files[0].parent}")
+    return _Held(values, shapes)
+
+
+def _load_dtype(folder: Path, weights: WeightFiles, config: Any) -> torch.dtype:
+    """The dtype transformers' `from_pretrained(dtype="auto")` loads `folder` in: the config's,
+    else the checkpoint's (a copy of `config` is given the answer, as transformers does)."""
+    try:
+        from transformers.modeling_utils import _get_dtype
+
+        files = [str(f) for f in weights.files if f.suffix == ".safetensors"]
+        return _get_dtype("auto", files, copy.deepcopy(config), None, None, True)[1]
+    except Exception as exc:
+        raise InputError(f"{folder}: cannot tell the dtype transformers would load it in ({one_line(exc)})") from None
+
+
+def _meta_model(cls: Any, config: Any, dtype: torch.dtype) -> nn.Module | None:
+    """The model `config` declares, every parameter and buffer on the meta device (no memory,
+    whatever sizes the config claims), or None where the class cannot be built so."""
+    try:
+        with torch.device("meta"):
+            return cls._from_config(copy.deepcopy(config), dtype=dtype)
+    except Exception:
+        return None
+
+
+def _check_declared(folder: Path, cls: Any, config: Any, weights: WeightFiles, held: _Held) -> None:
+    """Before transformers materialises a model: what its config.json declares, built on the
+    meta device, against `max_memory` (its parameters and buffers at the load dtype) and against
+    the weight files (every parameter must come from them, so they must hold at least as many
+    values; a tensor of the model's name must have its shape). A 1 kB config.json may declare a
+    40 GB model beside 16 kB of weights."""
+    try:
+        dtype = _load_dtype(folder, weights, config)
+    except InputError:  # .bin weights: transformers reads the dtype from the loaded tensors; the config's or float32
+        dtype = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
+    model = _meta_model(cls, config, dtype)
+    if model is None:  # transformers reports what it cannot build when it loads
+        return
+    params = dict(model.named_parameters())  # tied parameters once
+    need = sum(p.numel() for p in params.values())
+    what = f"{folder / CONFIG_NAME}: the {cls.__name__} it declares"
+    check_budget(sum(t.numel() * t.element_size() for t in (*params.values(), *model.buffers())), what)
+    state = model.state_dict()
+    mis = [(k, held.shapes[k], tuple(t.shape)) for k, t in state.items() if k in held.shapes and held.shapes[k] != tuple(t.shape)]
+    if mis:
+        key, has, want = mis[0]
+        raise InputError(f"{folder}: the weights do not fit {cls.__name__}: tensors {len(mis)} mis-shaped (e.g. {key!r} "
+                         f"is {has} in the weights, {want} in config.json)")
+    if need > held.values:
+        prefix = f"{getattr(model, 'base_model_prefix', '')}."
+        names = set(held.shapes) | {k.removeprefix(prefix) for k in held.shapes} | {prefix + k for k in held.shapes}
+        missing = [k for k in params if k not in names] if held.shapes else []
+        example = f"tensors {len(missing)} missing (e.g. {missing[0]!r}): " if missing else ""
+        raise InputError(
+            f"{folder}: the weights do not fit {cls.__name__}: {example}its config.json declares {need:,} parameters, "
+            f"the weight files hold {held.values:,} values; is config.json the model's?"
+        )
 
 
 def load_hf_folder(folder: str | Path, *, model: str | None = None) -> HFModel:
@@ -193,10 +265,11 @@ def load_hf_folder(folder: str | Path, *, model: str | None = None) -> HFModel:
     if method is not None:
         raise InputError(f"{folder} is already quantized ({method}); pass the float model folder")
     weights = weight_files(folder)
-    _check_weights(weights)
+    held = _check_weights(weights)
     transformers = _import_transformers()
     with _Quiet(transformers):
         config, cls = _config_and_class(transformers, folder)
+        _check_declared(folder, cls, config, weights, held)
         try:
             built, info = cls.from_pretrained(folder, config=config, local_files_only=True, output_loading_info=True)
         except Exception as exc:
@@ -263,13 +336,7 @@ def hf_skeleton(folder: str | Path, *, model: str | None = None) -> HFSkeleton:
     transformers = _import_transformers()
     with _Quiet(transformers):
         config, cls = _config_and_class(transformers, folder)
-        try:
-            from transformers.modeling_utils import _get_dtype  # what from_pretrained(dtype="auto") picks
-
-            files = [str(f) for f in weights.files if f.suffix == ".safetensors"]
-            config, dtype = _get_dtype("auto", files, config, None, None, True)
-        except Exception as exc:
-            raise InputError(f"{folder}: cannot tell the dtype transformers would load it in ({one_line(exc)})") from None
+        dtype = _load_dtype(folder, weights, config)
         if dtype != torch.float32 and (getattr(cls, "_keep_in_fp32_modules", None) or getattr(cls, "_keep_in_fp32_modules_strict", None)):
             raise InputError(
                 f"{folder}: {cls.__name__} keeps some modules in float32 under a {dtype} load, which `stream` does not "

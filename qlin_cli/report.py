@@ -25,12 +25,13 @@ from .data import BUSY_CORES, Timing
 from .errors import InputError
 from .files import write_atomic
 from .kernels import KEPT_FOR_SPEED, KernelChoice, registry
-from .primitives import sqnr_db
+from .primitives import sums_db
 from .quantize import EmbeddingResult, Fallback, LayerResult, Sensitivity
 from .scheme import PER_CHANNEL, PER_TENSOR, LayerScheme, PerGroup
 
 __all__ = [
     "compare_outputs",
+    "OutputComparison",
     "json_safe",
     "shrink",
     "Table",
@@ -49,21 +50,61 @@ __all__ = [
     "write_report",
 ]
 
+class OutputComparison:
+    """The error of a test output against a reference, gathered batch by batch in memory that
+    does not grow with the samples (`add(reference, test)` per batch of `(n, ...)` outputs,
+    `metrics()` at the end): SQNR dB, mean per-sample cosine, max abs error, MSE, and for 2-D
+    outputs `(N, C)` the top-1 agreement. The numbers are those of the whole outputs compared
+    at once, to float rounding: sums of squares and cosines are added up per batch."""
+
+    SLICE = 2**20  # values per float64 temporary
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] | None = None  # (samples so far, ...)
+        self.signal = self.noise = self.squares = self.cosines = self.max_abs = 0.0
+        self.values = self.agree = 0
+
+    def add(self, reference: torch.Tensor, test: torch.Tensor) -> None:
+        ref, out = reference.detach().float(), test.detach().float()
+        if ref.shape != out.shape:
+            raise InputError(f"outputs differ in shape: {tuple(ref.shape)} vs {tuple(out.shape)}")
+        if self.shape is not None and tuple(ref.shape[1:]) != self.shape[1:]:
+            raise InputError(f"the outputs change shape between batches: {self.shape[1:]} per sample, then "
+                             f"{tuple(ref.shape[1:])}")
+        n = ref.shape[0]
+        self.shape = (n + (self.shape[0] if self.shape else 0), *ref.shape[1:])
+        flat_r, flat_o = ref.reshape(n, -1), out.reshape(n, -1)
+        rows = max(1, self.SLICE // max(flat_r.shape[1], 1))  # float64 copies of a few samples at a time
+        for i in range(0, n, rows):
+            r, o = flat_r[i : i + rows].double(), flat_o[i : i + rows].double()
+            self.cosines += float(torch.nn.functional.cosine_similarity(r, o, dim=1, eps=1e-12).sum())
+            self.squares += float((r - o).pow_(2).sum())
+        diff = ref - out
+        self.signal += float(torch.linalg.vector_norm(ref)) ** 2  # float32 norms, as sqnr_db
+        self.noise += float(torch.linalg.vector_norm(diff)) ** 2
+        if diff.numel():
+            self.max_abs = max(self.max_abs, float(diff.abs().max()))
+        self.values += diff.numel()
+        if ref.dim() == 2:
+            self.agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+
+    def metrics(self) -> dict[str, float | None]:
+        samples = self.shape[0] if self.shape else 0
+        return {
+            "sqnr_db": sums_db(self.signal, self.noise),
+            "cosine": self.cosines / samples if samples else math.nan,
+            "max_abs_err": self.max_abs,
+            "mse": self.squares / self.values if self.values else 0.0,
+            "top1_agreement": self.agree / samples if self.shape is not None and len(self.shape) == 2 and samples else None,
+        }
+
+
 def compare_outputs(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float | None]:
-    """Error of `test` against `reference` `(N, ...)`: SQNR dB, mean per-sample cosine, max abs
-    error, MSE, and for 2-D outputs `(N, C)` the top-1 agreement."""
-    ref, out = reference.detach().float(), test.detach().float()
-    if ref.shape != out.shape:
-        raise InputError(f"outputs differ in shape: {tuple(ref.shape)} vs {tuple(out.shape)}")
-    flat_r, flat_o = ref.reshape(ref.shape[0], -1).double(), out.reshape(out.shape[0], -1).double()
-    cosine = torch.nn.functional.cosine_similarity(flat_r, flat_o, dim=1, eps=1e-12).mean()
-    return {
-        "sqnr_db": sqnr_db(ref, out),
-        "cosine": float(cosine),
-        "max_abs_err": float((ref - out).abs().max()) if ref.numel() else 0.0,
-        "mse": float((ref.double() - out.double()).pow(2).mean()) if ref.numel() else 0.0,
-        "top1_agreement": float((ref.argmax(-1) == out.argmax(-1)).double().mean()) if ref.dim() == 2 else None,
-    }
+    """Error of `test` against `reference` `(N, ...)` (OutputComparison in one batch): SQNR dB,
+    mean per-sample cosine, max abs error, MSE, and for 2-D outputs `(N, C)` the top-1 agreement."""
+    comparison = OutputComparison()
+    comparison.add(reference, test)
+    return comparison.metrics()
 
 
 def json_safe(obj: Any) -> Any:
