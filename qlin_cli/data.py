@@ -23,6 +23,7 @@ __all__ = [
     "Inputs",
     "Progress",
     "num_samples",
+    "model_inputs",
     "check_finite_inputs",
     "non_finite",
     "non_finite_error",
@@ -62,6 +63,15 @@ def first_tensor(output: Any, where: str = "output") -> tuple[torch.Tensor, str]
         except InputError:
             continue
     raise InputError(f"the model output ({type(output).__name__}) holds no tensor to compare")
+
+
+def model_inputs(model: nn.Module, inputs: Inputs) -> Inputs:
+    """`inputs` as qlin passes them to `model`: a transformers model's batch without `labels`.
+    Given labels, such a model computes a loss and puts that scalar first in its output (and
+    logs a line about its loss type); qlin compares what the model outputs, the logits."""
+    if isinstance(inputs, dict) and "labels" in inputs and type(model).__module__.startswith("transformers."):
+        return {k: v for k, v in inputs.items() if k != "labels"}
+    return inputs
 
 
 def num_samples(inputs: Inputs) -> int:

@@ -389,11 +389,12 @@ def load_tokenizer(folder: str | Path) -> Any:
             raise InputError(f"{folder}: transformers cannot load the tokenizer ({one_line(exc)})") from None
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """The token ids of `text` (with the special tokens the tokenizer adds), without
-    transformers' warning that the sequence is longer than the model takes (text.py cuts it)."""
+def encode(tokenizer: Any, text: str, *, special: bool = True) -> list[int]:
+    """The token ids of `text` (with the special tokens the tokenizer adds, unless not
+    `special`), without transformers' warning that the sequence is longer than the model takes
+    (text.py cuts it)."""
     with _Quiet(_import_transformers()):
-        return list(tokenizer(text)["input_ids"])
+        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -31,6 +31,7 @@ from .scheme import PER_CHANNEL, PER_TENSOR, LayerScheme, PerGroup
 
 __all__ = [
     "compare_outputs",
+    "shown",
     "OutputComparison",
     "json_safe",
     "shrink",
@@ -140,6 +141,18 @@ def shrink(before: int, after: int) -> str:
     return f"did not shrink: {after / max(before, 1):.2f}x larger"
 
 
+SHOWN_CHARS = 300  # the most characters of one value a person is shown (JSON keeps every one)
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text` as a person is shown it: whole up to `limit` characters, else its start and how
+    long it is. Names, metadata and reasons come from files, and a file may hold a 50 MB string
+    (rich took minutes to lay one out); `--json` keeps them whole."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters; --json shows all)"
+
+
 @dataclass(frozen=True)
 class Table:
     """A table as both renderers draw it (Markdown here, rich in the CLI): cells are text."""
@@ -148,6 +161,10 @@ class Table:
     columns: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
     numeric: frozenset[str] = frozenset()  # columns aligned right
+
+    def shown(self) -> "Table":
+        """This table with its title and every cell cut as `shown` cuts them."""
+        return Table(shown(self.title), self.columns, tuple(tuple(shown(c) for c in row) for row in self.rows), self.numeric)
 
 
 def layer_note(status: str, reason: str, choice: KernelChoice | None) -> str:
@@ -720,12 +737,12 @@ def _markdown_table(t: Table) -> list[str]:
 
 def to_markdown(report: _Report) -> str:
     """Any report as Markdown: the title, its facts, its tables, its summary and warnings."""
-    lines = [f"# {report.title}", ""]
+    lines = [f"# {shown(report.title)}", ""]
     if report.facts():
-        lines += [*(f"- {line}" for line in report.facts()), ""]
+        lines += [*(f"- {shown(line)}" for line in report.facts()), ""]
     for t in report.tables():
-        lines += [*_markdown_table(t), ""]
-    lines += [f"- {line}" for line in (*report.summary(), *report.warnings())]
+        lines += [*_markdown_table(t.shown()), ""]
+    lines += [f"- {shown(line)}" for line in (*report.summary(), *report.warnings())]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from ..budget import limit
 from ..data import (
-    Inputs, Progress, batches, check_finite_inputs, first_tensor, non_finite, non_finite_error, num_samples, run_model,
-    time_models,
+    Inputs, Progress, batches, check_finite_inputs, first_tensor, model_inputs, non_finite, non_finite_error,
+    num_samples, run_model, time_models,
 )
 from ..errors import ConfigError, InputError
 from ..files import size_bytes
@@ -94,7 +94,7 @@ def evaluate_checkpoint(
         runs = {"float model": pair.float_model, "int8 model": pair.int8_model}
         if compile:
             runs = {"float model": torch.compile(pair.float_model), "int8 model": compile_model(pair.int8_model)}
-        inputs = load_tensors(inputs_path, "inputs")
+        inputs = model_inputs(pair.float_model, load_tensors(inputs_path, "inputs"))
         check_finite_inputs(inputs, f"inputs {inputs_path}")
         n = num_samples(inputs)
         labels = None if labels_path is None else _read_labels(labels_path, n)
@@ -203,12 +203,14 @@ def evaluate_text(
     batch_size: int = TEXT_BATCH_SIZE,
     device: str = "cpu",
     max_memory: int | None = None,
+    progress: Progress | None = None,
 ) -> TextEvalReport:
     """Run the float model of a Hugging Face folder and the int8 model of a qlin file made from
     it on a UTF-8 text, tokenized with the folder's tokenizer (text.text_inputs). A causal LM
     gets the perplexity of each on the same windows and their top-1 next-token agreement; an
     encoder the cosine of each line's mean-pooled embedding and the nearest-neighbour agreement.
-    `max_memory`: the most bytes of tensors any one file may describe (budget.py)."""
+    `max_memory`: the most bytes of tensors any one file may describe, and of the text's tokens
+    (budget.py). `progress(done, total, what)` follows the tokenizing and the scoring."""
     with limit(max_memory):
         if batch_size < 1:
             raise ConfigError("`batch_size` must be at least 1")
@@ -221,9 +223,11 @@ def evaluate_text(
         tokenizer = load_tokenizer(source_path)
         raw = read_text(text_path, "text")
         pair = _load_pair(source, quantized_path, model=None, trust_pickle=False, dev=dev)
-        text = text_inputs(pair.float_model, tokenizer, raw, text_path, max_length=max_length, stride=stride)
+        text = text_inputs(pair.float_model, tokenizer, raw, text_path, max_length=max_length, stride=stride,
+                           progress=progress)
+        del raw
         models = {"float": pair.float_model, "int8": pair.int8_model}
-        scores = (lm_scores if text.kind == "causal-lm" else embedding_scores)(models, text, batch_size, dev)
+        scores = (lm_scores if text.kind == "causal-lm" else embedding_scores)(models, text, batch_size, dev, progress)
         seconds = scores.pop("seconds")
         return TextEvalReport(
             source=str(source_path), quantized=str(quantized_path), text=str(text_path), kind=text.kind,
