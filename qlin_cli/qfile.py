@@ -323,7 +323,7 @@ def _check_against_header(path: Path, plan: Plan, header: SafetensorsHeader, met
             stored_weight(e) if export else ("weight", *_stored_weight_shape(e)))
         found = shapes.get(f"{e.name}.{suffix}") or (shapes.get(f"{e.name}.weight") if e.scheme is None else None)
         if found is None:
-            raise _bad(path, f"layer {e.name!r} has no tensor {e.name}.weight")
+            raise _bad(path, f"layer {e.name!r} has no tensor {e.name}.{suffix}")
         if dtype is not None and found != (dtype, shape):
             raise _bad(path, f"{e.name}.{suffix} is {found[0]} {found[1]}, the plan says {dtype} {shape}")
         if e.scheme is not None:
