@@ -30,7 +30,7 @@ from .budget import parse_size
 from .errors import ConfigError, Terminated
 from .jobs.evaluate import TEXT_BATCH_SIZE
 from .kernels.registry import request_names
-from .report import report_json, shown
+from .report import LINE_CHARS, report_json, shown
 from .scheme import ACT_GRANULARITIES, MODES, OBSERVER_NAMES, WEIGHT_GRANULARITIES
 
 WEIGHT_GRANULARITY_NAMES = tuple(g.name for g in WEIGHT_GRANULARITIES)
@@ -134,11 +134,11 @@ class Output:
         else:
             self._human(report, done)
         for line in report.warnings():
-            err.print(as_flags(shown(line)), markup=False)
+            err.print(as_flags(shown(line, LINE_CHARS)), markup=False)
 
     def _human(self, report, done: tuple[str, ...]) -> None:
         for line in report.facts():
-            out.print(shown(line), markup=False)
+            out.print(shown(line, LINE_CHARS), markup=False)
         for t in report.tables():
             t = t.shown()
             if len(t.rows) > PLAIN_TABLE_ROWS:
@@ -151,7 +151,7 @@ class Output:
                 table.add_row(*row)
             out.print(table)
         for line in (*report.summary(), *done):
-            out.print(shown(line), markup=False)
+            out.print(shown(line, LINE_CHARS), markup=False)
 
 
 ERROR_CHARS = 2000  # an error line's message is cut after this many characters (a name in it may be megabytes)

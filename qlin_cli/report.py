@@ -32,6 +32,7 @@ from .scheme import PER_CHANNEL, PER_TENSOR, LayerScheme, PerGroup
 __all__ = [
     "compare_outputs",
     "shown",
+    "LINE_CHARS",
     "OutputComparison",
     "json_safe",
     "shrink",
@@ -142,6 +143,7 @@ def shrink(before: int, after: int) -> str:
 
 
 SHOWN_CHARS = 300  # the most characters of one value a person is shown (JSON keeps every one)
+LINE_CHARS = 1000  # of one line (a fact, a summary line or a warning, which may hold a value cut to SHOWN_CHARS)
 
 
 def shown(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -163,8 +165,10 @@ class Table:
     numeric: frozenset[str] = frozenset()  # columns aligned right
 
     def shown(self) -> "Table":
-        """This table with its title and every cell cut as `shown` cuts them."""
-        return Table(shown(self.title), self.columns, tuple(tuple(shown(c) for c in row) for row in self.rows), self.numeric)
+        """This table with its title and every cell cut to `LINE_CHARS` (a cell may hold a value
+        its report cut to `SHOWN_CHARS`)."""
+        return Table(shown(self.title, LINE_CHARS), self.columns,
+                     tuple(tuple(shown(c, LINE_CHARS) for c in row) for row in self.rows), self.numeric)
 
 
 def layer_note(status: str, reason: str, choice: KernelChoice | None) -> str:
@@ -655,7 +659,7 @@ class InspectReport(_Report):
         }
 
     def facts(self) -> list[str]:
-        return [*(f"{k}: {v}" for k, v in self.metadata.items()), f"config: {json.dumps(self.config.to_dict())}"]
+        return [*(f"{k}: {shown(v)}" for k, v in self.metadata.items()), f"config: {json.dumps(self.config.to_dict())}"]
 
     def tables(self) -> list[Table]:
         cols = ("layer", "weight", "scale shape", "zero point shape", "granularity", "symmetric",
@@ -664,7 +668,7 @@ class InspectReport(_Report):
         for r in self.layers:
             name = r.name or "(root)"
             if r.status != "quantized":
-                why = r.reason if r.reason.startswith(KEPT_FOR_SPEED) else f"float: {r.reason}"
+                why = shown(r.reason if r.reason.startswith(KEPT_FOR_SPEED) else f"float: {r.reason}")
                 rows.append((name, fmt(r.weight_shape), *["-"] * 7, why))
                 continue
             s = r.scheme_keys
@@ -739,10 +743,10 @@ def to_markdown(report: _Report) -> str:
     """Any report as Markdown: the title, its facts, its tables, its summary and warnings."""
     lines = [f"# {shown(report.title)}", ""]
     if report.facts():
-        lines += [*(f"- {shown(line)}" for line in report.facts()), ""]
+        lines += [*(f"- {shown(line, LINE_CHARS)}" for line in report.facts()), ""]
     for t in report.tables():
         lines += [*_markdown_table(t.shown()), ""]
-    lines += [f"- {shown(line)}" for line in (*report.summary(), *report.warnings())]
+    lines += [f"- {shown(line, LINE_CHARS)}" for line in (*report.summary(), *report.warnings())]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

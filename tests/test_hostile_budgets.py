@@ -23,12 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import assert_one_error_line, cli, cli_json, qlin_env
-from test_hostile_input import baseline_mb, run_measured  # noqa: F401  (baseline_mb: a fixture)
+from test_hostile_input import DIGITS_PT, DIGITS_TEST, SAMPLES, baseline_mb, run_measured  # noqa: F401  (a fixture)
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "sample_models"
-DIGITS_PT = SAMPLES / "digits_mlp.pt"
-DIGITS_TEST = SAMPLES / "digits_test.safetensors"
 DOCS_LM = SAMPLES / "docs_lm"
 
 pytestmark = pytest.mark.usefixtures("isolate_imports")
@@ -217,14 +213,20 @@ def test_calibration_text_of_one_long_line_is_tokenized_in_chunks(tmp_path, base
 # ----------------------------------------------------------------------------- 9: long strings, signals
 
 @pytest.fixture
-def long_strings(digits_q, tmp_path) -> Path:
-    """digits_q with a 5 MB source_name and a 2 MB plan reason."""
-    with safe_open(digits_q, "pt") as f:
+def long_strings(tmp_path, capsys) -> Path:
+    """The digits MLP quantized but its layer '2', with a 5 MB source_name and a 2 MB reason why
+    layer '2' is kept float."""
+    q = tmp_path / "q.safetensors"
+    code, _, err = cli(capsys, "quantize", DIGITS_PT, "-o", q, "--kernel", "fbgemm", "--skip", "^2$")
+    assert code == 0, err
+    with safe_open(q, "pt") as f:
         meta = dict(f.metadata())
     plan = json.loads(meta["plan"])
-    plan[0]["reason"] = "r" * 2_000_000
+    assert plan[1]["name"] == "2" and plan[1]["status"] == "skipped"
+    plan[1]["reason"] = "r" * 2_000_000
     path = tmp_path / "long.safetensors"
-    save_file(load_file(digits_q), path, metadata={**meta, "source_name": "x" * 5_000_000, "plan": json.dumps(plan)})
+    save_file(load_file(q), path, metadata={**meta, "source_name": "x" * 5_000_000, "plan": json.dumps(plan)})
+    q.unlink()
     return path
 
 
@@ -233,12 +235,12 @@ def test_long_strings_are_cut_for_a_person_and_kept_in_json(long_strings, tmp_pa
     code, out, err, peak = run_measured("inspect", long_strings, cwd=tmp_path)
     assert code == 0 and err == "", err
     assert len(out) < 20_000 and peak < baseline_mb + 200, f"peak {peak:.0f} MB"
-    flat = out.replace("\n", "")  # rich wraps the long lines
-    assert "source_name: xxxx" in flat and "(5,000,000 characters; --json shows all)" in flat
-    assert "(2,000,000 characters; --json shows all)" in flat
+    flat = out.replace("\n", "")  # rich wraps lines at 200 characters, and a table's cells in their column
+    assert "source_name: " + "x" * 300 + "... (5,000,000 characters; --json shows all)" in flat
+    assert "(2,000,007" in out and out.count("r" * 60) <= 6  # 'float: ' and the reason, cut to 300
     code, out, err, _ = run_measured("inspect", long_strings, "--json", cwd=tmp_path)
     report = json.loads(out)
-    assert report["metadata"]["source_name"] == "x" * 5_000_000 and report["layers"][0]["reason"] == "r" * 2_000_000
+    assert report["metadata"]["source_name"] == "x" * 5_000_000 and report["layers"][1]["reason"] == "r" * 2_000_000
 
 
 STUCK = """
@@ -296,3 +298,4 @@ def test_a_batch_with_labels_compares_the_logits(command, docs_lm_q, tmp_path):
     report = json.loads(out)
     compared = report["compared"] if command == "eval" else report["probe"]["compared"]
     assert compared == "output['logits']"
+
