@@ -54,6 +54,7 @@ __all__ = [
 
 DEFAULT_MAX_LENGTH = 1024  # tokens, when the model's config gives a longer limit or none
 CHUNK = 2**20  # characters of text per tokenizer call
+NEAREST_ROWS = 1024  # lines whose similarities to every line are held at once (embedding_scores)
 TEXT_BYTES = 13  # bytes held per byte of text file while it is tokenized (module docstring)
 
 
@@ -337,10 +338,16 @@ def embedding_scores(models: dict[str, nn.Module], text: TextInputs, batch_size:
     cosine = torch.nn.functional.cosine_similarity(ref, out, dim=1, eps=1e-12)  # (lines,)
 
     def nearest(e: torch.Tensor) -> torch.Tensor:
+        """Each line's nearest other line, `NEAREST_ROWS` lines at a time: the whole (lines,
+        lines) similarity of a text of a million short lines would be 8 TB."""
         unit = torch.nn.functional.normalize(e, dim=1, eps=1e-12)
-        sim = unit @ unit.T  # (lines, lines)
-        sim.fill_diagonal_(-math.inf)
-        return sim.argmax(1)
+        found = []
+        for i in range(0, unit.shape[0], NEAREST_ROWS):
+            sim = unit[i : i + NEAREST_ROWS] @ unit.T  # (rows, lines)
+            rows = torch.arange(sim.shape[0])
+            sim[rows, rows + i] = -math.inf  # not the line itself
+            found.append(sim.argmax(1))
+        return torch.cat(found)
 
     return {
         "embedding_cosine_mean": float(cosine.mean()), "embedding_cosine_min": float(cosine.min()),
