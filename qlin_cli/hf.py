@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .budget import check_budget
+from .budget import check_budget, format_size
 from .errors import ConfigError, InputError, one_line
 from .files import CONFIG_NAME, check_file, file_sha256, read_header
 from .pickles import scan_pickle
@@ -43,9 +43,25 @@ def is_hf_folder(path: str | Path) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).is_file()
 
 
+MAX_CONFIG = 16 * 2**20  # bytes: a model's config.json is a few kB (a tokenizer's vocabulary is not in it)
+
+
+def check_config_size(folder: Path) -> None:
+    """Refuse, unread, a config.json larger than `MAX_CONFIG` (qlin and transformers read it whole)."""
+    try:
+        size = (folder / CONFIG_NAME).stat().st_size
+    except OSError:
+        return
+    if size > MAX_CONFIG:
+        raise InputError(f"{folder / CONFIG_NAME} is {format_size(size)}; a model's config.json is a few kB, "
+                         f"qlin reads at most {format_size(MAX_CONFIG)}")
+
+
 def quant_method(folder: str | Path) -> str | None:
     """The `quant_method` of a model folder's `quantization_config` (e.g. "compressed-tensors" for
-    the folders `--format compressed-tensors` writes), or None: a float model, or no model folder."""
+    the folders `--format compressed-tensors` writes), or None: a float model, or no model folder.
+    InputError for a config.json too large to be one (`check_config_size`)."""
+    check_config_size(Path(folder))
     try:
         config = json.loads((Path(folder) / CONFIG_NAME).read_text())
     except (OSError, ValueError):

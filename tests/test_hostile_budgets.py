@@ -128,6 +128,22 @@ def test_a_declared_model_is_checked_on_the_meta_device_before_it_is_made(name, 
     assert not (tmp_path / "q.safetensors").exists()
 
 
+@pytest.mark.parametrize("command", ["inspect", "quantize"])
+def test_a_huge_config_json_is_refused_unread(command, tmp_path, baseline_mb):
+    """A sparse 2 GB config.json: qlin and transformers read config.json whole."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file({"x": torch.zeros(2)}, folder / "model.safetensors")
+    with (folder / "config.json").open("wb") as f:
+        f.write(b'{"model_type": "llama", "x": "')
+        f.truncate(2 * 10**9)
+    args = ["inspect", folder] if command == "inspect" else ["quantize", folder, "-o", tmp_path / "q.safetensors"]
+    code, out, err, peak = run_measured(*args, cwd=tmp_path)
+    assert code == 1 and out == ""
+    assert "config.json is 2.0 GB; a model's config.json is a few kB, qlin reads at most 16.8 MB" in assert_one_error_line(err)
+    assert peak < baseline_mb + 64
+
+
 # ----------------------------------------------------------------------------- 7: eval of a language model
 
 @pytest.fixture(scope="module")
