@@ -23,14 +23,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from . import __version__, entry
 from .api import QuantizeOptions, evaluate_checkpoint, evaluate_text, inspect_path, quantize_checkpoint
 from .config import QuantConfig, load_recipe, recipe_names
 from .budget import parse_size
 from .errors import ConfigError, Terminated
 from .jobs.evaluate import TEXT_BATCH_SIZE
 from .kernels.registry import request_names
-from .report import report_json
+from .report import LINE_CHARS, report_json, shown
 from .scheme import ACT_GRANULARITIES, MODES, OBSERVER_NAMES, WEIGHT_GRANULARITIES
 
 WEIGHT_GRANULARITY_NAMES = tuple(g.name for g in WEIGHT_GRANULARITIES)
@@ -134,12 +134,13 @@ class Output:
         else:
             self._human(report, done)
         for line in report.warnings():
-            err.print(as_flags(line), markup=False)
+            err.print(as_flags(shown(line, LINE_CHARS)), markup=False)
 
     def _human(self, report, done: tuple[str, ...]) -> None:
         for line in report.facts():
-            out.print(line, markup=False)
+            out.print(shown(line, LINE_CHARS), markup=False)
         for t in report.tables():
+            t = t.shown()
             if len(t.rows) > PLAIN_TABLE_ROWS:
                 _plain_table(t)
                 continue
@@ -150,9 +151,10 @@ class Output:
                 table.add_row(*row)
             out.print(table)
         for line in (*report.summary(), *done):
-            out.print(line, markup=False)
+            out.print(shown(line, LINE_CHARS), markup=False)
 
 
+ERROR_CHARS = 2000  # an error line's message is cut after this many characters (a name in it may be megabytes)
 PLAIN_TABLE_ROWS = 1000  # rich lays a table out at ~1.4 ms a row: 600k plan rows took 14 minutes
 
 
@@ -321,10 +323,14 @@ def evaluate(
                                       ("compile", compile)) if given]
     if taken:
         raise ConfigError(f"`{taken[0]}` applies to `inputs`, not to `text` (a Hugging Face folder's own tokenizer and model)")
-    Output(as_json).show(evaluate_text(
-        source, quantized, text, max_length=max_length, stride=stride,
-        batch_size=TEXT_BATCH_SIZE if batch_size is None else batch_size, device=device, max_memory=max_memory,
-    ))
+    bar, progress = _progress_bar("evaluating")
+    with bar:
+        report = evaluate_text(
+            source, quantized, text, max_length=max_length, stride=stride,
+            batch_size=TEXT_BATCH_SIZE if batch_size is None else batch_size, device=device, max_memory=max_memory,
+            progress=progress,
+        )
+    Output(as_json).show(report)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -343,12 +349,13 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         _notes_to_stderr()
         code = app(args=args, prog_name="qlin", standalone_mode=False)
-        if code == 130:  # typer turns Ctrl-C into a silent exit code 130
+        if code == 130 and entry.claim_report():  # typer turns Ctrl-C into a silent exit code 130
             err.print("interrupted", markup=False)
     except typer.Exit as exc:
         code = exc.exit_code
     except Terminated as exc:  # like Ctrl-C: every `finally` on the way removed its temporaries
-        err.print(f"interrupted ({signal.Signals(exc.signum).name})", markup=False)
+        if entry.claim_report():
+            err.print(entry.interrupted_line(exc.signum), markup=False)
         code = 128 + exc.signum
     except (Exception, KeyboardInterrupt) as exc:
         if debug:
@@ -363,11 +370,12 @@ def main(argv: list[str] | None = None) -> None:
             message = f"error: {exc.format_message()}{hint}"
         elif kind in ("Abort", "KeyboardInterrupt"):
             message = "interrupted"
-        elif kind == "QlinError":
-            message = f"error: {as_flags(str(exc))}"
+        elif kind == "QlinError":  # a name from a file may be megabytes long
+            message = f"error: {as_flags(shown(str(exc), ERROR_CHARS))}"
         else:
-            message = f"error: internal error {type(exc).__name__}: {exc} (run with --debug for the traceback)"
-        err.print(message, markup=False, soft_wrap=True)
+            message = f"error: internal error {type(exc).__name__}: {shown(str(exc), ERROR_CHARS)} (run with --debug for the traceback)"
+        if entry.claim_report():
+            err.print(message, markup=False, soft_wrap=True)
         code = EXIT_CODES.get(kind, 1)
 
     # The work is done (outputs complete, or cleaned up): a Ctrl-C during the interpreter's
@@ -376,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     for signum, handler in previous.items():
         signal.signal(signum, handler)
     _ignore_sigint_at_exit()
+    entry.exit_code = code or 0  # a signal from here on: the watchdog ends the teardown with this code
     sys.exit(code or 0)
 
 

@@ -23,7 +23,10 @@ __all__ = [
     "Inputs",
     "Progress",
     "num_samples",
+    "model_inputs",
     "check_finite_inputs",
+    "non_finite",
+    "non_finite_error",
     "batches",
     "run_model",
     "first_tensor",
@@ -62,26 +65,49 @@ def first_tensor(output: Any, where: str = "output") -> tuple[torch.Tensor, str]
     raise InputError(f"the model output ({type(output).__name__}) holds no tensor to compare")
 
 
+def model_inputs(model: nn.Module, inputs: Inputs) -> Inputs:
+    """`inputs` as qlin passes them to `model`: a transformers model's batch without `labels`.
+    Given labels, such a model computes a loss and puts that scalar first in its output (and
+    logs a line about its loss type); qlin compares what the model outputs, the logits."""
+    if isinstance(inputs, dict) and "labels" in inputs and type(model).__module__.startswith("transformers."):
+        return {k: v for k, v in inputs.items() if k != "labels"}
+    return inputs
+
+
 def num_samples(inputs: Inputs) -> int:
     return (next(iter(inputs.values())) if isinstance(inputs, dict) else inputs).shape[0]
+
+
+def non_finite(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]] | None:
+    """The NaN and Inf of a float tensor `(samples, ...)`: how many values, in how many samples,
+    and the index of the first; None when there are none (or the tensor is not float)."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return None
+    bad = ~torch.isfinite(t)
+    count = int(bad.sum())
+    if not count:
+        return None
+    first = tuple(int(i) for i in torch.unravel_index(bad.reshape(-1).to(torch.uint8).argmax(), bad.shape))
+    return count, int(bad.reshape(bad.shape[0], -1).any(1).sum()), first
+
+
+def non_finite_error(what: str, found: tuple[int, int, tuple[int, ...]], samples: int) -> InputError:
+    """The error for `non_finite`'s `found` in `what` of `samples` samples."""
+    count, bad_samples, first = found
+    return InputError(
+        f"{what} has {count} non-finite value(s) (NaN or Inf) in {bad_samples} of {samples} "
+        f"samples, the first at index {first}; fix or drop those samples"
+    )
 
 
 def check_finite_inputs(inputs: Inputs, what: str) -> None:
     """Refuse float inputs that hold NaN or Inf (every error and agreement measured on them
     would be NaN), saying how many values, in how many samples, and the first one's index."""
     for key, t in inputs.items() if isinstance(inputs, dict) else [(None, inputs)]:
-        if not (t.is_floating_point() or t.is_complex()):
-            continue
-        bad = ~torch.isfinite(t)
-        count = int(bad.sum())
-        if count:
-            first = tuple(int(i) for i in torch.unravel_index(bad.reshape(-1).to(torch.uint8).argmax(), bad.shape))
-            samples = int(bad.reshape(bad.shape[0], -1).any(1).sum())
+        found = non_finite(t)
+        if found:
             where = f" (tensor {key!r})" if key is not None else ""
-            raise InputError(
-                f"{what}{where} has {count} non-finite value(s) (NaN or Inf) in {samples} of {t.shape[0]} "
-                f"samples, the first at index {first}; fix or drop those samples"
-            )
+            raise non_finite_error(f"{what}{where}", found, t.shape[0])
 
 
 def batches(inputs: Inputs, batch_size: int) -> Iterator[Inputs]:

@@ -98,6 +98,8 @@ __all__ = [
     "save_compressed_tensors",
     "export_weights",
     "from_export",
+    "export_metadata",
+    "stored_weight",
 ]
 
 FORMATS = ("qlin", "compressed-tensors")
@@ -380,7 +382,27 @@ def _unpack_int32(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return (u[:, :k].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
 
 
-def from_export(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def stored_weight(e: PlanEntry) -> tuple[str, torch.dtype, tuple[int, int]]:
+    """The tensor that holds quantized layer `e`'s weight in the export (`_layer_tensors`): its
+    name's suffix, dtype and shape, so that a reader can check a plan against a header before
+    it loads anything."""
+    s = e.scheme
+    if layer_format(s) == "pack-quantized":
+        return "weight_packed", torch.int32, (e.out_features, -(-e.in_features * s.bits // 32))
+    return "weight", torch.int8, (e.out_features, e.in_features)
+
+
+def export_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """An export's weights-file metadata in the qlin file's terms (`config`, `plan`, `ties`,
+    `format_version`, the source), without reading a tensor."""
+    return {"format_version": metadata.get("qlin_format_version", ""), "config": metadata.get("qlin_config", ""),
+            "plan": metadata[QLIN_PLAN], "ties": metadata.get("qlin_ties", "{}"),
+            "container": f"compressed-tensors folder ({metadata.get('producer', '?')})",
+            **{k: metadata[k] for k in ("source_name", "source_sha256") if k in metadata}}
+
+
+def from_export(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor], plan: Plan | None = None
+                ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """The metadata and tensors of an export's weights file (`path`) in the qlin file's terms:
     its `config`, `plan`, `ties` and `format_version`, and per quantized layer the weight (a
     pack-quantized one as the qlin file packs it: the same bit string without the padding to
@@ -388,13 +410,11 @@ def from_export(path: Path, metadata: dict[str, str], tensors: dict[str, torch.T
     (unpacked; zeros where the export leaves it out), and static mode's input scale and zero
     point of shape `()`. Values are unchanged but for the scales, which the export stores in the
     model's dtype (what a loader of the folder uses, so what qlin runs too). A tensor that does
-    not fit is left as it is, for the qlin file's validation to name."""
-    meta = {"format_version": metadata.get("qlin_format_version", ""), "config": metadata.get("qlin_config", ""),
-            "plan": metadata[QLIN_PLAN], "ties": metadata.get("qlin_ties", "{}"),
-            "container": f"compressed-tensors folder ({metadata.get('producer', '?')})",
-            **{k: metadata[k] for k in ("source_name", "source_sha256") if k in metadata}}
+    not fit is left as it is, for the qlin file's validation to name. `plan`: the plan of the
+    metadata, where the caller has read it already."""
+    meta = export_metadata(metadata)
     try:
-        plan = Plan.from_list(json.loads(metadata[QLIN_PLAN]))
+        plan = plan or Plan.from_list(json.loads(metadata[QLIN_PLAN]))
     except (ValueError, RecursionError) as exc:
         raise FormatError(f"{path}: its qlin_plan is invalid ({str(exc)[:160]})") from None
     out = dict(tensors)
@@ -406,12 +426,16 @@ def from_export(path: Path, metadata: dict[str, str], tensors: dict[str, torch.T
         if packed is not None and packed.dtype == torch.int32 and packed.dim() == 2:
             row = _word_bytes(packed)[:, : -(-e.in_features * s.bits // 8)]  # the qlin file's packed row
             out[f"{name}.weight"] = (row ^ 0x80).view(torch.int8) if s.bits == 8 else row.contiguous()
+        fits = set()
         for suffix, want in (("weight_scale", shape), ("input_scale", ())):
             t = tensors.get(f"{name}.{suffix}")
             if t is not None and t.numel() == math.prod(want):
                 out[f"{name}.{suffix}"] = t.float().reshape(want)
+                fits.add(suffix)
         zp = tensors.get(f"{name}.weight_zero_point")
-        if zp is None:
+        if zp is None and "weight_scale" not in fits:
+            pass  # without a scale of the plan's shape, no zeros of a size that only the plan claims
+        elif zp is None:
             out[f"{name}.weight_zero_point"] = torch.zeros(shape, dtype=torch.int8)
         elif zp.dtype == torch.int32 and zp.dim() == 2:  # pack-quantized: packed along the outputs
             out[f"{name}.weight_zero_point"] = _unpack_int32(zp.t(), s.bits, e.out_features).t().reshape(shape).contiguous()

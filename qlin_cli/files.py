@@ -314,11 +314,37 @@ def check_output_dir(path: str | Path, *, force: bool, inputs: tuple[Path | None
 # ----------------------------------------------------------------------------- atomic writes
 
 
+# every temporary name this process chose -> the output it stands for (remove_temporaries)
+_TEMPORARIES: dict[str, Path] = {}
+
+
 def temporary_name(path: Path) -> str:
     """The name of a hidden temporary beside `path` (without its `.tmp`/`.old` ending). It is chosen
     before anything exists, so a Ctrl-C at any point after it reaches the cleanup (mkstemp could
     be interrupted after creating the file)."""
-    return str(_folder(path) / f".{path.name}.{secrets.token_hex(8)}")
+    name = str(_folder(path) / f".{path.name}.{secrets.token_hex(8)}")
+    _TEMPORARIES[name] = path
+    return name
+
+
+def remove_temporaries() -> None:
+    """Remove what this process's writes left of their temporaries, as their own cleanup would:
+    a `.tmp` file or folder, and a `.old` folder (put back where the new one did not get in).
+    For entry.py's watchdog, which ends a process whose main thread cannot unwind in time."""
+    for name, path in list(_TEMPORARIES.items()):
+        tmp, old = Path(name + ".tmp"), Path(name + ".old")
+        try:
+            if old.exists():
+                if path.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(old, path)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif tmp.exists():
+                os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def _write_synced(fd: int, content: Content) -> None:

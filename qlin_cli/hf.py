@@ -11,8 +11,10 @@ must be one that the installed transformers has. transformers reads `.bin` weigh
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .budget import check_budget
+from .budget import check_budget, format_size
 from .errors import ConfigError, InputError, one_line
 from .files import CONFIG_NAME, check_file, file_sha256, read_header
 from .pickles import scan_pickle
@@ -41,9 +43,25 @@ def is_hf_folder(path: str | Path) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).is_file()
 
 
+MAX_CONFIG = 16 * 2**20  # bytes: a model's config.json is a few kB (a tokenizer's vocabulary is not in it)
+
+
+def check_config_size(folder: Path) -> None:
+    """Refuse, unread, a config.json larger than `MAX_CONFIG` (qlin and transformers read it whole)."""
+    try:
+        size = (folder / CONFIG_NAME).stat().st_size
+    except OSError:
+        return
+    if size > MAX_CONFIG:
+        raise InputError(f"{folder / CONFIG_NAME} is {format_size(size)}; a model's config.json is a few kB, "
+                         f"qlin reads at most {format_size(MAX_CONFIG)}")
+
+
 def quant_method(folder: str | Path) -> str | None:
     """The `quant_method` of a model folder's `quantization_config` (e.g. "compressed-tensors" for
-    the folders `--format compressed-tensors` writes), or None: a float model, or no model folder."""
+    the folders `--format compressed-tensors` writes), or None: a float model, or no model folder.
+    InputError for a config.json too large to be one (`check_config_size`)."""
+    check_config_size(Path(folder))
     try:
         config = json.loads((Path(folder) / CONFIG_NAME).read_text())
     except (OSError, ValueError):
@@ -161,21 +179,91 @@ class HFModel:
     size_bytes: int  # of the weight files
 
 
-def _check_weights(weights: WeightFiles) -> None:
+@dataclass(frozen=True)
+class _Held:
+    """What a folder's weight files hold, from their headers and pickles (nothing loaded)."""
+
+    values: int  # tensor elements (for a .bin: its storage bytes, more than its elements)
+    shapes: dict[str, tuple[int, ...]]  # safetensors tensors by name (a .bin's names are not read)
+
+
+def _check_weights(weights: WeightFiles) -> _Held:
     """What transformers will read, checked before it reads it: every safetensors shard's header
     and every .bin shard's pickle (transformers' torch.load calls what the pickle asks of its
     allowlist, e.g. bytearray(10**10)), and their total against `max_memory`."""
-    total = 0
+    total = values = 0
+    shapes: dict[str, tuple[int, ...]] = {}
     for f in weights.files:
         check_file(f, "weights")
         if f.suffix == ".safetensors":
             try:
-                total += read_header(f).nbytes
+                header = read_header(f)
             except (OSError, ValueError) as exc:
                 raise InputError(f"weights {f} is not a valid safetensors file ({one_line(exc)})") from None
+            total += header.nbytes
+            values += sum(math.prod(e.shape) for e in header.tensors.values())
+            shapes.update((k, e.shape) for k, e in header.tensors.items())
         elif f.suffix == ".bin":
-            total += scan_pickle(f, lambda detail: InputError(f"weights {f} cannot be loaded safely ({detail})"))
+            storage = scan_pickle(f, lambda detail: InputError(f"weights {f} cannot be loaded safely ({detail})"))
+            total, values = total + storage, values + storage
     check_budget(total, f"{weights.files[0].parent}")
+    return _Held(values, shapes)
+
+
+def _load_dtype(folder: Path, weights: WeightFiles, config: Any) -> torch.dtype:
+    """The dtype transformers' `from_pretrained(dtype="auto")` loads `folder` in: the config's,
+    else the checkpoint's (a copy of `config` is given the answer, as transformers does)."""
+    try:
+        from transformers.modeling_utils import _get_dtype
+
+        files = [str(f) for f in weights.files if f.suffix == ".safetensors"]
+        return _get_dtype("auto", files, copy.deepcopy(config), None, None, True)[1]
+    except Exception as exc:
+        raise InputError(f"{folder}: cannot tell the dtype transformers would load it in ({one_line(exc)})") from None
+
+
+def _meta_model(cls: Any, config: Any, dtype: torch.dtype) -> nn.Module | None:
+    """The model `config` declares, every parameter and buffer on the meta device (no memory,
+    whatever sizes the config claims), or None where the class cannot be built so."""
+    try:
+        with torch.device("meta"):
+            return cls._from_config(copy.deepcopy(config), dtype=dtype)
+    except Exception:
+        return None
+
+
+def _check_declared(folder: Path, cls: Any, config: Any, weights: WeightFiles, held: _Held) -> None:
+    """Before transformers materialises a model: what its config.json declares, built on the
+    meta device, against `max_memory` (its parameters and buffers at the load dtype) and against
+    the weight files (every parameter must come from them, so they must hold at least as many
+    values; a tensor of the model's name must have its shape). A 1 kB config.json may declare a
+    40 GB model beside 16 kB of weights."""
+    try:
+        dtype = _load_dtype(folder, weights, config)
+    except InputError:  # .bin weights: transformers reads the dtype from the loaded tensors; the config's or float32
+        dtype = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
+    model = _meta_model(cls, config, dtype)
+    if model is None:  # transformers reports what it cannot build when it loads
+        return
+    params = dict(model.named_parameters())  # tied parameters once
+    need = sum(p.numel() for p in params.values())
+    what = f"{folder / CONFIG_NAME}: the {cls.__name__} it declares"
+    check_budget(sum(t.numel() * t.element_size() for t in (*params.values(), *model.buffers())), what)
+    state = model.state_dict()
+    mis = [(k, held.shapes[k], tuple(t.shape)) for k, t in state.items() if k in held.shapes and held.shapes[k] != tuple(t.shape)]
+    if mis:
+        key, has, want = mis[0]
+        raise InputError(f"{folder}: the weights do not fit {cls.__name__}: tensors {len(mis)} mis-shaped (e.g. {key!r} "
+                         f"is {has} in the weights, {want} in config.json)")
+    if need > held.values:
+        prefix = f"{getattr(model, 'base_model_prefix', '')}."
+        names = set(held.shapes) | {k.removeprefix(prefix) for k in held.shapes} | {prefix + k for k in held.shapes}
+        missing = [k for k in params if k not in names] if held.shapes else []
+        example = f"tensors {len(missing)} missing (e.g. {missing[0]!r}): " if missing else ""
+        raise InputError(
+            f"{folder}: the weights do not fit {cls.__name__}: {example}its config.json declares {need:,} parameters, "
+            f"the weight files hold {held.values:,} values; is config.json the model's?"
+        )
 
 
 def load_hf_folder(folder: str | Path, *, model: str | None = None) -> HFModel:
@@ -193,10 +281,11 @@ def load_hf_folder(folder: str | Path, *, model: str | None = None) -> HFModel:
     if method is not None:
         raise InputError(f"{folder} is already quantized ({method}); pass the float model folder")
     weights = weight_files(folder)
-    _check_weights(weights)
+    held = _check_weights(weights)
     transformers = _import_transformers()
     with _Quiet(transformers):
         config, cls = _config_and_class(transformers, folder)
+        _check_declared(folder, cls, config, weights, held)
         try:
             built, info = cls.from_pretrained(folder, config=config, local_files_only=True, output_loading_info=True)
         except Exception as exc:
@@ -263,13 +352,7 @@ def hf_skeleton(folder: str | Path, *, model: str | None = None) -> HFSkeleton:
     transformers = _import_transformers()
     with _Quiet(transformers):
         config, cls = _config_and_class(transformers, folder)
-        try:
-            from transformers.modeling_utils import _get_dtype  # what from_pretrained(dtype="auto") picks
-
-            files = [str(f) for f in weights.files if f.suffix == ".safetensors"]
-            config, dtype = _get_dtype("auto", files, config, None, None, True)
-        except Exception as exc:
-            raise InputError(f"{folder}: cannot tell the dtype transformers would load it in ({one_line(exc)})") from None
+        dtype = _load_dtype(folder, weights, config)
         if dtype != torch.float32 and (getattr(cls, "_keep_in_fp32_modules", None) or getattr(cls, "_keep_in_fp32_modules_strict", None)):
             raise InputError(
                 f"{folder}: {cls.__name__} keeps some modules in float32 under a {dtype} load, which `stream` does not "
@@ -322,11 +405,12 @@ def load_tokenizer(folder: str | Path) -> Any:
             raise InputError(f"{folder}: transformers cannot load the tokenizer ({one_line(exc)})") from None
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """The token ids of `text` (with the special tokens the tokenizer adds), without
-    transformers' warning that the sequence is longer than the model takes (text.py cuts it)."""
+def encode(tokenizer: Any, text: str, *, special: bool = True) -> list[int]:
+    """The token ids of `text` (with the special tokens the tokenizer adds, unless not
+    `special`), without transformers' warning that the sequence is longer than the model takes
+    (text.py cuts it)."""
     with _Quiet(_import_transformers()):
-        return list(tokenizer(text)["input_ids"])
+        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -41,6 +41,7 @@ __all__ = [
     "activation_qparams",
     "quantize_activations",
     "sqnr_db",
+    "sums_db",
 ]
 
 QMIN, QMAX = -128, 127
@@ -209,6 +210,12 @@ def dequantize(
     if bool(zero_point.any()):
         out.sub_(_expand(zero_point.float(), q.dim()))
     return out.mul_(s)
+
+
+def sums_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) of two sums of squares (`sqnr_db` of sums gathered in parts):
+    +inf without noise, -inf without signal."""
+    return _db(signal, noise)
 
 
 def _db(signal: float, noise: float) -> float:

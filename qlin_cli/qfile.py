@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -55,7 +56,7 @@ from . import __version__
 from .config import QuantConfig
 from .errors import ConfigError, FormatError, InputError, one_line
 from .budget import check_budget
-from .export import export_weights, from_export
+from .export import export_metadata, export_weights, from_export, stored_weight
 from .hf import parameters_on_meta
 from .files import (
     FORMAT, HASH_KEYS, QLIN_PLAN, SafetensorsHeader, SafetensorsStream, check_file, check_output, file_tensors, header_digest,
@@ -256,8 +257,9 @@ def _ties(path: Path, metadata: dict[str, str]) -> dict[str, str]:
     return ties
 
 
-def _restore_ties(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
-    """Give each tied key the tensor it is stored under (the same tensor object)."""
+def _restore_ties(path: Path, metadata: dict[str, str], tensors: dict) -> None:
+    """Give each tied key the tensor it is stored under (the same tensor object; or the same
+    (dtype, shape) for a header's)."""
     for key, source in _ties(path, metadata).items():
         if key in tensors or source not in tensors:
             raise _bad(path, f"tie {key} -> {source}: {'the tied name has its own tensor' if key in tensors else 'no such tensor'}")
@@ -308,25 +310,47 @@ def verify_payload(path: Path, header: SafetensorsHeader) -> None:
             raise _bad(path, f"{what} sha256 {actual[:12]}... does not match the recorded {recorded[:12]}...: the file was changed or damaged")
 
 
+def _check_against_header(path: Path, plan: Plan, header: SafetensorsHeader, metadata: dict[str, str], export: bool) -> None:
+    """The plan against the file's header, before any tensor is read: every layer's weight is
+    in the file, a quantized layer's with the dtype and shape its plan entry says (what the plan
+    claims is backed by the file's bytes), and what reading takes (the file's tensors, plus what
+    unpacking and conversion make from them) is within `max_memory`."""
+    shapes = {k: (e.torch_dtype, e.shape) for k, e in header.tensors.items()}
+    _restore_ties(path, metadata, shapes)  # the ties' names and sources, checked as they will be on the tensors
+    grows = 0
+    for e in plan.entries:
+        suffix, dtype, shape = ("weight", None, None) if e.scheme is None else (
+            stored_weight(e) if export else ("weight", *_stored_weight_shape(e)))
+        found = shapes.get(f"{e.name}.{suffix}") or (shapes.get(f"{e.name}.weight") if e.scheme is None else None)
+        if found is None:
+            raise _bad(path, f"layer {e.name!r} has no tensor {e.name}.{suffix}")
+        if dtype is not None and found != (dtype, shape):
+            raise _bad(path, f"{e.name}.{suffix} is {found[0]} {found[1]}, the plan says {dtype} {shape}")
+        if e.scheme is not None:
+            values = e.out_features * e.in_features
+            scales = math.prod(e.scheme.granularity.scale_shape((e.out_features, e.in_features)))
+            grows += (values if e.scheme.bits < 8 or suffix == "weight_packed" else 0) + (5 * scales if export else 0)
+    check_budget(header.nbytes + grows, f"qlin file {path}")
+
+
 def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
     """Open and validate a qlin file, or a compressed-tensors folder qlin wrote (or its weights
-    file): names, dtypes and shapes against its plan, always; the payload's sha256 against the
+    file): its plan against the header's names, dtypes and shapes and `max_memory` before any
+    tensor is read, then every tensor against the plan; the payload's sha256 against the
     recorded one with `verify` (a qlin file only)."""
     path = Path(path)
     folder = path if path.is_dir() else None
     path = check_file(path if folder is None else export_weights(folder), "qlin file")
     try:
         header = read_header(path)
-        check_budget(header.nbytes, f"qlin file {path}")
-        with safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError) as exc:
         raise _bad(path, f"not a valid safetensors file ({one_line(exc)})") from None
     metadata = header.metadata
-    if metadata.get("format") != FORMAT and QLIN_PLAN in metadata:
+    export = metadata.get("format") != FORMAT and QLIN_PLAN in metadata
+    if export:
         if verify:
             raise ConfigError(f"`verify` checks qlin files; {folder or path} is a compressed-tensors export, which records no payload sha256")
-        metadata, tensors = from_export(path, metadata, tensors)
+        metadata = export_metadata(metadata)
     elif folder is not None:
         raise _bad(folder, "a compressed-tensors folder that this qlin did not write (its weights hold no qlin "
                            "plan); transformers loads it (with compressed-tensors installed)")
@@ -354,10 +378,15 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
         plan = Plan(Plan.from_list(plan_data).entries, tuple(EmbeddingEntry.from_dict(e) for e in embeddings_data))
     except ValueError as exc:
         raise _bad(path, str(exc)) from None
+    _check_against_header(path, plan, header, metadata, export)
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _bad(path, f"not a valid safetensors file ({one_line(exc)})") from None
+    if export:
+        _, tensors = from_export(path, header.metadata, tensors, plan)
     _restore_ties(path, metadata, tensors)
-    for e in plan.entries:  # so a plan has no more layers than the file has weights
-        if f"{e.name}.weight" not in tensors:
-            raise _bad(path, f"layer {e.name!r} has no tensor {e.name}.weight")
     for e in plan.quantized:
         _validate_layer(path, e, tensors)
     for e in plan.quantized_embeddings:

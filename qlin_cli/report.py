@@ -25,12 +25,15 @@ from .data import BUSY_CORES, Timing
 from .errors import InputError
 from .files import write_atomic
 from .kernels import KEPT_FOR_SPEED, KernelChoice, registry
-from .primitives import sqnr_db
+from .primitives import sums_db
 from .quantize import EmbeddingResult, Fallback, LayerResult, Sensitivity
 from .scheme import PER_CHANNEL, PER_TENSOR, LayerScheme, PerGroup
 
 __all__ = [
     "compare_outputs",
+    "shown",
+    "LINE_CHARS",
+    "OutputComparison",
     "json_safe",
     "shrink",
     "Table",
@@ -49,21 +52,61 @@ __all__ = [
     "write_report",
 ]
 
+class OutputComparison:
+    """The error of a test output against a reference, gathered batch by batch in memory that
+    does not grow with the samples (`add(reference, test)` per batch of `(n, ...)` outputs,
+    `metrics()` at the end): SQNR dB, mean per-sample cosine, max abs error, MSE, and for 2-D
+    outputs `(N, C)` the top-1 agreement. The numbers are those of the whole outputs compared
+    at once, to float rounding: sums of squares and cosines are added up per batch."""
+
+    SLICE = 2**20  # values per float64 temporary
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] | None = None  # (samples so far, ...)
+        self.signal = self.noise = self.squares = self.cosines = self.max_abs = 0.0
+        self.values = self.agree = 0
+
+    def add(self, reference: torch.Tensor, test: torch.Tensor) -> None:
+        ref, out = reference.detach().float(), test.detach().float()
+        if ref.shape != out.shape:
+            raise InputError(f"outputs differ in shape: {tuple(ref.shape)} vs {tuple(out.shape)}")
+        if self.shape is not None and tuple(ref.shape[1:]) != self.shape[1:]:
+            raise InputError(f"the outputs change shape between batches: {self.shape[1:]} per sample, then "
+                             f"{tuple(ref.shape[1:])}")
+        n = ref.shape[0]
+        self.shape = (n + (self.shape[0] if self.shape else 0), *ref.shape[1:])
+        flat_r, flat_o = ref.reshape(n, -1), out.reshape(n, -1)
+        rows = max(1, self.SLICE // max(flat_r.shape[1], 1))  # float64 copies of a few samples at a time
+        for i in range(0, n, rows):
+            r, o = flat_r[i : i + rows].double(), flat_o[i : i + rows].double()
+            self.cosines += float(torch.nn.functional.cosine_similarity(r, o, dim=1, eps=1e-12).sum())
+            self.squares += float((r - o).pow_(2).sum())
+        diff = ref - out
+        self.signal += float(torch.linalg.vector_norm(ref)) ** 2  # float32 norms, as sqnr_db
+        self.noise += float(torch.linalg.vector_norm(diff)) ** 2
+        if diff.numel():
+            self.max_abs = max(self.max_abs, float(diff.abs().max()))
+        self.values += diff.numel()
+        if ref.dim() == 2:
+            self.agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+
+    def metrics(self) -> dict[str, float | None]:
+        samples = self.shape[0] if self.shape else 0
+        return {
+            "sqnr_db": sums_db(self.signal, self.noise),
+            "cosine": self.cosines / samples if samples else math.nan,
+            "max_abs_err": self.max_abs,
+            "mse": self.squares / self.values if self.values else 0.0,
+            "top1_agreement": self.agree / samples if self.shape is not None and len(self.shape) == 2 and samples else None,
+        }
+
+
 def compare_outputs(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float | None]:
-    """Error of `test` against `reference` `(N, ...)`: SQNR dB, mean per-sample cosine, max abs
-    error, MSE, and for 2-D outputs `(N, C)` the top-1 agreement."""
-    ref, out = reference.detach().float(), test.detach().float()
-    if ref.shape != out.shape:
-        raise InputError(f"outputs differ in shape: {tuple(ref.shape)} vs {tuple(out.shape)}")
-    flat_r, flat_o = ref.reshape(ref.shape[0], -1).double(), out.reshape(out.shape[0], -1).double()
-    cosine = torch.nn.functional.cosine_similarity(flat_r, flat_o, dim=1, eps=1e-12).mean()
-    return {
-        "sqnr_db": sqnr_db(ref, out),
-        "cosine": float(cosine),
-        "max_abs_err": float((ref - out).abs().max()) if ref.numel() else 0.0,
-        "mse": float((ref.double() - out.double()).pow(2).mean()) if ref.numel() else 0.0,
-        "top1_agreement": float((ref.argmax(-1) == out.argmax(-1)).double().mean()) if ref.dim() == 2 else None,
-    }
+    """Error of `test` against `reference` `(N, ...)` (OutputComparison in one batch): SQNR dB,
+    mean per-sample cosine, max abs error, MSE, and for 2-D outputs `(N, C)` the top-1 agreement."""
+    comparison = OutputComparison()
+    comparison.add(reference, test)
+    return comparison.metrics()
 
 
 def json_safe(obj: Any) -> Any:
@@ -99,6 +142,19 @@ def shrink(before: int, after: int) -> str:
     return f"did not shrink: {after / max(before, 1):.2f}x larger"
 
 
+SHOWN_CHARS = 300  # the most characters of one value a person is shown (JSON keeps every one)
+LINE_CHARS = 1000  # of one line (a fact, a summary line or a warning, which may hold a value cut to SHOWN_CHARS)
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text` as a person is shown it: whole up to `limit` characters, else its start and how
+    long it is. Names, metadata and reasons come from files, and a file may hold a 50 MB string
+    (rich took minutes to lay one out); `--json` keeps them whole."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters; --json shows all)"
+
+
 @dataclass(frozen=True)
 class Table:
     """A table as both renderers draw it (Markdown here, rich in the CLI): cells are text."""
@@ -107,6 +163,12 @@ class Table:
     columns: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
     numeric: frozenset[str] = frozenset()  # columns aligned right
+
+    def shown(self) -> "Table":
+        """This table with its title and every cell cut to `LINE_CHARS` (a cell may hold a value
+        its report cut to `SHOWN_CHARS`)."""
+        return Table(shown(self.title, LINE_CHARS), self.columns,
+                     tuple(tuple(shown(c, LINE_CHARS) for c in row) for row in self.rows), self.numeric)
 
 
 def layer_note(status: str, reason: str, choice: KernelChoice | None) -> str:
@@ -597,7 +659,7 @@ class InspectReport(_Report):
         }
 
     def facts(self) -> list[str]:
-        return [*(f"{k}: {v}" for k, v in self.metadata.items()), f"config: {json.dumps(self.config.to_dict())}"]
+        return [*(f"{k}: {shown(v)}" for k, v in self.metadata.items()), f"config: {json.dumps(self.config.to_dict())}"]
 
     def tables(self) -> list[Table]:
         cols = ("layer", "weight", "scale shape", "zero point shape", "granularity", "symmetric",
@@ -606,7 +668,7 @@ class InspectReport(_Report):
         for r in self.layers:
             name = r.name or "(root)"
             if r.status != "quantized":
-                why = r.reason if r.reason.startswith(KEPT_FOR_SPEED) else f"float: {r.reason}"
+                why = shown(r.reason if r.reason.startswith(KEPT_FOR_SPEED) else f"float: {r.reason}")
                 rows.append((name, fmt(r.weight_shape), *["-"] * 7, why))
                 continue
             s = r.scheme_keys
@@ -679,12 +741,12 @@ def _markdown_table(t: Table) -> list[str]:
 
 def to_markdown(report: _Report) -> str:
     """Any report as Markdown: the title, its facts, its tables, its summary and warnings."""
-    lines = [f"# {report.title}", ""]
+    lines = [f"# {shown(report.title)}", ""]
     if report.facts():
-        lines += [*(f"- {line}" for line in report.facts()), ""]
+        lines += [*(f"- {shown(line, LINE_CHARS)}" for line in report.facts()), ""]
     for t in report.tables():
-        lines += [*_markdown_table(t), ""]
-    lines += [f"- {line}" for line in (*report.summary(), *report.warnings())]
+        lines += [*_markdown_table(t.shown()), ""]
+    lines += [f"- {shown(line, LINE_CHARS)}" for line in (*report.summary(), *report.warnings())]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from .files import write_atomic
-from .report import QuantizeReport
+from .report import LINE_CHARS, QuantizeReport, shown
 
 __all__ = ["to_html", "write_html"]
 
@@ -106,7 +106,7 @@ def to_html(report: QuantizeReport) -> str:
             for row in t.rows
         )
         rows.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-    items = "".join(f"<li>{esc(line)}</li>" for line in (*report.facts(), *report.summary(), *report.warnings()))
+    items = "".join(f"<li>{esc(shown(line, LINE_CHARS))}</li>" for line in (*report.facts(), *report.summary(), *report.warnings()))
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{esc(report.title)}</title>"

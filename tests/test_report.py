@@ -13,7 +13,7 @@ from qlin_cli.errors import InputError
 from qlin_cli.kernels import KernelChoice
 from qlin_cli.plan import PlanEntry
 from qlin_cli.quantize import Fallback, FallbackStep, LayerResult
-from qlin_cli.report import Calibration, Probe, QuantizeReport, compare_outputs, json_safe, layer_note, to_markdown
+from qlin_cli.report import Calibration, OutputComparison, Probe, QuantizeReport, compare_outputs, json_safe, layer_note, to_markdown
 from qlin_cli.scheme import PER_TENSOR, LayerScheme
 
 
@@ -29,6 +29,40 @@ def test_compare_outputs_numbers():
     assert compare_outputs(torch.ones(2, 3, 4), torch.ones(2, 3, 4))["top1_agreement"] is None
     with pytest.raises(InputError, match="differ in shape"):
         compare_outputs(torch.ones(2, 3), torch.ones(3, 2))
+
+
+def _whole(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    """compare_outputs as it was before it gathered batches: every output at once, in float64."""
+    flat_r, flat_o = ref.reshape(ref.shape[0], -1).double(), out.reshape(out.shape[0], -1).double()
+    return {
+        "sqnr_db": 10 * math.log10(float(ref.double().pow(2).sum()) / float((ref.double() - out.double()).pow(2).sum())),
+        "cosine": float(torch.nn.functional.cosine_similarity(flat_r, flat_o, dim=1, eps=1e-12).mean()),
+        "max_abs_err": float((ref - out).abs().max()),
+        "mse": float((ref.double() - out.double()).pow(2).mean()),
+        "top1_agreement": float((ref.argmax(-1) == out.argmax(-1)).double().mean()) if ref.dim() == 2 else None,
+    }
+
+
+@pytest.mark.parametrize("shape", [(37, 10), (9, 5, 300)])
+@pytest.mark.parametrize("batch", [1, 4, 64])
+def test_batches_compare_as_the_whole_output(shape, batch, monkeypatch):
+    """Gathered batch by batch (and in float64 slices of a few samples), the numbers are the
+    whole outputs' to float rounding: an LM's logits need not be kept to be compared."""
+    monkeypatch.setattr(OutputComparison, "SLICE", 700)  # slices of 2 samples of the 3-D case
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(shape, generator=gen)
+    out = ref + 0.05 * torch.randn(shape, generator=gen)
+    comparison = OutputComparison()
+    for i in range(0, shape[0], batch):
+        comparison.add(ref[i : i + batch], out[i : i + batch])
+    got, want = comparison.metrics(), _whole(ref, out)
+    assert comparison.shape == shape
+    for key, value in want.items():
+        assert value is None and got[key] is None or math.isclose(got[key], value, rel_tol=1e-5), (key, got[key], value)
+    with pytest.raises(InputError, match=r"change shape between batches: \(10,\) per sample, then \(11,\)"):
+        c = OutputComparison()
+        c.add(torch.ones(2, 10), torch.ones(2, 10))
+        c.add(torch.ones(2, 11), torch.ones(2, 11))
 
 
 def _result(name, out_f, in_f, scheme=None, reason="", choice=None, bytes_float=0, bytes_int8=0, weight_sqnr=None,

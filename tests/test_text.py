@@ -177,7 +177,9 @@ class FakeEncoder(nn.Module):
         return SimpleNamespace(last_hidden_state=self.table[input_ids])  # (B, L, 2)
 
 
-def test_embedding_cosine_and_neighbours_by_hand():
+@pytest.mark.parametrize("rows", [1024, 2])  # nearest neighbours in blocks of rows (NEAREST_ROWS)
+def test_embedding_cosine_and_neighbours_by_hand(rows, monkeypatch):
+    monkeypatch.setattr("qlin_cli.text.NEAREST_ROWS", rows)
     # token 0 pads (a huge row: any pooling over padding would show); lines [1], [3], [2, 4]
     float_rows = [[1e6, 1e6], [1, 0], [0, 1], [1, 1], [-1, 0]]
     int8_rows = [[1e6, 1e6], [1, 0], [0, 1], [1, 1], [1, -1.2]]

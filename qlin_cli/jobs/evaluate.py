@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,13 +15,16 @@ import torch
 import torch.nn as nn
 
 from ..budget import limit
-from ..data import Inputs, Progress, batches, check_finite_inputs, first_tensor, num_samples, run_model, time_models
+from ..data import (
+    Inputs, Progress, batches, check_finite_inputs, first_tensor, model_inputs, non_finite, non_finite_error,
+    num_samples, run_model, time_models,
+)
 from ..errors import ConfigError, InputError
 from ..files import size_bytes
 from ..hf import load_tokenizer
 from ..qfile import load_quantized, read_qfile
 from ..qlinear import QuantizedLinear, compile_model
-from ..report import EvalReport, TextEvalReport, compare_outputs
+from ..report import EvalReport, OutputComparison, TextEvalReport
 from ..sources import Source, SourceKind, load_source, load_tensors, what_is
 from ..text import embedding_scores, lm_scores, read_text, text_inputs
 from .options import check_device
@@ -90,22 +94,23 @@ def evaluate_checkpoint(
         runs = {"float model": pair.float_model, "int8 model": pair.int8_model}
         if compile:
             runs = {"float model": torch.compile(pair.float_model), "int8 model": compile_model(pair.int8_model)}
-        inputs = load_tensors(inputs_path, "inputs")
+        inputs = model_inputs(pair.float_model, load_tensors(inputs_path, "inputs"))
         check_finite_inputs(inputs, f"inputs {inputs_path}")
         n = num_samples(inputs)
         labels = None if labels_path is None else _read_labels(labels_path, n)
-        reference, output, compared, first_call_s = _compare(runs, inputs, batch_size, dev, progress)
-        check_finite_inputs(reference, f"the float model's {compared} on inputs {inputs_path}")
-        accuracy = (None, None) if labels is None else _accuracy(reference, output, labels, labels_path, compared)
+        compared = _compare(runs, inputs, batch_size, dev, progress)
+        if compared.non_finite is not None:
+            raise non_finite_error(f"the float model's {compared.where} on inputs {inputs_path}", compared.non_finite, n)
+        accuracy = (None, None) if labels is None else _accuracy(compared, labels, labels_path)
         timing = time_models(list(runs.values()), to_device(inputs, dev), batch_size, repeats, progress)
         return EvalReport(
-            source=str(source_path), quantized=str(quantized_path), compared=compared, samples=n,
-            output_shape=list(output.shape), metrics=compare_outputs(reference, output),
+            source=str(source_path), quantized=str(quantized_path), compared=compared.where, samples=n,
+            output_shape=list(compared.comparison.shape), metrics=compared.comparison.metrics(),
             accuracy_float=accuracy[0], accuracy_int8=accuracy[1], timing=timing,
             threads=torch.get_num_threads(), size_float_bytes=pair.source.size_bytes,
             size_int8_bytes=pair.size_int8_bytes, kernels=pair.kernels, device=str(dev),
             source_matches=pair.source_matches,
-            compile_s={"float": first_call_s["float model"], "int8": first_call_s["int8 model"]} if compile else None,
+            compile_s={"float": compared.first_call_s["float model"], "int8": compared.first_call_s["int8 model"]} if compile else None,
         )
 
 
@@ -122,35 +127,60 @@ def _read_labels(labels_path: str | Path, n: int) -> torch.Tensor:
     return labels
 
 
+@dataclass
+class _Compared:
+    """Both models' outputs on the inputs, compared batch by batch: the comparison (no output
+    kept), where in the output it was found, each model's top-1 class per sample for 2-D outputs
+    `(N, classes)` (`(N,)` each), the float output's first NaN or Inf (data.non_finite, indices
+    over all samples), and each model's first call (s)."""
+
+    comparison: OutputComparison = field(default_factory=OutputComparison)
+    where: str = "output"
+    top1: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {"float model": [], "int8 model": []})
+    non_finite: tuple[int, int, tuple[int, ...]] | None = None
+    first_call_s: dict[str, float] = field(default_factory=dict)
+
+    def add(self, ref: torch.Tensor, out: torch.Tensor) -> None:
+        """The next batch of the float model's and the int8 model's outputs `(n, ...)`."""
+        start = self.comparison.shape[0] if self.comparison.shape else 0
+        found = non_finite(ref)
+        if found is not None:  # counted over all batches, the first index over all samples
+            count, samples, first = self.non_finite or (0, 0, (found[2][0] + start, *found[2][1:]))
+            self.non_finite = (count + found[0], samples + found[1], first)
+        self.comparison.add(ref, out)
+        if ref.dim() == 2:
+            self.top1["float model"].append(ref.argmax(1))
+            self.top1["int8 model"].append(out.argmax(1))
+
+
 def _compare(runs: dict[str, nn.Module], inputs: Inputs, batch_size: int, dev: torch.device,
-             progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor, str, dict[str, float]]:
-    """Both models on `inputs` in batches: the float output, the int8 output (both float32 on
-    the CPU, `(N, ...)`), where in the output they were found, and each model's first call (s)."""
-    ref_parts, out_parts, compared = [], [], None
-    first_call_s: dict[str, float] = {}
+             progress: Progress | None) -> _Compared:
+    """Both models on `inputs` in batches, each batch's outputs (as float32 on the CPU) compared
+    and dropped: memory follows the batch, not the inputs (a language model's logits are
+    (samples, tokens, vocabulary) per model)."""
+    done = _Compared()
     chunks = -(-num_samples(inputs) // batch_size)
     for i, chunk in enumerate(batches(inputs, batch_size)):
         chunk = to_device(chunk, dev)
-        outputs = []
+        outputs = {}
         for what, m in runs.items():
             t0 = time.perf_counter()
-            outputs.append(first_tensor(run_model(m, chunk, what)))
-            first_call_s.setdefault(what, time.perf_counter() - t0)
-        (ref, compared), (out, _) = outputs
-        ref_parts.append(ref.float().cpu())
-        out_parts.append(out.float().cpu())
+            outputs[what], done.where = first_tensor(run_model(m, chunk, what))
+            done.first_call_s.setdefault(what, time.perf_counter() - t0)
+        done.add(outputs["float model"].float().cpu(), outputs["int8 model"].float().cpu())
+        del outputs
         if progress is not None:
             progress(i + 1, chunks, "comparing")
-    return torch.cat(ref_parts), torch.cat(out_parts), compared, first_call_s
+    return done
 
 
-def _accuracy(reference: torch.Tensor, output: torch.Tensor, labels: torch.Tensor, labels_path: str | Path,
-              compared: str) -> tuple[float, float]:
-    """The float and the int8 model's top-1 accuracy: `reference` and `output` `(N, classes)`,
-    `labels` `(N,)` checked to be classes of the model."""
-    if reference.dim() != 2:
-        raise InputError(f"`labels` needs (samples, classes) outputs; {compared} has shape {tuple(reference.shape)}")
-    classes = reference.shape[1]
+def _accuracy(compared: _Compared, labels: torch.Tensor, labels_path: str | Path) -> tuple[float, float]:
+    """The float and the int8 model's top-1 accuracy: outputs `(N, classes)`, `labels` `(N,)`
+    checked to be classes of the model."""
+    shape = compared.comparison.shape
+    if shape is None or len(shape) != 2:
+        raise InputError(f"`labels` needs (samples, classes) outputs; {compared.where} has shape {shape}")
+    classes = shape[1]
     outside = (labels < 0) | (labels >= classes)
     if bool(outside.any()):
         first = int(outside.to(torch.uint8).argmax())
@@ -158,8 +188,8 @@ def _accuracy(reference: torch.Tensor, output: torch.Tensor, labels: torch.Tenso
             f"labels {labels_path}: {int(outside.sum())} label(s) outside [0, {classes}) for the model's "
             f"{classes} classes, the first {int(labels[first])} at sample {first}"
         )
-    return (float((reference.argmax(1) == labels).double().mean()),
-            float((output.argmax(1) == labels).double().mean()))
+    ref, out = (torch.cat(compared.top1[k]) for k in ("float model", "int8 model"))
+    return float((ref == labels).double().mean()), float((out == labels).double().mean())
 
 
 @torch.no_grad()
@@ -173,12 +203,14 @@ def evaluate_text(
     batch_size: int = TEXT_BATCH_SIZE,
     device: str = "cpu",
     max_memory: int | None = None,
+    progress: Progress | None = None,
 ) -> TextEvalReport:
     """Run the float model of a Hugging Face folder and the int8 model of a qlin file made from
     it on a UTF-8 text, tokenized with the folder's tokenizer (text.text_inputs). A causal LM
     gets the perplexity of each on the same windows and their top-1 next-token agreement; an
     encoder the cosine of each line's mean-pooled embedding and the nearest-neighbour agreement.
-    `max_memory`: the most bytes of tensors any one file may describe (budget.py)."""
+    `max_memory`: the most bytes of tensors any one file may describe, and of the text's tokens
+    (budget.py). `progress(done, total, what)` follows the tokenizing and the scoring."""
     with limit(max_memory):
         if batch_size < 1:
             raise ConfigError("`batch_size` must be at least 1")
@@ -191,9 +223,11 @@ def evaluate_text(
         tokenizer = load_tokenizer(source_path)
         raw = read_text(text_path, "text")
         pair = _load_pair(source, quantized_path, model=None, trust_pickle=False, dev=dev)
-        text = text_inputs(pair.float_model, tokenizer, raw, text_path, max_length=max_length, stride=stride)
+        text = text_inputs(pair.float_model, tokenizer, raw, text_path, max_length=max_length, stride=stride,
+                           progress=progress)
+        del raw
         models = {"float": pair.float_model, "int8": pair.int8_model}
-        scores = (lm_scores if text.kind == "causal-lm" else embedding_scores)(models, text, batch_size, dev)
+        scores = (lm_scores if text.kind == "causal-lm" else embedding_scores)(models, text, batch_size, dev, progress)
         seconds = scores.pop("seconds")
         return TextEvalReport(
             source=str(source_path), quantized=str(quantized_path), text=str(text_path), kind=text.kind,

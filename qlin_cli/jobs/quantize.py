@@ -98,7 +98,7 @@ def _load(job: _Job) -> tuple[Source, nn.Module, tuple[CalibrationData | None, S
     if job.progress is not None:
         job.progress(0, 0, "loading model")
     source = load_source(c.kind, model=o.model, trust_pickle=o.trust_pickle)
-    data = load_data(read, o, source.model, c.device)
+    data = load_data(read, o, source.model, c.device, job.progress)
     model = source.model.to(c.device)
     if not find_linears(model):
         raise InputError(f"{c.source}: the model has no nn.Linear layer to quantize")

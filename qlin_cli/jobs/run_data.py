@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..data import Inputs, batches, check_finite_inputs, num_samples
+from ..data import Inputs, Progress, batches, check_finite_inputs, model_inputs, num_samples
 from ..hf import hf_probe_inputs, load_tokenizer
 from ..plan import find_linears, layer_shape
 from ..sources import load_tensors
@@ -87,27 +87,28 @@ def read_calibration(o: QuantizeOptions, source: Path) -> Any:
     return None
 
 
-def load_data(read: Any, o: QuantizeOptions, model: nn.Module, dev: torch.device
+def load_data(read: Any, o: QuantizeOptions, model: nn.Module, dev: torch.device, progress: Progress | None = None,
               ) -> tuple[CalibrationData | None, Samples | None]:
-    """The calibration data (from what `read_calibration` read) and the `eval_inputs` (described
-    by the file's name), on `dev`."""
-    calibration = None if read is None else _calibration(read, o, model, dev)
+    """The calibration data (from what `read_calibration` read; `progress` follows the
+    tokenizing of `calib_text`) and the `eval_inputs` (described by the file's name), on `dev`."""
+    calibration = None if read is None else _calibration(read, o, model, dev, progress)
     evaluation = None
     if o.eval_inputs is not None:
-        inputs = load_tensors(o.eval_inputs, "eval inputs")
+        inputs = model_inputs(model, load_tensors(o.eval_inputs, "eval inputs"))
         check_finite_inputs(inputs, f"eval inputs {o.eval_inputs}")
         evaluation = Samples(to_device(inputs, dev), Path(o.eval_inputs).name)
     return calibration, evaluation
 
 
-def _calibration(read: Any, o: QuantizeOptions, model: nn.Module, dev: torch.device) -> CalibrationData:
+def _calibration(read: Any, o: QuantizeOptions, model: nn.Module, dev: torch.device, progress: Progress | None
+                 ) -> CalibrationData:
     """`calib`'s tensors, or `calib_text` cut into the samples `model` takes; the first
     `calib_samples`, on `dev`."""
-    inputs, text = read, None
+    inputs, text = model_inputs(model, read), None
     if o.calib_text is not None:
         tokenizer, raw = read
         cut = text_inputs(model, tokenizer, raw, o.calib_text, max_length=o.max_length, stride=o.stride,
-                          what="calibration text")
+                          what="calibration text", progress=progress)
         inputs = cut.inputs
         text = f"{cut.kind} text: {cut.tokens:,} tokens, " + (
             f"windows of {cut.max_length} tokens, stride {cut.stride}" if cut.kind == "causal-lm"
@@ -141,7 +142,7 @@ def _probe(model: nn.Module, inputs_path: Path | None, data: Inputs | None, data
     sequences for a transformers text model, or a seeded random normal batch of 8 rows sized for
     the first Linear layer (not realistic)."""
     if inputs_path is not None or data is not None:
-        inputs = load_tensors(inputs_path, "inputs") if inputs_path is not None else data
+        inputs = model_inputs(model, load_tensors(inputs_path, "inputs")) if inputs_path is not None else data
         n = min(PROBE_SAMPLES, num_samples(inputs))
         probe = next(batches(inputs, n))
         if inputs_path is not None:
