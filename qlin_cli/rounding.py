@@ -180,7 +180,9 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: LayerScheme, name: str 
             col = i1 + i
             j = int(order[col])
             if g is not None and not static_groups and j % g == 0:  # a group starts: its scale from the updated weights
-                cols = torch.cat([W1[:, i:i + g], W[:, i2:col + g]], dim=1)
+                # the group's columns past this block, with the updates this block owes them so far
+                ahead = W[:, i2:col + g] - Err[:, :i] @ U[i1:col, i2:col + g]
+                cols = torch.cat([W1[:, i:i + g], ahead], dim=1)
                 s_g, z_g = _observed(cols, scheme, name, per_row=True)
                 scale[:, j // g], zp[:, j // g] = s_g, z_g
             s_j, z_j = column_qparams(j)
