@@ -15,7 +15,8 @@ statistics of each layer's inputs come from the float model (the whole-model pat
     python benchmarks/rounding.py            # ~5-10 min on 2 cores; prints the tables, writes
                                              # benchmarks/results/rounding.json and the
                                              # `rounding` section of RESULTS.md
-    python benchmarks/rounding.py --quick    # the GPT-2 at 3 bits, group 32, and MiniLM
+    python benchmarks/rounding.py --quick    # the GPT-2 at 3 bits, group 32, and MiniLM (the
+                                             # section says which ran)
 
 A script run by hand, never a test.
 """
@@ -174,8 +175,7 @@ def main() -> None:
     (common.RESULTS_DIR / "rounding.json").write_text(json.dumps(result, indent=2) + "\n")
     body = _markdown(result)
     print(body)
-    if not args.quick:
-        common.update_results_md("rounding", body)
+    common.update_results_md("rounding", body)
 
 
 def _markdown(result: dict) -> str:
