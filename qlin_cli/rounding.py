@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from .data import Inputs, batches, first_tensor, run_model
 from .observers import make_observer
-from .primitives import dequantize, grouped, quantize, sqnr_db
+from .primitives import dequantize, grouped, qrange, quantize, sqnr_db
 from .scheme import PER_CHANNEL, LayerScheme
 
 __all__ = ["InputStats", "round_to_nearest", "fake_quantize", "gptq", "AwqChoice", "awq_search", "apply_awq",
@@ -170,6 +170,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: LayerScheme, name: str 
             return scale, zp
         return scale[:, j // g], zp[:, j // g]
 
+    lo, hi = qrange(bits, sym)
     block = scheme.gptq_block_size
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
@@ -186,10 +187,13 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: LayerScheme, name: str 
                 s_g, z_g = _observed(cols, scheme, name, per_row=True)
                 scale[:, j // g], zp[:, j // g] = s_g, z_g
             s_j, z_j = column_qparams(j)
+            s_j, z_j = s_j.float().reshape(-1, 1), z_j.float().reshape(-1, 1)  # (out, 1) or (1, 1)
             x = W1[:, i:i + 1]
-            q = quantize(x, s_j, z_j, sym, bits)
-            dq = dequantize(q, s_j, z_j)
-            Q[:, col] = q[:, 0]
+            # primitives.quantize / dequantize of one column, inlined (the same operations: this
+            # loop runs once per input channel)
+            q = (x / s_j).round_().add_(z_j).clamp_(lo, hi)
+            dq = (q - z_j).mul_(s_j)
+            Q[:, col] = q[:, 0].to(torch.int8)
             err = (x - dq) / U1[i, i]
             W1[:, i:] -= err @ U1[i:i + 1, i:]
             Err[:, i] = err[:, 0]
