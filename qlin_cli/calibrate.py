@@ -20,6 +20,7 @@ from .data import Inputs, Progress, batches, first_tensor, num_samples, run_mode
 from .observers import make_observer
 from .plan import PlanEntry, effective_linear, find_linears
 from .primitives import check_finite, sqnr_db
+from .rounding import InputStats
 from .scheme import PER_CHANNEL, PER_TENSOR
 
 __all__ = ["LayerCalibration", "input_hooks", "calibrate", "smooth_factors", "DEFAULT_SMOOTH", "fold_smoothing"]
@@ -45,6 +46,8 @@ class LayerCalibration:
     input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None  # scale (), zero point () int8
     input_range: tuple[float, float] | None = None  # of the (smoothed) inputs
     sample: torch.Tensor | None = None  # (<= SAMPLE_ROWS, in) float, the first inputs seen
+    stats: InputStats | None = None  # rounding gptq: the inputs' Gram matrix (rounding.py)
+    folded: torch.Tensor | None = None  # (in,) factors AWQ folded into the weight's columns (its inputs are x / folded)
 
 
 @contextmanager
@@ -93,20 +96,31 @@ def calibrate(
     *,
     batch_size: int = 32,
     progress: Progress | None = None,
+    scales: dict[str, torch.Tensor] | None = None,
 ) -> list[LayerCalibration]:
     """Observe the inputs of the planned `layers` of `model` on `inputs`: one pass, or two when
     SmoothQuant and static mode meet (the static range is observed on smoothed inputs). Returns
     one LayerCalibration per entry, in order. SmoothQuant reads a layer's effective weight
-    `(out, in)` (an nn.Linear subclass's affine map)."""
-    result = {e.name: LayerCalibration() for e in layers}
+    `(out, in)` (an nn.Linear subclass's affine map). `scales`: factors `(in,)` found before
+    (AWQ's, kept per layer) that are those layers' `smooth_scale` instead of SmoothQuant's. A
+    layer whose scheme rounds with GPTQ gets the statistic of its (unsmoothed) inputs, gathered
+    in the first pass."""
+    scales = scales or {}
+    result = {e.name: LayerCalibration(smooth_scale=scales.get(e.name)) for e in layers}
     modules = {e.name: model.get_submodule(e.name) for e in layers}
+    stats = {e.name: InputStats.empty(e.in_features, modules[e.name].weight.device) for e in layers if e.scheme.gptq}
+    for name, st in stats.items():
+        result[name].stats = st
+    first_pass = [True]
 
     def keep_sample(name: str, x: torch.Tensor) -> None:
         if result[name].sample is None:
             check_finite(x, f"layer {name!r}: calibration input", "check the calibration data")
             result[name].sample = x[:SAMPLE_ROWS].clone()
+        if first_pass[0] and name in stats:
+            stats[name].update(x)
 
-    smoothed = {e.name: e for e in layers if e.scheme.smooth is not None}
+    smoothed = {e.name: e for e in layers if e.scheme.smooth is not None and e.name not in scales}
     static = {e.name: e.scheme for e in layers if e.scheme.static}
     if smoothed:
         absmax = {n: make_observer("absmax", PER_CHANNEL, axis=1, what=f"layer {n!r}: calibration input") for n in smoothed}
@@ -118,6 +132,7 @@ def calibrate(
 
         with input_hooks(modules, watch_smooth):
             _run_all(model, inputs, batch_size, progress, "calibrating (SmoothQuant)")
+        first_pass[0] = False
         for name, e in smoothed.items():
             weight = effective_linear(modules[name], name).weight
             result[name].smooth_scale = smooth_factors(absmax[name].range()[1], weight, e.scheme.smooth)
@@ -142,7 +157,10 @@ def calibrate(
             result[name].input_range = (float(lo), float(hi))
             # asymmetric per tensor (activations after ReLU/GELU are one-sided), unless absmax
             result[name].input_qparams = obs.qparams(symmetric=obs.name == "absmax")
-    if not smoothed and not static:  # nothing to calibrate: only keep samples to measure with
+    if not smoothed and not static and stats:  # GPTQ's statistic only
+        with input_hooks(modules, keep_sample):
+            _run_all(model, inputs, batch_size, progress, "calibrating (GPTQ)")
+    elif not smoothed and not static:  # nothing to calibrate: only keep samples to measure with
         with input_hooks(modules, keep_sample):
             run_model(model, next(batches(inputs, batch_size)), "model during calibration")
     return [result[e.name] for e in layers]

@@ -31,7 +31,7 @@ from .errors import ConfigError, Terminated
 from .jobs.evaluate import TEXT_BATCH_SIZE
 from .kernels.registry import request_names
 from .report import LINE_CHARS, report_json, shown
-from .scheme import ACT_GRANULARITIES, MODES, OBSERVER_NAMES, WEIGHT_GRANULARITIES
+from .scheme import ACT_GRANULARITIES, MODES, OBSERVER_NAMES, ROUNDINGS, WEIGHT_GRANULARITIES
 
 WEIGHT_GRANULARITY_NAMES = tuple(g.name for g in WEIGHT_GRANULARITIES)
 ACT_GRANULARITY_NAMES = tuple(g.name for g in ACT_GRANULARITIES)
@@ -222,6 +222,7 @@ def quantize(
     observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--observer", help="Static activation range: minmax (default), absmax, moving-average, percentile, mse.")] = None,
     weight_observer: Annotated[Optional[Literal[OBSERVER_NAMES]], typer.Option("--weight-observer", help="Weight range: minmax (default), absmax, percentile, mse.")] = None,
     percentile: Annotated[Optional[float], typer.Option("--percentile", metavar="P", callback=_finite, help="Percentile of the percentile observers [default: 99.99].")] = None,
+    rounding: Annotated[Optional[Literal[ROUNDINGS]], typer.Option("--rounding", help="How weights are rounded: rtn (to nearest, default), gptq (error compensation from the inputs' Hessian), awq (activation-aware scaling; weight-only) or awq+gptq; calibrated on --calib/--calib-text, else a text model's token ids. GPTQ's damping, block size and act-order: recipe keys.")] = None,
     smooth: Annotated[Optional[float], typer.Option("--smooth", metavar="ALPHA", callback=_finite, help="SmoothQuant alpha in (0, 1] for every layer (factors from --calib, else --inputs, else a text model's token ids).")] = None,
     no_smooth: Annotated[bool, typer.Option("--no-smooth", help="Turn off the default SmoothQuant (alpha 0.5) of dynamic layers when realistic data is at hand.")] = False,
     min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", metavar="DB", callback=_finite, help="Keep the most sensitive layers float until the output SQNR (dB) reaches this.")] = None,
@@ -245,7 +246,7 @@ def quantize(
         mode=mode, granularity=granularity, bits=bits, group_size=group_size, symmetric=symmetric,
         act_granularity=act_granularity, kernel=kernel,
         observer=observer, weight_observer=weight_observer, percentile=percentile, smooth=smooth,
-        skip=[*base.skip, *skip] if skip else None, embeddings=True if embeddings else None,
+        rounding=rounding, skip=[*base.skip, *skip] if skip else None, embeddings=True if embeddings else None,
     )
     options = QuantizeOptions(
         output=output, format=out_format, force=force, report=report, model=model, trust_pickle=trust_pickle,

@@ -162,9 +162,10 @@ class QuantConfig:
             check_pattern(pattern, "skip pattern")
         for i, rule in enumerate(self.layers):
             try:
-                self.scheme.with_changes(**dict(rule.changes))
+                _user_scheme(self.scheme.with_changes(**dict(rule.changes)))
             except ConfigError as exc:
                 raise ConfigError(f"layers[{i}] (match {rule.match!r}): {exc}") from None
+        _user_scheme(self.scheme)
 
     def __getattr__(self, name: str) -> Any:
         if name in SCHEME_KEYS:  # the default scheme's keys read through
@@ -236,6 +237,14 @@ class QuantConfig:
                 f"{origin}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(RECIPE_KEYS))}"
             )
         return cls(**data)
+
+
+def _user_scheme(scheme: LayerScheme) -> LayerScheme:
+    """`scheme` if a recipe may ask for it: AWQ searches its own factors, so `smooth` (which a
+    plan gives an AWQ layer whose factors stay per layer) is not the user's to set with it."""
+    if scheme.awq and scheme.smooth is not None:
+        raise ConfigError(f"rounding = {scheme.rounding!r} searches its own per-channel factors: drop `smooth`")
+    return scheme
 
 
 def recipe_names() -> list[str]:

@@ -55,6 +55,13 @@ that route cannot load asymmetric pack-quantized layers per group or per channel
 5.24 with compressed-tensors 0.20: its empty model expects the zero point unpacked, while
 compressed-tensors' own compressor writes it packed, as here), which load with dequantize=True.
 
+GPTQ and AWQ (rounding.py) change the values and scales only, so their layers are written as
+above. GPTQ's activation order fixes every group's scale from the float weights first (static
+groups): the file needs no `g_idx`, and the weights' QuantizationArgs say `actorder` "weight"
+(compressed-tensors' name for that form). AWQ's factors are folded into the norm or Linear before
+a layer where the model's output stays the same; a layer whose factors could only stay per
+layer goes without them (the format has no per-input-channel factor; its note says so).
+
 The format has no per-input-channel factor, so it cannot divide activations by SmoothQuant's
 factors inside the kernel: `api.quantize_checkpoint` folds them into the LayerNorm/RMSNorm that
 feeds the layers instead (`calibrate.fold_smoothing`, SmoothQuant's original form) and exports
@@ -185,6 +192,8 @@ def _scheme(e: PlanEntry) -> dict[str, Any]:
     strategy = "group" if s.group_size is not None else str(s.granularity)
     weights = _args(bits=s.bits, symmetric=s.symmetric, strategy=strategy, group_size=s.group_size, dynamic=False,
                     observer=_WEIGHT_OBSERVERS.get(s.weight_observer, "minmax"))
+    if s.gptq and s.act_order:  # GPTQ in activation order with every scale fixed first: no g_idx
+        weights["actorder"] = "weight"
     if s.mode == "weight-only":
         acts = None
     elif s.mode == "dynamic":

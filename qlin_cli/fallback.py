@@ -78,10 +78,13 @@ class _Swaps:
 
 def _wide_scheme(scheme: LayerScheme) -> LayerScheme:
     """The 8-bit per-channel scheme a low-bit layer widens to (its mode and observers kept; a
-    low-bit kernel request becomes auto)."""
+    low-bit kernel request becomes auto; GPTQ dropped)."""
     requested = requested_kernel(scheme)
     kernel = "auto" if requested is not None and requested.low_bit else scheme.kernel
-    return scheme.with_changes(bits=8, granularity="channel", kernel=kernel)
+    # GPTQ's Hessian is not kept past quantization: the widened layer rounds to nearest (at 8 bits
+    # GPTQ gains little); AWQ's factors stay (folded into the model, or the layer's smooth_scale)
+    rounding = scheme.rounding.replace("+gptq", "") if scheme.awq else "rtn"
+    return scheme.with_changes(bits=8, granularity="channel", kernel=kernel, rounding=rounding)
 
 
 def _widen(layer: _Swappable, device) -> None:

@@ -18,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn as nn
 
+from . import rounding
 from .kernels import KernelChoice, LayerTensors, pack, select_kernel
-from .observers import make_observer
-from .primitives import check_finite, grouped, quantize
+from .primitives import check_finite
 from .qmodule import QuantizedModule
-from .scheme import PER_CHANNEL, LayerScheme
+from .scheme import LayerScheme
 
 __all__ = ["QuantizedLinear", "pack_all", "compile_model"]
 
@@ -66,12 +66,16 @@ class QuantizedLinear(QuantizedModule):
     def from_float(
         cls, linear: nn.Linear, scheme: LayerScheme, *, name: str = "layer",
         input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None, smooth_scale: torch.Tensor | None = None,
+        hessian: torch.Tensor | None = None,
     ) -> "QuantizedLinear":
         """Quantize `linear.weight` `(out, in)` with `scheme` (not yet packed).
 
         `input_qparams` (scale `()`, zero point `()`) are static mode's calibrated activation
         parameters; `smooth_scale` `(in,)` (SmoothQuant's factors, for a scheme with `smooth`)
-        multiplies the weight's columns and divides the activations at run time.
+        multiplies the weight's columns and divides the activations at run time. `hessian`
+        `(in, in)` (of the layer's inputs before any `smooth_scale`: `rounding.InputStats`) is
+        what a scheme with GPTQ rounding needs; the weights are rounded by the scheme's
+        `rounding` (rounding.py).
         """
         w = linear.weight.detach()
         check_finite(w, f"layer {name!r}: weight")
@@ -79,21 +83,20 @@ class QuantizedLinear(QuantizedModule):
             check_finite(linear.bias, f"layer {name!r}: bias")
         if (smooth_scale is None) != (scheme.smooth is None):
             raise ValueError("a scheme with smooth needs smooth_scale from calibration, and only it")
+        if scheme.gptq and hessian is None:
+            raise ValueError(f"layer {name!r}: rounding {scheme.rounding} needs the Hessian of its inputs from calibration")
         q = cls(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None, dtype=w.dtype)
         if smooth_scale is not None:
             w = w.float() * smooth_scale  # (out, in) * (in,)
             q.smooth_scale.copy_(smooth_scale)
-        options = {"percentile": scheme.percentile} if scheme.weight_observer == "percentile" else {}
-        g = scheme.group_size
-        # per group = per channel of the weight seen as rows of groups (primitives.grouped)
-        observer = make_observer(scheme.weight_observer, PER_CHANNEL if g else scheme.granularity, axis=0,
-                                 what=f"layer {name!r}: weight", **options)
-        observer.update(w if g is None else grouped(w, g))
-        scale, zp = observer.qparams(scheme.symmetric, scheme.bits)
-        scale, zp = scale.reshape(q.weight_scale.shape), zp.reshape(q.weight_scale.shape)
-        q.weight.copy_(quantize(w, scale, zp, scheme.symmetric, scheme.bits, g))
-        q.weight_scale.copy_(scale)
-        q.weight_zero_point.copy_(zp)
+        if scheme.gptq:  # the inputs the weights meet are x / smooth_scale: H / (s s^T)
+            h = hessian if smooth_scale is None else hessian / torch.outer(smooth_scale, smooth_scale).to(hessian)
+            values, scale, zp = rounding.gptq(w, h, scheme, name)
+        else:
+            values, scale, zp = rounding.round_to_nearest(w, scheme, name)
+        q.weight.copy_(values)
+        q.weight_scale.copy_(scale.reshape(q.weight_scale.shape))
+        q.weight_zero_point.copy_(zp.reshape(q.weight_scale.shape))
         if linear.bias is not None:
             q.bias.copy_(linear.bias.detach())
         if scheme.static:

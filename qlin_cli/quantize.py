@@ -21,6 +21,7 @@ from .plan import EmbeddingEntry, Plan, PlanEntry, effective_linear, find_linear
 from .primitives import packed_row_bytes, sqnr_db, weight_sqnr_db
 from .qembedding import QuantizedEmbedding
 from .qlinear import QuantizedLinear
+from .rounding import apply_awq, fake_quantize
 
 __all__ = ["LayerResult", "EmbeddingResult", "FallbackStep", "Fallback", "LayerSensitivity", "Sensitivity",
            "QuantizeResult", "quantize_layer", "quantize_model", "check_streamable", "stream_layers"]
@@ -39,6 +40,15 @@ class LayerResult:
     input_range: tuple[float, float] | None = None  # static: calibrated range of the (smoothed) input
     input_scale: float | None = None
     input_zero_point: int | None = None
+    # a layer rounded otherwise than to nearest: what round-to-nearest gives the same layer
+    # (its float weight before any AWQ factors, on the same inputs)
+    rtn_weight_sqnr_db: float | None = None
+    rtn_output_sqnr_db: float | None = None
+
+    @property
+    def rounding(self) -> str | None:
+        """How the weights were rounded (None: kept float)."""
+        return None if self.plan.scheme is None else self.plan.scheme.rounding
 
     @property
     def name(self) -> str:
@@ -71,7 +81,8 @@ class LayerResult:
         """The plan entry's keys, then the measurements (JSON-able: an infinite SQNR is 999)."""
         d = self.plan.to_dict()
         for key in ("kernel", "kernel_reason", "batch_invariant", "weight_sqnr_db", "bytes_float", "bytes_int8",
-                    "output_sqnr_db", "input_range", "input_scale", "input_zero_point"):
+                    "output_sqnr_db", "input_range", "input_scale", "input_zero_point",
+                    *(("rtn_weight_sqnr_db", "rtn_output_sqnr_db") if self.rounding not in (None, "rtn") else ())):
             value = getattr(self, key)
             if key.endswith("sqnr_db") and value is not None and math.isinf(value):
                 value = None if value < 0 else 999.0
@@ -203,6 +214,7 @@ def quantize_layer(
     effective = effective_linear(linear, entry.name)  # the layer, or the affine map of its own forward
     q = QuantizedLinear.from_float(
         effective, entry.scheme, name=entry.name, input_qparams=cal.input_qparams, smooth_scale=cal.smooth_scale,
+        hessian=None if cal.stats is None else cal.stats.hessian(),
     )
     if pack:
         q.pack(device)
@@ -221,7 +233,27 @@ def quantize_layer(
         input_scale=float(q.input_scale) if static else None,
         input_zero_point=int(q.input_zero_point) if static else None,
     )
+    if entry.scheme.rounding != "rtn":
+        result = replace(result, **_rtn_baseline(entry, effective, cal))
     return q, result
+
+
+def _rtn_baseline(entry: PlanEntry, effective: nn.Linear, cal: LayerCalibration) -> dict[str, float | None]:
+    """The weight and output SQNR that rounding to nearest gives the layer: its float weight as it
+    was before AWQ's factors (folded ones taken out of the columns again), on the same inputs (x
+    times the folded factors)."""
+    w = effective.weight.detach().float()
+    x = cal.sample
+    if cal.folded is not None:
+        w = w / cal.folded
+        x = None if x is None else x * cal.folded.to(x)
+    deq = fake_quantize(w, entry.scheme, entry.name)
+    out = None
+    if x is not None:
+        bias = None if effective.bias is None else effective.bias.detach().float()
+        ref = torch.nn.functional.linear(x.float(), w, bias)
+        out = sqnr_db(ref, torch.nn.functional.linear(x.float(), deq, bias))
+    return {"rtn_weight_sqnr_db": sqnr_db(w, deq), "rtn_output_sqnr_db": out}
 
 
 @torch.no_grad()
@@ -235,6 +267,7 @@ def quantize_model(
     progress: Progress | None = None,
     calib_progress: Progress | None = None,
     plan: Plan | None = None,
+    awq_per_layer: bool = True,
 ) -> QuantizeResult:
     """Replace every planned `nn.Linear` of `model` (in place) by a packed `QuantizedLinear`.
 
@@ -243,6 +276,9 @@ def quantize_model(
     need them; with them any mode also reports each layer's output SQNR on those inputs.
     `plan`: the model's plan under `config` (`make_plan(model, config)`) if the caller made it
     already; the file records `config` beside it, so it must be that config's plan.
+    Layers whose scheme rounds with AWQ first get their factors (rounding.apply_awq: folded into
+    `model` where its output stays the same, else kept per layer, or, without `awq_per_layer`,
+    not applied); GPTQ layers get the statistic of their inputs from calibration.
     Raises InputError if the model has no `nn.Linear` or a weight is not finite.
     """
     config = config or QuantConfig()
@@ -251,10 +287,15 @@ def quantize_model(
     need = plan.calibration_need()
     if need is not None and calib is None:
         raise ConfigError(f"{need} needs calibration data: pass `calib` FILE (inputs the model takes)")
+    kept, folded = {}, {}
+    if calib is not None and any(e.scheme.awq for e in plan.quantized):
+        plan, kept, folded = _awq(model, plan, calib, batch_size, awq_per_layer)
     quantized = plan.quantized
     cals = [LayerCalibration()] * len(quantized)
     if calib is not None and quantized:
-        cals = calibrate(model, quantized, calib, batch_size=batch_size, progress=calib_progress)
+        cals = calibrate(model, quantized, calib, batch_size=batch_size, progress=calib_progress, scales=kept)
+        for e, cal in zip(quantized, cals):
+            cal.folded = folded.get(e.name)
     cal_of = iter(cals)
     results = []
     total = len(plan.entries)
@@ -275,6 +316,21 @@ def quantize_model(
             progress(i + 1, total, entry.name)
     embeddings = tuple(_quantize_embedding(model, e) for e in plan.embeddings)
     return QuantizeResult(model=model, config=config, layers=tuple(results), embeddings=embeddings)
+
+
+def _awq(model: nn.Module, plan: Plan, calib: Inputs, batch_size: int, per_layer: bool
+         ) -> tuple[Plan, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """AWQ's factors for the plan's AWQ layers (`rounding.apply_awq`, which folds what it can
+    into `model`): the plan with each such layer's note (and, for factors kept per layer, its
+    exponent as the scheme's `smooth`), the factors kept per layer and those folded."""
+    kept, folded, notes, alphas = apply_awq(model, plan.quantized, calib, batch_size=batch_size, per_layer=per_layer)
+    entries = []
+    for e in plan.entries:
+        if e.name in notes:
+            scheme = replace(e.scheme, smooth=alphas[e.name]) if e.name in kept else e.scheme
+            e = replace(e, scheme=scheme, reason="; ".join(r for r in (e.reason, notes[e.name]) if r))
+        entries.append(e)
+    return replace(plan, entries=tuple(entries)), kept, folded
 
 
 def _glibc_trim() -> Callable[[], None] | None:

@@ -27,6 +27,7 @@ from .files import write_atomic
 from .kernels import KEPT_FOR_SPEED, KernelChoice, registry
 from .primitives import sums_db
 from .quantize import EmbeddingResult, Fallback, LayerResult, Sensitivity
+from .rounding import PROPAGATES
 from .scheme import PER_CHANNEL, PER_TENSOR, LayerScheme, PerGroup
 
 __all__ = [
@@ -332,7 +333,11 @@ class QuantizeReport(_Report):
         static = any(r.plan.scheme is not None and r.plan.scheme.static for r in self.layers)
         low_bit = any(r.plan.scheme is not None and r.plan.scheme.bits != 8 for r in self.layers)
         calibrated = self.calibration is not None
-        cols = ["layer", "weight shape", "scale shape"] + (["bits"] if low_bit else []) + ["kernel", "weight SQNR dB"]
+        rounded = self.rounded()
+        cols = ["layer", "weight shape", "scale shape"] + (["bits"] if low_bit else []) + ["kernel"]
+        cols += ["rounding", "weight SQNR dB (rtn)"] if rounded else []
+        cols += ["weight SQNR dB"]
+        cols += ["output SQNR dB (rtn)"] if rounded and calibrated else []
         cols += ["output SQNR dB"] if calibrated else []
         cols += ["input range", "input scale"] if static else []
         cols += ["bytes float -> int8", "note"]
@@ -341,7 +346,11 @@ class QuantizeReport(_Report):
             d = _row_dict(r)
             cells = [r.name or "(root)", fmt(d["weight_shape"]), fmt(d["scale_shape"])]
             cells += [str(r.plan.scheme.bits) if r.plan.scheme is not None else "-"] if low_bit else []
-            cells += [r.kernel or "float", fmt(d["weight_sqnr_db"])]  # from the row: an exact layer's infinite SQNR reads 999
+            cells += [r.kernel or "float"]
+            if rounded:  # what round-to-nearest gave the same layer, beside what its method gave
+                cells += [r.rounding or "-", fmt(d.get("rtn_weight_sqnr_db", d["weight_sqnr_db"]))]
+            cells += [fmt(d["weight_sqnr_db"])]  # from the row: an exact layer's infinite SQNR reads 999
+            cells += [fmt(d.get("rtn_output_sqnr_db", d["output_sqnr_db"]))] if rounded and calibrated else []
             cells += [fmt(d["output_sqnr_db"])] if calibrated else []
             if static:
                 rng = r.input_range
@@ -353,7 +362,10 @@ class QuantizeReport(_Report):
             d, n = e.to_dict(), e.entry.num_embeddings
             cells = [e.entry.name, fmt([n, e.entry.embedding_dim]), fmt([n]) if e.entry.quantized else "-"]
             cells += ["8" if e.entry.quantized else "-"] if low_bit else []
-            cells += ["gather" if e.entry.quantized else "float", fmt(d["weight_sqnr_db"])]
+            cells += ["gather" if e.entry.quantized else "float"]
+            cells += ["rtn" if e.entry.quantized else "-", fmt(d["weight_sqnr_db"])] if rounded else []
+            cells += [fmt(d["weight_sqnr_db"])]
+            cells += ["-"] if rounded and calibrated else []
             cells += ["-"] if calibrated else []
             cells += ["-", "-"] if static else []
             note = "nn.Embedding, int8 per row" if e.entry.quantized else f"nn.Embedding: {e.entry.reason}"
@@ -370,6 +382,11 @@ class QuantizeReport(_Report):
                          for r in s.ranking)
             tables.append(Table(title, ("layer", "output SQNR dB, alone", "note"), rows, frozenset({"output SQNR dB, alone"})))
         return tables
+
+    def rounded(self) -> bool:
+        """Whether any layer was rounded otherwise than to nearest (GPTQ, AWQ): the table then
+        shows each layer's method and what round-to-nearest gave it."""
+        return any(r.rounding not in (None, "rtn") for r in self.layers)
 
     def summary(self) -> list[str]:
         """Totals, the model-level error and the fallback steps, one line each."""
@@ -399,6 +416,9 @@ class QuantizeReport(_Report):
                 line += (f"; compressed-tensors: folded into the norm before {sm.folded} of them, the other "
                          f"{sm.layers - sm.folded} exported without it (see each layer's note)")
             lines.append(line)
+        if self.rounded():
+            methods = sorted({r.rounding for r in self.layers if r.rounding not in (None, "rtn")})
+            lines.append(f"rounding {', '.join(methods)}: calibration statistics from the {PROPAGATES}")
         fb = self.fallback
         if fb is not None:
             lines.append(
@@ -677,8 +697,14 @@ class InspectReport(_Report):
                 notes.append("nn.Embedding, int8 per row")
             if s["mode"] == "static":
                 notes.append(f"static input scale {r.input_scale:.3g}, zero point {r.input_zero_point} ({s['observer']})")
+            rounding = s.get("rounding", "rtn")
             if s["smooth"] is not None:
-                notes.append(f"SmoothQuant alpha {s['smooth']}")
+                notes.append(f"AWQ factors per layer (alpha {s['smooth']})" if "awq" in rounding
+                             else f"SmoothQuant alpha {s['smooth']}")
+            if rounding != "rtn":
+                gptq = (f" (damp {s['gptq_damp']:g}, block {s['gptq_block_size']}"
+                        + (", act-order" if s["act_order"] else "") + ")") if "gptq" in rounding else ""
+                notes.append(f"rounding {rounding}{gptq}")
             rows.append((
                 name, f"{r.weight_dtype} {fmt(r.weight_shape)}", fmt(r.scale_shape),
                 fmt(r.zero_point_shape), s["granularity"],

@@ -22,11 +22,15 @@ def _chart_svg(report: QuantizeReport, width: int = 900, height: int = 360) -> s
     SQNR, and where measured its output SQNR and its sensitivity (the model's output SQNR with it
     alone quantized, from --min-sqnr or --sensitivity: `QuantizeReport.sensitivity_db`). A layer
     kept float has a grey band behind it (its points are what int8 gave it); an exact layer
-    (999 dB) is clipped to the top of the axis."""
+    (999 dB) is clipped to the top of the axis. Where layers were rounded otherwise than to
+    nearest (GPTQ, AWQ), each point names its layer's method and a series shows the output SQNR
+    round-to-nearest gave the same layers."""
     sensitivity = report.sensitivity_db()
+    rounded = report.rounded()  # GPTQ/AWQ: each point names its layer's method, beside round-to-nearest's output SQNR
     series = [
         ("weight SQNR", "#1f77b4", [r.weight_sqnr_db for r in report.layers]),
         ("output SQNR", "#ff7f0e", [r.output_sqnr_db for r in report.layers]),
+        *([("output SQNR, round to nearest", "#9467bd", [r.rtn_output_sqnr_db for r in report.layers])] if rounded else []),
         ("sensitivity (model output SQNR, layer alone int8)", "#2ca02c", [sensitivity.get(r.name) for r in report.layers]),
     ]
     series = [(n, c, [None if v is None or not math.isfinite(v) else v for v in vals]) for n, c, vals in series]
@@ -65,7 +69,8 @@ def _chart_svg(report: QuantizeReport, width: int = 900, height: int = 360) -> s
                      f'<text x="{lx + 20}" y="24">kept float</text>')
         lx += 20 + 7 * len("kept float") + 24
     for name, color, vals in series:
-        parts += _series_svg(name, color, vals, [r.name for r in report.layers], x, y)
+        labels = [f"{r.name} ({r.rounding or 'float'})" if rounded else r.name for r in report.layers]
+        parts += _series_svg(name, color, vals, labels, x, y)
         parts.append(f'<rect x="{lx}" y="12" width="14" height="14" fill="{color}"/>'
                      f'<text x="{lx + 20}" y="24">{html.escape(name)}</text>')
         lx += 20 + 7 * len(name) + 24  # ~7 px a character at 12 px

@@ -30,10 +30,19 @@ __all__ = [
     "ACT_GRANULARITIES",
     "LayerScheme",
     "calibration_need",
+    "ROUNDINGS",
+    "ROUNDING_KEYS",
 ]
 
 MODES = ("dynamic", "weight-only", "static")
 OBSERVER_NAMES = ("minmax", "absmax", "moving-average", "percentile", "mse")  # see observers.py
+# how a layer's weights are rounded (rounding.py): to nearest, GPTQ, AWQ's activation-aware
+# scaling, or AWQ's scaling then GPTQ
+ROUNDINGS = ("rtn", "gptq", "awq", "awq+gptq")
+# the scheme keys that only a rounding method reads; written (recipe, plan entry) only where they
+# matter, so that a round-to-nearest scheme's recipe and file stay what they were
+ROUNDING_KEYS = ("rounding", "gptq_damp", "gptq_block_size", "act_order", "awq_grid")
+_ROUNDING_DEFAULTS = {"rounding": "rtn", "gptq_damp": 0.01, "gptq_block_size": 128, "act_order": False, "awq_grid": 20}
 
 
 @dataclass(frozen=True)
@@ -171,7 +180,21 @@ class LayerScheme:
     percentile: the percentile of the `percentile` observers.
     smooth: SmoothQuant's alpha in (0, 1], or None (off): per input channel factors
         s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) move activation outliers into the weights.
-        Needs calibration data.
+        Needs calibration data. In a plan, a weight-only layer with `rounding` awq whose factors
+        could not be folded into the module before it carries AWQ's searched exponent here
+        (its factors s_j = mean|X_j|^alpha, normalized, kept per layer as SmoothQuant's are).
+    rounding: how the weights are rounded (rounding.py): `rtn` (to nearest, the default),
+        `gptq` (each column's rounding error compensated on the columns not yet rounded, from
+        the inverse Hessian of the layer's inputs), `awq` (activation-aware per input channel
+        factors, searched per block; weight-only) or `awq+gptq`. All but rtn need calibration
+        data (or a text model's token ids).
+    gptq_damp: GPTQ's dampening, a fraction of the Hessian's mean diagonal added to it (0.01).
+    gptq_block_size: columns GPTQ rounds before it updates the rest at once (128; the result
+        does not depend on it but for float rounding).
+    act_order: GPTQ rounds the columns in order of decreasing Hessian diagonal (activation
+        order). With groups, each group's scale is fixed from the float weights first (static
+        groups), so the file needs no group index.
+    awq_grid: how many exponents alpha in [0, 1) AWQ tries (20).
     """
 
     mode: str | None = None
@@ -185,6 +208,11 @@ class LayerScheme:
     weight_observer: str = "minmax"
     percentile: float = 99.99
     smooth: float | None = None
+    rounding: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    act_order: bool = False
+    awq_grid: int = 20
 
     # the scheme keys of a plan entry in the qlin file, in the reports' order (format version 1
     # had no bits and group_size: 8 and None)
@@ -214,13 +242,32 @@ class LayerScheme:
         if not _number(self.percentile) or not 50 < self.percentile <= 100:
             raise ConfigError(f"percentile = {self.percentile!r} is not valid: use a number in (50, 100]")
         object.__setattr__(self, "percentile", float(self.percentile))
+        self._check_rounding()
         if self.smooth is not None:
             if not _number(self.smooth) or not 0 < self.smooth <= 1:
                 raise ConfigError(f"smooth = {self.smooth!r} is not valid: SmoothQuant's alpha is in (0, 1], e.g. 0.5")
             object.__setattr__(self, "smooth", float(self.smooth))
-            if self.mode == "weight-only":
+            if self.mode == "weight-only" and "awq" not in self.rounding:
                 raise ConfigError("smooth moves activation outliers into weights; it needs `mode` dynamic or static")
         object.__setattr__(self, "act_granularity", self._resolve_activations())
+
+    def _check_rounding(self) -> None:
+        """The rounding method and its options, against the mode."""
+        _choice("rounding", self.rounding, ROUNDINGS)
+        if "awq" in self.rounding and self.mode != "weight-only":
+            raise ConfigError(
+                f"rounding = {self.rounding!r}: AWQ scales the weights of weight-only layers (`mode` {self.mode!r} "
+                "quantizes activations too, where SmoothQuant's `smooth` does that job); use `rounding` gptq, "
+                "or `mode` weight-only")
+        if not _number(self.gptq_damp) or not 0 < self.gptq_damp < 1:
+            raise ConfigError(f"gptq_damp = {self.gptq_damp!r} is not valid: a fraction of the Hessian's mean diagonal in (0, 1), e.g. 0.01")
+        object.__setattr__(self, "gptq_damp", float(self.gptq_damp))
+        if not _integer(self.gptq_block_size) or self.gptq_block_size < 1:
+            raise ConfigError(f"gptq_block_size = {self.gptq_block_size!r} is not valid: a whole number of columns >= 1, e.g. 128")
+        if not isinstance(self.act_order, bool):
+            raise ConfigError(f"act_order must be true or false, not {self.act_order!r}")
+        if not _integer(self.awq_grid) or not 2 <= self.awq_grid <= 1000:
+            raise ConfigError(f"awq_grid = {self.awq_grid!r} is not valid: a whole number of exponents from 2 to 1000, e.g. 20")
 
     def _resolve_granularity(self) -> Granularity:
         """The weight granularity, from `granularity` and `group_size` together (and group_size
@@ -276,13 +323,33 @@ class LayerScheme:
         """What of this scheme needs calibration data, in words, or None."""
         if self.static:
             return "static mode"
+        if self.rounding != "rtn":
+            return f"rounding {self.rounding} (`rounding`)"
         return None if self.smooth is None else "SmoothQuant (`smooth`)"
+
+    @property
+    def gptq(self) -> bool:
+        return "gptq" in self.rounding
+
+    @property
+    def awq(self) -> bool:
+        return "awq" in self.rounding
+
+    def _rounding_keys(self) -> dict[str, Any]:
+        """The rounding keys worth writing: none for rtn, and GPTQ's options only with GPTQ, AWQ's
+        only with AWQ (their defaults included, so that a file says what it was made with)."""
+        if self.rounding == "rtn":
+            return {}
+        keys = ["rounding", *(("gptq_damp", "gptq_block_size", "act_order") if self.gptq else ()),
+                *(("awq_grid",) if self.awq else ())]
+        return {k: getattr(self, k) for k in keys}
 
     # -- the recipe's keys (QuantConfig, TOML) ------------------------------------------------
 
     def to_recipe(self) -> dict[str, Any]:
         """The scheme as a recipe's keys (JSON-able); `LayerScheme(**s.to_recipe()) == s`."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ROUNDING_KEYS}
+        d.update({k: v for k, v in ((k, getattr(self, k)) for k in ROUNDING_KEYS) if v != _ROUNDING_DEFAULTS[k]})
         d["granularity"] = str(self.granularity)  # "group", with its size in group_size
         d["act_granularity"] = None if self.act_granularity is None else str(self.act_granularity)
         return d
@@ -306,9 +373,9 @@ class LayerScheme:
     # -- a plan entry's scheme (the qlin file, the reports) -----------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """A plan entry's scheme keys (`ENTRY_KEYS`): the kernel is the layer's *request*, and the
-        activation observer is recorded for static layers only. The percentile shapes calibration
-        only; the file's config records it."""
+        """A plan entry's scheme keys (`ENTRY_KEYS`, then the rounding keys where the rounding is
+        not rtn): the kernel is the layer's *request*, and the activation observer is recorded for
+        static layers only. The percentile shapes calibration only; the file's config records it."""
         return {
             "mode": self.mode,
             "granularity": str(self.granularity),
@@ -320,6 +387,7 @@ class LayerScheme:
             "weight_observer": self.weight_observer,
             "observer": self.observer if self.static else None,
             "smooth": self.smooth,
+            **self._rounding_keys(),
         }
 
     @classmethod
@@ -336,7 +404,7 @@ class LayerScheme:
             group_size=entry.get("group_size"), symmetric=entry.get("symmetric"),
             act_granularity=stored_act, kernel=entry["kernel_request"],
             weight_observer=entry.get("weight_observer", "minmax"), observer=entry.get("observer") or "minmax",
-            smooth=entry.get("smooth"),
+            smooth=entry.get("smooth"), **{k: entry[k] for k in ROUNDING_KEYS if k in entry},
         )
         if scheme.to_dict()["act_granularity"] != stored_act:
             raise ConfigError(f"act_granularity {stored_act!r} does not fit mode {scheme.mode!r}")

@@ -166,7 +166,8 @@ def _quantize_or_fall_back(job: _Job, model: nn.Module, plan: Plan, calib: Input
     measurement data, falling back to the target."""
     o = job.options
     run: dict[str, Any] = dict(calib=calib, batch_size=o.batch_size, device=job.checked.device, progress=job.progress,
-                               calib_progress=job.calib_progress, plan=plan)
+                               calib_progress=job.calib_progress, plan=plan,
+                               awq_per_layer=o.format != CT_FORMAT)  # compressed-tensors has no per-layer factors
     if o.min_sqnr is None and not o.sensitivity:
         return quantize_model(model, job.config, **run)
     result = quantize_to_target(model, job.config, min_sqnr_db=o.min_sqnr, eval_inputs=data.measurement.inputs,
@@ -201,10 +202,14 @@ def _calibration(o: QuantizeOptions, plan: Plan, calib: Inputs | None, data: Run
     if calib is None:
         return None
     cal = data.calibration
-    if not plan.calibration_need():
+    need = plan.calibration_need()
+    if not need:
         used_for = "measuring the first batch"
+    elif cal is not None:
+        used_for = "calibration"
     else:
-        used_for = "calibration" if cal is not None else f"SmoothQuant factors from the probe ({data.probe.description})"
+        what = "SmoothQuant factors" if need.startswith("SmoothQuant") else f"calibration ({need.split(' (')[0]})"
+        used_for = f"{what} from the probe ({data.probe.description})"
     return Calibration(None if cal is None else cal.file, num_samples(calib), o.batch_size, used_for,
                        None if cal is None else cal.text)
 

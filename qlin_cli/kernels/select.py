@@ -100,4 +100,21 @@ def pack(choice: KernelChoice, layer: LayerTensors, scheme: LayerScheme, *, devi
     """Prepare the operands of `choice.name` for `layer` of `scheme` once, on `device`; returns a
     callable `(M, K) float -> (M, N)` in the input's dtype (`dtype`: the layer's float dtype)."""
     device = torch.device(device)
-    return registry.get(choice.name).pack(layer.to(device), scheme, device, dtype)
+    kernel = registry.get(choice.name)
+    run = kernel.pack(layer.to(device), scheme, device, dtype)
+    if layer.smooth is not None and kernel.activations == "float" and not kernel.float_weights:
+        # a weight-only layer with AWQ's factors kept per layer (rounding.py): the integer
+        # weight-only kernels take no per-input-channel factor, so the input is divided first
+        # (dequant folds it into its float weight)
+        return _DividedInputs(run, layer.smooth.to(device))
+    return run
+
+
+class _DividedInputs:
+    """A packed kernel run on x / smooth `(K,)`, in the input's dtype."""
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], smooth: torch.Tensor) -> None:
+        self.run, self.smooth = run, smooth.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run((x.float() / self.smooth).to(x.dtype))
