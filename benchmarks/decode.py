@@ -306,19 +306,26 @@ def worker(fmt: str, args) -> dict[str, Any]:
 
         model = load_quantized(skeleton(args.small), qlin_path(workdir, fmt))
     gc.collect()
-    res.update(load_s=time.perf_counter() - t0, rss_bytes=common.rss_bytes(), kernels=kernels_of(model),
+    res.update(load_s=time.perf_counter() - t0, rss_loaded_bytes=common.rss_bytes(), kernels=kernels_of(model),
                linear_bytes=linear_weight_bytes(model))
     with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([CHECK_TOKENS])).logits[0, -1].float()
+        torch.save({"name": fmt, "logits": logits}, workdir / f"logits.{slug(fmt)}.pt")
         if "decode" in args.modes:
             res["decode"], res["profile"] = measure_decode(model, args, fmt)
         if "prefill" in args.modes:
             res["prefill"] = measure_prefill(model, args, fmt)
-    res["peak_rss_bytes"] = common.peak_rss_bytes()
+    gc.collect()
+    res.update(rss_bytes=common.rss_bytes(), peak_rss_bytes=common.peak_rss_bytes())
     return res
 
 
+def slug(fmt: str) -> str:
+    return fmt.replace(" ", "_")
+
+
 def qlin_path(workdir: Path, fmt: str) -> Path:
-    return workdir / f"{fmt.replace(' ', '_')}.qlin.safetensors"
+    return workdir / f"{slug(fmt)}.qlin.safetensors"
 
 
 def prepare(formats: list[str], args) -> dict[str, Any]:
@@ -377,6 +384,37 @@ int main(int argc, char ** argv) {
 """
 
 
+LOGITS_CPP = r"""
+#include "llama.h"
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+// logits MODEL THREADS TOKEN...: the last token's logits after one batch of TOKENS, one a line
+int main(int argc, char ** argv) {
+    if (argc < 4) { fprintf(stderr, "usage: logits MODEL THREADS TOKEN...\n"); return 2; }
+    ggml_backend_load_all();
+    llama_backend_init();
+    llama_model * model = llama_model_load_from_file(argv[1], llama_model_default_params());
+    if (!model) return 1;
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = 256;
+    cp.n_threads = cp.n_threads_batch = atoi(argv[2]);
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) return 1;
+    std::vector<llama_token> tokens;
+    for (int i = 3; i < argc; i++) tokens.push_back(atoi(argv[i]));
+    if (llama_decode(ctx, llama_batch_get_one(tokens.data(), (int) tokens.size())) != 0) return 1;
+    const float * logits = llama_get_logits_ith(ctx, -1);
+    for (int i = 0; i < llama_vocab_n_tokens(llama_model_get_vocab(model)); i++) printf("%.9g\n", logits[i]);
+    llama_free(ctx);
+    llama_model_free(model);
+    return 0;
+}
+"""
+INSTALL_RECIPE = "2"  # bump when install_llama_cpp builds something new: cached installs are redone
+CHECK_TOKENS = [1, 15, 263, 1000, 2048, 3000, 77, 5]  # the logit check's tokens (all below --small's vocabulary)
+
+
 class LlamaCpp:
     """Paths of an installed llama.cpp: `bench` and `quantize` executables (beside the shipped
     libraries, where ggml looks for its CPU backends), the source's gguf-py, its version."""
@@ -386,6 +424,7 @@ class LlamaCpp:
         self.bins = root / "bins"
         self.bench = self.bins / "llama-bench"
         self.quantize = self.bins / "qlin-quantize"
+        self.logits = self.bins / "qlin-logits"
         self.gguf_py = root / "src" / "gguf-py"
         self.version = (root / "VERSION").read_text().strip() if (root / "VERSION").exists() else "?"
 
@@ -404,7 +443,7 @@ def install_llama_cpp(root: Path = LLAMA_CPP_CACHE) -> LlamaCpp:
     `node-llama-cpp` (the source, as a git bundle) at NODE_LLAMA_CPP, `llama-bench` and a small
     quantizer compiled against the libraries. Raises Unavailable with the reason."""
     done = root / "READY"
-    if done.exists():
+    if done.exists() and done.read_text().strip() == INSTALL_RECIPE:
         return LlamaCpp(root)
     for tool in ("npm", "git", "g++"):
         if shutil.which(tool) is None:
@@ -444,9 +483,11 @@ def install_llama_cpp(root: Path = LLAMA_CPP_CACHE) -> LlamaCpp:
          str(src / "tools/llama-bench/main.cpp"), "-o", str(bins / "llama-bench"), *link])
     (root / "unpack" / "quantize.cpp").write_text(QUANTIZE_C)
     _sh(["g++", "-O2", "-std=c++17", *inc, str(root / "unpack" / "quantize.cpp"), "-o", str(bins / "qlin-quantize"), *link])
+    (root / "unpack" / "logits.cpp").write_text(LOGITS_CPP)
+    _sh(["g++", "-O2", "-std=c++17", *inc, str(root / "unpack" / "logits.cpp"), "-o", str(bins / "qlin-logits"), *link])
     shutil.rmtree(root / "unpack")
     (root / "VERSION").write_text(f"node-llama-cpp {NODE_LLAMA_CPP} (llama.cpp release {info.get('tag', '?')})\n")
-    done.write_text("")
+    done.write_text(INSTALL_RECIPE)
     return LlamaCpp(root)
 
 
@@ -526,6 +567,12 @@ def llama_cpp_rows(cfg, args, workdir: Path, linear_params: int) -> dict[str, An
         return {"unavailable": f"writing the GGUF files failed: {common.short_error(exc)}"}
     rows: dict[str, Any] = {"version": lc.version, "types": {}}
     for name, path in files.items():
+        logits = common.run_child([str(lc.logits), str(path), str(args.threads), *map(str, CHECK_TOKENS)], timeout=300)
+        if logits.returncode == 0:
+            import torch
+
+            torch.save({"name": f"llama.cpp {name}", "logits": torch.tensor([float(v) for v in logits.stdout.split()])},
+                       workdir / f"logits.llama.cpp_{name}.pt")
         cmd = [str(lc.bench), "-m", str(path), "-p", str(args.prompt), "-n", str(args.new_tokens),
                "-t", str(args.threads), "-r", str(args.repeats), "-o", "json"]
         rc, out, err, peak = common.run_child(cmd, timeout=900)
@@ -638,11 +685,31 @@ def run(args, formats: list[str], argv) -> int:
             result["llama_cpp"] = llama_cpp_rows(cfg, args, workdir, _linear_params(cfg))
             if "unavailable" in result["llama_cpp"]:
                 common.log(f"llama.cpp unavailable: {result['llama_cpp']['unavailable']}; quoting issue 24's figures")
+        result["logits_sqnr_db"] = logits_sqnr(workdir)
     if "bandwidth" in args.modes:
         result["bandwidth"]["end"] = _bandwidth(args.threads)
     result["loadavg_end"] = os.getloadavg()
     common.publish(result, markdown, _out_path(args), "decode" if args.write_results else None, start)
     return 0
+
+
+def logits_sqnr(workdir: Path) -> dict[str, float]:
+    """SQNR (dB) of the last token's logits after CHECK_TOKENS, each format's and each llama.cpp
+    type's, against the float32 model's in transformers; for llama.cpp's F32 it checks that the
+    GGUF file holds the same model."""
+    import torch
+
+    ref = workdir / f"logits.{slug('float32')}.pt"
+    if not ref.exists():
+        return {}
+    reference = torch.load(ref)["logits"]
+    out = {}
+    for path in sorted(workdir.glob("logits.*.pt")):
+        got = torch.load(path)
+        if got["name"] != "float32":
+            same = got["logits"].shape == reference.shape
+            out[got["name"]] = common.sqnr_db(reference, got["logits"]) if same else None
+    return out
 
 
 def _out_path(args) -> Path:
@@ -684,8 +751,9 @@ def markdown(result: dict) -> str:
         f"tokens into an empty cache (logits of the last token only); best of {s['repeats']} runs. Linear MB/token: "
         "the Linear layers' weights as a token reads them (codes at their width plus float32 scales); GB/s: those "
         "bytes times tokens/s; % bound: that against the read bandwidth measured in this run. RSS: the process's "
-        "resident memory once the model is loaded (in brackets: less the RSS after its imports); for llama.cpp, "
-        "llama-bench's peak RSS (its model file is mapped, and counted once read).",
+        "resident memory after loading the model and running both modes (in brackets: less the RSS after its "
+        "imports; safetensors maps the float weights, so they count once read); for llama.cpp, llama-bench's "
+        "peak RSS (it maps its model file too).",
     ]
     if bw:
         parts.append("Read bandwidth (`torch.sum` over 1 GiB of float32, best of 5): " + "; ".join(
@@ -699,6 +767,12 @@ def markdown(result: dict) -> str:
         parts.append(f"llama.cpp: {lc.get('version')}, its prebuilt CPU libraries (backend chosen by ggml for this "
                      f"CPU: {_backend(peers)}); `{lc.get('command')}` on GGUF files of the same weights (F32, and "
                      "Q8_0 / Q4_0 quantized with `pure`: every matrix, the head too, as qlin quantizes it).")
+    sq = result.get("logits_sqnr_db") or {}
+    if sq:
+        parts.append(f"Output check: SQNR (dB) of the last token's logits after {len(CHECK_TOKENS)} tokens against the "
+                     "float32 model in transformers: " + ", ".join(f"{k} {common.fmt(v)}" for k, v in sq.items())
+                     + (" (llama.cpp F32: the GGUF file holds the same model, Q and K rows permuted)."
+                        if "llama.cpp F32" in sq else "."))
     rows_f = result["formats"]
     for mode in ("decode", "prefill"):
         if mode not in s["modes"]:
