@@ -19,26 +19,38 @@ Modes:
 - `bandwidth`: read bandwidth, `torch.sum` over a 1 GiB float32 buffer, best of 5, with 1 thread
   and with --threads (at the start and again at the end of the run; the bound is the larger);
 - `decode`: tokens/s of --new-tokens one-token steps from an empty KV cache (a manual greedy loop
-  over `model(ids, past_key_values=cache, use_cache=True)`), best of --repeats; also a profile of
+  over `model(ids, cache=cache, use_cache=True)`: transformers 5.25 renamed `past_key_values`
+  to `cache`), best of --repeats; also a profile of
   one step: the time inside the Linear layers (forward hooks) against the rest;
 - `prefill`: tokens/s of one forward of --prompt random tokens into an empty cache (logits of the
-  last token only, as llama-bench computes), best of --repeats after a first call (a first call
-  slower than --slow-call-s is the figure).
+  last token only, as llama-bench computes), best of --repeats after an untimed call.
 For each: the Linear layers' weight bytes read per token (codes at their width plus float32
 scales; the embedding lookup and the KV cache are left out), the bytes/s that implies at the
-measured tokens/s, and that against the measured bandwidth (% of bound).
+measured tokens/s, and that against the measured bandwidth (% of bound); the resident memory
+after the run. A format may spend --max-mode-s on a mode (its first steps or a prompt/8-token
+probe estimate the cost): a slower one decodes fewer tokens once, or reports its probe's prefill
+figure, marked as such (qlin's int8 kernels on a CPU without VNNI run at a few tokens/s).
+Output check: each format's last-token logits after 8 tokens against the float32 model's (SQNR).
 
 llama.cpp (unless --no-llama-cpp): its prebuilt CPU libraries from the npm package
 `@node-llama-cpp/linux-x64` 3.21.1 and its source from `node-llama-cpp` 3.21.1; `llama-bench`
-and a 20-line quantizer are compiled against those libraries, once, into
-~/.cache/qlin-bench/llama.cpp (`install_llama_cpp`; needs npm, git and g++). The same weights are
-written as GGUF F32 (the `gguf` package from that source; Q and K permuted as
-convert_hf_to_gguf.py does) and quantized to Q8_0 and Q4_0 (`pure`: every matrix, the output
-head too, as qlin quantizes it); `llama-bench -p PROMPT -n NEW -t THREADS` measures them. Where
-any of it cannot be had, one line says why and the issue's figures are quoted instead.
+and two small programs (a quantizer, and one that prints a model's logits) are compiled against
+those libraries, once, into ~/.cache/qlin-bench/llama.cpp (`install_llama_cpp`, ~1 min; needs
+npm, git and g++; never part of qlin's install or CI). The same weights are written as GGUF F32
+(the `gguf` package of that source; Q and K rows permuted as convert_hf_to_gguf.py does: its
+logits match transformers' to ~65 dB) and quantized to Q8_0 and Q4_0 (`pure`: every matrix,
+the output head too, as qlin quantizes it); `llama-bench -p PROMPT -n NEW -t THREADS -r REPEATS`
+measures them (the best repetition kept). Where any of it cannot be had, one line says why and
+the issue's figures (another machine) are quoted instead.
 
-    python benchmarks/decode.py --write-results   # ~10 min on 2 cores: results/decode.json + RESULTS.md
-    python benchmarks/decode.py --small           # smoke run, under a minute
+    python benchmarks/decode.py --write-results   # full model: results/decode.json and RESULTS.md's decode section
+    python benchmarks/decode.py --small           # smoke run: 16 new tokens, a 128-token prompt, one repeat
+    python benchmarks/decode.py --formats f32,q4g32 --modes decode   # a subset
+
+Timing (2 threads): quantizing the four qlin formats of the full model takes minutes on its own
+(`quantize_s` in the JSON), so the full run takes ~10-15 min on a quiet 2-core machine, and
+--small ~1 min once llama.cpp is cached; far longer on a loaded one (the load average is
+recorded at the start and the end).
 
 A script run by hand, never a test.
 """
@@ -46,6 +58,8 @@ A script run by hand, never a test.
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import os
 import re
@@ -79,7 +93,7 @@ GGUF_BYTES_PER_WEIGHT = {"F32": 4.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}  # blocks
 
 # Issue 24's figures: an Intel Xeon under KVM with AMX (amx_int8, amx_bf16) and AVX-512, 2 threads,
 # 28-30 GB/s; quoted where llama.cpp cannot be had here (tokens/s; None: not given in the issue).
-ISSUE_LLAMA_CPP = {"F32": {"decode": 14.6, "prefill": 384.0}, "Q8_0": {"decode": 56.0, "prefill": None},
+ISSUE_LLAMA_CPP = {"F32": {"decode": 14.6, "prefill": None}, "Q8_0": {"decode": 56.0, "prefill": None},
                    "Q4_0": {"decode": 106.0, "prefill": 645.0}}
 
 NODE_LLAMA_CPP = "3.21.1"
@@ -174,6 +188,19 @@ def kernels_of(model) -> dict[str, int]:
 # ----------------------------------------------------------------------------------- measuring
 
 
+def step(model, ids, cache):
+    """One forward of `ids` (1, T) after `cache` (None: empty): (logits, the grown cache). The
+    cache's keyword is `cache` from transformers 5.25 on, `past_key_values` before."""
+    key = _cache_key(type(model))
+    out = model(input_ids=ids, use_cache=True, **{key: cache})
+    return out.logits, getattr(out, key)
+
+
+@functools.cache
+def _cache_key(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
 def decode_tokens(model, first: int, n: int) -> tuple[float, list[int]]:
     """Seconds for `n` one-token greedy steps from an empty cache, starting from token `first`."""
     import torch
@@ -182,9 +209,8 @@ def decode_tokens(model, first: int, n: int) -> tuple[float, list[int]]:
     cache, out_ids = None, []
     t0 = time.perf_counter()
     for _ in range(n):
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        ids = out.logits[:, -1:].argmax(-1)
+        logits, cache = step(model, ids, cache)
+        ids = logits[:, -1:].argmax(-1)
         out_ids.append(int(ids))
     return time.perf_counter() - t0, out_ids
 
@@ -218,10 +244,10 @@ def profile_step(model, first: int, before: int, steps: int) -> dict[str, float]
             if i == before:
                 spent[0] = 0.0
             t0 = time.perf_counter()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            logits, cache = step(model, ids, cache)
             if i >= before:
                 total += time.perf_counter() - t0
-            cache, ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            ids = logits[:, -1:].argmax(-1)
     finally:
         for h in handles:
             h.remove()
