@@ -58,6 +58,7 @@ A script run by hand, never a test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import json
@@ -215,11 +216,10 @@ def decode_tokens(model, first: int, n: int) -> tuple[float, list[int]]:
     return time.perf_counter() - t0, out_ids
 
 
-def profile_step(model, first: int, before: int, steps: int) -> dict[str, float]:
-    """Mean seconds per decode step inside the Linear layers (forward pre/post hooks on every
-    nn.Linear and QuantizedLinear) and in the whole step, over `steps` steps that follow
-    `before` untimed ones."""
-    import torch
+@contextlib.contextmanager
+def linear_timer(model):
+    """Forward pre/post hooks on every nn.Linear and QuantizedLinear of `model` while the block
+    runs; yields a one-element list that accumulates the seconds spent inside those layers."""
     import torch.nn as nn
 
     from qlin_cli import QuantizedLinear
@@ -238,8 +238,20 @@ def profile_step(model, first: int, before: int, steps: int) -> dict[str, float]
         if isinstance(m, (QuantizedLinear, nn.Linear)):
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     try:
-        ids, cache = torch.tensor([[first]]), None
-        total = 0.0
+        yield spent
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def profile_step(model, first: int, before: int, steps: int) -> dict[str, float]:
+    """Mean seconds per decode step inside the Linear layers and in the whole step, over `steps`
+    steps that follow `before` untimed ones, from an empty cache."""
+    import torch
+
+    ids, cache = torch.tensor([[first]]), None
+    total = 0.0
+    with linear_timer(model) as spent:
         for i in range(before + steps):
             if i == before:
                 spent[0] = 0.0
@@ -248,44 +260,48 @@ def profile_step(model, first: int, before: int, steps: int) -> dict[str, float]
             if i >= before:
                 total += time.perf_counter() - t0
             ids = logits[:, -1:].argmax(-1)
-    finally:
-        for h in handles:
-            h.remove()
-    return {"step_s": total / steps, "linear_s": spent[0] / steps}
+    return {"step_s": total / steps, "linear_s": spent[0] / steps, "steps": steps}
 
 
 def measure_decode(model, args, log_name: str) -> tuple[dict, dict]:
     """Decode tokens/s (best of the timed runs) and the profile of a step. A format too slow
-    for --new-tokens x --repeats within --max-mode-s runs fewer tokens, once (and says so)."""
+    for --new-tokens x --repeats within --max-mode-s runs fewer tokens, once (and says so); one
+    whose first step takes over --max-mode-s / 8 gets no warm-up beyond that step and no
+    separate profile (its one timed run is profiled)."""
     first = 1
-    warm_n = min(4, args.new_tokens)
-    per_token = decode_tokens(model, first, warm_n)[0] / warm_n  # warm-up, and the cost estimate
+    t1 = decode_tokens(model, first, 1)[0]  # warm-up: the first step, from an empty cache
+    slow = t1 * 8 > args.max_mode_s
+    per_token = t1 if slow else decode_tokens(model, first, min(4, args.new_tokens))[0] / min(4, args.new_tokens)
     tokens, repeats = args.new_tokens, args.repeats
     if per_token * tokens * repeats > args.max_mode_s:
         repeats = 1
-        tokens = max(warm_n, min(tokens, int(args.max_mode_s / per_token)))
-    runs = [decode_tokens(model, first, tokens) for _ in range(repeats)]
+        tokens = max(2, min(tokens, int(args.max_mode_s / per_token)))
+    if slow:
+        with linear_timer(model) as spent:
+            runs = [decode_tokens(model, first, tokens)]
+        prof = {"step_s": runs[0][0] / tokens, "linear_s": spent[0] / tokens, "steps": tokens, "in_timed_run": True}
+    else:
+        runs = [decode_tokens(model, first, tokens) for _ in range(repeats)]
+        steps = max(2, min(args.profile_steps, int(args.max_mode_s / 4 / per_token)))
+        prof = profile_step(model, first, before=min(4, tokens), steps=steps)
     res = {"seconds": [r[0] for r in runs], "tokens": tokens, "repeats": repeats,
-           "tokens_per_s": tokens / min(r[0] for r in runs), "first_ids": runs[0][1][:16]}
-    steps = max(2, min(args.profile_steps, int(args.max_mode_s / 4 / per_token)))
-    prof = profile_step(model, first, before=min(4, tokens), steps=steps)
-    prof["steps"] = steps
-    common.log(f"  {log_name}: decode {res['tokens_per_s']:.1f} tokens/s ({tokens} tokens x {repeats}); "
+           "tokens_per_s": tokens / min(r[0] for r in runs), "first_ids": runs[0][1][:16], "slow": slow}
+    common.log(f"  {log_name}: decode {res['tokens_per_s']:.2f} tokens/s ({tokens} tokens x {repeats}); "
                f"a step {prof['step_s'] * 1e3:.1f} ms, its Linear layers {prof['linear_s'] * 1e3:.1f} ms")
     return res, prof
 
 
-def measure_prefill(model, args, log_name: str) -> dict:
-    """Prefill tokens/s of --prompt tokens: first a probe of prompt / 8 tokens (the cost
-    estimate); then one untimed call and --repeats timed ones (the best kept), or, where one call
-    is estimated over --slow-call-s, that one call alone; or, where the calls would pass
-    --max-mode-s, the probe's figure only (marked as such)."""
+def measure_prefill(model, args, log_name: str, slow: bool = False) -> dict:
+    """Prefill tokens/s of --prompt tokens: first a probe of prompt / 8 tokens (prompt / 64 where
+    decode was `slow`), the cost estimate; then one untimed call and --repeats timed ones (the
+    best kept), or, where one call is estimated over --slow-call-s, that one call alone; or,
+    where the calls would pass --max-mode-s, the probe's figure only (marked as such)."""
     import torch
 
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=gen)
     call = lambda n: model(input_ids=ids[:, :n], use_cache=True, logits_to_keep=1)  # noqa: E731
-    probe_n = max(1, args.prompt // 8)
+    probe_n = max(1, args.prompt // (64 if slow else 8))
     t0 = time.perf_counter()
     call(probe_n)
     probe_s = time.perf_counter() - t0
@@ -340,7 +356,7 @@ def worker(fmt: str, args) -> dict[str, Any]:
         if "decode" in args.modes:
             res["decode"], res["profile"] = measure_decode(model, args, fmt)
         if "prefill" in args.modes:
-            res["prefill"] = measure_prefill(model, args, fmt)
+            res["prefill"] = measure_prefill(model, args, fmt, slow=res.get("decode", {}).get("slow", False))
     gc.collect()
     res.update(rss_bytes=common.rss_bytes(), peak_rss_bytes=common.peak_rss_bytes())
     return res
