@@ -779,7 +779,7 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     bw = result["bandwidth"]
     bound = max((v[str(s["threads"])] for v in bw.values()), default=None)
-    lc = result.get("llama_cpp", {})
+    lc = result.get("llama_cpp") or {}
     quoted = "unavailable" in lc
     peers = {} if quoted else lc.get("types", {})
     la0, la1 = result["loadavg_start"], result.get("loadavg_end", result["loadavg_start"])
@@ -805,7 +805,7 @@ def markdown(result: dict) -> str:
         parts.append(f"llama.cpp could not be had here ({lc['unavailable']}). The llama.cpp column quotes issue 24's "
                      "figures, from an Intel Xeon with AMX (amx_int8, amx_bf16) and AVX-512, 2 threads, 28-30 GB/s: "
                      "another machine, so its ratios say little.")
-    else:
+    elif lc:
         parts.append(f"llama.cpp: {lc.get('version')}, its prebuilt CPU libraries (backend chosen by ggml for this "
                      f"CPU: {_backend(peers)}); `{lc.get('command')}` on GGUF files of the same weights (F32, and "
                      "Q8_0 / Q4_0 quantized with `pure`: every matrix, the head too, as qlin quantizes it).")
@@ -827,7 +827,7 @@ def markdown(result: dict) -> str:
                 table.append([fmt, f"error: {r.get('error', 'not measured')}"])
                 continue
             m, t = r[mode], tps[fmt]
-            cell = common.fmt(t)
+            cell = _tps(t)
             if m.get("probe_only"):
                 cell = f"~{cell} ({m['probe_tokens']}-token probe)"
                 notes.append(f"{fmt}: {s['prompt']} tokens were estimated at {m['probe_s'] * s['prompt'] / m['probe_tokens']:.0f} s "
@@ -837,15 +837,19 @@ def markdown(result: dict) -> str:
                 cell += " (1 call)"
             elif mode == "decode" and (m["tokens"], m["repeats"]) != (s["new_tokens"], s["repeats"]):
                 cell += f" ({m['tokens']} tokens x {m['repeats']})"
+                if m.get("slow"):
+                    notes.append(f"{fmt}: its first step took over --max-mode-s / 8, so it ran {m['tokens']} tokens "
+                                 "once after that one step, with the Linear layers' hooks on (its profile below is "
+                                 "that run).")
             peer = PEER.get(fmt)
             peer_t = (ISSUE_LLAMA_CPP.get(peer, {}).get(mode) if quoted else tps.get(f"llama.cpp {peer}")) if peer else None
             table.append(_row(fmt, cell, t, tps, r["linear_bytes"], bound, mode, r.get("rss_bytes"), r.get("rss_imports_bytes"),
-                              f"{peer} {common.fmt(peer_t)}" + (" (issue 24)" if quoted else "") if peer_t else "—",
+                              f"{peer} {_tps(peer_t)}" + (" (issue 24)" if quoted else "") if peer_t else "—",
                               common.fmt(t / peer_t, 2) if peer_t else "—",
                               ", ".join(f"{k} x{v}" for k, v in r.get("kernels", {}).items())))
         for name, e in peers.items():
             t = tps.get(f"llama.cpp {name}")
-            table.append(_row(f"llama.cpp {name}", common.fmt(t) if t else f"error: {e.get('error', '?')}", t, tps,
+            table.append(_row(f"llama.cpp {name}", _tps(t) if t else f"error: {e.get('error', '?')}", t, tps,
                               e["linear_bytes"], bound, mode, e.get("peak_rss_bytes"), None, "", "", "llama.cpp"))
         if mode == "decode":
             header = ["format", "tokens/s", "x float32", "x bf16", "llama.cpp, same bytes/weight", "x llama.cpp",
@@ -875,6 +879,11 @@ def markdown(result: dict) -> str:
         parts.append(common.md_table(["format", "step ms", "Linear ms", "rest ms", "Linear %", "Linear GB/s",
                                       "Linear % bound"], rows))
     return "\n\n".join(parts)
+
+
+def _tps(v: float | None) -> str:
+    """tokens/s with two significant digits below 10 (a slow format's 0.04 is not 0.0)."""
+    return "—" if v is None else f"{v:.1f}" if v >= 10 else f"{v:.2g}"
 
 
 def _backend(peers: dict) -> str:
