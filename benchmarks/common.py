@@ -10,7 +10,10 @@ Not a benchmark itself and not a test. It holds:
 - the peers (torch.ao `quantize_dynamic`, torchao `quantize_`, ONNX Runtime `quantize_dynamic`),
   each behind a function that raises `Unavailable` with a one-line reason instead of crashing;
 - `update_results_md()`: rewrites one marked section of `benchmarks/RESULTS.md`, leaving the rest
-  of the file (hand-written notes) alone.
+  of the file (hand-written notes) alone;
+- `cpu_summary()` (the CPU in one phrase: vendor, AVX-512 or not, AMX or not), `read_bandwidth()`
+  (the machine's read bandwidth with N threads), `run_child()` (a command's output and its own
+  peak RSS), `rss_bytes()` and `peak_rss_bytes()` (this process's).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -108,6 +111,28 @@ def _git_commit() -> str | None:
         return (head + ("+dirty(qlin_cli)" if dirty else "")) or None
     except Exception:
         return None
+
+
+def cpu_summary() -> str:
+    """The CPU in one phrase for a results table: model, vendor, the widest vector and int8/bf16
+    extensions, and AMX or not, e.g. `AMD EPYC (AuthenticAMD): AVX2, no AVX-512, no AMX`."""
+    vendor, flags = "?", set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    vendor = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    have = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"), ("avx512_bf16", "AVX-512 BF16"),
+                                     ("avx_vnni", "AVX-VNNI")) if flag in flags]
+    if "avx512f" not in flags:
+        have = (["AVX2"] if "avx2" in flags else []) + ["no AVX-512"] + [h for h in have if h == "AVX-VNNI"]
+    amx = "AMX (" + ", ".join(f for f in ("amx_int8", "amx_bf16") if f in flags) + ")" if "amx_tile" in flags else "no AMX"
+    return f"{_cpu_model()} ({vendor}): {', '.join(have + [amx])}"
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -713,3 +738,59 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s with `threads` torch threads: `torch.sum` over an `nbytes`
+    float32 buffer (far larger than the caches), best of `repeats` after one untimed pass.
+    Leaves torch's thread count as it found it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buf = torch.ones(nbytes // 4)
+        buf.sum()
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            buf.sum()
+            best = min(best, time.perf_counter() - t0)
+        return buf.numel() * 4 / best
+    finally:
+        torch.set_num_threads(before)
+
+
+class ChildRun(NamedTuple):
+    returncode: int  # negative: killed by that signal (-9 at the timeout)
+    stdout: str
+    stderr: str  # "" when passed through to this process's stderr
+    peak_rss_bytes: int  # the command's own peak resident memory
+
+
+# Runs argv[3:] with a timeout of argv[1] s; writes its wait4 peak RSS (KiB) and exit code to argv[2].
+_PEAK_RSS_PROBE = """import os, subprocess, sys, threading
+p = subprocess.Popen(sys.argv[3:])
+t = threading.Timer(float(sys.argv[1]), p.kill)
+t.start()
+_, status, usage = os.wait4(p.pid, 0)
+t.cancel()
+open(sys.argv[2], "w").write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
+def run_child(cmd: list[str], timeout: float, *, pass_stderr: bool = False) -> ChildRun:
+    """Run `cmd` to its end (killed after `timeout` s) and return its output and its own peak
+    RSS. The command is started by a small fresh Python process, not by this one: Linux counts a
+    process's RSS before its exec into its peak (`ru_maxrss`), so a command forked from a large
+    process would report that process's size (its true peak is then over-stated by at most the
+    starter's ~10 MB, instead). `pass_stderr`: the child's stderr goes to ours (progress lines)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".maxrss") as peak:
+        starter = [sys.executable, "-S", "-c", _PEAK_RSS_PROBE, str(timeout), peak.name]
+        p = subprocess.run([*starter, *cmd], stdin=subprocess.DEVNULL, stdout=out,
+                           stderr=None if pass_stderr else err, timeout=timeout + 30)
+        out.seek(0)
+        err.seek(0)
+        got = peak.read().split()  # "maxrss_kib returncode", absent if the starter itself failed
+        rc = int(got[1]) if len(got) == 2 else p.returncode or 1
+        return ChildRun(rc, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
+                        int(got[0]) * 1024 if got else 0)
