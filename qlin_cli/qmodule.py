@@ -25,7 +25,8 @@ class QuantizedModule(nn.Module):
     dtype: torch.dtype
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "QuantizedModule":
-        device = next(self.buffers()).device
+        # (a kernel may hold every stored tensor itself: lowbit's panels; those run on CPU)
+        device = next(iter(self.buffers()), torch.empty(0)).device
         f32 = fn(torch.zeros((), device=device))
         casts = f32.dtype != torch.float32 or fn(torch.zeros((), dtype=torch.float64, device=device)).dtype != torch.float64
         if not casts:  # a move, share_memory_, to_empty: as nn.Module does it
