@@ -241,7 +241,7 @@ def test_combination_count():
     assert len(valid) == 4 * (15 + 10 + 3) == 112
     assert invalid == 3 * 2 * 2 * 3 * 8 - 112
     # an unset act granularity resolves to the mode's default: dynamic None == token, static None == tensor
-    assert len(set(valid)) == 4 * (8 + 4 + 3) == 60
+    assert len(set(valid)) == 4 * (10 + 5 + 3) == 72
     assert {s.act_granularity for s in valid if s.mode == "static"} == {PER_TENSOR}
     assert {s.act_granularity for s in valid if s.mode == "weight-only"} == {None}
     assert {s.act_granularity for s in valid if s.mode == "dynamic"} == {PER_TOKEN, PER_TENSOR}
