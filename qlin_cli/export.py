@@ -3,7 +3,13 @@ CompressedTensorsHfQuantizer, vLLM, llm-compressor) loads.
 
 The folder holds `model.safetensors` and `config.json` (the source folder's config.json for a
 Hugging Face source, else a minimal one) with a `quantization_config`; for a Hugging Face source
-also the folder's other small files (tokenizer, generation config), copied unchanged.
+also the files besides the weights that transformers reads from a model folder (`EXTRA_FILES`:
+tokenizer, generation and processor configs, chat template), copied unchanged and nothing else
+(a README, a license, notes, code are the user's to copy). A file reached through a link must
+stay inside the source folder (or, for a Hugging Face cache snapshot, its repository's `blobs`):
+one that leads elsewhere (`special_tokens_map.json -> /proc/self/environ`) is not copied, with a
+warning. The files are copied by streaming, at most `max_memory` bytes in all (what a tokenizer
+would read into memory).
 
 Each quantized layer gets the format compressed-tensors itself infers for its scheme
 (`infer_module_format`), except that 8-bit weight-only layers per channel or per tensor stay
@@ -72,15 +78,19 @@ qlin reads the folder back: `from_export` turns its tensors into the qlin file's
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
 from . import __version__
-from .errors import ConfigError, FormatError
+from .budget import format_size, max_memory
+from .errors import ConfigError, FormatError, InputError
 from .files import CONFIG_NAME, QLIN_PLAN, check_output_dir, file_tensors, safetensors_writer, tied_keys, write_folder_atomic
 from .hf import quant_method
 from .plan import Plan, PlanEntry
@@ -90,6 +100,7 @@ from .scheme import PER_TENSOR, LayerScheme
 __all__ = [
     "FORMATS",
     "CT_FORMAT",
+    "EXTRA_FILES",
     "check_exportable",
     "layer_format",
     "pack_int32",
@@ -110,8 +121,18 @@ QLIN_FORMAT_VERSION = 2  # the qlin file format (qfile.FORMAT_VERSION) of that c
 _WEIGHT_OBSERVERS = {"minmax": "minmax", "absmax": "minmax", "percentile": "minmax", "mse": "mse", "moving-average": "minmax"}
 _ACT_OBSERVERS = {"minmax": "static_minmax", "absmax": "static_minmax", "percentile": "static_minmax",
                   "mse": "mse", "moving-average": "minmax"}
-# files of a Hugging Face folder that are weights (not copied: the export has its own)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+# the files of a Hugging Face folder, besides config.json and the weights, that transformers reads
+# when it loads the model, its tokenizer or its processor (transformers' GENERATION_CONFIG_NAME,
+# PROCESSOR_NAME, CHAT_TEMPLATE_FILE, the tokenizers' TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE,
+# ADDED_TOKENS_FILE and their VOCAB_FILES_NAMES): what the export copies, and nothing else
+EXTRA_FILES = (
+    "generation_config.json", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+    "chat_template.jinja", "chat_template.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "tiktoken.model", "spiece.model",
+    "sentencepiece.bpe.model", "sentencepiece.model", "spm.model",
+)
+_log = logging.getLogger("qlin")
 
 
 def _args(*, bits: int = 8, symmetric: bool, strategy: str, group_size: int | None = None, dynamic: bool,
@@ -302,18 +323,87 @@ def export_tensors(result: QuantizeResult, *, drop_tied: bool = False) -> dict[s
     return file_tensors(items(), skip_prefixes=aliases, drop_tied=drop_tied)
 
 
-def _extra_files(folder: Path) -> dict[str, bytes]:
-    """The small files of a Hugging Face folder that a loader wants beside the weights
-    (tokenizer, generation config, ...): top-level regular files that are not weights, shard
-    indexes, config.json or hidden."""
-    out = {}
-    for f in sorted(folder.iterdir()):
-        name = f.name
-        if (not f.is_file() or name.startswith(".") or name == CONFIG_NAME or name.endswith(".index.json")
-                or name.endswith(_WEIGHT_SUFFIXES)):
+def _inside(folder: Path, name: str) -> Path | str:
+    """The real path of `folder / name` if following its links keeps it inside `folder` (or, for a
+    Hugging Face cache snapshot `.../snapshots/<rev>`, inside the repository's `blobs`, where
+    the snapshot's links lead) and it is a regular file; else why not, in words."""
+    path = folder / name
+    real = path.resolve()
+    roots = [folder.resolve()]
+    if folder.resolve().parent.name == "snapshots":
+        roots.append(folder.resolve().parent.parent / "blobs")
+    if not any(real == r or r in real.parents for r in roots):
+        return f"it leads to {real}, outside the folder"
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror})"
+    if not stat.S_ISREG(mode):
+        return "it is not a regular file"
+    return real
+
+
+def _streamed(real: Path, size: int) -> Callable[[BinaryIO], None]:
+    """A writer that copies the regular file `real` of `size` bytes into the open file, 1 MiB at a
+    time, refusing a file that changed since it was checked (another file, another size)."""
+    checked = os.stat(real)
+
+    def copy(f: BinaryIO) -> None:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as src:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size) != (checked.st_dev, checked.st_ino, size) or not stat.S_ISREG(st.st_mode):
+                raise InputError(f"{real} changed while it was copied; run again")
+            left = size
+            while left:
+                chunk = src.read(min(left, 2**20))
+                if not chunk:
+                    raise InputError(f"{real} changed while it was copied; run again")
+                f.write(chunk)
+                left -= len(chunk)
+
+    return copy
+
+
+def _extra_files(folder: Path) -> dict[str, Callable[[BinaryIO], None]]:
+    """The files of `EXTRA_FILES` that the Hugging Face folder holds, as writers that stream each
+    into the export. A file whose links lead out of the folder, or that is not a regular file,
+    is left out with a warning; all of them together may take at most `max_memory` bytes."""
+    out, sizes = {}, {}
+    for name in EXTRA_FILES:
+        if not os.path.lexists(folder / name):
             continue
-        out[name] = f.read_bytes()
+        real = _inside(folder, name)
+        if isinstance(real, str):
+            _log.warning(f"{folder / name} is not copied into the export: {real}", extra={"kind": "warning"})
+            continue
+        sizes[name] = os.stat(real).st_size
+        out[name] = _streamed(real, sizes[name])
+    total, cap = sum(sizes.values()), max_memory()
+    if total > cap:
+        largest = max(sizes, key=sizes.get)
+        raise InputError(
+            f"{folder}: the files the export copies take {format_size(total)} ({largest}: {format_size(sizes[largest])}), "
+            f"more than `max_memory` {format_size(cap)}; pass a larger `max_memory` if that is meant")
     return out
+
+
+def _source_config(folder: Path) -> dict:
+    """The source folder's config.json as a JSON object (the export's config.json adds the
+    quantization_config to it); it too must stay inside the folder and within `max_memory`."""
+    real = _inside(folder, CONFIG_NAME)
+    if isinstance(real, str):
+        raise InputError(f"{folder / CONFIG_NAME}: {real}; qlin reads a model folder's files only from inside it")
+    size = os.stat(real).st_size
+    if size > max_memory():
+        raise InputError(f"{folder / CONFIG_NAME} takes {format_size(size)}, more than `max_memory` {format_size(max_memory())}")
+    try:
+        config = json.loads(real.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{folder / CONFIG_NAME} is not valid JSON ({str(exc)[:160]})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{folder / CONFIG_NAME} is not a JSON object")
+    return config
 
 
 def save_compressed_tensors(
@@ -332,12 +422,7 @@ def save_compressed_tensors(
     qconfig = quantization_config(result)
     if source_dir is not None:
         source_dir = Path(source_dir)
-        try:
-            config = json.loads((source_dir / CONFIG_NAME).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{source_dir / CONFIG_NAME} is not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise ConfigError(f"{source_dir / CONFIG_NAME} is not a JSON object")
+        config = _source_config(source_dir)
         files = _extra_files(source_dir)
     else:
         config, files = {}, {}
