@@ -105,6 +105,8 @@ __all__ = [
     "layer_format",
     "pack_int32",
     "quantization_config",
+    "plan_quantization_config",
+    "check_config_agrees",
     "export_tensors",
     "save_compressed_tensors",
     "export_weights",
@@ -216,7 +218,12 @@ def _scheme(e: PlanEntry) -> dict[str, Any]:
 
 def quantization_config(result: QuantizeResult) -> dict[str, Any]:
     """The `quantization_config` entry of config.json for a quantized model."""
-    plan = result.plan
+    return plan_quantization_config(result.plan)
+
+
+def plan_quantization_config(plan: Plan) -> dict[str, Any]:
+    """The `quantization_config` that describes `plan` (what the export writes, and what a folder
+    it wrote must still hold when it is read back: `check_config_agrees`)."""
     check_exportable(plan)
     groups: list[tuple[dict, list[str]]] = []  # (scheme, layer paths), in module order
     for e in plan.quantized:
@@ -465,6 +472,47 @@ def _unpack_int32(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return (u[:, :k].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
 
 
+def _disagreement(stored: Any, wanted: Any, where: str) -> str | None:
+    """The first field of `stored` (config.json's) that differs from `wanted` (the plan's), as
+    'field (stored value; the plan gives wanted value)', or None. A field the plan does not give
+    may be there only empty (null, {}, [])."""
+    if isinstance(wanted, dict) and isinstance(stored, dict):
+        for key, value in wanted.items():
+            if key not in stored:
+                return f"{where}{key} (missing; the plan gives {json.dumps(value)[:80]})"
+            found = _disagreement(stored[key], value, f"{where}{key}.")
+            if found:
+                return found
+        for key, value in stored.items():
+            if key not in wanted and value not in (None, {}, []):
+                return f"{where}{key} ({json.dumps(value)[:80]}; the plan has no such field)"
+        return None
+    if stored != wanted or type(stored) is not type(wanted):
+        return f"{where.rstrip('.')} ({json.dumps(stored)[:80]}; the plan gives {json.dumps(wanted)[:80]})"
+    return None
+
+
+def check_config_agrees(folder: Path, plan: Plan) -> None:
+    """Refuse a compressed-tensors folder whose config.json `quantization_config` no longer says
+    what the plan stored in its weights says (`symmetric` flipped, a layer added to `ignore`):
+    transformers and vLLM read the layers by the config, qlin by the plan, and the two would run
+    different models. FormatError naming the first field that differs."""
+    config = folder / CONFIG_NAME
+    try:
+        stored = json.loads(config.read_text()).get("quantization_config")
+    except (OSError, ValueError, RecursionError, AttributeError) as exc:
+        raise FormatError(f"{config} does not read as a JSON object ({str(exc)[:120]})") from None
+    try:
+        wanted = plan_quantization_config(plan)
+    except ConfigError as exc:
+        raise FormatError(f"{folder}: its qlin_plan describes no compressed-tensors model ({exc})") from None
+    field = _disagreement(stored, wanted, "")
+    if field is not None:
+        raise FormatError(
+            f"{folder}: config.json's quantization_config disagrees with the plan qlin stored in {WEIGHTS_NAME} at "
+            f"{field}; transformers would load another model than qlin reads: restore config.json, or quantize again")
+
+
 def from_export(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """The metadata and tensors of an export's weights file (`path`) in the qlin file's terms:
     its `config`, `plan`, `ties` and `format_version`, and per quantized layer the weight (a
@@ -482,13 +530,19 @@ def from_export(path: Path, metadata: dict[str, str], tensors: dict[str, torch.T
         plan = Plan.from_list(json.loads(metadata[QLIN_PLAN]))
     except (ValueError, RecursionError) as exc:
         raise FormatError(f"{path}: its qlin_plan is invalid ({str(exc)[:160]})") from None
+    if (path.parent / CONFIG_NAME).is_file():  # the folder's config.json, which other loaders follow
+        check_config_agrees(path.parent, plan)
     out = dict(tensors)
     for e in plan.quantized:
         s, name = e.scheme, e.name
         shape = s.granularity.scale_shape((e.out_features, e.in_features))
         packed = out.pop(f"{name}.weight_packed", None)
         out.pop(f"{name}.weight_shape", None)
-        if packed is not None and packed.dtype == torch.int32 and packed.dim() == 2:
+        words = -(-e.in_features * s.bits // 32)
+        if packed is not None and (packed.dtype != torch.int32 or tuple(packed.shape) != (e.out_features, words)):
+            raise FormatError(f"{path}: {name}.weight_packed is {packed.dtype} {tuple(packed.shape)}, the plan says "
+                              f"torch.int32 {(e.out_features, words)} ({s.bits}-bit values packed in int32)")
+        if packed is not None:
             row = _word_bytes(packed)[:, : -(-e.in_features * s.bits // 8)]  # the qlin file's packed row
             out[f"{name}.weight"] = (row ^ 0x80).view(torch.int8) if s.bits == 8 else row.contiguous()
         for suffix, want in (("weight_scale", shape), ("input_scale", ())):
@@ -498,7 +552,12 @@ def from_export(path: Path, metadata: dict[str, str], tensors: dict[str, torch.T
         zp = tensors.get(f"{name}.weight_zero_point")
         if zp is None:
             out[f"{name}.weight_zero_point"] = torch.zeros(shape, dtype=torch.int8)
-        elif zp.dtype == torch.int32 and zp.dim() == 2:  # pack-quantized: packed along the outputs
+        elif zp.dtype == torch.int32:  # pack-quantized: packed along the outputs, (ceil(out * B / 32), groups)
+            want = (-(-e.out_features * s.bits // 32), shape[1] if len(shape) == 2 else 1)
+            if tuple(zp.shape) != want or s.granularity == PER_TENSOR:
+                raise FormatError(f"{path}: {name}.weight_zero_point is torch.int32 {tuple(zp.shape)}, the plan says "
+                                  f"{'torch.int8 (1,)' if s.granularity == PER_TENSOR else f'torch.int32 {want}'} "
+                                  f"({s.bits}-bit zero points packed along the outputs)")
             out[f"{name}.weight_zero_point"] = _unpack_int32(zp.t(), s.bits, e.out_features).t().reshape(shape).contiguous()
         elif zp.numel() == math.prod(shape):
             out[f"{name}.weight_zero_point"] = zp.reshape(shape)

@@ -46,7 +46,7 @@ def quant_method(folder: str | Path) -> str | None:
     the folders `--format compressed-tensors` writes), or None: a float model, or no model folder."""
     try:
         config = json.loads((Path(folder) / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # loading it says what is wrong
         return None
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     method = qc.get("quant_method") if isinstance(qc, dict) else None
@@ -66,7 +66,7 @@ def _shards(folder: Path, index_name: str) -> WeightFiles:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise InputError(f"{index} is not a valid shard index ({one_line(exc, 120)})") from None
     for name in names:
         if not isinstance(name, str) or Path(name).name != name or not (folder / name).is_file():
