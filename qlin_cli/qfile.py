@@ -308,6 +308,20 @@ def verify_payload(path: Path, header: SafetensorsHeader) -> None:
             raise _bad(path, f"{what} sha256 {actual[:12]}... does not match the recorded {recorded[:12]}...: the file was changed or damaged")
 
 
+def _not_safetensors(path: Path, exc: BaseException) -> str:
+    """Why `path` does not read as a qlin file, in words a person acts on: a float checkpoint
+    (torch.save writes a zip, or an older pickle) is named as one, with what to give instead."""
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError:
+        magic = b""
+    fix = "give the .safetensors file (or compressed-tensors folder) that `qlin quantize` wrote"
+    if magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80":
+        return f"a PyTorch checkpoint (torch.save), not a qlin file: {fix}, or quantize this one first"
+    return f"not a valid safetensors file ({one_line(exc, 120)}), so no qlin file: {fix}"
+
+
 def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
     """Open and validate a qlin file, or a compressed-tensors folder qlin wrote (or its weights
     file): names, dtypes and shapes against its plan, always; the payload's sha256 against the
@@ -321,7 +335,7 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise _bad(path, f"not a valid safetensors file ({one_line(exc)})") from None
+        raise _bad(path, _not_safetensors(path, exc)) from None
     metadata = header.metadata
     if metadata.get("format") != FORMAT and QLIN_PLAN in metadata:
         if verify:
