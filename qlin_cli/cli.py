@@ -134,7 +134,7 @@ class Output:
         else:
             self._human(report, done)
         for line in report.warnings():
-            err.print(as_flags(line), markup=False)
+            err.print(as_flags(line), markup=False, soft_wrap=True)  # one line each, however long
 
     def _human(self, report, done: tuple[str, ...]) -> None:
         for line in report.facts():
