@@ -12,6 +12,7 @@ saved.
 from __future__ import annotations
 
 import itertools
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -113,20 +114,23 @@ class QuantizedLinear(nn.Module):
         self._compiled = None
         return self
 
-    @torch.no_grad()  # int8 kernels have no gradient; an input that requires grad (after a float
-    # embedding) must not reach their in-place and out= ops under autograd
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # the output cannot carry x's gradient: say so
+            _warn_no_gradient()
         if self._run is None:
             raise RuntimeError("QuantizedLinear used before pack(); call quantize_model or load_quantized")
-        # under compile_model: one opaque op in the graph instead of a graph break; torch.export
-        # (which also counts as compiling) and a plain torch.compile trace the kernel itself
-        if self._compiled is not None and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-            y = torch.ops.qlin.linear(x.reshape(-1, self.in_features), self._compiled.handle)
+        # int8 kernels have no gradient; an input that requires grad (after a float embedding) must
+        # not reach their in-place and out= ops under autograd
+        with torch.no_grad():
+            # under compile_model: one opaque op in the graph instead of a graph break; torch.export
+            # (which also counts as compiling) and a plain torch.compile trace the kernel itself
+            if self._compiled is not None and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+                y = torch.ops.qlin.linear(x.reshape(-1, self.in_features), self._compiled.handle)
+                return y.reshape(*x.shape[:-1], self.out_features)
+            if x.dim() == 2 or self._any_rank:  # (M, in) -> (M, out): the common case, without reshapes
+                return self._run(x)
+            y = self._run(x.reshape(-1, self.in_features))  # (M, out_features)
             return y.reshape(*x.shape[:-1], self.out_features)
-        if x.dim() == 2 or self._any_rank:  # (M, in) -> (M, out): the common case, without reshapes
-            return self._run(x)
-        y = self._run(x.reshape(-1, self.in_features))  # (M, out_features)
-        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         kernel = self.kernel.name if self.kernel else "unpacked"
@@ -137,6 +141,22 @@ class QuantizedLinear(nn.Module):
             + (f", bits={s.bits}" if s.bits != 8 else "") + f", symmetric={s.symmetric}, kernel={kernel}"
             + (", smoothed" if s.smooth is not None else "")
         )
+
+
+_warned_no_gradient = False
+
+
+def _warn_no_gradient() -> None:
+    """Warn, once per process, that gradients stop at quantized layers. A warning, not an error:
+    an inference script that forgot `torch.no_grad()` gets correct outputs (its inputs require
+    grad only because a float embedding's weights do), and raising would break it."""
+    global _warned_no_gradient
+    if not _warned_no_gradient:
+        _warned_no_gradient = True
+        warnings.warn(
+            "QuantizedLinear has no gradient: backward stops at quantized layers (the input's .grad stays None "
+            "through them); run under torch.no_grad() or torch.inference_mode(), or train the float model",
+            UserWarning, stacklevel=3)
 
 
 class _Packed:
