@@ -294,12 +294,13 @@ def check_not_system(path: str | Path) -> None:
     """Refuse an output in /dev, /proc or /sys (`SYSTEM_FOLDERS`), as given or once its links
     are followed (/dev/stdout -> /proc/self/fd/1)."""
     path = Path(path)
+    # as given; in the folder its parent's links lead to (the link it would replace); where it leads
     given, real = Path(os.path.abspath(path)), path.resolve()
     for root in SYSTEM_FOLDERS:
         top = Path(root)
-        for p in (given, real):
+        for p in (given, path.parent.resolve() / path.name, real):
             if p == top or top in p.parents:
-                where = "" if p == given else f" (it leads to {real})"
+                where = "" if p == given else f" (it leads to {p})"
                 raise OutputError(
                     f"output {path} is in {root}{where}; qlin writes only regular files, never into "
                     f"{', '.join(SYSTEM_FOLDERS)}, even with `force`")
