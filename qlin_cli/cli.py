@@ -134,7 +134,7 @@ class Output:
         else:
             self._human(report, done)
         for line in report.warnings():
-            err.print(as_flags(shown(line, LINE_CHARS)), markup=False)
+            err.print(as_flags(shown(line, LINE_CHARS)), markup=False, soft_wrap=True)  # one line each
 
     def _human(self, report, done: tuple[str, ...]) -> None:
         for line in report.facts():

@@ -266,6 +266,14 @@ def find_recipe(spec: str | Path) -> Path:
     )
 
 
+MAX_RECIPE_BYTES = 1_000_000  # the largest shipped recipe is under 2 kB
+
+
+def _cut(message: str, limit: int = 300) -> str:
+    """`message` for one line: a value from the file (a 1 MB string) is cut in the middle."""
+    return message if len(message) <= limit else f"{message[: limit - 100]} ... {message[-90:]}"
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a TOML recipe (top-level keys are QuantConfig fields): a file, or a shipped recipe by
     name (`find_recipe`). Returns its validated dict.
@@ -275,6 +283,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     path = find_recipe(path)
     if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO would block, /dev/zero never end
         raise ConfigError(f"recipe {path} is not a regular file; qlin reads only regular files")
+    if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe {path} takes {path.stat().st_size:,} bytes; a recipe is a few keys and "
+                          f"[[layers]] rules, at most {MAX_RECIPE_BYTES:,} bytes")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -284,7 +295,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"recipe {path} is not valid TOML: {_cut(str(exc))}") from None
+    except RecursionError:  # `a = [[[[...` 50,000 deep: tomllib recurses once per level
+        raise ConfigError(f"recipe {path} nests arrays or tables deeper than qlin reads; a recipe is flat keys "
+                          "and [[layers]] rules") from None
 
     lines = text.splitlines()
 
@@ -311,8 +325,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{where(key)}: unknown key {key!r}; known keys: {', '.join(sorted(RECIPE_KEYS))}")
     try:
         QuantConfig.from_dict(data)
-    except (ConfigError, TypeError) as exc:
-        msg = str(exc)
+    except (ConfigError, TypeError, RecursionError) as exc:
+        msg = _cut(str(exc) if not isinstance(exc, RecursionError) else "values nest deeper than qlin reads")
         m = re.match(r"layers\[(\d+)\]", msg)
         if m:
             rule = data["layers"][int(m.group(1))] if isinstance(data.get("layers"), list) else {}

@@ -3,7 +3,13 @@ CompressedTensorsHfQuantizer, vLLM, llm-compressor) loads.
 
 The folder holds `model.safetensors` and `config.json` (the source folder's config.json for a
 Hugging Face source, else a minimal one) with a `quantization_config`; for a Hugging Face source
-also the folder's other small files (tokenizer, generation config), copied unchanged.
+also the files besides the weights that transformers reads from a model folder (`EXTRA_FILES`:
+tokenizer, generation and processor configs, chat template), copied unchanged and nothing else
+(a README, a license, notes, code are the user's to copy). A file reached through a link must
+stay inside the source folder (or, for a Hugging Face cache snapshot, its repository's `blobs`):
+one that leads elsewhere (`special_tokens_map.json -> /proc/self/environ`) is not copied, with a
+warning. The files are copied by streaming, at most `max_memory` bytes in all (what a tokenizer
+would read into memory).
 
 Each quantized layer gets the format compressed-tensors itself infers for its scheme
 (`infer_module_format`), except that 8-bit weight-only layers per channel or per tensor stay
@@ -79,15 +85,19 @@ qlin reads the folder back: `from_export` turns its tensors into the qlin file's
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
 from . import __version__
-from .errors import ConfigError, FormatError
+from .budget import format_size, max_memory
+from .errors import ConfigError, FormatError, InputError
 from .files import CONFIG_NAME, QLIN_PLAN, check_output_dir, file_tensors, safetensors_writer, tied_keys, write_folder_atomic
 from .hf import quant_method
 from .plan import Plan, PlanEntry
@@ -97,10 +107,13 @@ from .scheme import PER_TENSOR, LayerScheme
 __all__ = [
     "FORMATS",
     "CT_FORMAT",
+    "EXTRA_FILES",
     "check_exportable",
     "layer_format",
     "pack_int32",
     "quantization_config",
+    "plan_quantization_config",
+    "check_config_agrees",
     "export_tensors",
     "save_compressed_tensors",
     "export_weights",
@@ -119,8 +132,18 @@ QLIN_FORMAT_VERSION = 2  # the qlin file format (qfile.FORMAT_VERSION) of that c
 _WEIGHT_OBSERVERS = {"minmax": "minmax", "absmax": "minmax", "percentile": "minmax", "mse": "mse", "moving-average": "minmax"}
 _ACT_OBSERVERS = {"minmax": "static_minmax", "absmax": "static_minmax", "percentile": "static_minmax",
                   "mse": "mse", "moving-average": "minmax"}
-# files of a Hugging Face folder that are weights (not copied: the export has its own)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+# the files of a Hugging Face folder, besides config.json and the weights, that transformers reads
+# when it loads the model, its tokenizer or its processor (transformers' GENERATION_CONFIG_NAME,
+# PROCESSOR_NAME, CHAT_TEMPLATE_FILE, the tokenizers' TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE,
+# ADDED_TOKENS_FILE and their VOCAB_FILES_NAMES): what the export copies, and nothing else
+EXTRA_FILES = (
+    "generation_config.json", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+    "chat_template.jinja", "chat_template.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "tiktoken.model", "spiece.model",
+    "sentencepiece.bpe.model", "sentencepiece.model", "spm.model",
+)
+_log = logging.getLogger("qlin")
 
 
 def _args(*, bits: int = 8, symmetric: bool, strategy: str, group_size: int | None = None, dynamic: bool,
@@ -206,7 +229,12 @@ def _scheme(e: PlanEntry) -> dict[str, Any]:
 
 def quantization_config(result: QuantizeResult) -> dict[str, Any]:
     """The `quantization_config` entry of config.json for a quantized model."""
-    plan = result.plan
+    return plan_quantization_config(result.plan)
+
+
+def plan_quantization_config(plan: Plan) -> dict[str, Any]:
+    """The `quantization_config` that describes `plan` (what the export writes, and what a folder
+    it wrote must still hold when it is read back: `check_config_agrees`)."""
     check_exportable(plan)
     groups: list[tuple[dict, list[str]]] = []  # (scheme, layer paths), in module order
     for e in plan.quantized:
@@ -313,18 +341,87 @@ def export_tensors(result: QuantizeResult, *, drop_tied: bool = False) -> dict[s
     return file_tensors(items(), skip_prefixes=aliases, drop_tied=drop_tied)
 
 
-def _extra_files(folder: Path) -> dict[str, bytes]:
-    """The small files of a Hugging Face folder that a loader wants beside the weights
-    (tokenizer, generation config, ...): top-level regular files that are not weights, shard
-    indexes, config.json or hidden."""
-    out = {}
-    for f in sorted(folder.iterdir()):
-        name = f.name
-        if (not f.is_file() or name.startswith(".") or name == CONFIG_NAME or name.endswith(".index.json")
-                or name.endswith(_WEIGHT_SUFFIXES)):
+def _inside(folder: Path, name: str) -> Path | str:
+    """The real path of `folder / name` if following its links keeps it inside `folder` (or, for a
+    Hugging Face cache snapshot `.../snapshots/<rev>`, inside the repository's `blobs`, where
+    the snapshot's links lead) and it is a regular file; else why not, in words."""
+    path = folder / name
+    real = path.resolve()
+    roots = [folder.resolve()]
+    if folder.resolve().parent.name == "snapshots":
+        roots.append(folder.resolve().parent.parent / "blobs")
+    if not any(real == r or r in real.parents for r in roots):
+        return f"it leads to {real}, outside the folder"
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror})"
+    if not stat.S_ISREG(mode):
+        return "it is not a regular file"
+    return real
+
+
+def _streamed(real: Path, size: int) -> Callable[[BinaryIO], None]:
+    """A writer that copies the regular file `real` of `size` bytes into the open file, 1 MiB at a
+    time, refusing a file that changed since it was checked (another file, another size)."""
+    checked = os.stat(real)
+
+    def copy(f: BinaryIO) -> None:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as src:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size) != (checked.st_dev, checked.st_ino, size) or not stat.S_ISREG(st.st_mode):
+                raise InputError(f"{real} changed while it was copied; run again")
+            left = size
+            while left:
+                chunk = src.read(min(left, 2**20))
+                if not chunk:
+                    raise InputError(f"{real} changed while it was copied; run again")
+                f.write(chunk)
+                left -= len(chunk)
+
+    return copy
+
+
+def _extra_files(folder: Path) -> dict[str, Callable[[BinaryIO], None]]:
+    """The files of `EXTRA_FILES` that the Hugging Face folder holds, as writers that stream each
+    into the export. A file whose links lead out of the folder, or that is not a regular file,
+    is left out with a warning; all of them together may take at most `max_memory` bytes."""
+    out, sizes = {}, {}
+    for name in EXTRA_FILES:
+        if not os.path.lexists(folder / name):
             continue
-        out[name] = f.read_bytes()
+        real = _inside(folder, name)
+        if isinstance(real, str):
+            _log.warning(f"{folder / name} is not copied into the export: {real}", extra={"kind": "warning"})
+            continue
+        sizes[name] = os.stat(real).st_size
+        out[name] = _streamed(real, sizes[name])
+    total, cap = sum(sizes.values()), max_memory()
+    if total > cap:
+        largest = max(sizes, key=sizes.get)
+        raise InputError(
+            f"{folder}: the files the export copies take {format_size(total)} ({largest}: {format_size(sizes[largest])}), "
+            f"more than `max_memory` {format_size(cap)}; pass a larger `max_memory` if that is meant")
     return out
+
+
+def _source_config(folder: Path) -> dict:
+    """The source folder's config.json as a JSON object (the export's config.json adds the
+    quantization_config to it); it too must stay inside the folder and within `max_memory`."""
+    real = _inside(folder, CONFIG_NAME)
+    if isinstance(real, str):
+        raise InputError(f"{folder / CONFIG_NAME}: {real}; qlin reads a model folder's files only from inside it")
+    size = os.stat(real).st_size
+    if size > max_memory():
+        raise InputError(f"{folder / CONFIG_NAME} takes {format_size(size)}, more than `max_memory` {format_size(max_memory())}")
+    try:
+        config = json.loads(real.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"{folder / CONFIG_NAME} is not valid JSON ({str(exc)[:160]})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{folder / CONFIG_NAME} is not a JSON object")
+    return config
 
 
 def save_compressed_tensors(
@@ -343,12 +440,7 @@ def save_compressed_tensors(
     qconfig = quantization_config(result)
     if source_dir is not None:
         source_dir = Path(source_dir)
-        try:
-            config = json.loads((source_dir / CONFIG_NAME).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{source_dir / CONFIG_NAME} is not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise ConfigError(f"{source_dir / CONFIG_NAME} is not a JSON object")
+        config = _source_config(source_dir)
         files = _extra_files(source_dir)
     else:
         config, files = {}, {}
@@ -391,6 +483,47 @@ def _unpack_int32(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return (u[:, :k].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
 
 
+def _disagreement(stored: Any, wanted: Any, where: str) -> str | None:
+    """The first field of `stored` (config.json's) that differs from `wanted` (the plan's), as
+    'field (stored value; the plan gives wanted value)', or None. A field the plan does not give
+    may be there only empty (null, {}, [])."""
+    if isinstance(wanted, dict) and isinstance(stored, dict):
+        for key, value in wanted.items():
+            if key not in stored:
+                return f"{where}{key} (missing; the plan gives {json.dumps(value)[:80]})"
+            found = _disagreement(stored[key], value, f"{where}{key}.")
+            if found:
+                return found
+        for key, value in stored.items():
+            if key not in wanted and value not in (None, {}, []):
+                return f"{where}{key} ({json.dumps(value)[:80]}; the plan has no such field)"
+        return None
+    if stored != wanted or type(stored) is not type(wanted):
+        return f"{where.rstrip('.')} ({json.dumps(stored)[:80]}; the plan gives {json.dumps(wanted)[:80]})"
+    return None
+
+
+def check_config_agrees(folder: Path, plan: Plan) -> None:
+    """Refuse a compressed-tensors folder whose config.json `quantization_config` no longer says
+    what the plan stored in its weights says (`symmetric` flipped, a layer added to `ignore`):
+    transformers and vLLM read the layers by the config, qlin by the plan, and the two would run
+    different models. FormatError naming the first field that differs."""
+    config = folder / CONFIG_NAME
+    try:
+        stored = json.loads(config.read_text()).get("quantization_config")
+    except (OSError, ValueError, RecursionError, AttributeError) as exc:
+        raise FormatError(f"{config} does not read as a JSON object ({str(exc)[:120]})") from None
+    try:
+        wanted = plan_quantization_config(plan)
+    except ConfigError as exc:
+        raise FormatError(f"{folder}: its qlin_plan describes no compressed-tensors model ({exc})") from None
+    field = _disagreement(stored, wanted, "")
+    if field is not None:
+        raise FormatError(
+            f"{folder}: config.json's quantization_config disagrees with the plan qlin stored in {WEIGHTS_NAME} at "
+            f"{field}; transformers would load another model than qlin reads: restore config.json, or quantize again")
+
+
 def stored_weight(e: PlanEntry) -> tuple[str, torch.dtype, tuple[int, int]]:
     """The tensor that holds quantized layer `e`'s weight in the export (`_layer_tensors`): its
     name's suffix, dtype and shape, so that a reader can check a plan against a header before
@@ -426,13 +559,19 @@ def from_export(path: Path, metadata: dict[str, str], tensors: dict[str, torch.T
         plan = plan or Plan.from_list(json.loads(metadata[QLIN_PLAN]))
     except (ValueError, RecursionError) as exc:
         raise FormatError(f"{path}: its qlin_plan is invalid ({str(exc)[:160]})") from None
+    if (path.parent / CONFIG_NAME).is_file():  # the folder's config.json, which other loaders follow
+        check_config_agrees(path.parent, plan)
     out = dict(tensors)
     for e in plan.quantized:
         s, name = e.scheme, e.name
         shape = s.granularity.scale_shape((e.out_features, e.in_features))
         packed = out.pop(f"{name}.weight_packed", None)
         out.pop(f"{name}.weight_shape", None)
-        if packed is not None and packed.dtype == torch.int32 and packed.dim() == 2:
+        words = -(-e.in_features * s.bits // 32)
+        if packed is not None and (packed.dtype != torch.int32 or tuple(packed.shape) != (e.out_features, words)):
+            raise FormatError(f"{path}: {name}.weight_packed is {packed.dtype} {tuple(packed.shape)}, the plan says "
+                              f"torch.int32 {(e.out_features, words)} ({s.bits}-bit values packed in int32)")
+        if packed is not None:
             row = _word_bytes(packed)[:, : -(-e.in_features * s.bits // 8)]  # the qlin file's packed row
             out[f"{name}.weight"] = (row ^ 0x80).view(torch.int8) if s.bits == 8 else row.contiguous()
         fits = set()
@@ -446,7 +585,12 @@ def from_export(path: Path, metadata: dict[str, str], tensors: dict[str, torch.T
             pass  # without a scale of the plan's shape, no zeros of a size that only the plan claims
         elif zp is None:
             out[f"{name}.weight_zero_point"] = torch.zeros(shape, dtype=torch.int8)
-        elif zp.dtype == torch.int32 and zp.dim() == 2:  # pack-quantized: packed along the outputs
+        elif zp.dtype == torch.int32:  # pack-quantized: packed along the outputs, (ceil(out * B / 32), groups)
+            want = (-(-e.out_features * s.bits // 32), shape[1] if len(shape) == 2 else 1)
+            if tuple(zp.shape) != want or s.granularity == PER_TENSOR:
+                raise FormatError(f"{path}: {name}.weight_zero_point is torch.int32 {tuple(zp.shape)}, the plan says "
+                                  f"{'torch.int8 (1,)' if s.granularity == PER_TENSOR else f'torch.int32 {want}'} "
+                                  f"({s.bits}-bit zero points packed along the outputs)")
             out[f"{name}.weight_zero_point"] = _unpack_int32(zp.t(), s.bits, e.out_features).t().reshape(shape).contiguous()
         elif zp.numel() == math.prod(shape):
             out[f"{name}.weight_zero_point"] = zp.reshape(shape)

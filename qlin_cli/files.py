@@ -1,17 +1,27 @@
 """Files in and out, whatever their format: checks of inputs and outputs, atomic writes of a file
 or a folder, and the streaming safetensors writer (with the tensors it takes from a state dict).
 
-An atomic write goes to a hidden temporary beside the target, `.<name>.<random hex>.tmp`, that
-is synced and then renamed into place: a reader sees the old file (folder) or the whole new one,
-never a part, and a Ctrl-C or a full disk leaves the old one as it was and no temporary behind.
+An atomic write goes to a hidden temporary beside the target, `.<name>.qlin-<random hex>.tmp`,
+that is synced and then renamed into place: a reader sees the old file (folder) or the whole new
+one, never a part, and a Ctrl-C or a full disk leaves the old one as it was and no temporary
+behind. Only SIGKILL (or a power cut) can leave a temporary: every write holds a shared lock
+(flock) on its folder while its temporary exists, and the next write into that folder that finds
+no other qlin writing there (an exclusive lock) removes the temporaries qlin's name marks, saying so.
+
+Outputs are regular files the user named: a path that is a symbolic link, or that lies in /dev,
+/proc or /sys (`/dev/stdout`, whatever it links to), is refused, even with `force`, and nothing
+but a regular file is ever replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -21,7 +31,13 @@ from typing import BinaryIO, Callable, Iterable
 
 import torch
 
+from .budget import format_size
 from .errors import InputError, OutputError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no folder locks, so stale temporaries are left alone
+    fcntl = None
 
 __all__ = [
     "CONFIG_NAME",
@@ -31,6 +47,9 @@ __all__ = [
     "file_sha256",
     "size_bytes",
     "check_output",
+    "check_not_system",
+    "check_not_link",
+    "SYSTEM_FOLDERS",
     "check_distinct",
     "same_file",
     "check_parent",
@@ -59,6 +78,13 @@ QLIN_PLAN = "qlin_plan"
 
 # what a file's content is given as: its bytes, or a function that writes into the open file
 Content = bytes | Callable[[BinaryIO], None]
+
+# folders no output may be in, whatever path or link leads there: writing "a file" there means a
+# device, a process's file descriptor or a kernel setting (`--report /dev/stdout --force` replaced
+# the /dev/stdout link itself with a regular file, for every program on the machine)
+SYSTEM_FOLDERS = ("/dev", "/proc", "/sys")
+
+_log = logging.getLogger("qlin")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -245,9 +271,11 @@ def check_output(path: str | Path, *, force: bool, inputs: Named = ()) -> Path:
     exists without `force`, that exists and is not a regular file (a device, a FIFO: even with
     `force`), or whose folder is missing. `inputs`: (what, path) pairs, e.g. ("source", p)."""
     path = Path(path)
+    check_not_system(path)
     for what, src in inputs:
         if src is not None and same_file(path, src):
             raise OutputError(f"output {path} is the input file {src} ({what}); qlin never writes over an input")
+    check_not_link(path)
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -256,10 +284,36 @@ def check_output(path: str | Path, *, force: bool, inputs: Named = ()) -> Path:
         raise OutputError(f"output {path} is a directory")
     if mode is not None and not stat.S_ISREG(mode):
         raise OutputError(f"output {path} is a {_kind(mode)}; qlin writes only regular files, even with `force`")
-    if (mode is not None or path.is_symlink()) and not force:
+    if mode is not None and not force:
         raise OutputError(f"output {path} exists; pass `force` to overwrite it")
     check_parent(path)
     return path
+
+
+def check_not_system(path: str | Path) -> None:
+    """Refuse an output in /dev, /proc or /sys (`SYSTEM_FOLDERS`), as given or once its links
+    are followed (/dev/stdout -> /proc/self/fd/1)."""
+    path = Path(path)
+    # as given; in the folder its parent's links lead to (the link it would replace); where it leads
+    given, real = Path(os.path.abspath(path)), path.resolve()
+    for root in SYSTEM_FOLDERS:
+        top = Path(root)
+        for p in (given, path.parent.resolve() / path.name, real):
+            if p == top or top in p.parents:
+                where = "" if p == given else f" (it leads to {p})"
+                raise OutputError(
+                    f"output {path} is in {root}{where}; qlin writes only regular files, never into "
+                    f"{', '.join(SYSTEM_FOLDERS)}, even with `force`")
+
+
+def check_not_link(path: str | Path) -> None:
+    """Refuse an output that is a symbolic link: replacing it would destroy the link, writing
+    through it would write somewhere the user did not name, and not atomically."""
+    path = Path(path)
+    if path.is_symlink():
+        raise OutputError(
+            f"output {path} is a symbolic link (to {os.readlink(path)}); qlin replaces only regular files, "
+            "even with `force`: give the path of the file itself, or remove the link")
 
 
 def check_distinct(outputs: Named) -> None:
@@ -295,11 +349,13 @@ def check_output_dir(path: str | Path, *, force: bool, inputs: tuple[Path | None
     """Refuse an output folder that is or holds an input, exists without `force` (or is not a
     model folder, even with it), is a file, or whose parent is missing or not writable."""
     path = Path(path)
+    check_not_system(path)
     for src in inputs:
         if src is not None and _within(Path(src), path):
             raise OutputError(f"output folder {path} is or holds the input {src}; choose another -o")
-    if path.exists() or path.is_symlink():
-        if not path.is_dir() or path.is_symlink():
+    check_not_link(path)
+    if path.exists():
+        if not path.is_dir():
             raise OutputError(f"output {path} exists and is not a folder; compressed-tensors output is a folder")
         if not force:
             raise OutputError(f"output folder {path} exists; pass `force` to replace it")
@@ -319,10 +375,11 @@ _TEMPORARIES: dict[str, Path] = {}
 
 
 def temporary_name(path: Path) -> str:
-    """The name of a hidden temporary beside `path` (without its `.tmp`/`.old` ending). It is chosen
-    before anything exists, so a Ctrl-C at any point after it reaches the cleanup (mkstemp could
-    be interrupted after creating the file)."""
-    name = str(_folder(path) / f".{path.name}.{secrets.token_hex(8)}")
+    """The name of a hidden temporary beside `path` (without its `.tmp`/`.old` ending),
+    `.<name>.qlin-<16 hex>`: marked as qlin's, so a later run can tell it from anyone else's. It is
+    chosen before anything exists, so a Ctrl-C at any point after it reaches the cleanup
+    (mkstemp could be interrupted after creating the file)."""
+    name = str(_folder(path) / f".{path.name}.qlin-{secrets.token_hex(8)}")
     _TEMPORARIES[name] = path
     return name
 
@@ -347,6 +404,66 @@ def remove_temporaries() -> None:
             pass
 
 
+# qlin's temporaries: `.<name>.qlin-<hex>.tmp` (a file or folder being written) and `.old` (the
+# folder a forced folder write moved aside); before the `qlin-` mark they were `.<name>.<hex>.tmp`
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.qlin-[0-9a-f]{16}\.(?P<end>tmp|old)")
+_UNMARKED = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{16}\.(?P<end>tmp|old)")
+
+
+def _remove_stale(folder: Path, target: str) -> list[str]:
+    """Remove the temporaries of writes into `folder` that SIGKILL (or a power cut) ended, which no
+    qlin is writing now (the caller holds the folder's exclusive lock): qlin's marked ones, and the
+    unmarked ones older qlins made for `target`. An `.old` folder whose write never put the new
+    folder in place is the previous output: it is put back. What was done, one line each."""
+    done = []
+    for entry in sorted(os.listdir(folder)):
+        m = _TEMPORARY.fullmatch(entry) or _UNMARKED.fullmatch(entry)
+        if m is None or (m.re is _UNMARKED and m["name"] != target):
+            continue
+        p, original = folder / entry, folder / m["name"]
+        try:
+            st = os.lstat(p)
+            if m["end"] == "old" and stat.S_ISDIR(st.st_mode) and not os.path.lexists(original):
+                os.rename(p, original)
+                done.append(f"put back {original}, which an interrupted qlin run had moved aside to {entry}")
+                continue
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if stat.S_ISDIR(st.st_mode) else st.st_size
+            shutil.rmtree(p) if stat.S_ISDIR(st.st_mode) else os.unlink(p)
+        except OSError:
+            continue
+        done.append(f"removed {p} ({format_size(size)}), a temporary that an interrupted qlin run left")
+    return done
+
+
+@contextlib.contextmanager
+def _writing_in(folder: Path, target: str):
+    """Hold a shared lock on `folder` while a write's temporary exists there; first, when no other
+    qlin writes there (the exclusive lock is free), remove the stale temporaries (`_remove_stale`),
+    each said as a warning. Without locks (not POSIX, a filesystem without flock) nothing is
+    removed."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if fcntl is not None else None
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass  # another qlin is writing here: its temporaries are live
+            else:
+                for line in _remove_stale(folder, target):
+                    _log.warning(line, extra={"kind": "warning"})
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except OSError:
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def _write_synced(fd: int, content: Content) -> None:
     """Write `content` into the open file descriptor `fd`, close it, and sync it to disk first."""
     with os.fdopen(fd, "w+b") as f:  # readable too: SafetensorsStream hashes what it wrote
@@ -361,6 +478,11 @@ def write_atomic(path: str | Path, data: Content, *, force: bool) -> Path:
     never a part. Without `force` an existing file is kept."""
     path = Path(path)
     folder = _folder(path)
+    with _writing_in(folder, path.name):
+        return _write_atomic(path, folder, data, force=force)
+
+
+def _write_atomic(path: Path, folder: Path, data: Content, *, force: bool) -> Path:
     tmp = temporary_name(path) + ".tmp"
     try:
         try:
@@ -374,7 +496,9 @@ def write_atomic(path: str | Path, data: Content, *, force: bool) -> Path:
                 mode = os.lstat(path).st_mode
             except FileNotFoundError:
                 mode = stat.S_IFREG
-            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):  # never replace a device node or a FIFO
+            if stat.S_ISLNK(mode):  # never replace a link (/dev/stdout), a device node or a FIFO
+                check_not_link(path)
+            if not stat.S_ISREG(mode):
                 raise OutputError(f"output {path} is a {_kind(mode)}; qlin writes only regular files, even with `force`")
             os.replace(tmp, path)
         else:
@@ -383,7 +507,7 @@ def write_atomic(path: str | Path, data: Content, *, force: bool) -> Path:
             except FileExistsError:
                 raise OutputError(f"output {path} exists; pass `force` to overwrite it") from None
             except OSError:
-                if path.exists():
+                if os.path.lexists(path):
                     raise OutputError(f"output {path} exists; pass `force` to overwrite it") from None
                 os.replace(tmp, path)  # filesystems without hard links
     except OSError as exc:
@@ -414,6 +538,11 @@ def write_folder_atomic(path: str | Path, files: dict[str, Content], *, force: b
     in, then the old one removed)."""
     path = Path(path)
     parent = _folder(path)
+    with _writing_in(parent, path.name):
+        return _write_folder_atomic(path, parent, files, force=force)
+
+
+def _write_folder_atomic(path: Path, parent: Path, files: dict[str, Content], *, force: bool) -> Path:
     base = temporary_name(path)
     tmp, old = Path(base + ".tmp"), Path(base + ".old")
     try:
@@ -424,7 +553,8 @@ def write_folder_atomic(path: str | Path, files: dict[str, Content], *, force: b
         for name in sorted(files):
             _write_synced(os.open(tmp / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), files[name])
         _fsync_dir(tmp)
-        if path.exists() or path.is_symlink():
+        if os.path.lexists(path):
+            check_not_link(path)
             if not force:
                 raise OutputError(f"output folder {path} exists; pass `force` to replace it")
             os.rename(path, old)

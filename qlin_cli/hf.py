@@ -64,7 +64,7 @@ def quant_method(folder: str | Path) -> str | None:
     check_config_size(Path(folder))
     try:
         config = json.loads((Path(folder) / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # loading it says what is wrong
         return None
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     method = qc.get("quant_method") if isinstance(qc, dict) else None
@@ -84,7 +84,7 @@ def _shards(folder: Path, index_name: str) -> WeightFiles:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise InputError(f"{index} is not a valid shard index ({one_line(exc, 120)})") from None
     for name in names:
         if not isinstance(name, str) or Path(name).name != name or not (folder / name).is_file():
@@ -289,6 +289,8 @@ def load_hf_folder(folder: str | Path, *, model: str | None = None) -> HFModel:
         try:
             built, info = cls.from_pretrained(folder, config=config, local_files_only=True, output_loading_info=True)
         except Exception as exc:
+            if "ignore_mismatched_sizes" in str(exc):  # "...look at the above report!", which _Quiet hides
+                raise InputError(_mismatch(folder, weights)) from None
             raise InputError(f"{folder}: transformers cannot load the model ({one_line(exc)})") from None
     problems = []
     for key, what in (("missing_keys", "missing"), ("mismatched_keys", "mis-shaped")):
@@ -303,6 +305,30 @@ def load_hf_folder(folder: str | Path, *, model: str | None = None) -> HFModel:
     size = sum(f.stat().st_size for f in weights.files)
     kind = f"{HF_KIND} ({type(built).__name__}, {weights.kind})"
     return HFModel(built, kind, folder_digest(folder, weights.files), size)
+
+
+def _mismatch(folder: Path, weights: WeightFiles) -> str:
+    """Why transformers found tensors of the checkpoint whose shapes differ from the model its
+    config.json describes: the first such tensor, its shape in the weights and by the config
+    (from a skeleton on the meta device and the safetensors headers), and the fix."""
+    fix = "fix config.json's sizes (e.g. hidden_size, vocab_size, max_position_embeddings) or give the weights it was saved with"
+    try:
+        transformers = _import_transformers()
+        with _Quiet(transformers):
+            config, cls = _config_and_class(transformers, folder)
+            with torch.device("meta"):  # shapes only: the config may declare hundreds of GB
+                skeleton = cls._from_config(config)
+        expected = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
+        for f in weights.files:
+            if f.suffix != ".safetensors":
+                continue
+            for key, entry in read_header(f).tensors.items():
+                want = expected.get(key)
+                if want is not None and want != entry.shape:
+                    return (f"{folder}: tensor {key!r} is {entry.shape} in {f.name} but {CONFIG_NAME} makes it {want}: {fix}")
+    except Exception:  # building the model can raise anything: the plain line below
+        pass
+    return f"{folder}: some tensors of the weights have other shapes than {CONFIG_NAME} describes: {fix}"
 
 
 @contextlib.contextmanager

@@ -333,6 +333,20 @@ def _check_against_header(path: Path, plan: Plan, header: SafetensorsHeader, met
     check_budget(header.nbytes + grows, f"qlin file {path}")
 
 
+def _not_safetensors(path: Path, exc: BaseException) -> str:
+    """Why `path` does not read as a qlin file, in words a person acts on: a float checkpoint
+    (torch.save writes a zip, or an older pickle) is named as one, with what to give instead."""
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError:
+        magic = b""
+    fix = "give the .safetensors file (or compressed-tensors folder) that `qlin quantize` wrote"
+    if magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80":
+        return f"a PyTorch checkpoint (torch.save), not a qlin file: {fix}, or quantize this one first"
+    return f"not a valid safetensors file ({one_line(exc, 120)}), so no qlin file: {fix}"
+
+
 def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
     """Open and validate a qlin file, or a compressed-tensors folder qlin wrote (or its weights
     file): its plan against the header's names, dtypes and shapes and `max_memory` before any
@@ -344,7 +358,7 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
     try:
         header = read_header(path)
     except (OSError, ValueError) as exc:
-        raise _bad(path, f"not a valid safetensors file ({one_line(exc)})") from None
+        raise _bad(path, _not_safetensors(path, exc)) from None
     metadata = header.metadata
     export = metadata.get("format") != FORMAT and QLIN_PLAN in metadata
     if export:

@@ -12,6 +12,7 @@ saved.
 from __future__ import annotations
 
 import itertools
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -131,6 +132,8 @@ class QuantizedLinear(QuantizedModule):
         if x.requires_grad:  # int8 kernels have no gradient; an input that requires grad (after a
             # float embedding) must not reach their in-place and out= ops under autograd. Only then:
             # entering no_grad costs a few us a call, a third of a small layer's time at batch 1
+            if torch.is_grad_enabled():  # the output cannot carry x's gradient: say so
+                _warn_no_gradient()
             with torch.no_grad():
                 return self._forward(x)
         return self._forward(x)
@@ -155,6 +158,22 @@ class QuantizedLinear(QuantizedModule):
             + (f", bits={s.bits}" if s.bits != 8 else "") + f", symmetric={s.symmetric}, kernel={kernel}"
             + (", smoothed" if s.smooth is not None else "")
         )
+
+
+_warned_no_gradient = False
+
+
+def _warn_no_gradient() -> None:
+    """Warn, once per process, that gradients stop at quantized layers. A warning, not an error:
+    an inference script that forgot `torch.no_grad()` gets correct outputs (its inputs require
+    grad only because a float embedding's weights do), and raising would break it."""
+    global _warned_no_gradient
+    if not _warned_no_gradient:
+        _warned_no_gradient = True
+        warnings.warn(
+            "QuantizedLinear has no gradient: backward stops at quantized layers (the input's .grad stays None "
+            "through them); run under torch.no_grad() or torch.inference_mode(), or train the float model",
+            UserWarning, stacklevel=3)
 
 
 class _Packed:

@@ -257,11 +257,12 @@ def test_check_output_existing_file_needs_force(tmp_path):
     assert check_output(str(out), force=True) == out
 
 
-def test_check_output_dangling_symlink_counts_as_existing(tmp_path):
+@pytest.mark.parametrize("force", [False, True])
+def test_check_output_refuses_a_symlink_even_dangling(tmp_path, force):
     out = tmp_path / "q.safetensors"
     out.symlink_to(tmp_path / "nowhere")
-    with pytest.raises(OutputError, match="exists; pass `force`"):
-        check_output(out, force=False)
+    with pytest.raises(OutputError, match="is a symbolic link .* qlin replaces only regular files, even with `force`"):
+        check_output(out, force=force)
 
 
 @pytest.mark.parametrize("make, message", [

@@ -282,10 +282,14 @@ def test_pack_all_of_nothing_and_one():
 
 
 @pytest.mark.parametrize("kernel", ["auto", "onednn", "fbgemm", "int_mm"])
-def test_an_input_that_requires_grad_runs_every_kernel(kernel):
+def test_an_input_that_requires_grad_runs_every_kernel(kernel, monkeypatch):
     """After a float embedding the activations require grad; the int8 layer runs them anyway
-    (no autograd through its in-place and out= ops) and returns a plain tensor."""
+    (no autograd through its in-place and out= ops), returns a plain tensor, and warns (once)
+    that the gradient stops there."""
+    import qlin_cli.qlinear
     from qlin_cli import QuantConfig, quantize_model
+
+    monkeypatch.setattr(qlin_cli.qlinear, "_warned_no_gradient", False)
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(100, 512), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
@@ -293,6 +297,7 @@ def test_an_input_that_requires_grad_runs_every_kernel(kernel):
     with torch.no_grad():
         reference = model(ids)
     res = quantize_model(model, QuantConfig(kernel=kernel))
-    y = res.model(ids)  # no torch.no_grad() here
+    with pytest.warns(UserWarning, match="QuantizedLinear has no gradient"):
+        y = res.model(ids)  # no torch.no_grad() here
     assert not y.requires_grad and y.shape == (4, 8, 512)
     assert float(((reference - y).norm() / reference.norm())) < 0.05

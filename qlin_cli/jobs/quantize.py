@@ -21,7 +21,7 @@ from ..errors import ConfigError, InputError
 from ..export import CT_FORMAT, check_exportable, save_compressed_tensors
 from ..fallback import quantize_to_target
 from ..files import size_bytes
-from ..hf import HF_KIND
+from ..hf import HF_KIND, hf_probe_inputs
 from ..plan import Plan, find_linears, make_plan
 from ..qfile import save_quantized, save_streamed
 from ..quantize import QuantizeResult, check_streamable, quantize_model, stream_layers
@@ -233,7 +233,22 @@ def _quantize_streamed(job: _Job) -> QuantizeReport:
         source=str(c.source), source_kind=f"{source.kind}, streamed one layer at a time", output=str(c.output),
         format=o.format, config=result.config, device=str(c.device), calibration=None, layers=result.layers,
         probe=probe, fallback=None, size_float_bytes=source.size_bytes, size_int8_bytes=c.output.stat().st_size,
+        notes=_not_smoothed(job, source.model, plan),
     )
+
+
+def _not_smoothed(job: _Job, model: nn.Module, plan: Plan) -> tuple[str, ...]:
+    """A note when the run without `stream` would have applied qlin's default SmoothQuant (a text
+    model's token ids are realistic data, `_smooth`), which needs the model's forward: the two
+    files then differ, and `no_smooth` makes the whole-model run write this one."""
+    if not job.options.default_smooth or hf_probe_inputs(model, samples=1) is None:
+        return ()
+    _, layers = plan.with_smoothing(DEFAULT_SMOOTH)
+    if not layers:
+        return ()
+    return (f"`stream` does not apply the default SmoothQuant (alpha {DEFAULT_SMOOTH}), which runs the model: without "
+            f"`stream` {layers} dynamic layers would be smoothed and the file would differ; `no_smooth` without "
+            "`stream` writes this same file",)
 
 
 def _write(job: _Job, report: QuantizeReport) -> QuantizeReport:
