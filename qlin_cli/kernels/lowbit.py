@@ -177,7 +177,7 @@ def _to_panel_rows(t: torch.Tensor, fill) -> torch.Tensor:
     pad = -n % PANEL
     if pad:
         t = torch.cat([t, t.new_full((pad, c), fill)])
-    return t.reshape(-1, PANEL, c).transpose(1, 2).contiguous()
+    return t.reshape(t.shape[0] // PANEL, PANEL, c).transpose(1, 2).contiguous()
 
 
 def _from_panel_rows(t: torch.Tensor, n: int) -> torch.Tensor:
