@@ -548,7 +548,9 @@ struct VAvx512 {
 };
 #endif
 
-// f(k, w) for k = k0 .. k1 - 1 in order, w[j] the dequantized weights of panel p0 + j at k
+// f(k, j, w) for k = k0 .. k1 - 1 in order, w the dequantized weights of panel p0 + j at k (for
+// one k, panels in order; a nibble pair's two k for one panel before the next panel: each
+// output still sees k in order, and fewer registers are live)
 template <class V, bool P4, bool ZP, int NP, class F>
 __attribute__((always_inline)) inline void walk(const Args& a, int64_t p0, int64_t k0, int64_t k1, F&& f) {
   using W = typename V::W;
@@ -562,32 +564,26 @@ __attribute__((always_inline)) inline void walk(const Args& a, int64_t p0, int64
     int64_t k = ks;
     if (P4) {
       if (k < ke && (k & 1)) {  // a group that starts on an odd k (an odd group size)
-        W w[NP];
-        _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) w[j] = V::template deq<P4, ZP>(code_row(a, p0 + j, k, true), 1, gp[j]);
-        f(k, w);
+        _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j)
+          f(k, j, V::template deq<P4, ZP>(code_row(a, p0 + j, k, true), 1, gp[j]));
         ++k;
       }
       for (; k + 2 <= ke; k += 2) {
-        W lo[NP], hi[NP];
         _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) {
           const uint8_t* c = code_row(a, p0 + j, k, true);
-          lo[j] = V::template deq<P4, ZP>(c, 0, gp[j]);
-          hi[j] = V::template deq<P4, ZP>(c, 1, gp[j]);
+          const W lo = V::template deq<P4, ZP>(c, 0, gp[j]);
+          f(k, j, lo);
+          const W hi = V::template deq<P4, ZP>(c, 1, gp[j]);
+          f(k + 1, j, hi);
         }
-        f(k, lo);
-        f(k + 1, hi);
       }
-      if (k < ke) {  // a group that ends on an even k
-        W w[NP];
-        _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) w[j] = V::template deq<P4, ZP>(code_row(a, p0 + j, k, true), 0, gp[j]);
-        f(k, w);
-      }
+      if (k < ke)  // a group that ends on an even k
+        _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j)
+          f(k, j, V::template deq<P4, ZP>(code_row(a, p0 + j, k, true), 0, gp[j]));
     } else {
-      for (; k < ke; ++k) {
-        W w[NP];
-        _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) w[j] = V::template deq<P4, ZP>(code_row(a, p0 + j, k, false), 0, gp[j]);
-        f(k, w);
-      }
+      for (; k < ke; ++k)
+        _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j)
+          f(k, j, V::template deq<P4, ZP>(code_row(a, p0 + j, k, false), 0, gp[j]));
     }
   }
 }
@@ -636,11 +632,8 @@ void direct_tile(const Args& a, int64_t m0, int64_t p0) {
     _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) acc[i][j] = V::zero();
   const float* xr[MB];
   _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) xr[i] = a.x + (m0 + i) * a.K;
-  walk<V, P4, ZP, NP>(a, p0, 0, a.K, [&](int64_t k, const W* w) __attribute__((always_inline)) {
-    _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) {
-      const float xv = xr[i][k];
-      _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) acc[i][j] = V::fma(w[j], xv, acc[i][j]);
-    }
+  walk<V, P4, ZP, NP>(a, p0, 0, a.K, [&](int64_t k, int j, const W& w) __attribute__((always_inline)) {
+    _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) acc[i][j] = V::fma(w, xr[i][k], acc[i][j]);
   });
   store_tile<V, MB, NP>(a, m0, p0, acc, true);
 }
@@ -657,9 +650,8 @@ void direct_rows(const Args& a, int64_t pb, int64_t pe) {
 // prefill: dequantize panels p0 .. p0 + NP over [k0, k1) into buf (k-major, NP * 16 floats per k)
 template <class V, bool P4, bool ZP, int NP>
 void dequant_block(const Args& a, int64_t p0, int64_t k0, int64_t k1, float* buf) {
-  walk<V, P4, ZP, NP>(a, p0, k0, k1, [&](int64_t k, const typename V::W* w) __attribute__((always_inline)) {
-    float* dst = buf + (k - k0) * NP * PR;
-    _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) V::store(dst + j * PR, w[j]);
+  walk<V, P4, ZP, NP>(a, p0, k0, k1, [&](int64_t k, int j, const typename V::W& w) __attribute__((always_inline)) {
+    V::store(buf + (k - k0) * NP * PR + j * PR, w);
   });
 }
 
