@@ -23,6 +23,8 @@ method's own dequantized weight (its arithmetic, not the quantization error).
                                                        # writes the lowbit-kernel section of RESULTS.md
     python benchmarks/lowbit_kernel.py --quick         # (4096, 4096), M = 1, 4 and 512; no RESULTS.md
     python benchmarks/lowbit_kernel.py --memory        # RSS of a loaded model per format (lowbit-memory)
+    python benchmarks/lowbit_kernel.py --threads 1 --clock cpu   # a call's CPU cost on one core
+                                                       # (robust to a loaded machine; lowbit-kernel-cpu)
 
 A script run by hand, never a test. Timings on a machine shared with other jobs are noisy: the
 load average is recorded with each run.
@@ -58,16 +60,16 @@ SLOW_S = 1.0
 BANDWIDTH_BYTES = 1 << 30
 
 
-def read_bandwidth(rounds: int = 7) -> float:
+def read_bandwidth(rounds: int = 7, clock=time.perf_counter) -> float:
     """Bytes per second torch's `sum` reads from a 1 GiB float32 tensor (median), with the
     threads torch has now."""
     x = torch.ones(BANDWIDTH_BYTES // 4)
     x.sum()
     times = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0 = clock()
         x.sum()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return BANDWIDTH_BYTES / statistics.median(times)
 
 
@@ -110,7 +112,7 @@ def _methods(w: torch.Tensor, x: torch.Tensor, m: int):
     return out
 
 
-def _run_config(n: int, k: int, m: int, rounds: int, seed: int) -> dict:
+def _run_config(n: int, k: int, m: int, rounds: int, seed: int, clock=time.perf_counter) -> dict:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * 0.02
     x = torch.randn(m, k, generator=gen)
@@ -119,9 +121,9 @@ def _run_config(n: int, k: int, m: int, rounds: int, seed: int) -> dict:
     times: dict[str, list[float]] = {}
     for name, (fn, ref, nbytes) in methods.items():  # warm-up call, output error, cost estimate
         try:
-            t0 = time.perf_counter()
+            t0 = clock()
             y = fn()
-            first = time.perf_counter() - t0
+            first = clock() - t0
         except Exception as exc:  # a method that fails is reported, never fatal
             res[name] = {"error": short_error(exc)}
             continue
@@ -133,9 +135,9 @@ def _run_config(n: int, k: int, m: int, rounds: int, seed: int) -> dict:
         rng.shuffle(fast)
         for name in fast:
             fn = methods[name][0]
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     base = statistics.median(times["float32"])
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -172,7 +174,8 @@ def _markdown(result: dict) -> str:
             rows.append(row)
         parts += [f"**Layer N={n}, K={k}** (y = x @ w.T, x (M, {k}))", "", common.md_table(header, rows), ""]
     parts.append("¹ one timed call, the first (over 1 s per call). Median of interleaved rounds otherwise; "
-                 f"{result['threads']} thread(s), wall time.")
+                 f"{result['threads']} thread(s), " + ("process CPU time per call (the bandwidth too)."
+                                                       if result.get("clock") == "cpu" else "wall time."))
     parts.append("\n    " + result["command"])
     return "\n".join(parts)
 
@@ -286,6 +289,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="(4096, 4096) at M = 1, 4 and 512; RESULTS.md untouched")
     p.add_argument("--tokens", help="token counts, e.g. 1,4 (default 1,2,4,16,128,512)")
     p.add_argument("--shapes", help="layers NxK, e.g. 4096x4096,2048x5632 (default: those two)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: time calls by this process's CPU time (with --threads 1: a call's own cost, robust "
+                        "to other jobs on the machine; section lowbit-kernel-cpu)")
     p.add_argument("--memory", action="store_true", help="RSS of a loaded model per format (section lowbit-memory)")
     p.add_argument("--blocks", type=int, default=4, help="--memory: MLP blocks (hidden 2048, intermediate 5632)")
     p.add_argument("--no-md", action="store_true", help="do not update benchmarks/RESULTS.md")
@@ -310,17 +316,19 @@ def main() -> None:
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     out_path = Path(args.out) if args.out else common.RESULTS_DIR / ("lowbit_kernel_quick.json" if args.quick else "lowbit_kernel.json")
-    result.update(lowbit_paths=list(kernels.lowbit_paths), tokens=tokens, shapes=[],
-                  bandwidth_gb_s=read_bandwidth() / 1e9)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    result.update(lowbit_paths=list(kernels.lowbit_paths), tokens=tokens, shapes=[], clock=args.clock,
+                  bandwidth_gb_s=read_bandwidth(clock=clock) / 1e9)
     common.log(f"read bandwidth {result['bandwidth_gb_s']:.1f} GB/s")
     for n, k in shapes:
         entry = {"n": n, "k": k, "by_m": {}}
         for m in tokens:
             common.log(f"N={n} K={k} M={m} ...")
-            entry["by_m"][str(m)] = r = _run_config(n, k, m, ROUNDS.get(m, 3), seed=n + k + m)
+            entry["by_m"][str(m)] = r = _run_config(n, k, m, ROUNDS.get(m, 3), seed=n + k + m, clock=clock)
             common.log("  " + ", ".join(f"{name} {v['ms']:.2f} ms" for name, v in r.items() if "ms" in v))
         result["shapes"].append(entry)
-    section = None if args.quick or args.no_md or args.tokens or args.shapes else "lowbit-kernel"
+    section = None if args.quick or args.no_md or args.tokens or args.shapes else \
+        "lowbit-kernel" + ("-cpu" if args.clock == "cpu" else "")
     common.publish(result, _markdown, out_path, section, start)
 
 
