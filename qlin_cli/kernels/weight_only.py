@@ -1,10 +1,9 @@
 """`weight_only`: float activations times int8 weights (B-bit values, one scale per output
 channel). On CPU it runs qlin's own panel kernel (lowbit.py, `native_kernels.cpp`
-lowbit_linear: batch invariant, at the memory bound for a few tokens and as fast as float32 at
-512); on CUDA, or where qlin's kernels are not built, `torch._weight_int8pack_mm` (on this CPU
-2.8x slower than float32 at one token and ~50x slower at 512: benchmarks/RESULTS.md,
-"lowbit-kernel"). Where neither can run, the layer falls back to its dequantized float weight
-(dequant)."""
+lowbit_linear: batch invariant, 1.4-1.8x float32 at one token and 1.03-1.06x at 512 on one AVX2
+core); on CUDA, or where qlin's kernels are not built, `torch._weight_int8pack_mm` (on CPU
+0.2x float32's speed at one token and 0.1x at 16: benchmarks/RESULTS.md, "lowbit-kernel-cpu").
+Where neither can run, the layer falls back to its dequantized float weight (dequant)."""
 
 from __future__ import annotations
 
