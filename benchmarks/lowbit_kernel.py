@@ -303,7 +303,8 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="RSS of a loaded model per format (section lowbit-memory)")
     p.add_argument("--blocks", type=int, default=4, help="--memory: MLP blocks (hidden 2048, intermediate 5632)")
     p.add_argument("--no-md", action="store_true", help="do not update benchmarks/RESULTS.md")
-    p.add_argument("--out", help="JSON output path (default benchmarks/results/lowbit_kernel[_quick|_memory].json)")
+    p.add_argument("--out", help="JSON output path (default benchmarks/results/lowbit_kernel[_quick][_cpu].json, "
+                                 "lowbit_memory.json)")
     args = p.parse_args()
     common.setup_threads(args.threads)
     start = time.perf_counter()
@@ -323,7 +324,8 @@ def main() -> None:
         tokens = [int(t) for t in args.tokens.split(",")]
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    out_path = Path(args.out) if args.out else common.RESULTS_DIR / ("lowbit_kernel_quick.json" if args.quick else "lowbit_kernel.json")
+    name = "lowbit_kernel" + ("_quick" if args.quick else "") + ("_cpu" if args.clock == "cpu" else "")
+    out_path = Path(args.out) if args.out else common.RESULTS_DIR / f"{name}.json"
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     by_sum, by_mv = read_bandwidth(clock=clock)
     result.update(lowbit_paths=list(kernels.lowbit_paths), tokens=tokens, shapes=[], clock=args.clock,
