@@ -446,7 +446,7 @@ def load_quantized(
 def _return_freed_memory() -> None:
     """Give the memory that loading freed (the file's unpacked codes, the buffers a kernel
     absorbed) back to the system: glibc keeps freed blocks for reuse, and a 4-bit model's process
-    stayed ~10x its weights' size without this (benchmarks/RESULTS.md, "lowbit-memory"). A no-op
+    stayed ~7x its weights' size without this (benchmarks/RESULTS.md, "lowbit-memory"). A no-op
     where the C library has no malloc_trim."""
     import ctypes
     import ctypes.util
