@@ -1,42 +1,50 @@
-"""Micro-benchmark of qlin's n-bit group-wise weight-only kernel (`lowbit_linear`, issue 15).
+"""Per-layer benchmark of qlin's weight-only kernel (`lowbit_linear`, issues 15 and 24) against
+float32, bfloat16 and torch's weight-only kernels, with the machine's read bandwidth measured in
+the same run; and (`--memory`) the resident memory of a loaded model per format.
 
-For layers (N, K) in {(4096, 4096), (11008, 4096), (4096, 11008)} and M in {1, 4, 16, 128}
-tokens (x float32 (M, K), seeded Gaussian; weight Gaussian * 0.02, symmetric round-to-nearest):
+Layers (N, K) (4096, 4096) and (2048, 5632), M in {1, 2, 4, 16, 128, 512} tokens (x float32
+(M, K), seeded Gaussian; weights Gaussian * 0.02, symmetric round-to-nearest):
 
-- `float32`: F.linear(x, w) (the float layer); `bfloat16`: F.linear on bf16 x and w;
-- `qlin 4-bit G=32/64/128/K`: qlin's fused kernel on packed 4-bit codes with a scale per group of
-  G input channels (G = K: per channel); `qlin 8-bit per channel`: the same kernel on int8;
-- `torch int4pack G fp32/bf16`: torch's `_weight_int4pack_mm_for_cpu` on the same 4-bit codes
-  (`_convert_weight_to_int4pack_for_cpu(codes 0..15 as int32, 1)`, scales_and_zeros (K/G, N, 2)
-  with w = (code - 8) * s + 0), float32 and bfloat16 activations (it takes G in 32..256 only);
-  float32 activations cost ~0.1 s per call per token, so from M = 4 it runs for G = 128 only;
-- `torch int8pack`: `_weight_int8pack_mm` on the same int8 per-channel weights.
+- `float32`: F.linear(x, w); `bfloat16`: F.linear on bf16 x and w;
+- `qlin int8 weight-only`: qlin's panel kernel on int8 per-channel weights (what `weight_only`
+  runs on CPU); `torch int8pack`: `_weight_int8pack_mm` on the same weights (what it ran before);
+- `qlin 4-bit G=32` / `G=128`: qlin's panel kernel on 4-bit codes with a scale per group;
+- `torch int4pack G bf16`: `_weight_int4pack_mm_for_cpu` on the same codes, bf16 activations
+  (not batch invariant, so never `auto`'s choice; here to show what that choice costs).
 
-Timing: all methods of a configuration interleaved (a fresh shuffled order each round), after a
-warm-up call; median of the rounds (fewer rounds at large M); a method whose first call takes
-over 1 s is not repeated: that call is its one sample. Speedup = float32 median / method median. SQNR (dB) of each output
-against float32 F.linear with that method's own dequantized weight (for float32 and bfloat16:
-the float weight), so it measures the kernel's arithmetic, not the quantization error.
+bytes = what a call reads of weights (codes, scales, zero points; float: the weight itself);
+GB/s = bytes / median time; "% bw" = that against the read bandwidth of this run (the larger of
+torch's `sum` over a 1 GiB float32 tensor and `torch.mv` over a 1 GiB float32 matrix, the same
+threads), for M <= 4, where a weight-only layer is bound by memory. Timing: methods interleaved in shuffled rounds after a warm-up call, median; a method
+whose first call takes over 1 s gets that one call. SQNR (dB) against float32 F.linear on that
+method's own dequantized weight (its arithmetic, not the quantization error).
 
-    python benchmarks/lowbit_kernel.py                    # ~5 min on a quiet 2-core machine
-    python benchmarks/lowbit_kernel.py --quick            # (4096, 4096), M = 1 and 16
-    python benchmarks/lowbit_kernel.py --threads 1 --clock cpu --tokens 1,4 \
-        --out benchmarks/results/lowbit_kernel_1thread_cpu.json   # a call's CPU cost, one core
+    python benchmarks/lowbit_kernel.py                 # ~5 min on a quiet 2-core machine;
+                                                       # writes the lowbit-kernel section of RESULTS.md
+    python benchmarks/lowbit_kernel.py --quick         # (4096, 4096), M = 1, 4 and 512; no RESULTS.md
+    python benchmarks/lowbit_kernel.py --memory        # RSS of a loaded model per format (lowbit-memory)
+    python benchmarks/lowbit_kernel.py --threads 1 --clock cpu   # a call's CPU cost on one core
+                                                       # (robust to a loaded machine; lowbit-kernel-cpu)
 
-Output: a Markdown table on stdout, benchmarks/results/lowbit_kernel.json (--out to change).
-A script run by hand, never a test. Timings on a machine shared with other jobs are noisy.
+A script run by hand, never a test. Timings on a machine shared with other jobs are noisy: the
+load average is recorded with each run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,16 +53,34 @@ from common import short_error  # noqa: E402
 
 from qlin_cli.kernels import lowbit, native  # noqa: E402
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-TOKENS = [1, 4, 16, 128]
-GROUPS = [32, 64, 128, None]  # None: per channel (G = K)
-ROUNDS = {1: 15, 4: 11, 16: 7, 128: 3}
-SLOW_S = 1.0  # a method slower than this per call gets one timed call
+SHAPES = [(4096, 4096), (2048, 5632)]
+TOKENS = [1, 2, 4, 16, 128, 512]
+ROUNDS = {1: 21, 2: 15, 4: 15, 16: 9, 128: 5, 512: 3}
+SLOW_S = 1.0
+BANDWIDTH_BYTES = 1 << 30
+
+
+def read_bandwidth(rounds: int = 7, clock=time.perf_counter) -> tuple[float, float]:
+    """Bytes per second read from a 1 GiB float32 tensor (median), with the threads torch has
+    now, by torch's `sum` and by a matrix-vector product (`torch.mv`, one token of a 1 GiB float32
+    layer): on a CPU whose `sum` is bound by its adds (AMD Zen 1) the second is the bound."""
+    x = torch.ones(BANDWIDTH_BYTES // 4)
+    v = torch.ones(1 << 14)
+    xm = x.view(-1, 1 << 14)
+    out = []
+    for fn in (x.sum, lambda: torch.mv(xm, v)):
+        fn()
+        times = []
+        for _ in range(rounds):
+            t0 = clock()
+            fn()
+            times.append(clock() - t0)
+        out.append(BANDWIDTH_BYTES / statistics.median(times))
+    return out[0], out[1]
 
 
 def _quantize(w: torch.Tensor, bits: int, group: int):
-    """Symmetric round-to-nearest per group: codes int8 (N, K) in [-2^(b-1), 2^(b-1) - 1],
-    scale (N, K / G)."""
+    """Symmetric round-to-nearest per group: codes int8 (N, K), scale (N, K / G)."""
     n, k = w.shape
     qmax = 2 ** (bits - 1) - 1
     amax = w.reshape(n, k // group, group).abs().amax(-1).clamp_min(1e-12)
@@ -64,37 +90,31 @@ def _quantize(w: torch.Tensor, bits: int, group: int):
 
 
 def _methods(w: torch.Tensor, x: torch.Tensor, m: int):
-    """name -> (callable, reference output for its SQNR)."""
+    """name -> (callable, reference output for its SQNR, weight bytes a call reads)."""
     n, k = w.shape
-    kernels = native.load()
-    if kernels is None or not hasattr(kernels, "lowbit_linear"):
-        raise SystemExit(f"qlin's fused kernels are not built here: {native.unavailable_reason()}")
-    no_z, no_b = torch.empty(0, dtype=torch.int8), torch.empty(0)
     ref_f32 = F.linear(x, w)
     wb, xb = w.bfloat16(), x.bfloat16()
-    out = {"float32": (lambda: F.linear(x, w), ref_f32), "bfloat16": (lambda: F.linear(xb, wb), ref_f32)}
-    for group in GROUPS:
-        g = group or k
+    out = {"float32": (lambda: F.linear(x, w), ref_f32, n * k * 4),
+           "bfloat16": (lambda: F.linear(xb, wb), ref_f32, n * k * 2)}
+    q8, s8 = _quantize(w, 8, k)
+    ref8 = F.linear(x, lowbit.dequantize(q8, 8, s8, None, k, k))
+    p8 = lowbit.to_panels(q8, 8, s8.reshape(-1), None, None)
+    out["qlin int8 weight-only"] = (lambda: lowbit.panel_linear(x, p8), ref8, p8.nbytes())
+    if m <= 16:  # ~50x float32's time at 512 tokens
+        s8v = s8.reshape(-1).contiguous()
+        out["torch int8pack"] = (lambda: torch._weight_int8pack_mm(x, q8, s8v), ref8, q8.numel() + s8v.numel() * 4)
+    for g in (32, 128):
         q, s = _quantize(w, 4, g)
-        packed = lowbit.pack_int4(q)
-        ref = F.linear(x, lowbit.dequantize(packed, 4, s, None, g, k))
-        label = f"G={group}" if group else "per channel"
-        out[f"qlin 4-bit {label}"] = ((lambda p=packed, s=s, g=g: kernels.lowbit_linear(x, p, 4, s, no_z, g, no_b)), ref)
-        if group is None:
-            continue
+        p = lowbit.to_panels(q, 4, s, None, g)
+        ref = F.linear(x, lowbit.dequantize(q, 4, s, None, g, k))
+        out[f"qlin 4-bit G={g}"] = ((lambda p=p: lowbit.panel_linear(x, p)), ref, p.nbytes())
         codes = (q.to(torch.int32) + 8).contiguous()
         wp = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
         sz = torch.zeros(k // g, n, 2)
         sz[..., 0] = s.t()
         szb = sz.bfloat16()
-        out[f"torch int4pack G={g} bf16"] = ((lambda wp=wp, g=g, szb=szb: torch._weight_int4pack_mm_for_cpu(xb, wp, g, szb)), ref)
-        if m == 1 or g == 128:
-            out[f"torch int4pack G={g} fp32"] = ((lambda wp=wp, g=g, sz=sz: torch._weight_int4pack_mm_for_cpu(x, wp, g, sz)), ref)
-    q8, s8 = _quantize(w, 8, k)
-    ref8 = F.linear(x, lowbit.dequantize(q8, 8, s8, None, k, k))
-    out["qlin 8-bit per channel"] = (lambda: kernels.lowbit_linear(x, q8, 8, s8, no_z, k, no_b), ref8)
-    s8v = s8.reshape(-1).contiguous()
-    out["torch int8pack"] = (lambda: torch._weight_int8pack_mm(x, q8, s8v), ref8)
+        out[f"torch int4pack G={g} bf16"] = ((lambda wp=wp, g=g, szb=szb: torch._weight_int4pack_mm_for_cpu(xb, wp, g, szb)),
+                                             ref, n * k // 2 + szb.numel() * 2)
     return out
 
 
@@ -105,7 +125,7 @@ def _run_config(n: int, k: int, m: int, rounds: int, seed: int, clock=time.perf_
     methods = _methods(w, x, m)
     res: dict[str, dict] = {}
     times: dict[str, list[float]] = {}
-    for name, (fn, ref) in methods.items():  # warm-up call, output error, cost estimate
+    for name, (fn, ref, nbytes) in methods.items():  # warm-up call, output error, cost estimate
         try:
             t0 = clock()
             y = fn()
@@ -113,7 +133,7 @@ def _run_config(n: int, k: int, m: int, rounds: int, seed: int, clock=time.perf_
         except Exception as exc:  # a method that fails is reported, never fatal
             res[name] = {"error": short_error(exc)}
             continue
-        res[name] = {"sqnr_db": None if name == "float32" else common.sqnr_db(ref, y.float())}
+        res[name] = {"sqnr_db": None if name == "float32" else common.sqnr_db(ref, y.float()), "bytes": nbytes}
         times[name] = [first] if first > SLOW_S else []
     rng = random.Random(seed)
     fast = [name for name in times if not times[name]]
@@ -127,76 +147,201 @@ def _run_config(n: int, k: int, m: int, rounds: int, seed: int, clock=time.perf_
     base = statistics.median(times["float32"])
     for name, ts in times.items():
         med = statistics.median(ts)
-        res[name].update(ms=med * 1e3, min_ms=min(ts) * 1e3, samples=len(ts), speedup=base / med)
+        res[name].update(ms=med * 1e3, min_ms=min(ts) * 1e3, samples=len(ts), speedup=base / med,
+                         gb_s=res[name]["bytes"] / med / 1e9)
     return res
 
 
 def _markdown(result: dict) -> str:
     tokens = result["tokens"]
-    parts = [common.machine_md(result["machine"]), ""]
+    bw = result["bandwidth_gb_s"]
+    parts = [common.machine_md(result["machine"]), "",
+             f"Read bandwidth in this run: **{bw:.1f} GB/s**, the larger of torch `sum` over 1 GiB float32 "
+             f"({result['bandwidth_sum_gb_s']:.1f}) and `torch.mv` over a 1 GiB float32 matrix "
+             f"({result['bandwidth_mv_gb_s']:.1f}), {result['threads']} thread(s); "
+             f"load average {result['load_average']} at the start. "
+             f"qlin's kernel paths built here: {', '.join(result['lowbit_paths'])}.", ""]
     for shape in result["shapes"]:
         n, k = shape["n"], shape["k"]
-        header = ["method"] + [f"M={m} ms (× f32)" for m in tokens] + [f"SQNR dB (M={tokens[-1]})"]
+        header = (["method", "MB read"] + [f"M={m} ms (× f32)" for m in tokens]
+                  + [f"M={m} GB/s (% bw)" for m in tokens if m <= 4] + [f"SQNR dB (M={tokens[-1]})"])
         names = list(dict.fromkeys(name for m in tokens for name in shape["by_m"][str(m)]))
         rows = []
         for name in names:
-            row = [name]
+            first = next(shape["by_m"][str(m)][name] for m in tokens if name in shape["by_m"][str(m)])
+            row = [name, f"{first['bytes'] / 1e6:.1f}" if "bytes" in first else "—"]
             for m in tokens:
                 r = shape["by_m"][str(m)].get(name)
-                if r is None:
-                    row.append("—")
-                elif "error" in r:
-                    row.append(f"error: {r['error'][:40]}")
-                else:
-                    row.append(f"{r['ms']:.2f} ({r['speedup']:.2f}×)" + ("¹" if r["samples"] == 1 else ""))
-            last = shape["by_m"][str(tokens[-1])].get(name) or shape["by_m"][str(tokens[0])].get(name, {})
+                row.append("—" if r is None else f"error: {r['error'][:40]}" if "error" in r else
+                           f"{r['ms']:.2f} ({r['speedup']:.2f}×)" + ("¹" if r["samples"] == 1 else ""))
+            for m in (t for t in tokens if t <= 4):
+                r = shape["by_m"][str(m)].get(name)
+                row.append("—" if r is None or "error" in r else f"{r['gb_s']:.1f} ({100 * r['gb_s'] / bw:.0f}%)")
+            last = shape["by_m"][str(tokens[-1])].get(name) or first
             row.append(common.fmt(last.get("sqnr_db")) if "sqnr_db" in last else "—")
             rows.append(row)
         parts += [f"**Layer N={n}, K={k}** (y = x @ w.T, x (M, {k}))", "", common.md_table(header, rows), ""]
     parts.append("¹ one timed call, the first (over 1 s per call). Median of interleaved rounds otherwise; "
-                 f"{result['threads']} thread(s), " + ("process CPU time per call." if result["clock"] == "cpu" else "wall time."))
+                 f"{result['threads']} thread(s), " + ("process CPU time per call (the bandwidth too)."
+                                                       if result.get("clock") == "cpu" else "wall time."))
+    parts.append("\n    " + result["command"])
     return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- resident memory
+
+MEMORY_FORMATS = {
+    "float32": None,
+    "bfloat16": None,
+    "int8 weight-only": {"mode": "weight-only"},
+    "4-bit G=32": {"bits": 4, "group_size": 32},
+    "4-bit G=128": {"bits": 4, "group_size": 128},
+}
+
+_LOAD = r"""
+import gc, json, sys, torch
+sys.path.insert(0, sys.argv[3])
+from common import _proc_status_bytes
+def current_rss_bytes():
+    return _proc_status_bytes("VmRSS")
+from qlin_cli import empty_weights, load_quantized
+from lowbit_kernel import mlp_stack
+from qlin_cli.kernels import lowbit
+torch.set_num_threads(2)
+# warm up what any first load pays once (the kernels' module, OpenMP's threads, a packing pool)
+from qlin_cli import QuantConfig, quantize_model
+quantize_model(mlp_stack(1, 256, 512), QuantConfig(bits=4, group_size=32)).model(torch.randn(1, 256))
+gc.collect()
+base = current_rss_bytes()
+if sys.argv[1] == "float32" or sys.argv[1] == "bfloat16":
+    model = mlp_stack(int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+    if sys.argv[1] == "bfloat16":
+        model = model.bfloat16()
+else:
+    with empty_weights():
+        skeleton = mlp_stack(int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+    model = load_quantized(skeleton, sys.argv[2])
+gc.collect()
+x = torch.randn(1, int(sys.argv[5]), dtype=next(model.parameters(), torch.empty(0)).dtype
+                if sys.argv[1] == "bfloat16" else torch.float32)
+with torch.no_grad():
+    model(x)  # one call: what a loaded model holds while it serves
+gc.collect()
+print(json.dumps({"rss": current_rss_bytes() - base}))
+"""
+
+
+def mlp_stack(blocks: int, hidden: int, inter: int) -> nn.Module:
+    """A Llama-shaped stack of MLPs: per block up (inter, hidden), then down (hidden, inter), no
+    bias; seeded."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(blocks):
+        layers += [nn.Linear(hidden, inter, bias=False), nn.Linear(inter, hidden, bias=False)]
+    return nn.Sequential(*layers).eval()
+
+
+def memory(blocks: int, hidden: int, inter: int) -> dict:
+    """RSS a fresh process gains by loading the model (and running one token), per format."""
+    from qlin_cli import QuantConfig, quantize_model, save_quantized
+    from qlin_cli.qlinear import QuantizedLinear
+
+    weights = blocks * 2 * hidden * inter
+    out = {"blocks": blocks, "hidden": hidden, "intermediate": inter, "weights": weights, "formats": {}}
+    bench = str(Path(__file__).resolve().parent)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, keys in MEMORY_FORMATS.items():
+            path, held = Path(tmp) / "m.safetensors", None
+            if keys is not None:
+                result = quantize_model(mlp_stack(blocks, hidden, inter), QuantConfig(**keys))
+                held = sum(m._run.panels.nbytes() for m in result.model.modules()
+                           if isinstance(m, QuantizedLinear) and hasattr(m._run, "panels"))
+                save_quantized(result, path, force=True)
+                del result
+            common.log(f"memory: {name} ...")
+            done = subprocess.run([sys.executable, "-c", _LOAD, name, str(path), bench, str(blocks), str(hidden),
+                                   str(inter)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(common.REPO)})
+            if done.returncode != 0:
+                out["formats"][name] = {"error": done.stderr.strip().splitlines()[-1][:200]}
+                continue
+            rss = json.loads(done.stdout.strip().splitlines()[-1])["rss"]
+            file_bytes = path.stat().st_size if path.exists() else weights * (4 if name == "float32" else 2)
+            out["formats"][name] = {"rss": rss, "kernel_bytes": held if held is not None else file_bytes,
+                                    "file_bytes": file_bytes}
+    return out
+
+
+def _memory_markdown(result: dict) -> str:
+    mem = result["memory"]
+    rows = []
+    for name, r in mem["formats"].items():
+        if "error" in r:
+            rows.append([name, f"error: {r['error'][:60]}", "—", "—", "—"])
+            continue
+        rows.append([name, f"{r['rss'] / 2**20:.0f}", f"{r['kernel_bytes'] / 2**20:.0f}", f"{r['file_bytes'] / 2**20:.0f}",
+                     f"{r['rss'] / r['kernel_bytes']:.2f}"])
+    return "\n".join([
+        common.machine_md(result["machine"]), "",
+        f"A Llama-shaped stack of {mem['blocks']} MLP blocks (up {mem['intermediate']}x{mem['hidden']}, down "
+        f"{mem['hidden']}x{mem['intermediate']}, {mem['weights'] / 1e6:.0f} M weights), loaded in a fresh process "
+        "(a quantized model: a skeleton on the meta device, `load_quantized`), after one token; RSS gained over "
+        "the process before loading (after a warm-up that loads the kernels and starts the threads). \"read per token\": "
+        "the bytes the kernels hold and read (float: the weights).",
+        "", common.md_table(["format", "RSS MiB", "read per token MiB", "file MiB", "RSS / read"], rows), "",
+        "    " + result["command"]])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="(4096, 4096) at M = 1 and 16 only")
+    p.add_argument("--quick", action="store_true", help="(4096, 4096) at M = 1, 4 and 512; RESULTS.md untouched")
+    p.add_argument("--tokens", help="token counts, e.g. 1,4 (default 1,2,4,16,128,512)")
+    p.add_argument("--shapes", help="layers NxK, e.g. 4096x4096,2048x5632 (default: those two)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="cpu: time calls by this process's CPU time (with --threads 1, a call's own "
-                        "cost, robust to other jobs on the machine)")
-    p.add_argument("--tokens", help="token counts, e.g. 1,4 (default 1,4,16,128)")
-    p.add_argument("--shapes", help="layers NxK, e.g. 4096x4096,11008x4096 (default: the three above)")
-    p.add_argument("--out", help="JSON output path (default benchmarks/results/lowbit_kernel[_quick].json)")
+                   help="cpu: time calls by this process's CPU time (with --threads 1: a call's own cost, robust "
+                        "to other jobs on the machine; section lowbit-kernel-cpu)")
+    p.add_argument("--memory", action="store_true", help="RSS of a loaded model per format (section lowbit-memory)")
+    p.add_argument("--blocks", type=int, default=4, help="--memory: MLP blocks (hidden 2048, intermediate 5632)")
+    p.add_argument("--no-md", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument("--out", help="JSON output path (default benchmarks/results/lowbit_kernel[_quick][_cpu].json, "
+                                 "lowbit_memory.json)")
     args = p.parse_args()
     common.setup_threads(args.threads)
-    shapes, tokens = (SHAPES[:1], [1, 16]) if args.quick else (SHAPES, TOKENS)
+    start = time.perf_counter()
+    command = "python benchmarks/lowbit_kernel.py " + " ".join(sys.argv[1:])
+    kernels = native.load()
+    if kernels is None or not hasattr(kernels, "lowbit_paths"):
+        raise SystemExit(f"qlin's kernels are not built here: {native.unavailable_reason()}")
+    result = {"machine": common.machine_info(args.threads), "threads": args.threads, "command": command.strip(),
+              "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg())}
+    if args.memory:
+        result["memory"] = memory(args.blocks, 2048, 5632)
+        out = Path(args.out) if args.out else common.RESULTS_DIR / "lowbit_memory.json"
+        common.publish(result, _memory_markdown, out, None if args.no_md else "lowbit-memory", start)
+        return
+    shapes, tokens = (SHAPES[:1], [1, 4, 512]) if args.quick else (SHAPES, TOKENS)
     if args.tokens:
         tokens = [int(t) for t in args.tokens.split(",")]
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    out_path = Path(args.out) if args.out else common.RESULTS_DIR / ("lowbit_kernel_quick.json" if args.quick else "lowbit_kernel.json")
-    start = time.perf_counter()
-    kernels = native.load()
-    result = {
-        "machine": common.machine_info(args.threads),
-        "threads": args.threads,
-        "clock": args.clock,
-        "avx512_path": bool(getattr(kernels, "lowbit_avx512", False)),
-        "tokens": tokens,
-        "shapes": [],
-    }
+    name = "lowbit_kernel" + ("_quick" if args.quick else "") + ("_cpu" if args.clock == "cpu" else "")
+    out_path = Path(args.out) if args.out else common.RESULTS_DIR / f"{name}.json"
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    by_sum, by_mv = read_bandwidth(clock=clock)
+    result.update(lowbit_paths=list(kernels.lowbit_paths), tokens=tokens, shapes=[], clock=args.clock,
+                  bandwidth_sum_gb_s=by_sum / 1e9, bandwidth_mv_gb_s=by_mv / 1e9,
+                  bandwidth_gb_s=max(by_sum, by_mv) / 1e9)
+    common.log(f"read bandwidth {result['bandwidth_gb_s']:.1f} GB/s")
     for n, k in shapes:
         entry = {"n": n, "k": k, "by_m": {}}
         for m in tokens:
             common.log(f"N={n} K={k} M={m} ...")
-            entry["by_m"][str(m)] = _run_config(n, k, m, ROUNDS.get(m, 3 if m > 16 else 9), seed=n + k + m,
-                                                clock=time.process_time if args.clock == "cpu" else time.perf_counter)
-            f32 = entry["by_m"][str(m)]["float32"]["ms"]
-            q4 = entry["by_m"][str(m)]["qlin 4-bit G=128"]["ms"]
-            common.log(f"  float32 {f32:.2f} ms, qlin 4-bit G=128 {q4:.2f} ms ({f32 / q4:.2f}×)")
+            entry["by_m"][str(m)] = r = _run_config(n, k, m, ROUNDS.get(m, 3), seed=n + k + m, clock=clock)
+            common.log("  " + ", ".join(f"{name} {v['ms']:.2f} ms" for name, v in r.items() if "ms" in v))
         result["shapes"].append(entry)
-    common.publish(result, _markdown, out_path, None, start)
+    section = None if args.quick or args.no_md or args.tokens or args.shapes else \
+        "lowbit-kernel" + ("-cpu" if args.clock == "cpu" else "")
+    common.publish(result, _markdown, out_path, section, start)
 
 
 if __name__ == "__main__":

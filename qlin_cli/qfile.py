@@ -481,7 +481,23 @@ def load_quantized(
     _retie(model, _ties(qf.path, qf.metadata))
     model.to(device)
     pack_all(swapped, device)
+    del qf, state
+    _return_freed_memory()
     return compile_model(model.eval()) if compile else model.eval()
+
+
+def _return_freed_memory() -> None:
+    """Give the memory that loading freed (the file's unpacked codes, the buffers a kernel
+    absorbed) back to the system: glibc keeps freed blocks for reuse, and a 4-bit model's process
+    stayed ~7x its weights' size without this (benchmarks/RESULTS.md, "lowbit-memory"). A no-op
+    where the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _materialize(model: nn.Module, targets: dict[str, torch.Tensor]) -> None:

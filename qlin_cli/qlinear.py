@@ -6,7 +6,10 @@ values, `weight_scale` float32 `()`, `(out,)` or per group `(out, ceil(in / G))`
 `()` and `input_zero_point` int8 `()`, SmoothQuant adds `smooth_scale` float32 `(in,)`), so
 `state_dict()` is the file's content, except that the file packs weights of fewer than 8 bits
 (qfile.py). The kernel's packed operands are derived from those buffers by `pack()` and never
-saved.
+saved. One copy: where a kernel keeps a tensor in its own layout (its packed object names it in
+`absorbed`, e.g. the weight-only panels), the layer drops its own buffer after packing and
+rebuilds it exactly from the kernel (`rebuild`) when it is read or saved, so a loaded model holds
+the weights once.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class QuantizedLinear(QuantizedModule):
         self._run = None
         self._any_rank = False
         self._compiled: _Packed | None = None  # this layer's entry in _PACKED (compile_model)
+        self._absorbed: tuple[str, ...] = ()  # buffers the packed kernel holds in its own layout (`pack`)
 
     @classmethod
     def from_float(
@@ -109,6 +113,7 @@ class QuantizedLinear(QuantizedModule):
 
     def pack(self, device: torch.device | str = "cpu") -> "QuantizedLinear":
         """Move the buffers to `device`, choose this machine's kernel and prepare its operands."""
+        self._restore_absorbed()  # (needs the kernel that holds them)
         self._run = None  # not packed twice by the move (_moved)
         self.to(device)
         self.kernel = select_kernel(
@@ -120,12 +125,57 @@ class QuantizedLinear(QuantizedModule):
         self._run = pack(self.kernel, layer, self.scheme, device=device, dtype=self.dtype)
         self._any_rank = getattr(self._run, "takes_any_rank", False)
         self._compiled = None
+        self._absorb()
         return self
 
     def _moved(self, device: torch.device) -> None:
         if self._run is not None:  # packed for another device or activation dtype
             self.pack(device)
 
+    # one copy of the weights -------------------------------------------------------------------
+    def _absorb(self) -> None:
+        """Drop the buffers the packed kernel holds in its own layout (`absorbed`): it rebuilds them."""
+        self._absorbed = tuple(n for n in getattr(self._run, "absorbed", ()) if self._buffers.get(n) is not None)
+        for name in self._absorbed:
+            del self._buffers[name]
+
+    def _restore_absorbed(self) -> None:
+        """Put the absorbed buffers back, rebuilt from the kernel, in their registration order."""
+        if not self._absorbed:
+            return
+        rebuilt = {name: self._run.rebuild(name) for name in self._absorbed}
+        rest = dict(self._buffers)
+        self._buffers.clear()
+        for name in ("weight", "weight_scale", "weight_zero_point"):
+            if name in rebuilt:
+                self._buffers[name] = rebuilt[name]
+        self._buffers.update(rest)
+        self._absorbed = ()
+
+    def __getattr__(self, name: str):
+        absorbed = self.__dict__.get("_absorbed", ())
+        if name in absorbed:  # a buffer the kernel holds: rebuilt exactly on each read
+            return self.__dict__["_run"].rebuild(name)
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._absorbed:  # the file's tensors, in the order the buffers were registered
+            tail = {k: destination.pop(k) for k in list(destination) if k.startswith(prefix) and
+                    k[len(prefix):] not in self._absorbed and "." not in k[len(prefix):]}
+            for name in self._absorbed:
+                destination[prefix + name] = self._run.rebuild(name)
+            destination.update(tail)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        packed = self._absorbed
+        self._restore_absorbed()  # loading writes into the buffers; the kernel is packed again after
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if packed:
+            self.pack(self.weight.device)
+
+    @torch.no_grad()  # int8 kernels have no gradient; an input that requires grad (after a float
+    # embedding) must not reach their in-place and out= ops under autograd
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._run is None:
             raise RuntimeError("QuantizedLinear used before pack(); call quantize_model or load_quantized")

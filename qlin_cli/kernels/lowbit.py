@@ -21,6 +21,8 @@ differs) and is batch invariant: a row of y depends on its row of x only, bit fo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -30,8 +32,8 @@ from . import native
 from .registry import Kernel, KernelChoice, low_bit_layer
 
 __all__ = [
-    "pack_bits", "unpack_bits", "pack_int4", "unpack_int4", "dequantize", "lowbit_linear_reference", "implementation",
-    "lowbit_linear", "KERNEL",
+    "pack_bits", "unpack_bits", "pack_int4", "unpack_int4", "dequantize", "lowbit_linear_reference", "Panels",
+    "to_panels", "from_panels", "panel_linear", "lowbit_linear", "KERNEL",
 ]
 
 _EMPTY_F32 = torch.empty(0)
@@ -136,51 +138,150 @@ def lowbit_linear_reference(x: torch.Tensor, w: torch.Tensor, bits: int, scale: 
     return F.linear(x, weight, bias if bias is not None and bias.numel() else None)
 
 
-def implementation():
-    """The function that computes `lowbit_linear` here, looked up once by a caller that packs a
-    layer: qlin's fused kernel where it is built (native.py; the reason it is not is said once),
-    else `lowbit_linear_reference`. Both take (x, w, bits, scale, zero_point, group_size, bias)
-    with an empty tensor for no zero point or no bias."""
-    kernels = native.load()
-    if kernels is None or not hasattr(kernels, "lowbit_linear"):
-        return lowbit_linear_reference
-    return kernels.lowbit_linear
+PANEL = 16  # output rows per panel of the kernel's layout
+
+
+@dataclass(frozen=True)
+class Panels:
+    """A weight-only layer's operands in the kernel's layout (`native_kernels.cpp`, lowbit_linear),
+    the only copy of the weights a packed layer holds (`to_panels`; `from_panels` gives back the
+    file's tensors exactly). P = ceil(N / 16) panels of 16 output rows, k-major:
+
+    - `codes`: for bits <= 4, uint8 (P, ceil(K/2), 16): byte [p, j, r] holds u = q + 8 of row
+      16p + r at k = 2j in its low nibble and at k = 2j + 1 in its high one; else int8 (P, K, 16),
+      q of row 16p + r at k. Rows past N (and the high nibble past an odd K) hold q = 0.
+    - `scale`: float32 (P, ngroups, 16); `zq`: int8 (P, ngroups, 16), z (+ 8 for nibbles), or
+      empty where every zero point is 0.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zq: torch.Tensor
+    n: int
+    k: int
+    group_size: int
+    bits: int
+    scale_shape: tuple[int, ...]  # the file's scale shape: () per tensor, (N,) per channel, (N, ngroups)
+
+    @property
+    def nibbles(self) -> bool:
+        return self.bits <= 4
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zq))
+
+
+def _to_panel_rows(t: torch.Tensor, fill) -> torch.Tensor:
+    """(N, C) -> (P, C, 16): rows padded to whole panels with `fill`, then each panel k-major."""
+    n, c = t.shape
+    pad = -n % PANEL
+    if pad:
+        t = torch.cat([t, t.new_full((pad, c), fill)])
+    return t.reshape(t.shape[0] // PANEL, PANEL, c).transpose(1, 2).contiguous()
+
+
+def _from_panel_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(P, C, 16) -> (N, C): `_to_panel_rows` undone."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n].contiguous()
+
+
+def to_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: torch.Tensor | None,
+              group_size: int | None) -> Panels:
+    """The kernel's operands from a layer's stored tensors: q int8 (N, K) B-bit values, scale
+    float32 `()`, `(N,)` or `(N, ceil(K / G))`, zero point int8 of the scale's shape (or None);
+    group_size None: per channel (or per tensor), G = K."""
+    n, k = q.shape
+    g = k if group_size is None else group_size
+    ngroups = -(-k // g) if k else 0
+    shape = (n, ngroups)
+    s2 = scale.float().reshape(-1, 1).expand(shape) if scale.dim() < 2 else scale.float()
+    zp = torch.zeros((), dtype=torch.int8) if zero_point is None else zero_point
+    z2 = zp.reshape(-1, 1).expand(shape) if zp.dim() < 2 else zp
+    if bits <= 4:
+        u = (q.to(torch.int16) + 8).to(torch.uint8)  # (N, K) in [0, 15]
+        if k % 2:
+            u = torch.cat([u, u.new_full((n, 1), 8)], dim=1)
+        codes = _to_panel_rows(u[:, 0::2] | (u[:, 1::2] << 4), 0x88)
+    else:
+        codes = _to_panel_rows(q.contiguous(), 0)
+    zq = (_to_panel_rows(z2.to(torch.int16) + (8 if bits <= 4 else 0), 0).to(torch.int8) if bool(z2.any())
+          else _EMPTY_I8)
+    return Panels(codes, _to_panel_rows(s2.contiguous(), 0.0), zq, n, k, g, bits, tuple(scale.shape))
+
+
+def from_panels(p: Panels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's stored tensors (q int8 (N, K), scale and zero point in their file shapes)
+    rebuilt from its panels: exactly the ones `to_panels` took."""
+    if p.nibbles:
+        b = _from_panel_rows(p.codes, p.n)  # (N, ceil(K/2))
+        u = torch.stack([b & 15, b >> 4], dim=-1).reshape(p.n, -1)[:, :p.k]
+        q = (u.to(torch.int16) - 8).to(torch.int8)
+    else:
+        q = _from_panel_rows(p.codes, p.n)
+    s2 = _from_panel_rows(p.scale, p.n)
+    z2 = (_from_panel_rows(p.zq, p.n).to(torch.int16) - (8 if p.nibbles else 0)).to(torch.int8) if p.zq.numel() \
+        else torch.zeros(s2.shape, dtype=torch.int8)
+
+    def file_shape(t: torch.Tensor) -> torch.Tensor:
+        if len(p.scale_shape) == 2:
+            return t
+        return t[:, 0].contiguous() if p.scale_shape else t[0, 0].clone()  # per channel, per tensor
+
+    return q, file_shape(s2), file_shape(z2)
+
+
+def panel_linear(x: torch.Tensor, p: Panels, bias: torch.Tensor | None = None, path: int = 0) -> torch.Tensor:
+    """y = x @ dequant(w).T + bias through the native kernel (`native.load()` must have it): x
+    float32 (M, K) contiguous -> (M, N). `path`: 0 the best built here; 1 scalar, 2 AVX2, 3
+    AVX-512 (tests: the same bits on each)."""
+    return native.load().lowbit_linear(x, p.codes, p.scale, p.zq, _EMPTY_F32 if bias is None else bias,
+                                       p.n, p.k, p.group_size, path)
 
 
 def lowbit_linear(x: torch.Tensor, w: torch.Tensor, bits: int, scale: torch.Tensor,
                   zero_point: torch.Tensor | None, group_size: int,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ dequant(w).T + bias through qlin's fused kernel where it is built (native.py),
-    else through `lowbit_linear_reference` (the same results to float rounding).
+    """y = x @ dequant(w).T + bias from the file's tensors (packed here on each call: a packed
+    layer keeps its `Panels`) through qlin's kernel where it is built (native.py), else through
+    `lowbit_linear_reference` (the same results to float rounding).
 
-    x: float32 (M, K) contiguous (callers convert bf16/fp16 and flatten leading dimensions);
-    w: uint8 (N, ceil(K/2)) packed 4-bit (bits=4) or int8 (N, K); scale float32 (N, ngroups);
-    zero_point int8 (N, ngroups) or None/empty (symmetric); bias float32 (N,) or None.
+    x: float32 (M, K) contiguous; w: uint8 (N, ceil(K/2)) packed 4-bit (bits=4) or int8 (N, K);
+    scale float32 (N, ngroups); zero_point int8 (N, ngroups) or None/empty; bias float32 (N,) or None.
     """
-    return implementation()(x, w, bits, scale, _EMPTY_I8 if zero_point is None else zero_point,
-                            group_size, _EMPTY_F32 if bias is None else bias)
+    kernels = native.load()
+    if kernels is None or not hasattr(kernels, "lowbit_linear"):
+        return lowbit_linear_reference(x, w, bits, scale, zero_point, group_size, bias)
+    q = unpack_int4(w, x.shape[1]) if w.dtype == torch.uint8 else w
+    zp = None if zero_point is None or not zero_point.numel() else zero_point
+    return panel_linear(x, to_panels(q, bits, scale, zp, group_size), bias if bias is not None and bias.numel() else None)
 
 
 class _LowBit:
-    """qlin's fused weight-only kernel (`lowbit_linear`): float32 activations times B-bit
-    weights with one scale (and zero point) per group of G input channels, unpacked on the fly.
-    4-bit weights are kept packed two per byte (the file's layout); other widths as int8. Per
-    channel is one group of K, per tensor one scale repeated per row. Rows are independent."""
+    """qlin's weight-only kernel (`lowbit_linear`): float32 activations times B-bit weights with
+    one scale (and zero point) per group of G input channels (per channel: one group of K),
+    dequantized on the fly from the kernel's panels (`Panels`: 4-bit and narrower as nibbles,
+    wider as int8). Rows are independent.
+
+    One copy: the panels are the only weights it holds; `absorbed` names the layer's tensors it
+    took over, and `rebuild(name)` gives each back exactly (QuantizedLinear drops its own copies
+    and asks here when saving or reading them)."""
+
+    absorbed = ("weight", "weight_scale", "weight_zero_point")
 
     def __init__(self, weight, scale, zero_point, bias, dtype, bits: int, group_size: int | None):
-        n, k = weight.shape
-        self.run = implementation()  # looked up once here, not at each call
-        self.bits = 4 if bits == 4 else 8
-        self.weight = pack_int4(weight) if bits == 4 else weight.contiguous()
-        self.group_size = k if group_size is None else group_size
-        shape = (n, -(-k // self.group_size))
-        self.scale = scale.float().reshape(-1, 1).expand(shape).contiguous() if scale.dim() < 2 else scale.float().contiguous()
-        zp = zero_point.reshape(-1, 1).expand(shape).contiguous() if zero_point.dim() < 2 else zero_point.contiguous()
-        self.zero_point = zp if bool(zp.any()) else _EMPTY_I8
+        self.kernels = native.load()  # looked up once here, not at each call
+        self.panels = to_panels(weight, bits, scale, zero_point, group_size)
         self.bias = _EMPTY_F32 if bias is None else bias.float().contiguous()
+        self._zero_point_dtype = zero_point.dtype
+
+    def rebuild(self, name: str) -> torch.Tensor:
+        """The layer's tensor `name` (one of `absorbed`), rebuilt exactly from the panels."""
+        return dict(zip(self.absorbed, from_panels(self.panels)))[name]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.run(x.float().contiguous(), self.weight, self.bits, self.scale, self.zero_point, self.group_size, self.bias)
+        p = self.panels
+        y = self.kernels.lowbit_linear(x.float().contiguous(), p.codes, p.scale, p.zq, self.bias, p.n, p.k,
+                                       p.group_size, 0)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -199,7 +300,7 @@ class _LowBitKernel(Kernel):
         group = scheme.group_size
         what = f"{scheme.bits}-bit" + (f" groups of {group}" if group else " per channel"
                                        if scheme.granularity.name == "channel" else " per tensor")
-        return KernelChoice(self.name, f"auto: {what}, fused unpack-and-dot", True, False)
+        return KernelChoice(self.name, f"auto: {what}, qlin's panel kernel (batch invariant)", True, False)
 
     def pack(self, layer, scheme, device, dtype):
         return _LowBit(layer.weight, layer.scale, layer.zero_point, layer.bias, dtype, scheme.bits, scheme.group_size)

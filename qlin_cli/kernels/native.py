@@ -4,8 +4,9 @@ The per-token int8 path needs a row's min and max, its uint8 codes, a GEMM and a
 torch ops that is six passes over memory and seven parallel regions per layer; the two C++ loops
 here do the passes before and after the GEMM in one parallel region each, with SmoothQuant's
 division folded into the first (onednn.py, kernel `onednn`); for a few rows `pertoken_linear` does
-the whole layer, GEMM included, in one call. `lowbit_linear` is the fused n-bit
-group-wise weight-only layer (lowbit.py holds its torch-op reference and the 4-bit packing).
+the whole layer, GEMM included, in one call. `lowbit_linear` is the weight-only layer (int8
+per channel, n-bit per group) over the kernel's own panels (lowbit.py packs them and holds the
+torch-op reference).
 
 Build: one `c++` command (compile and link against this torch), into the cache folder
 `$QLIN_CACHE_DIR` (default `$XDG_CACHE_HOME/qlin` or `~/.cache/qlin`), under a name that hashes

@@ -18,7 +18,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>  // lowbit_linear's AVX2 path
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define QLIN_AVX512 1
@@ -233,8 +237,8 @@ at::Tensor epilogue_(at::Tensor y, const at::Tensor& a, const at::Tensor& c, con
 }
 
 // ---------------------------------------------------------------------------------------------
-// pertoken_linear: the whole per-token int8 layer in one call, for few rows (kernels._Onednn runs
-// it up to PT_MAX_ROWS rows, oneDNN's GEMM above). Bit for bit the three-call path (quantize_rows,
+// pertoken_linear: the whole per-token int8 layer in one call, any number of rows (the `pertoken`
+// kernel runs it at every row count; `onednn` up to PT_MAX_ROWS rows, oneDNN's GEMM above). Bit for bit the three-call path (quantize_rows,
 // onednn.qlinear_pointwise with input scale 1 and weight scales s, epilogue_):
 //   codes u, a, c, rowsum: quantize_rows' own loops (row_min_max, quantize_row);
 //   acc[m, n] = sum_k u[m, k] * qw[n, k]   (int32, exact: the order does not matter);
@@ -532,314 +536,433 @@ at::Tensor pertoken_linear_scalar(const at::Tensor& x, const at::Tensor& w, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// lowbit_linear: y = x @ dequant(w).T (+ bias), n-bit weights with a scale (and zero point) per
-// group of G consecutive input channels of an output row (lowbit.py has the reference).
-//   x (M, K) float32; w uint8 (N, ceil(K/2)) two 4-bit codes per byte (element k in byte k/2, low
-//   nibble for even k, code = q + 8), or int8 (N, K) for any width 2..8; scale (N, ceil(K/G));
-//   zero point int8 (N, ceil(K/G)) or empty; bias (N,) or empty.
-//   y[m, n] = sum_k w[n, k] * x[m, k] (+ bias[n]),  w[n, k] = float(q - z) * s  (float32, exact
-//   to one rounding: the same float32 weight the reference dequantizes to).
-// AVX-512: a 4-bit code indexes a 16-float table per (row, group), T[c] = (c - 8 - z) * s
-// (vpermps reads only the low 4 bits, so no masking); int8 codes: (float(q) - z) * s.
-// Loop order (one parallel region, over output rows n; a task takes whole rows):
-//   n-block (64 rows when M <= LB_MB, else LB_NB) > k-block (LB_KB) > m-block (LB_MB x rows)
-//   > pair of w rows (LB_NR) > k in 32-blocks,
-//   with LB_MB x LB_NR float32 accumulators in registers: 32 codes of a weight row (16 bytes)
-//   are decoded once per m-block (vpmovzxbd, a shift, two vpermps: the even and the odd
-//   elements) and used for LB_MB x rows, whose k-block was copied once per m-block into an 8 KB
-//   stack block with each 32-block split into its even and odd elements; an x vector is loaded
-//   once for LB_NR weight rows. Group and k-block tails and group starts that are not multiples
-//   of 32 run 16 (or fewer, masked) elements at a time in natural order. At each k-block's end
-//   the 16 lanes are summed into y. The k-blocks are fixed (not sized by M) and every (m, n) has
-//   its own accumulator, so a row of y does not depend on the other rows of x: batch invariant,
-//   bit for bit, and independent of the thread count.
-// The scalar path (no AVX-512; also exposed as _lowbit_linear_scalar so that tests run it) does
-// the same math with another summation order (results equal to float rounding).
+// lowbit_linear: weight-only layers (lowbit.py packs the operands and holds the reference):
+//   y[m, n] = sum_k w[n, k] * x[m, k] (+ bias[n]),  w[n, k] = float(q[n, k] - z[n, g]) * s[n, g],
+//   g = k / G (the last group may be shorter; G = K is per channel), q of 2 to 8 bits.
+// The weights live in the kernel's own layout, "panels" of 16 output rows, k-major, so that one
+// 16-byte load gives 16 outputs' weights at one k (an outer product, no horizontal sums):
+//   codes: int8 (P, K, 16) (q), or for bits <= 4 uint8 (P, ceil(K/2), 16), byte j of row r
+//          holding u = q + 8 of k = 2j in its low nibble and of k = 2j + 1 in its high nibble;
+//   scale: float32 (P, ngroups, 16); zq: int8 (P, ngroups, 16), z (+ 8 for nibbles), or empty;
+//   P = ceil(N / 16); the rows past N are padding (never stored).
+// The math, the same on every path (scalar, AVX2, AVX-512) and for every M:
+//   the weight is dequantized exactly as the reference does it: float(q - z) * s, one rounding
+//   (symmetric nibbles as fma(float(u), s, -8 s), which is the same number: 8 s is exact);
+//   each output is ONE chain of FMAs over k = 0, 1, ..., K - 1 from 0.0f, then + bias.
+// So a row of y depends on its row of x only and on nothing else (not M, not the blocking, not
+// the thread count, not the instruction set): batch invariant bit for bit, and the scalar path
+// gives the same bits as the vector ones. Only the summation order differs from the reference's
+// F.linear (results equal to float rounding).
+// Two ways through the same math, chosen by M:
+//   M <= LB_DIRECT (decode): the codes are dequantized in registers and used at once by every
+//     row of x (one pass over the weights, at the memory bound);
+//   larger M (prefill): per chunk of LB_MC rows of x, per k-block of KC and per panel group, the
+//     weights are dequantized once into a float buffer (L1-sized) that a float micro-kernel
+//     (MB rows x NP * 16 outputs of accumulators) reads for every row block: a float GEMM whose
+//     B operand costs a dequantization per LB_MC rows instead of 4 bytes of memory per weight.
+// Threads take whole groups of 4 panels (64 rows); a task takes at least LB_WORK_PER_TASK
+// weight-uses, so a small layer runs on the calling thread alone.
 
-struct LowbitArgs {
-  const float* x;
-  const uint8_t* w;     // row n at w + n * wrow (bytes)
-  const float* scale;   // (N, ngroups)
-  const int8_t* zp;     // (N, ngroups) or nullptr
-  const float* bias;    // (N,) or nullptr
-  float* y;             // (M, N)
-  int64_t M, N, K, G, ngroups, wrow;
-  bool packed4;         // 4-bit codes, two per byte; else int8 (N, K)
+namespace lb {
+
+constexpr int64_t PR = 16;                     // output rows per panel
+constexpr int64_t LB_DIRECT = 4;               // rows of x up to which weights are dequantized in registers
+constexpr int64_t LB_MC = 128;                 // rows of x per chunk (buffered path)
+constexpr int64_t LB_WORK_PER_TASK = 1 << 20;  // weight uses a thread takes at least
+constexpr int64_t LB_BLOCK = 4;                // panels per task unit
+
+struct Args {
+  const float* x;        // (M, K)
+  const uint8_t* w;      // panels, panel p at w + p * pbytes
+  const float* scale;    // (P, ngroups, 16)
+  const int8_t* zq;      // (P, ngroups, 16) or nullptr
+  const float* bias;     // (N,) or nullptr
+  float* y;              // (M, N)
+  int64_t M, N, K, G, ngroups, P, pbytes;
+  bool p4;               // nibbles (bits <= 4), else int8
 };
 
-constexpr int64_t LB_KB = 512;  // k per block: fixed, a multiple of 16 (the summation order)
-constexpr int64_t LB_NB = 16;   // weight rows per n-block (large M: x's k-block stays in L2)
-constexpr int LB_MB = 4;        // x rows per register block
-constexpr int LB_NR = 2;        // weight rows per register block
+inline int live_rows(const Args& a, int64_t p) { return static_cast<int>(std::min<int64_t>(PR, a.N - p * PR)); }
+inline const uint8_t* code_row(const Args& a, int64_t p, int64_t k, bool p4) {
+  return a.w + p * a.pbytes + (p4 ? (k >> 1) : k) * PR;
+}
 
-inline float lb_weight(const LowbitArgs& a, int64_t n, int64_t k, float zq, float s) {
-  // zq = the code's offset: 8 + z for 4-bit (codes are q + 8), z for int8
-  const uint8_t* row = a.w + n * a.wrow;
-  float c;
-  if (a.packed4) {
-    const uint8_t b = row[k >> 1];
-    c = static_cast<float>((k & 1) ? (b >> 4) : (b & 15));
-  } else {
-    c = static_cast<float>(static_cast<int8_t>(row[k]));
+// ---- the portable path: 16 lanes as plain arrays (std::fma: the same bits as the vector paths)
+struct VScalar {
+  struct W { float v[PR]; };
+  struct GP { float s[PR], o[PR]; int32_t z[PR]; };
+  static constexpr int NP_BUF = 1, MB_BUF = 4;
+  static constexpr int64_t KC = 256;
+  static int np_direct(int) { return 1; }
+  static W zero() { W w; for (int r = 0; r < PR; ++r) w.v[r] = 0.0f; return w; }
+  static W load(const float* p) { W w; for (int r = 0; r < PR; ++r) w.v[r] = p[r]; return w; }
+  static void store(float* p, const W& w) { for (int r = 0; r < PR; ++r) p[r] = w.v[r]; }
+  static W fma(const W& w, float x, const W& acc) {
+    W o; for (int r = 0; r < PR; ++r) o.v[r] = std::fma(w.v[r], x, acc.v[r]); return o;
   }
-  return (c - zq) * s;
-}
-
-inline float lb_offset(const LowbitArgs& a, int64_t n, int64_t g) {
-  const int z = a.zp ? static_cast<int>(a.zp[n * a.ngroups + g]) : 0;
-  return static_cast<float>(a.packed4 ? z + 8 : z);
-}
-
-void lowbit_rows_scalar(const LowbitArgs& a, int64_t n0, int64_t n1) {
-  // a row is decoded CH weights at a time, then used for every x row; 16 partial sums per
-  // (m, n) (lane = k % 16) that the compiler can keep in vector registers (e.g. AVX2), summed
-  // in a fixed order at the end of each chunk
-  constexpr int64_t CH = 256;
-  float wbuf[CH];
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t m = 0; m < a.M; ++m) a.y[m * a.N + n] = 0.0f;
-    for (int64_t k0 = 0; k0 < a.K; k0 += CH) {
-      const int64_t k1 = std::min(a.K, k0 + CH);
-      for (int64_t k = k0; k < k1;) {
-        const int64_t g = k / a.G, ge = std::min(k1, g * a.G + std::min(a.G, a.K - g * a.G));
-        const float zq = lb_offset(a, n, g), s = a.scale[n * a.ngroups + g];
-        for (; k < ge; ++k) wbuf[k - k0] = lb_weight(a, n, k, zq, s);
-      }
-      const int64_t len = k1 - k0;
-      for (int64_t m = 0; m < a.M; ++m) {
-        const float* xr = a.x + m * a.K + k0;
-        float acc[16] = {0};
-        int64_t k = 0;
-        for (; k + 16 <= len; k += 16)
-          for (int j = 0; j < 16; ++j) acc[j] += wbuf[k + j] * xr[k + j];
-        for (int j = 0; k + j < len; ++j) acc[j] += wbuf[k + j] * xr[k + j];
-        float sum = 0.0f;
-        for (int j = 0; j < 16; ++j) sum += acc[j];
-        a.y[m * a.N + n] += sum;
-      }
+  static W add(const W& a, const W& b) { W o; for (int r = 0; r < PR; ++r) o.v[r] = a.v[r] + b.v[r]; return o; }
+  template <bool P4, bool ZP> static GP params(const float* s, const int8_t* z) {
+    GP g;
+    for (int r = 0; r < PR; ++r) {
+      g.s[r] = s[r];
+      g.o[r] = -8.0f * s[r];
+      g.z[r] = ZP ? z[r] : 0;
     }
-    if (a.bias)
-      for (int64_t m = 0; m < a.M; ++m) a.y[m * a.N + n] += a.bias[n];
+    return g;
   }
-}
-
-#ifdef QLIN_AVX512
-// 4-bit codes of 16 consecutive elements k.. (k even) of a row, as int32 lanes: 8 bytes, each
-// byte twice, odd lanes shifted right by 4 (vpermps reads only the low 4 bits of an index)
-inline __m512i lb_codes16(const uint8_t* row, int64_t k, int64_t len) {
-  const __m512i shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-  const __m128i b = len == 16 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (k >> 1)))
-                              : _mm_maskz_loadu_epi8(__mmask16((1u << ((len + 1) >> 1)) - 1), row + (k >> 1));
-  return _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), shift);
-}
-
-// Rows n..n+NR-1 of w against x rows m..m+MB-1 over k in [kb0, kb1); sums into y (= when kb0 is
-// 0). xe: for 4-bit, the same x rows with each aligned 32-block of the k-block stored as its 16
-// even then its 16 odd elements (row i at xe + i * LB_KB, k-block relative), so that a 32-block
-// of codes decodes to two vectors in register order (no interleaving of weights).
-template <bool P4, int MB, int NR>
-void lowbit_block_avx512(const LowbitArgs& a, const float* xe, int64_t n, int64_t m, int64_t kb0, int64_t kb1) {
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512 acc[MB][NR];
-  for (int i = 0; i < MB; ++i)
-    for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
-  const uint8_t* wr[NR];
-  for (int r = 0; r < NR; ++r) wr[r] = a.w + (n + r) * a.wrow;
-  const float* xr[MB];
-  for (int i = 0; i < MB; ++i) xr[i] = a.x + (m + i) * a.K;
-  for (int64_t g = kb0 / a.G; g < a.ngroups && g * a.G < kb1; ++g) {
-    const int64_t gs = std::max(kb0, g * a.G), ge = std::min(kb1, g * a.G + std::min(a.G, a.K - g * a.G));
-    // 4-bit: T[c] = (c - 8 - z) * s, the weight of code c; int8: w = (q - z) * s
-    __m512 tab[NR], off[NR], scl[NR];
-    for (int r = 0; r < NR; ++r) {
-      off[r] = _mm512_set1_ps(lb_offset(a, n + r, g));
-      scl[r] = _mm512_set1_ps(a.scale[(n + r) * a.ngroups + g]);
-      if (P4) tab[r] = _mm512_mul_ps(_mm512_sub_ps(iota, off[r]), scl[r]);
+  template <bool P4, bool ZP> static W deq(const uint8_t* c, int half, const GP& g) {
+    W w;
+    for (int r = 0; r < PR; ++r) {
+      const int32_t q = P4 ? (c[r] >> (4 * half)) & 15 : static_cast<int32_t>(static_cast<int8_t>(c[r]));
+      if (ZP) w.v[r] = static_cast<float>(q - g.z[r]) * g.s[r];
+      else if (P4) w.v[r] = std::fma(static_cast<float>(q), g.s[r], g.o[r]);
+      else w.v[r] = static_cast<float>(q) * g.s[r];
     }
-    int64_t k = gs;
-    while (k < ge) {
-      if (P4 && (k & 31) == 0 && ge - k >= 32) {  // the hot loop: whole 32-blocks
-        const int64_t kend = k + ((ge - k) & ~int64_t(31));
-        for (; k < kend; k += 32) {
-          __m512 we[NR], wo[NR];
-          for (int r = 0; r < NR; ++r) {
-            const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + (k >> 1))));
-            we[r] = _mm512_permutexvar_ps(c, tab[r]);                         // even k: low nibbles
-            wo[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), tab[r]);  // odd k: high nibbles
-          }
-          for (int i = 0; i < MB; ++i) {
-            const float* xk = xe + i * LB_KB + (k - kb0);
-            const __m512 x0 = _mm512_loadu_ps(xk), x1 = _mm512_loadu_ps(xk + 16);
-            for (int r = 0; r < NR; ++r) {
-              acc[i][r] = _mm512_fmadd_ps(we[r], x0, acc[i][r]);
-              acc[i][r] = _mm512_fmadd_ps(wo[r], x1, acc[i][r]);
-            }
-          }
-        }
-        continue;
-      }
-      if (!P4 && ge - k >= 16) {  // int8: whole 16-chunks
-        const int64_t kend = k + ((ge - k) & ~int64_t(15));
-        for (; k < kend; k += 16) {
-          __m512 wv[NR];
-          for (int r = 0; r < NR; ++r) {
-            const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + k))));
-            wv[r] = _mm512_mul_ps(a.zp ? _mm512_sub_ps(c, off[r]) : c, scl[r]);
-          }
-          for (int i = 0; i < MB; ++i) {
-            const __m512 xv = _mm512_loadu_ps(xr[i] + k);
-            for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
-          }
-        }
-        continue;
-      }
-      // a chunk of up to 16 in natural order: group and k-block tails, unaligned group starts
-      const int64_t len = std::min<int64_t>(ge - k, std::min<int64_t>(16, 32 - (k & 31)));  // then 32-aligned
-      const __mmask16 mask = len == 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1);
-      __m512 wv[NR];
-      for (int r = 0; r < NR; ++r) {
-        if (!P4) {
-          const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, wr[r] + k)));
-          wv[r] = _mm512_maskz_mul_ps(mask, _mm512_sub_ps(c, off[r]), scl[r]);
-        } else if ((k & 1) == 0) {
-          wv[r] = _mm512_maskz_permutexvar_ps(mask, lb_codes16(wr[r], k, len), tab[r]);
-        } else {  // an odd start (a group size that is not even): one weight at a time
-          alignas(64) float t[16] = {0};
-          const float zq = lb_offset(a, n + r, g), s = a.scale[(n + r) * a.ngroups + g];
-          for (int64_t j = 0; j < len; ++j) t[j] = lb_weight(a, n + r, k + j, zq, s);
-          wv[r] = _mm512_load_ps(t);
-        }
-      }
-      for (int i = 0; i < MB; ++i) {
-        const __m512 xv = _mm512_maskz_loadu_ps(mask, xr[i] + k);
-        for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
-      }
-      k += len;
-    }
+    return w;
   }
-  for (int i = 0; i < MB; ++i)
-    for (int r = 0; r < NR; ++r) {
-      float* out = a.y + (m + i) * a.N + n + r;
-      const float sum = _mm512_reduce_add_ps(acc[i][r]);
-      *out = kb0 == 0 ? sum : *out + sum;
-    }
-}
+};
 
-template <bool P4, int NR>
-void lowbit_block_rows(const LowbitArgs& a, const float* xe, int mb, int64_t n, int64_t m, int64_t kb0, int64_t kb1) {
-  switch (mb) {
-    case 4: lowbit_block_avx512<P4, 4, NR>(a, xe, n, m, kb0, kb1); break;
-    case 3: lowbit_block_avx512<P4, 3, NR>(a, xe, n, m, kb0, kb1); break;
-    case 2: lowbit_block_avx512<P4, 2, NR>(a, xe, n, m, kb0, kb1); break;
-    default: lowbit_block_avx512<P4, 1, NR>(a, xe, n, m, kb0, kb1); break;
+#if defined(__AVX2__) && defined(__FMA__)
+#define QLIN_LB_AVX2 1
+// ---- AVX2: a panel row is two 8-lane vectors
+struct VAvx2 {
+  struct W { __m256 a, b; };
+  struct GP { W s, o; __m256i za, zb; };
+  static constexpr int NP_BUF = 1, MB_BUF = 6;  // 6 x 2 accumulators + 2 weights + 1 broadcast = 15 of 16 registers
+  static constexpr int64_t KC = 256;            // a panel's k-block: 16 KB of floats
+  static int np_direct(int mb) { return mb == 1 ? 2 : 1; }  // measured: 4 panels at M=1, or 2 at M=2, spill and run slower
+  static W zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static W load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static void store(float* p, const W& w) { _mm256_storeu_ps(p, w.a); _mm256_storeu_ps(p + 8, w.b); }
+  static W fma(const W& w, float x, const W& acc) {
+    const __m256 xv = _mm256_set1_ps(x);
+    return {_mm256_fmadd_ps(w.a, xv, acc.a), _mm256_fmadd_ps(w.b, xv, acc.b)};
   }
-}
-
-template <bool P4>
-void lowbit_rows_avx512(const LowbitArgs& a, int64_t n0, int64_t n1) {
-  static_assert(LB_MB == 4 && LB_NR == 2 && LB_KB % 32 == 0, "lowbit_block_rows dispatches on these");
-  alignas(64) float xe[LB_MB * LB_KB];  // 8 KB: x rows of a k-block, 32-blocks split even/odd
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  // few x rows: long runs of weight rows per x block; many: x's k-block (M * LB_KB) stays in L2
-  const int64_t nb_rows = a.M <= LB_MB ? 64 : LB_NB;
-  for (int64_t nb = n0; nb < n1; nb += nb_rows) {
-    const int64_t nbe = std::min(n1, nb + nb_rows);
-    for (int64_t kb0 = 0; kb0 < a.K; kb0 += LB_KB) {
-      const int64_t kb1 = std::min(a.K, kb0 + LB_KB);
-      for (int64_t m = 0; m < a.M; m += LB_MB) {
-        const int mb = static_cast<int>(std::min<int64_t>(LB_MB, a.M - m));
-        if (P4)
-          for (int i = 0; i < mb; ++i)
-            for (int64_t k = kb0; k + 32 <= kb1; k += 32) {
-              const float* src = a.x + (m + i) * a.K + k;
-              const __m512 x0 = _mm512_loadu_ps(src), x1 = _mm512_loadu_ps(src + 16);
-              _mm512_store_ps(xe + i * LB_KB + (k - kb0), _mm512_permutex2var_ps(x0, even, x1));
-              _mm512_store_ps(xe + i * LB_KB + (k - kb0) + 16, _mm512_permutex2var_ps(x0, odd, x1));
-            }
-        int64_t n = nb;
-        if (mb == 1)  // one x row: four weight rows at a time, for more independent FMA chains
-          for (; n + 4 <= nbe; n += 4) lowbit_block_avx512<P4, 1, 4>(a, xe, n, m, kb0, kb1);
-        for (; n + LB_NR <= nbe; n += LB_NR) lowbit_block_rows<P4, LB_NR>(a, xe, mb, n, m, kb0, kb1);
-        for (; n < nbe; ++n) lowbit_block_rows<P4, 1>(a, xe, mb, n, m, kb0, kb1);
-      }
+  static W add(const W& a, const W& b) { return {_mm256_add_ps(a.a, b.a), _mm256_add_ps(a.b, b.b)}; }
+  template <bool P4, bool ZP> static GP params(const float* s, const int8_t* z) {
+    GP g;
+    g.s = load(s);
+    const __m256 m8 = _mm256_set1_ps(-8.0f);
+    g.o = {_mm256_mul_ps(m8, g.s.a), _mm256_mul_ps(m8, g.s.b)};
+    if (ZP) {
+      g.za = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z)));
+      g.zb = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + 8)));
     }
-    for (int64_t m = 0; m < a.M; ++m)
-      for (int64_t n = nb; n < nbe; ++n) {
-        float* out = a.y + m * a.N + n;
-        if (a.K == 0) *out = 0.0f;
-        if (a.bias) *out += a.bias[n];
-      }
+    return g;
   }
-}
+  template <bool P4, bool ZP> static __m256 deq8(const uint8_t* c, int half, const __m256& s, const __m256& o, const __m256i& z) {
+    __m256i q;
+    if (P4) {
+      q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+      q = half ? _mm256_srli_epi32(q, 4) : _mm256_and_si256(q, _mm256_set1_epi32(15));
+    } else {
+      q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+    }
+    if (ZP) return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, z)), s);
+    if (P4) return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, o);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(q), s);
+  }
+  template <bool P4, bool ZP> static W deq(const uint8_t* c, int half, const GP& g) {
+    return {deq8<P4, ZP>(c, half, g.s.a, g.o.a, g.za), deq8<P4, ZP>(c + 8, half, g.s.b, g.o.b, g.zb)};
+  }
+};
 #endif
 
-at::Tensor lowbit_linear_impl(const at::Tensor& x, const at::Tensor& w, int64_t bits, const at::Tensor& scale,
-                              const at::Tensor& zero_point, int64_t group_size, const at::Tensor& bias,
-                              bool force_scalar) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
-              "lowbit_linear: x must be a contiguous float32 CPU (M, K) tensor (convert bf16/fp16 first), got ",
-              x.scalar_type(), " ", x.sizes());
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(group_size >= 1, "lowbit_linear: group_size must be >= 1, got ", group_size);
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.is_cpu(), "lowbit_linear: w must be a contiguous 2-D CPU tensor");
-  const int64_t N = w.size(0);
-  const bool packed4 = w.scalar_type() == at::kByte;
-  if (packed4) {
-    TORCH_CHECK(bits == 4, "lowbit_linear: a uint8 w holds packed 4-bit codes (bits=4), got bits=", bits,
-                "; pass other widths as int8 (N, K)");
-    TORCH_CHECK(w.size(1) == (K + 1) / 2, "lowbit_linear: packed 4-bit w must be (N, ceil(K/2)) = (", N, ", ",
-                (K + 1) / 2, "), got ", w.sizes());
-  } else {
-    TORCH_CHECK(w.scalar_type() == at::kChar, "lowbit_linear: w must be uint8 (packed 4-bit) or int8, got ",
-                w.scalar_type());
-    TORCH_CHECK(bits >= 2 && bits <= 8, "lowbit_linear: bits must be in 2..8 for an int8 w, got ", bits);
-    TORCH_CHECK(w.size(1) == K, "lowbit_linear: int8 w must be (N, K) with K = ", K, ", got ", w.sizes());
+#ifdef QLIN_AVX512
+// ---- AVX-512: a panel row is one 16-lane vector
+struct VAvx512 {
+  struct W { __m512 v; };
+  struct GP { __m512 s, o; __m512i z; };
+  static constexpr int NP_BUF = 4, MB_BUF = 6;  // 6 x 4 accumulators + 4 weights + 1 broadcast = 29 of 32 registers
+  static constexpr int64_t KC = 128;            // 4 panels' k-block: 32 KB of floats
+  static int np_direct(int) { return 4; }
+  static W zero() { return {_mm512_setzero_ps()}; }
+  static W load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static void store(float* p, const W& w) { _mm512_storeu_ps(p, w.v); }
+  static W fma(const W& w, float x, const W& acc) { return {_mm512_fmadd_ps(w.v, _mm512_set1_ps(x), acc.v)}; }
+  static W add(const W& a, const W& b) { return {_mm512_add_ps(a.v, b.v)}; }
+  template <bool P4, bool ZP> static GP params(const float* s, const int8_t* z) {
+    GP g;
+    g.s = _mm512_loadu_ps(s);
+    g.o = _mm512_mul_ps(_mm512_set1_ps(-8.0f), g.s);
+    if (ZP) g.z = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z)));
+    return g;
   }
-  const int64_t ngroups = K == 0 ? 0 : (K - 1) / group_size + 1;
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == ngroups &&
+  template <bool P4, bool ZP> static W deq(const uint8_t* c, int half, const GP& g) {
+    __m512i q;
+    if (P4) {
+      q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+      q = half ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, _mm512_set1_epi32(15));
+    } else {
+      q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+    }
+    if (ZP) return {_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, g.z)), g.s)};
+    if (P4) return {_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), g.s, g.o)};
+    return {_mm512_mul_ps(_mm512_cvtepi32_ps(q), g.s)};
+  }
+};
+#endif
+
+// f(k, j, w) for k = k0 .. k1 - 1 in order, w the dequantized weights of panel p0 + j at k (for
+// one k, panels in order; a nibble pair's two k for one panel before the next panel: each
+// output still sees k in order, and fewer registers are live)
+template <class V, bool P4, bool ZP, int NP, class F>
+__attribute__((always_inline)) inline void walk(const Args& a, int64_t p0, int64_t k0, int64_t k1, F&& f) {
+  using W = typename V::W;
+  for (int64_t g = k0 / a.G; g < a.ngroups && g * a.G < k1; ++g) {
+    const int64_t ks = std::max(k0, g * a.G), ke = std::min(k1, std::min(a.K, (g + 1) * a.G));
+    typename V::GP gp[NP];
+    _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) {
+      const int64_t at = ((p0 + j) * a.ngroups + g) * PR;
+      gp[j] = V::template params<P4, ZP>(a.scale + at, ZP ? a.zq + at : nullptr);
+    }
+    int64_t k = ks;
+    if (P4) {
+      if (k < ke && (k & 1)) {  // a group that starts on an odd k (an odd group size)
+        _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j)
+          f(k, j, V::template deq<P4, ZP>(code_row(a, p0 + j, k, true), 1, gp[j]));
+        ++k;
+      }
+      for (; k + 2 <= ke; k += 2) {
+        _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) {
+          const uint8_t* c = code_row(a, p0 + j, k, true);
+          const W lo = V::template deq<P4, ZP>(c, 0, gp[j]);
+          f(k, j, lo);
+          const W hi = V::template deq<P4, ZP>(c, 1, gp[j]);
+          f(k + 1, j, hi);
+        }
+      }
+      if (k < ke)  // a group that ends on an even k
+        _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j)
+          f(k, j, V::template deq<P4, ZP>(code_row(a, p0 + j, k, true), 0, gp[j]));
+    } else {
+      for (; k < ke; ++k)
+        _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j)
+          f(k, j, V::template deq<P4, ZP>(code_row(a, p0 + j, k, false), 0, gp[j]));
+    }
+  }
+}
+
+// y tile: rows m0 .. m0 + MB, panels p0 .. p0 + NP (rows past N not stored); + bias when `last`
+template <class V, int MB, int NP>
+__attribute__((always_inline)) inline void store_tile(const Args& a, int64_t m0, int64_t p0, typename V::W (&acc)[MB][NP],
+                                                      bool last) {
+  using W = typename V::W;
+  _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) {
+    const int live = live_rows(a, p0 + j);
+    alignas(64) float t[PR];
+    W b = V::zero();
+    if (last && a.bias) {
+      if (live == PR) b = V::load(a.bias + (p0 + j) * PR);
+      else { std::fill(t, t + PR, 0.0f); std::copy(a.bias + (p0 + j) * PR, a.bias + (p0 + j) * PR + live, t); b = V::load(t); }
+    }
+    _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) {
+      const W v = (last && a.bias) ? V::add(acc[i][j], b) : acc[i][j];
+      float* dst = a.y + (m0 + i) * a.N + (p0 + j) * PR;
+      if (live == PR) V::store(dst, v);
+      else { V::store(t, v); std::copy(t, t + live, dst); }
+    }
+  }
+}
+
+template <class V, int MB, int NP>
+__attribute__((always_inline)) inline void load_tile(const Args& a, int64_t m0, int64_t p0, typename V::W (&acc)[MB][NP]) {
+  _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) {
+    const int live = live_rows(a, p0 + j);
+    alignas(64) float t[PR] = {0};
+    _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) {
+      const float* src = a.y + (m0 + i) * a.N + (p0 + j) * PR;
+      if (live == PR) acc[i][j] = V::load(src);
+      else { std::copy(src, src + live, t); acc[i][j] = V::load(t); }
+    }
+  }
+}
+
+// decode: rows m0 .. m0 + MB of x against panels p0 .. p0 + NP over all of K, in registers
+template <class V, bool P4, bool ZP, int MB, int NP>
+void direct_tile(const Args& a, int64_t m0, int64_t p0) {
+  using W = typename V::W;
+  W acc[MB][NP];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i)
+    _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) acc[i][j] = V::zero();
+  const float* xr[MB];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) xr[i] = a.x + (m0 + i) * a.K;
+  walk<V, P4, ZP, NP>(a, p0, 0, a.K, [&](int64_t k, int j, const W& w) __attribute__((always_inline)) {
+    _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) acc[i][j] = V::fma(w, xr[i][k], acc[i][j]);
+  });
+  store_tile<V, MB, NP>(a, m0, p0, acc, true);
+}
+
+template <class V, bool P4, bool ZP, int MB>
+void direct_rows(const Args& a, int64_t pb, int64_t pe) {
+  int64_t p = pb;
+  const int np = V::np_direct(MB);
+  if (np == 4) for (; p + 4 <= pe; p += 4) direct_tile<V, P4, ZP, MB, 4>(a, 0, p);
+  if (np == 2) for (; p + 2 <= pe; p += 2) direct_tile<V, P4, ZP, MB, 2>(a, 0, p);
+  for (; p < pe; ++p) direct_tile<V, P4, ZP, MB, 1>(a, 0, p);
+}
+
+// prefill: dequantize panels p0 .. p0 + NP over [k0, k1) into buf (k-major, NP * 16 floats per k)
+template <class V, bool P4, bool ZP, int NP>
+void dequant_block(const Args& a, int64_t p0, int64_t k0, int64_t k1, float* buf) {
+  walk<V, P4, ZP, NP>(a, p0, k0, k1, [&](int64_t k, int j, const typename V::W& w) __attribute__((always_inline)) {
+    V::store(buf + (k - k0) * NP * PR + j * PR, w);
+  });
+}
+
+// the float micro-kernel: rows m0 .. m0 + MB against the buffer's NP panels over [k0, k1)
+template <class V, int MB, int NP>
+void micro(const Args& a, const float* buf, int64_t m0, int64_t p0, int64_t k0, int64_t k1) {
+  using W = typename V::W;
+  W acc[MB][NP];
+  if (k0 == 0) {
+    _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i)
+      _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) acc[i][j] = V::zero();
+  } else {
+    load_tile<V, MB, NP>(a, m0, p0, acc);
+  }
+  const float* xr[MB];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) xr[i] = a.x + (m0 + i) * a.K;
+  for (int64_t k = k0; k < k1; ++k) {
+    W w[NP];
+    const float* src = buf + (k - k0) * NP * PR;
+    _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) w[j] = V::load(src + j * PR);
+    _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) {
+      const float xv = xr[i][k];
+      _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) acc[i][j] = V::fma(w[j], xv, acc[i][j]);
+    }
+  }
+  store_tile<V, MB, NP>(a, m0, p0, acc, k1 == a.K);
+}
+
+template <class V, int NP>
+void micro_rows(const Args& a, const float* buf, int64_t mb, int64_t me, int64_t p0, int64_t k0, int64_t k1) {
+  constexpr int MB = V::MB_BUF;
+  int64_t m = mb;
+  for (; m + MB <= me; m += MB) micro<V, MB, NP>(a, buf, m, p0, k0, k1);
+  switch (me - m) {
+    case 5: micro<V, 5 < MB ? 5 : 1, NP>(a, buf, m, p0, k0, k1); break;
+    case 4: micro<V, 4 < MB ? 4 : 1, NP>(a, buf, m, p0, k0, k1); break;
+    case 3: micro<V, 3, NP>(a, buf, m, p0, k0, k1); break;
+    case 2: micro<V, 2, NP>(a, buf, m, p0, k0, k1); break;
+    case 1: micro<V, 1, NP>(a, buf, m, p0, k0, k1); break;
+    default: break;
+  }
+}
+
+template <class V, bool P4, bool ZP>
+void buffered_rows(const Args& a, int64_t pb, int64_t pe) {
+  constexpr int NB = V::NP_BUF;
+  constexpr int64_t KC = V::KC;
+  thread_local std::vector<float> store;
+  if (static_cast<int64_t>(store.size()) < KC * NB * PR + 16) store.resize(KC * NB * PR + 16);
+  float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(store.data()) + 63) & ~uintptr_t(63));
+  for (int64_t mc = 0; mc < a.M; mc += LB_MC) {
+    const int64_t me = std::min(a.M, mc + LB_MC);
+    for (int64_t k0 = 0; k0 < a.K; k0 += KC) {
+      const int64_t k1 = std::min(a.K, k0 + KC);
+      int64_t p = pb;
+      for (; p + NB <= pe; p += NB) {
+        dequant_block<V, P4, ZP, NB>(a, p, k0, k1, buf);
+        micro_rows<V, NB>(a, buf, mc, me, p, k0, k1);
+      }
+      for (; p < pe; ++p) {
+        dequant_block<V, P4, ZP, 1>(a, p, k0, k1, buf);
+        micro_rows<V, 1>(a, buf, mc, me, p, k0, k1);
+      }
+    }
+  }
+}
+
+template <class V, bool P4, bool ZP>
+void rows(const Args& a, int64_t pb, int64_t pe) {
+  if (a.K == 0) {  // y = bias (or 0)
+    typename V::W acc[1][1] = {{V::zero()}};
+    for (int64_t m = 0; m < a.M; ++m)
+      for (int64_t p = pb; p < pe; ++p) store_tile<V, 1, 1>(a, m, p, acc, true);
+    return;
+  }
+  switch (a.M) {
+    case 1: direct_rows<V, P4, ZP, 1>(a, pb, pe); return;
+    case 2: direct_rows<V, P4, ZP, 2>(a, pb, pe); return;
+    case 3: direct_rows<V, P4, ZP, 3>(a, pb, pe); return;
+    case 4: direct_rows<V, P4, ZP, 4>(a, pb, pe); return;
+    default: buffered_rows<V, P4, ZP>(a, pb, pe); return;
+  }
+}
+
+template <class V>
+void run(const Args& a, int64_t pb, int64_t pe) {
+  if (a.p4) a.zq ? rows<V, true, true>(a, pb, pe) : rows<V, true, false>(a, pb, pe);
+  else a.zq ? rows<V, false, true>(a, pb, pe) : rows<V, false, false>(a, pb, pe);
+}
+
+enum Path : int64_t { AUTO = 0, SCALAR = 1, AVX2 = 2, AVX512 = 3 };
+
+std::vector<std::string> paths() {
+  std::vector<std::string> out{"scalar"};
+#ifdef QLIN_LB_AVX2
+  out.push_back("avx2");
+#endif
+#ifdef QLIN_AVX512
+  out.push_back("avx512");
+#endif
+  return out;
+}
+
+}  // namespace lb
+
+at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zq,
+                         const at::Tensor& bias, int64_t N, int64_t K, int64_t group_size, int64_t path) {
+  using namespace lb;
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu() && x.size(1) == K,
+              "lowbit_linear: x must be a contiguous float32 CPU (M, K) tensor with K = ", K, " (convert bf16/fp16 "
+              "first), got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(N >= 0 && group_size >= 1, "lowbit_linear: N must be >= 0 and group_size >= 1, got ", N, ", ", group_size);
+  const int64_t M = x.size(0), P = (N + PR - 1) / PR, ngroups = K == 0 ? 0 : (K - 1) / group_size + 1;
+  const bool p4 = codes.scalar_type() == at::kByte;
+  TORCH_CHECK(p4 || codes.scalar_type() == at::kChar, "lowbit_linear: codes must be uint8 (nibbles) or int8, got ",
+              codes.scalar_type());
+  const int64_t krows = p4 ? (K + 1) / 2 : K;
+  TORCH_CHECK(codes.dim() == 3 && codes.size(0) == P && codes.size(1) == krows && codes.size(2) == PR &&
+                  codes.is_contiguous() && codes.is_cpu(),
+              "lowbit_linear: codes must be contiguous panels (ceil(N/16), ", p4 ? "ceil(K/2)" : "K", ", 16) = (", P,
+              ", ", krows, ", 16), got ", codes.sizes());
+  TORCH_CHECK(scale.dim() == 3 && scale.size(0) == P && scale.size(1) == ngroups && scale.size(2) == PR &&
                   scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.is_cpu(),
-              "lowbit_linear: scale must be contiguous float32 (N, ceil(K/group_size)) = (", N, ", ", ngroups,
-              "), got ", scale.scalar_type(), " ", scale.sizes());
-  const bool has_z = zero_point.numel() > 0;
-  if (has_z)
-    TORCH_CHECK(zero_point.dim() == 2 && zero_point.size(0) == N && zero_point.size(1) == ngroups &&
-                    zero_point.scalar_type() == at::kChar && zero_point.is_contiguous() && zero_point.is_cpu(),
-                "lowbit_linear: zero_point must be contiguous int8 (", N, ", ", ngroups, ") or empty, got ",
-                zero_point.scalar_type(), " ", zero_point.sizes());
+              "lowbit_linear: scale must be contiguous float32 (ceil(N/16), ceil(K/group_size), 16) = (", P, ", ",
+              ngroups, ", 16), got ", scale.scalar_type(), " ", scale.sizes());
+  const bool has_z = zq.numel() > 0;
+  TORCH_CHECK(!has_z || (zq.sizes() == scale.sizes() && zq.scalar_type() == at::kChar && zq.is_contiguous()),
+              "lowbit_linear: zq must be contiguous int8 of scale's shape, or empty, got ", zq.scalar_type(), " ",
+              zq.sizes());
   const bool has_b = bias.numel() > 0;
-  if (has_b)
-    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N && bias.scalar_type() == at::kFloat &&
-                    bias.is_contiguous() && bias.is_cpu(),
-                "lowbit_linear: bias must be contiguous float32 (", N, ",) or empty, got ", bias.scalar_type(), " ",
-                bias.sizes());
+  TORCH_CHECK(!has_b || (bias.dim() == 1 && bias.size(0) == N && bias.scalar_type() == at::kFloat &&
+                         bias.is_contiguous()),
+              "lowbit_linear: bias must be contiguous float32 (", N, ",) or empty, got ", bias.scalar_type(), " ",
+              bias.sizes());
+  TORCH_CHECK(path >= AUTO && path <= AVX512, "lowbit_linear: path must be 0 (auto) .. 3, got ", path);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  LowbitArgs a{x.data_ptr<float>(), reinterpret_cast<const uint8_t*>(w.data_ptr()), scale.data_ptr<float>(),
-               has_z ? zero_point.data_ptr<int8_t>() : nullptr, has_b ? bias.data_ptr<float>() : nullptr,
-               y.data_ptr<float>(), M, N, K, group_size, ngroups, w.size(1), packed4};
-  // a task takes at least WORK_PER_TASK * 8 multiply-adds (whole rows of w)
-  const int64_t grain = std::max<int64_t>(1, WORK_PER_TASK * 8 / std::max<int64_t>(M * K, 1));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-#ifdef QLIN_AVX512
-    if (!force_scalar) {
-      packed4 ? lowbit_rows_avx512<true>(a, begin, end) : lowbit_rows_avx512<false>(a, begin, end);
-      return;
-    }
+  const Args a{x.data_ptr<float>(), reinterpret_cast<const uint8_t*>(codes.data_ptr()), scale.data_ptr<float>(),
+               has_z ? zq.data_ptr<int8_t>() : nullptr, has_b ? bias.data_ptr<float>() : nullptr,
+               y.data_ptr<float>(), M, N, K, group_size, ngroups, P, krows * PR, p4};
+  void (*fn)(const Args&, int64_t, int64_t) = &run<VScalar>;
+#ifdef QLIN_LB_AVX2
+  if (path == AUTO || path == AVX2) fn = &run<VAvx2>;
 #endif
-    lowbit_rows_scalar(a, begin, end);
+#ifdef QLIN_AVX512
+  if (path == AUTO || path == AVX512) fn = &run<VAvx512>;
+#endif
+  TORCH_CHECK(path == AUTO || path == SCALAR || fn != &run<VScalar>, "lowbit_linear: path ", path,
+              " is not built for this CPU");
+  const int64_t blocks = (P + LB_BLOCK - 1) / LB_BLOCK;
+  const int64_t uses = LB_BLOCK * PR * std::max<int64_t>(K, 1) * (std::min<int64_t>(M, LB_MC) + 4);
+  const int64_t grain = std::max<int64_t>(1, LB_WORK_PER_TASK / uses);
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    fn(a, b0 * LB_BLOCK, std::min(P, b1 * LB_BLOCK));
   });
   return y;
-}
-
-at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& w, int64_t bits, const at::Tensor& scale,
-                         const at::Tensor& zero_point, int64_t group_size, const at::Tensor& bias) {
-  return lowbit_linear_impl(x, w, bits, scale, zero_point, group_size, bias, false);
-}
-
-at::Tensor lowbit_linear_scalar(const at::Tensor& x, const at::Tensor& w, int64_t bits, const at::Tensor& scale,
-                                const at::Tensor& zero_point, int64_t group_size, const at::Tensor& bias) {
-  return lowbit_linear_impl(x, w, bits, scale, zero_point, group_size, bias, true);
 }
 
 }  // namespace
@@ -847,7 +970,7 @@ at::Tensor lowbit_linear_scalar(const at::Tensor& x, const at::Tensor& w, int64_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "per-row uint8 codes, scale, offset and code sums");
   m.def("epilogue_", &epilogue_, "y = a * (y - rowsum * zs) + c * wsum + b, in place or into out");
-  m.def("pertoken_linear", &pertoken_linear, "the per-token int8 layer in one call, few rows (kernels._Onednn)");
+  m.def("pertoken_linear", &pertoken_linear, "the per-token int8 layer in one call, any rows (kernels pertoken, onednn)");
   m.def("_pertoken_linear_scalar", &pertoken_linear_scalar, "pertoken_linear's portable path (for tests)");
   m.attr("pertoken_max_rows") = PT_MAX_ROWS;
 #if defined(QLIN_VNNI)
@@ -857,8 +980,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("pertoken_isa") = "scalar";
 #endif
-  m.def("lowbit_linear", &lowbit_linear, "y = x @ dequant(w).T + bias, n-bit group-wise weights (lowbit.py)");
-  m.def("_lowbit_linear_scalar", &lowbit_linear_scalar, "lowbit_linear's portable path (for tests)");
+  m.def("lowbit_linear", &lowbit_linear, "y = x @ dequant(w).T + bias, weight-only panels (lowbit.py)");
+  m.attr("lowbit_paths") = lb::paths();  // instruction sets built here, for lowbit_linear's `path` (tests)
 #ifdef QLIN_AVX512
   m.attr("lowbit_avx512") = true;
 #else

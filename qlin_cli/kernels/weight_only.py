@@ -1,6 +1,9 @@
-"""`weight_only`: `torch._weight_int8pack_mm`, float activations times int8 weights (B-bit
-values, one scale per output channel); CPU and CUDA. Where it cannot run, the layer falls back to
-its dequantized float weight (dequant)."""
+"""`weight_only`: float activations times int8 weights (B-bit values, one scale per output
+channel). On CPU it runs qlin's own panel kernel (lowbit.py, `native_kernels.cpp`
+lowbit_linear: batch invariant, 1.4-1.8x float32 at one token and 1.03-1.06x at 512 on one AVX2
+core); on CUDA, or where qlin's kernels are not built, `torch._weight_int8pack_mm` (on CPU
+0.2x float32's speed at one token and 0.1x at 16: benchmarks/RESULTS.md, "lowbit-kernel-cpu").
+Where neither can run, the layer falls back to its dequantized float weight (dequant)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import functools
 
 import torch
 
+from . import lowbit, native
 from .registry import Kernel, KernelChoice, grouped_kernels, low_bit_layer
 
 __all__ = ["KERNEL"]
@@ -57,7 +61,15 @@ class _WeightOnlyKernel(Kernel):
                     f"weights take kernel {grouped_kernels()}")
         return None
 
+    @staticmethod
+    def _panels(target) -> bool:
+        """Whether this layer runs on qlin's panel kernel (CPU, the native build loads) rather
+        than on `torch._weight_int8pack_mm`."""
+        return target.device.type == "cpu" and native.unavailable_reason() is None
+
     def refusal(self, scheme, target):
+        if self._panels(target):
+            return None
         missing = _weight_int8pack_missing(target.device.type, target.dtype, target.in_features, target.out_features)
         return None if missing is None else f"torch._weight_int8pack_mm cannot run ({missing})"
 
@@ -71,9 +83,12 @@ class _WeightOnlyKernel(Kernel):
         why_not = self.refusal(scheme, target)
         if why_not is not None:
             return why_not
-        return KernelChoice(self.name, "auto: weight-only mode", True, False)
+        op = "qlin's panel kernel" if self._panels(target) else "torch._weight_int8pack_mm"
+        return KernelChoice(self.name, f"auto: weight-only mode ({op})", True, False)
 
     def pack(self, layer, scheme, device, dtype):
+        if device.type == "cpu" and native.unavailable_reason() is None:  # `_panels`, decided where packed
+            return lowbit._LowBit(layer.weight, layer.scale, layer.zero_point, layer.bias, dtype, scheme.bits, None)
         return _WeightOnly(layer.weight, layer.scale, layer.zero_point, layer.bias, dtype)
 
 
