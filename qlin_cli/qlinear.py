@@ -174,8 +174,6 @@ class QuantizedLinear(QuantizedModule):
         if packed:
             self.pack(self.weight.device)
 
-    @torch.no_grad()  # int8 kernels have no gradient; an input that requires grad (after a float
-    # embedding) must not reach their in-place and out= ops under autograd
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._run is None:
             raise RuntimeError("QuantizedLinear used before pack(); call quantize_model or load_quantized")
