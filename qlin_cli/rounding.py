@@ -37,7 +37,7 @@ cannot hold it (compressed-tensors).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
