@@ -181,6 +181,10 @@ def main() -> None:
         common.update_results_md("rounding", body)
 
 
+def _db(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
@@ -201,7 +205,7 @@ def _markdown(result: dict) -> str:
         base = rtn[(r["bits"], r["group"])]
         removed = "-" if r["method"] == "rtn" or abs(base - 1) < 1e-9 else f"{(base - r['perplexity_ratio']) / (base - 1):.0%}"
         lines.append(f"| {r['bits']} | {r['group']} | {r['method']} | {r['perplexity_ratio']:.4f} | {removed} | "
-                     f"{r['next_token_agreement']:.4f} | {r['mean_layer_output_sqnr_db']:.2f} |")
+                     f"{r['next_token_agreement']:.4f} | {_db(r.get('mean_layer_output_sqnr_db'))} |")
     small = [k for k, v in rtn.items() if abs(v - 1) < 0.005]
     if small:
         lines += ["", "Round-to-nearest moves this tiny model's perplexity by under 0.5% at "
@@ -218,7 +222,7 @@ def _markdown(result: dict) -> str:
         ]
         for r in result["minilm"]:
             lines.append(f"| {r['method']} | {r['embedding_cosine_mean']:.5f} | {r['embedding_cosine_min']:.4f} | "
-                         f"{r['neighbour_agreement']:.3f} | {r['mean_layer_output_sqnr_db']:.2f} |")
+                         f"{r['neighbour_agreement']:.3f} | {_db(r.get('mean_layer_output_sqnr_db'))} |")
     return "\n".join(lines) + "\n"
 
 

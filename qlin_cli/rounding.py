@@ -37,7 +37,7 @@ cannot hold it (compressed-tensors).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -146,7 +146,20 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: LayerScheme, name: str 
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ's values int8 `(out, in)`, scale and zero point (shapes as `round_to_nearest`) for
     weight `w` `(out, in)` and the Hessian of its inputs `hessian` `(in, in)` (`InputStats.hessian`),
-    with `scheme`'s `gptq_damp`, `gptq_block_size` and `act_order` (module docstring)."""
+    with `scheme`'s `gptq_damp`, `gptq_block_size` and `act_order` (module docstring). Runs on one
+    thread: its loop is one tiny op after another, where OpenMP's barriers cost more than the work
+    (a 384 x 1536 layer on 2 busy cores: 80 s on two threads, 10 s on one), and the result then
+    cannot depend on the number of threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _gptq(w, hessian, scheme, name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: LayerScheme, name: str
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out_f, in_f = w.shape
     g, bits, sym = scheme.group_size, scheme.bits, scheme.symmetric
     W = w.detach().float().clone()
@@ -220,13 +233,14 @@ def _awq_factors(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def _output_error(weights: list[torch.Tensor], schemes: list[LayerScheme], gram: torch.Tensor,
                   s: torch.Tensor | None) -> float:
-    """sum over the layers of ||X (W - Q(W diag(s)) / s)^T||^2 = sum_rows d^T G d (float64)."""
+    """sum over the layers of ||X (W - Q(W diag(s)) / s)^T||^2 = sum_rows d^T G d (`gram` the
+    float32 Gram matrix: the grid compares errors, which float32 tells apart)."""
     total = 0.0
     for w, scheme in zip(weights, schemes):
         ws = w if s is None else w * s
         deq = fake_quantize(ws, scheme)
-        d = (w - (deq if s is None else deq / s)).double()
-        total += float(((d @ gram) * d).sum())
+        d = w - (deq if s is None else deq / s)
+        total += float(((d @ gram) * d).sum(dtype=torch.float64))
     return total
 
 
@@ -250,7 +264,7 @@ def awq_search(names: list[str], weights: list[torch.Tensor], schemes: list[Laye
     """AWQ's exponent for one block: the layers `names` with effective weights `(out, in)` and
     schemes, all reading inputs whose statistic is `stats`. The grid is the first scheme's
     `awq_grid` points i / grid, i = 0 .. grid - 1."""
-    gram = stats.gram
+    gram = stats.gram.float()
     w64 = [w.detach().float() for w in weights]
     error_rtn = _output_error(w64, schemes, gram, None)
     best = (error_rtn, 0.0, torch.ones(w64[0].shape[1]))

@@ -124,7 +124,7 @@ def test_awq_search_never_does_worse_than_round_to_nearest():
     choice = awq_search(["l"], [w], [scheme], _stats(x))
     assert 0 < choice.alpha < 1 and choice.error < 0.8 * choice.error_rtn
     d = w - dequantize(*round_to_nearest(w, scheme), 16)
-    assert choice.error_rtn == pytest.approx(float(((x.double() @ d.double().t()) ** 2).sum()), rel=1e-6)
+    assert choice.error_rtn == pytest.approx(float(((x.double() @ d.double().t()) ** 2).sum()), rel=1e-4)
     flat = awq_search(["l"], [w], [scheme], _stats(torch.ones(8, 64)))  # no salient channel: nothing to gain
     assert flat.alpha == 0.0 and flat.error == flat.error_rtn
 
