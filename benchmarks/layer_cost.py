@@ -64,7 +64,8 @@ def _methods(lin: nn.Linear, m: int) -> dict:
     methods = {"float32": (lambda x: F.linear(x, w, b), x), "bf16": (lambda x: F.linear(x, wb, bb), xb)}
     if q.kernel.name == "onednn":  # what every call ran before the one-call path
         methods["qlin onednn, three calls"] = (q._run._three_calls, x)
-    else:  # what auto ran on CPUs without VNNI before the pertoken kernel
+    elif m * lin.in_features * lin.out_features <= 1 << 25:  # what auto ran on CPUs without VNNI
+        # before the pertoken kernel; left out above ~33M multiply-adds (5 s a call at 4096x4096 x 16 here)
         methods["qlin int_mm"] = (QuantizedLinear.from_float(lin, LayerScheme(kernel="int_mm")).pack("cpu"), x)
     methods[f"qlin {q.kernel.name}"] = (q._run, x)
     methods["qlin module"] = (q, x)
