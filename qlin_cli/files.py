@@ -57,6 +57,7 @@ __all__ = [
     "write_atomic",
     "write_folder_atomic",
     "temporary_name",
+    "forget_temporary",
     "SAFETENSORS_DTYPES",
     "MAX_HEADER",
     "TensorEntry",
@@ -482,8 +483,14 @@ def write_atomic(path: str | Path, data: Content, *, force: bool) -> Path:
         return _write_atomic(path, folder, data, force=force)
 
 
+def forget_temporary(name: str) -> None:
+    """A write's cleanup is done: `remove_temporaries` has nothing left to do for `name`."""
+    _TEMPORARIES.pop(name, None)
+
+
 def _write_atomic(path: Path, folder: Path, data: Content, *, force: bool) -> Path:
-    tmp = temporary_name(path) + ".tmp"
+    base = temporary_name(path)
+    tmp = base + ".tmp"
     try:
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -515,6 +522,7 @@ def _write_atomic(path: Path, folder: Path, data: Content, *, force: bool) -> Pa
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        forget_temporary(base)
     return path
 
 
@@ -570,6 +578,7 @@ def _write_folder_atomic(path: Path, parent: Path, files: dict[str, Content], *,
                 os.rename(old, path)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        forget_temporary(base)
     return path
 
 

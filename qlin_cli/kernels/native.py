@@ -35,7 +35,7 @@ from types import ModuleType
 
 import torch
 
-from ..files import temporary_name
+from ..files import forget_temporary, temporary_name
 
 __all__ = ["load", "unavailable_reason"]
 
@@ -70,7 +70,8 @@ def _build(path: Path, cxx: str) -> None:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(temporary_name(path) + ".tmp")
+    base = temporary_name(path)
+    tmp = Path(base + ".tmp")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [
         cxx, *CFLAGS, f"-DTORCH_EXTENSION_NAME={path.name.split('.')[0]}", "-DTORCH_API_INCLUDE_EXTENSION_H",
@@ -88,6 +89,7 @@ def _build(path: Path, cxx: str) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+        forget_temporary(base)
 
 
 @functools.cache
