@@ -115,8 +115,9 @@ class PerGroup(Granularity):
     """Weights only: one scale per group of `size` consecutive input channels of each output row:
     scale shape `(out, ceil(in / size))` (a (1024, 512) weight at size 128: `(1024, 4)`). When
     `size` does not divide `in`, the last group of each row is shorter (`in % size` channels); no
-    padding. Grouped scales cannot be applied after an int8 x int8 dot product over a whole row,
-    so grouped layers are weight-only."""
+    padding. Grouped layers are weight-only (the default) or dynamic: per-token int8 activations
+    times B-bit weights, one exact integer dot product per group, each scaled by its group's
+    scale (W4A8 at 4 bits; kernel `lowbit_dynamic`)."""
 
     size: int = 128
     name: ClassVar[str] = "group"
@@ -166,7 +167,9 @@ class LayerScheme:
         A B-bit value is an int8 value, so per-channel and per-tensor weights of any width run
         on the int8 kernels; the file stores them packed (B bits each).
     group_size: G consecutive input channels of each output row share a scale: scale shape
-        `(out, ceil(in / G))`, the last group shorter when G does not divide in. Weight-only.
+        `(out, ceil(in / G))`, the last group shorter when G does not divide in. Weight-only
+        unless `mode` dynamic is given (per-token int8 activations, an integer dot product per
+        group: kernel `lowbit_dynamic`); not static.
     symmetric: weights with zero point 0 and values in [-127, 127] (8 bits); False gives an
         asymmetric range [-128, 127] with a zero point per scale.
     act_granularity: `PER_TOKEN` (dynamic's default: each row of the flattened input with its own
@@ -229,11 +232,10 @@ class LayerScheme:
         if self.mode is None:
             object.__setattr__(self, "mode", "weight-only" if grouped else "dynamic")
         _choice("mode", self.mode, MODES)
-        if grouped and self.mode != "weight-only":
+        if grouped and self.mode == "static":
             raise ConfigError(
-                f"group-wise weight scales (`group_size` {self.group_size}) run weight-only: one scale per "
-                f"group cannot be applied after an int8 x int8 dot product over the whole row; drop "
-                f"`mode` {self.mode!r} or `group_size`")
+                f"group-wise weight scales (`group_size` {self.group_size}) run weight-only or dynamic (per-token "
+                f"int8 activations, one integer dot product per group), not static; drop `mode` static or `group_size`")
         if not isinstance(self.symmetric, bool):
             raise ConfigError(f"symmetric must be true or false, not {self.symmetric!r}")
         _choice("kernel", self.kernel, registry.request_names())
@@ -303,6 +305,9 @@ class LayerScheme:
             raise ConfigError(problem)
         if self.mode == "weight-only":
             return None
+        if self.group_size is not None and act not in (None, PER_TOKEN):
+            raise ConfigError("grouped dynamic layers quantize activations per token (each row's own scale, "
+                              "batch invariant); drop act_granularity 'tensor'")
         if self.mode == "static":
             if act not in (None, PER_TENSOR):
                 raise ConfigError("static mode calibrates one activation scale per tensor; drop act_granularity")

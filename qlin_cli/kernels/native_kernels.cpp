@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 #if defined(__AVX2__)
@@ -965,6 +966,389 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   return y;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// lowbit_dynamic_linear: grouped B-bit weights (2 <= B <= 8) times per-token int8 activations in
+// one call (W4A8 at 4 bits; lowbit_dynamic.py packs the operands and holds the torch-op reference):
+//   codes u, a, c of each row: quantize_rows' own loops (x ~ a[m] * u + c[m], u in [0, 255]);
+//   acc[m, n, g] = sum_{k in g} u[m, k] * (q[n, k] - z[n, g])       (int32, exact);
+//   v[m, n] = fma(float(acc[m, n, g]), s[n, g], v[m, n]) over g = 0, 1, ... from 0.0f;
+//   y[m, n] = fma(a[m], v, c[m] * wsum[n])  (with a bias: fma(a[m], v, fma(c[m], wsum[n], b[n]))),
+//   wsum[n] = the dequantized weight's row sum (computed once when packing).
+// The integers are the same on every path and the float operations are the same ones in the same
+// order, so the scalar, AVX2 and AVX-512 paths give the same bits, and a row's result never
+// depends on the other rows (batch invariant).
+// Layout ("dot panels", lowbit_dynamic.py): panels of 16 output rows (as lowbit_linear's); K in
+// units of 4 consecutive k of one group: a group takes UG = ceil(G / 4) units (the last group
+// ceil(L / 4)), positions past a group's end are padding where the codes are 0. One unit of a panel:
+//   B <= 4: 32 bytes, byte 4i + j holding q + 8 of row i (low nibble) and of row 8 + i (high
+//           nibble) at the unit's k j: AND and a shift give rows 0-7 and rows 8-15 as u8 x s8
+//           operands of vpmaddubsw / vpdpbusd (4 k of one row side by side);
+//   B >= 5: 64 bytes, byte 4r + j = q of row r at the unit's k j (int8).
+// One 32-bit broadcast of a row's 4 codes meets a unit. AVX2 without VNNI: vpmaddubsw (u8 x s8,
+// pairs summed into int16) is exact for nibbles (2 * 255 * 15 = 7650, four units 30600 < 32767:
+// summed in int16 for up to 4 units, then vpmaddwd by ones into int32); 5-8 bit weights are
+// widened to int16 (vpmaddwd, exact for 8 bits; vpmaddubsw could saturate at 8 bits). AVX-512
+// VNNI: vpdpbusd on 16 rows at once. Zero points (and the nibbles' + 8) are one subtraction per
+// group: acc -= zq[n, g] * sum_{k in g} u[m, k].
+
+namespace ld {
+
+constexpr int64_t PR = 16;                     // output rows per panel
+constexpr int64_t LD_MC = 64;                  // rows of codes per pass over a thread's panels
+constexpr int64_t LD_BLOCK = 4;                // panels per task unit
+constexpr int64_t LD_WORK_PER_TASK = 1 << 20;  // multiply-adds a thread takes at least
+
+struct Args {
+  const uint8_t* u;      // codes (M, ku), ku = 4 U, zero in the padding
+  int64_t ku;
+  const int32_t* usum;   // (M, ngroups): sum of a row's codes over each group
+  const float *a, *c;    // (M,)
+  const uint8_t* w;      // (P, U, ub)
+  const float* scale;    // (P, ngroups, 16)
+  const int8_t* zq;      // (P, ngroups, 16) or nullptr (then z = 0; nibbles: 8)
+  const float* wsum;     // (N,)
+  const float* bias;     // (N,) or nullptr
+  float* y;              // (M, N) float32, or nullptr when
+  bf16* yb;              //   the output is bfloat16
+  int64_t M, N, ngroups, UG, U, P, ub;
+  bool p4;               // nibbles (B <= 4), else int8
+};
+
+inline int64_t unit_end(const Args& a, int64_t g) { return std::min(a.U, (g + 1) * a.UG); }
+inline const uint8_t* unit(const Args& a, int64_t p, int64_t t) { return a.w + (p * a.U + t) * a.ub; }
+inline int32_t codes4(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
+
+// the epilogue of 16 outputs of row m in panel p (v: their sums over the groups); rows past N not stored
+inline void store_row(const Args& a, int64_t m, int64_t p, const float* v) {
+  const int64_t n0 = p * PR, live = std::min(PR, a.N - n0);
+  for (int64_t r = 0; r < live; ++r) {
+    const int64_t n = n0 + r;
+    const float t = a.bias ? std::fma(a.c[m], a.wsum[n], a.bias[n]) : a.c[m] * a.wsum[n];
+    const float out = std::fma(a.a[m], v[r], t);
+    a.yb ? store_out(a.yb + m * a.N + n, out) : store_out(a.y + m * a.N + n, out);
+  }
+}
+
+// ---- the portable path: one row of codes, one output at a time
+template <int MB>
+void tile_scalar(const Args& a, int64_t p, int64_t m0) {
+  for (int i = 0; i < MB; ++i) {
+    const int64_t m = m0 + i;
+    const uint8_t* ur = a.u + m * a.ku;
+    float v[PR] = {0};
+    for (int64_t g = 0; g < a.ngroups; ++g) {
+      const int64_t t0 = g * a.UG, t1 = unit_end(a, g);
+      const int32_t us = a.usum[m * a.ngroups + g];
+      for (int r = 0; r < PR; ++r) {
+        int32_t acc = 0;
+        for (int64_t t = t0; t < t1; ++t) {
+          const uint8_t* blk = unit(a, p, t);
+          for (int j = 0; j < 4; ++j) {
+            const int32_t q = a.p4 ? (r < 8 ? blk[r * 4 + j] & 15 : blk[(r - 8) * 4 + j] >> 4)
+                                   : static_cast<int32_t>(static_cast<int8_t>(blk[r * 4 + j]));
+            acc += static_cast<int32_t>(ur[t * 4 + j]) * q;
+          }
+        }
+        const int64_t at = (p * a.ngroups + g) * PR + r;
+        acc -= (a.zq ? static_cast<int32_t>(a.zq[at]) : (a.p4 ? 8 : 0)) * us;
+        v[r] = std::fma(static_cast<float>(acc), a.scale[at], v[r]);
+      }
+    }
+    store_row(a, m, p, v);
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define QLIN_LD_AVX2 1
+// v[i][h] = fma(float(acc - zq * usum), s, v[i][h]) for rows 8h .. 8h + 7 of the panel
+template <int MB>
+__attribute__((always_inline)) inline void finish_group_avx2(const Args& a, int64_t p, int64_t g, int64_t m0,
+                                                             __m256i (&acc)[MB][2], __m256 (&v)[MB][2]) {
+  const int64_t at = (p * a.ngroups + g) * PR;
+  const __m256 s0 = _mm256_loadu_ps(a.scale + at), s1 = _mm256_loadu_ps(a.scale + at + 8);
+  __m256i z0 = _mm256_setzero_si256(), z1 = z0;
+  if (a.zq) {
+    z0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.zq + at)));
+    z1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.zq + at + 8)));
+  }
+  _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
+    const __m256i us = _mm256_set1_epi32(a.usum[(m0 + i) * a.ngroups + g]);
+    __m256i c0 = acc[i][0], c1 = acc[i][1];
+    if (a.zq) {
+      c0 = _mm256_sub_epi32(c0, _mm256_mullo_epi32(z0, us));
+      c1 = _mm256_sub_epi32(c1, _mm256_mullo_epi32(z1, us));
+    } else if (a.p4) {
+      const __m256i u8 = _mm256_slli_epi32(us, 3);
+      c0 = _mm256_sub_epi32(c0, u8);
+      c1 = _mm256_sub_epi32(c1, u8);
+    }
+    v[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c0), s0, v[i][0]);
+    v[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c1), s1, v[i][1]);
+  }
+}
+
+template <int MB>
+__attribute__((always_inline)) inline void store_avx2(const Args& a, int64_t p, int64_t m0, __m256 (&v)[MB][2]) {
+  _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
+    alignas(32) float t[PR];
+    _mm256_store_ps(t, v[i][0]);
+    _mm256_store_ps(t + 8, v[i][1]);
+    store_row(a, m0 + i, p, t);
+  }
+}
+
+// nibbles: vpmaddubsw into int16 for up to 4 units (exact), then vpmaddwd by ones into int32
+template <int MB>
+void tile_avx2_p4(const Args& a, int64_t p, int64_t m0) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const uint8_t* ur[MB];
+  _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) ur[i] = a.u + (m0 + i) * a.ku;
+  __m256 v[MB][2];
+  _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) v[i][0] = v[i][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < a.ngroups; ++g) {
+    const int64_t t1 = unit_end(a, g);
+    __m256i acc[MB][2];
+    _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    for (int64_t t = g * a.UG; t < t1;) {
+      const int64_t te = std::min(t1, t + 4);
+      __m256i s16[MB][2];
+      _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+      for (; t < te; ++t) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit(a, p, t)));
+        const __m256i lo = _mm256_and_si256(c, low4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
+        _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
+          const __m256i xb = _mm256_set1_epi32(codes4(ur[i] + t * 4));
+          s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(xb, lo));
+          s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(xb, hi));
+        }
+      }
+      _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
+        acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i][0], ones));
+        acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(s16[i][1], ones));
+      }
+    }
+    finish_group_avx2<MB>(a, p, g, m0, acc, v);
+  }
+  store_avx2<MB>(a, p, m0, v);
+}
+
+// 5-8 bits: int8 widened to int16, vpmaddwd (exact); four vectors of 4 rows x 2 k-pair sums per
+// unit, summed across pairs (hadd) and put back in row order once per group
+template <int MB>
+void tile_avx2_i8(const Args& a, int64_t p, int64_t m0) {
+  const uint8_t* ur[MB];
+  _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) ur[i] = a.u + (m0 + i) * a.ku;
+  __m256 v[MB][2];
+  _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) v[i][0] = v[i][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < a.ngroups; ++g) {
+    const int64_t t1 = unit_end(a, g);
+    __m256i part[MB][4];
+    _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i)
+      _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) part[i][j] = _mm256_setzero_si256();
+    for (int64_t t = g * a.UG; t < t1; ++t) {
+      const uint8_t* blk = unit(a, p, t);
+      __m256i w[4];
+      _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)
+        w[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * j)));
+      _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
+        const __m256i xw = _mm256_cvtepu8_epi16(_mm_set1_epi32(codes4(ur[i] + t * 4)));
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)
+          part[i][j] = _mm256_add_epi32(part[i][j], _mm256_madd_epi16(xw, w[j]));
+      }
+    }
+    __m256i acc[MB][2];
+    _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {  // [r0 r1 r4 r5 | r2 r3 r6 r7] -> rows in order
+      acc[i][0] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(part[i][0], part[i][1]), 0xD8);
+      acc[i][1] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(part[i][2], part[i][3]), 0xD8);
+    }
+    finish_group_avx2<MB>(a, p, g, m0, acc, v);
+  }
+  store_avx2<MB>(a, p, m0, v);
+}
+
+template <int MB>
+void tile_avx2(const Args& a, int64_t p, int64_t m0) {
+  a.p4 ? tile_avx2_p4<MB>(a, p, m0) : tile_avx2_i8<MB>(a, p, m0);
+}
+#endif
+
+#ifdef QLIN_VNNI
+// AVX-512 VNNI (compile-checked; not run on the machines this was written on): vpdpbusd on a unit
+// of 16 rows x 4 k, one int32 lane per row
+template <int MB>
+void tile_vnni(const Args& a, int64_t p, int64_t m0) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const uint8_t* ur[MB];
+  _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) ur[i] = a.u + (m0 + i) * a.ku;
+  __m512 v[MB];
+  _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) v[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < a.ngroups; ++g) {
+    const int64_t t1 = unit_end(a, g);
+    __m512i acc[MB];
+    _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_si512();
+    for (int64_t t = g * a.UG; t < t1; ++t) {
+      __m512i w;
+      if (a.p4) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit(a, p, t)));
+        w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(c, low4)),
+                               _mm256_and_si256(_mm256_srli_epi16(c, 4), low4), 1);
+      } else {
+        w = _mm512_loadu_si512(unit(a, p, t));
+      }
+      _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i)
+        acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_set1_epi32(codes4(ur[i] + t * 4)), w);
+    }
+    const int64_t at = (p * a.ngroups + g) * PR;
+    const __m512 s = _mm512_loadu_ps(a.scale + at);
+    const __m512i z = a.zq ? _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zq + at)))
+                           : _mm512_set1_epi32(a.p4 ? 8 : 0);
+    _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
+      const __m512i us = _mm512_set1_epi32(a.usum[(m0 + i) * a.ngroups + g]);
+      const __m512i c = _mm512_sub_epi32(acc[i], _mm512_mullo_epi32(z, us));
+      v[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, v[i]);
+    }
+  }
+  _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
+    alignas(64) float t[PR];
+    _mm512_store_ps(t, v[i]);
+    store_row(a, m0 + i, p, t);
+  }
+}
+#endif
+
+// panels [pb, pe) for every row, LD_MC rows of codes at a time (they stay in L2 while the panels
+// pass), in tiles of 2 rows (one weight unit unpacked for both) and 1
+template <void (*T2)(const Args&, int64_t, int64_t), void (*T1)(const Args&, int64_t, int64_t)>
+void panels(const Args& a, int64_t pb, int64_t pe) {
+  for (int64_t mc = 0; mc < a.M; mc += LD_MC) {
+    const int64_t me = std::min(a.M, mc + LD_MC);
+    for (int64_t p = pb; p < pe; ++p) {
+      int64_t m = mc;
+      for (; m + 2 <= me; m += 2) T2(a, p, m);
+      if (m < me) T1(a, p, m);
+    }
+  }
+}
+
+std::vector<std::string> paths() {
+  std::vector<std::string> out{"scalar"};
+#ifdef QLIN_LD_AVX2
+  out.push_back("avx2");
+#endif
+#ifdef QLIN_VNNI
+  out.push_back("avx512_vnni");
+#endif
+  return out;
+}
+
+}  // namespace ld
+
+at::Tensor lowbit_dynamic_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scale,
+                                 const at::Tensor& zq, const at::Tensor& wsum, const at::Tensor& bias,
+                                 const at::Tensor& smooth, int64_t N, int64_t K, int64_t group_size, int64_t path) {
+  using namespace ld;
+  TORCH_CHECK(x_in.dim() == 2 && x_in.is_cpu() && x_in.size(1) == K,
+              "lowbit_dynamic_linear: x must be a 2-D CPU (M, K) tensor with K = ", K, ", got ", x_in.sizes());
+  const bool is_bf16 = x_in.scalar_type() == at::kBFloat16;
+  const at::Tensor x = (is_bf16 ? x_in : x_in.to(at::kFloat)).contiguous();  // no copy when it is already
+  TORCH_CHECK(N >= 0 && K >= 1 && group_size >= 1, "lowbit_dynamic_linear: N >= 0, K >= 1 and group_size >= 1, got ",
+              N, ", ", K, ", ", group_size);
+  const int64_t M = x.size(0), P = (N + PR - 1) / PR, ngroups = (K - 1) / group_size + 1;
+  const int64_t UG = (group_size + 3) / 4, last = K - (ngroups - 1) * group_size;
+  const int64_t U = (ngroups - 1) * UG + (last + 3) / 4;
+  const bool p4 = codes.scalar_type() == at::kByte;
+  TORCH_CHECK(p4 || codes.scalar_type() == at::kChar, "lowbit_dynamic_linear: codes must be uint8 (nibbles) or int8");
+  const int64_t ub = p4 ? 32 : 64;
+  TORCH_CHECK(codes.dim() == 3 && codes.size(0) == P && codes.size(1) == U && codes.size(2) == ub &&
+                  codes.is_contiguous() && codes.is_cpu(),
+              "lowbit_dynamic_linear: codes must be contiguous dot panels (", P, ", ", U, ", ", ub, "), got ",
+              codes.sizes());
+  TORCH_CHECK(scale.dim() == 3 && scale.size(0) == P && scale.size(1) == ngroups && scale.size(2) == PR &&
+                  scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              "lowbit_dynamic_linear: scale must be contiguous float32 (", P, ", ", ngroups, ", 16)");
+  const bool has_z = zq.numel() > 0, has_b = bias.numel() > 0, has_smooth = smooth.numel() > 0;
+  TORCH_CHECK(!has_z || (zq.sizes() == scale.sizes() && zq.scalar_type() == at::kChar && zq.is_contiguous()),
+              "lowbit_dynamic_linear: zq must be contiguous int8 of scale's shape, or empty");
+  auto vec = [](const at::Tensor& t, int64_t n) {
+    return t.dim() == 1 && t.size(0) == n && t.scalar_type() == at::kFloat && t.is_contiguous();
+  };
+  TORCH_CHECK(vec(wsum, N) && (!has_b || vec(bias, N)) && (!has_smooth || vec(smooth, K)),
+              "lowbit_dynamic_linear: wsum and bias must be contiguous float32 (N,), smooth (K,) (bias, smooth may "
+              "be empty)");
+  // int32 sums: |acc| <= G * 255 * (|q| + |zq|) <= G * 255 * 272
+  TORCH_CHECK(std::min(group_size, K) <= (int64_t(1) << 31) / (255 * 272),
+              "lowbit_dynamic_linear: groups of more than ", (int64_t(1) << 31) / (255 * 272),
+              " inputs could overflow int32 sums");
+  TORCH_CHECK(path >= 0 && path <= 3, "lowbit_dynamic_linear: path must be 0 (auto) .. 3, got ", path);
+  at::Tensor y = at::empty({M, N}, x.options());  // float32 or bfloat16, as x
+  if (M == 0 || N == 0) return x_in.scalar_type() == x.scalar_type() ? y : y.to(x_in.scalar_type());
+  // codes (M, ku), a, c, and the group sums: thread-local buffers kept between calls for a few
+  // rows, fresh ones for many
+  thread_local std::vector<uint8_t> kept_codes;
+  thread_local std::vector<float> kept_rowp;
+  thread_local std::vector<int32_t> kept_usum;
+  std::vector<uint8_t> big_codes;
+  std::vector<float> big_rowp;
+  std::vector<int32_t> big_usum;
+  const int64_t ku = 4 * U;
+  const bool few = M <= PT_MAX_ROWS;
+  std::vector<uint8_t>& ucodes = few ? kept_codes : big_codes;
+  std::vector<float>& rowp = few ? kept_rowp : big_rowp;
+  std::vector<int32_t>& usum = few ? kept_usum : big_usum;
+  if (static_cast<int64_t>(ucodes.size()) < M * ku) ucodes.resize(M * ku);
+  if (static_cast<int64_t>(rowp.size()) < 3 * M) rowp.resize(3 * M);
+  if (static_cast<int64_t>(usum.size()) < M * ngroups) usum.resize(M * ngroups);
+  float *ap = rowp.data(), *cp = ap + M, *rs = cp + M;
+  const float* sp = has_smooth ? smooth.data_ptr<float>() : nullptr;
+  uint8_t* up = ucodes.data();
+  if (is_bf16)
+    quantize_into(x.data_ptr<bf16>(), sp, M, K, up, ku, ap, cp, rs);
+  else
+    quantize_into(x.data_ptr<float>(), sp, M, K, up, ku, ap, cp, rs);
+  // each group to its units (only when G is not a multiple of 4), then the group sums
+  int32_t* usp = usum.data();
+  const int64_t G = group_size;
+  at::parallel_for(0, M, std::max<int64_t>(1, WORK_PER_TASK / ku), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      uint8_t* row = up + m * ku;
+      if (G % 4 && ngroups > 1) {
+        for (int64_t g = ngroups - 1; g >= 1; --g)  // right to left: a group's units start at or after its k
+          std::memmove(row + g * UG * 4, row + g * G, std::min(G, K - g * G));
+        for (int64_t g = 0; g < ngroups; ++g)
+          std::fill(row + g * UG * 4 + std::min(G, K - g * G), row + std::min(ku, (g + 1) * UG * 4), uint8_t(0));
+      }
+      for (int64_t g = 0; g < ngroups; ++g) {
+        int32_t s = 0;
+        const uint8_t* q = row + g * UG * 4;
+        for (int64_t k = 0, n = std::min(G, K - g * G); k < n; ++k) s += q[k];
+        usp[m * ngroups + g] = s;
+      }
+    }
+  });
+  const Args a{up, ku, usp, ap, cp, reinterpret_cast<const uint8_t*>(codes.data_ptr()), scale.data_ptr<float>(),
+               has_z ? zq.data_ptr<int8_t>() : nullptr, wsum.data_ptr<float>(), has_b ? bias.data_ptr<float>() : nullptr,
+               is_bf16 ? nullptr : y.data_ptr<float>(), is_bf16 ? y.data_ptr<bf16>() : nullptr,
+               M, N, ngroups, UG, U, P, ub, p4};
+  void (*const scalar)(const Args&, int64_t, int64_t) = &panels<tile_scalar<2>, tile_scalar<1>>;
+  void (*fn)(const Args&, int64_t, int64_t) = scalar;
+#ifdef QLIN_LD_AVX2
+  if (path == 0 || path == 2) fn = &panels<tile_avx2<2>, tile_avx2<1>>;
+#endif
+#ifdef QLIN_VNNI
+  if (path == 0 || path == 3) fn = &panels<tile_vnni<2>, tile_vnni<1>>;
+#endif
+  TORCH_CHECK(path == 0 || path == 1 || fn != scalar, "lowbit_dynamic_linear: path ",
+              path, " is not built for this CPU");
+  const int64_t blocks = (P + LD_BLOCK - 1) / LD_BLOCK;
+  const int64_t uses = LD_BLOCK * PR * ku * std::min<int64_t>(M, LD_MC);
+  const int64_t grain = std::max<int64_t>(1, LD_WORK_PER_TASK / std::max<int64_t>(uses, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    fn(a, b0 * LD_BLOCK, std::min(P, b1 * LD_BLOCK));
+  });
+  return x_in.scalar_type() == x.scalar_type() ? y : y.to(x_in.scalar_type());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -981,6 +1365,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("pertoken_isa") = "scalar";
 #endif
   m.def("lowbit_linear", &lowbit_linear, "y = x @ dequant(w).T + bias, weight-only panels (lowbit.py)");
+  m.def("lowbit_dynamic_linear", &lowbit_dynamic_linear,
+        "grouped low-bit weights x per-token int8 activations, an integer dot per group (lowbit_dynamic.py)");
+  m.attr("lowbit_dynamic_paths") = ld::paths();  // instruction sets built here, for its `path` (tests)
   m.attr("lowbit_paths") = lb::paths();  // instruction sets built here, for lowbit_linear's `path` (tests)
 #ifdef QLIN_AVX512
   m.attr("lowbit_avx512") = true;

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 # The rooms, in the order kernels are listed (messages, `--kernel`'s choices).
-ROOMS = ("onednn", "pertoken", "fbgemm", "int_mm", "weight_only", "lowbit", "int4pack", "dequant")
+ROOMS = ("onednn", "pertoken", "lowbit_dynamic", "fbgemm", "int_mm", "weight_only", "lowbit", "int4pack", "dequant")
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,9 @@ class Kernel:
     low_bit: ClassVar[bool] = False  # made for weights under 8 bits or in groups; a refused request skips it
     requestable: ClassVar[bool] = True  # a recipe may name it (dequant is only ever a fallback)
     float_weights: ClassVar[bool] = False  # a float matmul on the dequantized weight: the report always says why
+    # takes int8 activations times weights with one scale per group (dynamic grouped layers are
+    # offered to these kernels only; weight-only kernels say what they take in `scheme_problem`)
+    grouped_int8: ClassVar[bool] = False
 
     def scheme_problem(self, scheme: LayerScheme) -> str | None:
         """Why a scheme that names this kernel is not valid, or None (its mode is checked apart)."""
@@ -203,13 +206,17 @@ def request_problem(scheme: LayerScheme) -> str | None:
                 f"{', '.join(map(repr, takes))}")
     if scheme.mode != "weight-only" and kernel.activations == "float":
         return f"kernel {kernel.name!r} needs `mode` weight-only"
+    if scheme.mode != "weight-only" and scheme.group_size is not None and not kernel.grouped_int8:
+        takes = ["auto", *(k.name for k in _load().values() if k.grouped_int8)]
+        return (f"kernel {kernel.name!r} has one weight scale per output channel; grouped dynamic layers take "
+                f"kernel {', '.join(map(repr, takes))}")
     return kernel.scheme_problem(scheme)
 
 
 def grouped_kernels() -> str:
     """The kernel requests that take grouped weights, as a message lists them ('auto', 'lowbit'
     or 'int4pack')."""
-    names = ["auto", *(k.name for k in _load().values() if k.low_bit)]
+    names = ["auto", *(k.name for k in _load().values() if k.low_bit and k.activations == "float")]
     return f"{', '.join(map(repr, names[:-1]))} or {names[-1]!r}"
 
 

@@ -10,7 +10,8 @@ on it:
   `rank` order that are not low-bit ones are asked (`offer`) and the one that takes the layer is
   a reported fallback (`KernelChoice.fallback`), its reason "fallback: " and why;
 - `auto` asks the kernels whose activations fit the mode (int8 for dynamic and static, float
-  for weight-only), in `rank` order, and the first that offers itself runs.
+  for weight-only; for grouped dynamic layers only the `grouped_int8` ones), in `rank` order,
+  and the first that offers itself runs.
 
 Whether a layer is too small for int8 to pay is decided when the model is planned, from its shape
 and scheme only, and recorded in the file as a layer kept in float: the machine that loads the
@@ -72,6 +73,8 @@ def select_kernel(
     target = Target(torch.device(device), dtype, in_features, out_features)
     activations = "float" if scheme.mode == "weight-only" else "int8"
     family = [k for k in registry.kernels() if k.activations == activations]
+    if activations == "int8" and scheme.group_size is not None:  # one scale per group: an integer dot per group
+        family = [k for k in family if k.grouped_int8]
     requested = registry.requested_kernel(scheme)
     if requested is None:
         return _first_offer(family, scheme, target, None, fallback=False)
