@@ -10,7 +10,9 @@ Formats, each loaded in a fresh process (so that its resident memory is its own)
 - `float32`: the weights as built; `bf16`: the whole model cast to bfloat16;
 - `int8`: qlin's default (`QuantConfig()`: dynamic, int8 per channel, per-token activations);
 - `int8 weight-only`: `QuantConfig(mode="weight-only")`;
-- `4-bit g32`, `4-bit g128`: `QuantConfig(bits=4, group_size=32 / 128)` (weight-only low-bit).
+- `4-bit g32`, `4-bit g128`: `QuantConfig(bits=4, group_size=32 / 128)` (weight-only low-bit);
+- `W4A8 g32`, `W4A8 g128`: the same weights with `mode="dynamic"`: per-token int8 activations, an
+  integer dot per group (kernel `lowbit_dynamic`; llama.cpp's Q4_0 x Q8_0 does the same).
 The qlin formats are quantized with `quantize_model` and saved with `save_quantized` in one
 process, then loaded with `load_quantized` into an `empty_weights()` skeleton in another, as a
 user serving the file would.
@@ -83,12 +85,14 @@ FORMATS: dict[str, dict[str, Any] | None] = {
     "int8 weight-only": {"mode": "weight-only"},
     "4-bit g32": {"bits": 4, "group_size": 32},
     "4-bit g128": {"bits": 4, "group_size": 128},
+    "W4A8 g32": {"mode": "dynamic", "bits": 4, "group_size": 32},
+    "W4A8 g128": {"mode": "dynamic", "bits": 4, "group_size": 128},
 }
 SHORT = {"f32": "float32", "bf16": "bf16", "int8": "int8", "int8-wo": "int8 weight-only",
-         "q4g32": "4-bit g32", "q4g128": "4-bit g128"}
+         "q4g32": "4-bit g32", "q4g128": "4-bit g128", "w4a8g32": "W4A8 g32", "w4a8g128": "W4A8 g128"}
 # the llama.cpp type with the same bytes per weight as a format (None: no such type measured)
 PEER = {"float32": "F32", "bf16": None, "int8": "Q8_0", "int8 weight-only": "Q8_0", "4-bit g32": "Q4_0",
-        "4-bit g128": None}
+        "4-bit g128": None, "W4A8 g32": "Q4_0", "W4A8 g128": None}
 GGUF_TYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2}  # llama_ftype values (llama.h)
 GGUF_BYTES_PER_WEIGHT = {"F32": 4.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}  # blocks of 32: codes + fp16 scale
 

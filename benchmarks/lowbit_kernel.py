@@ -9,6 +9,8 @@ Layers (N, K) (4096, 4096) and (2048, 5632), M in {1, 2, 4, 16, 128, 512} tokens
 - `qlin int8 weight-only`: qlin's panel kernel on int8 per-channel weights (what `weight_only`
   runs on CPU); `torch int8pack`: `_weight_int8pack_mm` on the same weights (what it ran before);
 - `qlin 4-bit G=32` / `G=128`: qlin's panel kernel on 4-bit codes with a scale per group;
+- `qlin W4A8 G=32` / `G=128`: the same codes with per-token int8 activations (`lowbit_dynamic`:
+  an exact integer dot per group, vpmaddubsw on AVX2; SQNR against its own dequantized math);
 - `torch int4pack G bf16`: `_weight_int4pack_mm_for_cpu` on the same codes, bf16 activations
   (not batch invariant, so never `auto`'s choice; here to show what that choice costs).
 
@@ -51,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import short_error  # noqa: E402
 
-from qlin_cli.kernels import lowbit, native  # noqa: E402
+from qlin_cli.kernels import lowbit, lowbit_dynamic, native  # noqa: E402
 
 SHAPES = [(4096, 4096), (2048, 5632)]
 TOKENS = [1, 2, 4, 16, 128, 512]
@@ -108,6 +110,12 @@ def _methods(w: torch.Tensor, x: torch.Tensor, m: int):
         p = lowbit.to_panels(q, 4, s, None, g)
         ref = F.linear(x, lowbit.dequantize(q, 4, s, None, g, k))
         out[f"qlin 4-bit G={g}"] = ((lambda p=p: lowbit.panel_linear(x, p)), ref, p.nbytes())
+        # W4A8: the same codes, per-token int8 activations, an integer dot per group; SQNR against
+        # its own math (dequantized activation codes x dequantized weights)
+        d = lowbit_dynamic.to_dot_panels(q, 4, s, None, g)
+        zs = torch.zeros(s.shape, dtype=torch.int8)
+        ref_d = lowbit_dynamic.lowbit_dynamic_reference(x, q, s, zs, g)
+        out[f"qlin W4A8 G={g}"] = ((lambda d=d: _dot(x, d)), ref_d, d.nbytes() - d.wsum.numel() * 4)
         codes = (q.to(torch.int32) + 8).contiguous()
         wp = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
         sz = torch.zeros(k // g, n, 2)
@@ -116,6 +124,11 @@ def _methods(w: torch.Tensor, x: torch.Tensor, m: int):
         out[f"torch int4pack G={g} bf16"] = ((lambda wp=wp, g=g, szb=szb: torch._weight_int4pack_mm_for_cpu(xb, wp, g, szb)),
                                              ref, n * k // 2 + szb.numel() * 2)
     return out
+
+
+def _dot(x: torch.Tensor, d) -> torch.Tensor:
+    e = torch.empty(0)
+    return native.load().lowbit_dynamic_linear(x, d.codes, d.scale, d.zq, d.wsum, e, e, d.n, d.k, d.group_size, 0)
 
 
 def _run_config(n: int, k: int, m: int, rounds: int, seed: int, clock=time.perf_counter) -> dict:

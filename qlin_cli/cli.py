@@ -204,7 +204,7 @@ def quantize(
     mode: Annotated[Optional[Literal[MODES]], typer.Option(help="dynamic (default), weight-only, or static (needs --calib).")] = None,
     granularity: Annotated[Optional[Literal[WEIGHT_GRANULARITY_NAMES]], typer.Option(help="Weight scales: channel (default) or tensor.")] = None,
     bits: Annotated[Optional[int], typer.Option("--bits", metavar="B", help="Weight width, 2 to 8 [default: 8]; fewer bits are stored packed.")] = None,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", metavar="G", help="One weight scale per G input channels, scale shape (out, ceil(in/G)); weight-only (selected when --mode is not given).")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", metavar="G", help="One weight scale per G input channels, scale shape (out, ceil(in/G)); weight-only when --mode is not given; with --mode dynamic, per-token int8 activations (W4A8 at --bits 4).")] = None,
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Weight zero point 0 (default) or fitted.")] = None,
     act_granularity: Annotated[Optional[Literal[ACT_GRANULARITY_NAMES]], typer.Option(help="Dynamic activations: token (default, batch-invariant) or tensor (batch-dependent).")] = None,
     kernel: Annotated[Optional[Literal[request_names()]], typer.Option(help="Kernel request; auto picks per layer.")] = None,
@@ -260,7 +260,7 @@ def quantize(
         result = quantize_checkpoint(source, cfg, options, progress=progress, calib_progress=progress)
     if group_size is not None and mode is None and "mode" not in recipe:  # said once it worked
         logging.getLogger("qlin").info(
-            "--group-size selected weight-only mode (one scale per group cannot follow an int8 x int8 dot product)")
+            "--group-size selected weight-only mode (--mode dynamic gives grouped weights per-token int8 activations)")
     if report is None or report.suffix == ".html":
         wrote = f"wrote {result.output}" + (f" and {report}" if report else "")
     else:

@@ -114,7 +114,7 @@ def test_defaults():
 @pytest.mark.parametrize("keys, message", [
     ({"mode": "int4"}, "mode = 'int4' is not valid: use one of dynamic, weight-only, static"),
     ({"mode": "Dynamic"}, "mode = 'Dynamic' is not valid: use one of dynamic, weight-only, static"),
-    ({"kernel": "cublas"}, "kernel = 'cublas' is not valid: use one of auto, onednn, pertoken, fbgemm, int_mm, weight_only, lowbit, int4pack"),
+    ({"kernel": "cublas"}, "kernel = 'cublas' is not valid: use one of auto, onednn, pertoken, lowbit_dynamic, fbgemm, int_mm, weight_only, lowbit, int4pack"),
     ({"observer": "max"}, "observer = 'max' is not valid: use one of minmax, absmax, moving-average, percentile, mse"),
     ({"weight_observer": "kl"},
      "weight_observer = 'kl' is not valid: use one of minmax, absmax, moving-average, percentile, mse"),
@@ -236,12 +236,13 @@ def all_combinations():
 def test_combination_count():
     valid, invalid = all_combinations()
     # per granularity x symmetric (4): dynamic 3 acts x 5 kernels (auto, onednn, pertoken, fbgemm,
-    # int_mm: not the weight-only ones) = 15, static 2 acts (None, tensor) x 5 kernels = 10,
-    # weight-only 1 act (None) x 3 kernels (auto, weight_only, lowbit; int4pack needs 4-bit groups) = 3
-    assert len(valid) == 4 * (15 + 10 + 3) == 112
-    assert invalid == 3 * 2 * 2 * 3 * 8 - 112
+    # int_mm: not the weight-only ones) = 15, + lowbit_dynamic with acts None and token = 2, static
+    # 2 acts (None, tensor) x 5 kernels = 10, weight-only 1 act (None) x 3 kernels (auto,
+    # weight_only, lowbit; int4pack needs 4-bit groups) = 3
+    assert len(valid) == 4 * (17 + 10 + 3) == 120
+    assert invalid == 3 * 2 * 2 * 3 * 9 - 120
     # an unset act granularity resolves to the mode's default: dynamic None == token, static None == tensor
-    assert len(set(valid)) == 4 * (10 + 5 + 3) == 72
+    assert len(set(valid)) == 4 * (11 + 5 + 3) == 76
     assert {s.act_granularity for s in valid if s.mode == "static"} == {PER_TENSOR}
     assert {s.act_granularity for s in valid if s.mode == "weight-only"} == {None}
     assert {s.act_granularity for s in valid if s.mode == "dynamic"} == {PER_TOKEN, PER_TENSOR}

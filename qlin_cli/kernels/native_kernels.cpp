@@ -1110,23 +1110,36 @@ void tile_avx2_p4(const Args& a, int64_t p, int64_t m0) {
     const int64_t t1 = unit_end(a, g);
     __m256i acc[MB][2];
     _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-    for (int64_t t = g * a.UG; t < t1;) {
-      const int64_t te = std::min(t1, t + 4);
-      __m256i s16[MB][2];
-      _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
-      for (; t < te; ++t) {
-        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit(a, p, t)));
-        const __m256i lo = _mm256_and_si256(c, low4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
-        _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
-          const __m256i xb = _mm256_set1_epi32(codes4(ur[i] + t * 4));
-          s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(xb, lo));
-          s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(xb, hi));
-        }
+    __m256i s16[MB][2];
+    // one unit into the int16 sums
+    auto step = [&](int64_t t) __attribute__((always_inline)) {
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit(a, p, t)));
+      const __m256i lo = _mm256_and_si256(c, low4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
+      _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
+        const __m256i xb = _mm256_set1_epi32(codes4(ur[i] + t * 4));
+        s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(xb, lo));
+        s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(xb, hi));
       }
+    };
+    auto flush = [&]() __attribute__((always_inline)) {
       _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
         acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i][0], ones));
         acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(s16[i][1], ones));
+        s16[i][0] = s16[i][1] = _mm256_setzero_si256();
       }
+    };
+    _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+    int64_t t = g * a.UG;
+    for (; t + 4 <= t1; t += 4) {  // whole chunks of 4 units, unrolled
+      step(t);
+      step(t + 1);
+      step(t + 2);
+      step(t + 3);
+      flush();
+    }
+    if (t < t1) {
+      for (; t < t1; ++t) step(t);
+      flush();
     }
     finish_group_avx2<MB>(a, p, g, m0, acc, v);
   }
