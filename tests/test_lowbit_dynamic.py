@@ -274,3 +274,48 @@ def test_cli_quantize_inspect_eval_on_the_sample_model(tmp_path, capsys):
                        "-o", tmp_path / "x.safetensors")
     assert code == 1 and "not static" in assert_one_error_line(err)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_transformers_llama_end_to_end_and_its_compressed_tensors_export(tmp_path, capsys):
+    """A Llama built from a config: W4A8 through the CLI (qlin file: accuracy against float; and
+    compressed-tensors: transformers loads the folder, each Linear holding qlin's dequantized weight)."""
+    tf = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    from qlin_cli import QuantizedLinear, load_quantized
+    from qlin_cli.hf import load_hf_folder
+
+    tf.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    folder = tmp_path / "llama"
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    # --no-smooth: the export folds SmoothQuant's factors into the norms, the qlin file may keep
+    # them per layer, so only unsmoothed weights are the same tensors in both
+    opts = ["--mode", "dynamic", "--bits", "4", "--group-size", "32", "--kernel", "lowbit_dynamic", "--no-smooth"]
+    qfile = tmp_path / "w4a8.safetensors"
+    cli_json(capsys, "quantize", folder, *opts, "-o", qfile)
+    model = load_quantized(load_hf_folder(folder).model, qfile)
+    kernels = {m.kernel.name for m in model.modules() if isinstance(m, QuantizedLinear)}
+    with torch.no_grad():
+        ours, reference = model(input_ids=ids).logits, load_hf_folder(folder).model(input_ids=ids).logits
+    assert kernels == {"lowbit_dynamic"} and sqnr_db(reference, ours) > 12  # 4-bit weights on a random model
+    qlin_weights = {n: dequantize(m.weight, m.weight_scale, m.weight_zero_point, m.scheme.group_size)
+                    for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    out = tmp_path / "ct"
+    cli_json(capsys, "quantize", folder, *opts, "--format", "compressed-tensors", "-o", out)
+    group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["format"] == "int-quantized"
+    assert (group["weights"]["strategy"], group["weights"]["group_size"], group["weights"]["num_bits"]) == ("group", 32, 4)
+    assert (group["input_activations"]["strategy"], group["input_activations"]["dynamic"]) == ("token", True)
+    with pytest.warns(UserWarning):  # transformers: the folder's config is used, `dequantize` applied
+        dense = tf.AutoModelForCausalLM.from_pretrained(  # dequantized at load: float Linear layers
+            out, local_files_only=True, quantization_config=tf.CompressedTensorsConfig(dequantize=True))
+    for name, w in qlin_weights.items():
+        assert torch.equal(dense.get_submodule(name).weight.detach(), w), name
+    # compressed: decompressed on the first forward, activations fake-quantized per token
+    compressed = tf.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():
+        ct = compressed(input_ids=ids).logits
+    assert float(torch.nn.functional.cosine_similarity(ct.flatten(1), ours.flatten(1)).min()) > 0.99
