@@ -319,3 +319,18 @@ def test_transformers_llama_end_to_end_and_its_compressed_tensors_export(tmp_pat
     with torch.no_grad():
         ct = compressed(input_ids=ids).logits
     assert float(torch.nn.functional.cosine_similarity(ct.flatten(1), ours.flatten(1)).min()) > 0.99
+
+
+@needs_native
+def test_sample_encoder_rows_alone_equal_rows_in_the_batch(digits_test):
+    from conftest import load_encoder
+    from qlin_cli import quantize_model
+
+    model = load_encoder()
+    x = digits_test[0][:24]
+    result = quantize_model(model, QuantConfig(mode="dynamic", bits=4, group_size=8, kernel="lowbit_dynamic"))
+    assert result.quantized and all(r.batch_invariant for r in result.quantized)
+    with torch.no_grad():
+        batched = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(x.shape[0])])
+    assert torch.equal(batched, alone)
