@@ -270,6 +270,11 @@ def test_cli_quantize_inspect_eval_on_the_sample_model(tmp_path, capsys):
     ev = cli_json(capsys, "eval", sample, out, "--model", arch, "--inputs", ROOT / "sample_models" / "digits_test.safetensors",
                   "--labels", ROOT / "sample_models" / "digits_test_labels.safetensors")
     assert ev["sqnr_db"] > 20 and ev["top1_agreement"] > 0.97 and ev["kernels"] == {"lowbit_dynamic": 3}
+    # the shipped recipe (its layers are under auto's size for dynamic mode: the kernel is named)
+    recipe = tmp_path / "recipe.safetensors"
+    cli_json(capsys, "quantize", sample, "--model", arch, "--config", "w4a8", "--kernel", "lowbit_dynamic", "-o", recipe)
+    assert [(e["mode"], e["bits"], e["group_size"]) for e in cli_json(capsys, "inspect", recipe)["layers"]] == \
+        [("dynamic", 4, 32)] * 3
     code, _, err = cli(capsys, "quantize", sample, "--model", arch, "--mode", "static", "--group-size", "16",
                        "-o", tmp_path / "x.safetensors")
     assert code == 1 and "not static" in assert_one_error_line(err)
