@@ -24,7 +24,7 @@ _log = logging.getLogger("qlin")
 
 # what `stream` supports, as its refusals say it
 STREAM_SUPPORTS = ("a Hugging Face folder with safetensors weights or a safetensors state dict with `model`, "
-                   "weight-only or dynamic mode, the qlin format")
+                   "the qlin format; with calibration, a model whose Linear layers sit in a list of blocks")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class QuantizeOptions:
         only that layer in int8) on the same data (without any: on the probe batch).
     device: where to pack and run ("cpu" or "cuda").
     stream: never hold the whole float model: build it without weights, then read, quantize,
-        write and drop one layer at a time (`STREAM_SUPPORTS` says for what).
+        write and drop one layer at a time, or, where the plan runs the model (calibration,
+        SmoothQuant, static mode, GPTQ, AWQ), one block at a time (sequential.py;
+        `STREAM_SUPPORTS` says for what).
     config_file: the recipe the config was read from (no output may replace it).
     strict: make a skip pattern or recipe rule that matches no layer an error (else a warning).
     max_memory: the most bytes of tensors a file may describe (default: `budget.default_max_memory`).
@@ -202,7 +204,8 @@ def _check_data_needs(o: QuantizeOptions) -> None:
 
 
 def _check_stream(source: SourceKind, config: QuantConfig, o: QuantizeOptions) -> None:
-    """`stream` reads one layer at a time and never runs the model: refuse what needs more."""
+    """`stream` reads the model a layer (or, with calibration, a block) at a time: refuse what
+    needs the whole model at once."""
     why = source.stream_problem()
     if why is not None:
         raise ConfigError(f"`stream`: {why} and cannot be read a layer at a time; convert it to safetensors")
@@ -210,13 +213,11 @@ def _check_stream(source: SourceKind, config: QuantConfig, o: QuantizeOptions) -
         raise ConfigError(f"`stream` writes the qlin format only, not {o.format}")
     if config.embeddings:
         raise ConfigError("`stream` quantizes the Linear layers one at a time, not embedding tables: drop `embeddings`")
-    needs_model = {"calib": o.calib, "calib_text": o.calib_text, "inputs": o.inputs, "min_sqnr": o.min_sqnr,
-                   "eval_inputs": o.eval_inputs, "sensitivity": o.sensitivity or None}
-    given = [k for k, v in needs_model.items() if v is not None]
-    if given or config.calibration_need() is not None:
-        what = f"`{given[0]}`" if given else config.calibration_need()
+    whole = {"min_sqnr": o.min_sqnr, "sensitivity": o.sensitivity or None}
+    given = [k for k, v in whole.items() if v is not None]
+    if given:
         raise ConfigError(
-            f"`stream` never holds the whole float model, so it cannot run it: {what} needs the model's forward "
+            f"`stream` never holds the whole float model, and `{given[0]}` runs it once for every layer it measures "
             f"(stream supports {STREAM_SUPPORTS})"
         )
 
