@@ -85,25 +85,38 @@ class Blocks:
         return int(first) if first.isdigit() and int(first) < len(self.modules) else None
 
 
-def find_blocks(model: nn.Module) -> Blocks | None:
-    """The nn.ModuleList of at least two children of one class, each holding a Linear layer,
-    that holds the most Linear layers of the model (a transformer's layers); None if none."""
+def _block_lists(model: nn.Module) -> list[tuple[int, str, nn.ModuleList]]:
+    """Every nn.ModuleList of at least two children of one class, each holding a Linear layer:
+    (how many Linear layers it holds, its path, it)."""
     linears = [name for name, *_ in find_linears(model)]
-    best: tuple[int, str, nn.ModuleList] | None = None
+    found = []
     for path, m in model.named_modules():
         if not isinstance(m, nn.ModuleList) or len(m) < 2 or len({type(c) for c in m}) != 1:
             continue
-        heads = [f"{path}.{i}." if path else f"{i}." for i in range(len(m))]
-        counts = [sum(n.startswith(h) for n in linears) for h in heads]
-        if min(counts) > 0 and (best is None or sum(counts) > best[0]):
-            best = (sum(counts), path, m)
-    return None if best is None else Blocks(best[1], tuple(best[2]))
+        counts = [sum(n.startswith(f"{path}.{i}." if path else f"{i}.") for n in linears) for i in range(len(m))]
+        if min(counts) > 0:
+            found.append((sum(counts), path, m))
+    return found
+
+
+def find_blocks(model: nn.Module) -> Blocks | None:
+    """The list of blocks (`_block_lists`) that holds the most Linear layers of the model (a
+    transformer's layers); None if it has none."""
+    found = _block_lists(model)
+    if not found:
+        return None
+    _, path, m = max(found, key=lambda f: f[0])
+    return Blocks(path, tuple(m))
 
 
 def block_problem(model: nn.Module, blocks: Blocks | None, plan: Plan) -> str | None:
     """Why `model` cannot be quantized block by block (None: it can)."""
     if blocks is None:
         return "its Linear layers do not sit in a repeated list of blocks"
+    others = [p for _, p, _ in _block_lists(model) if not (p + ".").startswith(blocks.path + ".")
+              and not (blocks.path + ".").startswith(p + ".")]
+    if others:
+        return f"it has two lists of blocks ({blocks.path}, {others[0]}), the second fed by more than the first's outputs"
     kinds = getattr(getattr(model, "config", None), "layer_types", None)
     if isinstance(kinds, (list, tuple)) and len(set(kinds)) > 1:
         return f"its blocks take different attention masks (layer_types {sorted(set(kinds))})"
@@ -241,28 +254,95 @@ def _capture(model: nn.Module, first: nn.Module, inputs: Inputs, batch_size: int
     return calls
 
 
-@contextlib.contextmanager
-def _outside(source: LazySource, blocks: Blocks) -> Iterator[None]:
-    """The model's tensors outside the blocks read for the time of a `with`."""
+def _outside(source: LazySource, blocks: Blocks) -> list[tuple[str, nn.Module]]:
+    """The modules outside the blocks that own parameters on disk (meta), by path."""
     inside = {id(m) for b in blocks.modules for m in b.modules()}
+    return [(name, m) for name, m in source.model.named_modules()
+            if id(m) not in inside and any(p.device.type == "meta" for p in m._parameters.values() if p is not None)]
+
+
+@contextlib.contextmanager
+def _read_when_called(source: LazySource, modules: list[tuple[str, nn.Module]], ran: set[str]) -> Iterator[None]:
+    """Each of `modules` with its own parameters read for the time of its forward only (an
+    embedding table is in memory while it runs, not with the head); the paths of those that ran
+    are added to `ran`."""
+    open_: dict[int, list] = {}
+
+    def load(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            ctx = source.loaded(module, name, recurse=False)
+            ctx.__enter__()
+            open_.setdefault(id(module), []).append(ctx)
+            ran.add(name)
+        return hook
+
+    def drop(module: nn.Module, args: Any, output: Any) -> None:
+        if open_.get(id(module)):
+            open_[id(module)].pop().__exit__(None, None, None)
+
     with contextlib.ExitStack() as stack:
-        for name, m in source.model.named_modules():
-            if id(m) not in inside:
-                stack.enter_context(source.loaded(m, name, recurse=False))
+        for name, m in modules:
+            stack.callback(m.register_forward_pre_hook(load(name)).remove)
+            stack.callback(m.register_forward_hook(drop, always_call=True).remove)
         yield
 
 
-def _quantize_part(model: nn.Module, modules: dict[str, nn.Module], run: Callable[[int], Any], batches_: int,
-                   config: QuantConfig, entries: list, device: torch.device) -> QuantizeResult:
-    """`quantize_model` on a part of `model` (`modules` by path) whose forward over the kept
-    batches is `run(i)`; each int8 layer swapped into `model` itself."""
-    part = _Replayed(modules, run)
-    res = quantize_model(part, config, calib=torch.arange(batches_), batch_size=1, device=device,
-                         plan=Plan(tuple(entries)))
-    for r in res.quantized:
-        for path in r.plan.paths:
-            swap_module(model, path, part.get_submodule(path))
-    return res
+@contextlib.contextmanager
+def _read_all(source: LazySource, modules: list[tuple[str, nn.Module]]) -> Iterator[None]:
+    """Each of `modules` with its own parameters read for the time of the `with`."""
+    with contextlib.ExitStack() as stack:
+        for name, m in modules:
+            stack.enter_context(source.loaded(m, name, recurse=False))
+        yield
+
+
+@contextlib.contextmanager
+def _stand_ins(modules: list[tuple[str, nn.Module]]) -> Iterator[set[int]]:
+    """Each of `modules` with zeros for its parameters (one element, expanded: no memory) for
+    the time of the `with`, which gives their ids: the tail runs the modules before the first
+    block only for the shapes of what they give the blocks, which the replay ignores."""
+    saved = []
+    for _, m in modules:
+        for attr, p in list(m._parameters.items()):
+            if p is not None and p.device.type == "meta":
+                m._parameters[attr] = nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
+                saved.append((m, attr, p))
+    try:
+        yield {id(m._parameters[attr]) for m, attr, _ in saved}
+    finally:
+        for m, attr, p in saved:
+            m._parameters[attr] = p
+
+
+def _capture_all(source: LazySource, blocks: Blocks, inputs: list[tuple[Inputs, int]], ran: set[str]
+                 ) -> list[list[_Call]]:
+    """`_capture` of each (inputs, batch size), the modules outside the blocks read as they run
+    (`ran`: which did); a model whose forward reads a module's parameters outside that module's
+    own forward gets them all read at once instead."""
+    outside = _outside(source, blocks)
+    try:
+        with _read_when_called(source, outside, ran):
+            return [_capture(source.model, blocks.modules[0], x, size) for x, size in inputs]
+    except (InputError, RuntimeError, NotImplementedError):
+        ran.update(name for name, _ in outside)
+        with _read_all(source, outside):
+            return [_capture(source.model, blocks.modules[0], x, size) for x, size in inputs]
+
+
+@contextlib.contextmanager
+def _tail(source: LazySource, blocks: Blocks, ran: set[str], outer: list) -> Iterator[set[int]]:
+    """The modules outside the blocks for the tail, which gives the ids of the stand-in
+    parameters: those that ran before the first block as zeros (`_stand_ins`; the Linear layers
+    among them are quantized already, `_Run.before_blocks`), the rest read; all read where an
+    AWQ layer after the blocks may fold its factors into them."""
+    outside = _outside(source, blocks)
+    if any(e.scheme is not None and e.scheme.awq for e in outer):
+        with _read_all(source, outside):
+            yield set()
+        return
+    with _stand_ins([(n, m) for n, m in outside if n in ran]) as zeros, \
+            _read_all(source, [(n, m) for n, m in outside if n not in ran]):
+        yield zeros
 
 
 @torch.no_grad()
@@ -285,90 +365,158 @@ def quantize_sequential(
     `batch_size`) and write the qlin file at `output` (module docstring). `probe`: inputs, run
     as one batch, to compare the float and the int8 model's outputs on (None: not measured).
     On the CPU: the activations kept between blocks are the calibration batches'."""
-    device = torch.device("cpu")
-    model = source.model
-    spread = propagation(plan)
-    n_calib = -(-num_samples(calib) // batch_size)
-    chunks = list(batches(calib, batch_size))
-    inside: dict[int | None, list] = {}
-    for e in plan.entries:
-        inside.setdefault(blocks.index_of(e.name), []).append(e)
-    results: dict[str, LayerResult] = {}
-    note = ""
     with Spill(output.parent) as spill:
-        with _outside(source, blocks):
-            calls = _capture(model, blocks.modules[0], calib, batch_size)
-            probes: list[list[Any]] | None = None  # the probe's float and int8 calls (then outputs)
-            if probe is not None:
-                try:
-                    first = _capture(model, blocks.modules[0], probe, num_samples(probe))
-                    probes = [first, list(first)]
-                except InputError as exc:
-                    note = f"{exc}; pass --inputs FILE to measure it"
-        for i, block in enumerate(blocks.modules):
-            prefix, what = blocks.prefix(i), f"block {blocks.prefix(i)}"
-            entries = inside.get(i, [])
-            floats = {e.name: model.get_submodule(e.name) for e in entries}
-            with source.loaded(block, prefix):
-                outputs = _run_block(block, calls, what) if spread == FLOAT else None
-                float_probe = None if probes is None else _run_block(block, probes[0], what)
-                res = _quantize_part(model, {prefix: block}, lambda j, c=calls: _call(block, c[j], what), n_calib,
-                                     config, entries, device)
-                results.update((r.name, r) for r in res.layers)
-                if spread == QUANTIZED:
-                    outputs = _run_block(block, calls, what)
-                probe_outs = None if probes is None else [float_probe, _run_block(block, probes[1], what)]
-                _spill_state(spill, block, prefix)
-                for name, f in floats.items():  # the float layers back, to go back to meta
-                    swap_module(model, name, f)
-            if i < len(blocks.modules) - 1:
-                calls = _fed(calls, outputs)
-                if probes is not None:
-                    probes = [_fed(c, o) for c, o in zip(probes, probe_outs)]
-            else:  # the last block's outputs, which the tail's replay gives back
-                finals, probes = outputs, probe_outs
-            del res
-            _release_freed_memory()
+        run = _Run(source, config, plan, blocks, spill, calib, probe, batch_size)
+        run.capture()
+        run.before_blocks()
+        for i in range(len(blocks.modules)):
+            run.block(i)
             if progress is not None:
-                progress(sum(len(inside.get(j, [])) for j in range(i + 1)), len(plan.entries), prefix)
-        reference = out = compared = None
-        with _outside(source, blocks):
-            replay = _Replay()
-            for i in range(len(blocks.modules)):
-                swap_module(model, blocks.prefix(i), replay)
-            try:
-                if probes is not None:
-                    replay.output = probes[0][0]
-                    reference, compared = first_tensor(run_model(model, probe))
-                    reference = reference.float().clone()
-
-                def tail(j: int) -> Any:
-                    replay.output = finals[j]
-                    return run_model(model, chunks[j], "model during calibration")
-
-                outer = inside.get(None, [])
-                floats = {e.name: model.get_submodule(e.name) for e in outer}
-                if outer:
-                    res = _quantize_part(model, dict(model.named_children()), tail, n_calib, config, outer, device)
-                    results.update((r.name, r) for r in res.layers)
-                if probes is not None:
-                    replay.output = probes[1][0]
-                    out = first_tensor(run_model(model, probe, "int8 model"))[0].float().clone()
-                _spill_state(spill, model, "")
-                for name, f in floats.items():
-                    swap_module(model, name, f)
-            finally:
-                for i, block in enumerate(blocks.modules):
-                    swap_module(model, blocks.prefix(i), block)
-        final = Plan(tuple(results[e.name].plan for e in plan.entries))
-        result = save_streamed(model, config, final, ((results[e.name], None) for e in plan.entries),
+                progress(sum(len(run.inside.get(j, [])) for j in range(i + 1)), len(plan.entries), blocks.prefix(i))
+        reference, out, compared = run.tail()
+        final = Plan(tuple(run.results[e.name].plan for e in plan.entries))
+        result = save_streamed(source.model, config, final, ((run.results[e.name], None) for e in plan.entries),
                                lambda key: spill.get(key) if key in spill else source.tensor(key), output,
                                force=force, source_name=source_name, source_sha256=source_sha256)
-    return SequentialResult(result, reference, out, compared, note, spread)
+    return SequentialResult(result, reference, out, compared, run.note, run.spread)
 
 
-def _spill_state(spill: Spill, module: nn.Module, prefix: str) -> None:
-    """Every tensor of `module`'s state dict (int8 layers and the rest, changed or not), under
-    its key in the model."""
-    for key, t in module.state_dict().items():
-        spill.put(f"{prefix}.{key}" if prefix else key, t)
+class _Run:
+    """One block-by-block run's state (`quantize_sequential` calls its stages in order):
+    `calls`, the calibration batches' arguments to the next block (`finals`: the last block's
+    outputs); `probes`, the probe's float and int8 arguments (then outputs), or None."""
+
+    def __init__(self, source: LazySource, config: QuantConfig, plan: Plan, blocks: Blocks, spill: Spill,
+                 calib: Inputs, probe: Inputs | None, batch_size: int) -> None:
+        self.source, self.model, self.config, self.blocks, self.spill = source, source.model, config, blocks, spill
+        self.calib, self.probe, self.batch_size = calib, probe, batch_size
+        self.spread = propagation(plan)
+        self.chunks = list(batches(calib, batch_size))
+        self.inside: dict[int | None, list] = {}
+        for e in plan.entries:
+            self.inside.setdefault(blocks.index_of(e.name), []).append(e)
+        self.results: dict[str, LayerResult] = {}
+        self.floats: dict[str, nn.Module] = {}  # the float layers outside the blocks, swapped back at the end
+        self.ran: set[str] = set()  # the modules outside the blocks that run before the first
+        self.note = ""
+        # the probe is the (single) calibration batch, whose float outputs the blocks compute anyway
+        self.shared = probe is calib and len(self.chunks) == 1 and self.spread == FLOAT
+        self.calls: list[_Call] = []
+        self.probes: list[list[Any]] | None = None
+
+    def capture(self) -> None:
+        """The calibration batches (and the probe) run up to the first block."""
+        sets = [(self.calib, self.batch_size)]
+        if self.probe is not None and not self.shared:
+            sets.append((self.probe, num_samples(self.probe)))
+        try:
+            found = _capture_all(self.source, self.blocks, sets, self.ran)
+        except InputError as exc:
+            if len(sets) == 1:
+                raise
+            self.note, self.probe = f"{exc}; pass --inputs FILE to measure it", None
+            found = _capture_all(self.source, self.blocks, sets[:1], self.ran)
+        self.calls = found[0]
+        if self.probe is not None:
+            first = found[0] if self.shared else found[1]
+            self.probes = [first, list(first)]
+
+    def before_blocks(self) -> None:
+        """The Linear layers that run before the first block (an input projection): calibrated on
+        the capture's run, its output the first block's input; then the int8 probe (and, fed
+        quantized outputs, the calibration batches) captured again through them."""
+        first = [e for e in self.inside.get(None, []) if any(p in self.ran for p in e.paths)]
+        if not first:
+            return
+        modules = [(n, m) for n, m in _outside(self.source, self.blocks) if n in self.ran]
+        with _read_all(self.source, modules):
+            def run(j: int) -> torch.Tensor:
+                c = _capture(self.model, self.blocks.modules[0], self.chunks[j], self.batch_size)[0]
+                return c.args[0] if c.args else c.kwargs["hidden_states"]
+
+            self.floats.update((e.name, self.model.get_submodule(e.name)) for e in first)
+            self._quantize(dict(self.model.named_children()), run, first)
+            if self.spread == QUANTIZED:
+                self.calls = _capture(self.model, self.blocks.modules[0], self.calib, self.batch_size)
+            if self.probes is not None:
+                self.probes[1] = _capture(self.model, self.blocks.modules[0], self.probe, num_samples(self.probe))
+            _spill_state(self.spill, self.model, "")  # what AWQ may have folded into them, and the int8 layers
+        self.inside[None] = [e for e in self.inside[None] if e not in first]
+
+    def block(self, i: int) -> None:
+        """Block `i`: read, calibrated and quantized on its inputs, its outputs the next one's
+        inputs, its tensors spilled, dropped."""
+        block, prefix = self.blocks.modules[i], self.blocks.prefix(i)
+        what, entries, calls, probes = f"block {prefix}", self.inside.get(i, []), self.calls, self.probes
+        floats = {e.name: self.model.get_submodule(e.name) for e in entries}
+        with self.source.loaded(block, prefix):
+            outputs = _run_block(block, calls, what) if self.spread == FLOAT else None
+            float_probe = None if probes is None else outputs if self.shared else _run_block(block, probes[0], what)
+            self._quantize({prefix: block}, lambda j: _call(block, calls[j], what), entries)
+            if self.spread == QUANTIZED:
+                outputs = _run_block(block, calls, what)
+            probe_outs = None if probes is None else [float_probe, _run_block(block, probes[1], what)]
+            _spill_state(self.spill, block, prefix)
+            for name, f in floats.items():  # the float layers back, to go back to meta
+                swap_module(self.model, name, f)
+        if i < len(self.blocks.modules) - 1:
+            self.calls = _fed(calls, outputs)
+            self.probes = None if probes is None else [_fed(c, o) for c, o in zip(probes, probe_outs)]
+        else:  # the last block's outputs, which the tail's replay gives back
+            self.finals, self.probes = outputs, probe_outs
+        _release_freed_memory()
+
+    def tail(self) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+        """The Linear layers after the blocks calibrated and quantized on the model's own forward
+        with the blocks replaced by `_Replay`; the probe's float and int8 outputs and where in the
+        output they were found (None: not measured)."""
+        model, outer = self.model, self.inside.get(None, [])
+        reference = out = compared = None
+        with _tail(self.source, self.blocks, self.ran, outer) as zeros:
+            replay = _Replay()
+            for i in range(len(self.blocks.modules)):
+                swap_module(model, self.blocks.prefix(i), replay)
+            try:
+                if self.probes is not None:
+                    replay.output = self.probes[0][0]
+                    reference, compared = first_tensor(run_model(model, self.probe))
+                    reference = reference.float().clone()
+
+                def run(j: int) -> Any:
+                    replay.output = self.finals[j]
+                    return run_model(model, self.chunks[j], "model during calibration")
+
+                self.floats.update((e.name, model.get_submodule(e.name)) for e in outer)
+                self._quantize(dict(model.named_children()), run, outer)
+                if self.probes is not None:
+                    replay.output = self.probes[1][0]
+                    out = first_tensor(run_model(model, self.probe, "int8 model"))[0].float().clone()
+                _spill_state(self.spill, model, "", skip=zeros)
+                for name, f in self.floats.items():
+                    swap_module(model, name, f)
+            finally:
+                for i, block in enumerate(self.blocks.modules):
+                    swap_module(model, self.blocks.prefix(i), block)
+        return reference, out, compared
+
+    def _quantize(self, modules: dict[str, nn.Module], run: Callable[[int], Any], entries: list) -> None:
+        """`quantize_model` on a part of the model (`modules` by path) whose forward over the
+        calibration batches is `run(i)`; each int8 layer swapped into the model itself."""
+        if not entries:
+            return
+        part = _Replayed(modules, run)
+        res = quantize_model(part, self.config, calib=torch.arange(len(self.chunks)), batch_size=1,
+                             plan=Plan(tuple(entries)))
+        for r in res.layers:
+            self.results[r.name] = r
+            for path in r.plan.paths if r.plan.scheme is not None else ():
+                swap_module(self.model, path, part.get_submodule(path))
+
+
+def _spill_state(spill: Spill, module: nn.Module, prefix: str, skip: set[int] = frozenset()) -> None:
+    """Every tensor of `module`'s state dict in memory (int8 layers and the rest, changed or
+    not) but those whose ids are in `skip`, under its key in the model; the file's writer reads
+    the others (meta: left on disk) from the source."""
+    for key, t in module.state_dict(keep_vars=True).items():
+        if t.device.type != "meta" and id(t) not in skip:
+            spill.put(f"{prefix}.{key}" if prefix else key, t)

@@ -95,6 +95,7 @@ class Checked:
     report: Path | None
     device: torch.device
     inputs: Path | None  # the probe batch's file (`inputs`), checked to exist
+    stream: bool = False  # `stream`, or chosen because the float weights would not fit in memory
 
     @property
     def source(self) -> Path:
@@ -133,9 +134,8 @@ def check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) ->
     _check_data_needs(o)
     if o.stream:
         _check_stream(kind, config, o)
-    else:
-        _warn_if_too_big(kind)
-    return Checked(kind, output, report, device, inputs)
+    stream = o.stream or _stream_if_too_big(kind, config, o)
+    return Checked(kind, output, report, device, inputs, stream)
 
 
 def _read_files(source: Path, o: QuantizeOptions) -> list[tuple[str, Path | None]]:
@@ -233,21 +233,28 @@ def _available_memory() -> int | None:
     return None
 
 
-def _warn_if_too_big(source: SourceKind) -> None:
-    """Warn (before loading) when the float weights alone exceed the available memory: say
-    `stream` for safetensors, and that a pickle cannot be streamed."""
+def _stream_if_too_big(source: SourceKind, config: QuantConfig, o: QuantizeOptions) -> bool:
+    """Whether to stream a source whose float weights alone exceed the available memory (checked
+    before loading): yes where it can be streamed with these options (a note says so); else a
+    warning says why it cannot (a pickle; an option that needs the whole model)."""
     try:
         files = source.weight_files().files if source.folder else (source.path,)
         size = sum(f.stat().st_size for f in files)
     except (InputError, OSError):
-        return
+        return False
     available = _available_memory()
     if available is None or size <= available:
-        return
+        return False
     gb = f"{size / 1e9:.1f} GB of float weights, more than the {available / 1e9:.1f} GB of memory available"
     why = source.stream_problem()
-    if why is None:
-        _log.warning(f"{source.path}: {gb}: pass `stream` to read, quantize and write one layer at a time", extra={"kind": "warning"})
-    else:
+    if why is not None:
         _log.warning(f"{source.path}: {gb}; {why}, so it cannot be streamed: convert it to safetensors and pass `stream`",
                      extra={"kind": "warning"})
+        return False
+    try:
+        _check_stream(source, config, o)
+    except ConfigError as exc:
+        _log.warning(f"{source.path}: {gb}, and it cannot be streamed: {exc}", extra={"kind": "warning"})
+        return False
+    _log.warning(f"{source.path}: {gb}: streamed (`stream`), a layer or a block at a time", extra={"kind": "note"})
+    return True

@@ -57,7 +57,7 @@ def quantize_checkpoint(
                         "path and other options go in QuantizeOptions(output=...)")
     with limit(o.max_memory):
         job = _Job(check_options(Path(source_path), config, o), config, o, progress, calib_progress)
-        return _write(job, _quantize_streamed(job) if o.stream else _quantize(job))
+        return _write(job, _quantize_streamed(job) if job.checked.stream else _quantize(job))
 
 
 @dataclass(frozen=True)
