@@ -60,9 +60,9 @@ __all__ = ["Blocks", "find_blocks", "block_problem", "propagation", "PROPAGATION
            "quantize_sequential"]
 
 FLOAT, QUANTIZED = "float", "quantized"
-PROPAGATION_NOTES = {
-    FLOAT: "each block calibrated on the float outputs of the blocks before it (as the whole-model path)",
-    QUANTIZED: "each block calibrated on the quantized outputs of the blocks before it (GPTQ, as in its paper)",
+PROPAGATION_NOTES = {  # what a block's calibration statistics come from, as the report says it
+    FLOAT: "float outputs of the blocks before (block by block; the activations the whole-model path sees)",
+    QUANTIZED: "quantized outputs of the blocks before (block by block, with GPTQ layers, as in GPTQ's paper)",
 }
 
 
@@ -86,12 +86,12 @@ class Blocks:
 
 
 def _block_lists(model: nn.Module) -> list[tuple[int, str, nn.ModuleList]]:
-    """Every nn.ModuleList of at least two children of one class, each holding a Linear layer:
-    (how many Linear layers it holds, its path, it)."""
+    """Every nn.ModuleList of children of one class, each holding a Linear layer: (how many
+    Linear layers it holds, its path, it)."""
     linears = [name for name, *_ in find_linears(model)]
     found = []
     for path, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) < 2 or len({type(c) for c in m}) != 1:
+        if not isinstance(m, nn.ModuleList) or len(m) < 1 or len({type(c) for c in m}) != 1:
             continue
         counts = [sum(n.startswith(f"{path}.{i}." if path else f"{i}.") for n in linears) for i in range(len(m))]
         if min(counts) > 0:

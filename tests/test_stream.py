@@ -33,6 +33,7 @@ from qlin_cli import QuantConfig  # noqa: E402
 from qlin_cli.api import QuantizeOptions, quantize_checkpoint  # noqa: E402
 from qlin_cli.errors import InputError  # noqa: E402
 from qlin_cli.qfile import load_quantized, read_qfile  # noqa: E402
+from qlin_cli.report import to_markdown  # noqa: E402
 from qlin_cli.sources import load_source_lazily  # noqa: E402
 
 
@@ -105,7 +106,7 @@ def test_streamed_with_calibration_is_byte_identical(folders, ids, tmp_path, nam
     a = quantize_checkpoint(folders / name, config, QuantizeOptions(output=whole, **data))
     b = quantize_checkpoint(folders / name, config, QuantizeOptions(output=streamed, stream=True, **data))
     assert whole.read_bytes() == streamed.read_bytes()
-    assert "streamed block by block (2 blocks of " in b.source_kind and "the float outputs" in b.source_kind
+    assert "streamed block by block (2 blocks of " in b.source_kind and "each calibrated on the float outputs of the ones before" in b.source_kind
     assert b.probe.metrics == a.probe.metrics and b.probe.metrics["sqnr_db"] > 15
     assert b.calibration == a.calibration and b.smoothing == a.smoothing
     assert [r.plan for r in b.layers] == [r.plan for r in a.layers]
@@ -124,7 +125,8 @@ def test_gptq_block_by_block_is_fed_quantized_outputs(folders, ids, tmp_path):
     whole, streamed = tmp_path / "whole.safetensors", tmp_path / "streamed.safetensors"
     a = quantize_checkpoint(folders / "llama", config, QuantizeOptions(output=whole, calib=ids))
     b = quantize_checkpoint(folders / "llama", config, QuantizeOptions(output=streamed, stream=True, calib=ids))
-    assert "the quantized outputs of the blocks before it (GPTQ" in b.source_kind
+    assert "each calibrated on the quantized outputs of the ones before" in b.source_kind
+    assert "quantized outputs of the blocks before (block by block, with GPTQ layers" in to_markdown(b)
     x, y = read_qfile(whole).tensors, read_qfile(streamed).tensors
     block0 = [k for k in x if k.startswith("model.layers.0.") and k.endswith(".weight") and "proj" in k]
     block1 = [k.replace(".0.", ".1.", 1) for k in block0]

@@ -269,12 +269,12 @@ def _sequential(job: _Job, source: LazySource, plan: Plan, data: RunData, calib:
         probe = Probe(data.probe.description, None, run.probe_note)
     else:
         probe = Probe(data.probe.description, run.compared, "", compare_outputs(run.reference, run.output))
-    how = f"streamed block by block ({len(blocks.modules)} blocks of {blocks.path}, {PROPAGATION_NOTES[run.propagation]})"
+    how = f"streamed block by block ({len(blocks.modules)} blocks of {blocks.path}, each calibrated on the {run.propagation} outputs of the ones before)"
     return QuantizeReport(
         source=str(c.source), source_kind=f"{source.kind}, {how}", output=str(c.output),
         format=o.format, config=run.result.config, device=str(c.device), calibration=_calibration(o, plan, calib, data),
         layers=run.result.layers, probe=probe, fallback=None, smoothing=smoothing, size_float_bytes=source.size_bytes,
-        size_int8_bytes=c.output.stat().st_size, notes=notes,
+        size_int8_bytes=c.output.stat().st_size, notes=notes, statistics_from=PROPAGATION_NOTES[run.propagation],
     )
 
 
