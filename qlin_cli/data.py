@@ -29,6 +29,7 @@ __all__ = [
     "non_finite_error",
     "batches",
     "run_model",
+    "StopForward",
     "first_tensor",
     "model_output",
     "OtherLoad",
@@ -120,12 +121,17 @@ def batches(inputs: Inputs, batch_size: int) -> Iterator[Inputs]:
             yield inputs[start : start + batch_size]
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward early (the sequential pipeline's capture of a block's
+    inputs); `run_model` lets it through."""
+
+
 @torch.no_grad()
 def run_model(model: nn.Module, inputs: Inputs, what: str = "model") -> Any:
     """`model(inputs)` (keyword arguments for a dict), with a one-line error if they don't fit."""
     try:
         return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    except InputError:
+    except (InputError, StopForward):
         raise
     except Exception as exc:
         shape = (

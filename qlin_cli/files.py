@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ __all__ = [
     "header_digest",
     "safetensors_writer",
     "SafetensorsStream",
+    "Spill",
     "file_tensors",
 ]
 
@@ -714,6 +716,49 @@ class SafetensorsStream:
         self.f.seek(8)
         self.f.write(text)
         self.f.seek(0, os.SEEK_END)
+
+
+class Spill:
+    """Tensors parked in an unnamed temporary file in `folder` (the output's, so they take the
+    disk space the output will take, not memory) until they are written into the output, one at
+    a time: the sequential pipeline's layers, whose file header (the final plan) is known only
+    once every block is done. The file is gone when the `with` ends, or the process does."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.index: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+
+    def __enter__(self) -> "Spill":
+        try:
+            self.f = tempfile.TemporaryFile(dir=self.folder)
+        except OSError as exc:
+            raise OutputError(f"cannot write in {self.folder}: {exc.strerror or exc}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        offset = self.f.seek(0, os.SEEK_END)
+        if t.numel():
+            self.f.write(tensor_bytes(t))
+        self.index[key] = (offset, t.dtype, tuple(t.shape))
+
+    def get(self, key: str) -> torch.Tensor:
+        offset, dtype, shape = self.index[key]
+        t = torch.empty(shape, dtype=dtype)
+        if t.numel():
+            self.f.seek(offset)
+            view, done = tensor_bytes(t), 0
+            while done < len(view):
+                got = self.f.readinto(view[done:])
+                assert got, f"the spill file ends before {key}"
+                done += got
+        return t
 
 
 def tied_keys(items: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:

@@ -182,8 +182,9 @@ def save_streamed(
                 for suffix, t in q.state_dict().items():
                     key = f"{result.name}.{suffix}"
                     stream.put(key, pack_bits(t.cpu(), packed[key]) if key in packed else t)
-        for key in sorted(stream.missing):
-            stream.put(key, tensor(key))
+        for key in sorted(stream.missing):  # kept-float layers and the rest (or, block by block, all from a spill)
+            t = tensor(key)
+            stream.put(key, pack_bits(t, packed[key]) if key in packed else t)
         stream.finish()
 
     write_atomic(path, write, force=force)

@@ -28,6 +28,8 @@ from .primitives import check_finite
 from .qmodule import QuantizedModule
 from .scheme import LayerScheme
 
+_ROUNDED_AT_ONCE = 1 << 22  # weights rounded to nearest in one block of rows (QuantizedLinear.from_float)
+
 __all__ = ["QuantizedLinear", "pack_all", "compile_model"]
 
 
@@ -92,16 +94,25 @@ class QuantizedLinear(QuantizedModule):
             raise ValueError(f"layer {name!r}: rounding {scheme.rounding} needs the Hessian of its inputs from calibration")
         q = cls(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None, dtype=w.dtype)
         if smooth_scale is not None:
-            w = w.float() * smooth_scale  # (out, in) * (in,)
             q.smooth_scale.copy_(smooth_scale)
-        if scheme.gptq:  # the inputs the weights meet are x / smooth_scale: H / (s s^T)
-            h = hessian if smooth_scale is None else hessian / torch.outer(smooth_scale, smooth_scale).to(hessian)
-            values, scale, zp = rounding.gptq(w, h, scheme, name)
-        else:
-            values, scale, zp = rounding.round_to_nearest(w, scheme, name)
-        q.weight.copy_(values)
-        q.weight_scale.copy_(scale.reshape(q.weight_scale.shape))
-        q.weight_zero_point.copy_(zp.reshape(q.weight_scale.shape))
+        # rows rounded to nearest a block at a time where each row has its own scales: the same
+        # values, and float temporaries of a block, not of the weight (a 32000 x 2048 head: 16 MB
+        # each, not 250 MB); GPTQ and one scale per tensor need the whole weight at once
+        whole = scheme.gptq or q.weight_scale.dim() == 0
+        step = w.shape[0] if whole else max(1, _ROUNDED_AT_ONCE // max(1, w.shape[1]))
+        for i in range(0, w.shape[0], step):
+            rows = w[i:i + step]
+            if smooth_scale is not None:
+                rows = rows.float() * smooth_scale  # (out, in) * (in,)
+            if scheme.gptq:  # the inputs the weights meet are x / smooth_scale: H / (s s^T)
+                h = hessian if smooth_scale is None else hessian / torch.outer(smooth_scale, smooth_scale).to(hessian)
+                values, scale, zp = rounding.gptq(rows, h, scheme, name)
+            else:
+                values, scale, zp = rounding.round_to_nearest(rows, scheme, name)
+            q.weight[i:i + step].copy_(values)
+            scales = (q.weight_scale, q.weight_zero_point) if whole else (q.weight_scale[i:i + step], q.weight_zero_point[i:i + step])
+            scales[0].copy_(scale.reshape(scales[0].shape))
+            scales[1].copy_(zp.reshape(scales[1].shape))
         if linear.bias is not None:
             q.bias.copy_(linear.bias.detach())
         if scheme.static:

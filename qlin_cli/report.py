@@ -281,6 +281,8 @@ class QuantizeReport(_Report):
     sensitivity: Sensitivity | None = None  # --min-sqnr or --sensitivity (the ranking: with --sensitivity)
     smoothing: Smoothing | None = None
     embeddings: tuple[EmbeddingResult, ...] = ()  # with `embeddings`: one per nn.Embedding
+    # what each layer's calibration statistics come from (block by block: sequential.PROPAGATION_NOTES)
+    statistics_from: str = PROPAGATES
 
     @property
     def title(self) -> str:
@@ -326,7 +328,7 @@ class QuantizeReport(_Report):
             "smoothing": None if self.smoothing is None else self.smoothing.to_dict(),
             "embeddings": [e.to_dict() for e in self.embeddings],
             **({} if ranking is None else {"sensitivity": ranking.to_dict()}),
-            "totals": self.totals(), "warnings": list(self.notes),
+            "statistics_from": self.statistics_from, "totals": self.totals(), "warnings": list(self.notes),
         }
 
     def tables(self) -> list[Table]:
@@ -418,7 +420,7 @@ class QuantizeReport(_Report):
             lines.append(line)
         if self.rounded():
             methods = sorted({r.rounding for r in self.layers if r.rounding not in (None, "rtn")})
-            lines.append(f"rounding {', '.join(methods)}: calibration statistics from the {PROPAGATES}")
+            lines.append(f"rounding {', '.join(methods)}: calibration statistics from the {self.statistics_from}")
         fb = self.fallback
         if fb is not None:
             lines.append(

@@ -623,11 +623,11 @@ class LazySource:
         return self.value(self.state[key], key)
 
     @contextlib.contextmanager
-    def loaded(self, module: nn.Module, prefix: str):
-        """`module` (at path `prefix`) with its real parameters for the time of the `with`;
-        they are dropped (back to meta) after it."""
+    def loaded(self, module: nn.Module, prefix: str, recurse: bool = True):
+        """`module` (at path `prefix`) with its real parameters (without `recurse`: its own, not
+        its children's) for the time of the `with`; they are dropped (back to meta) after it."""
         saved = []
-        for name, sub in module.named_modules():
+        for name, sub in module.named_modules() if recurse else [("", module)]:
             for attr, p in list(sub._parameters.items()):
                 if p is not None and p.device.type == "meta":
                     key = ".".join(x for x in (prefix, name, attr) if x)

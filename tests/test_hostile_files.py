@@ -12,7 +12,7 @@ the point, the peak resident memory of a qlin subprocess is checked (test_hostil
   within --max-memory;
 - packed tensors of the wrong size, recipes and configs nested too deep, a config.json whose sizes
   do not fit the weights, a float checkpoint given as the quantized model;
-- --stream's missing SmoothQuant said; temporaries that SIGKILL left removed by the next write;
+- --stream applies the default SmoothQuant (block by block); temporaries that SIGKILL left removed by the next write;
 - gradients that stop at quantized layers, warned about once.
 """
 
@@ -363,22 +363,22 @@ def test_a_float_checkpoint_given_as_the_quantized_model(tmp_path, capsys):
 # ----------------------------------------------------------------------------- item 14
 
 
-def test_stream_says_the_default_smoothquant_is_left_out(models, tmp_path, capsys):
-    """The streamed file differed from the whole-model one without a word; --no-smooth makes them
-    the same, byte for byte (README)."""
+def test_stream_applies_the_default_smoothquant_block_by_block(models, tmp_path, capsys):
+    """The streamed file once differed from the whole-model one without a word (the default
+    SmoothQuant was left out); now it runs block by block: the same file, byte for byte, and
+    with --no-smooth both are the unsmoothed one (README)."""
     streamed, whole = tmp_path / "s.safetensors", tmp_path / "w.safetensors"
     code, out, err = cli(capsys, "quantize", models / "llama", "-o", streamed, "--kernel", "fbgemm", "--stream", "--json")
-    assert code == 0, err
-    warning = ("--stream does not apply the default SmoothQuant (alpha 0.5), which runs the model: without --stream "
-               "14 dynamic layers would be smoothed and the file would differ; --no-smooth without --stream writes this same file")
-    assert err.splitlines() == [f"warning: {warning}"]
-    assert json.loads(out)["warnings"] == [warning.replace("--stream", "`stream`").replace("--no-smooth", "`no_smooth`")]
-    code, out, err = cli(capsys, "quantize", models / "llama", "-o", whole, "--kernel", "fbgemm", "--no-smooth")
+    assert code == 0 and err == "", err
+    report = json.loads(out)
+    assert "streamed block by block" in report["source_kind"] and report["smoothing"]["layers"] == 14
+    code, out, err = cli(capsys, "quantize", models / "llama", "-o", whole, "--kernel", "fbgemm")
     assert code == 0, err
     assert whole.read_bytes() == streamed.read_bytes()
-    code, out, err = cli(capsys, "quantize", models / "llama", "-o", tmp_path / "n.safetensors", "--kernel", "fbgemm",
-                         "--stream", "--no-smooth")
-    assert code == 0 and err == "", err  # nothing left out: nothing said
+    plain = tmp_path / "n.safetensors"
+    code, out, err = cli(capsys, "quantize", models / "llama", "-o", plain, "--kernel", "fbgemm", "--stream", "--no-smooth")
+    assert code == 0 and err == "", err
+    assert plain.read_bytes() != streamed.read_bytes()
 
 
 # ----------------------------------------------------------------------------- item 15

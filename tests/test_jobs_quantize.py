@@ -130,18 +130,22 @@ def test_check_options_gives_the_paths_the_job_uses(tmp_path):
         check_options(src, QuantConfig(), QuantizeOptions(report=tmp_path / "r.md"))
 
 
-def test_a_source_larger_than_the_memory_available_is_warned_about_before_loading(tmp_path, monkeypatch, caplog):
+def test_a_source_larger_than_the_memory_available_is_streamed_decided_before_loading(tmp_path, monkeypatch, caplog):
     src = tmp_path / "m.safetensors"
     save_file({"w": torch.zeros(64, 64)}, src)
     assert isinstance(options._available_memory(), (int, type(None)))
     monkeypatch.setattr(options, "_available_memory", lambda: 100)
     with caplog.at_level(logging.WARNING, logger="qlin"):
-        check_options(src, QuantConfig(), QuantizeOptions())
-    assert "more than the 0.0 GB of memory available: pass `stream`" in caplog.text
+        assert check_options(src, QuantConfig(), QuantizeOptions()).stream
+    assert "more than the 0.0 GB of memory available: streamed (`stream`)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlin"):  # what needs the whole model: not streamed, said why
+        assert not check_options(src, QuantConfig(), QuantizeOptions(sensitivity=True)).stream
+    assert "cannot be streamed: `stream` never holds the whole float model" in caplog.text
     monkeypatch.setattr(options, "_available_memory", lambda: 10**12)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qlin"):
-        check_options(src, QuantConfig(), QuantizeOptions())
+        assert not check_options(src, QuantConfig(), QuantizeOptions()).stream
     assert caplog.text == ""
 
 

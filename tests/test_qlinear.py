@@ -301,3 +301,26 @@ def test_an_input_that_requires_grad_runs_every_kernel(kernel, monkeypatch):
         y = res.model(ids)  # no torch.no_grad() here
     assert not y.requires_grad and y.shape == (4, 8, 512)
     assert float(((reference - y).norm() / reference.norm())) < 0.05
+
+
+@pytest.mark.parametrize("observer", ["minmax", "absmax", "percentile", "mse", "moving-average"])
+@pytest.mark.parametrize("scheme_args", [dict(), dict(symmetric=False, bits=4), dict(mode="weight-only", bits=4, group_size=8),
+                                         dict(granularity=PER_TENSOR)], ids=["channel", "asym 4-bit", "group", "tensor"])
+def test_from_float_rounds_a_block_of_rows_at_a_time_with_the_same_values(monkeypatch, observer, scheme_args):
+    """Rows with scales of their own are rounded in blocks (the float temporaries of a large head
+    stay small): every observer gives each row the values, scales and zero points it gets with the
+    whole weight at once; one scale per tensor is rounded whole."""
+    import qlin_cli.qlinear as qlinear
+
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 37)
+    layer.weight.data[5] *= 30  # an outlier row
+    scheme = LayerScheme(weight_observer=observer, **scheme_args)
+    smooth = torch.rand(24) + 0.5 if scheme.mode == "dynamic" else None
+    if smooth is not None:
+        scheme = LayerScheme(weight_observer=observer, smooth=0.5, **scheme_args)
+    whole = QuantizedLinear.from_float(layer, scheme, smooth_scale=smooth)
+    monkeypatch.setattr(qlinear, "_ROUNDED_AT_ONCE", 24 * 4)  # blocks of 4 rows (the last one short)
+    blocks = QuantizedLinear.from_float(layer, scheme, smooth_scale=smooth)
+    for key, t in whole.state_dict().items():
+        assert torch.equal(t, blocks.state_dict()[key]), key

@@ -262,9 +262,11 @@ def test_cli_rounding_option_recipe_rules_and_report(llama, tmp_path, capsys):
     assert rows["model.layers.0.mlp.down_proj"]["rounding"] == "awq" and "act_order" not in rows["model.layers.0.mlp.down_proj"]
     code, out, err = cli(capsys, "quantize", folder, "--bits", "4", "--rounding", "awq", "-o", tmp_path / "x.safetensors")
     assert code == 1 and err.count("\n") == 1 and "weight-only" in err
-    code, out, err = cli(capsys, "quantize", folder, "--mode", "weight-only", "--rounding", "gptq", "--stream",
-                         "-o", tmp_path / "y.safetensors")
-    assert code == 1 and err.count("\n") == 1 and "rounding gptq" in err
+    # block by block under --stream (tests/test_stream.py), its statistics from the quantized outputs
+    report = cli_json(capsys, "quantize", folder, "--mode", "weight-only", "--rounding", "gptq", "--stream",
+                      "-o", tmp_path / "y.safetensors", "--json")
+    assert "streamed block by block" in report["source_kind"]
+    assert report["statistics_from"].startswith("quantized outputs of the blocks before")
 
 
 def test_compressed_tensors_export_of_gptq_loads_in_transformers(llama, tmp_path, capsys):

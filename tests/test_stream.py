@@ -1,13 +1,17 @@
 """`qlin quantize --stream`: the model is built without its weights (meta
-device) and each layer is read, quantized, written and dropped in turn.
+device) and each layer is read, quantized, written and dropped in turn; where the plan runs
+the model (calibration data, SmoothQuant, static mode, GPTQ, AWQ), each block (sequential.py).
 
 - the file is byte-identical to the whole-model run for the same options: Hugging Face folders
   (a bf16 Llama with a tied head in shards, GPT-2's Conv1D, BERT) and a safetensors state dict
-  with --model;
-- what streaming cannot do (anything that runs the model; pickles; compressed-tensors) is one
-  line, exit 1, nothing written; a source larger than memory gets a warning;
-- the peak memory, measured in a subprocess on a ~170 MB float32 model: the whole-model run
-  peaks above the float size, the streamed one far below it.
+  with --model, also with calibration (dynamic with SmoothQuant, static, AWQ) block by block,
+  where the probe's error is measured too; GPTQ block by block is fed the quantized outputs of
+  the blocks before (its first block's layers are the whole-model run's, the next ones differ);
+- a model without a list of blocks falls back to the whole-model run with a note; what streaming
+  cannot do (what runs the whole model per layer; pickles; compressed-tensors) is one line,
+  exit 1, nothing written; a source larger than memory is streamed (a pickle gets a warning);
+- the peak memory, measured in a subprocess on a ~170 MB float32 model, calibrated block by
+  block: far below the float size, while the whole float model shows above it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from qlin_cli import QuantConfig  # noqa: E402
 from qlin_cli.api import QuantizeOptions, quantize_checkpoint  # noqa: E402
 from qlin_cli.errors import InputError  # noqa: E402
 from qlin_cli.qfile import load_quantized, read_qfile  # noqa: E402
+from qlin_cli.report import to_markdown  # noqa: E402
 from qlin_cli.sources import load_source_lazily  # noqa: E402
 
 
@@ -68,11 +73,128 @@ def test_streamed_file_is_byte_identical(folders, tmp_path, name, config):
     a = quantize_checkpoint(folders / name, config, QuantizeOptions(output=whole))
     b = quantize_checkpoint(folders / name, config, QuantizeOptions(output=streamed, stream=True))
     assert whole.read_bytes() == streamed.read_bytes()
-    assert b.source_kind.endswith("streamed one layer at a time") and "streamed" not in a.source_kind
-    # the same layers, and the same measured weight SQNR for each (the output's needs the forward)
+    assert "streamed" not in a.source_kind
+    # the same layers, and the same measured weight SQNR for each
     assert [(r.name, r.status, r.weight_sqnr_db) for r in a.layers] == [(r.name, r.status, r.weight_sqnr_db) for r in b.layers]
-    assert b.probe.compared is None and "not measured with --stream" in b.probe.note
     assert a.probe.metrics["cosine"] > 0.9
+    # nothing runs the model (the dynamic layers too small for int8 stay float, so the default
+    # SmoothQuant has nothing to smooth): one layer at a time, and the model's error is not measured
+    assert a.smoothing is None and b.source_kind.endswith("streamed one layer at a time")
+    assert b.probe.compared is None and "not measured with --stream without calibration data" in b.probe.note
+
+
+@pytest.fixture(scope="module")
+def ids(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ids") / "ids.safetensors"
+    save_file({"input_ids": torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(1))}, path)
+    return path
+
+
+GROUPED = dict(mode="weight-only", bits=4, group_size=32)
+CALIBRATED = {  # (folder, config, with the calibration file): quantizing the tiny layers (explicit kernels)
+    "llama dynamic, SmoothQuant from --calib": ("llama", QuantConfig(kernel="pertoken"), True),
+    "gpt2 static": ("gpt2", QuantConfig(mode="static", kernel="int_mm"), True),
+    "bert dynamic, SmoothQuant from token ids": ("bert", QuantConfig(kernel="pertoken"), False),
+    "gpt2 awq 4-bit g32": ("gpt2", QuantConfig(rounding="awq", **GROUPED), True),
+}
+
+
+@pytest.mark.parametrize("name, config, calibrated", CALIBRATED.values(), ids=CALIBRATED.keys())
+def test_streamed_with_calibration_is_byte_identical(folders, ids, tmp_path, name, config, calibrated):
+    whole, streamed = tmp_path / "whole.safetensors", tmp_path / "streamed.safetensors"
+    data = {"calib": ids, "batch_size": 4} if calibrated else {}  # batches of 4 and 2
+    a = quantize_checkpoint(folders / name, config, QuantizeOptions(output=whole, **data))
+    b = quantize_checkpoint(folders / name, config, QuantizeOptions(output=streamed, stream=True, **data))
+    assert whole.read_bytes() == streamed.read_bytes()
+    assert "streamed block by block (2 blocks of " in b.source_kind and "each calibrated on the float outputs of the ones before" in b.source_kind
+    assert b.probe.metrics == a.probe.metrics and b.probe.metrics["sqnr_db"] > 15
+    assert b.calibration == a.calibration and b.smoothing == a.smoothing
+    assert [r.plan for r in b.layers] == [r.plan for r in a.layers]
+    assert [r.weight_sqnr_db for r in b.layers] == [r.weight_sqnr_db for r in a.layers]
+    # on its samples (the inputs of the first batch): AWQ's folds change the float activations
+    # the whole-model run calibrates the next layers on by float rounding
+    assert [r.output_sqnr_db for r in b.layers] == pytest.approx([r.output_sqnr_db for r in a.layers], abs=0.01)
+    assert sum(r.status == "quantized" for r in b.layers) >= 8
+
+
+def test_gptq_block_by_block_is_fed_quantized_outputs(folders, ids, tmp_path):
+    """GPTQ's statistic for a block comes from the quantized blocks before it: the first block
+    sees what the whole-model run sees (the embeddings), so its layers are the same bytes; the
+    second block's inputs differ by the first one's error, and so do its layers."""
+    config = QuantConfig(rounding="gptq", **GROUPED)
+    whole, streamed = tmp_path / "whole.safetensors", tmp_path / "streamed.safetensors"
+    a = quantize_checkpoint(folders / "llama", config, QuantizeOptions(output=whole, calib=ids))
+    b = quantize_checkpoint(folders / "llama", config, QuantizeOptions(output=streamed, stream=True, calib=ids))
+    assert "each calibrated on the quantized outputs of the ones before" in b.source_kind
+    assert "quantized outputs of the blocks before (block by block, with GPTQ layers" in to_markdown(b)
+    x, y = read_qfile(whole).tensors, read_qfile(streamed).tensors
+    block0 = [k for k in x if k.startswith("model.layers.0.") and k.endswith(".weight") and "proj" in k]
+    block1 = [k.replace(".0.", ".1.", 1) for k in block0]
+    assert len(block0) == 7 and all(torch.equal(x[k], y[k]) for k in block0)
+    assert sum(not torch.equal(x[k], y[k]) for k in block1) >= 5
+    assert abs(b.probe.metrics["sqnr_db"] - a.probe.metrics["sqnr_db"]) < 3
+    assert all(r.rtn_output_sqnr_db is not None for r in b.layers if r.status == "quantized")
+
+
+def test_state_dict_model_with_blocks_and_a_layer_before_them(tmp_path):
+    """The sample encoder (state dict + `model`): a Linear before its blocks and a parameter of
+    the root module; calibrated (static) block by block, the same file as the whole run."""
+    src = ROOT / "sample_models" / "encoder.safetensors"
+    calib, spec = ROOT / "sample_models" / "digits_calib.safetensors", "sample_models.encoder:build"
+    config = QuantConfig(mode="static", kernel="int_mm")
+    a = quantize_checkpoint(src, config, QuantizeOptions(output=tmp_path / "a.safetensors", model=spec, calib=calib))
+    b = quantize_checkpoint(src, config, QuantizeOptions(output=tmp_path / "b.safetensors", model=spec, calib=calib,
+                                                         stream=True))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert "streamed block by block" in b.source_kind and b.probe.metrics == a.probe.metrics
+
+
+def test_without_a_list_of_blocks_the_whole_model_is_used(tmp_path, capsys):
+    src, calib = ROOT / "sample_models" / "digits_mlp.safetensors", ROOT / "sample_models" / "digits_calib.safetensors"
+    out = tmp_path / "q.safetensors"
+    code, stdout, err = cli(capsys, "quantize", src, "-o", out, "--model", "sample_models.digits:build_digits_mlp",
+                            "--mode", "static", "--calib", calib, "--stream")
+    assert code == 0
+    assert "its Linear layers do not sit in a repeated list of blocks, so the whole model was loaded" in err
+    whole = tmp_path / "w.safetensors"
+    assert cli(capsys, "quantize", src, "-o", whole, "--model", "sample_models.digits:build_digits_mlp",
+               "--mode", "static", "--calib", calib)[0] == 0
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_block_lists_found_and_refused():
+    from qlin_cli.plan import make_plan
+    from qlin_cli.sequential import block_problem, find_blocks
+
+    _quiet()
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
+                                                          num_attention_heads=2, intermediate_size=64))
+    blocks = find_blocks(bert)
+    assert blocks.path == "encoder.layer" and len(blocks.modules) == 3
+    assert blocks.index_of("encoder.layer.2.output.dense") == 2 and blocks.index_of("pooler.dense") is None
+    assert block_problem(bert, blocks, make_plan(bert, QuantConfig())) is None
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2))
+    assert "two lists of blocks" in block_problem(t5, find_blocks(t5), make_plan(t5, QuantConfig()))
+    bert.config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    assert "different attention masks" in block_problem(bert, blocks, make_plan(bert, QuantConfig()))
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    assert find_blocks(mlp) is None and "repeated list of blocks" in block_problem(mlp, None, make_plan(mlp, QuantConfig()))
+
+
+def test_spill_gives_back_each_tensor(tmp_path):
+    from qlin_cli.files import Spill
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int8), "c": torch.randn(4).to(torch.bfloat16),
+               "empty": torch.empty(0, 3), "view": torch.randn(6, 4)[:, 1]}
+    with Spill(tmp_path) as spill:
+        for k, t in tensors.items():
+            spill.put(k, t)
+        assert "a" in spill and "z" not in spill
+        for k in reversed(list(tensors)):
+            got = spill.get(k)
+            assert got.dtype == tensors[k].dtype and torch.equal(got, tensors[k])
+    assert list(tmp_path.iterdir()) == []  # an unnamed file: nothing left behind
 
 
 def test_tied_head_is_read_once_and_written_once(folders, tmp_path):
@@ -113,10 +235,8 @@ def test_state_dict_with_model(tmp_path, isolate_imports):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--calib", "{inputs}"], "cannot run it: --calib needs the model's forward"),
-    (["--mode", "static", "--calib", "{inputs}"], "needs the model's forward"),
-    (["--inputs", "{inputs}"], "--inputs needs the model's forward"),
-    (["--calib-text", "{text}"], "--calib-text needs the model's forward"),
+    (["--min-sqnr", "30", "--calib", "{inputs}"], "--min-sqnr runs it once for every layer it measures"),
+    (["--sensitivity"], "--sensitivity runs it once for every layer it measures"),
     (["--format", "compressed-tensors"], "--stream writes the qlin format only"),
 ])
 def test_what_streaming_refuses(folders, tmp_path, capsys, extra, words):
@@ -137,15 +257,22 @@ def test_pickles_cannot_be_streamed(folders, tmp_path, capsys):
     assert "is a pickle, which loads whole and cannot be read a layer at a time; convert it to safetensors" in err
 
 
-def test_a_source_larger_than_memory_is_warned_about(folders, tmp_path, capsys, monkeypatch):
+def test_a_source_larger_than_memory_is_streamed(folders, tmp_path, capsys, monkeypatch):
+    """Float weights larger than the available memory: a folder of safetensors is streamed (the
+    same file), a pickle gets a warning that it cannot be, before anything is loaded."""
     import qlin_cli.jobs.options as options
 
+    code, _, err = cli(capsys, "quantize", folders / "bert", "-o", tmp_path / "whole.safetensors")
+    assert code == 0 and "streamed" not in err
     monkeypatch.setattr(options, "_available_memory", lambda: 1000)  # bytes
     code, _, err = cli(capsys, "quantize", folders / "bert", "-o", tmp_path / "a.safetensors")
     assert code == 0
-    assert "warning: " in err and "more than the 0.0 GB of memory available: pass --stream" in err
+    assert "note: " in err and "more than the 0.0 GB of memory available: streamed (--stream)" in err
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+    code, _, err = cli(capsys, "quantize", folders / "bert", "-o", tmp_path / "b.safetensors", "--sensitivity")
+    assert code == 0 and "warning: " in err and "cannot be streamed: --stream never holds the whole float model" in err
     (tmp_path / "arch.py").write_text("")
-    code, _, err = cli(capsys, "quantize", folders / "bert.pt", "-o", tmp_path / "b.safetensors", "--model", "x:y")
+    code, _, err = cli(capsys, "quantize", folders / "bert.pt", "-o", tmp_path / "c.safetensors", "--model", "x:y")
     assert code == 1  # (x:y does not import) but the warning came first, before loading
     assert "is a pickle, which loads whole, so it cannot be streamed: convert it to safetensors and pass --stream" in err
 
@@ -162,37 +289,42 @@ def hwm():  # peak RSS so far, bytes
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
 
+# the same run on 2 blocks of the same shapes first: the code and buffers a first forward touches
+# (tens of MB of libtorch pages, whatever the model's size) are then part of the baseline
+quantize_checkpoint(sys.argv[1], QuantConfig(), QuantizeOptions(output=sys.argv[3], stream=True))
 before = hwm()
-quantize_checkpoint(sys.argv[1], QuantConfig(), QuantizeOptions(output=sys.argv[2], stream=True))
+report = quantize_checkpoint(sys.argv[2], QuantConfig(), QuantizeOptions(output=sys.argv[3], stream=True, force=True))
 streamed = hwm()
-model = load_source(sys.argv[1]).model  # the float model, whole: what streaming avoids
+model = load_source(sys.argv[2]).model  # the float model, whole: what streaming avoids
 total = sum(float(p.sum()) for p in model.parameters())  # touched (transformers may map the files lazily)
-print(json.dumps({"before": before, "streamed": streamed, "whole": hwm()}))
+print(json.dumps({"before": before, "streamed": streamed, "whole": hwm(), "kind": report.source_kind}))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc/self/status")
 def test_streaming_peak_memory(tmp_path):
-    """A Llama-style model of ~165 MB float32 in 4 shards, most of it in 84 small layers (the
-    largest 2.9 MB), quantized with --stream in a fresh process: its peak RSS above the process's
-    peak after its imports is a few layers and the allocator's slack (~0.18x the float size
-    here, where that slack is most of it). Then the same process loads the float model whole,
-    which must show as > 0.9x: the measurement sees a whole model when there is one."""
+    """A Llama-style model of ~165 MB float32 in 4 shards, most of it in 12 blocks of 7 small
+    layers (the largest 2.9 MB), quantized with --stream and qlin's defaults (SmoothQuant from
+    token ids: calibrated block by block) in a fresh process: its peak RSS above the peak of the
+    same run on 2 blocks of the same shapes is what grows with the model, and must stay far
+    below it (< 0.3x: a block or two and the allocator's slack). Then the same process loads
+    the float model whole, which must show as > 0.9x: the measurement sees a whole model when
+    there is one."""
     _quiet()
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1408, num_hidden_layers=12,
-                                   num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(cfg)
+    for name, layers in (("warm", 2), ("llama", 12)):
+        cfg = transformers.LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1408, num_hidden_layers=layers,
+                                       num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / name, max_shard_size="50MB")
     folder = tmp_path / "llama"
-    model.save_pretrained(folder, max_shard_size="50MB")
-    del model
     float_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     assert float_bytes > 160e6 and len(list(folder.glob("*.safetensors"))) >= 4
-    proc = subprocess.run([sys.executable, "-c", MEASURE, str(folder), str(tmp_path / "q.safetensors")],
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "warm"), str(folder), str(tmp_path / "q.safetensors")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "streamed block by block (12 blocks of model.layers" in m["kind"]
     streamed, whole = ((m[k] - m["before"]) / float_bytes for k in ("streamed", "whole"))
-    print(f"peak above imports: streamed {streamed:.2f}x, then the whole float model {whole:.2f}x ({float_bytes / 1e6:.0f} MB)")
+    print(f"peak above the 2-block run: streamed {streamed:.2f}x, then the whole float model {whole:.2f}x ({float_bytes / 1e6:.0f} MB)")
     assert streamed < 0.3, (streamed, whole)
     assert whole > 0.9, (streamed, whole)

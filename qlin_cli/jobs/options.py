@@ -24,7 +24,7 @@ _log = logging.getLogger("qlin")
 
 # what `stream` supports, as its refusals say it
 STREAM_SUPPORTS = ("a Hugging Face folder with safetensors weights or a safetensors state dict with `model`, "
-                   "weight-only or dynamic mode, the qlin format")
+                   "the qlin format; with calibration, a model whose Linear layers sit in a list of blocks")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class QuantizeOptions:
         only that layer in int8) on the same data (without any: on the probe batch).
     device: where to pack and run ("cpu" or "cuda").
     stream: never hold the whole float model: build it without weights, then read, quantize,
-        write and drop one layer at a time (`STREAM_SUPPORTS` says for what).
+        write and drop one layer at a time, or, where the plan runs the model (calibration,
+        SmoothQuant, static mode, GPTQ, AWQ), one block at a time (sequential.py;
+        `STREAM_SUPPORTS` says for what).
     config_file: the recipe the config was read from (no output may replace it).
     strict: make a skip pattern or recipe rule that matches no layer an error (else a warning).
     max_memory: the most bytes of tensors a file may describe (default: `budget.default_max_memory`).
@@ -93,6 +95,7 @@ class Checked:
     report: Path | None
     device: torch.device
     inputs: Path | None  # the probe batch's file (`inputs`), checked to exist
+    stream: bool = False  # `stream`, or chosen because the float weights would not fit in memory
 
     @property
     def source(self) -> Path:
@@ -131,9 +134,8 @@ def check_options(source_path: Path, config: QuantConfig, o: QuantizeOptions) ->
     _check_data_needs(o)
     if o.stream:
         _check_stream(kind, config, o)
-    else:
-        _warn_if_too_big(kind)
-    return Checked(kind, output, report, device, inputs)
+    stream = o.stream or _stream_if_too_big(kind, config, o)
+    return Checked(kind, output, report, device, inputs, stream)
 
 
 def _read_files(source: Path, o: QuantizeOptions) -> list[tuple[str, Path | None]]:
@@ -202,7 +204,8 @@ def _check_data_needs(o: QuantizeOptions) -> None:
 
 
 def _check_stream(source: SourceKind, config: QuantConfig, o: QuantizeOptions) -> None:
-    """`stream` reads one layer at a time and never runs the model: refuse what needs more."""
+    """`stream` reads the model a layer (or, with calibration, a block) at a time: refuse what
+    needs the whole model at once."""
     why = source.stream_problem()
     if why is not None:
         raise ConfigError(f"`stream`: {why} and cannot be read a layer at a time; convert it to safetensors")
@@ -210,13 +213,11 @@ def _check_stream(source: SourceKind, config: QuantConfig, o: QuantizeOptions) -
         raise ConfigError(f"`stream` writes the qlin format only, not {o.format}")
     if config.embeddings:
         raise ConfigError("`stream` quantizes the Linear layers one at a time, not embedding tables: drop `embeddings`")
-    needs_model = {"calib": o.calib, "calib_text": o.calib_text, "inputs": o.inputs, "min_sqnr": o.min_sqnr,
-                   "eval_inputs": o.eval_inputs, "sensitivity": o.sensitivity or None}
-    given = [k for k, v in needs_model.items() if v is not None]
-    if given or config.calibration_need() is not None:
-        what = f"`{given[0]}`" if given else config.calibration_need()
+    whole = {"min_sqnr": o.min_sqnr, "sensitivity": o.sensitivity or None}
+    given = [k for k, v in whole.items() if v is not None]
+    if given:
         raise ConfigError(
-            f"`stream` never holds the whole float model, so it cannot run it: {what} needs the model's forward "
+            f"`stream` never holds the whole float model, and `{given[0]}` runs it once for every layer it measures "
             f"(stream supports {STREAM_SUPPORTS})"
         )
 
@@ -232,21 +233,28 @@ def _available_memory() -> int | None:
     return None
 
 
-def _warn_if_too_big(source: SourceKind) -> None:
-    """Warn (before loading) when the float weights alone exceed the available memory: say
-    `stream` for safetensors, and that a pickle cannot be streamed."""
+def _stream_if_too_big(source: SourceKind, config: QuantConfig, o: QuantizeOptions) -> bool:
+    """Whether to stream a source whose float weights alone exceed the available memory (checked
+    before loading): yes where it can be streamed with these options (a note says so); else a
+    warning says why it cannot (a pickle; an option that needs the whole model)."""
     try:
         files = source.weight_files().files if source.folder else (source.path,)
         size = sum(f.stat().st_size for f in files)
     except (InputError, OSError):
-        return
+        return False
     available = _available_memory()
     if available is None or size <= available:
-        return
+        return False
     gb = f"{size / 1e9:.1f} GB of float weights, more than the {available / 1e9:.1f} GB of memory available"
     why = source.stream_problem()
-    if why is None:
-        _log.warning(f"{source.path}: {gb}: pass `stream` to read, quantize and write one layer at a time", extra={"kind": "warning"})
-    else:
+    if why is not None:
         _log.warning(f"{source.path}: {gb}; {why}, so it cannot be streamed: convert it to safetensors and pass `stream`",
                      extra={"kind": "warning"})
+        return False
+    try:
+        _check_stream(source, config, o)
+    except ConfigError as exc:
+        _log.warning(f"{source.path}: {gb}, and it cannot be streamed: {exc}", extra={"kind": "warning"})
+        return False
+    _log.warning(f"{source.path}: {gb}: streamed (`stream`), a layer or a block at a time", extra={"kind": "note"})
+    return True

@@ -1,11 +1,12 @@
 """The quantize job (`quantize_checkpoint`) as named stages, each reading what the ones before
 gave: check the options (options.py), load, plan, choose the data (run_data.py), smooth,
 calibrate, quantize or fall back, measure, save, report. With `stream`, `_quantize_streamed`
-instead: one layer at a time, no forward pass.
+instead: block by block where the plan runs the model (sequential.py), else one layer at a time.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,20 @@ from ..errors import ConfigError, InputError
 from ..export import CT_FORMAT, check_exportable, save_compressed_tensors
 from ..fallback import quantize_to_target
 from ..files import size_bytes
-from ..hf import HF_KIND, hf_probe_inputs
+from ..hf import HF_KIND
 from ..plan import Plan, find_linears, make_plan
 from ..qfile import save_quantized, save_streamed
 from ..quantize import QuantizeResult, check_streamable, quantize_model, stream_layers
 from ..report import Calibration, Probe, QuantizeReport, Smoothing, compare_outputs, write_report
 from ..report_html import write_html
-from ..sources import Source, load_source, load_source_lazily
+from ..sequential import PROPAGATION_NOTES, block_problem, find_blocks, quantize_sequential
+from ..sources import LazySource, Source, load_source, load_source_lazily
 from .options import Checked, QuantizeOptions, check_options
 from .run_data import CalibrationData, RunData, Samples, choose_data, load_data, read_calibration
 
 __all__ = ["quantize_checkpoint"]
+
+_log = logging.getLogger("qlin")
 
 
 @torch.no_grad()
@@ -53,7 +57,7 @@ def quantize_checkpoint(
                         "path and other options go in QuantizeOptions(output=...)")
     with limit(o.max_memory):
         job = _Job(check_options(Path(source_path), config, o), config, o, progress, calib_progress)
-        return _write(job, _quantize_streamed(job) if o.stream else _quantize(job))
+        return _write(job, _quantize_streamed(job) if job.checked.stream else _quantize(job))
 
 
 @dataclass(frozen=True)
@@ -215,40 +219,63 @@ def _calibration(o: QuantizeOptions, plan: Plan, calib: Inputs | None, data: Run
 
 
 def _quantize_streamed(job: _Job) -> QuantizeReport:
-    """`quantize_checkpoint` with `stream`: the model built without weights (meta device), each
-    layer read, quantized, written and dropped in turn (quantize.stream_layers, qfile.save_streamed);
-    the file is the one the whole model gives. Measured: each layer's weight SQNR; not the
-    model-level error (it needs the model's forward)."""
+    """`quantize_checkpoint` with `stream`: the model built without weights (meta device). Where
+    the plan runs the model (calibration data, SmoothQuant, including the default one from a text
+    model's token ids, static mode, GPTQ, AWQ), block by block (`_sequential`); else each layer
+    read, quantized, written and dropped in turn (quantize.stream_layers, qfile.save_streamed),
+    measuring each layer's weight SQNR, not the model's error (no forward). The file is the one
+    the whole-model path writes for the same options (but GPTQ's, sequential.py says why)."""
     c, o = job.checked, job.options
     source = load_source_lazily(c.kind, model=o.model)
     check_streamable(source.model)
-    plan = make_plan(source.model, job.config)
+    plan, notes = _plan(job, source.model)
+    read = read_calibration(o, c.source)
+    data = choose_data(source.model, *load_data(read, o, source.model, c.device, job.progress), c.inputs, c.device)
+    plan, smoothing = _smooth(job, plan, data)
+    calib = data.calibration_run(plan.calibration_need() is not None)
+    if calib is not None:
+        return _sequential(job, source, plan, data, calib, smoothing, notes)
     floats = {e.name: source.model.get_submodule(e.name) for e in plan.entries}
     layers = stream_layers(floats, plan, source.loaded, c.device, job.progress)
-    result = save_streamed(source.model, job.config, plan, layers, source.tensor, c.output, force=o.force,
-                           source_name=c.source.name, source_sha256=source.sha256)
-    probe = Probe("none", None, "not measured with --stream (the whole float model is never in memory to run); "
-                                "`qlin eval` measures it where the model fits")
+    result = save_streamed(source.model, job.config, plan, layers, source.tensor, c.output, force=o.force, source_name=c.source.name,
+                           source_sha256=source.sha256)
+    probe = Probe("none", None, "not measured with --stream without calibration data (the whole float model is never in "
+                                "memory to run); `qlin eval` measures it where the model fits")
     return QuantizeReport(
         source=str(c.source), source_kind=f"{source.kind}, streamed one layer at a time", output=str(c.output),
         format=o.format, config=result.config, device=str(c.device), calibration=None, layers=result.layers,
         probe=probe, fallback=None, size_float_bytes=source.size_bytes, size_int8_bytes=c.output.stat().st_size,
-        notes=_not_smoothed(job, source.model, plan),
+        notes=notes,
     )
 
 
-def _not_smoothed(job: _Job, model: nn.Module, plan: Plan) -> tuple[str, ...]:
-    """A note when the run without `stream` would have applied qlin's default SmoothQuant (a text
-    model's token ids are realistic data, `_smooth`), which needs the model's forward: the two
-    files then differ, and `no_smooth` makes the whole-model run write this one."""
-    if not job.options.default_smooth or hf_probe_inputs(model, samples=1) is None:
-        return ()
-    _, layers = plan.with_smoothing(DEFAULT_SMOOTH)
-    if not layers:
-        return ()
-    return (f"`stream` does not apply the default SmoothQuant (alpha {DEFAULT_SMOOTH}), which runs the model: without "
-            f"`stream` {layers} dynamic layers would be smoothed and the file would differ; `no_smooth` without "
-            "`stream` writes this same file",)
+def _sequential(job: _Job, source: LazySource, plan: Plan, data: RunData, calib: Inputs, smoothing: Smoothing | None,
+                notes: tuple[str, ...]) -> QuantizeReport:
+    """The streamed run with a forward: block by block (sequential.py), or, for a model without
+    a list of blocks, the whole-model path, with a note."""
+    c, o = job.checked, job.options
+    blocks = find_blocks(source.model)
+    why = block_problem(source.model, blocks, plan)
+    if why is not None or c.device.type != "cpu":
+        why = why or "block by block runs on the CPU"
+        note = f"`stream` with a forward (calibration, SmoothQuant, static mode, GPTQ, AWQ): {why}, so the whole model was loaded"
+        _log.warning(note, extra={"kind": "warning"})
+        report = _quantize(job)
+        return replace(report, notes=(*report.notes, note))
+    run = quantize_sequential(source, job.config, plan, blocks, c.output, calib=calib, probe=data.probe.inputs,
+                              batch_size=o.batch_size, force=o.force, source_name=c.source.name,
+                              source_sha256=source.sha256, progress=job.progress)
+    if run.reference is None:
+        probe = Probe(data.probe.description, None, run.probe_note)
+    else:
+        probe = Probe(data.probe.description, run.compared, "", compare_outputs(run.reference, run.output))
+    how = f"streamed block by block ({len(blocks.modules)} blocks of {blocks.path}, each calibrated on the {run.propagation} outputs of the ones before)"
+    return QuantizeReport(
+        source=str(c.source), source_kind=f"{source.kind}, {how}", output=str(c.output),
+        format=o.format, config=run.result.config, device=str(c.device), calibration=_calibration(o, plan, calib, data),
+        layers=run.result.layers, probe=probe, fallback=None, smoothing=smoothing, size_float_bytes=source.size_bytes,
+        size_int8_bytes=c.output.stat().st_size, notes=notes, statistics_from=PROPAGATION_NOTES[run.propagation],
+    )
 
 
 def _write(job: _Job, report: QuantizeReport) -> QuantizeReport:

@@ -32,7 +32,10 @@ def weight_row_sums(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch
     `(N,)`: what an activation offset (x = a * q + c) contributes, c * wsum[n]. The integer sums are
     exact."""
     n, k = weight.shape
-    sums = weight.sum(dim=1, dtype=torch.int32) - k * zero_point.to(torch.int32).reshape(-1)  # (N,) exact
+    step = max(1, (1 << 22) // max(1, k))  # a block of rows at a time: the int32 copy the sum makes stays small
+    sums = torch.cat([weight[i:i + step].sum(dim=1, dtype=torch.int32) for i in range(0, n, step)]) if n else \
+        torch.zeros(0, dtype=torch.int32, device=weight.device)
+    sums = sums - k * zero_point.to(torch.int32).reshape(-1)  # (N,) exact
     return sums.float() * scale.float().reshape(-1)
 
 

@@ -1,0 +1,522 @@
+"""Quantizing a model block by block, in bounded memory (DESIGN "The sequential pipeline"), for
+a model whose Linear layers sit in a repeated list of blocks (transformers' decoder and encoder
+layers: found by shape, `find_blocks`, not by architecture name) and whose weights stay on disk
+(`sources.LazySource`). What `qlin quantize --stream` runs when the plan needs the model's
+forward (calibration data, SmoothQuant, static mode, GPTQ, AWQ):
+
+    capture  the tensors outside the blocks are read; the calibration (and probe) batches run
+             up to the first block, whose arguments (positional and keyword) are kept; those
+             tensors are dropped again
+    blocks   for each block in turn: its weights are read; `quantize.quantize_model` runs on it
+             alone (`_Replayed`: the kept arguments are its inputs), so SmoothQuant's ranges,
+             static observers, GPTQ's statistic and AWQ's search and folds are the whole-model
+             path's own code; the block's outputs become the next block's inputs; its tensors
+             (int8 layers and whatever else it holds) go to a spill file; it is dropped
+    tail     the tensors outside the blocks are read again and every block is replaced by a
+             module that gives back the last block's output (`_Replay`): the Linear layers outside
+             the blocks (a language model's head) are calibrated and quantized on the model's own
+             forward, and the probe's float and int8 outputs are compared (the model-level error)
+    write    the qlin file (`qfile.save_streamed`), one tensor at a time from the spill
+
+Peak memory: the larger of the tensors outside the blocks (embeddings, head) with one batch's
+outputs, and one block with its int8 copy; plus the kept activations of the calibration batches.
+
+What the next block is fed (`propagation`), a property of the rounding methods in the plan:
+- `float`: the float block's outputs, the very activations the whole-model path's calibration
+  sees (it runs the float model once), batch for batch: the file is byte-identical to the one the
+  whole-model path writes (round to nearest, SmoothQuant, static mode).
+- `quantized`: with any layer rounded by GPTQ, the quantized block's outputs, as GPTQ's paper
+  (and GPTQModel, llm-compressor) run it: each layer's statistic then holds the error of the
+  blocks before it, which GPTQ compensates. The file differs from the whole-model path's, whose
+  GPTQ statistics come from the float model.
+AWQ's search and folds read the block's own inputs either way (AutoAWQ feeds float outputs).
+The probe is carried through twice, float and int8, whatever the propagation.
+
+The blocks' keyword arguments (attention mask, position embeddings) are the first block's for
+every block: a model whose blocks take different ones (transformers' `layer_types` mixing
+sliding and full attention) is not run block by block (`block_problem`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .config import QuantConfig
+from .data import Inputs, Progress, StopForward, batches, first_tensor, num_samples, run_model
+from .errors import InputError, one_line
+from .files import Spill
+from .plan import Plan, find_linears, swap_module
+from .qfile import save_streamed
+from .quantize import LayerResult, QuantizeResult, _release_freed_memory, quantize_model
+from .sources import LazySource
+
+__all__ = ["Blocks", "find_blocks", "block_problem", "propagation", "PROPAGATION_NOTES", "SequentialResult",
+           "quantize_sequential"]
+
+FLOAT, QUANTIZED = "float", "quantized"
+PROPAGATION_NOTES = {  # what a block's calibration statistics come from, as the report says it
+    FLOAT: "float outputs of the blocks before (block by block; the activations the whole-model path sees)",
+    QUANTIZED: "quantized outputs of the blocks before (block by block, with GPTQ layers, as in GPTQ's paper)",
+}
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The model's repeated blocks: the nn.ModuleList at `path` and its children, in order."""
+
+    path: str
+    modules: tuple[nn.Module, ...]
+
+    def prefix(self, i: int) -> str:
+        return f"{self.path}.{i}" if self.path else str(i)
+
+    def index_of(self, layer: str) -> int | None:
+        """The block that holds module path `layer`, or None (outside the blocks)."""
+        head = f"{self.path}." if self.path else ""
+        if not layer.startswith(head):
+            return None
+        first = layer[len(head):].split(".", 1)[0]
+        return int(first) if first.isdigit() and int(first) < len(self.modules) else None
+
+
+def _block_lists(model: nn.Module) -> list[tuple[int, str, nn.ModuleList]]:
+    """Every nn.ModuleList of children of one class, each holding a Linear layer: (how many
+    Linear layers it holds, its path, it)."""
+    linears = [name for name, *_ in find_linears(model)]
+    found = []
+    for path, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 1 or len({type(c) for c in m}) != 1:
+            continue
+        counts = [sum(n.startswith(f"{path}.{i}." if path else f"{i}.") for n in linears) for i in range(len(m))]
+        if min(counts) > 0:
+            found.append((sum(counts), path, m))
+    return found
+
+
+def find_blocks(model: nn.Module) -> Blocks | None:
+    """The list of blocks (`_block_lists`) that holds the most Linear layers of the model (a
+    transformer's layers); None if it has none."""
+    found = _block_lists(model)
+    if not found:
+        return None
+    _, path, m = max(found, key=lambda f: f[0])
+    return Blocks(path, tuple(m))
+
+
+def block_problem(model: nn.Module, blocks: Blocks | None, plan: Plan) -> str | None:
+    """Why `model` cannot be quantized block by block (None: it can)."""
+    if blocks is None:
+        return "its Linear layers do not sit in a repeated list of blocks"
+    others = [p for _, p, _ in _block_lists(model) if not (p + ".").startswith(blocks.path + ".")
+              and not (blocks.path + ".").startswith(p + ".")]
+    if others:
+        return f"it has two lists of blocks ({blocks.path}, {others[0]}), the second fed by more than the first's outputs"
+    kinds = getattr(getattr(model, "config", None), "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and len(set(kinds)) > 1:
+        return f"its blocks take different attention masks (layer_types {sorted(set(kinds))})"
+    for e in plan.entries:
+        where = {blocks.index_of(p) for p in e.paths}
+        if len(where) > 1:
+            return f"layer {e.name!r} is used in more than one block"
+    return None
+
+
+def propagation(plan: Plan) -> str:
+    """What the next block is fed: the quantized outputs where a layer rounds with GPTQ, else
+    the float outputs (module docstring)."""
+    return QUANTIZED if any(e.scheme.gptq for e in plan.quantized) else FLOAT
+
+
+@dataclass
+class _Call:
+    """One batch's arguments to a block; the hidden states are the first positional argument
+    or the keyword `hidden_states`."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def fed(self, hidden: torch.Tensor) -> "_Call":
+        if self.args:
+            return _Call((hidden, *self.args[1:]), self.kwargs)
+        return _Call((), {**self.kwargs, "hidden_states": hidden})
+
+
+# a block's keyword arguments that hold a cache: each block would add its keys and values to it
+_CACHES = ("past_key_value", "past_key_values", "layer_past")
+
+
+def _is_cache(value: Any) -> bool:
+    """A key/value cache (transformers' `Cache` and its subclasses), which a block passed the
+    same one twice would extend, attending to stale keys the second time."""
+    return any(c.__name__ == "Cache" for c in type(value).__mro__)
+
+
+def _without_cache(args: tuple, kwargs: dict[str, Any]) -> _Call:
+    """A block's arguments with every cache replaced by None (and `use_cache` False): each
+    replay of the call then sees its own keys and values only, as the capture did."""
+    out = {k: (None if k in _CACHES or _is_cache(v) else v) for k, v in kwargs.items()}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return _Call(tuple(None if _is_cache(a) else a for a in args), out)
+
+
+def _call(block: nn.Module, c: _Call, what: str) -> Any:
+    try:
+        return block(*c.args, **c.kwargs)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{what} does not run on the inputs captured at the first block ({one_line(exc, 160)}); "
+                         "quantize without `stream`") from None
+
+
+class _Replayed(nn.Module):
+    """Recorded batches run by `run(i)`, as a module that holds `modules` under their paths in
+    the model: `quantize_model` (calibration, AWQ's search and folds, the swap) takes it for the
+    model and `torch.arange(batches)` for its inputs, in batches of 1, and hooks, folds and
+    swaps the real modules."""
+
+    def __init__(self, modules: dict[str, nn.Module], run: Callable[[int], Any]) -> None:
+        super().__init__()
+        for path, module in modules.items():
+            parent: nn.Module = self
+            *heads, last = path.split(".")
+            for h in heads:
+                if h not in parent._modules:
+                    parent.add_module(h, nn.Module())
+                parent = parent._modules[h]
+            parent.add_module(last, module)
+        self._run = run
+
+    def forward(self, index: torch.Tensor) -> Any:
+        return self._run(int(index.reshape(-1)[0]))
+
+
+class _Replay(nn.Module):
+    """Stands for every block in the tail: whatever it is given, the last block's `output`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output: Any = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+def _run_block(block: nn.Module, calls: list[_Call], what: str) -> list[Any]:
+    return [_call(block, c, what) for c in calls]
+
+
+def _fed(calls: list[_Call], outputs: list[Any]) -> list[_Call]:
+    """The next block's arguments: these, with the hidden states replaced by `outputs`'."""
+    return [c.fed(first_tensor(o)[0]) for c, o in zip(calls, outputs)]
+
+
+@dataclass(frozen=True)
+class SequentialResult:
+    """What `quantize_sequential` gives: the file's result; the probe's float and int8 outputs
+    (None, None: not measured, for `probe_note`) and where in the output they were found; the
+    propagation."""
+
+    result: QuantizeResult
+    reference: torch.Tensor | None
+    output: torch.Tensor | None
+    compared: str | None
+    probe_note: str
+    propagation: str
+
+
+def _capture(model: nn.Module, first: nn.Module, inputs: Inputs, batch_size: int) -> list[_Call]:
+    """Run `inputs` in batches up to the block `first`; its arguments, one `_Call` a batch."""
+    calls: list[_Call] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append(_without_cache(tuple(args), kwargs))
+        raise StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for chunk in batches(inputs, batch_size):
+            try:
+                run_model(model, chunk, "model")
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(calls) != -(-num_samples(inputs) // batch_size):
+        raise InputError("the model's forward does not go through its first block")
+    return calls
+
+
+def _outside(source: LazySource, blocks: Blocks) -> list[tuple[str, nn.Module]]:
+    """The modules outside the blocks that own parameters on disk (meta), by path."""
+    inside = {id(m) for b in blocks.modules for m in b.modules()}
+    return [(name, m) for name, m in source.model.named_modules()
+            if id(m) not in inside and any(p.device.type == "meta" for p in m._parameters.values() if p is not None)]
+
+
+@contextlib.contextmanager
+def _read_when_called(source: LazySource, modules: list[tuple[str, nn.Module]], ran: set[str]) -> Iterator[None]:
+    """Each of `modules` with its own parameters read for the time of its forward only (an
+    embedding table is in memory while it runs, not with the head); the paths of those that ran
+    are added to `ran`."""
+    open_: dict[int, list] = {}
+
+    def load(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            ctx = source.loaded(module, name, recurse=False)
+            ctx.__enter__()
+            open_.setdefault(id(module), []).append(ctx)
+            ran.add(name)
+        return hook
+
+    def drop(module: nn.Module, args: Any, output: Any) -> None:
+        if open_.get(id(module)):
+            open_[id(module)].pop().__exit__(None, None, None)
+
+    with contextlib.ExitStack() as stack:
+        for name, m in modules:
+            stack.callback(m.register_forward_pre_hook(load(name)).remove)
+            stack.callback(m.register_forward_hook(drop, always_call=True).remove)
+        yield
+
+
+@contextlib.contextmanager
+def _read_all(source: LazySource, modules: list[tuple[str, nn.Module]]) -> Iterator[None]:
+    """Each of `modules` with its own parameters read for the time of the `with`."""
+    with contextlib.ExitStack() as stack:
+        for name, m in modules:
+            stack.enter_context(source.loaded(m, name, recurse=False))
+        yield
+
+
+@contextlib.contextmanager
+def _stand_ins(modules: list[tuple[str, nn.Module]]) -> Iterator[set[int]]:
+    """Each of `modules` with zeros for its parameters (one element, expanded: no memory) for
+    the time of the `with`, which gives their ids: the tail runs the modules before the first
+    block only for the shapes of what they give the blocks, which the replay ignores."""
+    saved = []
+    for _, m in modules:
+        for attr, p in list(m._parameters.items()):
+            if p is not None and p.device.type == "meta":
+                m._parameters[attr] = nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
+                saved.append((m, attr, p))
+    try:
+        yield {id(m._parameters[attr]) for m, attr, _ in saved}
+    finally:
+        for m, attr, p in saved:
+            m._parameters[attr] = p
+
+
+def _capture_all(source: LazySource, blocks: Blocks, inputs: list[tuple[Inputs, int]], ran: set[str]
+                 ) -> list[list[_Call]]:
+    """`_capture` of each (inputs, batch size), the modules outside the blocks read as they run
+    (`ran`: which did); a model whose forward reads a module's parameters outside that module's
+    own forward gets them all read at once instead."""
+    outside = _outside(source, blocks)
+    try:
+        with _read_when_called(source, outside, ran):
+            return [_capture(source.model, blocks.modules[0], x, size) for x, size in inputs]
+    except (InputError, RuntimeError, NotImplementedError):
+        ran.update(name for name, _ in outside)
+        with _read_all(source, outside):
+            return [_capture(source.model, blocks.modules[0], x, size) for x, size in inputs]
+
+
+@contextlib.contextmanager
+def _tail(source: LazySource, blocks: Blocks, ran: set[str], outer: list) -> Iterator[set[int]]:
+    """The modules outside the blocks for the tail, which gives the ids of the stand-in
+    parameters: those that ran before the first block as zeros (`_stand_ins`; the Linear layers
+    among them are quantized already, `_Run.before_blocks`), the rest read; all read where an
+    AWQ layer after the blocks may fold its factors into them."""
+    outside = _outside(source, blocks)
+    if any(e.scheme is not None and e.scheme.awq for e in outer):
+        with _read_all(source, outside):
+            yield set()
+        return
+    with _stand_ins([(n, m) for n, m in outside if n in ran]) as zeros, \
+            _read_all(source, [(n, m) for n, m in outside if n not in ran]):
+        yield zeros
+
+
+@torch.no_grad()
+def quantize_sequential(
+    source: LazySource,
+    config: QuantConfig,
+    plan: Plan,
+    blocks: Blocks,
+    output: Path,
+    *,
+    calib: Inputs,
+    probe: Inputs | None,
+    batch_size: int = 32,
+    force: bool = False,
+    source_name: str = "",
+    source_sha256: str = "",
+    progress: Progress | None = None,
+) -> SequentialResult:
+    """Quantize `source`'s model under `plan` block by block on `calib` (in batches of
+    `batch_size`) and write the qlin file at `output` (module docstring). `probe`: inputs, run
+    as one batch, to compare the float and the int8 model's outputs on (None: not measured).
+    On the CPU: the activations kept between blocks are the calibration batches'."""
+    with Spill(output.parent) as spill:
+        run = _Run(source, config, plan, blocks, spill, calib, probe, batch_size)
+        run.capture()
+        run.before_blocks()
+        for i in range(len(blocks.modules)):
+            run.block(i)
+            if progress is not None:
+                progress(sum(len(run.inside.get(j, [])) for j in range(i + 1)), len(plan.entries), blocks.prefix(i))
+        reference, out, compared = run.tail()
+        final = Plan(tuple(run.results[e.name].plan for e in plan.entries))
+        result = save_streamed(source.model, config, final, ((run.results[e.name], None) for e in plan.entries),
+                               lambda key: spill.get(key) if key in spill else source.tensor(key), output,
+                               force=force, source_name=source_name, source_sha256=source_sha256)
+    return SequentialResult(result, reference, out, compared, run.note, run.spread)
+
+
+class _Run:
+    """One block-by-block run's state (`quantize_sequential` calls its stages in order):
+    `calls`, the calibration batches' arguments to the next block (`finals`: the last block's
+    outputs); `probes`, the probe's float and int8 arguments (then outputs), or None."""
+
+    def __init__(self, source: LazySource, config: QuantConfig, plan: Plan, blocks: Blocks, spill: Spill,
+                 calib: Inputs, probe: Inputs | None, batch_size: int) -> None:
+        self.source, self.model, self.config, self.blocks, self.spill = source, source.model, config, blocks, spill
+        self.calib, self.probe, self.batch_size = calib, probe, batch_size
+        self.spread = propagation(plan)
+        self.chunks = list(batches(calib, batch_size))
+        self.inside: dict[int | None, list] = {}
+        for e in plan.entries:
+            self.inside.setdefault(blocks.index_of(e.name), []).append(e)
+        self.results: dict[str, LayerResult] = {}
+        self.floats: dict[str, nn.Module] = {}  # the float layers outside the blocks, swapped back at the end
+        self.ran: set[str] = set()  # the modules outside the blocks that run before the first
+        self.note = ""
+        # the probe is the (single) calibration batch, whose float outputs the blocks compute anyway
+        self.shared = probe is calib and len(self.chunks) == 1 and self.spread == FLOAT
+        self.calls: list[_Call] = []
+        self.probes: list[list[Any]] | None = None
+
+    def capture(self) -> None:
+        """The calibration batches (and the probe) run up to the first block."""
+        sets = [(self.calib, self.batch_size)]
+        if self.probe is not None and not self.shared:
+            sets.append((self.probe, num_samples(self.probe)))
+        try:
+            found = _capture_all(self.source, self.blocks, sets, self.ran)
+        except InputError as exc:
+            if len(sets) == 1:
+                raise
+            self.note, self.probe = f"{exc}; pass --inputs FILE to measure it", None
+            found = _capture_all(self.source, self.blocks, sets[:1], self.ran)
+        self.calls = found[0]
+        if self.probe is not None:
+            first = found[0] if self.shared else found[1]
+            self.probes = [first, list(first)]
+
+    def before_blocks(self) -> None:
+        """The Linear layers that run before the first block (an input projection): calibrated on
+        the capture's run, its output the first block's input; then the int8 probe (and, fed
+        quantized outputs, the calibration batches) captured again through them."""
+        first = [e for e in self.inside.get(None, []) if any(p in self.ran for p in e.paths)]
+        if not first:
+            return
+        modules = [(n, m) for n, m in _outside(self.source, self.blocks) if n in self.ran]
+        with _read_all(self.source, modules):
+            def run(j: int) -> torch.Tensor:
+                c = _capture(self.model, self.blocks.modules[0], self.chunks[j], self.batch_size)[0]
+                return c.args[0] if c.args else c.kwargs["hidden_states"]
+
+            self.floats.update((e.name, self.model.get_submodule(e.name)) for e in first)
+            self._quantize(dict(self.model.named_children()), run, first)
+            if self.spread == QUANTIZED:
+                self.calls = _capture(self.model, self.blocks.modules[0], self.calib, self.batch_size)
+            if self.probes is not None:
+                self.probes[1] = _capture(self.model, self.blocks.modules[0], self.probe, num_samples(self.probe))
+            _spill_state(self.spill, self.model, "")  # what AWQ may have folded into them, and the int8 layers
+        self.inside[None] = [e for e in self.inside[None] if e not in first]
+
+    def block(self, i: int) -> None:
+        """Block `i`: read, calibrated and quantized on its inputs, its outputs the next one's
+        inputs, its tensors spilled, dropped."""
+        block, prefix = self.blocks.modules[i], self.blocks.prefix(i)
+        what, entries, calls, probes = f"block {prefix}", self.inside.get(i, []), self.calls, self.probes
+        floats = {e.name: self.model.get_submodule(e.name) for e in entries}
+        with self.source.loaded(block, prefix):
+            outputs = _run_block(block, calls, what) if self.spread == FLOAT else None
+            float_probe = None if probes is None else outputs if self.shared else _run_block(block, probes[0], what)
+            self._quantize({prefix: block}, lambda j: _call(block, calls[j], what), entries)
+            if self.spread == QUANTIZED:
+                outputs = _run_block(block, calls, what)
+            probe_outs = None if probes is None else [float_probe, _run_block(block, probes[1], what)]
+            _spill_state(self.spill, block, prefix)
+            for name, f in floats.items():  # the float layers back, to go back to meta
+                swap_module(self.model, name, f)
+        if i < len(self.blocks.modules) - 1:
+            self.calls = _fed(calls, outputs)
+            self.probes = None if probes is None else [_fed(c, o) for c, o in zip(probes, probe_outs)]
+        else:  # the last block's outputs, which the tail's replay gives back
+            self.finals, self.probes = outputs, probe_outs
+        _release_freed_memory()
+
+    def tail(self) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+        """The Linear layers after the blocks calibrated and quantized on the model's own forward
+        with the blocks replaced by `_Replay`; the probe's float and int8 outputs and where in the
+        output they were found (None: not measured)."""
+        model, outer = self.model, self.inside.get(None, [])
+        reference = out = compared = None
+        with _tail(self.source, self.blocks, self.ran, outer) as zeros:
+            replay = _Replay()
+            for i in range(len(self.blocks.modules)):
+                swap_module(model, self.blocks.prefix(i), replay)
+            try:
+                if self.probes is not None:
+                    replay.output = self.probes[0][0]
+                    reference, compared = first_tensor(run_model(model, self.probe))
+                    reference = reference.float().clone()
+
+                def run(j: int) -> Any:
+                    replay.output = self.finals[j]
+                    return run_model(model, self.chunks[j], "model during calibration")
+
+                self.floats.update((e.name, model.get_submodule(e.name)) for e in outer)
+                self._quantize(dict(model.named_children()), run, outer)
+                if self.probes is not None:
+                    replay.output = self.probes[1][0]
+                    out = first_tensor(run_model(model, self.probe, "int8 model"))[0].float().clone()
+                _spill_state(self.spill, model, "", skip=zeros)
+                for name, f in self.floats.items():
+                    swap_module(model, name, f)
+            finally:
+                for i, block in enumerate(self.blocks.modules):
+                    swap_module(model, self.blocks.prefix(i), block)
+        return reference, out, compared
+
+    def _quantize(self, modules: dict[str, nn.Module], run: Callable[[int], Any], entries: list) -> None:
+        """`quantize_model` on a part of the model (`modules` by path) whose forward over the
+        calibration batches is `run(i)`; each int8 layer swapped into the model itself."""
+        if not entries:
+            return
+        part = _Replayed(modules, run)
+        res = quantize_model(part, self.config, calib=torch.arange(len(self.chunks)), batch_size=1,
+                             plan=Plan(tuple(entries)))
+        for r in res.layers:
+            self.results[r.name] = r
+            for path in r.plan.paths if r.plan.scheme is not None else ():
+                swap_module(self.model, path, part.get_submodule(path))
+
+
+def _spill_state(spill: Spill, module: nn.Module, prefix: str, skip: set[int] = frozenset()) -> None:
+    """Every tensor of `module`'s state dict in memory (int8 layers and the rest, changed or
+    not) but those whose ids are in `skip`, under its key in the model; the file's writer reads
+    the others (meta: left on disk) from the source."""
+    for key, t in module.state_dict(keep_vars=True).items():
+        if t.device.type != "meta" and id(t) not in skip:
+            spill.put(f"{prefix}.{key}" if prefix else key, t)
