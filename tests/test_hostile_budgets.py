@@ -149,11 +149,11 @@ def test_a_huge_config_json_is_refused_unread(command, tmp_path, baseline_mb):
 @pytest.fixture(scope="module")
 def docs_lm_q(tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("docs_lm") / "lm.int8.safetensors"
-    p = subprocess.run([sys.executable, "-m", "qlin_cli", "quantize", str(DOCS_LM), "-o", str(out), "--kernel", "fbgemm"],
-                       capture_output=True, text=True, env=qlin_env(), timeout=300)
-    assert p.returncode == 0, p.stderr
-    return out
+    folder = tmp_path_factory.mktemp("docs_lm")
+    code, _, err, _ = run_measured("quantize", DOCS_LM, "-o", folder / "lm.int8.safetensors", "--kernel", "fbgemm",
+                                   cwd=folder, timeout=300)
+    assert code == 0, err
+    return folder / "lm.int8.safetensors"
 
 
 def test_eval_of_a_language_model_keeps_no_logits(docs_lm_q, tmp_path):
