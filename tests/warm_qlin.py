@@ -116,3 +116,11 @@ def run_warm(*args, cwd: Path, timeout: float = 90, address_limit: int | None = 
         server.stdin.flush()
         answer = json.loads(server.stdout.readline())
         return answer["code"], out.read_bytes().decode(), err.read_bytes().decode(), answer["peak_mb"]
+
+
+def warm_subprocess_qlin(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """`run_warm` as conftest.subprocess_qlin answers: a CompletedProcess with the exit code,
+    stdout and stderr (for the entry-point tests whose point is the process's exit, not its
+    imports)."""
+    code, out, err, _ = run_warm(*args, cwd=cwd, timeout=120)
+    return subprocess.CompletedProcess(["qlin", *map(str, args)], code, out, err)
