@@ -146,14 +146,9 @@ def test_a_huge_config_json_is_refused_unread(command, tmp_path, baseline_mb):
 
 # ----------------------------------------------------------------------------- 7: eval of a language model
 
-@pytest.fixture(scope="module")
-def docs_lm_q(tmp_path_factory) -> Path:
-    pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("docs_lm")
-    code, _, err, _ = run_measured("quantize", DOCS_LM, "-o", folder / "lm.int8.safetensors", "--kernel", "fbgemm",
-                                   cwd=folder, timeout=300)
-    assert code == 0, err
-    return folder / "lm.int8.safetensors"
+@pytest.fixture
+def docs_lm_q(docs_lm_int8) -> Path:
+    return docs_lm_int8[0]
 
 
 def test_eval_of_a_language_model_keeps_no_logits(docs_lm_q, tmp_path):
