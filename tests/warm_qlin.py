@@ -33,11 +33,12 @@ from qlin_cli import entry
 os.environ.update(entry.short_spin(os.environ))
 import torch
 import qlin_cli.cli
-try:  # what a Hugging Face folder's command imports: transformers and its model classes
+import qlin_cli.errors
+try:  # what a Hugging Face folder's command imports, as qlin imports it (HF_HUB_OFFLINE=1 first)
     import qlin_cli.hf
-    import transformers
+    qlin_cli.hf._import_transformers()
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM
-except ImportError:
+except (ImportError, qlin_cli.errors.InputError):
     pass
 sys.stdout.flush()  # anything the imports printed arrives before "ready": the server refuses to start
 requests = os.fdopen(0, "r")
@@ -105,7 +106,14 @@ def _stop() -> None:
 def run_warm(*args, cwd: Path, timeout: float = 90, address_limit: int | None = None) -> tuple[int, str, str, float]:
     """Run `python -m qlin_cli ARGS` in `cwd` as a child of the warm server: (exit code, stdout,
     stderr, peak resident MB of that child). A child past `timeout` seconds is killed (-9)."""
-    env = {k: v for k, v in qlin_env().items() if k != "PYTEST_CURRENT_TEST"}  # pytest changes it at each test
+    from qlin_cli.entry import short_spin
+
+    # pytest changes PYTEST_CURRENT_TEST at each test; torch's inductor sets its cache folder once
+    # it is used in this process (a server per value would start one per test, or a second one)
+    env = {k: v for k, v in qlin_env().items() if k not in ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")}
+    # what qlin sets in its own environment before torch and transformers load (entry.main,
+    # hf._import_transformers), also set in this process by in-process tests that ran them
+    env.update({**short_spin(env), "HF_HUB_OFFLINE": "1"})
     server = _start(env)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp, "out"), Path(tmp, "err")
