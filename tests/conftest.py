@@ -189,6 +189,23 @@ def digits_q(tmp_path_factory) -> Path:
     return quantize_once(tmp_path_factory.mktemp("digits_q"), "--kernel", "fbgemm")
 
 
+@pytest.fixture(scope="session")
+def docs_lm_int8(tmp_path_factory) -> tuple[Path, dict]:
+    """sample_models/docs_lm quantized once with int8 activations (`--kernel fbgemm`), through the
+    CLI in process: (the file, quantize's JSON report). Shared: tests only read it."""
+    pytest.importorskip("transformers")
+    import contextlib
+    import io
+
+    from qlin_cli.cli import main
+
+    out = tmp_path_factory.mktemp("docs_lm") / "lm.int8.safetensors"
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(io.StringIO()) as stdout:
+        main(["quantize", str(SAMPLES / "docs_lm"), "-o", str(out), "--kernel", "fbgemm", "--json"])
+    assert exc.value.code in (0, None)
+    return out, json.loads(stdout.getvalue())
+
+
 def mlp_with(layer: int, param: str, index: tuple[int, ...], value: float) -> torch.nn.Sequential:
     """A small seeded MLP whose `model[layer].param[index]` is `value` (e.g. a NaN weight)."""
     torch.manual_seed(0)

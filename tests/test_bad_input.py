@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_error_line, cli, files_in, mlp_with, subprocess_qlin
+from conftest import assert_one_error_line, cli, files_in, mlp_with
+from warm_qlin import warm_subprocess_qlin
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_models"
@@ -95,7 +96,7 @@ def test_broken_safetensors_entry_point_has_no_traceback(case, command, tmp_path
     src.write_bytes(BROKEN_SAFETENSORS[case]())
     before = files_in(tmp_path)
     args = ["quantize", src, "--model", ENCODER_MODEL, "-o", tmp_path / "out.safetensors"]
-    proc = subprocess_qlin(*(args if command == "quantize" else ["inspect", src]), cwd=REPO)
+    proc = warm_subprocess_qlin(*(args if command == "quantize" else ["inspect", src]), cwd=REPO)
     assert proc.returncode == 1
     assert "not a valid safetensors file" in assert_one_error_line(proc.stderr)
     assert proc.stdout == ""
@@ -122,7 +123,7 @@ def test_non_finite_weights_name_the_layer(layer, param, index, value, phrase, t
 
 def test_non_finite_weights_entry_point(tmp_path):
     torch.save(mlp_with(2, "weight", (0, 0), float("nan")), tmp_path / "nan.pt")
-    proc = subprocess_qlin("quantize", "nan.pt", "--kernel", "fbgemm", cwd=tmp_path)  # default output beside the input
+    proc = warm_subprocess_qlin("quantize", "nan.pt", "--kernel", "fbgemm", cwd=tmp_path)  # default output beside the input
     assert proc.returncode == 1 and proc.stdout == ""
     assert "layer '2': weight has 1 non-finite" in assert_one_error_line(proc.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]

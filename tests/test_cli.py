@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import cli, cli_json
+from warm_qlin import warm_subprocess_qlin
 from qlin_cli.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +51,8 @@ INSPECT_QLIN_KEYS = {"name", "weight_shape", "scale_shape", "zero_point_shape", 
 
 
 def subprocess_qlin(*args, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """A fresh `python -m qlin_cli`: where its imports are part of what is checked (nothing on
+    stderr, --help, a traceback with --debug); the other entry-point tests fork a warm one."""
     return subprocess.run(
         [sys.executable, "-m", "qlin_cli", *map(str, args)],
         cwd=cwd, capture_output=True, text=True, timeout=120,
@@ -841,7 +844,7 @@ def test_entry_point_error_has_no_traceback(case, tmp_path):
     setup, phrase = SUBPROCESS_ERRORS[case]
     args = setup(tmp_path)
     before = files_in(tmp_path)
-    proc = subprocess_qlin("quantize", *args, "-o", "out.safetensors", cwd=tmp_path)
+    proc = warm_subprocess_qlin("quantize", *args, "-o", "out.safetensors", cwd=tmp_path)
     assert proc.returncode == 1
     assert phrase in assert_one_error_line(proc.stderr)
     assert proc.stdout == ""
@@ -851,7 +854,7 @@ def test_entry_point_error_has_no_traceback(case, tmp_path):
 def test_entry_point_malicious_pickle(tmp_path):
     marker = tmp_path / "MARKER"
     torch.save({"evil": _SystemMarker(str(marker))}, tmp_path / "evil.pt")
-    proc = subprocess_qlin("quantize", "evil.pt", cwd=tmp_path)
+    proc = warm_subprocess_qlin("quantize", "evil.pt", cwd=tmp_path)
     assert proc.returncode == 1
     line = assert_one_error_line(proc.stderr)
     assert "posix.system" in line and "--trust-pickle" in line
@@ -865,14 +868,14 @@ def test_entry_point_plain_pickle_file_one_line(tmp_path):
     marker = tmp_path / "MARKER"
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"evil": _OpenMarker(str(marker))}, f, protocol=4)
-    proc = subprocess_qlin("quantize", "evil.pt", cwd=tmp_path)
+    proc = warm_subprocess_qlin("quantize", "evil.pt", cwd=tmp_path)
     assert proc.returncode == 1
     assert not marker.exists()
     assert_one_error_line(proc.stderr)
 
 
 def test_entry_point_usage_error(tmp_path):
-    proc = subprocess_qlin("quantize", DIGITS_PT, "--mode", "foo", "-o", tmp_path / "q.safetensors")
+    proc = warm_subprocess_qlin("quantize", DIGITS_PT, "--mode", "foo", "-o", tmp_path / "q.safetensors", cwd=REPO)
     assert "foo" in assert_one_error_line(proc.stderr)
     assert "internal error" not in proc.stderr
     assert proc.returncode == 2

@@ -24,11 +24,12 @@ from torch import nn
 
 import qlin_cli
 from conftest import (
-    assert_one_error_line, cli, files_in, join_header, quantize_once, sha256, split_header, subprocess_qlin, tamper,
+    assert_one_error_line, cli, files_in, join_header, quantize_once, sha256, split_header, tamper,
 )
 from qlin_cli import QlinError, load_quantized, quantize_model, read_qfile, save_quantized
 from qlin_cli.api import inspect_path
 from qlin_cli.errors import FormatError
+from warm_qlin import warm_subprocess_qlin
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_models"
@@ -156,7 +157,7 @@ def test_stray_float_tensor_is_shown_by_inspect_and_refused_by_eval(digits_q, tm
 
 def test_format_version_4_is_refused_by_the_entry_point(digits_q, tmp_path):
     bad = tamper(digits_q, tmp_path / "v2.safetensors", meta={"format_version": "4"})
-    proc = subprocess_qlin("inspect", bad, cwd=tmp_path)
+    proc = warm_subprocess_qlin("inspect", bad, cwd=tmp_path)
     assert proc.returncode == 1 and proc.stdout == ""
     assert "format version 4; this qlin reads up to 3: upgrade qlin" in assert_one_error_line(proc.stderr)
 

@@ -146,14 +146,9 @@ def test_a_huge_config_json_is_refused_unread(command, tmp_path, baseline_mb):
 
 # ----------------------------------------------------------------------------- 7: eval of a language model
 
-@pytest.fixture(scope="module")
-def docs_lm_q(tmp_path_factory) -> Path:
-    pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("docs_lm") / "lm.int8.safetensors"
-    p = subprocess.run([sys.executable, "-m", "qlin_cli", "quantize", str(DOCS_LM), "-o", str(out), "--kernel", "fbgemm"],
-                       capture_output=True, text=True, env=qlin_env(), timeout=300)
-    assert p.returncode == 0, p.stderr
-    return out
+@pytest.fixture
+def docs_lm_q(docs_lm_int8) -> Path:
+    return docs_lm_int8[0]
 
 
 def test_eval_of_a_language_model_keeps_no_logits(docs_lm_q, tmp_path):

@@ -13,13 +13,10 @@ import json
 import math
 import os
 import re
-import resource
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
-import threading
 import zipfile
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from torch import nn
 import qlin_cli.files
 from conftest import ModuleWith, assert_one_error_line, cli, files_in, qlin_env, raising
 from qlin_cli.errors import Terminated
+from warm_qlin import run_warm
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_models"
@@ -56,28 +54,17 @@ def snapshot(folder: Path) -> dict[str, tuple]:
 
 
 def run_measured(*args, cwd: Path, timeout: float = 90) -> tuple[int, str, str, float]:
-    """Run `python -m qlin_cli ARGS`: (exit code, stdout, stderr, peak resident MB of that process)."""
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_LIMIT, ADDRESS_LIMIT))
-
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "qlin_cli", *map(str, args)], cwd=cwd, env=qlin_env(),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, preexec_fn=limit)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not all children's
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss / 1024
+    """Run `python -m qlin_cli ARGS` in a process of its own, its address space capped: (exit code,
+    stdout, stderr, peak resident MB of that process). The process is forked from one that has
+    imported torch and transformers already (warm_qlin.py): its peak counts those imports as a
+    fresh process's does, without paying 2-5 s for them at each run."""
+    return run_warm(*args, cwd=cwd, timeout=timeout, address_limit=ADDRESS_LIMIT)
 
 
 @pytest.fixture(scope="module")
 def baseline_mb(tmp_path_factory) -> float:
-    """Peak MB of `qlin inspect` on the small sample model: what starting Python and torch costs."""
+    """Peak MB of `qlin inspect` on the small sample model: what starting Python, torch and
+    transformers costs (run_measured's processes all start with them imported)."""
     code, _, err, peak = run_measured("inspect", DIGITS_PT, cwd=tmp_path_factory.mktemp("base"))
     assert code == 0, err
     return peak
@@ -435,12 +422,11 @@ def test_out_of_range_numbers_are_one_line_errors(tmp_path, capsys):
 
 
 def test_a_backtracking_skip_pattern_runs_in_linear_time(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "qlin_cli", "quantize", str(DIGITS_PT), "--kernel", "fbgemm", "-o", str(tmp_path / "q.safetensors"),
-                        "--skip", "(.*.*)*X", "--skip", "(a|aa)+$", "--json"],
-                       capture_output=True, text=True, env=qlin_env(), timeout=90)  # backtracking: never ends
-    assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["warnings"] == ["`skip` '(.*.*)*X' matches no layer", "`skip` '(a|aa)+$' matches no layer"]
-    assert p.stderr.splitlines() == ["warning: --skip '(.*.*)*X' matches no layer", "warning: --skip '(a|aa)+$' matches no layer"]
+    code, out, err, _ = run_measured("quantize", DIGITS_PT, "--kernel", "fbgemm", "-o", tmp_path / "q.safetensors",
+                                     "--skip", "(.*.*)*X", "--skip", "(a|aa)+$", "--json", cwd=tmp_path)  # backtracking: never ends
+    assert code == 0, err
+    assert json.loads(out)["warnings"] == ["`skip` '(.*.*)*X' matches no layer", "`skip` '(a|aa)+$' matches no layer"]
+    assert err.splitlines() == ["warning: --skip '(.*.*)*X' matches no layer", "warning: --skip '(a|aa)+$' matches no layer"]
 
 
 def test_a_pattern_that_matches_no_layer_is_an_error_with_strict(tmp_path, capsys):

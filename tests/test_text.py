@@ -314,14 +314,13 @@ def test_text_on_a_checkpoint_is_an_error(digits_q, tmp_path, capsys):
 PERPLEXITY_BOUND = 300  # docs_lm gives 221.7 float, 221.6 int8 here; a model that knows nothing, 2048
 
 
-def test_the_sample_lm_has_learned_and_int8_keeps_it(tmp_path, capsys):
+def test_the_sample_lm_has_learned_and_int8_keeps_it(docs_lm_int8, tmp_path, capsys):
     """sample_models/docs_lm (a GPT-2 trained on docstrings) on the first held-out docstrings:
     far below the 2048 of a model that knows nothing, and int8 close to it."""
     lm = SAMPLES / "docs_lm"
     held = (SAMPLES / "docs_heldout.txt").read_text(encoding="utf-8")
     text = _text(tmp_path, held[:4000])  # 1546 tokens
-    q = tmp_path / "lm.int8.safetensors"
-    report = cli_json(capsys, "quantize", lm, "-o", q, "--kernel", "fbgemm")  # int8 activations too
+    q, report = docs_lm_int8  # quantize docs_lm --kernel fbgemm: int8 activations too
     assert report["totals"]["layers_quantized"] == 12  # 3 blocks x 4 Conv1D; the tied head stays float
     ev = cli_json(capsys, "eval", lm, q, "--text", text, "--max-length", "128", "--stride", "64")
     assert ev["model_kind"] == "causal-lm" and ev["scored_tokens"] == ev["tokens"] - 1
