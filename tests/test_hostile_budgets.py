@@ -260,8 +260,11 @@ from pathlib import Path
 import qlin_cli.cli, qlin_cli.files as files
 def stuck(*args, **kwargs):
     Path(files.temporary_name(Path("out.safetensors")) + ".tmp").write_bytes(b"partial")
-    # the main thread no longer sees SIGTERM, as inside a call that does not return for minutes
+    # the main thread no longer sees SIGTERM, as inside a call that does not return for minutes;
+    # its Python handler does nothing either, for the signal may trip it (from another thread)
+    # between READY and the sleep, which a main thread stuck in C would never run
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGTERM, lambda *args: None)
     sys.stderr.write("READY\\n"); sys.stderr.flush()
     time.sleep(600)
 qlin_cli.cli.inspect_path = stuck
