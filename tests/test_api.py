@@ -21,7 +21,7 @@ TEST_INPUTS = SAMPLES / "digits_test.safetensors"
 TEST_LABELS = SAMPLES / "digits_test_labels.safetensors"
 
 REPORT_KEYS = ["source", "source_kind", "output", "format", "config", "device", "calibration", "layers", "probe",
-               "fallback", "smoothing", "embeddings", "totals", "warnings"]
+               "fallback", "smoothing", "embeddings", "statistics_from", "totals", "warnings"]
 TOTALS_KEYS = {"layers_total", "layers_quantized", "layers_skipped", "linear_bytes_float", "linear_bytes_int8",
                "size_float_bytes", "size_int8_bytes", "compression", "kernels", "embeddings_quantized",
                "embedding_bytes_float", "embedding_bytes_int8"}
