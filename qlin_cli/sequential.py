@@ -314,6 +314,27 @@ def _stand_ins(modules: list[tuple[str, nn.Module]]) -> Iterator[set[int]]:
             m._parameters[attr] = p
 
 
+@contextlib.contextmanager
+def _stop_once_seen(layers: list[nn.Module]) -> Iterator[None]:
+    """End the forward (StopForward) when the last of `layers` is called, after the hooks that
+    were there before (calibration's, which have then seen its input): the tail's calibration
+    needs the layers' inputs, not a language model's logits of a calibration batch (windows x
+    tokens x vocabulary floats, 5x the model's size here)."""
+    waiting = {id(m) for m in layers}
+
+    def hook(module: nn.Module, args: Any) -> None:
+        waiting.discard(id(module))
+        if not waiting:
+            raise StopForward
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _capture_all(source: LazySource, blocks: Blocks, inputs: list[tuple[Inputs, int]], ran: set[str]
                  ) -> list[list[_Call]]:
     """`_capture` of each (inputs, batch size), the modules outside the blocks read as they run
@@ -482,9 +503,16 @@ class _Run:
                     reference, compared = first_tensor(run_model(model, self.probe))
                     reference = reference.float().clone()
 
+                planned = [model.get_submodule(e.name) for e in outer if e.scheme is not None]
+                whole = not planned or any(e.scheme is not None and e.scheme.awq for e in outer)
+
                 def run(j: int) -> Any:
                     replay.output = self.finals[j]
-                    return run_model(model, self.chunks[j], "model during calibration")
+                    with contextlib.nullcontext() if whole else _stop_once_seen(planned):
+                        try:
+                            return run_model(model, self.chunks[j], "model during calibration")
+                        except StopForward:
+                            return None
 
                 self.floats.update((e.name, model.get_submodule(e.name)) for e in outer)
                 self._quantize(dict(model.named_children()), run, outer)

@@ -136,6 +136,36 @@ def test_gptq_block_by_block_is_fed_quantized_outputs(folders, ids, tmp_path):
     assert all(r.rtn_output_sqnr_db is not None for r in b.layers if r.status == "quantized")
 
 
+def test_the_tail_calibrates_the_head_without_its_logits(tmp_path, ids):
+    """The head's calibration needs its inputs: the tail's forward over a calibration batch ends
+    at the head's input (a language model's logits of the calibration windows were 5x the
+    model's size); only the probe's float and int8 runs compute logits. The same file as the
+    whole run, head quantized."""
+    _quiet()
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False)).save_pretrained(tmp_path / "untied")
+    config, data = QuantConfig(kernel="pertoken"), dict(calib=ids, batch_size=4)
+    logits = []
+
+    def count(module, args, output):
+        if isinstance(output, torch.Tensor) and output.shape[-1] == 160 and output.dim() == 3:
+            logits.append(type(module).__name__)
+
+    a = quantize_checkpoint(tmp_path / "untied", config, QuantizeOptions(output=tmp_path / "a.safetensors", **data))
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        b = quantize_checkpoint(tmp_path / "untied", config, QuantizeOptions(output=tmp_path / "b.safetensors",
+                                                                             stream=True, **data))
+    finally:
+        handle.remove()
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert next(r for r in b.layers if r.name == "lm_head").status == "quantized"
+    assert logits == ["Linear", "QuantizedLinear"]  # the probe, float then int8; no calibration batch
+    assert b.probe.metrics == a.probe.metrics
+
+
 def test_state_dict_model_with_blocks_and_a_layer_before_them(tmp_path):
     """The sample encoder (state dict + `model`): a Linear before its blocks and a parameter of
     the root module; calibrated (static) block by block, the same file as the whole run."""
