@@ -218,6 +218,18 @@ def _fed(calls: list[_Call], outputs: list[Any]) -> list[_Call]:
     return [c.fed(first_tensor(o)[0]) for c, o in zip(calls, outputs)]
 
 
+def _same(a: Inputs | None, b: Inputs) -> bool:
+    """Whether inputs `a` are `b` itself, or views of the very same tensors (the probe cut from
+    the calibration data where it holds all of it)."""
+    if a is None:
+        return False
+    if isinstance(a, dict) != isinstance(b, dict) or (isinstance(a, dict) and a.keys() != b.keys()):
+        return False
+    pairs = [(a[k], b[k]) for k in a] if isinstance(a, dict) else [(a, b)]
+    return all(x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
+               for x, y in pairs)
+
+
 @dataclass(frozen=True)
 class SequentialResult:
     """What `quantize_sequential` gives: the file's result; the probe's float and int8 outputs
@@ -421,7 +433,7 @@ class _Run:
         self.ran: set[str] = set()  # the modules outside the blocks that run before the first
         self.note = ""
         # the probe is the (single) calibration batch, whose float outputs the blocks compute anyway
-        self.shared = probe is calib and len(self.chunks) == 1 and self.spread == FLOAT
+        self.shared = _same(probe, calib) and len(self.chunks) == 1 and self.spread == FLOAT
         self.calls: list[_Call] = []
         self.probes: list[list[Any]] | None = None
 

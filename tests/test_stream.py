@@ -364,3 +364,16 @@ def test_streaming_peak_memory(tmp_path):
           f"the resident memory before it ({float_bytes / 1e6:.0f} MB)")
     assert streamed < 0.3, (streamed, whole)
     assert whole > 0.9, (streamed, whole)
+
+
+def test_a_probe_cut_from_all_the_calibration_data_is_the_same_data():
+    """The probe made of the first samples of the calibration data, when those are all of it, is
+    run once with it block by block (its float outputs are the calibration batch's)."""
+    from qlin_cli.data import batches
+    from qlin_cli.sequential import _same
+
+    calib = {"input_ids": torch.arange(24).reshape(4, 6), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
+    assert _same(next(batches(calib, 4)), calib) and _same(calib, calib)
+    assert not _same(next(batches(calib, 3)), calib)  # fewer samples
+    assert not _same({k: v.clone() for k, v in calib.items()}, calib)  # equal values, other tensors
+    assert not _same(None, calib) and not _same(calib["input_ids"], calib)
