@@ -54,6 +54,7 @@ from .files import Spill
 from .plan import Plan, find_linears, swap_module
 from .qfile import save_streamed
 from .quantize import LayerResult, QuantizeResult, _release_freed_memory, quantize_model
+from .report import OutputComparison
 from .sources import LazySource
 
 __all__ = ["Blocks", "find_blocks", "block_problem", "propagation", "PROPAGATION_NOTES", "SequentialResult",
@@ -232,16 +233,33 @@ def _same(a: Inputs | None, b: Inputs) -> bool:
 
 @dataclass(frozen=True)
 class SequentialResult:
-    """What `quantize_sequential` gives: the file's result; the probe's float and int8 outputs
-    (None, None: not measured, for `probe_note`) and where in the output they were found; the
+    """What `quantize_sequential` gives: the file's result; the probe's error (`compare_outputs`'
+    metrics; None: not measured, for `probe_note`) and where in the output it was found; the
     propagation."""
 
     result: QuantizeResult
-    reference: torch.Tensor | None
-    output: torch.Tensor | None
+    probe_metrics: dict[str, float | None] | None
     compared: str | None
     probe_note: str
     propagation: str
+
+
+# float values of the probe's output compared at a time: a language model's logits of long
+# probe windows (12 x 1024 x 32000 floats, 1.6 GB) are compared a few samples at a time
+PROBE_VALUES = 1 << 24
+
+
+def _take(output: Any, rows: slice) -> Any:
+    """The samples `rows` of a block's output (a tensor, or a tuple/list holding tensors)."""
+    if isinstance(output, torch.Tensor):
+        return output[rows]
+    if isinstance(output, (tuple, list)):
+        return type(output)(_take(x, rows) for x in output)
+    return output
+
+
+def _take_inputs(inputs: Inputs, rows: slice) -> Inputs:
+    return {k: v[rows] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[rows]
 
 
 def _capture(model: nn.Module, first: nn.Module, inputs: Inputs, batch_size: int) -> list[_Call]:
@@ -406,12 +424,12 @@ def quantize_sequential(
             run.block(i)
             if progress is not None:
                 progress(sum(len(run.inside.get(j, [])) for j in range(i + 1)), len(plan.entries), blocks.prefix(i))
-        reference, out, compared = run.tail()
+        metrics, compared = run.tail()
         final = Plan(tuple(run.results[e.name].plan for e in plan.entries))
         result = save_streamed(source.model, config, final, ((run.results[e.name], None) for e in plan.entries),
                                lambda key: spill.get(key) if key in spill else source.tensor(key), output,
                                force=force, source_name=source_name, source_sha256=source_sha256)
-    return SequentialResult(result, reference, out, compared, run.note, run.spread)
+    return SequentialResult(result, metrics, compared, run.note, run.spread)
 
 
 class _Run:
@@ -499,22 +517,20 @@ class _Run:
             self.finals, self.probes = outputs, probe_outs
         _release_freed_memory()
 
-    def tail(self) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+    def tail(self) -> tuple[dict[str, float | None] | None, str | None]:
         """The Linear layers after the blocks calibrated and quantized on the model's own forward
-        with the blocks replaced by `_Replay`; the probe's float and int8 outputs and where in the
-        output they were found (None: not measured)."""
+        with the blocks replaced by `_Replay`; the probe's error, int8 against float, and where
+        in the output it was found (None: not measured)."""
         model, outer = self.model, self.inside.get(None, [])
-        reference = out = compared = None
+        metrics = compared = None
         with _tail(self.source, self.blocks, self.ran, outer) as zeros:
             replay = _Replay()
             for i in range(len(self.blocks.modules)):
                 swap_module(model, self.blocks.prefix(i), replay)
             try:
-                if self.probes is not None:
-                    replay.output = self.probes[0][0]
-                    reference, compared = first_tensor(run_model(model, self.probe))
-                    reference = reference.float().clone()
-
+                probe = None if self.probes is None else self._probe_run(model, replay, self.probes[0][0])
+                if probe is not None:
+                    compared, rows = probe[0], probe[1]
                 planned = [model.get_submodule(e.name) for e in outer if e.scheme is not None]
                 whole = not planned or any(e.scheme is not None and e.scheme.awq for e in outer)
 
@@ -528,16 +544,38 @@ class _Run:
 
                 self.floats.update((e.name, model.get_submodule(e.name)) for e in outer)
                 self._quantize(dict(model.named_children()), run, outer)
-                if self.probes is not None:
-                    replay.output = self.probes[1][0]
-                    out = first_tensor(run_model(model, self.probe, "int8 model"))[0].float().clone()
+                if probe is not None:
+                    comparison = OutputComparison()
+                    for k, (sl, chunk) in enumerate(rows):
+                        replay.output = _take(self.probes[1][0], sl)
+                        out = first_tensor(run_model(model, chunk, "int8 model"))[0]
+                        comparison.add(self.spill.get(f"\0probe {k}"), out)
+                    metrics = comparison.metrics()
                 _spill_state(self.spill, model, "", skip=zeros)
                 for name, f in self.floats.items():
                     swap_module(model, name, f)
             finally:
                 for i, block in enumerate(self.blocks.modules):
                     swap_module(model, self.blocks.prefix(i), block)
-        return reference, out, compared
+        return metrics, compared
+
+    def _probe_run(self, model: nn.Module, replay: _Replay, final: Any) -> tuple[str, list[tuple[slice, Inputs]]]:
+        """The float model's output on the probe, spilled a few samples at a time (all at once
+        where it is small: then the very numbers of the whole-model run): where in the output it
+        was found, and the samples of each part."""
+        n = num_samples(self.probe)
+        replay.output = _take(final, slice(0, 1))
+        first, compared = first_tensor(run_model(model, next(batches(self.probe, 1))))
+        step = n if first.numel() * n <= PROBE_VALUES else max(1, PROBE_VALUES // max(1, first.numel()))
+        del first
+        rows = []
+        for k, start in enumerate(range(0, n, step)):
+            sl = slice(start, min(n, start + step))
+            chunk = next(batches(self.probe, n)) if step == n else _take_inputs(self.probe, sl)
+            replay.output = _take(final, sl)
+            self.spill.put(f"\0probe {k}", first_tensor(run_model(model, chunk))[0].float())
+            rows.append((sl, chunk))
+        return compared, rows
 
     def _quantize(self, modules: dict[str, nn.Module], run: Callable[[int], Any], entries: list) -> None:
         """`quantize_model` on a part of the model (`modules` by path) whose forward over the

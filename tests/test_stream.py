@@ -162,7 +162,8 @@ def test_the_tail_calibrates_the_head_without_its_logits(tmp_path, ids):
         handle.remove()
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert next(r for r in b.layers if r.name == "lm_head").status == "quantized"
-    assert logits == ["Linear", "QuantizedLinear"]  # the probe, float then int8; no calibration batch
+    # the probe's first sample (what its output weighs), the probe float, then int8; no calibration batch
+    assert logits == ["Linear", "Linear", "QuantizedLinear"]
     assert b.probe.metrics == a.probe.metrics
 
 
@@ -377,3 +378,23 @@ def test_a_probe_cut_from_all_the_calibration_data_is_the_same_data():
     assert not _same(next(batches(calib, 3)), calib)  # fewer samples
     assert not _same({k: v.clone() for k, v in calib.items()}, calib)  # equal values, other tensors
     assert not _same(None, calib) and not _same(calib["input_ids"], calib)
+
+
+def test_a_large_probe_is_compared_a_few_samples_at_a_time(folders, ids, tmp_path, monkeypatch):
+    """A probe whose output is large (a language model's logits of long windows) is run and
+    compared in parts, its float part spilled to disk until the int8 one is there: the error of
+    the whole output, to float rounding."""
+    import qlin_cli.sequential as sequential
+
+    config, data = QuantConfig(kernel="pertoken"), dict(calib=ids, batch_size=4)
+    a = quantize_checkpoint(folders / "llama", config, QuantizeOptions(output=tmp_path / "a.safetensors", **data))
+    monkeypatch.setattr(sequential, "PROBE_VALUES", 2 * 12 * 128)  # 2 samples of 12 tokens x 128 logits
+    parts, take = [], sequential._take_inputs
+    monkeypatch.setattr(sequential, "_take_inputs", lambda inputs, rows: parts.append(rows) or take(inputs, rows))
+    b = quantize_checkpoint(folders / "llama", config, QuantizeOptions(output=tmp_path / "b.safetensors", stream=True,
+                                                                       **data))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert parts == [slice(0, 2), slice(2, 4), slice(4, 6)]  # the 6 probe samples, 2 at a time
+    assert b.probe.compared == a.probe.compared and b.probe.metrics.keys() == a.probe.metrics.keys()
+    for key in ("sqnr_db", "cosine", "mse", "max_abs_err"):
+        assert b.probe.metrics[key] == pytest.approx(a.probe.metrics[key], rel=1e-3), key

@@ -265,10 +265,10 @@ def _sequential(job: _Job, source: LazySource, plan: Plan, data: RunData, calib:
     run = quantize_sequential(source, job.config, plan, blocks, c.output, calib=calib, probe=data.probe.inputs,
                               batch_size=o.batch_size, force=o.force, source_name=c.source.name,
                               source_sha256=source.sha256, progress=job.progress)
-    if run.reference is None:
+    if run.probe_metrics is None:
         probe = Probe(data.probe.description, None, run.probe_note)
     else:
-        probe = Probe(data.probe.description, run.compared, "", compare_outputs(run.reference, run.output))
+        probe = Probe(data.probe.description, run.compared, "", run.probe_metrics)
     how = f"streamed block by block ({len(blocks.modules)} blocks of {blocks.path}, each calibrated on the {run.propagation} outputs of the ones before)"
     return QuantizeReport(
         source=str(c.source), source_kind=f"{source.kind}, {how}", output=str(c.output),
