@@ -40,7 +40,7 @@ sliding and full attention) is not run block by block (`block_problem`).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -571,7 +571,7 @@ class _Run:
         rows = []
         for k, start in enumerate(range(0, n, step)):
             sl = slice(start, min(n, start + step))
-            chunk = next(batches(self.probe, n)) if step == n else _take_inputs(self.probe, sl)
+            chunk = self.probe if step == n else _take_inputs(self.probe, sl)
             replay.output = _take(final, sl)
             self.spill.put(f"\0probe {k}", first_tensor(run_model(model, chunk))[0].float())
             rows.append((sl, chunk))

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import ROOT, cli, cli_json
+from conftest import ROOT, cli
 
 transformers = pytest.importorskip("transformers")
 
