@@ -12,6 +12,7 @@ checks whether the two outputs are byte-identical (they are but for GPTQ, whose 
 propagates quantized outputs: qlin_cli/sequential.py). Writes benchmarks/results/stream_memory.json.
 
     python benchmarks/stream_memory.py [--dir /tmp/qlin-stream-bench] [--layers 5] [--settings defaults,calib-text]
+    python benchmarks/stream_memory.py --settings "calib-text batch 2,sensitivity" --runs stream
 
 Not a test: it needs ~2 GB of disk and ~4 GB of memory (the whole-model runs) and takes about
 half an hour on 2 cores.
@@ -62,7 +63,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/qlin-stream-bench"))
     ap.add_argument("--layers", type=int, default=5)
     ap.add_argument("--settings", default=None, help="comma-separated subset of: defaults, calib-text, "
-                    "static calib-text, gptq 4-bit g128 calib-text (default: all)")
+                    "static calib-text, gptq 4-bit g128 calib-text, calib-text batch 2, sensitivity (default: all)")
+    ap.add_argument("--runs", default="whole,stream", help="which runs of each setting: whole, stream or both")
     args = ap.parse_args()
     folder = args.dir / f"llama-{args.layers}"
     if not (folder / "config.json").is_file():
@@ -79,6 +81,10 @@ def main() -> None:
         "static calib-text": ["--mode", "static", "--calib-text", text],
         "gptq 4-bit g128 calib-text": ["--mode", "weight-only", "--bits", "4", "--group-size", "128", "--rounding",
                                        "gptq", "--calib-text", text],
+        # the same 12 windows of 1,024 tokens, 2 to a forward (the others: all 12 in one)
+        "calib-text batch 2": ["--calib-text", text, "--batch-size", "2"],
+        # every layer's sensitivity (the model's output SQNR with it alone in int8), on the probe
+        "sensitivity": ["--sensitivity"],
     }
     chosen = list(settings) if args.settings is None else args.settings.split(",")
     result = {"model": f"LlamaForCausalLM, hidden 2048, MLP 5632, {args.layers} layers, vocab 32000, float32",
@@ -86,7 +92,7 @@ def main() -> None:
     print(f"float weights {float_bytes / 2**20:.0f} MiB in {len(shards)} shards; bare import torch peaks at {base / 2**20:.0f} MiB")
     for setting in chosen:
         runs = {}
-        for name, extra in (("whole", []), ("stream", ["--stream"])):
+        for name, extra in [(n, e) for n, e in (("whole", []), ("stream", ["--stream"])) if n in args.runs.split(",")]:
             out = args.dir / f"{name}.int8.safetensors"
             peak, wall = peak_rss_of([*qlin, "quantize", str(folder), "-o", str(out), "--force", *settings[setting], *extra])
             runs[name] = {"peak_rss_bytes": peak, "above_import_torch_bytes": peak - base,
@@ -96,10 +102,14 @@ def main() -> None:
             print(f"{setting:>28} {name:>6}: peak {r['peak_rss_bytes'] / 2**20:.0f} MiB, above import torch "
                   f"{r['above_import_torch_bytes'] / 2**20:.0f} MiB = {r['x_float']:.2f}x the float size, {r['wall_s']:.1f} s",
                   flush=True)
-        runs["identical"] = runs["whole"]["sha256"] == runs["stream"]["sha256"]
-        print(f"{setting:>28} outputs byte-identical: {runs['identical']}", flush=True)
+        if len(runs) == 2:
+            runs["identical"] = runs["whole"]["sha256"] == runs["stream"]["sha256"]
+            print(f"{setting:>28} outputs byte-identical: {runs['identical']}", flush=True)
         result["settings"][setting] = runs
-    (BENCH_DIR / "results" / "stream_memory.json").write_text(json.dumps(result, indent=1) + "\n")
+    path = BENCH_DIR / "results" / "stream_memory.json"
+    if path.is_file():  # the settings not run this time stay as they were measured
+        result["settings"] = {**json.loads(path.read_text()).get("settings", {}), **result["settings"]}
+    path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -232,7 +232,7 @@ def quantize(
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Never hold the whole float model: read, quantize and write one layer at a time, or one block at a time where the model runs (calibration, SmoothQuant, static, GPTQ, AWQ) (safetensors sources; no --min-sqnr/--sensitivity).")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Never hold the whole float model: read, quantize and write one layer at a time, or one block at a time where the model runs (calibration, SmoothQuant, static, GPTQ, AWQ, --min-sqnr, --sensitivity) (safetensors sources).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="A --skip pattern or recipe rule that matches no layer is an error, not a warning.")] = False,
     max_memory: MaxMemoryOpt = None,
     as_json: JsonOpt = False,

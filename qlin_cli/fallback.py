@@ -31,7 +31,7 @@ from .quantize import (
 )
 from .scheme import LayerScheme
 
-__all__ = ["quantize_to_target"]
+__all__ = ["quantize_to_target", "fall_back"]
 
 
 @dataclass
@@ -58,6 +58,9 @@ class _Swaps:
     def put(self, layer: _Swappable, int8: bool) -> None:
         for path in layer.paths:
             self.root = swap_module(self.root, path, layer.int8 if int8 else layer.float)
+
+    def widen(self, layer: _Swappable, device) -> None:
+        _widen(layer, device)
 
     def measure(self) -> float:
         """The model's output SQNR (dB) as the layers are now."""
@@ -128,16 +131,27 @@ def quantize_to_target(
               for r in result.quantized]
     del floats
     swaps = _Swaps(result.model, layers, reference, eval_inputs, batch_size)
+    result = fall_back(result, swaps, min_sqnr_db, sensitivity, options.get("device", "cpu"))
+    return replace(result, model=swaps.root)
+
+
+def fall_back(result: QuantizeResult, swaps: Any, min_sqnr_db: float | None, sensitivity: bool, device
+              ) -> QuantizeResult:
+    """`result`'s layers measured through `swaps` (`_Swaps`, or the block-by-block one of
+    sequential_fallback.py: `layers`, `put`, `widen`, `measure`, `sensitivities`), widened or
+    put back in float to `min_sqnr_db`: `result` with the layers, `fallback` and `sensitivity`
+    as `quantize_to_target` gives them."""
+    layers = swaps.layers
     initial = swaps.measure()
     ranking = None if not sensitivity else tuple(
         LayerSensitivity(layer.name, layer.alone_sqnr_db) for layer in swaps.sensitivities(layers))
-    steps = () if min_sqnr_db is None else _fall_back(swaps, min_sqnr_db, initial, options.get("device", "cpu"))
+    steps = () if min_sqnr_db is None else _fall_back(swaps, min_sqnr_db, initial, device)
     # every layer whose sensitivity was measured: the output SQNR with it alone quantized (at its last width)
     latest = tuple(LayerSensitivity(layer.name, layer.alone_sqnr_db) for layer in layers
                    if not math.isnan(layer.alone_sqnr_db))
     measured = Sensitivity(initial, latest, ranking)
     if min_sqnr_db is None:
-        return replace(result, model=swaps.root, sensitivity=measured if sensitivity else None)
+        return replace(result, sensitivity=measured if sensitivity else None)
     reasons = {
         step.layer: f"accuracy fallback (--min-sqnr {min_sqnr_db:g}): quantized alone it gives {step.alone_sqnr_db:.1f} dB"
         for step in steps if step.to == "float"
@@ -145,7 +159,7 @@ def quantize_to_target(
     now = {layer.name: layer.result for layer in layers}  # widened layers have new results
     kept = tuple(r.kept_float(reasons[r.name]) if r.name in reasons else now.get(r.name, r) for r in result.layers)
     fallback = Fallback(min_sqnr_db, initial, steps[-1].sqnr_db_after if steps else initial, steps)
-    return replace(result, model=swaps.root, layers=kept, fallback=fallback, sensitivity=measured)
+    return replace(result, layers=kept, fallback=fallback, sensitivity=measured)
 
 
 def _fall_back(swaps: _Swaps, min_sqnr_db: float, current: float, device) -> tuple[FallbackStep, ...]:
@@ -158,7 +172,7 @@ def _fall_back(swaps: _Swaps, min_sqnr_db: float, current: float, device) -> tup
         while current < min_sqnr_db and remaining:
             layer = remaining.pop(0)
             bits = layer.result.plan.scheme.bits
-            _widen(layer, device)
+            swaps.widen(layer, device)
             swaps.put(layer, int8=True)
             current = swaps.measure()
             steps.append(FallbackStep(layer.name, "8-bit", layer.alone_sqnr_db, current, from_bits=bits))

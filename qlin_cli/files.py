@@ -748,6 +748,11 @@ class Spill:
             self.f.write(tensor_bytes(t))
         self.index[key] = (offset, t.dtype, tuple(t.shape))
 
+    def drop(self, module: str) -> None:
+        """Forget every tensor of module path `module` (its bytes stay in the file)."""
+        for key in [k for k in self.index if k.startswith(f"{module}.")]:
+            del self.index[key]
+
     def get(self, key: str) -> torch.Tensor:
         offset, dtype, shape = self.index[key]
         t = torch.empty(shape, dtype=dtype)

@@ -30,7 +30,8 @@ What the next block is fed (`propagation`), a property of the rounding methods i
   blocks before it, which GPTQ compensates. The file differs from the whole-model path's, whose
   GPTQ statistics come from the float model.
 AWQ's search and folds read the block's own inputs either way (AutoAWQ feeds float outputs).
-The probe is carried through twice, float and int8, whatever the propagation.
+The probe is carried through twice, float and int8, whatever the propagation, in batches of
+`batch_size` (the whole-model path runs it as one batch) and compared a few samples at a time.
 
 The blocks' keyword arguments (attention mask, position embeddings) are the first block's for
 every block: a model whose blocks take different ones (transformers' `layer_types` mixing
@@ -40,7 +41,7 @@ sliding and full attention) is not run block by block (`block_problem`).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -411,13 +412,23 @@ def quantize_sequential(
     source_name: str = "",
     source_sha256: str = "",
     progress: Progress | None = None,
+    min_sqnr_db: float | None = None,
+    sensitivity: bool = False,
+    eval_inputs: Inputs | None = None,
 ) -> SequentialResult:
     """Quantize `source`'s model under `plan` block by block on `calib` (in batches of
     `batch_size`) and write the qlin file at `output` (module docstring). `probe`: inputs, run
-    as one batch, to compare the float and the int8 model's outputs on (None: not measured).
+    in batches of `batch_size` too, to compare the float and the int8 model's outputs on (None:
+    not measured; the whole-model path runs it as one batch: with more than one, the error is
+    the same to float rounding). `min_sqnr_db`, `sensitivity`: fallback.py's accuracy
+    fallback, measured block by block on `eval_inputs` (sequential_fallback.py).
     On the CPU: the activations kept between blocks are the calibration batches'."""
     with Spill(output.parent) as spill:
-        run = _Run(source, config, plan, blocks, spill, calib, probe, batch_size)
+        measured = min_sqnr_db is not None or sensitivity
+        if measured:
+            from .sequential_fallback import check_measurable  # it builds on this module
+            check_measurable(plan)
+        run = _Run(source, config, plan, blocks, spill, calib, probe, batch_size, keep_int8=measured)
         run.capture()
         run.before_blocks()
         for i in range(len(blocks.modules)):
@@ -425,10 +436,16 @@ def quantize_sequential(
             if progress is not None:
                 progress(sum(len(run.inside.get(j, [])) for j in range(i + 1)), len(plan.entries), blocks.prefix(i))
         metrics, compared = run.tail()
+        fallback = None
+        if measured:
+            from .sequential_fallback import fall_back_streamed  # it builds on this module
+            fallback, metrics = fall_back_streamed(run, plan, eval_inputs, min_sqnr_db, sensitivity, metrics)
         final = Plan(tuple(run.results[e.name].plan for e in plan.entries))
         result = save_streamed(source.model, config, final, ((run.results[e.name], None) for e in plan.entries),
                                lambda key: spill.get(key) if key in spill else source.tensor(key), output,
                                force=force, source_name=source_name, source_sha256=source_sha256)
+    if fallback is not None:
+        result = replace(result, fallback=fallback.fallback, sensitivity=fallback.sensitivity)
     return SequentialResult(result, metrics, compared, run.note, run.spread)
 
 
@@ -438,7 +455,7 @@ class _Run:
     outputs); `probes`, the probe's float and int8 arguments (then outputs), or None."""
 
     def __init__(self, source: LazySource, config: QuantConfig, plan: Plan, blocks: Blocks, spill: Spill,
-                 calib: Inputs, probe: Inputs | None, batch_size: int) -> None:
+                 calib: Inputs, probe: Inputs | None, batch_size: int, keep_int8: bool = False) -> None:
         self.source, self.model, self.config, self.blocks, self.spill = source, source.model, config, blocks, spill
         self.calib, self.probe, self.batch_size = calib, probe, batch_size
         self.spread = propagation(plan)
@@ -448,10 +465,11 @@ class _Run:
             self.inside.setdefault(blocks.index_of(e.name), []).append(e)
         self.results: dict[str, LayerResult] = {}
         self.floats: dict[str, nn.Module] = {}  # the float layers outside the blocks, swapped back at the end
+        self.int8: dict[str, nn.Module] | None = {} if keep_int8 else None  # the int8 layers, for the fallback
         self.ran: set[str] = set()  # the modules outside the blocks that run before the first
         self.note = ""
-        # the probe is the (single) calibration batch, whose float outputs the blocks compute anyway
-        self.shared = _same(probe, calib) and len(self.chunks) == 1 and self.spread == FLOAT
+        # the probe is the calibration data, whose float outputs the blocks compute anyway
+        self.shared = _same(probe, calib) and self.spread == FLOAT
         self.calls: list[_Call] = []
         self.probes: list[list[Any]] | None = None
 
@@ -459,7 +477,7 @@ class _Run:
         """The calibration batches (and the probe) run up to the first block."""
         sets = [(self.calib, self.batch_size)]
         if self.probe is not None and not self.shared:
-            sets.append((self.probe, num_samples(self.probe)))
+            sets.append((self.probe, self.batch_size))
         try:
             found = _capture_all(self.source, self.blocks, sets, self.ran)
         except InputError as exc:
@@ -490,7 +508,7 @@ class _Run:
             if self.spread == QUANTIZED:
                 self.calls = _capture(self.model, self.blocks.modules[0], self.calib, self.batch_size)
             if self.probes is not None:
-                self.probes[1] = _capture(self.model, self.blocks.modules[0], self.probe, num_samples(self.probe))
+                self.probes[1] = _capture(self.model, self.blocks.modules[0], self.probe, self.batch_size)
             _spill_state(self.spill, self.model, "")  # what AWQ may have folded into them, and the int8 layers
         self.inside[None] = [e for e in self.inside[None] if e not in first]
 
@@ -528,7 +546,7 @@ class _Run:
             for i in range(len(self.blocks.modules)):
                 swap_module(model, self.blocks.prefix(i), replay)
             try:
-                probe = None if self.probes is None else self._probe_run(model, replay, self.probes[0][0])
+                probe = None if self.probes is None else self._probe_run(model, replay, self.probes[0])
                 if probe is not None:
                     compared, rows = probe[0], probe[1]
                 planned = [model.get_submodule(e.name) for e in outer if e.scheme is not None]
@@ -546,8 +564,8 @@ class _Run:
                 self._quantize(dict(model.named_children()), run, outer)
                 if probe is not None:
                     comparison = OutputComparison()
-                    for k, (sl, chunk) in enumerate(rows):
-                        replay.output = _take(self.probes[1][0], sl)
+                    for k, (j, sl, chunk) in enumerate(rows):
+                        replay.output = _take(self.probes[1][j], sl)
                         out = first_tensor(run_model(model, chunk, "int8 model"))[0]
                         comparison.add(self.spill.get(f"\0probe {k}"), out)
                     metrics = comparison.metrics()
@@ -559,22 +577,26 @@ class _Run:
                     swap_module(model, self.blocks.prefix(i), block)
         return metrics, compared
 
-    def _probe_run(self, model: nn.Module, replay: _Replay, final: Any) -> tuple[str, list[tuple[slice, Inputs]]]:
-        """The float model's output on the probe, spilled a few samples at a time (all at once
-        where it is small: then the very numbers of the whole-model run): where in the output it
-        was found, and the samples of each part."""
-        n = num_samples(self.probe)
-        replay.output = _take(final, slice(0, 1))
+    def _probe_run(self, model: nn.Module, replay: _Replay, finals: list[Any]
+                   ) -> tuple[str, list[tuple[int, slice, Inputs]]]:
+        """The float model's output on the probe (whose batches of `batch_size` the blocks ran:
+        `finals`, the last block's outputs), spilled a few samples at a time (a batch at a time
+        where that is small: with one batch, the very numbers of the whole-model run): where in
+        the output it was found, and each part's batch and samples."""
+        replay.output = _take(finals[0], slice(0, 1))
         first, compared = first_tensor(run_model(model, next(batches(self.probe, 1))))
-        step = n if first.numel() * n <= PROBE_VALUES else max(1, PROBE_VALUES // max(1, first.numel()))
+        per_sample = max(1, first.numel())
         del first
-        rows = []
-        for k, start in enumerate(range(0, n, step)):
-            sl = slice(start, min(n, start + step))
-            chunk = self.probe if step == n else _take_inputs(self.probe, sl)
-            replay.output = _take(final, sl)
-            self.spill.put(f"\0probe {k}", first_tensor(run_model(model, chunk))[0].float())
-            rows.append((sl, chunk))
+        rows: list[tuple[int, slice, Inputs]] = []
+        for j, chunk in enumerate(batches(self.probe, self.batch_size)):
+            n = num_samples(chunk)
+            step = n if per_sample * n <= PROBE_VALUES else max(1, PROBE_VALUES // per_sample)
+            for start in range(0, n, step):
+                sl = slice(start, min(n, start + step))
+                part = chunk if step == n else _take_inputs(chunk, sl)
+                replay.output = _take(finals[j], sl)
+                self.spill.put(f"\0probe {len(rows)}", first_tensor(run_model(model, part))[0].float())
+                rows.append((j, sl, part))
         return compared, rows
 
     def _quantize(self, modules: dict[str, nn.Module], run: Callable[[int], Any], entries: list) -> None:
@@ -589,6 +611,8 @@ class _Run:
             self.results[r.name] = r
             for path in r.plan.paths if r.plan.scheme is not None else ():
                 swap_module(self.model, path, part.get_submodule(path))
+            if self.int8 is not None and r.plan.scheme is not None:
+                self.int8[r.name] = part.get_submodule(r.plan.paths[0])
 
 
 def _spill_state(spill: Spill, module: nn.Module, prefix: str, skip: set[int] = frozenset()) -> None:

@@ -140,8 +140,8 @@ def test_a_source_larger_than_the_memory_available_is_streamed_decided_before_lo
     assert "more than the 0.0 GB of memory available: streamed (`stream`)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qlin"):  # what needs the whole model: not streamed, said why
-        assert not check_options(src, QuantConfig(), QuantizeOptions(sensitivity=True)).stream
-    assert "cannot be streamed: `stream` never holds the whole float model" in caplog.text
+        assert not check_options(src, QuantConfig(embeddings=True), QuantizeOptions()).stream
+    assert "cannot be streamed: `stream` quantizes the Linear layers one at a time, not embedding tables" in caplog.text
     monkeypatch.setattr(options, "_available_memory", lambda: 10**12)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qlin"):

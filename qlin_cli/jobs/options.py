@@ -18,14 +18,9 @@ from ..export import CT_FORMAT, FORMATS
 from ..files import check_distinct, check_file, check_output, check_output_dir
 from ..sources import SourceKind, what_is
 
-__all__ = ["QuantizeOptions", "Checked", "STREAM_SUPPORTS", "check_options", "check_device", "default_output"]
+__all__ = ["QuantizeOptions", "Checked", "check_options", "check_device", "default_output"]
 
 _log = logging.getLogger("qlin")
-
-# what `stream` supports, as its refusals say it
-STREAM_SUPPORTS = ("a Hugging Face folder with safetensors weights or a safetensors state dict with `model`, "
-                   "the qlin format; with calibration, a model whose Linear layers sit in a list of blocks")
-
 
 @dataclass(frozen=True)
 class QuantizeOptions:
@@ -54,8 +49,8 @@ class QuantizeOptions:
     device: where to pack and run ("cpu" or "cuda").
     stream: never hold the whole float model: build it without weights, then read, quantize,
         write and drop one layer at a time, or, where the plan runs the model (calibration,
-        SmoothQuant, static mode, GPTQ, AWQ), one block at a time (sequential.py;
-        `STREAM_SUPPORTS` says for what).
+        SmoothQuant, static mode, GPTQ, AWQ, `min_sqnr`, `sensitivity`), one block at a time
+        (sequential.py): safetensors sources, the qlin format, no `embeddings`.
     config_file: the recipe the config was read from (no output may replace it).
     strict: make a skip pattern or recipe rule that matches no layer an error (else a warning).
     max_memory: the most bytes of tensors a file may describe (default: `budget.default_max_memory`).
@@ -213,13 +208,6 @@ def _check_stream(source: SourceKind, config: QuantConfig, o: QuantizeOptions) -
         raise ConfigError(f"`stream` writes the qlin format only, not {o.format}")
     if config.embeddings:
         raise ConfigError("`stream` quantizes the Linear layers one at a time, not embedding tables: drop `embeddings`")
-    whole = {"min_sqnr": o.min_sqnr, "sensitivity": o.sensitivity or None}
-    given = [k for k, v in whole.items() if v is not None]
-    if given:
-        raise ConfigError(
-            f"`stream` never holds the whole float model, and `{given[0]}` runs it once for every layer it measures "
-            f"(stream supports {STREAM_SUPPORTS})"
-        )
 
 
 def _available_memory() -> int | None:

@@ -233,6 +233,8 @@ def _quantize_streamed(job: _Job) -> QuantizeReport:
     data = choose_data(source.model, *load_data(read, o, source.model, c.device, job.progress), c.inputs, c.device)
     plan, smoothing = _smooth(job, plan, data)
     calib = data.calibration_run(plan.calibration_need() is not None)
+    if calib is None and (o.min_sqnr is not None or o.sensitivity):  # the fallback runs the model
+        calib = data.measurement.inputs
     if calib is not None:
         return _sequential(job, source, plan, data, calib, smoothing, notes)
     floats = {e.name: source.model.get_submodule(e.name) for e in plan.entries}
@@ -264,7 +266,11 @@ def _sequential(job: _Job, source: LazySource, plan: Plan, data: RunData, calib:
         return replace(report, notes=(*report.notes, note))
     run = quantize_sequential(source, job.config, plan, blocks, c.output, calib=calib, probe=data.probe.inputs,
                               batch_size=o.batch_size, force=o.force, source_name=c.source.name,
-                              source_sha256=source.sha256, progress=job.progress)
+                              source_sha256=source.sha256, progress=job.progress, min_sqnr_db=o.min_sqnr,
+                              sensitivity=o.sensitivity, eval_inputs=data.measurement.inputs)
+    measured = run.result.sensitivity
+    if measured is not None:
+        measured = replace(measured, data=data.measurement.description)
     if run.probe_metrics is None:
         probe = Probe(data.probe.description, None, run.probe_note)
     else:
@@ -273,8 +279,9 @@ def _sequential(job: _Job, source: LazySource, plan: Plan, data: RunData, calib:
     return QuantizeReport(
         source=str(c.source), source_kind=f"{source.kind}, {how}", output=str(c.output),
         format=o.format, config=run.result.config, device=str(c.device), calibration=_calibration(o, plan, calib, data),
-        layers=run.result.layers, probe=probe, fallback=None, smoothing=smoothing, size_float_bytes=source.size_bytes,
-        size_int8_bytes=c.output.stat().st_size, notes=notes, statistics_from=PROPAGATION_NOTES[run.propagation],
+        layers=run.result.layers, probe=probe, fallback=run.result.fallback, smoothing=smoothing,
+        sensitivity=measured, size_float_bytes=source.size_bytes, size_int8_bytes=c.output.stat().st_size,
+        notes=notes, statistics_from=PROPAGATION_NOTES[run.propagation],
     )
 
 
