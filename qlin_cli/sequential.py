@@ -250,17 +250,17 @@ class SequentialResult:
 PROBE_VALUES = 1 << 24
 
 
-def _take(output: Any, rows: slice) -> Any:
-    """The samples `rows` of a block's output (a tensor, or a tuple/list holding tensors)."""
-    if isinstance(output, torch.Tensor):
-        return output[rows]
-    if isinstance(output, (tuple, list)):
-        return type(output)(_take(x, rows) for x in output)
-    return output
-
-
-def _take_inputs(inputs: Inputs, rows: slice) -> Inputs:
-    return {k: v[rows] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[rows]
+def _take(value: Any, rows: slice) -> Any:
+    """The samples `rows` of a batch: of inputs (a tensor, or a dict of them) or of a block's
+    output (a tensor, or a tuple/list holding tensors); anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value[rows]
+    if isinstance(value, dict):  # a dict of inputs, or a ModelOutput (a dict subclass)
+        taken = {k: _take(v, rows) for k, v in value.items()}
+        return taken if type(value) is dict else type(value)(**taken)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take(x, rows) for x in value)
+    return value
 
 
 def _capture(model: nn.Module, first: nn.Module, inputs: Inputs, batch_size: int) -> list[_Call]:
@@ -593,7 +593,7 @@ class _Run:
             step = n if per_sample * n <= PROBE_VALUES else max(1, PROBE_VALUES // per_sample)
             for start in range(0, n, step):
                 sl = slice(start, min(n, start + step))
-                part = chunk if step == n else _take_inputs(chunk, sl)
+                part = chunk if step == n else _take(chunk, sl)
                 replay.output = _take(finals[j], sl)
                 self.spill.put(f"\0probe {len(rows)}", first_tensor(run_model(model, part))[0].float())
                 rows.append((j, sl, part))

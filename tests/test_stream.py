@@ -399,13 +399,15 @@ def test_a_large_probe_is_compared_a_few_samples_at_a_time(folders, ids, tmp_pat
     config, data = QuantConfig(kernel="pertoken"), dict(calib=ids, batch_size=4)
     a = quantize_checkpoint(folders / "llama", config, QuantizeOptions(output=tmp_path / "a.safetensors", **data))
     monkeypatch.setattr(sequential, "PROBE_VALUES", 2 * 12 * 128)  # 2 samples of 12 tokens x 128 logits
-    parts, take = [], sequential._take_inputs
-    monkeypatch.setattr(sequential, "_take_inputs", lambda inputs, rows: parts.append(rows) or take(inputs, rows))
+    parts, put = [], sequential.Spill.put
+    monkeypatch.setattr(sequential.Spill, "put", lambda self, key, t: (key.startswith("\0probe") and parts.append(
+        (key, t.shape[0]))) or put(self, key, t))
     b = quantize_checkpoint(folders / "llama", config, QuantizeOptions(output=tmp_path / "b.safetensors", stream=True,
                                                                        **data))
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
-    # the 6 probe samples in batches of 4 and 2 (--batch-size), the first in parts of 2 samples
-    assert parts == [slice(0, 2), slice(2, 4)]
+    # the float outputs of the 6 probe samples, spilled: the batches of 4 and 2 (--batch-size),
+    # the first in parts of 2 samples
+    assert parts == [("\0probe 0", 2), ("\0probe 1", 2), ("\0probe 2", 2)]
     assert b.probe.compared == a.probe.compared and b.probe.metrics.keys() == a.probe.metrics.keys()
     for key in ("sqnr_db", "cosine", "mse", "max_abs_err"):
         assert b.probe.metrics[key] == pytest.approx(a.probe.metrics[key], rel=1e-3), key
