@@ -19,7 +19,8 @@ forward (calibration data, SmoothQuant, static mode, GPTQ, AWQ):
     write    the qlin file (`qfile.save_streamed`), one tensor at a time from the spill
 
 Peak memory: the larger of the tensors outside the blocks (embeddings, head) with one batch's
-outputs, and one block with its int8 copy; plus the kept activations of the calibration batches.
+outputs, and one block with its int8 copy and one batch's activations through it; plus the kept
+activations of the calibration and probe batches, at most `KEEP_BYTES` of them.
 
 What the next block is fed (`propagation`), a property of the rounding methods in the plan:
 - `float`: the float block's outputs, the very activations the whole-model path's calibration
@@ -31,7 +32,12 @@ What the next block is fed (`propagation`), a property of the rounding methods i
   GPTQ statistics come from the float model.
 AWQ's search and folds read the block's own inputs either way (AutoAWQ feeds float outputs).
 The probe is carried through twice, float and int8, whatever the propagation, in batches of
-`batch_size` (the whole-model path runs it as one batch) and compared a few samples at a time.
+`batch_size` (the whole-model path runs it as one batch: so does this one where a planned
+kernel is not batch-invariant, `probe_batch_size`) and compared a few samples at a time.
+
+The activations kept between blocks (each batch's arguments to the next block, the last block's
+outputs) stay in memory up to `KEEP_BYTES`; beyond, they wait in temporary files beside the
+output (`_Stash`), read back a batch at a time.
 
 The blocks' keyword arguments (attention mask, position embeddings) are the first block's for
 every block: a model whose blocks take different ones (transformers' `layer_types` mixing
@@ -52,6 +58,7 @@ from .config import QuantConfig
 from .data import Inputs, Progress, StopForward, batches, first_tensor, num_samples, run_model
 from .errors import InputError, one_line
 from .files import Spill
+from .kernels.select import select_kernel
 from .plan import Plan, find_linears, swap_module
 from .qfile import save_streamed
 from .quantize import LayerResult, QuantizeResult, _release_freed_memory, quantize_model
@@ -169,8 +176,13 @@ def _without_cache(args: tuple, kwargs: dict[str, Any]) -> _Call:
 
 
 def _call(block: nn.Module, c: _Call, what: str) -> Any:
+    """The block's output on one batch; the heap its temporaries freed given back (glibc keeps
+    freed blocks under its mmap threshold: with batches of long windows that held a third of
+    the peak)."""
     try:
-        return block(*c.args, **c.kwargs)
+        out = block(*c.args, **c.kwargs)
+        _release_freed_memory()
+        return out
     except InputError:
         raise
     except Exception as exc:
@@ -211,13 +223,119 @@ class _Replay(nn.Module):
         return self.output
 
 
-def _run_block(block: nn.Module, calls: list[_Call], what: str) -> list[Any]:
-    return [_call(block, c, what) for c in calls]
+# the activations kept between blocks (every calibration and probe batch's arguments and
+# outputs) stay in memory up to this many bytes; more wait in temporary files beside the output
+# (`_Stash`), one batch in memory at a time
+KEEP_BYTES = 1 << 26
 
 
-def _fed(calls: list[_Call], outputs: list[Any]) -> list[_Call]:
+@dataclass(frozen=True)
+class _Parked:
+    """A tensor that waits in a `_Stash`'s file under `key`."""
+
+    key: str
+
+
+class _Stash:
+    """A list of batches (a block's arguments, `_Call`s, or its outputs) whose tensors wait in a
+    temporary file beside the output (`files.Spill`), read back one batch at a time: the
+    activations of a long calibration set, bounded by a batch in memory. The file goes when the
+    stash is closed."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.spill = Spill(folder).__enter__()
+        self.items: list[Any] = []
+
+    def append(self, value: Any) -> None:
+        j, tensors = len(self.items), iter(range(1 << 62))
+
+        def park(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                key = f"{j} {next(tensors)}"
+                self.spill.put(key, v)
+                return _Parked(key)
+            return _mapped(v, park)
+
+        self.items.append(park(value))
+
+    def __getitem__(self, j: int) -> Any:
+        def fetch(v: Any) -> Any:
+            return self.spill.get(v.key) if isinstance(v, _Parked) else _mapped(v, fetch)
+
+        return fetch(self.items[j])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[j] for j in range(len(self)))
+
+    def close(self) -> None:
+        self.spill.__exit__(None, None, None)
+
+
+def _mapped(v: Any, f: Callable[[Any], Any]) -> Any:
+    """`v` with `f` applied to each element of its containers (a `_Call`, a tuple or list, a dict
+    or ModelOutput); anything else as it is."""
+    if isinstance(v, _Call):
+        return _Call(f(v.args), f(v.kwargs))
+    if type(v) in (tuple, list):
+        return type(v)(f(x) for x in v)
+    if isinstance(v, dict):
+        mapped = {k: f(x) for k, x in v.items()}
+        return mapped if type(v) is dict else type(v)(**mapped)
+    return v
+
+
+def _batches_like(batches: Any) -> Any:
+    """An empty list of batches kept where `batches` are kept: a `_Stash` beside theirs, or a list."""
+    return _Stash(batches.folder) if isinstance(batches, _Stash) else []
+
+
+def _stashed(batches: list[Any], folder: Path) -> _Stash:
+    stash = _Stash(folder)
+    for b in batches:
+        stash.append(b)
+    return stash
+
+
+def _nbytes(value: Any) -> int:
+    """The bytes of the tensors in `value` (containers as `_mapped` walks them)."""
+    total = [0]
+
+    def count(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            total[0] += v.nbytes
+        else:
+            _mapped(v, count)
+        return v
+
+    count(value)
+    return total[0]
+
+
+def _run_block(block: nn.Module, calls: Any, what: str) -> Any:
+    """The block's output on each batch of `calls`, kept where they are kept."""
+    outputs = _batches_like(calls)
+    for c in calls:
+        outputs.append(_call(block, c, what))
+    return outputs
+
+
+def _fed(calls: Any, outputs: Any) -> Any:
     """The next block's arguments: these, with the hidden states replaced by `outputs`'."""
-    return [c.fed(first_tensor(o)[0]) for c, o in zip(calls, outputs)]
+    fed = _batches_like(calls)
+    for c, o in zip(calls, outputs):
+        fed.append(c.fed(first_tensor(o)[0]))
+    return fed
+
+
+def _close(*lists: Any) -> None:
+    """Close the stashes among `lists` (their files go)."""
+    for b in lists:
+        if isinstance(b, _Stash):
+            b.close()
 
 
 def _same(a: Inputs | None, b: Inputs) -> bool:
@@ -261,6 +379,39 @@ def _take(value: Any, rows: slice) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_take(x, rows) for x in value)
     return value
+
+
+def probe_batch_size(plan: Plan, probe: Inputs | None, batch_size: int) -> int:
+    """The batches a probe runs in block by block: `batch_size`, or all of it at once where a
+    planned layer's kernel is not batch-invariant (per-tensor activation scales: then the error
+    is the whole-model path's, which runs the probe as one batch)."""
+    if probe is None:
+        return batch_size
+    for e in plan.quantized:
+        if not select_kernel(e.scheme, device="cpu", dtype=e.torch_dtype, in_features=e.in_features,
+                             out_features=e.out_features).batch_invariant:
+            return max(1, num_samples(probe))
+    return batch_size
+
+
+def output_parts(model: nn.Module, replay: "_Replay", finals: Any, inputs: Inputs, batch_size: int
+                 ) -> tuple[str, list[tuple[int, slice, Inputs]]]:
+    """Where in the model's output it is compared, and the parts its outputs on `inputs` are
+    computed and compared in: each batch of `batch_size` samples (whose last block outputs are
+    `finals`, given back by `replay`) whole, or cut into parts of at most `PROBE_VALUES` output
+    values (one sample's output is weighed first): (batch, samples of it, their inputs)."""
+    replay.output = _take(finals[0], slice(0, 1))
+    first, compared = first_tensor(run_model(model, next(batches(inputs, 1))))
+    per_sample = max(1, first.numel())
+    del first
+    parts: list[tuple[int, slice, Inputs]] = []
+    for j, chunk in enumerate(batches(inputs, batch_size)):
+        n = num_samples(chunk)
+        step = n if per_sample * n <= PROBE_VALUES else max(1, PROBE_VALUES // per_sample)
+        for start in range(0, n, step):
+            sl = slice(start, min(n, start + step))
+            parts.append((j, sl, chunk if step == n else _take(chunk, sl)))
+    return compared, parts
 
 
 def _capture(model: nn.Module, first: nn.Module, inputs: Inputs, batch_size: int) -> list[_Call]:
@@ -405,7 +556,7 @@ def quantize_sequential(
     blocks: Blocks,
     output: Path,
     *,
-    calib: Inputs,
+    calib: Inputs | None,
     probe: Inputs | None,
     batch_size: int = 32,
     force: bool = False,
@@ -417,25 +568,27 @@ def quantize_sequential(
     eval_inputs: Inputs | None = None,
 ) -> SequentialResult:
     """Quantize `source`'s model under `plan` block by block on `calib` (in batches of
-    `batch_size`) and write the qlin file at `output` (module docstring). `probe`: inputs, run
-    in batches of `batch_size` too, to compare the float and the int8 model's outputs on (None:
-    not measured; the whole-model path runs it as one batch: with more than one, the error is
-    the same to float rounding). `min_sqnr_db`, `sensitivity`: fallback.py's accuracy
-    fallback, measured block by block on `eval_inputs` (sequential_fallback.py).
-    On the CPU: the activations kept between blocks are the calibration batches'."""
+    `batch_size`; None: nothing to calibrate, the blocks are quantized without running) and
+    write the qlin file at `output` (module docstring). `probe`: inputs, run in batches of
+    `batch_size` too (`probe_batch_size`), to compare the float and the int8 model's outputs on
+    (None: not measured; the whole-model path runs it as one batch: with more than one, of
+    batch-invariant kernels only, the error is the same to float rounding). `min_sqnr_db`,
+    `sensitivity`: fallback.py's accuracy fallback, measured block by block on `eval_inputs`
+    (sequential_fallback.py). On the CPU: the activations kept between blocks are the
+    calibration and probe batches' (in temporary files beyond `KEEP_BYTES`)."""
     with Spill(output.parent) as spill:
         measured = min_sqnr_db is not None or sensitivity
-        if measured:
-            from .sequential_fallback import check_measurable  # it builds on this module
-            check_measurable(plan)
         run = _Run(source, config, plan, blocks, spill, calib, probe, batch_size, keep_int8=measured)
-        run.capture()
-        run.before_blocks()
-        for i in range(len(blocks.modules)):
-            run.block(i)
-            if progress is not None:
-                progress(sum(len(run.inside.get(j, [])) for j in range(i + 1)), len(plan.entries), blocks.prefix(i))
-        metrics, compared = run.tail()
+        try:
+            run.capture()
+            run.before_blocks()
+            for i in range(len(blocks.modules)):
+                run.block(i)
+                if progress is not None:
+                    progress(sum(len(run.inside.get(j, [])) for j in range(i + 1)), len(plan.entries), blocks.prefix(i))
+            metrics, compared = run.tail()
+        finally:
+            run.close()
         fallback = None
         if measured:
             from .sequential_fallback import fall_back_streamed  # it builds on this module
@@ -455,40 +608,54 @@ class _Run:
     outputs); `probes`, the probe's float and int8 arguments (then outputs), or None."""
 
     def __init__(self, source: LazySource, config: QuantConfig, plan: Plan, blocks: Blocks, spill: Spill,
-                 calib: Inputs, probe: Inputs | None, batch_size: int, keep_int8: bool = False) -> None:
+                 calib: Inputs | None, probe: Inputs | None, batch_size: int, keep_int8: bool = False) -> None:
         self.source, self.model, self.config, self.blocks, self.spill = source, source.model, config, blocks, spill
         self.calib, self.probe, self.batch_size = calib, probe, batch_size
         self.spread = propagation(plan)
-        self.chunks = list(batches(calib, batch_size))
+        self.chunks = [] if calib is None else list(batches(calib, batch_size))  # none: nothing to calibrate
+        self.probe_batch = probe_batch_size(plan, probe, batch_size)
         self.inside: dict[int | None, list] = {}
         for e in plan.entries:
             self.inside.setdefault(blocks.index_of(e.name), []).append(e)
         self.results: dict[str, LayerResult] = {}
-        self.floats: dict[str, nn.Module] = {}  # the float layers outside the blocks, swapped back at the end
+        # the float layers outside the blocks by path (every path of a layer), swapped back at the end
+        self.floats: dict[str, nn.Module] = {}
         self.int8: dict[str, nn.Module] | None = {} if keep_int8 else None  # the int8 layers, for the fallback
         self.ran: set[str] = set()  # the modules outside the blocks that run before the first
         self.note = ""
-        # the probe is the calibration data, whose float outputs the blocks compute anyway
-        self.shared = _same(probe, calib) and self.spread == FLOAT
-        self.calls: list[_Call] = []
-        self.probes: list[list[Any]] | None = None
+        # the probe is the calibration data in the same batches, whose float outputs the blocks compute anyway
+        self.shared = (calib is not None and _same(probe, calib) and self.spread == FLOAT
+                       and (self.probe_batch == batch_size or len(self.chunks) == 1))
+        self.calls: Any = []  # each list of batches: a list, or a `_Stash` (`park`)
+        self.probes: list[Any] | None = None
+        self.finals: Any = []
+        self.park = False  # whether the activations wait in temporary files (`KEEP_BYTES`)
 
     def capture(self) -> None:
         """The calibration batches (and the probe) run up to the first block."""
-        sets = [(self.calib, self.batch_size)]
+        sets = [] if self.calib is None else [(self.calib, self.batch_size)]
         if self.probe is not None and not self.shared:
-            sets.append((self.probe, self.batch_size))
+            sets.append((self.probe, self.probe_batch))
         try:
             found = _capture_all(self.source, self.blocks, sets, self.ran)
         except InputError as exc:
-            if len(sets) == 1:
+            if self.calib is not None and len(sets) == 1:
                 raise
             self.note, self.probe = f"{exc}; pass --inputs FILE to measure it", None
-            found = _capture_all(self.source, self.blocks, sets[:1], self.ran)
-        self.calls = found[0]
+            found = _capture_all(self.source, self.blocks, sets[:-1], self.ran)
+        self.park = sum(_nbytes(c) for calls in found for c in calls) > KEEP_BYTES
+        self.calls = [] if self.calib is None else self._kept(found[0])
         if self.probe is not None:
-            first = found[0] if self.shared else found[1]
-            self.probes = [first, list(first)]
+            first = self.calls if self.shared else self._kept(found[-1])
+            self.probes = [first, first]
+
+    def _kept(self, batches: list[Any]) -> Any:
+        """`batches` as the run keeps them: in a `_Stash` where the activations are large."""
+        return _stashed(batches, self.spill.folder) if self.park else batches
+
+    def close(self) -> None:
+        """Close the stashes left (their files go)."""
+        _close(self.calls, self.finals, *(self.probes or ()))
 
     def before_blocks(self) -> None:
         """The Linear layers that run before the first block (an input projection): calibrated on
@@ -503,12 +670,12 @@ class _Run:
                 c = _capture(self.model, self.blocks.modules[0], self.chunks[j], self.batch_size)[0]
                 return c.args[0] if c.args else c.kwargs["hidden_states"]
 
-            self.floats.update((e.name, self.model.get_submodule(e.name)) for e in first)
+            self.floats.update(_float_paths(self.model, first))
             self._quantize(dict(self.model.named_children()), run, first)
             if self.spread == QUANTIZED:
-                self.calls = _capture(self.model, self.blocks.modules[0], self.calib, self.batch_size)
+                self.calls = self._kept(_capture(self.model, self.blocks.modules[0], self.calib, self.batch_size))
             if self.probes is not None:
-                self.probes[1] = _capture(self.model, self.blocks.modules[0], self.probe, self.batch_size)
+                self.probes[1] = self._kept(_capture(self.model, self.blocks.modules[0], self.probe, self.probe_batch))
             _spill_state(self.spill, self.model, "")  # what AWQ may have folded into them, and the int8 layers
         self.inside[None] = [e for e in self.inside[None] if e not in first]
 
@@ -517,22 +684,25 @@ class _Run:
         inputs, its tensors spilled, dropped."""
         block, prefix = self.blocks.modules[i], self.blocks.prefix(i)
         what, entries, calls, probes = f"block {prefix}", self.inside.get(i, []), self.calls, self.probes
-        floats = {e.name: self.model.get_submodule(e.name) for e in entries}
+        floats = _float_paths(self.model, entries)
         with self.source.loaded(block, prefix):
             outputs = _run_block(block, calls, what) if self.spread == FLOAT else None
             float_probe = None if probes is None else outputs if self.shared else _run_block(block, probes[0], what)
             self._quantize({prefix: block}, lambda j: _call(block, calls[j], what), entries)
             if self.spread == QUANTIZED:
                 outputs = _run_block(block, calls, what)
-            probe_outs = None if probes is None else [float_probe, _run_block(block, probes[1], what)]
+            int8_probe = None if probes is None else _run_block(block, probes[1], what)
             _spill_state(self.spill, block, prefix)
-            for name, f in floats.items():  # the float layers back, to go back to meta
+            for name, f in floats.items():  # the float layers back (at every path), to go back to meta
                 swap_module(self.model, name, f)
         if i < len(self.blocks.modules) - 1:
             self.calls = _fed(calls, outputs)
-            self.probes = None if probes is None else [_fed(c, o) for c, o in zip(probes, probe_outs)]
+            self.probes = None if probes is None else [
+                self.calls if self.shared else _fed(probes[0], float_probe), _fed(probes[1], int8_probe)]
+            _close(outputs, float_probe, int8_probe)
         else:  # the last block's outputs, which the tail's replay gives back
-            self.finals, self.probes = outputs, probe_outs
+            self.finals, self.probes = outputs, None if probes is None else [float_probe, int8_probe]
+        _close(calls, *(probes or ()))
         _release_freed_memory()
 
     def tail(self) -> tuple[dict[str, float | None] | None, str | None]:
@@ -560,7 +730,7 @@ class _Run:
                         except StopForward:
                             return None
 
-                self.floats.update((e.name, model.get_submodule(e.name)) for e in outer)
+                self.floats.update(_float_paths(model, outer))
                 self._quantize(dict(model.named_children()), run, outer)
                 if probe is not None:
                     comparison = OutputComparison()
@@ -577,27 +747,15 @@ class _Run:
                     swap_module(model, self.blocks.prefix(i), block)
         return metrics, compared
 
-    def _probe_run(self, model: nn.Module, replay: _Replay, finals: list[Any]
-                   ) -> tuple[str, list[tuple[int, slice, Inputs]]]:
-        """The float model's output on the probe (whose batches of `batch_size` the blocks ran:
-        `finals`, the last block's outputs), spilled a few samples at a time (a batch at a time
-        where that is small: with one batch, the very numbers of the whole-model run): where in
-        the output it was found, and each part's batch and samples."""
-        replay.output = _take(finals[0], slice(0, 1))
-        first, compared = first_tensor(run_model(model, next(batches(self.probe, 1))))
-        per_sample = max(1, first.numel())
-        del first
-        rows: list[tuple[int, slice, Inputs]] = []
-        for j, chunk in enumerate(batches(self.probe, self.batch_size)):
-            n = num_samples(chunk)
-            step = n if per_sample * n <= PROBE_VALUES else max(1, PROBE_VALUES // per_sample)
-            for start in range(0, n, step):
-                sl = slice(start, min(n, start + step))
-                part = chunk if step == n else _take(chunk, sl)
-                replay.output = _take(finals[j], sl)
-                self.spill.put(f"\0probe {len(rows)}", first_tensor(run_model(model, part))[0].float())
-                rows.append((j, sl, part))
-        return compared, rows
+    def _probe_run(self, model: nn.Module, replay: _Replay, finals: Any) -> tuple[str, list[tuple[int, slice, Inputs]]]:
+        """The float model's output on the probe (whose batches the blocks ran: `finals`, the last
+        block's outputs), spilled a part at a time (`output_parts`): where in the output it was
+        found, and the parts."""
+        compared, parts = output_parts(model, replay, finals, self.probe, self.probe_batch)
+        for k, (j, sl, part) in enumerate(parts):
+            replay.output = _take(finals[j], sl)
+            self.spill.put(f"\0probe {k}", first_tensor(run_model(model, part))[0].float())
+        return compared, parts
 
     def _quantize(self, modules: dict[str, nn.Module], run: Callable[[int], Any], entries: list) -> None:
         """`quantize_model` on a part of the model (`modules` by path) whose forward over the
@@ -605,7 +763,8 @@ class _Run:
         if not entries:
             return
         part = _Replayed(modules, run)
-        res = quantize_model(part, self.config, calib=torch.arange(len(self.chunks)), batch_size=1,
+        calib = torch.arange(len(self.chunks)) if self.chunks else None
+        res = quantize_model(part, self.config, calib=calib, batch_size=1,
                              plan=Plan(tuple(entries)))
         for r in res.layers:
             self.results[r.name] = r
@@ -613,6 +772,12 @@ class _Run:
                 swap_module(self.model, path, part.get_submodule(path))
             if self.int8 is not None and r.plan.scheme is not None:
                 self.int8[r.name] = part.get_submodule(r.plan.paths[0])
+
+
+def _float_paths(model: nn.Module, entries: list) -> dict[str, nn.Module]:
+    """The float module at every path of each of `entries` (a layer used at several paths is
+    swapped at each of them, and back)."""
+    return {path: model.get_submodule(path) for e in entries for path in e.paths}
 
 
 def _spill_state(spill: Spill, module: nn.Module, prefix: str, skip: set[int] = frozenset()) -> None:

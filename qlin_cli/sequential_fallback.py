@@ -7,19 +7,20 @@ of layers in int8 and the others float: the model as it stands (`measure`), or e
 captured at the first block, goes through each block in turn, read once from the file for all
 the sets, each set with its own int8 layers swapped in; sets that agree on the layers up to a
 block share its run (the sensitivities of the layers of block 9 share the float run of blocks
-0-8), so the sensitivities of every layer cost one read of the file and half the block runs of
-the whole-model path's, which runs the whole model once per layer. The float model's output on
-the data (the reference) is spilled to disk a batch at a time.
+0-8), so the sensitivities of every layer cost one read of the file where their activations fit
+in a pass (below), and half the block runs of the whole-model path's, which runs the whole model
+once per layer.
 
-Held in memory, besides one block and the activations: every int8 layer (about the output file's
-size: the fallback swaps them in and out), and one copy of the data's activations per set in the
-pass; a pass holds at most as many copies as fit in the size of the largest block (or 256 MiB,
-`PASS_BYTES`, where that is more), and more sets are measured in several passes (each a read of
-the file).
+Held in memory, besides one block: every int8 layer (from the first block on, about the output
+file's size: the fallback swaps them in and out), and one copy of the data's activations per set
+in the pass (two while a block runs: its inputs and outputs); a pass holds at most as many copies
+as fit in the size of the largest block (or 256 MiB, `PASS_BYTES`, where that is more), and more
+sets are measured in several passes (each a read of the file). The model's outputs are computed
+and compared a part at a time (`sequential.output_parts`), the reference's parts spilled.
 
 The file is the whole-model path's wherever its calibration is (`sequential.propagation`: float
-outputs); the output SQNRs are the whole-model path's to float rounding (each batch's norms are
-added up), and the very numbers where the data is one batch.
+outputs); the output SQNRs are the whole-model path's to float rounding (each part's norms are
+added up), and the very numbers where the data is one part.
 """
 
 from __future__ import annotations
@@ -29,18 +30,16 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-import torch.nn as nn
 
-from .data import Inputs, batches, first_tensor, run_model
-from .errors import ConfigError
+from .data import Inputs, first_tensor, run_model
 from .fallback import _Swappable, _widen, fall_back
 from .plan import Plan, swap_module
 from .primitives import _db
 from .quantize import Fallback, QuantizeResult, Sensitivity, _release_freed_memory
 from .report import OutputComparison
-from .sequential import _capture_all, _fed, _Replay, _run_block, _Run, _tail
+from .sequential import _capture_all, _fed, _Replay, _run_block, _Run, _tail, _take, output_parts
 
-__all__ = ["StreamedFallback", "StreamedSwaps", "check_measurable", "fall_back_streamed"]
+__all__ = ["StreamedFallback", "StreamedSwaps", "fall_back_streamed"]
 
 
 # the activations a pass may hold, where the largest block is smaller: a pass reads every block
@@ -51,20 +50,20 @@ class _Passes:
     """The data `inputs` run through the model of `run` (a `sequential._Run` whose blocks are
     done) block by block, with sets of layers in int8 (`outputs`)."""
 
-    def __init__(self, run: _Run, layers: dict[str, _Swappable], inputs: Inputs) -> None:
-        self.run, self.layers, self.inputs = run, layers, inputs
-        self.chunks = list(batches(inputs, run.batch_size))
-        last = len(run.blocks.modules)
-        # where each layer runs: -1 before the blocks, i in block i, `last` after them
-        self.where = {name: self._where(name, last) for name in layers}
-        # sets a pass takes: the data's activations measured at the first block, float
-        self.size = self._per_pass(_capture_all(run.source, run.blocks, [(inputs, run.batch_size)], set())[0])
-
-    def _where(self, name: str, last: int) -> int:
-        i = self.run.blocks.index_of(name)
-        if i is not None:
-            return i
-        return -1 if any(p in self.run.ran for p in self.layers[name].paths) else last
+    def __init__(self, run: _Run, layers: dict[str, _Swappable], inputs: Inputs, batch_size: int) -> None:
+        self.run, self.layers, self.inputs, self.batch_size = run, layers, inputs, batch_size
+        # where each layer runs: -1 before the blocks (called on the way to the first), i in
+        # block i, after them the number of blocks
+        inside = {name: run.blocks.index_of(name) for name in layers}
+        outside = {name: layer for name, layer in layers.items() if inside[name] is None}
+        called: set[str] = set()
+        with contextlib.ExitStack() as stack:
+            for name, layer in outside.items():
+                stack.callback(layer.float.register_forward_pre_hook(lambda m, a, name=name: called.add(name)).remove)
+            calls = _capture_all(run.source, run.blocks, [(inputs, batch_size)], set())[0]
+        self.where = {name: i if i is not None else -1 if name in called else len(run.blocks.modules)
+                      for name, i in inside.items()}
+        self.size = self._per_pass(calls)  # sets a pass takes: from the data's activations at the first block
 
     def _upto(self, names: frozenset[str], i: int) -> frozenset[str]:
         return frozenset(n for n in names if self.where[n] <= i)
@@ -93,8 +92,9 @@ class _Passes:
         return max(1, max(biggest, PASS_BYTES) // max(1, self._stream_bytes(calls)))
 
     def outputs(self, sets: list[frozenset[str]]) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(set index, batch index, the model's output on that batch with that set's layers in
-        int8), batch by batch, each batch's sets in order; in passes of `size` sets."""
+        """(set index, part index, the model's output on that part with that set's layers in
+        int8), part by part (`sequential.output_parts`: batches, cut where their outputs are
+        large), each part's sets in order; in passes of `size` sets."""
         done = 0
         while done < len(sets):
             group = sets[done:done + self.size]
@@ -108,7 +108,7 @@ class _Passes:
         streams: dict[frozenset[str], list] = {}
         for pre in {self._upto(s, -1) for s in sets}:  # the data at the first block
             with self._int8(pre):
-                streams[pre] = _capture_all(run.source, blocks, [(self.inputs, run.batch_size)], set())[0]
+                streams[pre] = _capture_all(run.source, blocks, [(self.inputs, self.batch_size)], set())[0]
         for i, block in enumerate(blocks.modules):
             prefix, nxt = blocks.prefix(i), {}
             with run.source.loaded(block, prefix):
@@ -128,12 +128,13 @@ class _Passes:
             for i in range(len(blocks.modules)):
                 swap_module(model, blocks.prefix(i), replay)
             try:
-                for j, chunk in enumerate(self.chunks):
+                _, parts = output_parts(model, replay, streams[self._upto(sets[0], last)], self.inputs, self.batch_size)
+                for p, (j, rows, part) in enumerate(parts):
                     for k, s in enumerate(sets):
-                        replay.output = streams[self._upto(s, last)][j]
+                        replay.output = _take(streams[self._upto(s, last)][j], rows)
                         with self._int8(s - self._upto(s, last)):
-                            out = first_tensor(run_model(model, chunk, "model"))[0].float()
-                        yield k, j, out
+                            out = first_tensor(run_model(model, part, "model"))[0].float()
+                        yield k, p, out
             finally:
                 for i, block in enumerate(blocks.modules):
                     swap_module(model, blocks.prefix(i), block)
@@ -142,17 +143,20 @@ class _Passes:
 class StreamedSwaps:
     """fallback.py's `_Swaps` for a model quantized block by block (`sequential._Run`, its int8
     layers kept): which layers are int8 is a set of names, and each measurement a pass
-    (`_Passes`) against the float model's output on `inputs`, spilled a batch at a time."""
+    (`_Passes`) against the float model's output on `inputs` (in batches of `batch_size`),
+    spilled a part at a time, with its sum of squares."""
 
-    def __init__(self, run: _Run, layers: list[_Swappable], inputs: Inputs, what: str = "eval") -> None:
+    def __init__(self, run: _Run, layers: list[_Swappable], inputs: Inputs, batch_size: int, what: str = "eval") -> None:
         self.run, self.layers, self.what = run, layers, what
         self.on = {layer.name for layer in layers}  # the layers in int8 now
-        self.passes = _Passes(run, {layer.name: layer for layer in layers}, inputs)
-        for _, j, out in self.passes.outputs([frozenset()]):
-            run.spill.put(self._reference(j), out)
+        self.passes = _Passes(run, {layer.name: layer for layer in layers}, inputs, batch_size)
+        self.signal: list[float] = []  # each part's sum of squares, as `sqnr_db` reduces it
+        for _, p, out in self.passes.outputs([frozenset()]):
+            run.spill.put(self._reference(p), out)
+            self.signal.append(float(torch.linalg.vector_norm(out)) ** 2)
 
-    def _reference(self, j: int) -> str:
-        return f"\0{self.what} reference {j}"
+    def _reference(self, p: int) -> str:
+        return f"\0{self.what} reference {p}"
 
     def put(self, layer: _Swappable, int8: bool) -> None:
         (self.on.add if int8 else self.on.discard)(layer.name)
@@ -163,15 +167,14 @@ class StreamedSwaps:
 
     def _sqnrs(self, sets: list[frozenset[str]]) -> list[float]:
         """The output SQNR (dB) with each set's layers in int8: `sqnr_db` of the whole output,
-        its norms added up batch by batch."""
-        signal, noise = [0.0] * len(sets), [0.0] * len(sets)
+        its norms added up part by part."""
+        noise = [0.0] * len(sets)
         reference, at = None, None
-        for k, j, out in self.passes.outputs(sets):
-            if at != j:
-                reference, at = self.run.spill.get(self._reference(j)), j
+        for k, p, out in self.passes.outputs(sets):
+            if at != p:
+                reference, at = self.run.spill.get(self._reference(p)), p
             noise[k] += float(torch.linalg.vector_norm(reference - out)) ** 2
-            signal[k] += float(torch.linalg.vector_norm(reference)) ** 2
-        return [_db(s, n) for s, n in zip(signal, noise)]
+        return [_db(sum(self.signal), n) for n in noise]
 
     def measure(self) -> float:
         return self._sqnrs([frozenset(self.on)])[0]
@@ -182,19 +185,10 @@ class StreamedSwaps:
         return sorted(which, key=lambda layer: (layer.alone_sqnr_db, layer.name))
 
     def compare(self, comparison: Any) -> None:
-        """The float model's output against the model as it stands, batch by batch, into
+        """The float model's output against the model as it stands, part by part, into
         `comparison` (report.OutputComparison)."""
-        for _, j, out in self.passes.outputs([frozenset(self.on)]):
-            comparison.add(self.run.spill.get(self._reference(j)), out)
-
-
-def check_measurable(plan: Plan) -> None:
-    """ConfigError where the fallback cannot be measured block by block: AWQ's folds change the
-    modules around a layer, so its float layer is no longer the one on disk."""
-    awq = [e.name for e in plan.quantized if e.scheme.awq]
-    if awq:
-        raise ConfigError(f"`min_sqnr`/`sensitivity` with AWQ (layer {awq[0]}) cannot run with `stream`: its folds "
-                          "change the float model, which stays on disk; quantize without `stream`")
+        for _, p, out in self.passes.outputs([frozenset(self.on)]):
+            comparison.add(self.run.spill.get(self._reference(p)), out)
 
 
 @dataclass(frozen=True)
@@ -213,9 +207,10 @@ def fall_back_streamed(run: _Run, plan: Plan, inputs: Inputs, min_sqnr_db: float
     float taken out of the spill (the file then reads its weights from the source), `run.results`
     updated; the probe's error measured again where a layer changed (else `probe_metrics`)."""
     before = QuantizeResult(run.model, run.config, tuple(run.results[e.name] for e in plan.entries))
-    layers = [_Swappable(r.name, r.plan.paths, run.model.get_submodule(r.name), run.int8[r.name], r)
+    # the int8 layers move from the run to the fallback (a widened layer's old one then goes)
+    layers = [_Swappable(r.name, r.plan.paths, run.model.get_submodule(r.name), run.int8.pop(r.name), r)
               for r in before.quantized]
-    swaps = StreamedSwaps(run, layers, inputs)
+    swaps = StreamedSwaps(run, layers, inputs, run.batch_size)
     after = fall_back(before, swaps, min_sqnr_db, sensitivity, "cpu")
     by_name = {layer.name: layer for layer in layers}
     changed = [r for r in after.layers if r is not run.results[r.name]]
@@ -226,7 +221,8 @@ def fall_back_streamed(run: _Run, plan: Plan, inputs: Inputs, min_sqnr_db: float
                 run.spill.put(f"{r.name}.{key}", t)
         run.results[r.name] = r
     if changed and probe_metrics is not None:
-        probe, comparison = StreamedSwaps(run, layers, run.probe, "probe"), OutputComparison()
+        probe = StreamedSwaps(run, layers, run.probe, run.probe_batch, "probe")
+        comparison = OutputComparison()
         probe.on = set(swaps.on)
         probe.compare(comparison)
         probe_metrics = comparison.metrics()

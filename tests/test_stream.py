@@ -91,8 +91,9 @@ def ids(tmp_path_factory):
 
 
 def _same_error(whole, streamed):
-    """The probe's error block by block, in batches of --batch-size, is the whole-model run's
-    (one batch) to float rounding, and the very numbers where the probe is one batch."""
+    """The probe's error block by block, in batches of --batch-size (batch-invariant kernels),
+    is the whole-model run's (one batch) to float rounding, and the very numbers where the probe
+    is one batch."""
     assert streamed.compared == whole.compared and streamed.metrics.keys() == whole.metrics.keys()
     for key, value in whole.metrics.items():
         assert streamed.metrics[key] == (value if value is None else pytest.approx(value, rel=1e-5, abs=1e-9)), key
@@ -124,6 +125,47 @@ def test_streamed_with_calibration_is_byte_identical(folders, ids, tmp_path, nam
     # the whole-model run calibrates the next layers on by float rounding
     assert [r.output_sqnr_db for r in b.layers] == pytest.approx([r.output_sqnr_db for r in a.layers], abs=0.01)
     assert sum(r.status == "quantized" for r in b.layers) >= 8
+
+
+@pytest.mark.parametrize("name, config", [
+    ("llama", QuantConfig(kernel="pertoken")),  # SmoothQuant from --calib
+    ("gpt2", QuantConfig(mode="static", kernel="int_mm")),
+    ("llama", QuantConfig(rounding="gptq", **GROUPED)),  # fed quantized outputs
+], ids=["llama dynamic", "gpt2 static", "llama gptq"])
+def test_activations_past_keep_bytes_wait_in_files(folders, ids, tmp_path, monkeypatch, name, config):
+    """Activations kept between blocks beyond KEEP_BYTES wait in temporary files, a batch in
+    memory at a time: the same file and the same probe error as kept in memory; every file
+    closed at the end."""
+    import qlin_cli.sequential as sequential
+
+    data = dict(calib=ids, batch_size=4, stream=True)
+    a = quantize_checkpoint(folders / name, config, QuantizeOptions(output=tmp_path / "a.safetensors", **data))
+    stashes = []
+    init = sequential._Stash.__init__
+    monkeypatch.setattr(sequential._Stash, "__init__", lambda self, folder: stashes.append(self) or init(self, folder))
+    monkeypatch.setattr(sequential, "KEEP_BYTES", 0)
+    b = quantize_checkpoint(folders / name, config, QuantizeOptions(output=tmp_path / "b.safetensors", **data))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert b.probe.metrics == a.probe.metrics
+    assert len(stashes) > 6 and all(s.spill.f.closed for s in stashes)
+    assert all(isinstance(x, sequential._Parked) for s in stashes for x in _leaves(s.items))
+
+
+def _leaves(value):
+    """The tensors (or what stands for them) in a stash's items."""
+    from qlin_cli.sequential import _Call, _Parked
+
+    if isinstance(value, _Parked) or isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, _Call):
+        yield from _leaves(value.args)
+        yield from _leaves(value.kwargs)
+    elif isinstance(value, (tuple, list)):
+        for x in value:
+            yield from _leaves(x)
+    elif isinstance(value, dict):
+        for x in value.values():
+            yield from _leaves(x)
 
 
 def test_gptq_block_by_block_is_fed_quantized_outputs(folders, ids, tmp_path):

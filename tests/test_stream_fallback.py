@@ -7,10 +7,14 @@ fallback measured block by block, on a model whose weights stay on disk.
 - the sensitivities of every layer in one pass over the blocks, sets that agree up to a block
   sharing its run; split into several passes where the activations outgrow a block, with the
   same numbers;
-- AWQ with them is refused in one line before any work.
+- a layer used at two paths of a block, a kernel that is not batch-invariant (the probe then
+  runs as one batch, as in the whole-model run), no calibration (the same report);
+- AWQ with them is refused in one line before any work (and not streamed by itself).
 """
 
 from __future__ import annotations
+
+import textwrap
 
 import pytest
 import torch
@@ -22,6 +26,8 @@ transformers = pytest.importorskip("transformers")
 
 from qlin_cli import QuantConfig  # noqa: E402
 from qlin_cli.api import QuantizeOptions, quantize_checkpoint  # noqa: E402
+from qlin_cli.plan import make_plan  # noqa: E402
+from qlin_cli.sources import load_source  # noqa: E402
 import qlin_cli.sequential_fallback as sequential_fallback  # noqa: E402
 
 
@@ -168,5 +174,100 @@ def test_awq_with_min_sqnr_under_stream_is_refused(llama, tmp_path, capsys):
                             "--group-size", "32", "--mode", "weight-only", "--rounding", "awq", "--min-sqnr", "30",
                             "--calib", llama / "ids.safetensors")
     assert code == 1 and stdout == "" and len(err.strip().splitlines()) == 1, err
-    assert "--min-sqnr/--sensitivity with AWQ (layer model.layers.0.self_attn.q_proj) cannot run with --stream" in err
+    assert "--stream cannot measure --min-sqnr with AWQ" in err
     assert not out.exists()
+
+
+SHARED = """
+import torch
+from torch import nn
+
+class Block(nn.Module):
+    def __init__(self, d=64):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+        self.proj = nn.Linear(d, d)
+        self.proj_again = self.proj  # one layer, two paths
+
+    def forward(self, x):
+        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln(x))))
+        return x + self.proj_again(torch.tanh(self.proj(x)))
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        self.blocks = nn.ModuleList([Block() for _ in range(2)])
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+def build():
+    torch.manual_seed(0)
+    return M()
+"""
+
+
+def test_a_layer_at_two_paths_of_a_block(tmp_path, isolate_imports):
+    """A Linear called at two paths of its block (`proj`, `proj_again`) is float at both for the
+    float reference and the sets without it: the whole-model run's steps and file."""
+    (tmp_path / "shared.py").write_text(textwrap.dedent(SHARED))
+    spec = f"{tmp_path / 'shared.py'}:build"
+    import importlib.util
+    spec_ = importlib.util.spec_from_file_location("shared_arch", tmp_path / "shared.py")
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    save_file({k: v.clone().contiguous() for k, v in module.build().state_dict().items()}, tmp_path / "m.safetensors")
+    save_file({"x": torch.randn(12, 6, 16, generator=torch.Generator().manual_seed(2))}, tmp_path / "calib.safetensors")
+    config, data = QuantConfig(kernel="pertoken"), dict(model=spec, calib=tmp_path / "calib.safetensors", batch_size=4)
+    first = quantize_checkpoint(tmp_path / "m.safetensors", config,
+                                QuantizeOptions(output=tmp_path / "0.safetensors", sensitivity=True, **data))
+    assert [r.plan.paths for r in first.layers if r.name == "blocks.0.proj"] == [["blocks.0.proj", "blocks.0.proj_again"]]
+    a, b, same = _both(tmp_path / "m.safetensors", config, tmp_path, min_sqnr=first.sensitivity.all_int8_sqnr_db + 6,
+                       sensitivity=True, **data)
+    assert same and b.fallback.steps
+    _same_fallback(a, b)
+
+
+def test_a_kernel_that_is_not_batch_invariant_gets_the_probe_in_one_batch(llama, tmp_path):
+    """Per-tensor activation scales (one per batch): the probe runs block by block as one batch,
+    as the whole-model run runs it, and the error is the very same numbers."""
+    from qlin_cli.sequential import probe_batch_size
+
+    config = QuantConfig(act_granularity="tensor", kernel="int_mm")
+    data = dict(calib=llama / "ids.safetensors", batch_size=4)
+    a, b, same = _both(llama / "llama", config, tmp_path, **data)
+    assert same and b.probe.metrics == a.probe.metrics
+    plan = make_plan(load_source(llama / "llama").model, config)
+    assert probe_batch_size(plan, torch.zeros(6, 3), 4) == 6
+    assert probe_batch_size(make_plan(load_source(llama / "llama").model, QuantConfig(kernel="pertoken")),
+                            torch.zeros(6, 3), 4) == 4
+
+
+def test_without_calibration_the_report_is_the_whole_model_runs(llama, tmp_path):
+    """--sensitivity alone on a plan that calibrates nothing: the blocks are quantized without a
+    forward, so the report has no calibration and no per-layer output SQNR, as the whole run."""
+    a, b, same = _both(llama / "llama", QuantConfig(kernel="pertoken"), tmp_path, sensitivity=True,
+                       default_smooth=False)
+    assert same and a.calibration is None and b.calibration is None
+    assert [r.output_sqnr_db for r in b.layers] == [r.output_sqnr_db for r in a.layers]
+
+
+def test_awq_with_sensitivity_is_not_streamed_by_itself(llama, monkeypatch, caplog):
+    """A source larger than memory with AWQ and --sensitivity: a warning says why it cannot be
+    streamed, and the whole model is used (no error for a --stream the user never gave)."""
+    import logging
+    from qlin_cli.jobs import options
+    from qlin_cli.jobs.options import check_options
+
+    monkeypatch.setattr(options, "_available_memory", lambda: 100)
+    config = QuantConfig(mode="weight-only", bits=4, group_size=32, rounding="awq")
+    with caplog.at_level(logging.WARNING, logger="qlin"):
+        assert not check_options(llama / "llama", config, QuantizeOptions(sensitivity=True)).stream
+    assert "cannot be streamed: `stream` cannot measure `sensitivity` with AWQ" in caplog.text

@@ -208,6 +208,11 @@ def _check_stream(source: SourceKind, config: QuantConfig, o: QuantizeOptions) -
         raise ConfigError(f"`stream` writes the qlin format only, not {o.format}")
     if config.embeddings:
         raise ConfigError("`stream` quantizes the Linear layers one at a time, not embedding tables: drop `embeddings`")
+    measured = [k for k, v in (("min_sqnr", o.min_sqnr is not None), ("sensitivity", o.sensitivity)) if v]
+    if measured and any(s.awq for s in config.schemes()):
+        # the fallback measures float layers: AWQ's folds change them, and the float model stays on disk
+        raise ConfigError(f"`stream` cannot measure `{measured[0]}` with AWQ (its folds change the float model, which "
+                          "stays on disk)")
 
 
 def _available_memory() -> int | None:

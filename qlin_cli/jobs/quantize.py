@@ -233,9 +233,7 @@ def _quantize_streamed(job: _Job) -> QuantizeReport:
     data = choose_data(source.model, *load_data(read, o, source.model, c.device, job.progress), c.inputs, c.device)
     plan, smoothing = _smooth(job, plan, data)
     calib = data.calibration_run(plan.calibration_need() is not None)
-    if calib is None and (o.min_sqnr is not None or o.sensitivity):  # the fallback runs the model
-        calib = data.measurement.inputs
-    if calib is not None:
+    if calib is not None or o.min_sqnr is not None or o.sensitivity:  # the model runs
         return _sequential(job, source, plan, data, calib, smoothing, notes)
     floats = {e.name: source.model.get_submodule(e.name) for e in plan.entries}
     layers = stream_layers(floats, plan, source.loaded, c.device, job.progress)
@@ -251,7 +249,7 @@ def _quantize_streamed(job: _Job) -> QuantizeReport:
     )
 
 
-def _sequential(job: _Job, source: LazySource, plan: Plan, data: RunData, calib: Inputs, smoothing: Smoothing | None,
+def _sequential(job: _Job, source: LazySource, plan: Plan, data: RunData, calib: Inputs | None, smoothing: Smoothing | None,
                 notes: tuple[str, ...]) -> QuantizeReport:
     """The streamed run with a forward: block by block (sequential.py), or, for a model without
     a list of blocks, the whole-model path, with a note."""
@@ -260,7 +258,8 @@ def _sequential(job: _Job, source: LazySource, plan: Plan, data: RunData, calib:
     why = block_problem(source.model, blocks, plan)
     if why is not None or c.device.type != "cpu":
         why = why or "block by block runs on the CPU"
-        note = f"`stream` with a forward (calibration, SmoothQuant, static mode, GPTQ, AWQ): {why}, so the whole model was loaded"
+        note = (f"`stream` with a forward (calibration, SmoothQuant, static mode, GPTQ, AWQ, `min_sqnr`, `sensitivity`): "
+                f"{why}, so the whole model was loaded")
         _log.warning(note, extra={"kind": "warning"})
         report = _quantize(job)
         return replace(report, notes=(*report.notes, note))
