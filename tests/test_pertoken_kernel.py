@@ -74,7 +74,7 @@ def _inputs(m, k, seed=1):
 
 
 def _fused(path, run, x):
-    return getattr(KERNELS, path)(x, run.weight, run.scale, run.wsum, run.bias, run.zs, run.smooth)
+    return getattr(KERNELS, path)(x, run.weight, run.scale, run.wsum, run.bias, run.zs, run.smooth, run.wsum_i)
 
 
 @pytest.mark.parametrize("sym, smooth, bias", list(itertools.product([True, False], repeat=3)))
@@ -218,13 +218,15 @@ def test_a_buffer_refilled_through_numpy_is_quantized_again():
 def test_bad_operands_are_refused():
     run = _layer(32, 64)
     x = _inputs(4, 64)
-    args = [run.weight, run.scale, run.wsum, run.bias, run.zs, run.smooth]
+    args = [run.weight, run.scale, run.wsum, run.bias, run.zs, run.smooth, run.wsum_i]
     cases = [
         ((x[:, :60], *args), "w must be contiguous int8"),
         ((x, run.weight.float(), *args[1:]), "w must be contiguous int8"),
         ((x, run.weight, run.scale[:5], *args[2:]), "must be contiguous float32"),
         ((x, *args[:3], torch.ones(3), *args[4:]), "must be contiguous float32"),
-        ((x, *args[:5], torch.ones(3)), "smooth must be contiguous float32"),
+        ((x, *args[:5], torch.ones(3), args[6]), "smooth must be contiguous float32"),
+        ((x, *args[:6], run.wsum_i[:5]), "wsum_i must be contiguous int32"),
+        ((x, *args[:6], run.wsum_i.float()), "wsum_i must be contiguous int32"),
     ]
     for path in PATHS:
         for case, message in cases:

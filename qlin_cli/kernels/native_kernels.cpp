@@ -255,7 +255,10 @@ at::Tensor epilogue_(at::Tensor y, const at::Tensor& a, const at::Tensor& c, con
 // the same integers and the same float operations: the same bits.
 
 constexpr int64_t PT_MAX_ROWS = 16;             // rows this kernel takes; oneDNN's GEMM above
-constexpr int64_t PT_MACS_PER_TASK = 1 << 22;   // multiply-adds a thread takes at least (~30 us here)
+// multiply-adds a thread takes at least (~20 us on one AVX2 core): at one row that is 256 KB of
+// weights, so a decode step's 2048 x 2048 or 256 x 2048 layer is split over 2 threads (at 1 << 22
+// they ran on one thread, at half the machine's memory bandwidth)
+constexpr int64_t PT_MACS_PER_TASK = 1 << 18;
 constexpr int64_t PT_NB = 16;                   // weight rows per block (one output vector)
 
 struct PertokenArgs {
@@ -264,6 +267,7 @@ struct PertokenArgs {
   const float *a, *c, *rowsum;   // (M,)
   const int8_t* w;         // (N, K)
   const float *scale, *wsum, *bias, *zs;  // (N,); bias and zs may be nullptr
+  const int32_t* wsum_i;   // (N,) sum_k w[n, k] where w holds no -128 (the AVX2 one-row tile's), or nullptr
   float* y;                // (M, N) float32 output, or nullptr when
   bf16* yb;                //   the output is bfloat16 (M, N)
   int64_t M, N, K;
@@ -442,6 +446,55 @@ void pertoken_tile_avx2(const PertokenArgs& p, int64_t m0, int64_t n0, int64_t r
   }
 }
 
+// One row of codes against 8 weight rows with vpmaddubsw (32 multiply-adds an instruction, twice
+// vpmaddwd's), for weights without -128 (p.wsum_i, their integer row sums, given): the codes are
+// shifted to x = u - 128 in [-128, 127] and the product taken as |x| * sign(w, x), so that
+// vpmaddubsw's int16 pair sums are at most 2 * 128 * 127 = 32512 and never saturate (sign(w, x)
+// negates w, exact for w in [-127, 127]); vpmaddwd by ones widens them to int32. Then
+// sum_k u * w = sum_k x * w + 128 * sum_k w: the same int32 as the other paths (no sum here
+// leaves int32 for K < 65536, as theirs), so the same bits out. At one row a tile it is the
+// decode step's GEMM; its weights stream from memory, and the next tile's rows are prefetched.
+constexpr int64_t PT2_PREFETCH = 2;  // tiles ahead (8 weight rows each) that a tile prefetches
+
+void pertoken_tile1_sign_avx2(const PertokenArgs& p, int64_t m0, int64_t n0, int64_t rows) {
+  constexpr int NR = PT2_NB;
+  const int64_t kmain = p.K / 32 * 32;
+  const int8_t* wr[NR];  // rows past N repeat the last one; their outputs are not stored
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) wr[r] = p.w + (n0 + std::min<int64_t>(r, rows - 1)) * p.K;
+  const uint8_t* ur = p.u + m0 * p.ku;
+  // weight row r's line at k, PT2_PREFETCH tiles ahead (not past the weight's last row)
+  const int64_t ahead = std::min<int64_t>(PT2_PREFETCH * NR, p.N - 1 - (n0 + NR - 1)) * p.K;
+  __m256i acc[NR];
+  _Pragma("GCC unroll 8") for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_si256();
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  auto step = [&](int64_t k) {
+    const __m256i x = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ur + k)), flip);
+    const __m256i ax = _mm256_abs_epi8(x);  // -128 -> 0x80: 128 as vpmaddubsw's unsigned operand
+    _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), ones));
+    }
+  };
+  int64_t k = 0;
+  for (; k + 64 <= kmain; k += 64) {
+    if (ahead > 0) {
+      _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + ahead + k), _MM_HINT_T0);
+    }
+    step(k);
+    step(k + 32);
+  }
+  if (k < kmain) step(k);
+  alignas(32) int32_t sums[NR];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums), pt2_sum8(acc));
+  for (int r = 0; r < rows; ++r) {
+    int32_t total = sums[r] + 128 * p.wsum_i[n0 + r];  // |each term| < 2**31 for K < 65536
+    for (int64_t k = kmain; k < p.K; ++k) total += (static_cast<int32_t>(ur[k]) - 128) * static_cast<int32_t>(wr[r][k]);
+    const int64_t n = n0 + r;
+    const float v = pt_output(p, m0, n, total);
+    p.yb ? store_out(p.yb + m0 * p.N + n, v) : store_out(p.y + m0 * p.N + n, v);
+  }
+}
+
 // blocks [nb0, nb1) of 8 weight rows against all rows of codes, PT2_MBLOCK rows at a time (they
 // stay in L2 while the blocks' weight rows pass): 4 rows a tile, then 2, then 1
 void pertoken_blocks_avx2(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
@@ -455,7 +508,8 @@ void pertoken_blocks_avx2(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
         for (int64_t m = mb; m < m4; m += 4) pertoken_tile_avx2<4>(p, m, n, std::min<int64_t>(2, ne - n));
       for (int64_t n = nb; n < ne; n += 4)
         for (int64_t m = m4; m < m2; m += 2) pertoken_tile_avx2<2>(p, m, n, std::min<int64_t>(4, ne - n));
-      for (int64_t m = m2; m < me; ++m) pertoken_tile_avx2<1>(p, m, nb, ne - nb);
+      for (int64_t m = m2; m < me; ++m)
+        p.wsum_i ? pertoken_tile1_sign_avx2(p, m, nb, ne - nb) : pertoken_tile_avx2<1>(p, m, nb, ne - nb);
     }
   }
 }
@@ -463,7 +517,7 @@ void pertoken_blocks_avx2(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
 
 at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
                                 const at::Tensor& wsum, const at::Tensor& bias, const at::Tensor& zs,
-                                const at::Tensor& smooth, bool force_scalar) {
+                                const at::Tensor& smooth, const at::Tensor& wsum_i, bool force_scalar) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.is_cpu(), "pertoken_linear: x must be a 2-D CPU (M, K) tensor");
   // float32 and bfloat16 rows are read as they are, and the output has their dtype; others
   // (float16) are converted to float32 and back
@@ -481,6 +535,9 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
   const bool has_smooth = smooth.numel() > 0;
   TORCH_CHECK(!has_smooth || (smooth.dim() == 1 && smooth.size(0) == K && smooth.scalar_type() == at::kFloat &&
                               smooth.is_contiguous()), "pertoken_linear: smooth must be contiguous float32 (K,)");
+  TORCH_CHECK(wsum_i.numel() == 0 || (wsum_i.dim() == 1 && wsum_i.size(0) == N && wsum_i.scalar_type() == at::kInt &&
+                                      wsum_i.is_contiguous() && K < 65536),
+              "pertoken_linear: wsum_i must be contiguous int32 (N,) (or empty), and K < 65536");
   at::Tensor y = at::empty({M, N}, x.options());  // float32 or bfloat16, as x
   if (M == 0 || N == 0) return x_in.scalar_type() == x.scalar_type() ? y : y.to(x_in.scalar_type());
   // codes (M, ku) and a, c, rowsum: a thread-local buffer kept between calls for a few rows, a
@@ -503,7 +560,8 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
     quantize_into(x.data_ptr<float>(), sp, M, K, codes.data(), ku, a, c, rs);
   PertokenArgs p{codes.data(), ku, a, c, rs, w.data_ptr<int8_t>(), scale.data_ptr<float>(),
                  wsum.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr,
-                 zs.numel() ? zs.data_ptr<float>() : nullptr, is_bf16 ? nullptr : y.data_ptr<float>(),
+                 zs.numel() ? zs.data_ptr<float>() : nullptr, wsum_i.numel() ? wsum_i.data_ptr<int32_t>() : nullptr,
+                 is_bf16 ? nullptr : y.data_ptr<float>(),
                  is_bf16 ? y.data_ptr<bf16>() : nullptr, M, N, K};
   const int64_t blocks = (N + PT_NB - 1) / PT_NB;
   const int64_t grain = std::max<int64_t>(1, PT_MACS_PER_TASK / std::max<int64_t>(M * K * PT_NB, 1));
@@ -526,14 +584,15 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
 }
 
 at::Tensor pertoken_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& wsum,
-                           const at::Tensor& bias, const at::Tensor& zs, const at::Tensor& smooth) {
-  return pertoken_linear_impl(x, w, scale, wsum, bias, zs, smooth, false);
+                           const at::Tensor& bias, const at::Tensor& zs, const at::Tensor& smooth,
+                           const at::Tensor& wsum_i) {
+  return pertoken_linear_impl(x, w, scale, wsum, bias, zs, smooth, wsum_i, false);
 }
 
 at::Tensor pertoken_linear_scalar(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                                   const at::Tensor& wsum, const at::Tensor& bias, const at::Tensor& zs,
-                                  const at::Tensor& smooth) {
-  return pertoken_linear_impl(x, w, scale, wsum, bias, zs, smooth, true);
+                                  const at::Tensor& smooth, const at::Tensor& wsum_i) {
+  return pertoken_linear_impl(x, w, scale, wsum, bias, zs, smooth, wsum_i, true);
 }
 
 // ---------------------------------------------------------------------------------------------

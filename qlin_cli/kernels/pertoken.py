@@ -18,6 +18,7 @@ import torch
 
 from . import native
 from .common import EMPTY as _EMPTY
+from .common import weight_int_sums as _weight_int_sums
 from .common import weight_row_sums as _weight_row_sums
 from .registry import Kernel, KernelChoice
 
@@ -46,7 +47,11 @@ class Pertoken:
         zp = zero_point.to(torch.int32).reshape(-1).expand(n)
         self.scale = s
         self.zs = (s * zp.float()).contiguous() if bool(zp.any()) else _EMPTY  # asymmetric weights
-        self.wsum = _weight_row_sums(weight, scale, zero_point).contiguous()
+        int_sums = _weight_int_sums(weight)
+        self.wsum = _weight_row_sums(weight, scale, zero_point, int_sums).contiguous()
+        # the integer row sums, for the AVX2 one-row tile's vpmaddubsw (exact only without -128 in
+        # the weight: symmetric weights are in [-127, 127], asymmetric ones may reach -128)
+        self.wsum_i = int_sums.contiguous() if _no_minus_128(weight) else _EMPTY_I32
         self.bias = _EMPTY if bias is None else bias.float().contiguous()
         self.smooth = _EMPTY if smooth is None else smooth.float().contiguous()
         self.weight = weight.contiguous()  # the layer's own int8 buffer (no copy): pertoken_linear reads it
@@ -60,7 +65,19 @@ class Pertoken:
         return self.one_call(x)
 
     def one_call(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, self.weight, self.scale, self.wsum, self.bias, self.zs, self.smooth)
+        return self.linear(x, self.weight, self.scale, self.wsum, self.bias, self.zs, self.smooth, self.wsum_i)
+
+
+_EMPTY_I32 = torch.empty(0, dtype=torch.int32)
+
+
+def _no_minus_128(weight: torch.Tensor) -> bool:
+    """Whether no value of the int8 weight is -128 (a block of rows at a time, no big temporary)."""
+    n, k = weight.shape
+    if weight.numel() == 0:
+        return True
+    step = max(1, (1 << 22) // k)
+    return all(int(weight[i:i + step].min()) > -128 for i in range(0, n, step))
 
 
 def refuse_tracing() -> None:
