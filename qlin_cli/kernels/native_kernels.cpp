@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -456,14 +457,15 @@ void pertoken_tile_avx2(const PertokenArgs& p, int64_t m0, int64_t n0, int64_t r
 // decode step's GEMM; its weights stream from memory, and the next tile's rows are prefetched.
 constexpr int64_t PT2_PREFETCH = 2;  // tiles ahead (8 weight rows each) that a tile prefetches
 
-void pertoken_tile1_sign_avx2(const PertokenArgs& p, int64_t m0, int64_t n0, int64_t rows) {
+// (weight rows from n_stop on are another task's: not prefetched)
+void pertoken_tile1_sign_avx2(const PertokenArgs& p, int64_t m0, int64_t n0, int64_t rows, int64_t n_stop) {
   constexpr int NR = PT2_NB;
   const int64_t kmain = p.K / 32 * 32;
   const int8_t* wr[NR];  // rows past N repeat the last one; their outputs are not stored
   _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) wr[r] = p.w + (n0 + std::min<int64_t>(r, rows - 1)) * p.K;
   const uint8_t* ur = p.u + m0 * p.ku;
-  // weight row r's line at k, PT2_PREFETCH tiles ahead (not past the weight's last row)
-  const int64_t ahead = std::min<int64_t>(PT2_PREFETCH * NR, p.N - 1 - (n0 + NR - 1)) * p.K;
+  // weight row r's line at k, PT2_PREFETCH tiles ahead (not past the task's last row)
+  const int64_t ahead = std::min<int64_t>(PT2_PREFETCH * NR, n_stop - 1 - (n0 + NR - 1)) * p.K;
   __m256i acc[NR];
   _Pragma("GCC unroll 8") for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_si256();
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
@@ -509,7 +511,7 @@ void pertoken_blocks_avx2(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
       for (int64_t n = nb; n < ne; n += 4)
         for (int64_t m = m4; m < m2; m += 2) pertoken_tile_avx2<2>(p, m, n, std::min<int64_t>(4, ne - n));
       for (int64_t m = m2; m < me; ++m)
-        p.wsum_i ? pertoken_tile1_sign_avx2(p, m, nb, ne - nb) : pertoken_tile_avx2<1>(p, m, nb, ne - nb);
+        p.wsum_i ? pertoken_tile1_sign_avx2(p, m, nb, ne - nb, n_end) : pertoken_tile_avx2<1>(p, m, nb, ne - nb);
     }
   }
 }
@@ -565,7 +567,14 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
                  is_bf16 ? y.data_ptr<bf16>() : nullptr, M, N, K};
   const int64_t blocks = (N + PT_NB - 1) / PT_NB;
   const int64_t grain = std::max<int64_t>(1, PT_MACS_PER_TASK / std::max<int64_t>(M * K * PT_NB, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  // Threads take chunks of `grain` blocks (at least; at most 1/8 of a thread's share) from a
+  // shared counter until none is left, so a thread slowed down (by another process on its core,
+  // or by its memory) does not hold the others up at the end; which thread computes a block
+  // changes no bit of it.
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (blocks + grain - 1) / grain);
+  const int64_t chunk = std::max(grain, blocks / std::max<int64_t>(8 * tasks, 1));
+  std::atomic<int64_t> next{0};
+  auto run = [&](int64_t begin, int64_t end) {
 #ifdef QLIN_VNNI
     if (!force_scalar) {
       pertoken_blocks_vnni(p, begin, end);
@@ -579,7 +588,14 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
     }
 #endif
     pertoken_blocks_scalar(p, begin, end);
-  });
+  };
+  if (tasks <= 1) {
+    run(0, blocks);
+  } else {
+    at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+      for (int64_t b = next.fetch_add(chunk); b < blocks; b = next.fetch_add(chunk)) run(b, std::min(blocks, b + chunk));
+    });
+  }
   return x_in.scalar_type() == x.scalar_type() ? y : y.to(x_in.scalar_type());
 }
 
