@@ -70,12 +70,60 @@ inline void store16(float* y, __m512 v, __mmask16 m = 0xFFFF) { _mm512_mask_stor
 inline void store16(bf16* y, __m512 v, __mmask16 m = 0xFFFF) { _mm256_mask_storeu_epi16(y, m, to_bf16(v)); }
 #endif
 
+#if defined(__AVX2__) && !defined(QLIN_AVX512)
+#define QLIN_AVX2_ROWS 1  // quantize_into's AVX2 loops (a decode step's codes: ~10-20 us a layer in scalar)
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const bf16* x) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
 // xs[k] = x[k] / smooth[k] into buf (when smooth); lo, hi of the (smoothed) row
 template <typename T>
 void row_min_max(const T* x, const float* sm, float* buf, int64_t K, float& lo, float& hi) {
   int64_t k = 0;
   lo = INFINITY;
   hi = -INFINITY;
+#ifdef QLIN_AVX2_ROWS
+  // lane by lane as the scalar loop compares (vminps(v, acc) is `v < acc ? v : acc`: a NaN is
+  // skipped), then the lanes in order. -0.0 and 0.0 compare equal, so which of them a row's
+  // lo or hi is depends on the order of the comparisons: a row whose lo or hi is a zero is
+  // compared again in the scalar loop's order below.
+  if (K >= 8) {
+    __m256 vmin = _mm256_set1_ps(INFINITY), vmax = _mm256_set1_ps(-INFINITY);
+    for (; k + 8 <= K; k += 8) {
+      __m256 v = load8(x + k);
+      if (sm) {
+        v = _mm256_div_ps(v, _mm256_loadu_ps(sm + k));
+        _mm256_storeu_ps(buf + k, v);
+      }
+      vmin = _mm256_min_ps(v, vmin);
+      vmax = _mm256_max_ps(v, vmax);
+    }
+    alignas(32) float mins[8], maxs[8];
+    _mm256_store_ps(mins, vmin);
+    _mm256_store_ps(maxs, vmax);
+    for (int j = 0; j < 8; ++j) {
+      lo = mins[j] < lo ? mins[j] : lo;
+      hi = maxs[j] > hi ? maxs[j] : hi;
+    }
+    for (int64_t t = k; t < K; ++t) {
+      float v = to_float(x[t]);
+      if (sm) v = v / sm[t];
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    }
+    if (lo != 0.0f && hi != 0.0f) {
+      for (; k < K; ++k)
+        if (sm) buf[k] = to_float(x[k]) / sm[k];
+      return;
+    }
+    k = 0;  // a zero: the scalar loop's order
+    lo = INFINITY;
+    hi = -INFINITY;
+  }
+#endif
 #ifdef QLIN_AVX512
   __m512 vmin = _mm512_set1_ps(INFINITY), vmax = _mm512_set1_ps(-INFINITY);
   for (; k + 16 <= K; k += 16) {
@@ -116,6 +164,25 @@ int64_t quantize_row(const T* x, uint8_t* u, int64_t K, float lo, float inv, flo
     _mm_storeu_si128(reinterpret_cast<__m128i*>(u + k), _mm512_cvtepi32_epi8(i));
   }
   total = _mm512_reduce_add_epi32(acc);
+#endif
+#ifdef QLIN_AVX2_ROWS
+  {  // the same operations; vcvtps2dq rounds to nearest even as nearbyint does (default MXCSR)
+    const __m256 vlo = _mm256_set1_ps(lo), vinv = _mm256_set1_ps(inv), vs = _mm256_set1_ps(inv_s);
+    const __m256i zero = _mm256_setzero_si256(), top = _mm256_set1_epi32(255);
+    const __m256i bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                           0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256i acc = _mm256_setzero_si256();
+    for (; k + 8 <= K; k += 8) {
+      const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x + k), vlo), vinv), vs);
+      const __m256i i = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), zero), top);
+      acc = _mm256_add_epi32(acc, i);
+      const __m256i b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(i, bytes), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(u + k), _mm256_castsi256_si128(b));
+    }
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+    for (int j = 0; j < 8; ++j) total += lanes[j];
+  }
 #endif
   for (; k < K; ++k) {
     float r = std::nearbyint(((to_float(x[k]) - lo) * inv) * inv_s);
@@ -251,7 +318,8 @@ at::Tensor epilogue_(at::Tensor y, const at::Tensor& a, const at::Tensor& c, con
 // vpdpbusd (u8 x s8, 64 k a step); their lanes are summed by a transposing add tree into one
 // vector of 16 outputs. Codes live in a thread-local buffer kept between calls, zero padded to a
 // multiple of 64 (the weight's tail is a masked load). Threads follow the work: a task takes at
-// least PT_MACS_PER_TASK multiply-adds, so a small layer runs on the calling thread alone.
+// least PT_MACS_PER_TASK multiply-adds, so a small layer runs on the calling thread alone, and
+// threads take chunks of blocks from a shared counter.
 // The scalar path (no AVX-512 VNNI; also exposed as _pertoken_linear_scalar for tests) computes
 // the same integers and the same float operations: the same bits.
 
@@ -395,8 +463,10 @@ void pertoken_blocks_vnni(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
 // int32 sums, the same integers as the VNNI path, so the same bits out. A tile is MB rows of
 // codes x NR = 8 / MB weight rows: 8 accumulators of 8 int32 lanes (k mod 16 pairs), summed by a
 // transposing add tree into one vector of 8 outputs; k past the last multiple of 16 and the
-// epilogue (pt_output, the scalar path's own function) run per output. Any number of rows: the
-// same tiles for every M, so a row's result never depends on the batch.
+// epilogue (pt_output, the scalar path's own function) run per output. A row left over after the
+// 4- and 2-row tiles (decode's one row) takes vpmaddubsw instead where the caller gives the
+// weight's integer row sums (pertoken_tile1_sign_avx2). Any number of rows: the same integers
+// for every M, whichever tile computes them, so a row's result never depends on the batch.
 constexpr int64_t PT2_NB = 8;   // outputs per tile (MB x NR)
 constexpr int64_t PT2_MBLOCK = 64;  // rows of codes per pass over a thread's weight rows (L2)
 

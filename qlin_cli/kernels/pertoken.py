@@ -6,8 +6,10 @@ It is the per-token kernel of x86 CPUs without VNNI (AVX2 only: AMD Zen 1-3, Int
 Lake). There, oneDNN's and fbgemm's u8 x s8 GEMMs would saturate full-range codes (vpmaddubsw's
 int16 pair sums), and `torch._int_mm`, the kernel `auto` fell back to, cost 8-17x float32 per
 layer (RESULTS.md, "pertoken-avx2"); qlin's AVX2 GEMM widens both operands to int16 (vpmaddwd:
-exact sums). Its codes, integer sums and float operations are the `onednn` kernel's, so a file
-gives the same bits on a CPU with VNNI and on one without, at every batch size.
+exact sums), and a lone row (a decode step) runs vpmaddubsw on codes shifted by 128 with the
+weight's integer row sums added back (exact for weights without -128: `wsum_i`; RESULTS.md,
+"pertoken-decode"). Its codes, integer sums and float operations are the `onednn` kernel's, so a
+file gives the same bits on a CPU with VNNI and on one without, at every batch size.
 """
 
 from __future__ import annotations
