@@ -85,43 +85,37 @@ void row_min_max(const T* x, const float* sm, float* buf, int64_t K, float& lo, 
   int64_t k = 0;
   lo = INFINITY;
   hi = -INFINITY;
-#ifdef QLIN_AVX2_ROWS
-  // lane by lane as the scalar loop compares (vminps(v, acc) is `v < acc ? v : acc`: a NaN is
-  // skipped), then the lanes in order. -0.0 and 0.0 compare equal, so which of them a row's
-  // lo or hi is depends on the order of the comparisons: a row whose lo or hi is a zero is
-  // compared again in the scalar loop's order below.
-  if (K >= 8) {
-    __m256 vmin = _mm256_set1_ps(INFINITY), vmax = _mm256_set1_ps(-INFINITY);
-    for (; k + 8 <= K; k += 8) {
-      __m256 v = load8(x + k);
-      if (sm) {
-        v = _mm256_div_ps(v, _mm256_loadu_ps(sm + k));
-        _mm256_storeu_ps(buf + k, v);
-      }
-      vmin = _mm256_min_ps(v, vmin);
-      vmax = _mm256_max_ps(v, vmax);
-    }
-    alignas(32) float mins[8], maxs[8];
-    _mm256_store_ps(mins, vmin);
-    _mm256_store_ps(maxs, vmax);
-    for (int j = 0; j < 8; ++j) {
-      lo = mins[j] < lo ? mins[j] : lo;
-      hi = maxs[j] > hi ? maxs[j] : hi;
-    }
-    for (int64_t t = k; t < K; ++t) {
+  auto scan = [&](int64_t from) {
+    for (int64_t t = from; t < K; ++t) {
       float v = to_float(x[t]);
-      if (sm) v = v / sm[t];
+      if (sm) {
+        v = v / sm[t];
+        buf[t] = v;
+      }
       lo = v < lo ? v : lo;
       hi = v > hi ? v : hi;
     }
-    if (lo != 0.0f && hi != 0.0f) {
-      for (; k < K; ++k)
-        if (sm) buf[k] = to_float(x[k]) / sm[k];
-      return;
+  };
+#ifdef QLIN_AVX2_ROWS
+  // lane by lane as the scalar loop compares (vminps(v, acc) is `v < acc ? v : acc`: a NaN is
+  // skipped), then the lanes in order; -0.0 and 0.0 compare equal, so a row whose lo or hi is a
+  // zero is scanned again in the scalar loop's order (below), which keeps the first one met
+  __m256 vmin = _mm256_set1_ps(INFINITY), vmax = _mm256_set1_ps(-INFINITY);
+  for (; k + 8 <= K; k += 8) {
+    __m256 v = load8(x + k);
+    if (sm) {
+      v = _mm256_div_ps(v, _mm256_loadu_ps(sm + k));
+      _mm256_storeu_ps(buf + k, v);
     }
-    k = 0;  // a zero: the scalar loop's order
-    lo = INFINITY;
-    hi = -INFINITY;
+    vmin = _mm256_min_ps(v, vmin);
+    vmax = _mm256_max_ps(v, vmax);
+  }
+  alignas(32) float mins[8], maxs[8];
+  _mm256_store_ps(mins, vmin);
+  _mm256_store_ps(maxs, vmax);
+  for (int j = 0; j < 8; ++j) {
+    lo = mins[j] < lo ? mins[j] : lo;
+    hi = maxs[j] > hi ? maxs[j] : hi;
   }
 #endif
 #ifdef QLIN_AVX512
@@ -138,15 +132,14 @@ void row_min_max(const T* x, const float* sm, float* buf, int64_t K, float& lo, 
   lo = _mm512_reduce_min_ps(vmin);
   hi = _mm512_reduce_max_ps(vmax);
 #endif
-  for (; k < K; ++k) {
-    float v = to_float(x[k]);
-    if (sm) {
-      v = v / sm[k];
-      buf[k] = v;
-    }
-    lo = v < lo ? v : lo;
-    hi = v > hi ? v : hi;
+  scan(k);
+#ifdef QLIN_AVX2_ROWS
+  if (k > 0 && (lo == 0.0f || hi == 0.0f)) {
+    lo = INFINITY;
+    hi = -INFINITY;
+    scan(0);
   }
+#endif
 }
 
 // u[k] = clamp(rne(((x[k] - lo) * inv) * inv_s), 0, 255); returns the sum of u
