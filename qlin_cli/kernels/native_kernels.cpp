@@ -630,12 +630,15 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
                  is_bf16 ? y.data_ptr<bf16>() : nullptr, M, N, K};
   const int64_t blocks = (N + PT_NB - 1) / PT_NB;
   const int64_t grain = std::max<int64_t>(1, PT_MACS_PER_TASK / std::max<int64_t>(M * K * PT_NB, 1));
-  // Threads take chunks of `grain` blocks (at least; at most 1/8 of a thread's share) from a
-  // shared counter until none is left, so a thread slowed down (by another process on its core,
-  // or by its memory) does not hold the others up at the end; which thread computes a block
-  // changes no bit of it.
+  // Threads take chunks of blocks from a shared counter until none is left: at a few rows
+  // (memory-bound) `grain` blocks at least and 1/8 of a thread's share at most, so a thread
+  // slowed down (by another process on its core, or by its memory) does not hold the others up
+  // at the end; at more rows a thread's whole share, one contiguous range as a static split
+  // gives (the AVX2 path's passes of PT2_MBLOCK rows of codes over it). Which thread computes a
+  // block changes no bit of it.
   const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (blocks + grain - 1) / grain);
-  const int64_t chunk = std::max(grain, blocks / std::max<int64_t>(8 * tasks, 1));
+  const int64_t chunk = M <= 4 ? std::max(grain, blocks / std::max<int64_t>(8 * tasks, 1))
+                               : (blocks + tasks - 1) / std::max<int64_t>(tasks, 1);
   std::atomic<int64_t> next{0};
   auto run = [&](int64_t begin, int64_t end) {
 #ifdef QLIN_VNNI
