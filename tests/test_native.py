@@ -173,6 +173,40 @@ def test_quantize_rows_maps_each_row_onto_0_255_within_half_a_step():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_rows_is_its_formula_bit_for_bit(dtype):
+    """Codes, a, c and row sums against the formula in float32 torch ops (one rounding each):
+    u = clamp(rne(((x - lo) * (1 / width)) * INV_S), 0, 255), on rows of 1 to 83 values (the
+    vector loops' widths and tails), with zeros of both signs at a row's ends (lo or hi a zero:
+    -0.0 and 0.0 are equal, the first one met is kept), NaN skipped by min and max."""
+    inv_s = 1.0 / torch.tensor(1.0 / 255.0, dtype=torch.float32)  # fbgemm's reciprocal, in float32
+    g = torch.Generator().manual_seed(4)
+    for k in (1, 7, 8, 9, 16, 17, 31, 83):
+        x = (torch.randn(6, k, generator=g) * 3).to(dtype)
+        x[1] = x[1].abs()
+        # lo a zero, 0.0 met first (at k = 1), -0.0 after it in an earlier vector lane (k = 8)
+        x[1, min(1, k - 1)], x[1, 8 % k] = 0.0, -0.0
+        x[2] = -x[2].abs()
+        x[2, min(1, k - 1)], x[2, 8 % k] = -0.0, 0.0  # hi a zero, the same the other way round
+        x[3, k // 2] = float("nan")  # one NaN: min and max skip it (its code is what the CPU gives)
+        codes, a, c, rowsum = KERNELS.quantize_rows(x, torch.empty(0))
+        xf = x.float()
+        for m in range(6):
+            row = xf[m]
+            lo, hi = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+            for v in row:  # the scalar loop's order
+                lo = v if v < lo else lo
+                hi = v if v > hi else hi
+            width = (hi - lo).clamp_min(MIN_SCALE)
+            u = torch.round(((row - lo) * (1.0 / width)) * inv_s).clamp(0, 255)
+            live = ~row.isnan()
+            assert torch.equal(codes[m][live], u[live].to(torch.uint8)), (k, m)
+            assert c[m].view(torch.int32) == lo.view(torch.int32) and a[m] == width / 255, (k, m)
+            if bool(live.all()):
+                assert rowsum[m] == float(u.sum()), (k, m)
+
+
+@needs_native
 def test_a_constant_or_tiny_row_gets_code_0_and_the_smallest_width():
     x = _rows()
     codes, a, c, _ = KERNELS.quantize_rows(x, torch.empty(0))

@@ -74,7 +74,7 @@ def _inputs(m, k, seed=1):
 
 
 def _fused(path, run, x):
-    return getattr(KERNELS, path)(x, run.weight, run.scale, run.wsum, run.bias, run.zs, run.smooth)
+    return getattr(KERNELS, path)(x, run.weight, run.scale, run.wsum, run.bias, run.zs, run.smooth, run.wsum_i)
 
 
 @pytest.mark.parametrize("sym, smooth, bias", list(itertools.product([True, False], repeat=3)))
@@ -131,6 +131,48 @@ def test_sums_past_float32s_integers(w):
         assert torch.equal(_fused(path, run, x), _reference(run, x))
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_the_row_sum_path_at_one_to_four_rows_is_the_exact_reference(sym):
+    """The AVX2 one-row tile (vpmaddubsw on codes shifted by 128, plus 128 times the weight's
+    integer row sums `wsum_i`) against the exact reference and the paths without row sums, at 1
+    to 4 rows (and 5, 7: one-row tiles after the 4- and 2-row ones), inputs of K = 1 to 1000
+    (below, at and past its 32- and 64-wide steps), float32 and bfloat16 rows, symmetric and
+    asymmetric weights (their extremes, 127 and -127, included; -128 takes no row sums)."""
+    for n, k in [(9, 1), (8, 31), (17, 32), (23, 33), (24, 64), (40, 65), (33, 127), (70, 200), (25, 1000)]:
+        run = _layer(n, k, sym, bias=n % 2 == 1, seed=n * k)
+        run.weight.clamp_(-127, 127)  # an asymmetric weight's -128s (they take no row sums: below)
+        run.weight[0, : (k + 1) // 2] = 127
+        run.weight[-1, ::2] = -127
+        run = _packed(run.weight, run.scale, torch.zeros(n, dtype=torch.int8) if sym else torch.full((n,), 3, dtype=torch.int8),
+                      None if n % 2 == 0 else run.bias)
+        assert run.wsum_i.dtype == torch.int32 and torch.equal(run.wsum_i, run.weight.sum(1, dtype=torch.int32))
+        none = torch.empty(0, dtype=torch.int32)
+        for m in (1, 2, 3, 4, 5, 7):
+            for x in (_inputs(m, k, seed=m + k), _inputs(m, k, seed=m + k).bfloat16()):
+                expect = _reference(run, x)
+                for path in PATHS:
+                    got = _fused(path, run, x)
+                    without = getattr(KERNELS, path)(x, run.weight, run.scale, run.wsum, run.bias, run.zs, run.smooth,
+                                                     none)
+                    assert torch.equal(got.view(torch.int16) if x.dtype == torch.bfloat16 else got,
+                                       expect.view(torch.int16) if x.dtype == torch.bfloat16 else expect), (path, n, k, m)
+                    assert torch.equal(got, without), (path, n, k, m)
+
+
+def test_weights_holding_minus_128_take_no_row_sums():
+    """vpmaddubsw's sign trick negates the weight, which -128 does not survive: a weight that
+    holds -128 (asymmetric 8-bit weights may) runs without row sums, and exactly."""
+    q = torch.randint(-127, 128, (40, 100), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    q[5, 7] = -128
+    run = _packed(q, torch.rand(40) * 1e-2 + 1e-3, torch.full((40,), -2, dtype=torch.int8), None)
+    assert run.wsum_i.numel() == 0
+    q[5, 7] = -127
+    assert _packed(q, run.scale, torch.zeros(40, dtype=torch.int8), None).wsum_i.numel() == 40
+    for m in (1, 3):
+        x = _inputs(m, 100, seed=m)
+        assert torch.equal(run(x), _reference(run, x))
+
+
 @pytest.mark.parametrize("m", [16, 33, 128])
 def test_a_row_is_the_same_alone_and_in_any_batch(m):
     """Batch invariance: each row alone, in blocks of the kernel's tile sizes, and in the whole
@@ -146,20 +188,21 @@ def test_a_row_is_the_same_alone_and_in_any_batch(m):
 
 
 def test_the_thread_count_changes_no_result():
-    """A layer large enough to be split over threads (16 x 1000 x 1000 multiply-adds) gives the
-    same bits on 1 thread and on 2."""
-    run = _layer(1000, 1000, sym=False, seed=7)
-    x = _inputs(16, 1000, seed=8)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run(x)
-        torch.set_num_threads(2)
-        two = run(x)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)
-    assert torch.equal(one, _reference(run, x))
+    """A layer large enough to be split over threads (1 or 16 x 1000 x 1000 multiply-adds, in
+    chunks the threads take in turn) gives the same bits on 1 thread and on 2."""
+    for run in (_layer(1000, 1000, sym=False, seed=7), _layer(1000, 1000, seed=7)):
+        for m in (1, 16):  # one row: the row-sum tile where weights are symmetric
+            x = _inputs(m, 1000, seed=8)
+            threads = torch.get_num_threads()
+            try:
+                torch.set_num_threads(1)
+                one = run(x)
+                torch.set_num_threads(2)
+                two = run(x)
+            finally:
+                torch.set_num_threads(threads)
+            assert torch.equal(one, two)
+            assert torch.equal(one, _reference(run, x))
 
 
 @pytest.mark.parametrize("m", [1, 16, 40])
@@ -218,13 +261,15 @@ def test_a_buffer_refilled_through_numpy_is_quantized_again():
 def test_bad_operands_are_refused():
     run = _layer(32, 64)
     x = _inputs(4, 64)
-    args = [run.weight, run.scale, run.wsum, run.bias, run.zs, run.smooth]
+    args = [run.weight, run.scale, run.wsum, run.bias, run.zs, run.smooth, run.wsum_i]
     cases = [
         ((x[:, :60], *args), "w must be contiguous int8"),
         ((x, run.weight.float(), *args[1:]), "w must be contiguous int8"),
         ((x, run.weight, run.scale[:5], *args[2:]), "must be contiguous float32"),
         ((x, *args[:3], torch.ones(3), *args[4:]), "must be contiguous float32"),
-        ((x, *args[:5], torch.ones(3)), "smooth must be contiguous float32"),
+        ((x, *args[:5], torch.ones(3), args[6]), "smooth must be contiguous float32"),
+        ((x, *args[:6], run.wsum_i[:5]), "wsum_i must be contiguous int32"),
+        ((x, *args[:6], run.wsum_i.float()), "wsum_i must be contiguous int32"),
     ]
     for path in PATHS:
         for case, message in cases:

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-__all__ = ["cpu_features", "reduce_range", "weight_row_sums", "EMPTY"]
+__all__ = ["cpu_features", "reduce_range", "weight_int_sums", "weight_row_sums", "EMPTY"]
 
 EMPTY = torch.empty(0)
 
@@ -27,15 +27,21 @@ def cpu_features() -> frozenset[str]:
     return frozenset()
 
 
-def weight_row_sums(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """Row sums of the dequantized weight `(N, K)`, `s[n] * sum_k (qw[n, k] - z[n])`, as float32
-    `(N,)`: what an activation offset (x = a * q + c) contributes, c * wsum[n]. The integer sums are
-    exact."""
+def weight_int_sums(weight: torch.Tensor) -> torch.Tensor:
+    """`sum_k qw[n, k]` of an int8 weight `(N, K)`, exact, as int32 `(N,)`."""
     n, k = weight.shape
     step = max(1, (1 << 22) // max(1, k))  # a block of rows at a time: the int32 copy the sum makes stays small
-    sums = torch.cat([weight[i:i + step].sum(dim=1, dtype=torch.int32) for i in range(0, n, step)]) if n else \
+    return torch.cat([weight[i:i + step].sum(dim=1, dtype=torch.int32) for i in range(0, n, step)]) if n else \
         torch.zeros(0, dtype=torch.int32, device=weight.device)
-    sums = sums - k * zero_point.to(torch.int32).reshape(-1)  # (N,) exact
+
+
+def weight_row_sums(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                    int_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """Row sums of the dequantized weight `(N, K)`, `s[n] * sum_k (qw[n, k] - z[n])`, as float32
+    `(N,)`: what an activation offset (x = a * q + c) contributes, c * wsum[n]. The integer sums
+    (`weight_int_sums`, or `int_sums` where the caller has them) are exact."""
+    sums = weight_int_sums(weight) if int_sums is None else int_sums
+    sums = sums - weight.shape[1] * zero_point.to(torch.int32).reshape(-1)  # (N,) exact
     return sums.float() * scale.float().reshape(-1)
 
 

@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -69,12 +70,54 @@ inline void store16(float* y, __m512 v, __mmask16 m = 0xFFFF) { _mm512_mask_stor
 inline void store16(bf16* y, __m512 v, __mmask16 m = 0xFFFF) { _mm256_mask_storeu_epi16(y, m, to_bf16(v)); }
 #endif
 
+#if defined(__AVX2__) && !defined(QLIN_AVX512)
+#define QLIN_AVX2_ROWS 1  // quantize_into's AVX2 loops (a decode step's codes: ~10-20 us a layer in scalar)
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const bf16* x) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
 // xs[k] = x[k] / smooth[k] into buf (when smooth); lo, hi of the (smoothed) row
 template <typename T>
 void row_min_max(const T* x, const float* sm, float* buf, int64_t K, float& lo, float& hi) {
   int64_t k = 0;
   lo = INFINITY;
   hi = -INFINITY;
+  auto scan = [&](int64_t from) {
+    for (int64_t t = from; t < K; ++t) {
+      float v = to_float(x[t]);
+      if (sm) {
+        v = v / sm[t];
+        buf[t] = v;
+      }
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    }
+  };
+#ifdef QLIN_AVX2_ROWS
+  // lane by lane as the scalar loop compares (vminps(v, acc) is `v < acc ? v : acc`: a NaN is
+  // skipped), then the lanes in order; -0.0 and 0.0 compare equal, so a row whose lo or hi is a
+  // zero is scanned again in the scalar loop's order (below), which keeps the first one met
+  __m256 vmin = _mm256_set1_ps(INFINITY), vmax = _mm256_set1_ps(-INFINITY);
+  for (; k + 8 <= K; k += 8) {
+    __m256 v = load8(x + k);
+    if (sm) {
+      v = _mm256_div_ps(v, _mm256_loadu_ps(sm + k));
+      _mm256_storeu_ps(buf + k, v);
+    }
+    vmin = _mm256_min_ps(v, vmin);
+    vmax = _mm256_max_ps(v, vmax);
+  }
+  alignas(32) float mins[8], maxs[8];
+  _mm256_store_ps(mins, vmin);
+  _mm256_store_ps(maxs, vmax);
+  for (int j = 0; j < 8; ++j) {
+    lo = mins[j] < lo ? mins[j] : lo;
+    hi = maxs[j] > hi ? maxs[j] : hi;
+  }
+#endif
 #ifdef QLIN_AVX512
   __m512 vmin = _mm512_set1_ps(INFINITY), vmax = _mm512_set1_ps(-INFINITY);
   for (; k + 16 <= K; k += 16) {
@@ -89,15 +132,14 @@ void row_min_max(const T* x, const float* sm, float* buf, int64_t K, float& lo, 
   lo = _mm512_reduce_min_ps(vmin);
   hi = _mm512_reduce_max_ps(vmax);
 #endif
-  for (; k < K; ++k) {
-    float v = to_float(x[k]);
-    if (sm) {
-      v = v / sm[k];
-      buf[k] = v;
-    }
-    lo = v < lo ? v : lo;
-    hi = v > hi ? v : hi;
+  scan(k);
+#ifdef QLIN_AVX2_ROWS
+  if (k > 0 && (lo == 0.0f || hi == 0.0f)) {
+    lo = INFINITY;
+    hi = -INFINITY;
+    scan(0);
   }
+#endif
 }
 
 // u[k] = clamp(rne(((x[k] - lo) * inv) * inv_s), 0, 255); returns the sum of u
@@ -115,6 +157,25 @@ int64_t quantize_row(const T* x, uint8_t* u, int64_t K, float lo, float inv, flo
     _mm_storeu_si128(reinterpret_cast<__m128i*>(u + k), _mm512_cvtepi32_epi8(i));
   }
   total = _mm512_reduce_add_epi32(acc);
+#endif
+#ifdef QLIN_AVX2_ROWS
+  {  // the same operations; vcvtps2dq rounds to nearest even as nearbyint does (default MXCSR)
+    const __m256 vlo = _mm256_set1_ps(lo), vinv = _mm256_set1_ps(inv), vs = _mm256_set1_ps(inv_s);
+    const __m256i zero = _mm256_setzero_si256(), top = _mm256_set1_epi32(255);
+    const __m256i bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                           0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256i acc = _mm256_setzero_si256();
+    for (; k + 8 <= K; k += 8) {
+      const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x + k), vlo), vinv), vs);
+      const __m256i i = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), zero), top);
+      acc = _mm256_add_epi32(acc, i);
+      const __m256i b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(i, bytes), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(u + k), _mm256_castsi256_si128(b));
+    }
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+    for (int j = 0; j < 8; ++j) total += lanes[j];
+  }
 #endif
   for (; k < K; ++k) {
     float r = std::nearbyint(((to_float(x[k]) - lo) * inv) * inv_s);
@@ -250,12 +311,16 @@ at::Tensor epilogue_(at::Tensor y, const at::Tensor& a, const at::Tensor& c, con
 // vpdpbusd (u8 x s8, 64 k a step); their lanes are summed by a transposing add tree into one
 // vector of 16 outputs. Codes live in a thread-local buffer kept between calls, zero padded to a
 // multiple of 64 (the weight's tail is a masked load). Threads follow the work: a task takes at
-// least PT_MACS_PER_TASK multiply-adds, so a small layer runs on the calling thread alone.
+// least PT_MACS_PER_TASK multiply-adds, so a small layer runs on the calling thread alone, and
+// threads take chunks of blocks from a shared counter.
 // The scalar path (no AVX-512 VNNI; also exposed as _pertoken_linear_scalar for tests) computes
 // the same integers and the same float operations: the same bits.
 
 constexpr int64_t PT_MAX_ROWS = 16;             // rows this kernel takes; oneDNN's GEMM above
-constexpr int64_t PT_MACS_PER_TASK = 1 << 22;   // multiply-adds a thread takes at least (~30 us here)
+// multiply-adds a thread takes at least (~20 us on one AVX2 core): at one row that is 256 KB of
+// weights, so a decode step's 2048 x 2048 or 256 x 2048 layer is split over 2 threads (at 1 << 22
+// they ran on one thread, at half the machine's memory bandwidth)
+constexpr int64_t PT_MACS_PER_TASK = 1 << 18;
 constexpr int64_t PT_NB = 16;                   // weight rows per block (one output vector)
 
 struct PertokenArgs {
@@ -264,6 +329,7 @@ struct PertokenArgs {
   const float *a, *c, *rowsum;   // (M,)
   const int8_t* w;         // (N, K)
   const float *scale, *wsum, *bias, *zs;  // (N,); bias and zs may be nullptr
+  const int32_t* wsum_i;   // (N,) sum_k w[n, k] where w holds no -128 (the AVX2 one-row tile's), or nullptr
   float* y;                // (M, N) float32 output, or nullptr when
   bf16* yb;                //   the output is bfloat16 (M, N)
   int64_t M, N, K;
@@ -390,8 +456,10 @@ void pertoken_blocks_vnni(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
 // int32 sums, the same integers as the VNNI path, so the same bits out. A tile is MB rows of
 // codes x NR = 8 / MB weight rows: 8 accumulators of 8 int32 lanes (k mod 16 pairs), summed by a
 // transposing add tree into one vector of 8 outputs; k past the last multiple of 16 and the
-// epilogue (pt_output, the scalar path's own function) run per output. Any number of rows: the
-// same tiles for every M, so a row's result never depends on the batch.
+// epilogue (pt_output, the scalar path's own function) run per output. A row left over after the
+// 4- and 2-row tiles (decode's one row) takes vpmaddubsw instead where the caller gives the
+// weight's integer row sums (pertoken_tile1_sign_avx2). Any number of rows: the same integers
+// for every M, whichever tile computes them, so a row's result never depends on the batch.
 constexpr int64_t PT2_NB = 8;   // outputs per tile (MB x NR)
 constexpr int64_t PT2_MBLOCK = 64;  // rows of codes per pass over a thread's weight rows (L2)
 
@@ -442,6 +510,56 @@ void pertoken_tile_avx2(const PertokenArgs& p, int64_t m0, int64_t n0, int64_t r
   }
 }
 
+// One row of codes against 8 weight rows with vpmaddubsw (32 multiply-adds an instruction, twice
+// vpmaddwd's), for weights without -128 (p.wsum_i, their integer row sums, given): the codes are
+// shifted to x = u - 128 in [-128, 127] and the product taken as |x| * sign(w, x), so that
+// vpmaddubsw's int16 pair sums are at most 2 * 128 * 127 = 32512 and never saturate (sign(w, x)
+// negates w, exact for w in [-127, 127]); vpmaddwd by ones widens them to int32. Then
+// sum_k u * w = sum_k x * w + 128 * sum_k w: the same int32 as the other paths (no sum here
+// leaves int32 for K < 65536, as theirs), so the same bits out. At one row a tile it is the
+// decode step's GEMM; its weights stream from memory, and the next tile's rows are prefetched.
+constexpr int64_t PT2_PREFETCH = 2;  // tiles ahead (8 weight rows each) that a tile prefetches
+
+// (weight rows from n_stop on are another task's: not prefetched)
+void pertoken_tile1_sign_avx2(const PertokenArgs& p, int64_t m0, int64_t n0, int64_t rows, int64_t n_stop) {
+  constexpr int NR = PT2_NB;
+  const int64_t kmain = p.K / 32 * 32;
+  const int8_t* wr[NR];  // rows past N repeat the last one; their outputs are not stored
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) wr[r] = p.w + (n0 + std::min<int64_t>(r, rows - 1)) * p.K;
+  const uint8_t* ur = p.u + m0 * p.ku;
+  // weight row r's line at k, PT2_PREFETCH tiles ahead (not past the task's last row)
+  const int64_t ahead = std::min<int64_t>(PT2_PREFETCH * NR, n_stop - 1 - (n0 + NR - 1)) * p.K;
+  __m256i acc[NR];
+  _Pragma("GCC unroll 8") for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_si256();
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  auto step = [&](int64_t k) {
+    const __m256i x = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ur + k)), flip);
+    const __m256i ax = _mm256_abs_epi8(x);  // -128 -> 0x80: 128 as vpmaddubsw's unsigned operand
+    _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), ones));
+    }
+  };
+  int64_t k = 0;
+  for (; k + 64 <= kmain; k += 64) {
+    if (ahead > 0) {
+      _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + ahead + k), _MM_HINT_T0);
+    }
+    step(k);
+    step(k + 32);
+  }
+  if (k < kmain) step(k);
+  alignas(32) int32_t sums[NR];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums), pt2_sum8(acc));
+  for (int r = 0; r < rows; ++r) {
+    int32_t total = sums[r] + 128 * p.wsum_i[n0 + r];  // |each term| < 2**31 for K < 65536
+    for (int64_t k = kmain; k < p.K; ++k) total += (static_cast<int32_t>(ur[k]) - 128) * static_cast<int32_t>(wr[r][k]);
+    const int64_t n = n0 + r;
+    const float v = pt_output(p, m0, n, total);
+    p.yb ? store_out(p.yb + m0 * p.N + n, v) : store_out(p.y + m0 * p.N + n, v);
+  }
+}
+
 // blocks [nb0, nb1) of 8 weight rows against all rows of codes, PT2_MBLOCK rows at a time (they
 // stay in L2 while the blocks' weight rows pass): 4 rows a tile, then 2, then 1
 void pertoken_blocks_avx2(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
@@ -455,7 +573,8 @@ void pertoken_blocks_avx2(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
         for (int64_t m = mb; m < m4; m += 4) pertoken_tile_avx2<4>(p, m, n, std::min<int64_t>(2, ne - n));
       for (int64_t n = nb; n < ne; n += 4)
         for (int64_t m = m4; m < m2; m += 2) pertoken_tile_avx2<2>(p, m, n, std::min<int64_t>(4, ne - n));
-      for (int64_t m = m2; m < me; ++m) pertoken_tile_avx2<1>(p, m, nb, ne - nb);
+      for (int64_t m = m2; m < me; ++m)
+        p.wsum_i ? pertoken_tile1_sign_avx2(p, m, nb, ne - nb, n_end) : pertoken_tile_avx2<1>(p, m, nb, ne - nb);
     }
   }
 }
@@ -463,7 +582,7 @@ void pertoken_blocks_avx2(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
 
 at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
                                 const at::Tensor& wsum, const at::Tensor& bias, const at::Tensor& zs,
-                                const at::Tensor& smooth, bool force_scalar) {
+                                const at::Tensor& smooth, const at::Tensor& wsum_i, bool force_scalar) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.is_cpu(), "pertoken_linear: x must be a 2-D CPU (M, K) tensor");
   // float32 and bfloat16 rows are read as they are, and the output has their dtype; others
   // (float16) are converted to float32 and back
@@ -481,6 +600,9 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
   const bool has_smooth = smooth.numel() > 0;
   TORCH_CHECK(!has_smooth || (smooth.dim() == 1 && smooth.size(0) == K && smooth.scalar_type() == at::kFloat &&
                               smooth.is_contiguous()), "pertoken_linear: smooth must be contiguous float32 (K,)");
+  TORCH_CHECK(wsum_i.numel() == 0 || (wsum_i.dim() == 1 && wsum_i.size(0) == N && wsum_i.scalar_type() == at::kInt &&
+                                      wsum_i.is_contiguous() && K < 65536),
+              "pertoken_linear: wsum_i must be contiguous int32 (N,) (or empty), and K < 65536");
   at::Tensor y = at::empty({M, N}, x.options());  // float32 or bfloat16, as x
   if (M == 0 || N == 0) return x_in.scalar_type() == x.scalar_type() ? y : y.to(x_in.scalar_type());
   // codes (M, ku) and a, c, rowsum: a thread-local buffer kept between calls for a few rows, a
@@ -503,11 +625,22 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
     quantize_into(x.data_ptr<float>(), sp, M, K, codes.data(), ku, a, c, rs);
   PertokenArgs p{codes.data(), ku, a, c, rs, w.data_ptr<int8_t>(), scale.data_ptr<float>(),
                  wsum.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr,
-                 zs.numel() ? zs.data_ptr<float>() : nullptr, is_bf16 ? nullptr : y.data_ptr<float>(),
+                 zs.numel() ? zs.data_ptr<float>() : nullptr, wsum_i.numel() ? wsum_i.data_ptr<int32_t>() : nullptr,
+                 is_bf16 ? nullptr : y.data_ptr<float>(),
                  is_bf16 ? y.data_ptr<bf16>() : nullptr, M, N, K};
   const int64_t blocks = (N + PT_NB - 1) / PT_NB;
   const int64_t grain = std::max<int64_t>(1, PT_MACS_PER_TASK / std::max<int64_t>(M * K * PT_NB, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  // Threads take chunks of blocks from a shared counter until none is left: at a few rows
+  // (memory-bound) `grain` blocks at least and 1/8 of a thread's share at most, so a thread
+  // slowed down (by another process on its core, or by its memory) does not hold the others up
+  // at the end; at more rows a thread's whole share, one contiguous range as a static split
+  // gives (the AVX2 path's passes of PT2_MBLOCK rows of codes over it). Which thread computes a
+  // block changes no bit of it.
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (blocks + grain - 1) / grain);
+  const int64_t chunk = M <= 4 ? std::max(grain, blocks / std::max<int64_t>(8 * tasks, 1))
+                               : (blocks + tasks - 1) / std::max<int64_t>(tasks, 1);
+  std::atomic<int64_t> next{0};
+  auto run = [&](int64_t begin, int64_t end) {
 #ifdef QLIN_VNNI
     if (!force_scalar) {
       pertoken_blocks_vnni(p, begin, end);
@@ -521,19 +654,27 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
     }
 #endif
     pertoken_blocks_scalar(p, begin, end);
-  });
+  };
+  if (tasks <= 1) {
+    run(0, blocks);
+  } else {
+    at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+      for (int64_t b = next.fetch_add(chunk); b < blocks; b = next.fetch_add(chunk)) run(b, std::min(blocks, b + chunk));
+    });
+  }
   return x_in.scalar_type() == x.scalar_type() ? y : y.to(x_in.scalar_type());
 }
 
 at::Tensor pertoken_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& wsum,
-                           const at::Tensor& bias, const at::Tensor& zs, const at::Tensor& smooth) {
-  return pertoken_linear_impl(x, w, scale, wsum, bias, zs, smooth, false);
+                           const at::Tensor& bias, const at::Tensor& zs, const at::Tensor& smooth,
+                           const at::Tensor& wsum_i) {
+  return pertoken_linear_impl(x, w, scale, wsum, bias, zs, smooth, wsum_i, false);
 }
 
 at::Tensor pertoken_linear_scalar(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                                   const at::Tensor& wsum, const at::Tensor& bias, const at::Tensor& zs,
-                                  const at::Tensor& smooth) {
-  return pertoken_linear_impl(x, w, scale, wsum, bias, zs, smooth, true);
+                                  const at::Tensor& smooth, const at::Tensor& wsum_i) {
+  return pertoken_linear_impl(x, w, scale, wsum, bias, zs, smooth, wsum_i, true);
 }
 
 // ---------------------------------------------------------------------------------------------

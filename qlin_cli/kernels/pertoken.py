@@ -6,8 +6,10 @@ It is the per-token kernel of x86 CPUs without VNNI (AVX2 only: AMD Zen 1-3, Int
 Lake). There, oneDNN's and fbgemm's u8 x s8 GEMMs would saturate full-range codes (vpmaddubsw's
 int16 pair sums), and `torch._int_mm`, the kernel `auto` fell back to, cost 8-17x float32 per
 layer (RESULTS.md, "pertoken-avx2"); qlin's AVX2 GEMM widens both operands to int16 (vpmaddwd:
-exact sums). Its codes, integer sums and float operations are the `onednn` kernel's, so a file
-gives the same bits on a CPU with VNNI and on one without, at every batch size.
+exact sums), and a lone row (a decode step) runs vpmaddubsw on codes shifted by 128 with the
+weight's integer row sums added back (exact for weights without -128: `wsum_i`; RESULTS.md,
+"pertoken-decode"). Its codes, integer sums and float operations are the `onednn` kernel's, so a
+file gives the same bits on a CPU with VNNI and on one without, at every batch size.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from . import native
 from .common import EMPTY as _EMPTY
+from .common import weight_int_sums as _weight_int_sums
 from .common import weight_row_sums as _weight_row_sums
 from .registry import Kernel, KernelChoice
 
@@ -46,7 +49,11 @@ class Pertoken:
         zp = zero_point.to(torch.int32).reshape(-1).expand(n)
         self.scale = s
         self.zs = (s * zp.float()).contiguous() if bool(zp.any()) else _EMPTY  # asymmetric weights
-        self.wsum = _weight_row_sums(weight, scale, zero_point).contiguous()
+        int_sums = _weight_int_sums(weight)
+        self.wsum = _weight_row_sums(weight, scale, zero_point, int_sums).contiguous()
+        # the integer row sums, for the AVX2 one-row tile's vpmaddubsw (exact only without -128 in
+        # the weight: symmetric weights are in [-127, 127], asymmetric ones may reach -128)
+        self.wsum_i = int_sums.contiguous() if _no_minus_128(weight) else _EMPTY_I32
         self.bias = _EMPTY if bias is None else bias.float().contiguous()
         self.smooth = _EMPTY if smooth is None else smooth.float().contiguous()
         self.weight = weight.contiguous()  # the layer's own int8 buffer (no copy): pertoken_linear reads it
@@ -60,7 +67,19 @@ class Pertoken:
         return self.one_call(x)
 
     def one_call(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, self.weight, self.scale, self.wsum, self.bias, self.zs, self.smooth)
+        return self.linear(x, self.weight, self.scale, self.wsum, self.bias, self.zs, self.smooth, self.wsum_i)
+
+
+_EMPTY_I32 = torch.empty(0, dtype=torch.int32)
+
+
+def _no_minus_128(weight: torch.Tensor) -> bool:
+    """Whether no value of the int8 weight is -128 (a block of rows at a time, no big temporary)."""
+    n, k = weight.shape
+    if weight.numel() == 0:
+        return True
+    step = max(1, (1 << 22) // k)
+    return all(int(weight[i:i + step].min()) > -128 for i in range(0, n, step))
 
 
 def refuse_tracing() -> None:
