@@ -77,11 +77,17 @@ class OutputComparison:
         n = ref.shape[0]
         self.shape = (n + (self.shape[0] if self.shape else 0), *ref.shape[1:])
         flat_r, flat_o = ref.reshape(n, -1), out.reshape(n, -1)
-        rows = max(1, self.SLICE // max(flat_r.shape[1], 1))  # float64 copies of a few samples at a time
+        width = flat_r.shape[1]
+        rows = max(1, self.SLICE // max(width, 1))  # float64 copies of a few samples at a time,
+        cols = max(1, self.SLICE // rows)  # or of a part of one (a sample of 1024 tokens' logits)
         for i in range(0, n, rows):
-            r, o = flat_r[i : i + rows].double(), flat_o[i : i + rows].double()
-            self.cosines += float(torch.nn.functional.cosine_similarity(r, o, dim=1, eps=1e-12).sum())
-            self.squares += float((r - o).pow_(2).sum())
+            dot = norm_r = norm_o = torch.zeros(min(rows, n - i), dtype=torch.float64)
+            for c in range(0, width, cols):
+                r, o = flat_r[i : i + rows, c : c + cols].double(), flat_o[i : i + rows, c : c + cols].double()
+                dot, norm_r, norm_o = dot + (r * o).sum(1), norm_r + (r * r).sum(1), norm_o + (o * o).sum(1)
+                self.squares += float((r - o).pow_(2).sum())
+            # cosine_similarity's formula (eps 1e-12), its sums taken a part at a time
+            self.cosines += float((dot / (norm_r * norm_o).clamp_min(1e-24).sqrt()).sum())
         diff = ref - out
         self.signal += float(torch.linalg.vector_norm(ref)) ** 2  # float32 norms, as sqnr_db
         self.noise += float(torch.linalg.vector_norm(diff)) ** 2

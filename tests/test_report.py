@@ -45,10 +45,12 @@ def _whole(ref: torch.Tensor, out: torch.Tensor) -> dict:
 
 @pytest.mark.parametrize("shape", [(37, 10), (9, 5, 300)])
 @pytest.mark.parametrize("batch", [1, 4, 64])
-def test_batches_compare_as_the_whole_output(shape, batch, monkeypatch):
-    """Gathered batch by batch (and in float64 slices of a few samples), the numbers are the
-    whole outputs' to float rounding: an LM's logits need not be kept to be compared."""
-    monkeypatch.setattr(OutputComparison, "SLICE", 700)  # slices of 2 samples of the 3-D case
+@pytest.mark.parametrize("slice_values", [700, 256])
+def test_batches_compare_as_the_whole_output(shape, batch, slice_values, monkeypatch):
+    """Gathered batch by batch (and in float64 slices of a few samples, or of part of one where
+    a sample is larger than a slice: 1,024 tokens of logits), the numbers are the whole outputs'
+    to float rounding: an LM's logits need not be kept to be compared."""
+    monkeypatch.setattr(OutputComparison, "SLICE", slice_values)  # 700: 2 samples of the 3-D case; 256: part of one
     gen = torch.Generator().manual_seed(0)
     ref = torch.randn(shape, generator=gen)
     out = ref + 0.05 * torch.randn(shape, generator=gen)
