@@ -717,6 +717,7 @@ class _Run:
                 swap_module(model, self.blocks.prefix(i), replay)
             try:
                 probe = None if self.probes is None else self._probe_run(model, replay, self.probes[0])
+                _release_freed_memory()
                 if probe is not None:
                     compared, rows = probe[0], probe[1]
                 planned = [model.get_submodule(e.name) for e in outer if e.scheme is not None]
@@ -732,12 +733,15 @@ class _Run:
 
                 self.floats.update(_float_paths(model, outer))
                 self._quantize(dict(model.named_children()), run, outer)
+                _release_freed_memory()  # the head's quantization temporaries
                 if probe is not None:
                     comparison = OutputComparison()
                     for k, (j, sl, chunk) in enumerate(rows):
                         replay.output = _take(self.probes[1][j], sl)
                         out = first_tensor(run_model(model, chunk, "int8 model"))[0]
                         comparison.add(self.spill.get(f"\0probe {k}"), out)
+                        del out
+                        _release_freed_memory()
                     metrics = comparison.metrics()
                 _spill_state(self.spill, model, "", skip=zeros)
                 for name, f in self.floats.items():
