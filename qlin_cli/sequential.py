@@ -733,7 +733,8 @@ class _Run:
 
                 self.floats.update(_float_paths(model, outer))
                 self._quantize(dict(model.named_children()), run, outer)
-                _release_freed_memory()  # the head's quantization temporaries
+                _drop_weights([f for path, f in self.floats.items() if model.get_submodule(path) is not f])
+                _release_freed_memory()  # the head's float weight and quantization temporaries
                 if probe is not None:
                     comparison = OutputComparison()
                     for k, (j, sl, chunk) in enumerate(rows):
@@ -776,6 +777,16 @@ class _Run:
                 swap_module(self.model, path, part.get_submodule(path))
             if self.int8 is not None and r.plan.scheme is not None:
                 self.int8[r.name] = part.get_submodule(r.plan.paths[0])
+
+
+def _drop_weights(modules: list[nn.Module]) -> None:
+    """Put the parameters of `modules` (float layers their int8 copies replaced in the model) back
+    on the meta device: the tail then compares the probe without the float head in memory. The
+    `with` that read them restores its own meta tensors at its end."""
+    for m in modules:
+        for attr, p in list(m._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                m._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=False)
 
 
 def _float_paths(model: nn.Module, entries: list) -> dict[str, nn.Module]:
