@@ -47,6 +47,7 @@ sliding and full attention) is not run block by block (`block_problem`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -150,6 +151,10 @@ class _Call:
     args: tuple
     kwargs: dict[str, Any]
 
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
     def fed(self, hidden: torch.Tensor) -> "_Call":
         if self.args:
             return _Call((hidden, *self.args[1:]), self.kwargs)
@@ -248,7 +253,7 @@ class _Stash:
         self.items: list[Any] = []
 
     def append(self, value: Any) -> None:
-        j, tensors = len(self.items), iter(range(1 << 62))
+        j, tensors = len(self.items), itertools.count()
 
         def park(v: Any) -> Any:
             if isinstance(v, torch.Tensor):
@@ -668,7 +673,7 @@ class _Run:
         with _read_all(self.source, modules):
             def run(j: int) -> torch.Tensor:
                 c = _capture(self.model, self.blocks.modules[0], self.chunks[j], self.batch_size)[0]
-                return c.args[0] if c.args else c.kwargs["hidden_states"]
+                return c.hidden
 
             self.floats.update(_float_paths(self.model, first))
             self._quantize(dict(self.model.named_children()), run, first)

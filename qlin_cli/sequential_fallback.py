@@ -64,6 +64,7 @@ class _Passes:
         self.where = {name: i if i is not None else -1 if name in called else len(run.blocks.modules)
                       for name, i in inside.items()}
         self.size = self._per_pass(calls)  # sets a pass takes: from the data's activations at the first block
+        self.parts: list | None = None  # the parts the outputs are compared in (`sequential.output_parts`)
 
     def _upto(self, names: frozenset[str], i: int) -> frozenset[str]:
         return frozenset(n for n in names if self.where[n] <= i)
@@ -83,7 +84,7 @@ class _Passes:
                     swap_module(model, path, self.layers[n].float)
 
     def _stream_bytes(self, calls: list) -> int:
-        return sum(c.args[0].nbytes if c.args else c.kwargs["hidden_states"].nbytes for c in calls)
+        return sum(c.hidden.nbytes for c in calls)
 
     def _per_pass(self, calls: list) -> int:
         """How many sets a pass takes: as many copies of the activations as fit in the largest
@@ -128,8 +129,10 @@ class _Passes:
             for i in range(len(blocks.modules)):
                 swap_module(model, blocks.prefix(i), replay)
             try:
-                _, parts = output_parts(model, replay, streams[self._upto(sets[0], last)], self.inputs, self.batch_size)
-                for p, (j, rows, part) in enumerate(parts):
+                if self.parts is None:  # weighed once (a one-sample forward), the same for every pass
+                    _, self.parts = output_parts(model, replay, streams[self._upto(sets[0], last)], self.inputs,
+                                                 self.batch_size)
+                for p, (j, rows, part) in enumerate(self.parts):
                     for k, s in enumerate(sets):
                         replay.output = _take(streams[self._upto(s, last)][j], rows)
                         with self._int8(s - self._upto(s, last)):
