@@ -19,7 +19,10 @@ user serving the file would.
 
 Modes:
 - `bandwidth`: read bandwidth, `torch.sum` over a 1 GiB float32 buffer, best of 5, with 1 thread
-  and with --threads (at the start and again at the end of the run; the bound is the larger);
+  and with --threads (at the start and again at the end of the run), and at the end the same
+  with each thread reading 1-8 sequential streams side by side (`read_bandwidth.cpp`, built with
+  the machine's c++; some CPUs serve several streams a thread faster than torch.sum's one); the
+  bound is the largest;
 - `decode`: tokens/s of --new-tokens one-token steps from an empty KV cache (a manual greedy loop
   over `model(ids, cache=cache, use_cache=True)`: transformers 5.25 renamed `past_key_values`
   to `cache`), best of --repeats; also a profile of
@@ -62,6 +65,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import inspect
 import json
 import os
@@ -734,6 +738,13 @@ def run(args, formats: list[str], argv) -> int:
         result["logits_sqnr_db"] = logits_sqnr(workdir)
     if "bandwidth" in args.modes:
         result["bandwidth"]["end"] = _bandwidth(args.threads)
+        streams = _stream_bandwidth(args.threads)
+        if "unavailable" in streams:
+            common.log(f"several-stream read bandwidth unavailable: {streams['unavailable']}")
+            result["bandwidth_streams_unavailable"] = streams["unavailable"]
+        else:
+            result["stream_counts"] = streams.pop("streams")
+            result["bandwidth"]["streams"] = streams
     result["loadavg_end"] = os.getloadavg()
     common.publish(result, markdown, _out_path(args), "decode" if args.write_results else None, start)
     return 0
@@ -776,6 +787,29 @@ def _bandwidth(threads: int) -> dict[str, float]:
     return out
 
 
+def _stream_bandwidth(threads: int) -> dict[str, Any]:
+    """Read bandwidth with each thread reading 1, 2, 4 or 8 sequential streams side by side
+    (benchmarks/read_bandwidth.cpp, built here once into the llama.cpp cache's folder): {threads:
+    best GB/s as bytes/s, "streams": {threads: the stream count that gave it}}, or {"unavailable":
+    why}. Kernels that read several rows at once can reach it where torch.sum's one stream a
+    thread cannot."""
+    src = Path(__file__).resolve().parent / "read_bandwidth.cpp"
+    exe = LLAMA_CPP_CACHE.parent / f"read_bandwidth-{hashlib.sha256(src.read_bytes()).hexdigest()[:12]}"
+    try:
+        if not exe.exists():
+            exe.parent.mkdir(parents=True, exist_ok=True)
+            _sh([os.environ.get("CXX", "c++"), "-O3", "-mavx2", "-fopenmp", str(src), "-o", str(exe)], timeout=120)
+        out: dict[str, Any] = {"streams": {}}
+        for t in sorted({1, threads}):
+            rows = [line.split() for line in _sh([str(exe), str(t)], timeout=300).splitlines() if line.strip()]
+            streams, gbs = max(((int(r[0]), float(r[1])) for r in rows), key=lambda r: r[1])
+            out[str(t)], out["streams"][str(t)] = gbs * 1e9, streams
+            common.log(f"read bandwidth, {t} thread(s), {streams} streams a thread: {gbs:.1f} GB/s")
+        return out
+    except (OSError, common.Unavailable, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        return {"unavailable": str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__}
+
+
 # ----------------------------------------------------------------------------------- the tables
 
 
@@ -802,9 +836,14 @@ def markdown(result: dict) -> str:
         "peak RSS (it maps its model file too).",
     ]
     if bw:
+        sums = {w: d for w, d in bw.items() if w != "streams"}
         parts.append("Read bandwidth (`torch.sum` over 1 GiB of float32, best of 5): " + "; ".join(
-            f"{when}: " + ", ".join(f"{t} thread(s) {v / 1e9:.1f} GB/s" for t, v in d.items()) for when, d in bw.items())
-            + (f"; the bound is {bound / 1e9:.1f} GB/s." if bound else "."))
+            f"{when}: " + ", ".join(f"{t} thread(s) {v / 1e9:.1f} GB/s" for t, v in d.items()) for when, d in sums.items())
+            + ("; each thread reading several sequential streams side by side (`benchmarks/read_bandwidth.cpp`, "
+               "1 GiB, best of 5): " + ", ".join(f"{t} thread(s) {v / 1e9:.1f} GB/s ({result['stream_counts'][t]} "
+                                                  "streams a thread)" for t, v in bw["streams"].items())
+               if "streams" in bw else "")
+            + (f"; the bound is the largest, {bound / 1e9:.1f} GB/s." if bound else "."))
     if quoted:
         parts.append(f"llama.cpp could not be had here ({lc['unavailable']}). The llama.cpp column quotes issue 24's "
                      "figures, from an Intel Xeon with AMX (amx_int8, amx_bf16) and AVX-512, 2 threads, 28-30 GB/s: "
