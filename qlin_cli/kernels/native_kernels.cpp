@@ -704,9 +704,14 @@ at::Tensor pertoken_linear_scalar(const at::Tensor& x, const at::Tensor& w, cons
 //   scale: float32 (P, ngroups, 16); zq: int8 (P, ngroups, 16), z (+ 8 for nibbles), or empty;
 //   P = ceil(N / 16); the rows past N are padding (never stored).
 // The math, the same on every path (scalar, AVX2, AVX-512) and for every M:
-//   the weight is dequantized exactly as the reference does it: float(q - z) * s, one rounding
-//   (symmetric nibbles as fma(float(u), s, -8 s), which is the same number: 8 s is exact);
-//   each output is ONE chain of FMAs over k = 0, 1, ..., K - 1 from 0.0f, then + bias.
+//   grouped (more than one group): the weight is dequantized exactly as the reference does it,
+//   float(q - z) * s, one rounding (symmetric nibbles as fma(float(u), s, -8 s), the same number:
+//   8 s is exact); each output is ONE chain of FMAs over k = 0, 1, ..., K - 1 from 0.0f, then
+//   + bias;
+//   per channel (one group): the chain runs over the exact integers float(q - z), and the scale
+//   comes once at the end, fma(chain, s, bias) (or chain * s): a weight costs a widening, a
+//   conversion and the FMA, not also a multiply (int8 weight-only at one token was bound by
+//   those operations on AVX2, not by memory: RESULTS.md "pertoken-decode").
 // So a row of y depends on its row of x only and on nothing else (not M, not the blocking, not
 // the thread count, not the instruction set): batch invariant bit for bit, and the scalar path
 // gives the same bits as the vector ones. Only the summation order differs from the reference's
@@ -759,20 +764,25 @@ struct VScalar {
     W o; for (int r = 0; r < PR; ++r) o.v[r] = std::fma(w.v[r], x, acc.v[r]); return o;
   }
   static W add(const W& a, const W& b) { W o; for (int r = 0; r < PR; ++r) o.v[r] = a.v[r] + b.v[r]; return o; }
-  template <bool P4, bool ZP> static GP params(const float* s, const int8_t* z) {
+  static W mul(const W& a, const W& b) { W o; for (int r = 0; r < PR; ++r) o.v[r] = a.v[r] * b.v[r]; return o; }
+  static W fmaw(const W& a, const W& b, const W& c) {
+    W o; for (int r = 0; r < PR; ++r) o.v[r] = std::fma(a.v[r], b.v[r], c.v[r]); return o;
+  }
+  template <bool P4, bool ZP, bool PC> static GP params(const float* s, const int8_t* z) {
     GP g;
     for (int r = 0; r < PR; ++r) {
       g.s[r] = s[r];
       g.o[r] = -8.0f * s[r];
-      g.z[r] = ZP ? z[r] : 0;
+      g.z[r] = ZP ? z[r] : (PC && P4 ? 8 : 0);
     }
     return g;
   }
-  template <bool P4, bool ZP> static W deq(const uint8_t* c, int half, const GP& g) {
+  template <bool P4, bool ZP, bool PC> static W deq(const uint8_t* c, int half, const GP& g) {
     W w;
     for (int r = 0; r < PR; ++r) {
       const int32_t q = P4 ? (c[r] >> (4 * half)) & 15 : static_cast<int32_t>(static_cast<int8_t>(c[r]));
-      if (ZP) w.v[r] = static_cast<float>(q - g.z[r]) * g.s[r];
+      if (PC) w.v[r] = static_cast<float>(q - g.z[r]);
+      else if (ZP) w.v[r] = static_cast<float>(q - g.z[r]) * g.s[r];
       else if (P4) w.v[r] = std::fma(static_cast<float>(q), g.s[r], g.o[r]);
       else w.v[r] = static_cast<float>(q) * g.s[r];
     }
@@ -797,18 +807,24 @@ struct VAvx2 {
     return {_mm256_fmadd_ps(w.a, xv, acc.a), _mm256_fmadd_ps(w.b, xv, acc.b)};
   }
   static W add(const W& a, const W& b) { return {_mm256_add_ps(a.a, b.a), _mm256_add_ps(a.b, b.b)}; }
-  template <bool P4, bool ZP> static GP params(const float* s, const int8_t* z) {
+  static W mul(const W& a, const W& b) { return {_mm256_mul_ps(a.a, b.a), _mm256_mul_ps(a.b, b.b)}; }
+  static W fmaw(const W& a, const W& b, const W& c) { return {_mm256_fmadd_ps(a.a, b.a, c.a), _mm256_fmadd_ps(a.b, b.b, c.b)}; }
+  template <bool P4, bool ZP, bool PC> static GP params(const float* s, const int8_t* z) {
     GP g;
-    g.s = load(s);
-    const __m256 m8 = _mm256_set1_ps(-8.0f);
-    g.o = {_mm256_mul_ps(m8, g.s.a), _mm256_mul_ps(m8, g.s.b)};
+    if (!PC) {
+      g.s = load(s);
+      const __m256 m8 = _mm256_set1_ps(-8.0f);
+      g.o = {_mm256_mul_ps(m8, g.s.a), _mm256_mul_ps(m8, g.s.b)};
+    }
     if (ZP) {
       g.za = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z)));
       g.zb = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + 8)));
+    } else if (PC && P4) {
+      g.za = g.zb = _mm256_set1_epi32(8);
     }
     return g;
   }
-  template <bool P4, bool ZP> static __m256 deq8(const uint8_t* c, int half, const __m256& s, const __m256& o, const __m256i& z) {
+  template <bool P4, bool ZP, bool PC> static __m256 deq8(const uint8_t* c, int half, const __m256& s, const __m256& o, const __m256i& z) {
     __m256i q;
     if (P4) {
       q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
@@ -816,12 +832,13 @@ struct VAvx2 {
     } else {
       q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
     }
+    if (PC) return _mm256_cvtepi32_ps(ZP || P4 ? _mm256_sub_epi32(q, z) : q);
     if (ZP) return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, z)), s);
     if (P4) return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, o);
     return _mm256_mul_ps(_mm256_cvtepi32_ps(q), s);
   }
-  template <bool P4, bool ZP> static W deq(const uint8_t* c, int half, const GP& g) {
-    return {deq8<P4, ZP>(c, half, g.s.a, g.o.a, g.za), deq8<P4, ZP>(c + 8, half, g.s.b, g.o.b, g.zb)};
+  template <bool P4, bool ZP, bool PC> static W deq(const uint8_t* c, int half, const GP& g) {
+    return {deq8<P4, ZP, PC>(c, half, g.s.a, g.o.a, g.za), deq8<P4, ZP, PC>(c + 8, half, g.s.b, g.o.b, g.zb)};
   }
 };
 #endif
@@ -839,14 +856,19 @@ struct VAvx512 {
   static void store(float* p, const W& w) { _mm512_storeu_ps(p, w.v); }
   static W fma(const W& w, float x, const W& acc) { return {_mm512_fmadd_ps(w.v, _mm512_set1_ps(x), acc.v)}; }
   static W add(const W& a, const W& b) { return {_mm512_add_ps(a.v, b.v)}; }
-  template <bool P4, bool ZP> static GP params(const float* s, const int8_t* z) {
+  static W mul(const W& a, const W& b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  static W fmaw(const W& a, const W& b, const W& c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  template <bool P4, bool ZP, bool PC> static GP params(const float* s, const int8_t* z) {
     GP g;
-    g.s = _mm512_loadu_ps(s);
-    g.o = _mm512_mul_ps(_mm512_set1_ps(-8.0f), g.s);
+    if (!PC) {
+      g.s = _mm512_loadu_ps(s);
+      g.o = _mm512_mul_ps(_mm512_set1_ps(-8.0f), g.s);
+    }
     if (ZP) g.z = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z)));
+    else if (PC && P4) g.z = _mm512_set1_epi32(8);
     return g;
   }
-  template <bool P4, bool ZP> static W deq(const uint8_t* c, int half, const GP& g) {
+  template <bool P4, bool ZP, bool PC> static W deq(const uint8_t* c, int half, const GP& g) {
     __m512i q;
     if (P4) {
       q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
@@ -854,6 +876,7 @@ struct VAvx512 {
     } else {
       q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
     }
+    if (PC) return {_mm512_cvtepi32_ps(ZP || P4 ? _mm512_sub_epi32(q, g.z) : q)};
     if (ZP) return {_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, g.z)), g.s)};
     if (P4) return {_mm512_fmadd_ps(_mm512_cvtepi32_ps(q), g.s, g.o)};
     return {_mm512_mul_ps(_mm512_cvtepi32_ps(q), g.s)};
@@ -864,7 +887,7 @@ struct VAvx512 {
 // f(k, j, w) for k = k0 .. k1 - 1 in order, w the dequantized weights of panel p0 + j at k (for
 // one k, panels in order; a nibble pair's two k for one panel before the next panel: each
 // output still sees k in order, and fewer registers are live)
-template <class V, bool P4, bool ZP, int NP, class F>
+template <class V, bool P4, bool ZP, bool PC, int NP, class F>
 __attribute__((always_inline)) inline void walk(const Args& a, int64_t p0, int64_t k0, int64_t k1, F&& f) {
   using W = typename V::W;
   for (int64_t g = k0 / a.G; g < a.ngroups && g * a.G < k1; ++g) {
@@ -872,50 +895,54 @@ __attribute__((always_inline)) inline void walk(const Args& a, int64_t p0, int64
     typename V::GP gp[NP];
     _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) {
       const int64_t at = ((p0 + j) * a.ngroups + g) * PR;
-      gp[j] = V::template params<P4, ZP>(a.scale + at, ZP ? a.zq + at : nullptr);
+      gp[j] = V::template params<P4, ZP, PC>(a.scale + at, ZP ? a.zq + at : nullptr);
     }
     int64_t k = ks;
     if (P4) {
       if (k < ke && (k & 1)) {  // a group that starts on an odd k (an odd group size)
         _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j)
-          f(k, j, V::template deq<P4, ZP>(code_row(a, p0 + j, k, true), 1, gp[j]));
+          f(k, j, V::template deq<P4, ZP, PC>(code_row(a, p0 + j, k, true), 1, gp[j]));
         ++k;
       }
       for (; k + 2 <= ke; k += 2) {
         _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) {
           const uint8_t* c = code_row(a, p0 + j, k, true);
-          const W lo = V::template deq<P4, ZP>(c, 0, gp[j]);
+          const W lo = V::template deq<P4, ZP, PC>(c, 0, gp[j]);
           f(k, j, lo);
-          const W hi = V::template deq<P4, ZP>(c, 1, gp[j]);
+          const W hi = V::template deq<P4, ZP, PC>(c, 1, gp[j]);
           f(k + 1, j, hi);
         }
       }
       if (k < ke)  // a group that ends on an even k
         _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j)
-          f(k, j, V::template deq<P4, ZP>(code_row(a, p0 + j, k, true), 0, gp[j]));
+          f(k, j, V::template deq<P4, ZP, PC>(code_row(a, p0 + j, k, true), 0, gp[j]));
     } else {
       for (; k < ke; ++k)
         _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j)
-          f(k, j, V::template deq<P4, ZP>(code_row(a, p0 + j, k, false), 0, gp[j]));
+          f(k, j, V::template deq<P4, ZP, PC>(code_row(a, p0 + j, k, false), 0, gp[j]));
     }
   }
 }
 
-// y tile: rows m0 .. m0 + MB, panels p0 .. p0 + NP (rows past N not stored); + bias when `last`
-template <class V, int MB, int NP>
+// y tile: rows m0 .. m0 + MB, panels p0 .. p0 + NP (rows past N not stored); when `last`, per
+// channel (PC) times the scale, then + bias (one FMA with a bias)
+template <class V, bool PC, int MB, int NP>
 __attribute__((always_inline)) inline void store_tile(const Args& a, int64_t m0, int64_t p0, typename V::W (&acc)[MB][NP],
                                                       bool last) {
   using W = typename V::W;
   _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) {
     const int live = live_rows(a, p0 + j);
     alignas(64) float t[PR];
-    W b = V::zero();
+    W b = V::zero(), s = V::zero();
     if (last && a.bias) {
       if (live == PR) b = V::load(a.bias + (p0 + j) * PR);
       else { std::fill(t, t + PR, 0.0f); std::copy(a.bias + (p0 + j) * PR, a.bias + (p0 + j) * PR + live, t); b = V::load(t); }
     }
+    if (PC && last) s = V::load(a.scale + (p0 + j) * PR);  // one group: (P, 1, 16)
     _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) {
-      const W v = (last && a.bias) ? V::add(acc[i][j], b) : acc[i][j];
+      const W v = !last ? acc[i][j]
+                  : PC ? (a.bias ? V::fmaw(acc[i][j], s, b) : V::mul(acc[i][j], s))
+                       : (a.bias ? V::add(acc[i][j], b) : acc[i][j]);
       float* dst = a.y + (m0 + i) * a.N + (p0 + j) * PR;
       if (live == PR) V::store(dst, v);
       else { V::store(t, v); std::copy(t, t + live, dst); }
@@ -937,7 +964,7 @@ __attribute__((always_inline)) inline void load_tile(const Args& a, int64_t m0, 
 }
 
 // decode: rows m0 .. m0 + MB of x against panels p0 .. p0 + NP over all of K, in registers
-template <class V, bool P4, bool ZP, int MB, int NP>
+template <class V, bool P4, bool ZP, bool PC, int MB, int NP>
 void direct_tile(const Args& a, int64_t m0, int64_t p0) {
   using W = typename V::W;
   W acc[MB][NP];
@@ -945,31 +972,31 @@ void direct_tile(const Args& a, int64_t m0, int64_t p0) {
     _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) acc[i][j] = V::zero();
   const float* xr[MB];
   _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) xr[i] = a.x + (m0 + i) * a.K;
-  walk<V, P4, ZP, NP>(a, p0, 0, a.K, [&](int64_t k, int j, const W& w) __attribute__((always_inline)) {
+  walk<V, P4, ZP, PC, NP>(a, p0, 0, a.K, [&](int64_t k, int j, const W& w) __attribute__((always_inline)) {
     _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) acc[i][j] = V::fma(w, xr[i][k], acc[i][j]);
   });
-  store_tile<V, MB, NP>(a, m0, p0, acc, true);
+  store_tile<V, PC, MB, NP>(a, m0, p0, acc, true);
 }
 
-template <class V, bool P4, bool ZP, int MB>
+template <class V, bool P4, bool ZP, bool PC, int MB>
 void direct_rows(const Args& a, int64_t pb, int64_t pe) {
   int64_t p = pb;
   const int np = V::np_direct(MB);
-  if (np == 4) for (; p + 4 <= pe; p += 4) direct_tile<V, P4, ZP, MB, 4>(a, 0, p);
-  if (np == 2) for (; p + 2 <= pe; p += 2) direct_tile<V, P4, ZP, MB, 2>(a, 0, p);
-  for (; p < pe; ++p) direct_tile<V, P4, ZP, MB, 1>(a, 0, p);
+  if (np == 4) for (; p + 4 <= pe; p += 4) direct_tile<V, P4, ZP, PC, MB, 4>(a, 0, p);
+  if (np == 2) for (; p + 2 <= pe; p += 2) direct_tile<V, P4, ZP, PC, MB, 2>(a, 0, p);
+  for (; p < pe; ++p) direct_tile<V, P4, ZP, PC, MB, 1>(a, 0, p);
 }
 
 // prefill: dequantize panels p0 .. p0 + NP over [k0, k1) into buf (k-major, NP * 16 floats per k)
-template <class V, bool P4, bool ZP, int NP>
+template <class V, bool P4, bool ZP, bool PC, int NP>
 void dequant_block(const Args& a, int64_t p0, int64_t k0, int64_t k1, float* buf) {
-  walk<V, P4, ZP, NP>(a, p0, k0, k1, [&](int64_t k, int j, const typename V::W& w) __attribute__((always_inline)) {
+  walk<V, P4, ZP, PC, NP>(a, p0, k0, k1, [&](int64_t k, int j, const typename V::W& w) __attribute__((always_inline)) {
     V::store(buf + (k - k0) * NP * PR + j * PR, w);
   });
 }
 
 // the float micro-kernel: rows m0 .. m0 + MB against the buffer's NP panels over [k0, k1)
-template <class V, int MB, int NP>
+template <class V, bool PC, int MB, int NP>
 void micro(const Args& a, const float* buf, int64_t m0, int64_t p0, int64_t k0, int64_t k1) {
   using W = typename V::W;
   W acc[MB][NP];
@@ -990,25 +1017,25 @@ void micro(const Args& a, const float* buf, int64_t m0, int64_t p0, int64_t k0, 
       _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) acc[i][j] = V::fma(w[j], xv, acc[i][j]);
     }
   }
-  store_tile<V, MB, NP>(a, m0, p0, acc, k1 == a.K);
+  store_tile<V, PC, MB, NP>(a, m0, p0, acc, k1 == a.K);
 }
 
-template <class V, int NP>
+template <class V, bool PC, int NP>
 void micro_rows(const Args& a, const float* buf, int64_t mb, int64_t me, int64_t p0, int64_t k0, int64_t k1) {
   constexpr int MB = V::MB_BUF;
   int64_t m = mb;
-  for (; m + MB <= me; m += MB) micro<V, MB, NP>(a, buf, m, p0, k0, k1);
+  for (; m + MB <= me; m += MB) micro<V, PC, MB, NP>(a, buf, m, p0, k0, k1);
   switch (me - m) {
-    case 5: micro<V, 5 < MB ? 5 : 1, NP>(a, buf, m, p0, k0, k1); break;
-    case 4: micro<V, 4 < MB ? 4 : 1, NP>(a, buf, m, p0, k0, k1); break;
-    case 3: micro<V, 3, NP>(a, buf, m, p0, k0, k1); break;
-    case 2: micro<V, 2, NP>(a, buf, m, p0, k0, k1); break;
-    case 1: micro<V, 1, NP>(a, buf, m, p0, k0, k1); break;
+    case 5: micro<V, PC, 5 < MB ? 5 : 1, NP>(a, buf, m, p0, k0, k1); break;
+    case 4: micro<V, PC, 4 < MB ? 4 : 1, NP>(a, buf, m, p0, k0, k1); break;
+    case 3: micro<V, PC, 3, NP>(a, buf, m, p0, k0, k1); break;
+    case 2: micro<V, PC, 2, NP>(a, buf, m, p0, k0, k1); break;
+    case 1: micro<V, PC, 1, NP>(a, buf, m, p0, k0, k1); break;
     default: break;
   }
 }
 
-template <class V, bool P4, bool ZP>
+template <class V, bool P4, bool ZP, bool PC>
 void buffered_rows(const Args& a, int64_t pb, int64_t pe) {
   constexpr int NB = V::NP_BUF;
   constexpr int64_t KC = V::KC;
@@ -1021,14 +1048,25 @@ void buffered_rows(const Args& a, int64_t pb, int64_t pe) {
       const int64_t k1 = std::min(a.K, k0 + KC);
       int64_t p = pb;
       for (; p + NB <= pe; p += NB) {
-        dequant_block<V, P4, ZP, NB>(a, p, k0, k1, buf);
-        micro_rows<V, NB>(a, buf, mc, me, p, k0, k1);
+        dequant_block<V, P4, ZP, PC, NB>(a, p, k0, k1, buf);
+        micro_rows<V, PC, NB>(a, buf, mc, me, p, k0, k1);
       }
       for (; p < pe; ++p) {
-        dequant_block<V, P4, ZP, 1>(a, p, k0, k1, buf);
-        micro_rows<V, 1>(a, buf, mc, me, p, k0, k1);
+        dequant_block<V, P4, ZP, PC, 1>(a, p, k0, k1, buf);
+        micro_rows<V, PC, 1>(a, buf, mc, me, p, k0, k1);
       }
     }
+  }
+}
+
+template <class V, bool P4, bool ZP, bool PC>
+void rows(const Args& a, int64_t pb, int64_t pe) {
+  switch (a.M) {
+    case 1: direct_rows<V, P4, ZP, PC, 1>(a, pb, pe); return;
+    case 2: direct_rows<V, P4, ZP, PC, 2>(a, pb, pe); return;
+    case 3: direct_rows<V, P4, ZP, PC, 3>(a, pb, pe); return;
+    case 4: direct_rows<V, P4, ZP, PC, 4>(a, pb, pe); return;
+    default: buffered_rows<V, P4, ZP, PC>(a, pb, pe); return;
   }
 }
 
@@ -1037,16 +1075,11 @@ void rows(const Args& a, int64_t pb, int64_t pe) {
   if (a.K == 0) {  // y = bias (or 0)
     typename V::W acc[1][1] = {{V::zero()}};
     for (int64_t m = 0; m < a.M; ++m)
-      for (int64_t p = pb; p < pe; ++p) store_tile<V, 1, 1>(a, m, p, acc, true);
+      for (int64_t p = pb; p < pe; ++p) store_tile<V, false, 1, 1>(a, m, p, acc, true);
     return;
   }
-  switch (a.M) {
-    case 1: direct_rows<V, P4, ZP, 1>(a, pb, pe); return;
-    case 2: direct_rows<V, P4, ZP, 2>(a, pb, pe); return;
-    case 3: direct_rows<V, P4, ZP, 3>(a, pb, pe); return;
-    case 4: direct_rows<V, P4, ZP, 4>(a, pb, pe); return;
-    default: buffered_rows<V, P4, ZP>(a, pb, pe); return;
-  }
+  if (a.ngroups == 1) rows<V, P4, ZP, true>(a, pb, pe);
+  else rows<V, P4, ZP, false>(a, pb, pe);
 }
 
 template <class V>
