@@ -738,7 +738,7 @@ def run(args, formats: list[str], argv) -> int:
         result["logits_sqnr_db"] = logits_sqnr(workdir)
     if "bandwidth" in args.modes:
         result["bandwidth"]["end"] = _bandwidth(args.threads)
-        streams = _stream_bandwidth(args.threads)
+        streams = stream_bandwidth(args.threads)
         if "unavailable" in streams:
             common.log(f"several-stream read bandwidth unavailable: {streams['unavailable']}")
             result["bandwidth_streams_unavailable"] = streams["unavailable"]
@@ -787,7 +787,7 @@ def _bandwidth(threads: int) -> dict[str, float]:
     return out
 
 
-def _stream_bandwidth(threads: int) -> dict[str, Any]:
+def stream_bandwidth(threads: int) -> dict[str, Any]:
     """Read bandwidth with each thread reading 1, 2, 4 or 8 sequential streams side by side
     (benchmarks/read_bandwidth.cpp, built here once into the llama.cpp cache's folder): {threads:
     best GB/s as bytes/s, "streams": {threads: the stream count that gave it}}, or {"unavailable":

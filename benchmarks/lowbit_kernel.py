@@ -8,6 +8,9 @@ Layers (N, K) (4096, 4096) and (2048, 5632), M in {1, 2, 4, 16, 128, 512} tokens
 - `float32`: F.linear(x, w); `bfloat16`: F.linear on bf16 x and w;
 - `qlin int8 weight-only`: qlin's panel kernel on int8 per-channel weights (what `weight_only`
   runs on CPU); `torch int8pack`: `_weight_int8pack_mm` on the same weights (what it ran before);
+- `qlin int8 per-token`: the same int8 weights with per-token int8 activations (`pertoken`, the
+  default int8 kernel; SQNR against float32 on the dequantized weight, so it counts the
+  activations' quantization too);
 - `qlin 4-bit G=32` / `G=128`: qlin's panel kernel on 4-bit codes with a scale per group;
 - `qlin W4A8 G=32` / `G=128`: the same codes with per-token int8 activations (`lowbit_dynamic`:
   an exact integer dot per group, vpmaddubsw on AVX2; SQNR against its own dequantized math);
@@ -15,9 +18,10 @@ Layers (N, K) (4096, 4096) and (2048, 5632), M in {1, 2, 4, 16, 128, 512} tokens
   (not batch invariant, so never `auto`'s choice; here to show what that choice costs).
 
 bytes = what a call reads of weights (codes, scales, zero points; float: the weight itself);
-GB/s = bytes / median time; "% bw" = that against the read bandwidth of this run (the larger of
-torch's `sum` over a 1 GiB float32 tensor and `torch.mv` over a 1 GiB float32 matrix, the same
-threads), for M <= 4, where a weight-only layer is bound by memory. Timing: methods interleaved in shuffled rounds after a warm-up call, median; a method
+GB/s = bytes / median time; "% bw" = that against the read bandwidth of this run (the largest of
+torch's `sum` over a 1 GiB float32 tensor, `torch.mv` over a 1 GiB float32 matrix and, wall clock
+only, `read_bandwidth.cpp`'s threads each reading 1-8 sequential streams, the same threads), for
+M <= 4, where a weight-only layer is bound by memory. Timing: methods interleaved in shuffled rounds after a warm-up call, median; a method
 whose first call takes over 1 s gets that one call. SQNR (dB) against float32 F.linear on that
 method's own dequantized weight (its arithmetic, not the quantization error).
 
@@ -53,7 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import short_error  # noqa: E402
 
+from decode import stream_bandwidth  # noqa: E402
 from qlin_cli.kernels import lowbit, lowbit_dynamic, native  # noqa: E402
+from qlin_cli.kernels.pertoken import Pertoken  # noqa: E402
 
 SHAPES = [(4096, 4096), (2048, 5632)]
 TOKENS = [1, 2, 4, 16, 128, 512]
@@ -102,6 +108,8 @@ def _methods(w: torch.Tensor, x: torch.Tensor, m: int):
     ref8 = F.linear(x, lowbit.dequantize(q8, 8, s8, None, k, k))
     p8 = lowbit.to_panels(q8, 8, s8.reshape(-1), None, None)
     out["qlin int8 weight-only"] = (lambda: lowbit.panel_linear(x, p8), ref8, p8.nbytes())
+    pt = Pertoken(q8, s8.reshape(-1), torch.zeros(1, dtype=torch.int32), None, None)
+    out["qlin int8 per-token"] = (lambda: pt(x), ref8, q8.numel() + n * 4)
     if m <= 16:  # ~50x float32's time at 512 tokens
         s8v = s8.reshape(-1).contiguous()
         out["torch int8pack"] = (lambda: torch._weight_int8pack_mm(x, q8, s8v), ref8, q8.numel() + s8v.numel() * 4)
@@ -169,9 +177,11 @@ def _markdown(result: dict) -> str:
     tokens = result["tokens"]
     bw = result["bandwidth_gb_s"]
     parts = [common.machine_md(result["machine"]), "",
-             f"Read bandwidth in this run: **{bw:.1f} GB/s**, the larger of torch `sum` over 1 GiB float32 "
-             f"({result['bandwidth_sum_gb_s']:.1f}) and `torch.mv` over a 1 GiB float32 matrix "
-             f"({result['bandwidth_mv_gb_s']:.1f}), {result['threads']} thread(s); "
+             f"Read bandwidth in this run: **{bw:.1f} GB/s**, the largest of torch `sum` over 1 GiB float32 "
+             f"({result['bandwidth_sum_gb_s']:.1f}), `torch.mv` over a 1 GiB float32 matrix "
+             f"({result['bandwidth_mv_gb_s']:.1f}) and each thread reading sequential streams side by side "
+             f"(`read_bandwidth.cpp`: " + (f"{result['bandwidth_streams_gb_s']:.1f}, " if result.get("bandwidth_streams_gb_s") else "")
+             + f"{result.get('bandwidth_streams_note', 'not measured')}), {result['threads']} thread(s); "
              f"load average {result['load_average']} at the start. "
              f"qlin's kernel paths built here: {', '.join(result['lowbit_paths'])}.", ""]
     for shape in result["shapes"]:
@@ -341,9 +351,13 @@ def main() -> None:
     out_path = Path(args.out) if args.out else common.RESULTS_DIR / f"{name}.json"
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     by_sum, by_mv = read_bandwidth(clock=clock)
+    streams = stream_bandwidth(args.threads) if args.clock == "wall" else {"unavailable": "--clock cpu"}
+    by_streams = streams.get(str(args.threads), 0.0)
     result.update(lowbit_paths=list(kernels.lowbit_paths), tokens=tokens, shapes=[], clock=args.clock,
                   bandwidth_sum_gb_s=by_sum / 1e9, bandwidth_mv_gb_s=by_mv / 1e9,
-                  bandwidth_gb_s=max(by_sum, by_mv) / 1e9)
+                  bandwidth_streams_gb_s=by_streams / 1e9 or None,
+                  bandwidth_streams_note=streams.get("unavailable") or f"{streams['streams'][str(args.threads)]} streams a thread",
+                  bandwidth_gb_s=max(by_sum, by_mv, by_streams) / 1e9)
     common.log(f"read bandwidth {result['bandwidth_gb_s']:.1f} GB/s")
     for n, k in shapes:
         entry = {"n": n, "k": k, "by_m": {}}
