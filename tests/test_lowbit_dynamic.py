@@ -147,6 +147,26 @@ def test_kernel_paths_agree_bit_for_bit_and_match_the_reference(bits, n, k, grou
 
 
 @needs_native
+@pytest.mark.parametrize("n, k, group, asym", [(16, 64, 32, False), (40, 96, 32, True), (50, 100, 20, False),
+                                               (90, 64, 64, True), (300, 2048, 128, False)])
+def test_one_row_decode_tiles_give_the_batch_s_bits(n, k, group, asym):
+    """One row of codes (decode) reads several panels side by side on AVX2 (1, 3, 4, 6 and 19
+    panels: runs and leftovers, a partial panel, 300 x 2048 split over threads): every path gives
+    the scalar path's bits, and those of the row inside a batch."""
+    q, scale, zp, bias = _operands(n, k, group, 4, asym)
+    p = ld.to_dot_panels(q, 4, scale, zp if asym else None, group)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(n))
+    batch = _run(x, p, bias, path=1)
+    for i in (0, 4, 8):
+        row = x[i:i + 1].clone()
+        first = _run(row, p, bias, path=1)
+        assert torch.equal(first, batch[i:i + 1])
+        for j, path in enumerate(KERNELS.lowbit_dynamic_paths, start=1):
+            assert torch.equal(_run(row, p, bias, path=j), first), path
+        assert torch.equal(_run(row, p, bias), first)
+
+
+@needs_native
 def test_codes_are_the_per_token_kernels_codes():
     """The torch codes (the fallback's) are quantize_rows' (pertoken, onednn), code for code."""
     g = torch.Generator().manual_seed(3)
