@@ -67,7 +67,7 @@ from .kernels.lowbit import pack_bits, unpack_bits
 from .primitives import packed_row_bytes
 from .qembedding import QuantizedEmbedding
 from .qlinear import QuantizedLinear, compile_model, pack_all
-from .quantize import LayerResult, QuantizeResult
+from .quantize import LayerResult, QuantizeResult, _release_freed_memory
 
 __all__ = [
     "FORMAT_VERSION",
@@ -482,23 +482,13 @@ def load_quantized(
     _retie(model, _ties(qf.path, qf.metadata))
     model.to(device)
     pack_all(swapped, device)
-    del qf, state
-    _return_freed_memory()
+    # the memory loading freed (the file's unpacked codes, the tensors a kernel absorbed) back to the
+    # system: glibc keeps freed blocks, and a 4-bit model stayed ~7x its weights' size without this
+    # (RESULTS.md "lowbit-memory"); `targets` too held the absorbed tensors (an 8-layer Llama's
+    # int8 weight-only model stayed at 1.5x its weights' size)
+    del qf, state, targets
+    _release_freed_memory()
     return compile_model(model.eval()) if compile else model.eval()
-
-
-def _return_freed_memory() -> None:
-    """Give the memory that loading freed (the file's unpacked codes, the buffers a kernel
-    absorbed) back to the system: glibc keeps freed blocks for reuse, and a 4-bit model's process
-    stayed ~7x its weights' size without this (benchmarks/RESULTS.md, "lowbit-memory"). A no-op
-    where the C library has no malloc_trim."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _materialize(model: nn.Module, targets: dict[str, torch.Tensor]) -> None:

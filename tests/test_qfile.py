@@ -277,3 +277,28 @@ def test_a_file_from_an_earlier_qlin_runs_the_int8_kernel_its_plan_names(digits_
         got = loaded(x)
         assert sqnr_db(named(x), got) > 90  # the same int8 codes: equal to float rounding
         assert sqnr_db(float_matmul(x), got) < 60  # activations quantized: not the float matmul
+
+
+def test_load_frees_the_file_tensors_the_kernels_absorbed_before_returning_memory(tmp_path, monkeypatch):
+    """When load_quantized hands freed memory back (malloc_trim), no file-shaped int8 weight of a
+    weight-only layer (its kernel's panels are the one copy) is still alive: a reference kept past
+    the trim left an 8-layer Llama's weight-only model at 1.5x its weights' resident size."""
+    import gc
+
+    from qlin_cli import qfile
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 48)).eval()
+    path = save_quantized(quantize_model(model, QuantConfig(mode="weight-only")), tmp_path / "m.safetensors")
+    alive = []
+
+    def count_weights():
+        gc.collect()
+        alive.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.dtype == torch.int8
+                         and tuple(o.shape) in {(96, 64), (48, 96)}))
+
+    monkeypatch.setattr(qfile, "_release_freed_memory", count_weights)
+    skeleton = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 48)).eval()
+    loaded = load_quantized(skeleton, path)
+    assert [m._run.panels.codes.shape for m in loaded.modules() if hasattr(m, "_run")] == [(6, 64, 16), (3, 96, 16)]
+    assert alive == [0]
