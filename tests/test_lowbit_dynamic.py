@@ -86,6 +86,7 @@ def test_auto_picks_it_for_dynamic_groups_only():
 @pytest.mark.parametrize("bits, n, k, group, asym", [
     (4, 17, 64, 32, False), (4, 16, 37, 8, True), (3, 5, 30, 7, True), (2, 33, 12, 12, False),
     (8, 20, 70, 16, True), (6, 3, 9, 4, False), (5, 16, 10, 3, True),
+    (4, 2100, 12, 4, True), (8, 4100, 8, 8, False),  # packed a slice of PACK_ROWS rows at a time
 ])
 def test_dot_panels_round_trip_exactly(bits, n, k, group, asym):
     q, scale, zp, _ = _operands(n, k, group, bits, asym)

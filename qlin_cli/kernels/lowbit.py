@@ -185,6 +185,17 @@ def _from_panel_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.transpose(1, 2).reshape(-1, t.shape[1])[:n].contiguous()
 
 
+PACK_ROWS = 2048  # rows packed at a time (a multiple of PANEL): bounds the packing's temporaries
+
+
+def _nibble_panels(q: torch.Tensor) -> torch.Tensor:
+    """Rows q (N', K) of 4-bit values as nibble panels (see Panels), rows padded to whole panels."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)  # (N', K) in [0, 15]
+    if q.shape[1] % 2:
+        u = torch.cat([u, u.new_full((q.shape[0], 1), 8)], dim=1)
+    return _to_panel_rows(u[:, 0::2] | (u[:, 1::2] << 4), 0x88)
+
+
 def to_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: torch.Tensor | None,
               group_size: int | None) -> Panels:
     """The kernel's operands from a layer's stored tensors: q int8 (N, K) B-bit values, scale
@@ -197,11 +208,8 @@ def to_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: torch
     s2 = scale.float().reshape(-1, 1).expand(shape) if scale.dim() < 2 else scale.float()
     zp = torch.zeros((), dtype=torch.int8) if zero_point is None else zero_point
     z2 = zp.reshape(-1, 1).expand(shape) if zp.dim() < 2 else zp
-    if bits <= 4:
-        u = (q.to(torch.int16) + 8).to(torch.uint8)  # (N, K) in [0, 15]
-        if k % 2:
-            u = torch.cat([u, u.new_full((n, 1), 8)], dim=1)
-        codes = _to_panel_rows(u[:, 0::2] | (u[:, 1::2] << 4), 0x88)
+    if bits <= 4:  # a slice of rows at a time: the int16 and uint8 temporaries stay a slice's size
+        codes = torch.cat([_nibble_panels(q[i:i + PACK_ROWS]) for i in range(0, n, PACK_ROWS)])
     else:
         codes = _to_panel_rows(q.contiguous(), 0)
     zq = (_to_panel_rows(z2.to(torch.int16) + (8 if bits <= 4 else 0), 0).to(torch.int8) if bool(z2.any())

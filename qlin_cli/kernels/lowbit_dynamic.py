@@ -36,7 +36,7 @@ from ..primitives import MIN_SCALE
 from ..primitives import dequantize as _dequantize
 from . import native
 from .common import EMPTY as _EMPTY_F32
-from .lowbit import PANEL, _from_panel_rows, _to_panel_rows
+from .lowbit import PACK_ROWS, PANEL, _from_panel_rows, _to_panel_rows
 from .pertoken import HOSTS, refuse_tracing
 from .registry import Kernel, KernelChoice, Target
 
@@ -97,6 +97,19 @@ class DotPanels:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zq, self.wsum))
 
 
+def _dot_codes(q: torch.Tensor, bits: int, units: int, pos: torch.Tensor) -> torch.Tensor:
+    """The codes of rows q (N', K) as dot panels (see DotPanels), rows padded to whole panels."""
+    n = q.shape[0]
+    npad = -(-n // PANEL) * PANEL
+    qp = torch.zeros(npad, units * UNIT, dtype=torch.int8)
+    qp[:n, pos] = q
+    qp = qp.reshape(npad // PANEL, PANEL, units, UNIT).transpose(1, 2)  # (P, U, 16, 4)
+    if bits <= 4:
+        u = (qp.to(torch.int16) + 8).to(torch.uint8)
+        return (u[:, :, :8] | (u[:, :, 8:] << 4)).reshape(npad // PANEL, units, 32).contiguous()
+    return qp.reshape(npad // PANEL, units, 64).contiguous()
+
+
 def to_dot_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: torch.Tensor | None,
                   group_size: int | None) -> DotPanels:
     """The kernel's operands from a layer's stored tensors: q int8 (N, K) B-bit values, scale
@@ -108,21 +121,19 @@ def to_dot_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: t
     s2 = scale.float().reshape(-1, 1).expand(n, ngroups) if scale.dim() < 2 else scale.float()
     zp = torch.zeros((), dtype=torch.int8) if zero_point is None else zero_point
     z2 = zp.reshape(-1, 1).expand(n, ngroups) if zp.dim() < 2 else zp
-    npad = -(-n // PANEL) * PANEL
-    qp = torch.zeros(npad, units * UNIT, dtype=torch.int8)
-    qp[:n, pos] = q
-    qp = qp.reshape(npad // PANEL, PANEL, units, UNIT).transpose(1, 2)  # (P, U, 16, 4)
-    if bits <= 4:
-        u = (qp.to(torch.int16) + 8).to(torch.uint8)
-        codes = (u[:, :, :8] | (u[:, :, 8:] << 4)).reshape(npad // PANEL, units, 32).contiguous()
-    else:
-        codes = qp.reshape(npad // PANEL, units, 64).contiguous()
+    # a slice of rows at a time, so that the temporaries (int16 and int64 copies of the codes)
+    # stay a slice's size: whole, a 32000 x 2048 head took 680 MB beyond its 62 MB of codes
+    rows = range(0, n, PACK_ROWS)
+    codes = torch.cat([_dot_codes(q[i:i + PACK_ROWS], bits, units, pos) for i in rows])
     nibble = 8 if bits <= 4 else 0
     zq = (_to_panel_rows(z2.to(torch.int16) + nibble, 0).to(torch.int8) if bool(z2.any()) else _EMPTY_I8)
     # wsum: each group's exact integer sum times its scale, summed in float64, rounded once
     lengths = torch.full((ngroups,), g, dtype=torch.int64)
     lengths[-1] = k - (ngroups - 1) * g
-    sums = torch.zeros(n, ngroups, dtype=torch.int64).index_add_(1, torch.arange(k) // g, q.to(torch.int64))
+    sums = torch.zeros(n, ngroups, dtype=torch.int64)
+    group_of = torch.arange(k) // g
+    for i in rows:
+        sums[i:i + PACK_ROWS].index_add_(1, group_of, q[i:i + PACK_ROWS].to(torch.int64))
     sums -= lengths * z2.to(torch.int64)
     wsum = (sums.double() * s2.double()).sum(1).float()
     return DotPanels(codes, _to_panel_rows(s2.contiguous(), 0.0), zq, wsum, n, k, g, bits, tuple(scale.shape))
