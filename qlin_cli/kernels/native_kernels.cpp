@@ -1292,37 +1292,47 @@ __attribute__((always_inline)) inline void store_avx2(const Args& a, int64_t p, 
   }
 }
 
-// nibbles: vpmaddubsw into int16 for up to 4 units (exact), then vpmaddwd by ones into int32
-template <int MB>
-void tile_avx2_p4(const Args& a, int64_t p, int64_t m0) {
+// nibbles: vpmaddubsw into int16 for up to 4 units (exact), then vpmaddwd by ones into int32;
+// MB rows of codes from m0 against NS panels pn[0 .. NS), one unit of each panel in turn (a
+// unit's broadcast codes serve every panel). NS > 1 is decode's: NS sequential streams. Each
+// panel's integers and float operations are the same whatever MB and NS: the same bits.
+template <int MB, int NS>
+void tiles_avx2_p4(const Args& a, const int64_t* pn, int64_t m0) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const uint8_t* ur[MB];
   _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) ur[i] = a.u + (m0 + i) * a.ku;
-  __m256 v[MB][2];
-  _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) v[i][0] = v[i][1] = _mm256_setzero_ps();
+  const uint8_t* base[NS];
+  _Pragma("GCC unroll 4") for (int j = 0; j < NS; ++j) base[j] = unit(a, pn[j], 0);
+  __m256 v[NS][MB][2];
+  _Pragma("GCC unroll 4") for (int j = 0; j < NS; ++j)
+    _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) v[j][i][0] = v[j][i][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < a.ngroups; ++g) {
     const int64_t t1 = unit_end(a, g);
-    __m256i acc[MB][2];
-    _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-    __m256i s16[MB][2];
+    __m256i acc[NS][MB][2], s16[NS][MB][2];
+    _Pragma("GCC unroll 4") for (int j = 0; j < NS; ++j)
+      _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i)
+        acc[j][i][0] = acc[j][i][1] = s16[j][i][0] = s16[j][i][1] = _mm256_setzero_si256();
     // one unit into the int16 sums
     auto step = [&](int64_t t) __attribute__((always_inline)) {
-      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit(a, p, t)));
-      const __m256i lo = _mm256_and_si256(c, low4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
-      _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
-        const __m256i xb = _mm256_set1_epi32(codes4(ur[i] + t * 4));
-        s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(xb, lo));
-        s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(xb, hi));
+      __m256i xb[MB];
+      _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) xb[i] = _mm256_set1_epi32(codes4(ur[i] + t * 4));
+      _Pragma("GCC unroll 4") for (int j = 0; j < NS; ++j) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base[j] + t * a.ub));
+        const __m256i lo = _mm256_and_si256(c, low4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
+        _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
+          s16[j][i][0] = _mm256_add_epi16(s16[j][i][0], _mm256_maddubs_epi16(xb[i], lo));
+          s16[j][i][1] = _mm256_add_epi16(s16[j][i][1], _mm256_maddubs_epi16(xb[i], hi));
+        }
       }
     };
     auto flush = [&]() __attribute__((always_inline)) {
-      _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
-        acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i][0], ones));
-        acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(s16[i][1], ones));
-        s16[i][0] = s16[i][1] = _mm256_setzero_si256();
-      }
+      _Pragma("GCC unroll 4") for (int j = 0; j < NS; ++j)
+        _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
+          acc[j][i][0] = _mm256_add_epi32(acc[j][i][0], _mm256_madd_epi16(s16[j][i][0], ones));
+          acc[j][i][1] = _mm256_add_epi32(acc[j][i][1], _mm256_madd_epi16(s16[j][i][1], ones));
+          s16[j][i][0] = s16[j][i][1] = _mm256_setzero_si256();
+        }
     };
-    _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
     int64_t t = g * a.UG;
     for (; t + 4 <= t1; t += 4) {  // whole chunks of 4 units, unrolled
       step(t);
@@ -1335,9 +1345,14 @@ void tile_avx2_p4(const Args& a, int64_t p, int64_t m0) {
       for (; t < t1; ++t) step(t);
       flush();
     }
-    finish_group_avx2<MB>(a, p, g, m0, acc, v);
+    _Pragma("GCC unroll 4") for (int j = 0; j < NS; ++j) finish_group_avx2<MB>(a, pn[j], g, m0, acc[j], v[j]);
   }
-  store_avx2<MB>(a, p, m0, v);
+  _Pragma("GCC unroll 4") for (int j = 0; j < NS; ++j) store_avx2<MB>(a, pn[j], m0, v[j]);
+}
+
+template <int MB>
+void tile_avx2_p4(const Args& a, int64_t p, int64_t m0) {
+  tiles_avx2_p4<MB, 1>(a, &p, m0);
 }
 
 // 5-8 bits: int8 widened to int16, vpmaddwd (exact); four vectors of 4 rows x 2 k-pair sums per
@@ -1379,56 +1394,6 @@ void tile_avx2(const Args& a, int64_t p, int64_t m0) {
   a.p4 ? tile_avx2_p4<MB>(a, p, m0) : tile_avx2_i8<MB>(a, p, m0);
 }
 
-// Decode's one row of codes against NS nibble panels at once (panels pn[0 .. NS)), one unit of
-// each in turn: tile_avx2_p4<1>'s integers and float operations for each panel, so the same
-// bits; a unit's broadcast codes serve NS panels, and the panels are NS sequential streams.
-template <int NS>
-void tile1_streams_avx2_p4(const Args& a, const int64_t* pn) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 v[NS][1][2];
-  _Pragma("GCC unroll 8") for (int j = 0; j < NS; ++j) v[j][0][0] = v[j][0][1] = _mm256_setzero_ps();
-  const uint8_t* base[NS];
-  _Pragma("GCC unroll 8") for (int j = 0; j < NS; ++j) base[j] = unit(a, pn[j], 0);
-  for (int64_t g = 0; g < a.ngroups; ++g) {
-    const int64_t t1 = unit_end(a, g);
-    __m256i acc[NS][1][2], s16[NS][2];
-    _Pragma("GCC unroll 8") for (int j = 0; j < NS; ++j) {
-      acc[j][0][0] = acc[j][0][1] = _mm256_setzero_si256();
-      s16[j][0] = s16[j][1] = _mm256_setzero_si256();
-    }
-    auto step = [&](int64_t t) __attribute__((always_inline)) {
-      const __m256i xb = _mm256_set1_epi32(codes4(a.u + t * 4));
-      _Pragma("GCC unroll 8") for (int j = 0; j < NS; ++j) {
-        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base[j] + t * a.ub));
-        const __m256i lo = _mm256_and_si256(c, low4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
-        s16[j][0] = _mm256_add_epi16(s16[j][0], _mm256_maddubs_epi16(xb, lo));
-        s16[j][1] = _mm256_add_epi16(s16[j][1], _mm256_maddubs_epi16(xb, hi));
-      }
-    };
-    auto flush = [&]() __attribute__((always_inline)) {
-      _Pragma("GCC unroll 8") for (int j = 0; j < NS; ++j) {
-        acc[j][0][0] = _mm256_add_epi32(acc[j][0][0], _mm256_madd_epi16(s16[j][0], ones));
-        acc[j][0][1] = _mm256_add_epi32(acc[j][0][1], _mm256_madd_epi16(s16[j][1], ones));
-        s16[j][0] = s16[j][1] = _mm256_setzero_si256();
-      }
-    };
-    int64_t t = g * a.UG;
-    for (; t + 4 <= t1; t += 4) {
-      step(t);
-      step(t + 1);
-      step(t + 2);
-      step(t + 3);
-      flush();
-    }
-    if (t < t1) {
-      for (; t < t1; ++t) step(t);
-      flush();
-    }
-    _Pragma("GCC unroll 8") for (int j = 0; j < NS; ++j) finish_group_avx2<1>(a, pn[j], g, 0, acc[j], v[j]);
-  }
-  _Pragma("GCC unroll 8") for (int j = 0; j < NS; ++j) store_avx2<1>(a, pn[j], 0, v[j]);
-}
-
 // one row of codes (M = 1) against nibble panels [pb, pe): the panels cut into NS runs of adjacent
 // panels, a tile taking the next panel of each run, so a thread reads NS long sequential streams
 // (as pertoken's decode tile does); the panels left over one at a time
@@ -1438,7 +1403,7 @@ void panels1_streams_avx2(const Args& a, int64_t pb, int64_t pe) {
   int64_t pn[NS];
   for (int64_t i = 0; i < run; ++i) {
     for (int j = 0; j < NS; ++j) pn[j] = pb + j * run + i;
-    tile1_streams_avx2_p4<NS>(a, pn);
+    tiles_avx2_p4<1, NS>(a, pn, 0);
   }
   for (int64_t p = pb + NS * run; p < pe; ++p) tile_avx2_p4<1>(a, p, 0);
 }
