@@ -15,7 +15,7 @@ import torch.nn as nn
 from conftest import assert_one_error_line, cli, cli_json
 from qlin_cli.config import QuantConfig
 from qlin_cli.errors import ConfigError
-from qlin_cli.kernels import lowbit_dynamic as ld
+from qlin_cli.kernels import lowbit, lowbit_dynamic as ld
 from qlin_cli.kernels import native, select_kernel
 from qlin_cli.primitives import dequantize, sqnr_db
 from qlin_cli.scheme import LayerScheme
@@ -86,9 +86,10 @@ def test_auto_picks_it_for_dynamic_groups_only():
 @pytest.mark.parametrize("bits, n, k, group, asym", [
     (4, 17, 64, 32, False), (4, 16, 37, 8, True), (3, 5, 30, 7, True), (2, 33, 12, 12, False),
     (8, 20, 70, 16, True), (6, 3, 9, 4, False), (5, 16, 10, 3, True),
-    (4, 2100, 12, 4, True), (8, 4100, 8, 8, False),  # packed a slice of PACK_ROWS rows at a time
+    (4, 70, 12, 4, True), (8, 50, 8, 8, False),
 ])
-def test_dot_panels_round_trip_exactly(bits, n, k, group, asym):
+def test_dot_panels_round_trip_exactly(bits, n, k, group, asym, monkeypatch):
+    monkeypatch.setattr(lowbit, "PACK_WEIGHTS", 100)  # packed in slices of whole panels (one where n <= 16)
     q, scale, zp, _ = _operands(n, k, group, bits, asym)
     p = ld.to_dot_panels(q, bits, scale, zp if asym else None, group)
     back = ld.from_dot_panels(p)

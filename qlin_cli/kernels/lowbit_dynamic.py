@@ -36,7 +36,7 @@ from ..primitives import MIN_SCALE
 from ..primitives import dequantize as _dequantize
 from . import native
 from .common import EMPTY as _EMPTY_F32
-from .lowbit import PACK_ROWS, PANEL, _from_panel_rows, _to_panel_rows
+from .lowbit import PANEL, _from_panel_rows, _joined, _to_panel_rows, pack_slices
 from .pertoken import HOSTS, refuse_tracing
 from .registry import Kernel, KernelChoice, Target
 
@@ -121,10 +121,8 @@ def to_dot_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: t
     s2 = scale.float().reshape(-1, 1).expand(n, ngroups) if scale.dim() < 2 else scale.float()
     zp = torch.zeros((), dtype=torch.int8) if zero_point is None else zero_point
     z2 = zp.reshape(-1, 1).expand(n, ngroups) if zp.dim() < 2 else zp
-    # a slice of rows at a time, so that the temporaries (int16 and int64 copies of the codes)
-    # stay a slice's size: whole, a 32000 x 2048 head took 680 MB beyond its 62 MB of codes
-    rows = range(0, n, PACK_ROWS)
-    codes = torch.cat([_dot_codes(q[i:i + PACK_ROWS], bits, units, pos) for i in rows])
+    slices = pack_slices(n, k)  # a slice of rows at a time: the temporaries stay a slice's size
+    codes = _joined([_dot_codes(q[rows], bits, units, pos) for rows in slices])
     nibble = 8 if bits <= 4 else 0
     zq = (_to_panel_rows(z2.to(torch.int16) + nibble, 0).to(torch.int8) if bool(z2.any()) else _EMPTY_I8)
     # wsum: each group's exact integer sum times its scale, summed in float64, rounded once
@@ -132,8 +130,8 @@ def to_dot_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: t
     lengths[-1] = k - (ngroups - 1) * g
     sums = torch.zeros(n, ngroups, dtype=torch.int64)
     group_of = torch.arange(k) // g
-    for i in rows:
-        sums[i:i + PACK_ROWS].index_add_(1, group_of, q[i:i + PACK_ROWS].to(torch.int64))
+    for rows in slices:
+        sums[rows].index_add_(1, group_of, q[rows].to(torch.int64))
     sums -= lengths * z2.to(torch.int64)
     wsum = (sums.double() * s2.double()).sum(1).float()
     return DotPanels(codes, _to_panel_rows(s2.contiguous(), 0.0), zq, wsum, n, k, g, bits, tuple(scale.shape))
