@@ -1,5 +1,6 @@
 """The qlin file: layout, bit-identical round trips, byte-identical writes, validation."""
 
+import copy
 import hashlib
 import json
 import os
@@ -220,6 +221,33 @@ def test_safetensors_writer_streams_a_file_safetensors_reads_back(tmp_path):
         assert entry["data_offsets"][0] % tensors[key].element_size() == 0, key
     with pytest.raises(OutputError, match="complex64.*cannot store"):
         safetensors_writer({"z": torch.zeros(2, dtype=torch.complex64)}, {})
+
+
+def test_low_bit_layers_pack_on_the_calling_thread_int8_on_the_pool(monkeypatch):
+    """pack_all: 8-bit per-channel layers on the thread pool (fbgemm's prepack gains from it),
+    grouped and 4-bit layers on the calling thread (torch ops that use every core; on worker
+    threads glibc kept their freed packing memory in the threads' arenas)."""
+    import threading
+
+    from qlin_cli.qlinear import QuantizedLinear, pack_all
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(512, 512) for _ in range(4))).eval()
+    layers = []
+    for config in (QuantConfig(), QuantConfig(bits=4, group_size=32), QuantConfig(mode="dynamic", bits=4, group_size=32)):
+        layers += [m for m in quantize_model(copy.deepcopy(model), config).model.modules() if isinstance(m, QuantizedLinear)]
+    where = {}
+    pack = QuantizedLinear.pack
+    monkeypatch.setattr(QuantizedLinear, "pack", lambda q, device="cpu": (where.__setitem__(id(q), threading.current_thread()), pack(q, device))[1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pack_all(layers)
+    finally:
+        torch.set_num_threads(threads)
+    main = threading.current_thread()
+    assert len(layers) == 12 and len(where) == 12
+    assert all((where[id(q)] is main) == (q.scheme.bits == 4) for q in layers)
 
 
 def test_load_packs_on_threads_with_the_same_results(tmp_path, digits_test):
