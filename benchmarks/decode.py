@@ -832,8 +832,9 @@ def markdown(result: dict) -> str:
         "the Linear layers' weights as a token reads them (codes at their width plus float32 scales); GB/s: those "
         "bytes times tokens/s; % bound: that against the read bandwidth measured in this run. RSS: the process's "
         "resident memory after loading the model and running both modes (in brackets: less the RSS after its "
-        "imports; safetensors maps the float weights, so they count once read); for llama.cpp, llama-bench's "
-        "peak RSS (it maps its model file too).",
+        "imports, once the model is loaded / after both modes, whose freed activations the C library keeps; "
+        "safetensors maps the float weights, so they count once read); for llama.cpp, llama-bench's peak RSS "
+        "(it maps its model file too).",
     ]
     if bw:
         sums = {w: d for w, d in bw.items() if w != "streams"}
@@ -886,7 +887,8 @@ def markdown(result: dict) -> str:
                                  "that run).")
             peer = PEER.get(fmt)
             peer_t = (ISSUE_LLAMA_CPP.get(peer, {}).get(mode) if quoted else tps.get(f"llama.cpp {peer}")) if peer else None
-            table.append(_row(fmt, cell, t, tps, r["linear_bytes"], bound, mode, r.get("rss_bytes"), r.get("rss_imports_bytes"),
+            table.append(_row(fmt, cell, t, tps, r["linear_bytes"], bound, mode, r.get("rss_bytes"),
+                              (r.get("rss_imports_bytes"), r.get("rss_loaded_bytes")),
                               f"{peer} {_tps(peer_t)}" + (" (issue 24)" if quoted else "") if peer_t else "—",
                               common.fmt(t / peer_t, 2) if peer_t else "—",
                               ", ".join(f"{k} x{v}" for k, v in r.get("kernels", {}).items())))
@@ -935,12 +937,16 @@ def _backend(peers: dict) -> str:
 
 
 def _row(name, cell, t, tps, linear_bytes, bound, mode, rss, rss0, peer, x_peer, note) -> list:
+    """rss0: None, or (the RSS after the imports, the RSS once the model was loaded)."""
     f32, bf16 = tps.get("float32"), tps.get("bf16")
+    imports, loaded = rss0 or (None, None)
     gbs = linear_bytes * t / 1e9 if t and mode == "decode" else None
     return [name, cell, common.fmt(t / f32, 2) if t and f32 else "—", common.fmt(t / bf16, 2) if t and bf16 else "—",
             peer, x_peer, common.fmt(linear_bytes / 1e6, 0), common.fmt(gbs, 1) if gbs else "—",
             common.fmt(100 * gbs * 1e9 / bound, 0) if gbs and bound else "—",
-            (f"{rss / 2**20:,.0f}" + (f" ({(rss - rss0) / 2**20:,.0f})" if rss0 else "")) if rss else "—", note]
+            (f"{rss / 2**20:,.0f}" + (f" ({(loaded - imports) / 2**20:,.0f} / {(rss - imports) / 2**20:,.0f})"
+                                      if imports and loaded else f" ({(rss - imports) / 2**20:,.0f})" if imports else ""))
+            if rss else "—", note]
 
 
 if __name__ == "__main__":
