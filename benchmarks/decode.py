@@ -796,9 +796,14 @@ def stream_bandwidth(threads: int) -> dict[str, Any]:
     src = Path(__file__).resolve().parent / "read_bandwidth.cpp"
     exe = LLAMA_CPP_CACHE.parent / f"read_bandwidth-{hashlib.sha256(src.read_bytes()).hexdigest()[:12]}"
     try:
-        if not exe.exists():
+        if not exe.exists():  # built under a temporary name: a killed build leaves no broken binary
             exe.parent.mkdir(parents=True, exist_ok=True)
-            _sh([os.environ.get("CXX", "c++"), "-O3", "-mavx2", "-fopenmp", str(src), "-o", str(exe)], timeout=120)
+            tmp = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")
+            try:
+                _sh([os.environ.get("CXX", "c++"), "-O3", "-mavx2", "-fopenmp", str(src), "-o", str(tmp)], timeout=120)
+                os.replace(tmp, exe)
+            finally:
+                tmp.unlink(missing_ok=True)
         out: dict[str, Any] = {"streams": {}}
         for t in sorted({1, threads}):
             rows = [line.split() for line in _sh([str(exe), str(t)], timeout=300).splitlines() if line.strip()]

@@ -109,7 +109,7 @@ def _methods(w: torch.Tensor, x: torch.Tensor, m: int):
     p8 = lowbit.to_panels(q8, 8, s8.reshape(-1), None, None)
     out["qlin int8 weight-only"] = (lambda: lowbit.panel_linear(x, p8), ref8, p8.nbytes())
     pt = Pertoken(q8, s8.reshape(-1), torch.zeros(1, dtype=torch.int32), None, None)
-    out["qlin int8 per-token"] = (lambda: pt(x), ref8, q8.numel() + n * 4)
+    out["qlin int8 per-token"] = (lambda: pt(x), ref8, q8.numel() + n * 12)  # + scale, wsum, wsum_i
     if m <= 16:  # ~50x float32's time at 512 tokens
         s8v = s8.reshape(-1).contiguous()
         out["torch int8pack"] = (lambda: torch._weight_int8pack_mm(x, q8, s8v), ref8, q8.numel() + s8v.numel() * 4)

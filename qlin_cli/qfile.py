@@ -486,7 +486,8 @@ def load_quantized(
     # system: glibc keeps freed blocks, and a 4-bit model stayed ~7x its weights' size without this
     # (RESULTS.md "lowbit-memory"); `targets` too held the absorbed tensors (an 8-layer Llama's
     # int8 weight-only model stayed at 1.5x its weights' size)
-    del qf, state, targets
+    del qf, state, targets, found, linears
+    linear = table = None  # a float model's own layers, swapped out (unbound where the loops did not run)
     _release_freed_memory()
     return compile_model(model.eval()) if compile else model.eval()
 

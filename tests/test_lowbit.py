@@ -81,6 +81,18 @@ def test_pack_rejects_values_out_of_range():
 # the kernel's panels: the only copy a packed layer holds, rebuilt exactly -------------------------
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_layer_without_outputs_packs_to_empty_panels(bits):
+    from qlin_cli.kernels import lowbit_dynamic
+
+    q, scale = torch.empty(0, 40, dtype=torch.int8), torch.empty(0, 2)
+    p = lowbit.to_panels(q, bits, scale, None, 20)
+    assert p.codes.shape == (0, 20 if bits == 4 else 40, 16)
+    assert [t.shape for t in lowbit.from_panels(p)[:2]] == [(0, 40), (0, 2)]
+    d = lowbit_dynamic.to_dot_panels(q, bits, scale, None, 20)
+    assert d.codes.shape[0] == 0 and d.wsum.shape == (0,)
+
+
 @pytest.mark.parametrize("bits,n,k,group,asym,shape", [
     (4, 19, 101, 32, True, "group"), (4, 16, 64, 64, False, "channel"), (3, 5, 7, 3, True, "group"),
     (8, 33, 100, 100, True, "channel"), (8, 17, 9, 9, False, "tensor"), (2, 1, 1, 1, False, "group"),
@@ -117,7 +129,8 @@ def _run(x, w, bits, scale, zp, group, b, path="scalar"):
     return lowbit.panel_linear(x, p, b if b.numel() else None, PATHS[path])
 
 
-SHAPES = [(128, 32), (128, 64), (256, 128), (96, 96), (100, 32), (1100, 64)]  # (K, G); G = K: per channel
+SHAPES = [(128, 32), (128, 64), (256, 128), (96, 96), (100, 32), (1100, 64), (300, 300)]  # (K, G); G = K: per channel
+# (300, 300): per channel past one k-block (KC 256 / 128): the unscaled chain stored and reloaded
 
 
 @needs_native

@@ -136,7 +136,7 @@ def test_the_row_sum_path_at_one_to_four_rows_is_the_exact_reference(sym):
     """The AVX2 one-row tile (vpmaddubsw on codes shifted by 128, plus 128 times the weight's
     integer row sums `wsum_i`) against the exact reference and the paths without row sums, at 1
     to 4 rows (and 5, 7: one-row tiles after the 4- and 2-row ones), inputs of K = 1 to 1000
-    (below, at and past its 32- and 64-wide steps), float32 and bfloat16 rows, symmetric and
+    (below, at and past its 32-wide step), float32 and bfloat16 rows, symmetric and
     asymmetric weights (their extremes, 127 and -127, included; -128 takes no row sums)."""
     for n, k in [(9, 1), (8, 31), (17, 32), (23, 33), (24, 64), (40, 65), (33, 127), (70, 200), (25, 1000)]:
         run = _layer(n, k, sym, bias=n % 2 == 1, seed=n * k)

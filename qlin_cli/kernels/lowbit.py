@@ -16,7 +16,7 @@ low nibble for even k and the high nibble for odd k; a nibble holds q + 8 (offse
 
 `lowbit_linear_reference` is the same math in torch ops (dequantize, then F.linear), so qlin
 runs without a compiler; the fused kernel equals it to float32 rounding (its summation order
-differs) and is batch invariant: a row of y depends on its row of x only, bit for bit.
+differs, and per channel it applies the scale once to each output) and is batch invariant: a row of y depends on its row of x only, bit for bit.
 """
 
 from __future__ import annotations
@@ -119,8 +119,9 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 def dequantize(w: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: torch.Tensor | None,
                group_size: int, k: int) -> torch.Tensor:
-    """The float32 weight (N, K) that the kernel multiplies by: float32(q - z) * scale, per group
-    (`primitives.dequantize` on the unpacked values)."""
+    """The float32 weight (N, K) of the reference: float32(q - z) * scale, per group
+    (`primitives.dequantize` on the unpacked values); the kernel multiplies by exactly these
+    numbers where a row has several groups, and per channel by float32(q - z), scaling the sum."""
     if w.dtype == torch.uint8 and bits != 4 or w.dtype not in (torch.uint8, torch.int8):
         raise ValueError(f"w must be uint8 packed 4-bit (bits=4) or int8 (N, K), got {w.dtype} with bits={bits}")
     q = unpack_int4(w, k) if w.dtype == torch.uint8 else w
@@ -195,7 +196,7 @@ def pack_slices(n: int, k: int) -> list[slice]:
     so freeing them leaves no holes in the heap (2,048-row slices left a 4-bit model 1.6x its
     panels' size resident)."""
     step = -(-PACK_WEIGHTS // max(k, 1) // PANEL) * PANEL
-    return [slice(i, i + step) for i in range(0, n, step)]
+    return [slice(i, i + step) for i in range(0, max(n, 1), step)]  # n = 0: one empty slice
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -237,7 +238,7 @@ def from_panels(p: Panels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rebuilt from its panels: exactly the ones `to_panels` took."""
     if p.nibbles:
         b = _from_panel_rows(p.codes, p.n)  # (N, ceil(K/2))
-        u = torch.stack([b & 15, b >> 4], dim=-1).reshape(p.n, -1)[:, :p.k]
+        u = torch.stack([b & 15, b >> 4], dim=-1).reshape(p.n, 2 * b.shape[1])[:, :p.k]
         q = (u.to(torch.int16) - 8).to(torch.int8)
     else:
         q = _from_panel_rows(p.codes, p.n)

@@ -566,7 +566,8 @@ void pertoken_row1_streams_avx2(const PertokenArgs& p, int64_t n_begin, int64_t 
 }
 
 // blocks [nb0, nb1) of 8 weight rows against all rows of codes, PT2_MBLOCK rows at a time (they
-// stay in L2 while the blocks' weight rows pass): 4 rows a tile, then 2, then 1
+// stay in L2 while the blocks' weight rows pass): 4 rows a tile, then 2, then 1 (one row alone,
+// with the row sums given: decode's streams, pertoken_row1_streams_avx2)
 void pertoken_blocks_avx2(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
   const int64_t n_begin = nb0 * PT2_NB, n_end = std::min(p.N, nb1 * PT2_NB);
   if (p.M == 1 && p.wsum_i) {
@@ -714,8 +715,8 @@ at::Tensor pertoken_linear_scalar(const at::Tensor& x, const at::Tensor& w, cons
 //   those operations on AVX2, not by memory: RESULTS.md "pertoken-decode").
 // So a row of y depends on its row of x only and on nothing else (not M, not the blocking, not
 // the thread count, not the instruction set): batch invariant bit for bit, and the scalar path
-// gives the same bits as the vector ones. Only the summation order differs from the reference's
-// F.linear (results equal to float rounding).
+// gives the same bits as the vector ones. Only the summation order (and, for one group, where the
+// scale is applied) differs from the reference's F.linear (results equal to float rounding).
 // Two ways through the same math, chosen by M:
 //   M <= LB_DIRECT (decode): the codes are dequantized in registers and used at once by every
 //     row of x (one pass over the weights, at the memory bound);
@@ -1060,7 +1061,7 @@ void buffered_rows(const Args& a, int64_t pb, int64_t pe) {
 }
 
 template <class V, bool P4, bool ZP, bool PC>
-void rows(const Args& a, int64_t pb, int64_t pe) {
+void rows_by_m(const Args& a, int64_t pb, int64_t pe) {
   switch (a.M) {
     case 1: direct_rows<V, P4, ZP, PC, 1>(a, pb, pe); return;
     case 2: direct_rows<V, P4, ZP, PC, 2>(a, pb, pe); return;
@@ -1078,8 +1079,8 @@ void rows(const Args& a, int64_t pb, int64_t pe) {
       for (int64_t p = pb; p < pe; ++p) store_tile<V, false, 1, 1>(a, m, p, acc, true);
     return;
   }
-  if (a.ngroups == 1) rows<V, P4, ZP, true>(a, pb, pe);
-  else rows<V, P4, ZP, false>(a, pb, pe);
+  if (a.ngroups == 1) rows_by_m<V, P4, ZP, true>(a, pb, pe);
+  else rows_by_m<V, P4, ZP, false>(a, pb, pe);
 }
 
 template <class V>
