@@ -23,6 +23,8 @@ Modes:
   with each thread reading 1-8 sequential streams side by side (`read_bandwidth.cpp`, built with
   the machine's c++; some CPUs serve several streams a thread faster than torch.sum's one); the
   bound is the largest;
+- `compiled` (not in the default modes; ~1 min of compiling a format): decode tokens/s of the
+  model under `qlinear.compile_model` in a StaticCache, beside the eager model in the same cache;
 - `decode`: tokens/s of --new-tokens one-token steps from an empty KV cache (a manual greedy loop
   over `model(ids, cache=cache, use_cache=True)`: transformers 5.25 renamed `past_key_values`
   to `cache`), best of --repeats; also a profile of
@@ -299,6 +301,46 @@ def measure_decode(model, args, log_name: str) -> tuple[dict, dict]:
     return res, prof
 
 
+def measure_compiled(model, args, log_name: str) -> dict:
+    """Decode tokens/s of `qlinear.compile_model(model)` (torch.compile, each packed qlin layer
+    one opaque op; a float model: plain torch.compile) in a transformers StaticCache, so that one
+    graph serves every step: --new-tokens greedy steps, best of --repeats, after a warm-up of 4
+    steps that compiles (its seconds recorded); eager in the same cache for comparison."""
+    import torch
+    from transformers import StaticCache
+
+    from qlin_cli.qlinear import compile_model
+
+    key = _cache_key(type(model))
+
+    n = args.new_tokens
+
+    def run(m, steps: int) -> float:  # every run in a cache of one size: one graph for all
+        cache = StaticCache(config=model.config, max_cache_len=n + 8)
+        ids = torch.tensor([[1]])
+        t0 = time.perf_counter()
+        for i in range(steps):
+            out = m(input_ids=ids, use_cache=True, cache_position=torch.tensor([i]), **{key: cache})
+            ids = out.logits[:, -1:].argmax(-1)
+        return time.perf_counter() - t0
+
+    run(model, 4)
+    eager = min(run(model, n) for _ in range(args.repeats))
+    compiled = compile_model(model)
+    try:
+        t0 = time.perf_counter()
+        run(compiled, 4)
+        compile_s = time.perf_counter() - t0
+        best = min(run(compiled, n) for _ in range(args.repeats))
+    except Exception as exc:  # a compiler that fails here is reported, never fatal
+        common.log(f"  {log_name}: compiled decode failed: {common.short_error(exc)}")
+        return {"error": common.short_error(exc), "static_eager_tokens_per_s": n / eager}
+    res = {"tokens": n, "tokens_per_s": n / best, "static_eager_tokens_per_s": n / eager, "compile_s": compile_s}
+    common.log(f"  {log_name}: compiled decode {res['tokens_per_s']:.2f} tokens/s (eager in the same cache "
+               f"{res['static_eager_tokens_per_s']:.2f}; compiling {compile_s:.0f} s)")
+    return res
+
+
 def measure_prefill(model, args, log_name: str, slow: bool = False) -> dict:
     """Prefill tokens/s of --prompt tokens: first a probe of prompt / 8 tokens (prompt / 64 where
     decode was `slow`), the cost estimate; then one untimed call and --repeats timed ones (the
@@ -365,6 +407,8 @@ def worker(fmt: str, args) -> dict[str, Any]:
             res["decode"], res["profile"] = measure_decode(model, args, fmt)
         if "prefill" in args.modes:
             res["prefill"] = measure_prefill(model, args, fmt, slow=res.get("decode", {}).get("slow", False))
+        if "compiled" in args.modes and not res.get("decode", {}).get("slow", False):
+            res["compiled"] = measure_compiled(model, args, fmt)
     gc.collect()
     res.update(rss_bytes=common.rss_bytes(), peak_rss_bytes=common.peak_rss_bytes())
     return res
@@ -685,9 +729,9 @@ def main(argv=None) -> int:
         print(json.dumps(common.json_safe(worker(args.worker, args))))
         return 0
     bad = [f for f in args.formats.split(",") if f not in SHORT]
-    if bad or set(args.modes) - {"decode", "prefill", "bandwidth"}:
+    if bad or set(args.modes) - {"decode", "prefill", "bandwidth", "compiled"}:
         p.error(f"unknown format or mode: {', '.join(bad) or args.modes} (formats: {', '.join(SHORT)}; "
-                "modes: decode, prefill, bandwidth)")
+                "modes: decode, prefill, bandwidth, compiled)")
     if args.write_results and args.small:
         p.error("--write-results records the full model only (leave out --small)")
     formats = [SHORT[f] for f in args.formats.split(",")]
@@ -865,6 +909,7 @@ def markdown(result: dict) -> str:
                      + (" (llama.cpp F32: the GGUF file holds the same model, Q and K rows permuted)."
                         if "llama.cpp F32" in sq else "."))
     rows_f = result["formats"]
+    tps_decode = {f"llama.cpp {n}": e["decode"]["tokens_per_s"] for n, e in peers.items() if "decode" in e}
     for mode in ("decode", "prefill"):
         if mode not in s["modes"]:
             continue
@@ -912,6 +957,24 @@ def markdown(result: dict) -> str:
         parts.append(common.md_table(header, [row + [""] * (len(header) - len(row)) for row in table]))
         if notes:
             parts.append("\n".join(f"- {n}" for n in notes))
+    comp = {f: r["compiled"] for f, r in rows_f.items() if "compiled" in r}
+    if comp:
+        rows = []
+        for fmt, c in comp.items():
+            peer = PEER.get(fmt)
+            peer_t = tps_decode.get(f"llama.cpp {peer}") if peer else None
+            t = c.get("tokens_per_s")
+            rows.append([fmt, f"error: {c['error'][:60]}" if "error" in c else _tps(t),
+                         _tps(c.get("static_eager_tokens_per_s")),
+                         common.fmt(t / c["static_eager_tokens_per_s"], 2) if t else "—",
+                         f"{peer} {_tps(peer_t)}: {common.fmt(t / peer_t, 2)}" if t and peer_t else "—",
+                         common.fmt(c.get("compile_s"), 0)])
+        parts.append("### decode, compiled (`--modes ...,compiled`)")
+        parts.append("`qlinear.compile_model(model)` (torch.compile; each packed qlin layer one opaque op) in a "
+                     "transformers StaticCache, so one graph serves every step; the same greedy steps, best of "
+                     f"{s['repeats']}; eager: the uncompiled model in the same cache.")
+        parts.append(common.md_table(["format", "compiled tokens/s", "eager tokens/s", "x eager", "x llama.cpp",
+                                      "compile s"], rows))
     prof = {f: r["profile"] for f, r in rows_f.items() if "profile" in r}
     if prof:
         rows = []
