@@ -431,6 +431,18 @@ def load_quantized(
     weights are never allocated. Shapes and dtypes are always checked; with `verify` the payload's
     sha256 too. `compile` returns `qlinear.compile_model(model)`: the first call compiles (tens of
     seconds), later calls run the fused graph."""
+    model = _load_packed(model, path, device, verify)
+    # the memory loading freed (the file's unpacked codes, the tensors a kernel absorbed) back to
+    # the system, once nothing of the load holds it: glibc keeps freed blocks, and a 4-bit model
+    # stayed ~7x its weights' size without this (RESULTS.md "lowbit-memory"); trimmed inside the
+    # load, the state_dict it held kept an 8-layer Llama's int8 weight-only model at 1.5x
+    _release_freed_memory()
+    return compile_model(model.eval()) if compile else model.eval()
+
+
+def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.device | str, verify: bool) -> nn.Module:
+    """load_quantized's work: the file's layers swapped into `model`, every tensor loaded, the
+    layers packed for `device`."""
     qf = path if isinstance(path, QFile) else read_qfile(path, verify=verify)
     found = find_linears(model)
     linears = {name: m for name, m, _, _ in found}
@@ -482,14 +494,7 @@ def load_quantized(
     _retie(model, _ties(qf.path, qf.metadata))
     model.to(device)
     pack_all(swapped, device)
-    # the memory loading freed (the file's unpacked codes, the tensors a kernel absorbed) back to the
-    # system: glibc keeps freed blocks, and a 4-bit model stayed ~7x its weights' size without this
-    # (RESULTS.md "lowbit-memory"); `targets` too held the absorbed tensors (an 8-layer Llama's
-    # int8 weight-only model stayed at 1.5x its weights' size)
-    del qf, state, targets, found, linears
-    linear = table = None  # a float model's own layers, swapped out (unbound where the loops did not run)
-    _release_freed_memory()
-    return compile_model(model.eval()) if compile else model.eval()
+    return model
 
 
 def _materialize(model: nn.Module, targets: dict[str, torch.Tensor]) -> None:

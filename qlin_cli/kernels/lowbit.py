@@ -16,7 +16,8 @@ low nibble for even k and the high nibble for odd k; a nibble holds q + 8 (offse
 
 `lowbit_linear_reference` is the same math in torch ops (dequantize, then F.linear), so qlin
 runs without a compiler; the fused kernel equals it to float32 rounding (its summation order
-differs, and per channel it applies the scale once to each output) and is batch invariant: a row of y depends on its row of x only, bit for bit.
+differs, and per channel it applies the scale once to each output) and is batch invariant: a row
+of y depends on its row of x only, bit for bit.
 """
 
 from __future__ import annotations
