@@ -199,11 +199,12 @@ def kernels_of(model) -> dict[str, int]:
 # ----------------------------------------------------------------------------------- measuring
 
 
-def step(model, ids, cache):
+def step(model, ids, cache, **kwargs):
     """One forward of `ids` (1, T) after `cache` (None: empty): (logits, the grown cache). The
-    cache's keyword is `cache` from transformers 5.25 on, `past_key_values` before."""
-    key = _cache_key(type(model))
-    out = model(input_ids=ids, use_cache=True, **{key: cache})
+    cache's keyword is `cache` from transformers 5.25 on, `past_key_values` before; `kwargs` go
+    to the forward (a StaticCache's `cache_position`)."""
+    key = _cache_key(type(getattr(model, "_orig_mod", model)))  # a torch.compile'd model: its module's
+    out = model(input_ids=ids, use_cache=True, **{key: cache}, **kwargs)
     return out.logits, getattr(out, key)
 
 
@@ -311,33 +312,35 @@ def measure_compiled(model, args, log_name: str) -> dict:
 
     from qlin_cli.qlinear import compile_model
 
-    key = _cache_key(type(model))
-
     n = args.new_tokens
 
-    def run(m, steps: int) -> float:  # every run in a cache of one size: one graph for all
+    def run(m, steps: int) -> tuple[float, list[int]]:  # every run in a cache of one size: one graph for all
         cache = StaticCache(config=model.config, max_cache_len=n + 8)
-        ids = torch.tensor([[1]])
+        ids, out_ids = torch.tensor([[1]]), []
         t0 = time.perf_counter()
         for i in range(steps):
-            out = m(input_ids=ids, use_cache=True, cache_position=torch.tensor([i]), **{key: cache})
-            ids = out.logits[:, -1:].argmax(-1)
-        return time.perf_counter() - t0
+            logits, cache = step(m, ids, cache, cache_position=torch.tensor([i]))
+            ids = logits[:, -1:].argmax(-1)
+            out_ids.append(int(ids))
+        return time.perf_counter() - t0, out_ids
 
     run(model, 4)
-    eager = min(run(model, n) for _ in range(args.repeats))
+    eager = [run(model, n) for _ in range(args.repeats)]
     compiled = compile_model(model)
     try:
         t0 = time.perf_counter()
         run(compiled, 4)
         compile_s = time.perf_counter() - t0
-        best = min(run(compiled, n) for _ in range(args.repeats))
+        runs = [run(compiled, n) for _ in range(args.repeats)]
     except Exception as exc:  # a compiler that fails here is reported, never fatal
         common.log(f"  {log_name}: compiled decode failed: {common.short_error(exc)}")
-        return {"error": common.short_error(exc), "static_eager_tokens_per_s": n / eager}
-    res = {"tokens": n, "tokens_per_s": n / best, "static_eager_tokens_per_s": n / eager, "compile_s": compile_s}
+        return {"error": common.short_error(exc), "static_eager_tokens_per_s": n / min(e[0] for e in eager)}
+    res = {"tokens": n, "tokens_per_s": n / min(r[0] for r in runs),
+           "static_eager_tokens_per_s": n / min(e[0] for e in eager), "compile_s": compile_s,
+           "same_tokens_as_eager": runs[0][1] == eager[0][1]}
     common.log(f"  {log_name}: compiled decode {res['tokens_per_s']:.2f} tokens/s (eager in the same cache "
-               f"{res['static_eager_tokens_per_s']:.2f}; compiling {compile_s:.0f} s)")
+               f"{res['static_eager_tokens_per_s']:.2f}; compiling {compile_s:.0f} s; the same greedy tokens: "
+               f"{res['same_tokens_as_eager']})")
     return res
 
 
@@ -968,13 +971,14 @@ def markdown(result: dict) -> str:
                          _tps(c.get("static_eager_tokens_per_s")),
                          common.fmt(t / c["static_eager_tokens_per_s"], 2) if t else "—",
                          f"{peer} {_tps(peer_t)}: {common.fmt(t / peer_t, 2)}" if t and peer_t else "—",
-                         common.fmt(c.get("compile_s"), 0)])
+                         common.fmt(c.get("compile_s"), 0),
+                         {True: "yes", False: "no"}.get(c.get("same_tokens_as_eager"), "—")])
         parts.append("### decode, compiled (`--modes ...,compiled`)")
         parts.append("`qlinear.compile_model(model)` (torch.compile; each packed qlin layer one opaque op) in a "
                      "transformers StaticCache, so one graph serves every step; the same greedy steps, best of "
                      f"{s['repeats']}; eager: the uncompiled model in the same cache.")
         parts.append(common.md_table(["format", "compiled tokens/s", "eager tokens/s", "x eager", "x llama.cpp",
-                                      "compile s"], rows))
+                                      "compile s", "same greedy tokens"], rows))
     prof = {f: r["profile"] for f, r in rows_f.items() if "profile" in r}
     if prof:
         rows = []
