@@ -485,22 +485,32 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
             f"{qf.path} does not fit the model: {len(missing)} missing and {len(unexpected)} "
             f"unexpected tensors (e.g. {first!r})"
         )
-    _materialize(model, targets)
-    try:
-        model.load_state_dict(state, strict=True)
+    _refuse_unfilled_meta(model, targets)
+    converted: dict[int, torch.Tensor] = {}  # what load_state_dict's copy would convert, converted
+    for key, target in targets.items():  # here, once a tensor (a tied one stays one tensor)
+        t = state[key]
+        if t.dtype != target.dtype or not t.is_contiguous():
+            if id(t) not in converted:
+                converted[id(t)] = t.to(target.dtype).contiguous()
+            state[key] = converted[id(t)]
+    try:  # the file's tensors become the model's (assign): no second copy of the weights
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
         raise FormatError(f"{qf.path} does not fit the model: {lines[0] if lines else exc}") from None
+    del targets
+    state.clear()  # the model holds the only references now (but for a caller's QFile), so each
+    if qf is not path:  # layer's unpacked codes are freed as soon as its kernel has packed them
+        qf.tensors.clear()
     _retie(model, _ties(qf.path, qf.metadata))
     model.to(device)
     pack_all(swapped, device)
     return model
 
 
-def _materialize(model: nn.Module, targets: dict[str, torch.Tensor]) -> None:
-    """Give each meta-device parameter and buffer of `model` uninitialised CPU memory, ties kept,
-    for load_state_dict to fill. Refuses a meta tensor that is not in the state dict (a
-    non-persistent buffer, which the file cannot hold) before allocating anything."""
+def _refuse_unfilled_meta(model: nn.Module, targets: dict[str, torch.Tensor]) -> None:
+    """Refuse a meta-device parameter or buffer of `model` that the state dict does not fill (a
+    non-persistent buffer, which the file cannot hold) before anything is loaded."""
     in_state = {id(t) for t in targets.values()}
     for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
         if t.is_meta and id(t) not in in_state:
@@ -508,15 +518,6 @@ def _materialize(model: nn.Module, targets: dict[str, torch.Tensor]) -> None:
                 f"the model's {name!r} is on the meta device and not in the file (a buffer the model computes "
                 "when it is built): build the skeleton under qlin_cli.empty_weights(), which keeps buffers real"
             )
-    new: dict[int, torch.Tensor] = {}
-    for m in model.modules():
-        for store in (m._parameters, m._buffers):
-            for k, t in store.items():
-                if t is not None and t.is_meta:
-                    if id(t) not in new:
-                        empty = torch.empty_like(t, device="cpu")
-                        new[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
-                    store[k] = new[id(t)]
 
 
 # The public name of `hf.parameters_on_meta` (streaming builds its skeletons with it too): build
