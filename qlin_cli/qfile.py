@@ -461,7 +461,8 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
                 f"{qf.path}: layer {e.name!r} is shared at {list(e.aliases)} in the file but at "
                 f"{aliases[e.name]} in the model; is it the model the file was made from?"
             )
-        q = QuantizedLinear(e.in_features, e.out_features, e.scheme, bias=e.has_bias, dtype=linear.weight.dtype)
+        with torch.device("meta"):  # buffers the file's tensors replace: never allocated (a model's worth of zeros)
+            q = QuantizedLinear(e.in_features, e.out_features, e.scheme, bias=e.has_bias, dtype=linear.weight.dtype)
         for alias in e.paths:
             model = swap_module(model, alias, q)
             if alias != e.name:
@@ -475,8 +476,10 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
             raise FormatError(
                 f"{qf.path}: the model has no nn.Embedding {e.name!r} of shape ({e.num_embeddings}, "
                 f"{e.embedding_dim}); is it the model the file was made from?")
-        model = swap_module(model, e.name, QuantizedEmbedding(
-            e.num_embeddings, e.embedding_dim, padding_idx=table.padding_idx, dtype=getattr(torch, e.dtype)))
+        with torch.device("meta"):
+            qtable = QuantizedEmbedding(e.num_embeddings, e.embedding_dim, padding_idx=table.padding_idx,
+                                        dtype=getattr(torch, e.dtype))
+        model = swap_module(model, e.name, qtable)
     targets = model.state_dict(keep_vars=True)
     missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
     if missing or unexpected:
