@@ -128,11 +128,11 @@ def to_dot_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: t
     # wsum: each group's exact integer sum times its scale, summed in float64, rounded once
     lengths = torch.full((ngroups,), g, dtype=torch.int64)
     lengths[-1] = k - (ngroups - 1) * g
-    sums = torch.zeros(n, ngroups, dtype=torch.int64)
+    sums = torch.zeros(n, ngroups, dtype=torch.int32)
     group_of = torch.arange(k) // g
-    for rows in slices:
-        sums[rows].index_add_(1, group_of, q[rows].to(torch.int64))
-    sums -= lengths * z2.to(torch.int64)
+    for rows in slices:  # (int32 sums are exact: K codes of at most 8 bits)
+        sums[rows].index_add_(1, group_of, q[rows].to(torch.int32))
+    sums = sums.to(torch.int64) - lengths * z2.to(torch.int64)
     wsum = (sums.double() * s2.double()).sum(1).float()
     return DotPanels(codes, _to_panel_rows(s2.contiguous(), 0.0), zq, wsum, n, k, g, bits, tuple(scale.shape))
 
