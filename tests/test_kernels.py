@@ -426,3 +426,18 @@ class _FakeNative:
     def __init__(self, isa):
         self.pertoken_isa, self.pertoken_max_rows = isa, 16
 
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (7, 1), (1000, 3000), (3, 1 << 21)])
+def test_weight_int_sums_are_exact_across_blocks(shape):
+    """`weight_int_sums` sums blocks of rows into one output (several blocks for (1000, 3000), a
+    row a block past 1M columns): exact int32, equal to torch's int64 sum, -128 included."""
+    from qlin_cli.kernels.common import weight_int_sums
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+    if w.numel():
+        w[0] = -128
+    got = weight_int_sums(w)
+    assert got.dtype == torch.int32 and tuple(got.shape) == (shape[0],)
+    assert torch.equal(got.long(), w.long().sum(dim=1))
