@@ -206,7 +206,7 @@ def _bad(path: Path, msg: str) -> FormatError:
     return FormatError(f"{path}: {msg}")
 
 
-def _validate_layer(path: Path, e: PlanEntry, tensors: dict[str, torch.Tensor]) -> None:
+def _validate_layer(path: Path, e: PlanEntry, tensors: dict[str, torch.Tensor], unpack: bool = True) -> None:
     """A quantized layer's tensors against its plan entry: names, dtypes, shapes, and scales
     that are finite and positive."""
     name, out_f, in_f, scheme = e.name, e.out_features, e.in_features, e.scheme
@@ -244,7 +244,8 @@ def _validate_layer(path: Path, e: PlanEntry, tensors: dict[str, torch.Tensor]) 
         packed = tensors[f"{name}.weight"]
         if in_f * scheme.bits % 8 and bool((packed[:, -1] >> (in_f * scheme.bits % 8)).any()):
             raise _bad(path, f"{name}.weight has bits set past the end of its rows ({scheme.bits}-bit packing)")
-        tensors[f"{name}.weight"] = unpack_bits(packed, scheme.bits, in_f)  # the canonical int8 values
+        if unpack:
+            tensors[f"{name}.weight"] = unpack_bits(packed, scheme.bits, in_f)  # the canonical int8 values
 
 
 def _ties(path: Path, metadata: dict[str, str]) -> dict[str, str]:
@@ -348,11 +349,13 @@ def _not_safetensors(path: Path, exc: BaseException) -> str:
     return f"not a valid safetensors file ({one_line(exc, 120)}), so no qlin file: {fix}"
 
 
-def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
+def read_qfile(path: str | Path, *, verify: bool = False, unpack: bool = True) -> QFile:
     """Open and validate a qlin file, or a compressed-tensors folder qlin wrote (or its weights
     file): its plan against the header's names, dtypes and shapes and `max_memory` before any
     tensor is read, then every tensor against the plan; the payload's sha256 against the
-    recorded one with `verify` (a qlin file only)."""
+    recorded one with `verify` (a qlin file only). A layer narrower than 8 bits holds its weight
+    as int8 values (N, K); with `unpack=False`, as the file packs it (uint8, validated), which
+    `load_quantized` unpacks one layer at a time."""
     path = Path(path)
     folder = path if path.is_dir() else None
     path = check_file(path if folder is None else export_weights(folder), "qlin file")
@@ -403,7 +406,7 @@ def read_qfile(path: str | Path, *, verify: bool = False) -> QFile:
         _, tensors = from_export(path, header.metadata, tensors, plan)
     _restore_ties(path, metadata, tensors)
     for e in plan.quantized:
-        _validate_layer(path, e, tensors)
+        _validate_layer(path, e, tensors, unpack)
     for e in plan.quantized_embeddings:
         _validate_embedding(path, e, tensors)
     quantized_names = {e.name for e in plan.quantized} | {e.name for e in plan.quantized_embeddings}
@@ -430,7 +433,13 @@ def load_quantized(
     Linear layers are replaced and every other tensor is materialised from the file, so the float
     weights are never allocated. Shapes and dtypes are always checked; with `verify` the payload's
     sha256 too. `compile` returns `qlinear.compile_model(model)`: the first call compiles (tens of
-    seconds), later calls run the fused graph."""
+    seconds), later calls run the fused graph.
+
+    No copy: the model takes the file's tensors, which safetensors maps from the file (private,
+    copy-on-write), and a layer narrower than 8 bits is unpacked just before its kernel packs it;
+    the peak is about the file's size. Rewriting the file in place while the model lives changes
+    what it reads (renaming a new file over it, as qlin writes, does not). Given a `QFile`, the
+    model shares its tensors."""
     model = _load_packed(model, path, device, verify)
     # the memory loading freed (the file's unpacked codes, the tensors a kernel absorbed) back to
     # the system, once nothing of the load holds it: glibc keeps freed blocks, and a 4-bit model
@@ -443,12 +452,13 @@ def load_quantized(
 def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.device | str, verify: bool) -> nn.Module:
     """load_quantized's work: the file's layers swapped into `model`, every tensor loaded, the
     layers packed for `device`."""
-    qf = path if isinstance(path, QFile) else read_qfile(path, verify=verify)
+    qf = path if isinstance(path, QFile) else read_qfile(path, verify=verify, unpack=False)
     found = find_linears(model)
     linears = {name: m for name, m, _, _ in found}
     aliases = {name: sorted(a) for name, _, a, _ in found}
     state = dict(qf.tensors)
     swapped = []
+    packed_codes: dict[QuantizedLinear, torch.Tensor] = {}  # layers whose weight is the file's packed bytes
     for e in qf.plan.quantized:
         linear = linears.get(e.name)
         if linear is None or layer_shape(linear) != (e.in_features, e.out_features) or layer_kind(linear) != e.module:
@@ -463,6 +473,8 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
             )
         with torch.device("meta"):  # buffers the file's tensors replace: never allocated (a model's worth of zeros)
             q = QuantizedLinear(e.in_features, e.out_features, e.scheme, bias=e.has_bias, dtype=linear.weight.dtype)
+        if e.scheme.bits < 8 and state[f"{e.name}.weight"].dtype == torch.uint8:  # unpacked when q packs
+            packed_codes[q] = state.pop(f"{e.name}.weight")
         for alias in e.paths:
             model = swap_module(model, alias, q)
             if alias != e.name:
@@ -481,7 +493,8 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
                                         dtype=getattr(torch, e.dtype))
         model = swap_module(model, e.name, qtable)
     targets = model.state_dict(keep_vars=True)
-    missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
+    later = {f"{alias}.weight" for e in qf.plan.quantized for alias in e.paths if f"{e.name}.weight" not in state}
+    missing, unexpected = sorted(set(targets) - set(state) - later), sorted(set(state) - set(targets))
     if missing or unexpected:
         first = missing[0] if missing else unexpected[0]
         raise FormatError(
@@ -489,6 +502,8 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
             f"unexpected tensors (e.g. {first!r})"
         )
     _refuse_unfilled_meta(model, targets)
+    for key in later:
+        del targets[key]
     converted: dict[int, torch.Tensor] = {}  # what load_state_dict's copy would convert, converted
     for key, target in targets.items():  # here, once a tensor (a tied one stays one tensor)
         t = state[key]
@@ -497,7 +512,7 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
                 converted[id(t)] = t.to(target.dtype).contiguous()
             state[key] = converted[id(t)]
     try:  # the file's tensors become the model's (assign): no second copy of the weights
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(state, strict=not later, assign=True)  # (`later`: the only keys missing)
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
         raise FormatError(f"{qf.path} does not fit the model: {lines[0] if lines else exc}") from None
@@ -506,8 +521,11 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
     if qf is not path:  # layer's unpacked codes are freed as soon as its kernel has packed them
         qf.tensors.clear()
     _retie(model, _ties(qf.path, qf.metadata))
+    for q in list(packed_codes):  # one layer's int8 values at a time, freed once its kernel packed them
+        q._buffers["weight"] = unpack_bits(packed_codes.pop(q), q.scheme.bits, q.in_features)
+        q.pack(device)
     model.to(device)
-    pack_all(swapped, device)
+    pack_all([q for q in swapped if q._run is None], device)
     return model
 
 

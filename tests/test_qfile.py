@@ -372,9 +372,10 @@ def test_load_converts_to_the_skeleton_s_dtype_as_a_copy_did(tmp_path):
 
 
 def test_load_frees_each_layer_s_unpacked_codes_once_its_kernel_packed_them(tmp_path, monkeypatch):
-    """A 4-bit file's codes are unpacked to one int8 a weight; while load_quantized packs layer
-    after layer, no earlier layer's unpacked codes are alive (the state dict, the QFile and the
-    model's targets kept them all until the load returned: 2.2x a 4-bit file's size at the peak)."""
+    """A 4-bit file's codes are unpacked to one int8 a weight; load_quantized unpacks a layer's
+    just before its kernel packs them, so no other layer's are alive then (the whole file was
+    unpacked first, and the state dict, the QFile and the model's targets kept every layer's codes
+    until the load returned: 2.2x a 4-bit file's size at the peak)."""
     import gc
 
     from qlin_cli.qlinear import QuantizedLinear
@@ -389,15 +390,17 @@ def test_load_frees_each_layer_s_unpacked_codes_once_its_kernel_packed_them(tmp_
     def counting_pack(self, device="cpu"):
         gc.collect()
         alive_before.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)
-                                and o.dtype == torch.int8 and tuple(o.shape) in packed_shapes))
+                                and o.dtype == torch.int8 and not o.is_meta and tuple(o.shape) in {(96, 64), (48, 96)}))
         out = pack(self, device)
         packed_shapes.append((self.out_features, self.in_features))
         return out
 
     monkeypatch.setattr(QuantizedLinear, "pack", counting_pack)
     loaded = load_quantized(_norm_mlp(), path)
-    assert packed_shapes == [(96, 64), (48, 96)] and alive_before == [0, 0]
-    assert [type(m._run).__name__ for m in loaded.modules() if isinstance(m, QuantizedLinear)] != []
+    assert packed_shapes == [(96, 64), (48, 96)] and alive_before == [1, 1]  # the layer's own, no other
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), load_quantized(_norm_mlp(), read_qfile(path))(x))  # unpacked up front: the same
 
 
 def test_load_swaps_in_layers_that_hold_no_memory_before_the_file_s_tensors(tmp_path, monkeypatch):
@@ -432,3 +435,18 @@ def test_load_swaps_in_layers_that_hold_no_memory_before_the_file_s_tensors(tmp_
     ids = torch.tensor([[1, 7, 299]])
     with torch.no_grad():
         assert torch.equal(loaded(ids), result.model(ids))
+
+
+def test_read_qfile_can_keep_narrow_weights_as_the_file_packs_them(tmp_path):
+    """`unpack=False` leaves a 4-bit layer's weight as the file's uint8 bytes (validated all the
+    same); by default it is the canonical int8 values."""
+    from qlin_cli.kernels.lowbit import unpack_bits
+
+    torch.manual_seed(0)
+    path = save_quantized(quantize_model(_norm_mlp(), QuantConfig(bits=4, group_size=16, mode="weight-only")),
+                          tmp_path / "m.safetensors")
+    unpacked, packed = read_qfile(path), read_qfile(path, unpack=False)
+    assert (packed.tensors["1.weight"].dtype, tuple(packed.tensors["1.weight"].shape)) == (torch.uint8, (96, 32))
+    assert (unpacked.tensors["1.weight"].dtype, tuple(unpacked.tensors["1.weight"].shape)) == (torch.int8, (96, 64))
+    assert torch.equal(unpack_bits(packed.tensors["1.weight"], 4, 64), unpacked.tensors["1.weight"])
+    assert {k for k, v in packed.tensors.items() if not torch.equal(v, unpacked.tensors[k])} == {"1.weight", "3.weight"}
