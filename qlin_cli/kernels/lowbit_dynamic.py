@@ -36,7 +36,7 @@ from ..primitives import MIN_SCALE
 from ..primitives import dequantize as _dequantize
 from . import native
 from .common import EMPTY as _EMPTY_F32
-from .lowbit import PANEL, _from_panel_rows, _joined, _to_panel_rows, pack_slices
+from .lowbit import PANEL, _from_panel_rows, _to_panel_rows, pack_slices, packed_by_slices
 from .pertoken import HOSTS, refuse_tracing
 from .registry import Kernel, KernelChoice, Target
 
@@ -105,9 +105,24 @@ def _dot_codes(q: torch.Tensor, bits: int, units: int, pos: torch.Tensor) -> tor
     qp[:n, pos] = q
     qp = qp.reshape(npad // PANEL, PANEL, units, UNIT).transpose(1, 2)  # (P, U, 16, 4)
     if bits <= 4:
-        u = (qp.to(torch.int16) + 8).to(torch.uint8)
+        u = (qp + 8).view(torch.uint8)  # in [0, 15] (qp in [-8, 7]: no overflow in int8)
         return (u[:, :, :8] | (u[:, :, 8:] << 4)).reshape(npad // PANEL, units, 32).contiguous()
     return qp.reshape(npad // PANEL, units, 64).contiguous()
+
+
+def _group_sums(q: torch.Tensor, g: int) -> torch.Tensor:
+    """Each row's sum of its codes per group of G (the last group may be shorter), exact int32
+    (N, ceil(K / G)): a slice of rows at a time, each written into the result (the cast copy a
+    sum makes stays a slice's size and is reused)."""
+    n, k = q.shape
+    full = k // g
+    out = torch.empty(n, -(-k // g), dtype=torch.int32)
+    for rows in pack_slices(n, k):
+        if full:
+            torch.sum(q[rows, :full * g].reshape(-1, full, g), -1, dtype=torch.int32, out=out[rows, :full])
+        if k % g:
+            torch.sum(q[rows, full * g:], -1, dtype=torch.int32, out=out[rows, full])
+    return out
 
 
 def to_dot_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -121,18 +136,13 @@ def to_dot_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: t
     s2 = scale.float().reshape(-1, 1).expand(n, ngroups) if scale.dim() < 2 else scale.float()
     zp = torch.zeros((), dtype=torch.int8) if zero_point is None else zero_point
     z2 = zp.reshape(-1, 1).expand(n, ngroups) if zp.dim() < 2 else zp
-    slices = pack_slices(n, k)  # a slice of rows at a time: the temporaries stay a slice's size
-    codes = _joined([_dot_codes(q[rows], bits, units, pos) for rows in slices])
+    codes = packed_by_slices(n, k, lambda rows: _dot_codes(q[rows], bits, units, pos))
     nibble = 8 if bits <= 4 else 0
     zq = (_to_panel_rows(z2.to(torch.int16) + nibble, 0).to(torch.int8) if bool(z2.any()) else _EMPTY_I8)
     # wsum: each group's exact integer sum times its scale, summed in float64, rounded once
     lengths = torch.full((ngroups,), g, dtype=torch.int64)
     lengths[-1] = k - (ngroups - 1) * g
-    sums = torch.zeros(n, ngroups, dtype=torch.int32)
-    group_of = torch.arange(k) // g
-    for rows in slices:  # (int32 sums are exact: K codes of at most 8 bits)
-        sums[rows].index_add_(1, group_of, q[rows].to(torch.int32))
-    sums = sums.to(torch.int64) - lengths * z2.to(torch.int64)
+    sums = _group_sums(q, g).to(torch.int64) - lengths * z2.to(torch.int64)
     wsum = (sums.double() * s2.double()).sum(1).float()
     return DotPanels(codes, _to_panel_rows(s2.contiguous(), 0.0), zq, wsum, n, k, g, bits, tuple(scale.shape))
 
