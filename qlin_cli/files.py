@@ -604,6 +604,18 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def read_into(f, offset: int, t: torch.Tensor) -> None:
+    """Fill the contiguous CPU tensor `t` with the bytes at `offset` of the binary file `f`;
+    EOFError where the file ends first."""
+    f.seek(offset)
+    view, done = tensor_bytes(t), 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise EOFError(f"{f.name} ends before the tensor at byte {offset} ({len(view)} bytes)")
+        done += got
+
+
 def header_digest(header: dict) -> str:
     """sha256 of the header's meaning: every tensor's name, dtype, shape and offsets, and all
     metadata but the two hashes (so renaming or swapping tensors is caught, not only bit flips)."""
@@ -757,12 +769,7 @@ class Spill:
         offset, dtype, shape = self.index[key]
         t = torch.empty(shape, dtype=dtype)
         if t.numel():
-            self.f.seek(offset)
-            view, done = tensor_bytes(t), 0
-            while done < len(view):
-                got = self.f.readinto(view[done:])
-                assert got, f"the spill file ends before {key}"
-                done += got
+            read_into(self.f, offset, t)
         return t
 
 

@@ -60,7 +60,7 @@ from .export import export_metadata, export_weights, from_export, stored_weight
 from .hf import parameters_on_meta
 from .files import (
     FORMAT, HASH_KEYS, QLIN_PLAN, SafetensorsHeader, SafetensorsStream, check_file, check_output, file_tensors, header_digest,
-    read_header, safetensors_writer, tied_keys, write_atomic,
+    read_header, read_into, safetensors_writer, tied_keys, write_atomic,
 )
 from .plan import EmbeddingEntry, Plan, PlanEntry, find_linears, layer_kind, layer_shape, swap_module
 from .kernels.lowbit import pack_bits, unpack_bits
@@ -349,13 +349,16 @@ def _not_safetensors(path: Path, exc: BaseException) -> str:
     return f"not a valid safetensors file ({one_line(exc, 120)}), so no qlin file: {fix}"
 
 
-def read_qfile(path: str | Path, *, verify: bool = False, unpack: bool = True) -> QFile:
+def read_qfile(path: str | Path, *, verify: bool = False, unpack: bool = True, mapped: bool = True) -> QFile:
     """Open and validate a qlin file, or a compressed-tensors folder qlin wrote (or its weights
     file): its plan against the header's names, dtypes and shapes and `max_memory` before any
     tensor is read, then every tensor against the plan; the payload's sha256 against the
     recorded one with `verify` (a qlin file only). A layer narrower than 8 bits holds its weight
     as int8 values (N, K); with `unpack=False`, as the file packs it (uint8, validated), which
-    `load_quantized` unpacks one layer at a time."""
+    `load_quantized` unpacks one layer at a time. `mapped`: the tensors are views of the file
+    mapped into memory, its pages read as they are used (`inspect` reads little of a file);
+    False reads each into memory of its own, as a model that keeps them needs (a map that its
+    tensors keep alive keeps every page that loading read resident)."""
     path = Path(path)
     folder = path if path.is_dir() else None
     path = check_file(path if folder is None else export_weights(folder), "qlin file")
@@ -398,9 +401,8 @@ def read_qfile(path: str | Path, *, verify: bool = False, unpack: bool = True) -
         raise _bad(path, str(exc)) from None
     _check_against_header(path, plan, header, metadata, export)
     try:
-        with safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        tensors = _mapped_tensors(path) if mapped else _read_tensors(path, header)
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as exc:
         raise _bad(path, f"not a valid safetensors file ({one_line(exc)})") from None
     if export:
         _, tensors = from_export(path, header.metadata, tensors, plan)
@@ -419,6 +421,27 @@ def read_qfile(path: str | Path, *, verify: bool = False, unpack: bool = True) -
     return QFile(path, metadata, config, plan, tensors)
 
 
+def _mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _read_tensors(path: Path, header: SafetensorsHeader) -> dict[str, torch.Tensor]:
+    """Every tensor of the file in memory of its own, read (not mapped: a tensor the model keeps
+    would keep the whole map and every page of it that loading read, the codes its kernels packed
+    included, resident: an int8 weight-only model held 2x its panels)."""
+    tensors = {}
+    with open(path, "rb", buffering=0) as f:
+        for key, e in header.tensors.items():
+            if e.torch_dtype is None:  # a dtype qlin does not read itself
+                with safe_open(path, framework="pt") as st:
+                    tensors[key] = st.get_tensor(key).clone()
+                continue
+            tensors[key] = torch.empty(e.shape, dtype=e.torch_dtype)
+            read_into(f, 8 + header.size + e.start, tensors[key])
+    return tensors
+
+
 @torch.no_grad()
 def load_quantized(
     model: nn.Module, path: str | Path | QFile, *, device: torch.device | str = "cpu", verify: bool = False,
@@ -435,11 +458,9 @@ def load_quantized(
     sha256 too. `compile` returns `qlinear.compile_model(model)`: the first call compiles (tens of
     seconds), later calls run the fused graph.
 
-    No copy: the model takes the file's tensors, which safetensors maps from the file (private,
-    copy-on-write), and a layer narrower than 8 bits is unpacked just before its kernel packs it;
-    the peak is about the file's size. Rewriting the file in place while the model lives changes
-    what it reads (renaming a new file over it, as qlin writes, does not). Given a `QFile`, the
-    model shares its tensors."""
+    No copy: the model takes the tensors read from the file (given a `QFile`, it shares them),
+    and a layer narrower than 8 bits is unpacked just before its kernel packs it, so the peak is
+    about the file's size plus one layer's temporaries."""
     model = _load_packed(model, path, device, verify)
     # the memory loading freed (the file's unpacked codes, the tensors a kernel absorbed) back to
     # the system, once nothing of the load holds it: glibc keeps freed blocks, and a 4-bit model
@@ -452,7 +473,7 @@ def load_quantized(
 def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.device | str, verify: bool) -> nn.Module:
     """load_quantized's work: the file's layers swapped into `model`, every tensor loaded, the
     layers packed for `device`."""
-    qf = path if isinstance(path, QFile) else read_qfile(path, verify=verify, unpack=False)
+    qf = path if isinstance(path, QFile) else read_qfile(path, verify=verify, unpack=False, mapped=False)
     found = find_linears(model)
     linears = {name: m for name, m, _, _ in found}
     aliases = {name: sorted(a) for name, _, a, _ in found}

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from .budget import check_budget, format_size
 from .errors import InputError, one_line
-from .files import CONFIG_NAME, FORMAT, QLIN_PLAN, SafetensorsHeader, TensorEntry, check_file, file_sha256, read_header, tensor_bytes
+from .files import CONFIG_NAME, FORMAT, QLIN_PLAN, SafetensorsHeader, TensorEntry, check_file, file_sha256, read_header, read_into
 from .hf import (
     HF_KIND, WeightFiles, hf_skeleton, is_hf_folder, load_hf_folder, parameters_on_meta, quant_method, weight_files,
 )
@@ -403,14 +403,11 @@ def _plain_loading(model: nn.Module) -> bool:
     )
 
 
-def _read_into(f, start: int, buf: memoryview) -> None:
-    f.seek(start)
-    done = 0
-    while done < len(buf):
-        got = f.readinto(buf[done:])
-        if not got:
-            raise InputError(f"{f.name} ends before its last tensor")
-        done += got
+def _read_into(f, start: int, t: torch.Tensor) -> None:
+    try:
+        read_into(f, start, t)
+    except EOFError:
+        raise InputError(f"{f.name} ends before its last tensor") from None
 
 
 def _fill_from_safetensors(model: nn.Module, path: Path, header: SafetensorsHeader, spec: str) -> None:
@@ -436,7 +433,7 @@ def _fill_from_safetensors(model: nn.Module, path: Path, header: SafetensorsHead
                     continue
                 direct = dtype == t.dtype and t.is_contiguous() and t.device.type == "cpu"
                 buf = t if direct else torch.empty(entry.shape, dtype=dtype)
-                _read_into(f, 8 + header.size + entry.start, tensor_bytes(buf))
+                _read_into(f, 8 + header.size + entry.start, buf)
                 if not direct:
                     t.copy_(buf)
     except _BAD_SAFETENSORS as exc:
@@ -569,7 +566,7 @@ class _TensorReader:
                     return st.get_tensor(key)
             t = torch.empty(entry.shape, dtype=entry.torch_dtype)
             with open(path, "rb", buffering=0) as f:
-                _read_into(f, 8 + size + entry.start, tensor_bytes(t))
+                _read_into(f, 8 + size + entry.start, t)
             return t
         except _BAD_SAFETENSORS as exc:
             raise _not_safetensors("source", path, one_line(exc)) from None
