@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import rounding
-from .kernels import KernelChoice, LayerTensors, pack, select_kernel
+from .kernels import KernelChoice, LayerTensors, pack, registry, select_kernel
 from .primitives import check_finite
 from .qmodule import QuantizedModule
 from .scheme import LayerScheme
@@ -264,16 +264,19 @@ def _(x: torch.Tensor, handle: int) -> torch.Tensor:
 
 
 def pack_all(layers: list[QuantizedLinear], device: torch.device | str = "cpu") -> None:
-    """`pack(device)` every layer, on as many threads as torch computes with: fbgemm's prepack
-    runs one layer on one core and releases the GIL (BERT-base, 73 layers on 2 cores: 0.10 s
-    against 0.19 s one after the other). Grouped and narrower-than-8-bit layers pack on the
-    calling thread: their packing is torch ops that use every core already (a 4-bit MLP stack
-    loads in the same 0.33-0.37 s either way), and on worker threads glibc kept their packing's
-    freed memory in the threads' arenas (that stack stayed at 97 MiB for 55 MiB of panels; 52 on
-    the calling thread). The packed result does not depend on the thread."""
+    """`pack(device)` every layer. Layers whose kernel packs on one core and releases the GIL
+    (`Kernel.packs_on_one_core`: fbgemm's prepack) pack side by side on as many threads as torch
+    computes with (BERT-base, 73 layers on 2 cores: 0.10 s against 0.19 s one after the other);
+    every other layer on the calling thread: its packing is torch ops that use every core
+    already, and on pool threads (each with its own OpenMP team and malloc arena) an 8-layer
+    Llama's per-token int8 load took 0.8-0.9 s and peaked at 1.24-1.35x its file, against
+    0.6-0.7 s and 1.02-1.04x here; glibc also kept grouped layers' freed packing memory in the
+    pool threads' arenas. The packed result does not depend on the thread."""
     pooled = []
     for q in layers:
-        if q.scheme.bits == 8 and q.scheme.group_size is None:
+        choice = select_kernel(q.scheme, device=device, dtype=q.dtype, in_features=q.in_features,
+                               out_features=q.out_features)
+        if registry.get(choice.name).packs_on_one_core:
             pooled.append(q)
         else:
             q.pack(device)

@@ -138,6 +138,7 @@ _STATIC_FBGEMM = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp
 
 class _FbgemmKernel(Kernel):
     name, activations, rank = "fbgemm", "int8", 20
+    packs_on_one_core = True
 
     def batch_invariant(self, scheme):
         return scheme.static or scheme.per_token

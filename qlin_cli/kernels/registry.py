@@ -107,6 +107,10 @@ class Kernel:
     # takes int8 activations times weights with one scale per group (dynamic grouped layers are
     # offered to these kernels only; weight-only kernels say what they take in `scheme_problem`)
     grouped_int8: ClassVar[bool] = False
+    # its packing runs on one core and releases the GIL (fbgemm's prepack), so `pack_all` packs
+    # such layers side by side on a thread pool; other kernels' packing is torch ops that use
+    # every core already, and on pool threads costs time and memory
+    packs_on_one_core: ClassVar[bool] = False
 
     def scheme_problem(self, scheme: LayerScheme) -> str | None:
         """Why a scheme that names this kernel is not valid, or None (its mode is checked apart)."""
