@@ -391,6 +391,7 @@ def worker(fmt: str, args) -> dict[str, Any]:
 
     workdir = Path(args.dir)
     res: dict[str, Any] = {"format": fmt, "rss_imports_bytes": common.rss_bytes()}
+    reset = common.reset_peak_rss()  # the peak while loading, below
     t0 = time.perf_counter()
     if FORMATS[fmt] is None:
         model = load_float(args.small, workdir / "float32.safetensors")
@@ -400,8 +401,10 @@ def worker(fmt: str, args) -> dict[str, Any]:
         from qlin_cli import load_quantized
 
         model = load_quantized(skeleton(args.small), qlin_path(workdir, fmt))
+    load_s = time.perf_counter() - t0
+    peak = common.peak_rss_bytes() if reset else None
     gc.collect()
-    res.update(load_s=time.perf_counter() - t0, rss_loaded_bytes=common.rss_bytes(), kernels=kernels_of(model),
+    res.update(load_s=load_s, peak_load_bytes=peak, rss_loaded_bytes=common.rss_bytes(), kernels=kernels_of(model),
                linear_bytes=linear_weight_bytes(model))
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([CHECK_TOKENS])).logits[0, -1].float()
@@ -912,6 +915,17 @@ def markdown(result: dict) -> str:
                      + (" (llama.cpp F32: the GGUF file holds the same model, Q and K rows permuted)."
                         if "llama.cpp F32" in sq else "."))
     rows_f = result["formats"]
+    loading = [[fmt, f"{r['load_s']:.1f}", common.fmt(r["file_bytes"] / 1e6, 0) if r.get("file_bytes") else "—",
+                f"{(r['peak_load_bytes'] - r['rss_imports_bytes']) / 1e6:,.0f}",
+                common.fmt((r["peak_load_bytes"] - r["rss_imports_bytes"]) / r["file_bytes"], 2) if r.get("file_bytes") else "—",
+                f"{(r['rss_loaded_bytes'] - r['rss_imports_bytes']) / 1e6:,.0f}"]
+               for fmt, r in rows_f.items() if r.get("peak_load_bytes")]
+    if loading:
+        parts.append("Loading (qlin formats: `load_quantized` of the file into an `empty_weights()` skeleton; float: "
+                     "the float32 safetensors file, bf16 cast after), MB over the RSS after the imports; peak: the "
+                     "most resident memory while loading (VmHWM, reset before):")
+        parts.append(common.md_table(["format", "load s", "file MB", "peak loading MB", "peak / file", "RSS loaded MB"],
+                                     loading))
     tps_decode = {f"llama.cpp {n}": e["decode"]["tokens_per_s"] for n, e in peers.items() if "decode" in e}
     for mode in ("decode", "prefill"):
         if mode not in s["modes"]:

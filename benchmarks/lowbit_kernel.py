@@ -216,15 +216,17 @@ def _markdown(result: dict) -> str:
 MEMORY_FORMATS = {
     "float32": None,
     "bfloat16": None,
+    "int8 (per-token)": {},
     "int8 weight-only": {"mode": "weight-only"},
     "4-bit G=32": {"bits": 4, "group_size": 32},
     "4-bit G=128": {"bits": 4, "group_size": 128},
+    "W4A8 G=32": {"bits": 4, "group_size": 32, "mode": "dynamic"},
 }
 
 _LOAD = r"""
 import gc, json, sys, torch
 sys.path.insert(0, sys.argv[3])
-from common import _proc_status_bytes
+from common import _proc_status_bytes, reset_peak_rss
 def current_rss_bytes():
     return _proc_status_bytes("VmRSS")
 from qlin_cli import empty_weights, load_quantized
@@ -236,6 +238,7 @@ from qlin_cli import QuantConfig, quantize_model
 quantize_model(mlp_stack(1, 256, 512), QuantConfig(bits=4, group_size=32)).model(torch.randn(1, 256))
 gc.collect()
 base = current_rss_bytes()
+reset = reset_peak_rss()
 if sys.argv[1] == "float32" or sys.argv[1] == "bfloat16":
     model = mlp_stack(int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
     if sys.argv[1] == "bfloat16":
@@ -244,13 +247,15 @@ else:
     with empty_weights():
         skeleton = mlp_stack(int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
     model = load_quantized(skeleton, sys.argv[2])
+peak = _proc_status_bytes("VmHWM") - base if reset else None
 gc.collect()
+loaded = current_rss_bytes() - base
 x = torch.randn(1, int(sys.argv[5]), dtype=next(model.parameters(), torch.empty(0)).dtype
                 if sys.argv[1] == "bfloat16" else torch.float32)
 with torch.no_grad():
     model(x)  # one call: what a loaded model holds while it serves
 gc.collect()
-print(json.dumps({"rss": current_rss_bytes() - base}))
+print(json.dumps({"rss": current_rss_bytes() - base, "rss_loaded": loaded, "peak": peak}))
 """
 
 
@@ -277,8 +282,8 @@ def memory(blocks: int, hidden: int, inter: int) -> dict:
             path, held = Path(tmp) / "m.safetensors", None
             if keys is not None:
                 result = quantize_model(mlp_stack(blocks, hidden, inter), QuantConfig(**keys))
-                held = sum(m._run.panels.nbytes() for m in result.model.modules()
-                           if isinstance(m, QuantizedLinear) and hasattr(m._run, "panels"))
+                held = sum(m._run.panels.nbytes() if hasattr(m._run, "panels") else m.weight.numel() + 4 * m.weight_scale.numel()
+                           for m in result.model.modules() if isinstance(m, QuantizedLinear))
                 save_quantized(result, path, force=True)
                 del result
             common.log(f"memory: {name} ...")
@@ -287,9 +292,9 @@ def memory(blocks: int, hidden: int, inter: int) -> dict:
             if done.returncode != 0:
                 out["formats"][name] = {"error": done.stderr.strip().splitlines()[-1][:200]}
                 continue
-            rss = json.loads(done.stdout.strip().splitlines()[-1])["rss"]
+            got = json.loads(done.stdout.strip().splitlines()[-1])
             file_bytes = path.stat().st_size if path.exists() else weights * (4 if name == "float32" else 2)
-            out["formats"][name] = {"rss": rss, "kernel_bytes": held if held is not None else file_bytes,
+            out["formats"][name] = {**got, "kernel_bytes": held if held is not None else file_bytes,
                                     "file_bytes": file_bytes}
     return out
 
@@ -299,18 +304,23 @@ def _memory_markdown(result: dict) -> str:
     rows = []
     for name, r in mem["formats"].items():
         if "error" in r:
-            rows.append([name, f"error: {r['error'][:60]}", "—", "—", "—"])
+            rows.append([name, f"error: {r['error'][:60]}", "—", "—", "—", "—", "—"])
             continue
+        peak = r.get("peak")
         rows.append([name, f"{r['rss'] / 2**20:.0f}", f"{r['kernel_bytes'] / 2**20:.0f}", f"{r['file_bytes'] / 2**20:.0f}",
-                     f"{r['rss'] / r['kernel_bytes']:.2f}"])
+                     f"{r['rss'] / r['kernel_bytes']:.2f}", "—" if peak is None else f"{peak / 2**20:.0f}",
+                     "—" if peak is None else f"{peak / r['file_bytes']:.2f}"])
     return "\n".join([
         common.machine_md(result["machine"]), "",
         f"A Llama-shaped stack of {mem['blocks']} MLP blocks (up {mem['intermediate']}x{mem['hidden']}, down "
         f"{mem['hidden']}x{mem['intermediate']}, {mem['weights'] / 1e6:.0f} M weights), loaded in a fresh process "
         "(a quantized model: a skeleton on the meta device, `load_quantized`), after one token; RSS gained over "
         "the process before loading (after a warm-up that loads the kernels and starts the threads). \"read per token\": "
-        "the bytes the kernels hold and read (float: the weights).",
-        "", common.md_table(["format", "RSS MiB", "read per token MiB", "file MiB", "RSS / read"], rows), "",
+        "the bytes the kernels hold and read (float: the weights; int8 per-token: the int8 weight and its scales). "
+        "\"peak loading\": the most RSS the process held (VmHWM, reset before) while `load_quantized` ran, over the same base "
+        "(float formats: building the model).",
+        "", common.md_table(["format", "RSS MiB", "read per token MiB", "file MiB", "RSS / read", "peak loading MiB",
+                             "peak / file"], rows), "",
         "    " + result["command"]])
 
 
