@@ -612,7 +612,8 @@ def read_into(f, offset: int, t: torch.Tensor) -> None:
     while done < len(view):
         got = f.readinto(view[done:])
         if not got:
-            raise EOFError(f"{f.name} ends before the tensor at byte {offset} ({len(view)} bytes)")
+            name = f.name if isinstance(f.name, str) else "the file"  # (a TemporaryFile's name is its descriptor)
+            raise EOFError(f"{name} ends before the tensor at byte {offset} ({len(view)} bytes)")
         done += got
 
 

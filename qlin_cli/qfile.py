@@ -275,7 +275,7 @@ def _retie(model: nn.Module, ties: dict[str, str]) -> None:
     for key, source in ties.items():
         owner, _, attr = key.rpartition(".")
         module = model.get_submodule(owner)
-        target = params.get(source)  # a buffer tie needs no re-tying: load_state_dict copied it
+        target = params.get(source)  # a buffer tie needs no re-tying: both keys were given one tensor
         if target is not None and getattr(module, attr) is not target:
             setattr(module, attr, target)
 
@@ -458,9 +458,11 @@ def load_quantized(
     sha256 too. `compile` returns `qlinear.compile_model(model)`: the first call compiles (tens of
     seconds), later calls run the fused graph.
 
-    No copy: the model takes the tensors read from the file (given a `QFile`, it shares them),
-    and a layer narrower than 8 bits is unpacked just before its kernel packs it, so the peak is
-    about the file's size plus one layer's temporaries."""
+    No copy: the model takes the tensors read from the file, and a layer narrower than 8 bits is
+    unpacked just before its kernel packs it, so the peak is about the file's size plus one
+    layer's temporaries. Given a `QFile`, the model shares its tensors, which that QFile keeps
+    alive (`read_qfile`'s default maps the file: read it with `unpack=False, mapped=False` to load
+    as from a path)."""
     model = _load_packed(model, path, device, verify)
     # the memory loading freed (the file's unpacked codes, the tensors a kernel absorbed) back to
     # the system, once nothing of the load holds it: glibc keeps freed blocks, and a 4-bit model
@@ -480,6 +482,7 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
     state = dict(qf.tensors)
     swapped = []
     packed_codes: dict[QuantizedLinear, torch.Tensor] = {}  # layers whose weight is the file's packed bytes
+    later: set[str] = set()  # their weights' keys, filled when the layer packs
     for e in qf.plan.quantized:
         linear = linears.get(e.name)
         if linear is None or layer_shape(linear) != (e.in_features, e.out_features) or layer_kind(linear) != e.module:
@@ -494,8 +497,10 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
             )
         with torch.device("meta"):  # buffers the file's tensors replace: never allocated (a model's worth of zeros)
             q = QuantizedLinear(e.in_features, e.out_features, e.scheme, bias=e.has_bias, dtype=linear.weight.dtype)
-        if e.scheme.bits < 8 and state[f"{e.name}.weight"].dtype == torch.uint8:  # unpacked when q packs
+        weight = state.get(f"{e.name}.weight")
+        if e.scheme.bits < 8 and weight is not None and weight.dtype == torch.uint8:  # unpacked when q packs
             packed_codes[q] = state.pop(f"{e.name}.weight")
+            later |= {f"{alias}.weight" for alias in e.paths}
         for alias in e.paths:
             model = swap_module(model, alias, q)
             if alias != e.name:
@@ -513,8 +518,8 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
             qtable = QuantizedEmbedding(e.num_embeddings, e.embedding_dim, padding_idx=table.padding_idx,
                                         dtype=getattr(torch, e.dtype))
         model = swap_module(model, e.name, qtable)
+    found = linears = table = None  # a real skeleton's float layers: not kept alive while packing
     targets = model.state_dict(keep_vars=True)
-    later = {f"{alias}.weight" for e in qf.plan.quantized for alias in e.paths if f"{e.name}.weight" not in state}
     missing, unexpected = sorted(set(targets) - set(state) - later), sorted(set(state) - set(targets))
     if missing or unexpected:
         first = missing[0] if missing else unexpected[0]
@@ -523,15 +528,16 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
             f"unexpected tensors (e.g. {first!r})"
         )
     _refuse_unfilled_meta(model, targets)
+    skeleton_ties = tied_keys(targets.items())  # assigning gives each key its own tensor: re-tied below
     for key in later:
         del targets[key]
-    converted: dict[int, torch.Tensor] = {}  # what load_state_dict's copy would convert, converted
-    for key, target in targets.items():  # here, once a tensor (a tied one stays one tensor)
+    converted: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # what load_state_dict's copy would
+    for key, target in targets.items():  # convert, converted here, once (a tied tensor stays one)
         t = state[key]
         if t.dtype != target.dtype or not t.is_contiguous():
-            if id(t) not in converted:
-                converted[id(t)] = t.to(target.dtype).contiguous()
-            state[key] = converted[id(t)]
+            if (id(t), target.dtype) not in converted:
+                converted[id(t), target.dtype] = t.to(target.dtype).contiguous()
+            state[key] = converted[id(t), target.dtype]
     try:  # the file's tensors become the model's (assign): no second copy of the weights
         model.load_state_dict(state, strict=not later, assign=True)  # (`later`: the only keys missing)
     except RuntimeError as exc:
@@ -541,7 +547,7 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
     state.clear()  # the model holds the only references now (but for a caller's QFile), so each
     if qf is not path:  # layer's unpacked codes are freed as soon as its kernel has packed them
         qf.tensors.clear()
-    _retie(model, _ties(qf.path, qf.metadata))
+    _retie(model, {**skeleton_ties, **_ties(qf.path, qf.metadata)})
     for q in list(packed_codes):  # one layer's int8 values at a time, freed once its kernel packed them
         q._buffers["weight"] = unpack_bits(packed_codes.pop(q), q.scheme.bits, q.in_features)
         q.pack(device)

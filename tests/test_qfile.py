@@ -469,3 +469,47 @@ def test_read_qfile_can_keep_narrow_weights_as_the_file_packs_them(tmp_path):
     assert (unpacked.tensors["1.weight"].dtype, tuple(unpacked.tensors["1.weight"].shape)) == (torch.int8, (96, 64))
     assert torch.equal(unpack_bits(packed.tensors["1.weight"], 4, 64), unpacked.tensors["1.weight"])
     assert {k for k, v in packed.tensors.items() if not torch.equal(v, unpacked.tensors[k])} == {"1.weight", "3.weight"}
+
+
+def test_a_shared_4_bit_layer_loads_once_under_both_names(tmp_path):
+    """A layer used at two places of the model (one module) keeps its 4-bit codes packed in the
+    file under its first name; the load unpacks them once, for the one module both names hold."""
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(64, 64)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared, torch.nn.Linear(64, 32)).eval()
+    result = quantize_model(model, QuantConfig(bits=4, group_size=16, mode="weight-only"))
+    path = save_quantized(result, tmp_path / "m.safetensors")
+    skeleton_shared = torch.nn.Linear(64, 64)
+    skeleton = torch.nn.Sequential(skeleton_shared, torch.nn.ReLU(), skeleton_shared, torch.nn.Linear(64, 32)).eval()
+    loaded = load_quantized(skeleton, path)
+    assert loaded[0] is loaded[2] and loaded[0]._run is not None
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model(x))
+
+
+def test_a_tie_only_the_skeleton_has_survives_the_load(tmp_path):
+    """Assigning gives every key the file's own tensor; a parameter the skeleton shares between
+    two modules (the file holds two, no tie recorded) is one parameter again after the load, as
+    copying into it kept it."""
+    def build():
+        return torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 64), torch.nn.LayerNorm(64)).eval()
+
+    torch.manual_seed(0)
+    path = save_quantized(quantize_model(build(), QuantConfig(mode="weight-only")), tmp_path / "m.safetensors")
+    assert "ties" not in read_qfile(path).metadata or json.loads(read_qfile(path).metadata["ties"]) == {}
+    skeleton = build()
+    skeleton[2].weight = skeleton[0].weight  # tied in the skeleton only
+    loaded = load_quantized(skeleton, path)
+    assert loaded[2].weight is loaded[0].weight
+
+
+def test_a_qfile_without_an_8_bit_layer_s_weight_is_refused_in_one_line(tmp_path):
+    """A QFile (built or edited by a caller) that lacks a quantized layer's weight is refused as a
+    misfit, not loaded with the weight left on the meta device."""
+    torch.manual_seed(0)
+    path = save_quantized(quantize_model(_norm_mlp(), QuantConfig(mode="weight-only")), tmp_path / "m.safetensors")
+    qf = read_qfile(path)
+    del qf.tensors["1.weight"]
+    with pytest.raises(FormatError, match=r"does not fit the model: 1 missing .*'1.weight'"):
+        load_quantized(_norm_mlp(), qf)

@@ -53,8 +53,8 @@ def _load_pair(source_path: str | Path | SourceKind, quantized_path: str | Path,
     source = load_source(source_path, model=model, trust_pickle=trust_pickle)
     float_model = source.model.to(dev)
     qpath = Path(quantized_path)
-    qf = read_qfile(qpath, unpack=False, mapped=False)  # as load_quantized(qpath) reads it
-    int8_model = load_quantized(copy.deepcopy(float_model), qf, device=dev)
+    int8_model = load_quantized(copy.deepcopy(float_model), qpath, device=dev)
+    qf = read_qfile(qpath, unpack=False)  # its metadata (mapped: reads little of the file)
     kernels = Counter(m.kernel.name for m in int8_model.modules() if isinstance(m, QuantizedLinear))
     return _Pair(source, float_model, int8_model, qpath, dict(sorted(kernels.items())), size_bytes(qpath),
                  qf.metadata.get("source_sha256") == source.sha256)
