@@ -101,8 +101,11 @@ def _dot_codes(q: torch.Tensor, bits: int, units: int, pos: torch.Tensor) -> tor
     """The codes of rows q (N', K) as dot panels (see DotPanels), rows padded to whole panels."""
     n = q.shape[0]
     npad = -(-n // PANEL) * PANEL
-    qp = torch.zeros(npad, units * UNIT, dtype=torch.int8)
-    qp[:n, pos] = q
+    if units * UNIT == q.shape[1]:  # no padding inside the groups (G and K multiples of 4): k is its
+        qp = torch.nn.functional.pad(q, (0, 0, 0, npad - n))  # own position; the scatter took 80%
+    else:
+        qp = torch.zeros(npad, units * UNIT, dtype=torch.int8)
+        qp[:n, pos] = q
     qp = qp.reshape(npad // PANEL, PANEL, units, UNIT).transpose(1, 2)  # (P, U, 16, 4)
     if bits <= 4:
         u = (qp + 8).view(torch.uint8)  # in [0, 15] (qp in [-8, 7]: no overflow in int8)
