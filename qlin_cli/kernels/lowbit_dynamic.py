@@ -97,15 +97,16 @@ class DotPanels:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zq, self.wsum))
 
 
-def _dot_codes(q: torch.Tensor, bits: int, units: int, pos: torch.Tensor) -> torch.Tensor:
-    """The codes of rows q (N', K) as dot panels (see DotPanels), rows padded to whole panels."""
-    n = q.shape[0]
+def _dot_codes(q: torch.Tensor, bits: int, g: int) -> torch.Tensor:
+    """The codes of rows q (N', K) as dot panels (see DotPanels), rows padded to whole panels and
+    each group's k to whole units of 4 (`_layout`): every group but the last padded at once."""
+    n, k = q.shape
     npad = -(-n // PANEL) * PANEL
-    if units * UNIT == q.shape[1]:  # no padding inside the groups (G and K multiples of 4): k is its
-        qp = torch.nn.functional.pad(q, (0, 0, 0, npad - n))  # own position; the scatter took 80%
-    else:
-        qp = torch.zeros(npad, units * UNIT, dtype=torch.int8)
-        qp[:n, pos] = q
+    ngroups, ug, units, _ = _layout(k, g)
+    whole = max(ngroups - 1, 0)  # the groups before the last
+    head = whole * g
+    qp = F.pad(torch.cat([F.pad(q[:, :head].reshape(n, whole, g), (0, ug * UNIT - g)).reshape(n, whole * ug * UNIT),
+                          F.pad(q[:, head:], (0, -(k - head) % UNIT))], 1), (0, 0, 0, npad - n))
     qp = qp.reshape(npad // PANEL, PANEL, units, UNIT).transpose(1, 2)  # (P, U, 16, 4)
     if bits <= 4:
         u = (qp + 8).view(torch.uint8)  # in [0, 15] (qp in [-8, 7]: no overflow in int8)
@@ -135,11 +136,11 @@ def to_dot_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: t
     int8 of the scale's shape (or None)."""
     n, k = q.shape
     g = k if group_size is None else group_size
-    ngroups, _, units, pos = _layout(k, g)
+    ngroups = -(-k // g)
     s2 = scale.float().reshape(-1, 1).expand(n, ngroups) if scale.dim() < 2 else scale.float()
     zp = torch.zeros((), dtype=torch.int8) if zero_point is None else zero_point
     z2 = zp.reshape(-1, 1).expand(n, ngroups) if zp.dim() < 2 else zp
-    codes = packed_by_slices(n, k, lambda rows: _dot_codes(q[rows], bits, units, pos))
+    codes = packed_by_slices(n, k, lambda rows: _dot_codes(q[rows], bits, g))
     nibble = 8 if bits <= 4 else 0
     zq = (_to_panel_rows(z2.to(torch.int16) + nibble, 0).to(torch.int8) if bool(z2.any()) else _EMPTY_I8)
     # wsum: each group's exact integer sum times its scale, summed in float64, rounded once
