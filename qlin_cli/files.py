@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
 import torch
+from safetensors import safe_open
 
 from .budget import format_size
 from .errors import InputError, OutputError
@@ -615,6 +616,18 @@ def read_into(f, offset: int, t: torch.Tensor) -> None:
             name = f.name if isinstance(f.name, str) else "the file"  # (a TemporaryFile's name is its descriptor)
             raise EOFError(f"{name} ends before the tensor at byte {offset} ({len(view)} bytes)")
         done += got
+
+
+def read_tensor(f, path: Path, header: SafetensorsHeader, key: str) -> torch.Tensor:
+    """Tensor `key` of the safetensors file `f` open at `path` (its validated `header`), read into
+    memory of its own (safetensors reads the dtypes qlin does not, copied out of its map)."""
+    entry = header.tensors[key]
+    if entry.torch_dtype is None:
+        with safe_open(path, framework="pt") as st:
+            return st.get_tensor(key).clone()
+    t = torch.empty(entry.shape, dtype=entry.torch_dtype)
+    read_into(f, 8 + header.size + entry.start, t)
+    return t
 
 
 def header_digest(header: dict) -> str:

@@ -60,7 +60,7 @@ from .export import export_metadata, export_weights, from_export, stored_weight
 from .hf import parameters_on_meta
 from .files import (
     FORMAT, HASH_KEYS, QLIN_PLAN, SafetensorsHeader, SafetensorsStream, check_file, check_output, file_tensors, header_digest,
-    read_header, read_into, safetensors_writer, tied_keys, write_atomic,
+    read_header, read_tensor, safetensors_writer, tied_keys, write_atomic,
 )
 from .plan import EmbeddingEntry, Plan, PlanEntry, find_linears, layer_kind, layer_shape, swap_module
 from .kernels.lowbit import pack_bits, unpack_bits
@@ -430,16 +430,8 @@ def _read_tensors(path: Path, header: SafetensorsHeader) -> dict[str, torch.Tens
     """Every tensor of the file in memory of its own, read (not mapped: a tensor the model keeps
     would keep the whole map and every page of it that loading read, the codes its kernels packed
     included, resident: an int8 weight-only model held 2x its panels)."""
-    tensors = {}
     with open(path, "rb", buffering=0) as f:
-        for key, e in header.tensors.items():
-            if e.torch_dtype is None:  # a dtype qlin does not read itself
-                with safe_open(path, framework="pt") as st:
-                    tensors[key] = st.get_tensor(key).clone()
-                continue
-            tensors[key] = torch.empty(e.shape, dtype=e.torch_dtype)
-            read_into(f, 8 + header.size + e.start, tensors[key])
-    return tensors
+        return {key: read_tensor(f, path, header, key) for key in header.tensors}
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from .budget import check_budget, format_size
 from .errors import InputError, one_line
-from .files import CONFIG_NAME, FORMAT, QLIN_PLAN, SafetensorsHeader, TensorEntry, check_file, file_sha256, read_header, read_into
+from .files import CONFIG_NAME, FORMAT, QLIN_PLAN, SafetensorsHeader, check_file, file_sha256, read_header, read_into, read_tensor
 from .hf import (
     HF_KIND, WeightFiles, hf_skeleton, is_hf_folder, load_hf_folder, parameters_on_meta, quant_method, weight_files,
 )
@@ -548,26 +548,23 @@ class _TensorReader:
     mapped file count in the process's resident memory while it stays mapped)."""
 
     def __init__(self, sources: list[SourceKind]) -> None:
-        self.entries: dict[str, tuple[Path, int, TensorEntry]] = {}  # key -> (file, its header's size, entry)
+        self.entries: dict[str, tuple[Path, SafetensorsHeader]] = {}  # key -> (file, its header)
         for source in sources:
             header = source.safetensors_header()
             _reject_qlin_file(source)
-            for key, e in header.tensors.items():
-                self.entries.setdefault(key, (source.path, header.size, e))
+            for key in header.tensors:
+                self.entries.setdefault(key, (source.path, header))
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
 
     def read(self, key: str) -> torch.Tensor:
-        path, size, entry = self.entries[key]
+        path, header = self.entries[key]
         try:
-            if entry.torch_dtype is None:  # a dtype qlin does not read itself
-                with safe_open(path, framework="pt") as st:
-                    return st.get_tensor(key)
-            t = torch.empty(entry.shape, dtype=entry.torch_dtype)
             with open(path, "rb", buffering=0) as f:
-                _read_into(f, 8 + size + entry.start, t)
-            return t
+                return read_tensor(f, path, header, key)
+        except EOFError:
+            raise InputError(f"{path} ends before its last tensor") from None
         except _BAD_SAFETENSORS as exc:
             raise _not_safetensors("source", path, one_line(exc)) from None
 
