@@ -349,16 +349,9 @@ def _not_safetensors(path: Path, exc: BaseException) -> str:
     return f"not a valid safetensors file ({one_line(exc, 120)}), so no qlin file: {fix}"
 
 
-def read_qfile(path: str | Path, *, verify: bool = False, unpack: bool = True, mapped: bool = True) -> QFile:
-    """Open and validate a qlin file, or a compressed-tensors folder qlin wrote (or its weights
-    file): its plan against the header's names, dtypes and shapes and `max_memory` before any
-    tensor is read, then every tensor against the plan; the payload's sha256 against the
-    recorded one with `verify` (a qlin file only). A layer narrower than 8 bits holds its weight
-    as int8 values (N, K); with `unpack=False`, as the file packs it (uint8, validated), which
-    `load_quantized` unpacks one layer at a time. `mapped`: the tensors are views of the file
-    mapped into memory, its pages read as they are used (`inspect` reads little of a file);
-    False reads each into memory of its own, as a model that keeps them needs (a map that its
-    tensors keep alive keeps every page that loading read resident)."""
+def _open_qfile(path: str | Path, verify: bool) -> tuple[Path, Path | None, SafetensorsHeader, dict[str, str], bool]:
+    """(weights file, the folder or None, its header, qlin's metadata, whether it is a
+    compressed-tensors export) of a qlin file or a folder qlin wrote, from its header alone."""
     path = Path(path)
     folder = path if path.is_dir() else None
     path = check_file(path if folder is None else export_weights(folder), "qlin file")
@@ -377,6 +370,26 @@ def read_qfile(path: str | Path, *, verify: bool = False, unpack: bool = True, m
                            "plan); transformers loads it (with compressed-tensors installed)")
     elif metadata.get("format") != FORMAT:
         raise _bad(path, "not a qlin file (its metadata has no format=qlin); is it a float checkpoint?")
+    return path, folder, header, metadata, export
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a qlin file or a compressed-tensors folder qlin wrote, from the header
+    alone: no tensor is read (`read_qfile` reads and validates them all)."""
+    return _open_qfile(path, verify=False)[3]
+
+
+def read_qfile(path: str | Path, *, verify: bool = False, unpack: bool = True, mapped: bool = True) -> QFile:
+    """Open and validate a qlin file, or a compressed-tensors folder qlin wrote (or its weights
+    file): its plan against the header's names, dtypes and shapes and `max_memory` before any
+    tensor is read, then every tensor against the plan; the payload's sha256 against the
+    recorded one with `verify` (a qlin file only). A layer narrower than 8 bits holds its weight
+    as int8 values (N, K); with `unpack=False`, as the file packs it (uint8, validated), which
+    `load_quantized` unpacks one layer at a time. `mapped`: the tensors are views of the file
+    mapped into memory, its pages read as they are used (`inspect` reads little of a file);
+    False reads each into memory of its own, as a model that keeps them needs (a map that its
+    tensors keep alive keeps every page that loading read resident)."""
+    path, folder, header, metadata, export = _open_qfile(path, verify)
     try:
         version = int(metadata.get("format_version", ""))
     except ValueError:

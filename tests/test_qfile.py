@@ -513,3 +513,22 @@ def test_a_qfile_without_an_8_bit_layer_s_weight_is_refused_in_one_line(tmp_path
     del qf.tensors["1.weight"]
     with pytest.raises(FormatError, match=r"does not fit the model: 1 missing .*'1.weight'"):
         load_quantized(_norm_mlp(), qf)
+
+
+def test_read_metadata_reads_the_header_alone(tmp_path, monkeypatch):
+    """`read_metadata` gives read_qfile's metadata without reading a tensor (eval takes the source's
+    sha256 from it after loading), and refuses what read_qfile refuses."""
+    from qlin_cli import qfile
+
+    torch.manual_seed(0)
+    path = save_quantized(quantize_model(_norm_mlp(), QuantConfig(mode="weight-only")), tmp_path / "m.safetensors")
+    expect = read_qfile(path).metadata
+    monkeypatch.setattr(qfile, "_read_tensors", lambda *a: pytest.fail("read a tensor"))
+    monkeypatch.setattr(qfile, "_mapped_tensors", lambda *a: pytest.fail("read a tensor"))
+    assert qfile.read_metadata(path) == expect and "source_sha256" in expect
+    plain = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(FormatError, match="not a qlin file"):
+        qfile.read_metadata(plain)

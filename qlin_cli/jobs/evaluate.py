@@ -22,7 +22,7 @@ from ..data import (
 from ..errors import ConfigError, InputError
 from ..files import size_bytes
 from ..hf import load_tokenizer
-from ..qfile import load_quantized, read_qfile
+from ..qfile import load_quantized, read_metadata
 from ..qlinear import QuantizedLinear, compile_model
 from ..report import EvalReport, OutputComparison, TextEvalReport
 from ..sources import Source, SourceKind, load_source, load_tensors, what_is
@@ -54,10 +54,9 @@ def _load_pair(source_path: str | Path | SourceKind, quantized_path: str | Path,
     float_model = source.model.to(dev)
     qpath = Path(quantized_path)
     int8_model = load_quantized(copy.deepcopy(float_model), qpath, device=dev)
-    qf = read_qfile(qpath, unpack=False)  # its metadata (mapped: reads little of the file)
     kernels = Counter(m.kernel.name for m in int8_model.modules() if isinstance(m, QuantizedLinear))
     return _Pair(source, float_model, int8_model, qpath, dict(sorted(kernels.items())), size_bytes(qpath),
-                 qf.metadata.get("source_sha256") == source.sha256)
+                 read_metadata(qpath).get("source_sha256") == source.sha256)
 
 
 @torch.no_grad()
