@@ -481,13 +481,34 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
     """load_quantized's work: the file's layers swapped into `model`, every tensor loaded, the
     layers packed for `device`."""
     qf = path if isinstance(path, QFile) else read_qfile(path, verify=verify, unpack=False, mapped=False)
+    state = dict(qf.tensors)
+    model, swapped, packed_codes = _swap_in(model, qf, state)  # (a real skeleton's float layers freed)
+    later = {f"{alias}.weight" for _, paths in packed_codes.values() for alias in paths}
+    skeleton_ties = _assign(model, qf, state, later)
+    state.clear()  # the model holds the only references now (but for a caller's QFile), so each
+    if qf is not path:  # layer's unpacked codes are freed as soon as its kernel has packed them
+        qf.tensors.clear()
+    _retie(model, {**skeleton_ties, **_ties(qf.path, qf.metadata)})
+    for q in list(packed_codes):  # one layer's int8 values at a time, freed once its kernel packed them
+        q._buffers["weight"] = unpack_bits(packed_codes.pop(q)[0], q.scheme.bits, q.in_features)
+        q.pack(device)
+    model.to(device)
+    pack_all([q for q in swapped if q._run is None], device)
+    return model
+
+
+def _swap_in(model: nn.Module, qf: QFile, state: dict[str, torch.Tensor]
+             ) -> tuple[nn.Module, list[QuantizedLinear], dict[QuantizedLinear, tuple[torch.Tensor, tuple[str, ...]]]]:
+    """The file's quantized layers and int8 tables put in `model`'s place, built on the meta
+    device (the file's tensors replace their buffers: zero-filled ones were a model's worth of
+    memory); a shared layer's tensors entered in `state` under each of its names. Returns the
+    model, the layers, and those whose weight `state` held as the file's packed bytes, taken out
+    of `state` (their codes and names: unpacked when the layer packs)."""
     found = find_linears(model)
     linears = {name: m for name, m, _, _ in found}
     aliases = {name: sorted(a) for name, _, a, _ in found}
-    state = dict(qf.tensors)
     swapped = []
-    packed_codes: dict[QuantizedLinear, torch.Tensor] = {}  # layers whose weight is the file's packed bytes
-    later: set[str] = set()  # their weights' keys, filled when the layer packs
+    packed_codes: dict[QuantizedLinear, tuple[torch.Tensor, tuple[str, ...]]] = {}
     for e in qf.plan.quantized:
         linear = linears.get(e.name)
         if linear is None or layer_shape(linear) != (e.in_features, e.out_features) or layer_kind(linear) != e.module:
@@ -500,12 +521,11 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
                 f"{qf.path}: layer {e.name!r} is shared at {list(e.aliases)} in the file but at "
                 f"{aliases[e.name]} in the model; is it the model the file was made from?"
             )
-        with torch.device("meta"):  # buffers the file's tensors replace: never allocated (a model's worth of zeros)
+        with torch.device("meta"):
             q = QuantizedLinear(e.in_features, e.out_features, e.scheme, bias=e.has_bias, dtype=linear.weight.dtype)
         weight = state.get(f"{e.name}.weight")
-        if e.scheme.bits < 8 and weight is not None and weight.dtype == torch.uint8:  # unpacked when q packs
-            packed_codes[q] = state.pop(f"{e.name}.weight")
-            later |= {f"{alias}.weight" for alias in e.paths}
+        if e.scheme.bits < 8 and weight is not None and weight.dtype == torch.uint8:
+            packed_codes[q] = (state.pop(f"{e.name}.weight"), e.paths)
         for alias in e.paths:
             model = swap_module(model, alias, q)
             if alias != e.name:
@@ -523,7 +543,14 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
             qtable = QuantizedEmbedding(e.num_embeddings, e.embedding_dim, padding_idx=table.padding_idx,
                                         dtype=getattr(torch, e.dtype))
         model = swap_module(model, e.name, qtable)
-    found = linears = table = None  # a real skeleton's float layers: not kept alive while packing
+    return model, swapped, packed_codes
+
+
+def _assign(model: nn.Module, qf: QFile, state: dict[str, torch.Tensor], later: set[str]) -> dict[str, str]:
+    """`state`'s tensors made `model`'s own (load_state_dict(assign=True): no second copy), every
+    key but those in `later` (filled when their layer packs); converted first where the model's
+    dtype differs, as copying into it did. Returns the ties the skeleton had, which assigning
+    breaks (each key gets its tensor), for `_retie`."""
     targets = model.state_dict(keep_vars=True)
     missing, unexpected = sorted(set(targets) - set(state) - later), sorted(set(state) - set(targets))
     if missing or unexpected:
@@ -533,32 +560,20 @@ def _load_packed(model: nn.Module, path: str | Path | QFile, device: torch.devic
             f"unexpected tensors (e.g. {first!r})"
         )
     _refuse_unfilled_meta(model, targets)
-    skeleton_ties = tied_keys(targets.items())  # assigning gives each key its own tensor: re-tied below
-    for key in later:
-        del targets[key]
-    converted: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # what load_state_dict's copy would
-    for key, target in targets.items():  # convert, converted here, once (a tied tensor stays one)
-        t = state[key]
-        if t.dtype != target.dtype or not t.is_contiguous():
+    skeleton_ties = tied_keys(targets.items())
+    converted: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # once a tensor (a tied one stays one)
+    for key, target in targets.items():
+        t = state.get(key)
+        if t is not None and (t.dtype != target.dtype or not t.is_contiguous()):
             if (id(t), target.dtype) not in converted:
                 converted[id(t), target.dtype] = t.to(target.dtype).contiguous()
             state[key] = converted[id(t), target.dtype]
-    try:  # the file's tensors become the model's (assign): no second copy of the weights
+    try:
         model.load_state_dict(state, strict=not later, assign=True)  # (`later`: the only keys missing)
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
         raise FormatError(f"{qf.path} does not fit the model: {lines[0] if lines else exc}") from None
-    del targets
-    state.clear()  # the model holds the only references now (but for a caller's QFile), so each
-    if qf is not path:  # layer's unpacked codes are freed as soon as its kernel has packed them
-        qf.tensors.clear()
-    _retie(model, {**skeleton_ties, **_ties(qf.path, qf.metadata)})
-    for q in list(packed_codes):  # one layer's int8 values at a time, freed once its kernel packed them
-        q._buffers["weight"] = unpack_bits(packed_codes.pop(q), q.scheme.bits, q.in_features)
-        q.pack(device)
-    model.to(device)
-    pack_all([q for q in swapped if q._run is None], device)
-    return model
+    return skeleton_ties
 
 
 def _refuse_unfilled_meta(model: nn.Module, targets: dict[str, torch.Tensor]) -> None:
