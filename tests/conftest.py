@@ -30,14 +30,23 @@ def device(request) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def fused_kernels_built():
+def fused_kernels_built(request):
     """Build qlin's fused kernels (native.py) once, before any test: qlin subprocesses then load
     the cached module instead of each spending ~25 s on a first build (or being killed during
     one). Where they cannot be built, the tests run the torch-op path and the fused-kernel tests
-    skip with the reason."""
+    skip with the reason. Where test_native.py's test of the other instruction set's build is
+    to run, that build starts first, in the background (other_build.py): on two cores it
+    compiles beside this one (a compiler a core) instead of after it."""
+    import other_build
     from qlin_cli.kernels import native
 
+    build = None
+    if any(item.name == other_build.TEST for item in request.session.items):
+        build = request.config.qlin_other_build = other_build.start()
     native.load()
+    yield
+    if build is not None and build.poll() is None:  # its test did not run (-x): no build left behind
+        other_build.stop(build)
 
 
 @pytest.fixture(scope="session")

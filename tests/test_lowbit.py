@@ -7,10 +7,6 @@ copy of the weights with its byte-identical save."""
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -305,28 +301,3 @@ def test_weight_only_runs_the_panel_kernel_on_cpu_and_torch_without_it(monkeypat
     monkeypatch.setattr(native, "unavailable_reason", lambda: "turned off")
     choice = select_kernel(scheme, device="cpu", dtype=torch.float32, in_features=64, out_features=32)
     assert choice.name == "weight_only" and "_weight_int8pack_mm" in choice.reason
-
-
-# the build without AVX-512 ----------------------------------------------------------------------
-
-_NO_AVX512_RUNNER = """
-import os, sys
-from qlin_cli.kernels import native
-native.CFLAGS = native.CFLAGS + ("-mno-avx512f",)
-kernels = native.load()
-assert kernels is not None and kernels.lowbit_avx512 is False, native.unavailable_reason()
-import pytest
-sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", sys.argv[1]]))
-"""
-
-
-@pytest.mark.skipif(os.environ.get("QLIN_TEST_NO_AVX512_BUILD") != "1",
-                    reason="builds the kernels a second time (~30-60 s): set QLIN_TEST_NO_AVX512_BUILD=1")
-def test_the_build_without_avx512_passes_this_file(tmp_path):
-    """The module as a CPU without AVX-512 gets it (-mno-avx512f: the scalar path is what
-    lowbit_linear runs) passes every test above."""
-    env = {k: v for k, v in os.environ.items() if k != "QLIN_TEST_NO_AVX512_BUILD"}
-    env["QLIN_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", _NO_AVX512_RUNNER, __file__], env=env, capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -1,7 +1,8 @@
 """qlin's fused C++ kernels (native.py, native_kernels.cpp): where the module is cached and what
 its name depends on, why qlin runs without it (turned off, no compiler, a failed build) and that
-it says so once, and `quantize_rows` / `epilogue_` against their torch formulas. (`lowbit_linear`
-has its own tests in test_lowbit.py.)"""
+it says so once, `quantize_rows` / `epilogue_` against their torch formulas, and the kernels'
+test files passed by the build for the instruction set this CPU lacks. (`lowbit_linear` has its
+own tests in test_lowbit.py.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import other_build
 from conftest import qlin_env
 from qlin_cli.kernels import native
 
@@ -189,8 +191,12 @@ def test_quantize_rows_is_its_formula_bit_for_bit(dtype):
         x[2] = -x[2].abs()
         x[2, min(1, k - 1)], x[2, 8 % k] = -0.0, 0.0  # hi a zero, the same the other way round
         x[3, k // 2] = float("nan")  # one NaN: min and max skip it (its code is what the CPU gives)
+        if k > 32:  # a NaN in the lane that holds the row's min and max so far, larger values after it
+            x[4, :2] = torch.tensor([-99.0, 99.0])
+            x[4, 16:18] = float("nan")
         codes, a, c, rowsum = KERNELS.quantize_rows(x, torch.empty(0))
         xf = x.float()
+        assert k <= 32 or (float(c[4]) == -99.0 and a[4] == torch.tensor(198.0) / 255)
         for m in range(6):
             row = xf[m]
             lo, hi = torch.tensor(float("inf")), torch.tensor(float("-inf"))
@@ -307,3 +313,28 @@ def test_epilogue_refuses_operands_that_do_not_fit(change, message):
     o = change({"y": y, "a": a, "c": c, "wsum": wsum, "bias": b, "rowsum": rowsum, "zs": z, "out": None})
     with pytest.raises(RuntimeError, match=re.escape(message)):
         KERNELS.epilogue_(o["y"], o["a"], o["c"], o["wsum"], o["bias"], o["rowsum"], o["zs"], o["out"])
+
+
+# ------------------------------------------------------------- the other instruction set's build
+
+
+@needs_native
+def test_the_build_for_the_other_instruction_set_passes_the_kernel_tests(request):
+    """Both sides of native_kernels.cpp's `#ifdef`s are tested on any x86 CPU: the kernels' test
+    files pass against the build for the instruction set this CPU lacks (other_build.py), in a
+    subprocess; they compare every vector path bit for bit with the scalar path and the torch
+    references. (Its first run found the AVX-512 row min/max losing a lane's minimum to a NaN
+    and keeping a zero's other sign: no AVX-512 CPU had run those loops since they changed.)"""
+    planned = other_build.plan()
+    if isinstance(planned, str):
+        pytest.skip(planned)
+    started = getattr(request.config, "qlin_other_build", None)  # conftest's background build
+    if started is not None:
+        started.wait()
+    tests = [str(Path(__file__).with_name(name)) for name in KERNEL_TESTS]
+    done = other_build.run(*planned, *tests)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert re.search(r"\b\d+ passed", done.stdout) and " failed" not in done.stdout, done.stdout[-1000:]
+
+
+KERNEL_TESTS = ("test_native.py", "test_pertoken_kernel.py", "test_lowbit.py", "test_lowbit_dynamic.py")

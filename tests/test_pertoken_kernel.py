@@ -8,10 +8,6 @@ scheme, the batch, the threads and the activations' dtype (float32, bfloat16).""
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +16,6 @@ from qlin_cli.kernels import KernelChoice, LayerTensors, native, pack, pertoken
 from qlin_cli.kernels.onednn import _onednn_missing
 from qlin_cli.primitives import choose_qparams, quantize
 from qlin_cli.scheme import PER_CHANNEL, PER_TENSOR, LayerScheme
-from test_lowbit import _NO_AVX512_RUNNER  # builds with -mno-avx512f and runs a test file
 
 WHY_NOT = pertoken.missing(torch.device("cpu"), torch.float32)
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"pertoken: {WHY_NOT}")
@@ -275,15 +270,3 @@ def test_bad_operands_are_refused():
         for case, message in cases:
             with pytest.raises(RuntimeError, match=message):
                 getattr(KERNELS, path)(*case)
-
-
-@pytest.mark.skipif(os.environ.get("QLIN_TEST_NO_AVX512_BUILD") != "1",
-                    reason="builds the kernels a second time (~30-60 s): set QLIN_TEST_NO_AVX512_BUILD=1")
-def test_the_build_without_avx512_passes_this_file(tmp_path):
-    """The module as a CPU without AVX-512 gets it (-mno-avx512f: pertoken_linear runs its
-    AVX2 path) passes every test above, with test_lowbit.py's runner."""
-    env = {k: v for k, v in os.environ.items() if k != "QLIN_TEST_NO_AVX512_BUILD"}
-    env["QLIN_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", _NO_AVX512_RUNNER, __file__], env=env, capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

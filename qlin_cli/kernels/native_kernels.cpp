@@ -25,9 +25,70 @@
 #if defined(__AVX2__)
 #include <immintrin.h>  // lowbit_linear's AVX2 path
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(QLIN_SIMDE_AVX512)
+// Tests only (native.emulated_avx512): the AVX-512 and VNNI loops built for a CPU without them,
+// each intrinsic taken from SIMDe's portable, bit-exact versions, so that a machine without
+// AVX-512 checks those loops' bits against its own paths. Never a build that qlin runs models on.
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define QLIN_AVX512 1
+#define QLIN_AVX512_VNNI 1
+// What SIMDe 0.8 lacks or does otherwise than the instructions, lane by lane as Intel's guide
+// defines them: conversions it has no version of, and masked loads and stores that touch only the
+// lanes their mask names (SIMDe's read and write the whole vector: past the end of a row).
+namespace qlin_simde {
+template <class To, class From, class Out, class In>
+inline Out convert(In a) {  // lane i of the result: To(lane i of a), as many lanes as `a` has
+  constexpr int N = sizeof(In) / sizeof(From);
+  From in[N];
+  To out[sizeof(Out) / sizeof(To)] = {};
+  std::memcpy(in, &a, sizeof(a));
+  for (int i = 0; i < N; ++i) out[i] = static_cast<To>(in[i]);
+  Out r;
+  std::memcpy(&r, out, sizeof(r));
+  return r;
+}
+template <class T, class V, class Mask>
+inline V maskz_loadu(Mask k, const void* p) {
+  T v[sizeof(V) / sizeof(T)] = {};
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(T)); ++i)
+    if ((k >> i) & 1) std::memcpy(&v[i], static_cast<const T*>(p) + i, sizeof(T));
+  V r;
+  std::memcpy(&r, v, sizeof(r));
+  return r;
+}
+template <class T, class V, class Mask>
+inline void mask_storeu(void* p, Mask k, V a) {
+  T v[sizeof(V) / sizeof(T)];
+  std::memcpy(v, &a, sizeof(a));
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(T)); ++i)
+    if ((k >> i) & 1) std::memcpy(static_cast<T*>(p) + i, &v[i], sizeof(T));
+}
+inline int reduce_add_epi32(__m512i a) {  // the adds wrap, as the instructions' do
+  uint32_t v[16], sum = 0;
+  std::memcpy(v, &a, sizeof(a));
+  for (uint32_t x : v) sum += x;
+  return static_cast<int>(sum);
+}
+}  // namespace qlin_simde
+#undef _mm512_maskz_loadu_ps
+#undef _mm512_mask_storeu_ps
+#undef _mm256_mask_storeu_epi16
+#define _mm512_cvtepi32_epi16(a) (qlin_simde::convert<int16_t, int32_t, __m256i>(a))
+#define _mm512_cvtepi32_epi8(a) (qlin_simde::convert<int8_t, int32_t, __m128i>(a))
+#define _mm512_cvtepi8_epi32(a) (qlin_simde::convert<int32_t, int8_t, __m512i>(a))
+#define _mm512_cvtepu8_epi32(a) (qlin_simde::convert<int32_t, uint8_t, __m512i>(a))
+#define _mm512_maskz_loadu_epi8(k, p) (qlin_simde::maskz_loadu<int8_t, __m512i>(k, p))
+#define _mm512_maskz_loadu_ps(k, p) (qlin_simde::maskz_loadu<float, __m512>(k, p))
+#define _mm512_mask_storeu_ps(p, k, a) (qlin_simde::mask_storeu<float, __m512>(p, k, a))
+#define _mm256_mask_storeu_epi16(p, k, a) (qlin_simde::mask_storeu<int16_t, __m256i>(p, k, a))
+#define _mm512_reduce_add_epi32(a) (qlin_simde::reduce_add_epi32(a))
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define QLIN_AVX512 1
+#if defined(__AVX512VNNI__)
+#define QLIN_AVX512_VNNI 1
+#endif
 #endif
 
 namespace {
@@ -79,6 +140,14 @@ inline __m256 load8(const bf16* x) {
 }
 #endif
 
+// a vector loop's lanes into lo, hi in lane order, compared as the scalar loop compares
+inline void merge_lanes(const float* mins, const float* maxs, int lanes, float& lo, float& hi) {
+  for (int j = 0; j < lanes; ++j) {
+    lo = mins[j] < lo ? mins[j] : lo;
+    hi = maxs[j] > hi ? maxs[j] : hi;
+  }
+}
+
 // xs[k] = x[k] / smooth[k] into buf (when smooth); lo, hi of the (smoothed) row
 template <typename T>
 void row_min_max(const T* x, const float* sm, float* buf, int64_t K, float& lo, float& hi) {
@@ -97,9 +166,9 @@ void row_min_max(const T* x, const float* sm, float* buf, int64_t K, float& lo, 
     }
   };
 #ifdef QLIN_AVX2_ROWS
-  // lane by lane as the scalar loop compares (vminps(v, acc) is `v < acc ? v : acc`: a NaN is
-  // skipped), then the lanes in order; -0.0 and 0.0 compare equal, so a row whose lo or hi is a
-  // zero is scanned again in the scalar loop's order (below), which keeps the first one met
+  // (both vector loops) lane by lane as the scalar loop compares (vminps(v, acc) is `v < acc ? v :
+  // acc`: a NaN is skipped), then the lanes in order; -0.0 and 0.0 compare equal, so a row whose
+  // lo or hi is a zero is scanned again in the scalar loop's order (below): the first one met
   __m256 vmin = _mm256_set1_ps(INFINITY), vmax = _mm256_set1_ps(-INFINITY);
   for (; k + 8 <= K; k += 8) {
     __m256 v = load8(x + k);
@@ -113,10 +182,7 @@ void row_min_max(const T* x, const float* sm, float* buf, int64_t K, float& lo, 
   alignas(32) float mins[8], maxs[8];
   _mm256_store_ps(mins, vmin);
   _mm256_store_ps(maxs, vmax);
-  for (int j = 0; j < 8; ++j) {
-    lo = mins[j] < lo ? mins[j] : lo;
-    hi = maxs[j] > hi ? maxs[j] : hi;
-  }
+  merge_lanes(mins, maxs, 8, lo, hi);
 #endif
 #ifdef QLIN_AVX512
   __m512 vmin = _mm512_set1_ps(INFINITY), vmax = _mm512_set1_ps(-INFINITY);
@@ -126,14 +192,16 @@ void row_min_max(const T* x, const float* sm, float* buf, int64_t K, float& lo, 
       v = _mm512_div_ps(v, _mm512_loadu_ps(sm + k));
       _mm512_storeu_ps(buf + k, v);
     }
-    vmin = _mm512_min_ps(vmin, v);
-    vmax = _mm512_max_ps(vmax, v);
+    vmin = _mm512_min_ps(v, vmin);
+    vmax = _mm512_max_ps(v, vmax);
   }
-  lo = _mm512_reduce_min_ps(vmin);
-  hi = _mm512_reduce_max_ps(vmax);
+  alignas(64) float mins[16], maxs[16];
+  _mm512_store_ps(mins, vmin);
+  _mm512_store_ps(maxs, vmax);
+  merge_lanes(mins, maxs, 16, lo, hi);
 #endif
   scan(k);
-#ifdef QLIN_AVX2_ROWS
+#if defined(QLIN_AVX2_ROWS) || defined(QLIN_AVX512)
   if (k > 0 && (lo == 0.0f || hi == 0.0f)) {
     lo = INFINITY;
     hi = -INFINITY;
@@ -355,7 +423,7 @@ void pertoken_blocks_scalar(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
   }
 }
 
-#if defined(QLIN_AVX512) && defined(__AVX512VNNI__)
+#if defined(QLIN_AVX512_VNNI)
 #define QLIN_VNNI 1
 // out lane j = the sum of the 16 lanes of v[j]
 __attribute__((always_inline)) inline __m512i pt_sum16(const __m512i* v) {
@@ -379,7 +447,11 @@ __attribute__((always_inline)) inline void pt_step(__m512i* acc, const uint8_t* 
   constexpr int NR = PT_NB / MB;
   // vpdpbusd (u8 codes x s8 weights) in place: the intrinsic's copy-and-add made GCC shuffle
   // every accumulator through other registers
+#ifdef QLIN_SIMDE_AVX512
+  auto dot = [](__m512i& acc, __m512i x, __m512i w) { acc = _mm512_dpbusd_epi32(acc, x, w); };
+#else
   auto dot = [](__m512i& acc, __m512i x, __m512i w) { asm("vpdpbusd %[w], %[x], %[acc]" : [acc] "+v"(acc) : [x] "v"(x), [w] "v"(w)); };
+#endif
   if (MB == 1) {
     const __m512i xv = _mm512_loadu_si512(ur[0] + k);
     _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) dot(acc[r], xv, _mm512_maskz_loadu_epi8(live, wr[r] + k));
