@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import other_build
 import qlin_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,24 +30,30 @@ def device(request) -> str:
     return request.param
 
 
+def pytest_sessionstart(session):
+    """Where this run's paths include test_native.py, the build that its test of the other
+    instruction set needs (other_build.py) starts now, in the background: on two cores it
+    compiles beside this session's own build (one compiler a core; the test modules' imports
+    start that one while collecting) instead of after it."""
+    if other_build.wanted(session.config.args, session.config.invocation_params.dir):
+        session.config.qlin_other_build = other_build.start()
+
+
+def pytest_sessionfinish(session):
+    build = getattr(session.config, "qlin_other_build", None)
+    if build is not None and build.poll() is None:  # its test did not run (-k, -x): no compiler left behind
+        other_build.stop(build)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def fused_kernels_built(request):
+def fused_kernels_built():
     """Build qlin's fused kernels (native.py) once, before any test: qlin subprocesses then load
     the cached module instead of each spending ~25 s on a first build (or being killed during
     one). Where they cannot be built, the tests run the torch-op path and the fused-kernel tests
-    skip with the reason. Where test_native.py's test of the other instruction set's build is
-    to run, that build starts first, in the background (other_build.py): on two cores it
-    compiles beside this one (a compiler a core) instead of after it."""
-    import other_build
+    skip with the reason."""
     from qlin_cli.kernels import native
 
-    build = None
-    if any(item.name == other_build.TEST for item in request.session.items):
-        build = request.config.qlin_other_build = other_build.start()
     native.load()
-    yield
-    if build is not None and build.poll() is None:  # its test did not run (-x): no build left behind
-        other_build.stop(build)
 
 
 @pytest.fixture(scope="session")

@@ -332,9 +332,12 @@ def test_the_build_for_the_other_instruction_set_passes_the_kernel_tests(request
     if started is not None:
         started.wait()
     tests = [str(Path(__file__).with_name(name)) for name in KERNEL_TESTS]
-    done = other_build.run(*planned, *tests)
+    done = other_build.run(*planned, *tests, "-k", f"not ({' or '.join(NOT_KERNELS)})")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert re.search(r"\b\d+ passed", done.stdout) and " failed" not in done.stdout, done.stdout[-1000:]
 
 
 KERNEL_TESTS = ("test_native.py", "test_pertoken_kernel.py", "test_lowbit.py", "test_lowbit_dynamic.py")
+# their tests of what lies around the kernels (the CLI, an export), which the other build adds nothing to
+NOT_KERNELS = ("test_transformers_llama_end_to_end_and_its_compressed_tensors_export",
+               "test_cli_quantize_inspect_eval_on_the_sample_model")

@@ -26,9 +26,9 @@
 #include <immintrin.h>  // lowbit_linear's AVX2 path
 #endif
 #if defined(QLIN_SIMDE_AVX512)
-// Tests only (native.emulated_avx512): the AVX-512 and VNNI loops built for a CPU without them,
-// each intrinsic taken from SIMDe's portable, bit-exact versions, so that a machine without
-// AVX-512 checks those loops' bits against its own paths. Never a build that qlin runs models on.
+// Tests only (tests/other_build.py): the AVX-512 and VNNI loops built for a CPU without them, each
+// intrinsic taken from SIMDe's portable versions, so that a machine without AVX-512 checks those
+// loops' bits against its scalar loops and the torch references. Never a build qlin runs models on.
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 #define QLIN_AVX512 1
