@@ -338,6 +338,7 @@ def test_the_build_for_the_other_instruction_set_passes_the_kernel_tests(request
 
 
 KERNEL_TESTS = ("test_native.py", "test_pertoken_kernel.py", "test_lowbit.py", "test_lowbit_dynamic.py")
-# their tests of what lies around the kernels (the CLI, an export), which the other build adds nothing to
+# their tests of what lies around the kernels (the CLI, an export, a process without them), which
+# the other build adds nothing to
 NOT_KERNELS = ("test_transformers_llama_end_to_end_and_its_compressed_tensors_export",
-               "test_cli_quantize_inspect_eval_on_the_sample_model")
+               "test_cli_quantize_inspect_eval_on_the_sample_model", "test_qlin_native_0_turns_the_kernels_off_and_says_why_once")
