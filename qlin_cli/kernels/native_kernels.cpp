@@ -1483,8 +1483,8 @@ void panels1_streams_avx2(const Args& a, int64_t pb, int64_t pe) {
 #endif
 
 #ifdef QLIN_VNNI
-// AVX-512 VNNI (compile-checked; not run on the machines this was written on): vpdpbusd on a unit
-// of 16 rows x 4 k, one int32 lane per row
+// AVX-512 VNNI (run in the tests under SIMDe, tests/other_build.py; not yet on an AVX-512 CPU):
+// vpdpbusd on a unit of 16 rows x 4 k, one int32 lane per row
 template <int MB>
 void tile_vnni(const Args& a, int64_t p, int64_t m0) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
