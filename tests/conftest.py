@@ -39,9 +39,15 @@ def pytest_sessionstart(session):
         session.config.qlin_other_build = other_build.start()
 
 
+def pytest_collection_finish(session):
+    if not any(item.name == "test_the_build_for_the_other_instruction_set_passes_the_kernel_tests"
+               for item in session.items):  # not selected (-k, ::name, --co): its build stops now
+        pytest_sessionfinish(session)
+
+
 def pytest_sessionfinish(session):
     build = getattr(session.config, "qlin_other_build", None)
-    if build is not None and build.poll() is None:  # its test did not run (-k, -x): no compiler left behind
+    if build is not None and build.poll() is None:  # its test did not run (-x): no compiler left behind
         other_build.stop(build)
 
 

@@ -1,12 +1,13 @@
 """The fused kernels built for the instruction set this CPU lacks, for test_native.py's last test:
 with AVX-512 here, `-mno-avx512f` (the AVX2 loops); without, the AVX-512 and VNNI loops with each
 intrinsic taken from SIMDe's portable versions (simde-py, in the dev extra; `QLIN_SIMDE_AVX512`
-in native_kernels.cpp), at -O1 (50 s to build instead of 100, the same IEEE operations). conftest
-starts the build in the background when a session's paths include test_native.py, so that on two
-cores it compiles beside the session's own build instead of after it."""
+in native_kernels.cpp), at -O1 (50-70 s to build instead of 100, the same IEEE operations).
+conftest starts the build in the background when a session's paths include test_native.py, so
+that on two cores it compiles beside the session's own build instead of after it."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import signal
@@ -16,13 +17,14 @@ from pathlib import Path
 
 INNER = "QLIN_OTHER_BUILD"  # set in the runs of the other build: they start no build of their own
 ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 900  # a build or the run of its tests: a hung compiler fails the test instead of CI
 
-# argv: flags, what the build must report ("pertoken_isa lowbit_avx512"), then pytest's arguments
-# (none: build only)
+# argv: the flags (a JSON list), what the build must report ("pertoken_isa lowbit_avx512"), then
+# pytest's arguments (none: build only)
 RUNNER = """
-import sys
+import json, sys
 from qlin_cli.kernels import native
-native.CFLAGS = native.CFLAGS + tuple(sys.argv[1].split())
+native.CFLAGS = native.CFLAGS + tuple(json.loads(sys.argv[1]))
 kernels = native.load()
 assert kernels is not None, native.unavailable_reason()
 built = f"{kernels.pertoken_isa} {kernels.lowbit_avx512}"
@@ -33,8 +35,10 @@ if len(sys.argv) > 3:
 """
 
 
-def plan() -> tuple[str, str] | str:
+def plan() -> tuple[tuple[str, ...], str] | str:
     """(flags, what the build reports), or why there is no other build to test here."""
+    from importlib.metadata import version
+
     from qlin_cli.kernels import native
 
     if os.environ.get(INNER) == "1":
@@ -43,17 +47,19 @@ def plan() -> tuple[str, str] | str:
         return "the kernels' vector loops are x86's"
     flags = set(" ".join(ln for ln in native._cpu().splitlines() if ln.startswith("flags")).split())
     if {"avx512f", "avx512bw"} <= flags:
-        return "-mno-avx512f", "avx2 False"
+        return ("-mno-avx512f",), "avx2 False"
     try:
         import simde_py
     except ImportError:
         return "simde-py builds the AVX-512 loops on this CPU: pip install -e '.[dev]'"
-    return f"-O1 -DQLIN_SIMDE_AVX512 -isystem{simde_py.get_include()}", "avx512_vnni True"
+    # the SIMDe release is part of the flags, so of the cached module's hashed name
+    return (("-O1", "-DQLIN_SIMDE_AVX512", f"-DQLIN_SIMDE_PY={version('simde-py')}", "-isystem", simde_py.get_include()),
+            "avx512_vnni True")
 
 
 def wanted(args: list[str], cwd: str | Path) -> bool:
     """Whether pytest's path arguments (`args`, relative to `cwd`) include test_native.py."""
-    here = Path(__file__).with_name("test_native.py")
+    here = Path(__file__).with_name("test_native.py").resolve()
     for arg in args:
         path = (Path(cwd) / arg.split("::")[0]).resolve()
         if path == here or path in here.parents:
@@ -61,11 +67,11 @@ def wanted(args: list[str], cwd: str | Path) -> bool:
     return False
 
 
-def run(flags: str, expect: str, *pytest_args: str) -> subprocess.CompletedProcess:
+def run(flags: tuple[str, ...], expect: str, *pytest_args: str) -> subprocess.CompletedProcess:
     """The runner in a subprocess: the other build (cached beside this one: its name hashes the
     flags), then pytest's arguments against it."""
-    return subprocess.run(_command(flags, expect, *pytest_args), env={**os.environ, INNER: "1"}, cwd=ROOT,
-                          capture_output=True, text=True)
+    return subprocess.run(_command(flags, expect, *pytest_args), env=_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
 
 
 def start() -> subprocess.Popen | None:
@@ -74,7 +80,7 @@ def start() -> subprocess.Popen | None:
     planned = plan()
     if isinstance(planned, str):
         return None
-    return subprocess.Popen(_command(*planned), env={**os.environ, INNER: "1"}, cwd=ROOT, start_new_session=True,
+    return subprocess.Popen(_command(*planned), env=_env(), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -86,5 +92,10 @@ def stop(build: subprocess.Popen) -> None:
     build.wait()
 
 
-def _command(flags: str, expect: str, *pytest_args: str) -> list[str]:
-    return [sys.executable, "-c", RUNNER, flags, expect, *pytest_args]
+def _command(flags: tuple[str, ...], expect: str, *pytest_args: str) -> list[str]:
+    return [sys.executable, "-c", RUNNER, json.dumps(flags), expect, *pytest_args]
+
+
+def _env() -> dict[str, str]:
+    # the session's own options (--lf, --sw ...) are not the inner run's
+    return {**{k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}, INNER: "1"}

@@ -70,7 +70,20 @@ inline int reduce_add_epi32(__m512i a) {  // the adds wrap, as the instructions'
   for (uint32_t x : v) sum += x;
   return static_cast<int>(sum);
 }
+inline __m512 fmadd_ps(__m512 a, __m512 b, __m512 c) {  // one rounding a lane, as vfmadd
+  float x[16], y[16], z[16];
+  std::memcpy(x, &a, sizeof(a));
+  std::memcpy(y, &b, sizeof(b));
+  std::memcpy(z, &c, sizeof(c));
+  for (int i = 0; i < 16; ++i) x[i] = std::fma(x[i], y[i], z[i]);
+  std::memcpy(&a, x, sizeof(a));
+  return a;
+}
 }  // namespace qlin_simde
+#if !defined(__FMA__)  // SIMDe multiplies and adds apart (two roundings) on a CPU without FMA
+#undef _mm512_fmadd_ps
+#define _mm512_fmadd_ps(a, b, c) (qlin_simde::fmadd_ps(a, b, c))
+#endif
 #undef _mm512_maskz_loadu_ps
 #undef _mm512_mask_storeu_ps
 #undef _mm256_mask_storeu_epi16
