@@ -3,7 +3,9 @@ with AVX-512 here, `-mno-avx512f` (the AVX2 loops); without, the AVX-512 and VNN
 intrinsic taken from SIMDe's portable versions (simde-py, in the dev extra; `QLIN_SIMDE_AVX512`
 in native_kernels.cpp), at -O1 (50-70 s to build instead of 100, the same IEEE operations).
 conftest starts the build in the background when a session's paths include test_native.py, so
-that on two cores it compiles beside the session's own build instead of after it."""
+that on two cores it compiles beside the session's own build instead of after it. By hand, the
+SIMDe flags plus `-DQLIN_SIMDE_NO_VNNI` build an AVX-512 CPU without VNNI (Skylake-SP: AVX-512
+rows, the AVX2 int8 loops), which reports "avx2 True"."""
 
 from __future__ import annotations
 

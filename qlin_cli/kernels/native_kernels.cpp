@@ -32,7 +32,9 @@
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 #define QLIN_AVX512 1
+#ifndef QLIN_SIMDE_NO_VNNI  // (by hand: an AVX-512 CPU without VNNI, such as Skylake-SP)
 #define QLIN_AVX512_VNNI 1
+#endif
 // What SIMDe 0.8 lacks or does otherwise than the instructions, lane by lane as Intel's guide
 // defines them: conversions it has no version of, and masked loads and stores that touch only the
 // lanes their mask names (SIMDe's read and write the whole vector: past the end of a row).
