@@ -40,8 +40,8 @@ def pytest_sessionstart(session):
 
 
 def pytest_collection_finish(session):
-    if not any(item.name == "test_the_build_for_the_other_instruction_set_passes_the_kernel_tests"
-               for item in session.items):  # not selected (-k, ::name, --co): its build stops now
+    """A run that deselected that test (-k, ::name, --co) stops its build now."""
+    if not any(item.name == other_build.TEST for item in session.items):
         pytest_sessionfinish(session)
 
 

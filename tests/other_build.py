@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+TEST = "test_the_build_for_the_other_instruction_set_passes_the_kernel_tests"  # in test_native.py
 INNER = "QLIN_OTHER_BUILD"  # set in the runs of the other build: they start no build of their own
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900  # a build or the run of its tests: a hung compiler fails the test instead of CI

@@ -186,8 +186,8 @@ def test_quantize_rows_is_its_formula_bit_for_bit(dtype):
     for k in (1, 7, 8, 9, 16, 17, 31, 83):
         x = (torch.randn(6, k, generator=g) * 3).to(dtype)
         x[1] = x[1].abs()
-        # lo a zero, 0.0 met first (at k = 1), -0.0 after it in an earlier lane of the 8-lane
-        # (k = 8) and the 16-lane (k = 16) vectors
+        # lo a zero, 0.0 met first (at k = 1), -0.0 after it at k = 8 and 16: lane 0 of the 8-lane
+        # and of the 16-lane vectors, which their lane merge meets before k = 1's lane
         x[1, min(1, k - 1)], x[1, 8 % k], x[1, 16 % k] = 0.0, -0.0, -0.0
         x[2] = -x[2].abs()
         x[2, min(1, k - 1)], x[2, 8 % k], x[2, 16 % k] = -0.0, 0.0, 0.0  # hi a zero, the other way round
