@@ -56,15 +56,13 @@ _INV_S = torch.tensor(1.0) / torch.tensor(1.0 / 255, dtype=torch.float32)
 MAX_GROUP = (1 << 31) // (255 * 272)
 
 
-def _layout(k: int, g: int) -> tuple[int, int, int, torch.Tensor]:
-    """(ngroups, units per group UG = ceil(G / 4), units U, position of each k (K,)): a group's k
-    start at its first unit, 4 to a unit; the rest of its last unit is padding."""
+def _layout(k: int, g: int) -> tuple[int, int, int]:
+    """(ngroups, units per group UG = ceil(G / 4), units U): a group's k start at its first unit,
+    4 to a unit; the rest of its last unit is padding."""
     ngroups = -(-k // g)
     ug = -(-g // UNIT)
     last = k - (ngroups - 1) * g
-    units = (ngroups - 1) * ug + -(-last // UNIT)
-    ks = torch.arange(k)
-    return ngroups, ug, units, (ks // g) * ug * UNIT + ks % g
+    return ngroups, ug, (ngroups - 1) * ug + -(-last // UNIT)
 
 
 @dataclass(frozen=True)
@@ -102,11 +100,12 @@ def _dot_codes(q: torch.Tensor, bits: int, g: int) -> torch.Tensor:
     each group's k to whole units of 4 (`_layout`): every group but the last padded at once."""
     n, k = q.shape
     npad = -(-n // PANEL) * PANEL
-    ngroups, ug, units, _ = _layout(k, g)
-    whole = max(ngroups - 1, 0)  # the groups before the last
+    ngroups, ug, units = _layout(k, g)
+    whole = max(ngroups - 1, 0)  # the groups before the last, each padded to UG units
     head = whole * g
-    qp = F.pad(torch.cat([F.pad(q[:, :head].reshape(n, whole, g), (0, ug * UNIT - g)).reshape(n, whole * ug * UNIT),
-                          F.pad(q[:, head:], (0, -(k - head) % UNIT))], 1), (0, 0, 0, npad - n))
+    body = F.pad(q[:, :head].reshape(n, whole, g), (0, ug * UNIT - g)).reshape(n, whole * ug * UNIT)
+    last = F.pad(q[:, head:], (0, -(k - head) % UNIT))  # the last group, to whole units
+    qp = F.pad(torch.cat([body, last], 1), (0, 0, 0, npad - n))  # rows to whole panels
     qp = qp.reshape(npad // PANEL, PANEL, units, UNIT).transpose(1, 2)  # (P, U, 16, 4)
     if bits <= 4:
         u = (qp + 8).view(torch.uint8)  # in [0, 15] (qp in [-8, 7]: no overflow in int8)
@@ -154,12 +153,14 @@ def to_dot_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: t
 def from_dot_panels(p: DotPanels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's stored tensors (q int8 (N, K), scale and zero point in their file shapes) rebuilt
     exactly from its panels."""
-    _, _, units, pos = _layout(p.k, p.group_size)
+    _, ug, units = _layout(p.k, p.group_size)
+    ks = torch.arange(p.k)
+    pos = (ks // p.group_size) * ug * UNIT + ks % p.group_size  # where each k sits among the units' k
     npan = p.codes.shape[0]
     if p.bits <= 4:
         b = p.codes.reshape(npan, units, 8, UNIT)
         u = torch.cat([b & 15, b >> 4], dim=2)  # (P, U, 16, 4)
-        qp = (u.to(torch.int16) - 8).to(torch.int8)
+        qp = u.view(torch.int8) - 8  # in [-8, 7] (u in [0, 15])
     else:
         qp = p.codes.reshape(npan, units, PANEL, UNIT)
     q = qp.transpose(1, 2).reshape(npan * PANEL, units * UNIT)[:p.n, pos].contiguous()
