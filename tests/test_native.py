@@ -318,6 +318,12 @@ def test_epilogue_refuses_operands_that_do_not_fit(change, message):
 
 # ------------------------------------------------------------- the other instruction set's build
 
+KERNEL_TESTS = ("test_native.py", "test_pertoken_kernel.py", "test_lowbit.py", "test_lowbit_dynamic.py")
+# their tests of what lies around the kernels (the CLI, an export, a process without them), which
+# the other build adds nothing to
+NOT_KERNELS = ("test_transformers_llama_end_to_end_and_its_compressed_tensors_export",
+               "test_cli_quantize_inspect_eval_on_the_sample_model", "test_qlin_native_0_turns_the_kernels_off_and_says_why_once")
+
 
 @needs_native
 def test_the_build_for_the_other_instruction_set_passes_the_kernel_tests(request):
@@ -338,9 +344,3 @@ def test_the_build_for_the_other_instruction_set_passes_the_kernel_tests(request
     summary = done.stdout.strip().splitlines()[-1]
     assert re.search(r"\b\d+ passed", summary) and not re.search(r"\b\d+ (failed|error)", summary), summary
 
-
-KERNEL_TESTS = ("test_native.py", "test_pertoken_kernel.py", "test_lowbit.py", "test_lowbit_dynamic.py")
-# their tests of what lies around the kernels (the CLI, an export, a process without them), which
-# the other build adds nothing to
-NOT_KERNELS = ("test_transformers_llama_end_to_end_and_its_compressed_tensors_export",
-               "test_cli_quantize_inspect_eval_on_the_sample_model", "test_qlin_native_0_turns_the_kernels_off_and_says_why_once")
