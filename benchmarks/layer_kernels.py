@@ -11,7 +11,7 @@ and token counts M in {1, 16, 128, 512} (inputs `(M, in)` float32, seeded):
   with the scheme and kernel request forced: dynamic per-token `int_mm`, dynamic per-tensor
   `int_mm`, dynamic `fbgemm` with per-tensor activations (`linear_dynamic`) and with per-token
   activations (where this qlin version has it; the kernel column says what ran),
-  `weight_only`, static `int_mm` and static `fbgemm` (activation scale/zero point from a
+  `weight_only`, static `int_mm`, `fbgemm` and `pertoken` (activation scale/zero point from a
   512-token calibration batch, minmax, as qlin's calibration computes them); `qlin auto` =
   `quantize_model` with the default `QuantConfig()` (whatever it picks: the kernel is recorded);
   qlin's `onednn` kernel forced (per-token; unavailable in qlin versions without it); `oneDNN
@@ -50,6 +50,11 @@ configuration, default 0.5) --no-peers --no-outliers --no-md --md-section NAME -
 
     python benchmarks/layer_kernels.py --shapes 768x768,768x3072,3072x768 --tokens 4096 --no-outliers \
         --out benchmarks/results/kernels_m4096.json --md-section kernels-m4096     # ~1.5 min
+
+Static layers alone (float, static `int_mm`, `fbgemm` and `pertoken`; no peers, no probes):
+
+    python benchmarks/layer_kernels.py --shapes 768x768,768x3072,3072x768,2048x2048 --only static \
+        --no-outliers --out benchmarks/results/kernels_static.json --md-section kernels-static
 
 The issue-14 check (auto within 5% of the faster of torch.ao's `linear_dynamic` and the oneDNN
 GEMM alone, on the BERT shapes at 128, 512 and 4096 tokens) has a preset:
@@ -99,6 +104,7 @@ QLIN_METHODS = {
     "qlin weight_only": ("weight-only", None, "weight_only", False),
     "qlin static int_mm": ("static", "tensor", "int_mm", True),
     "qlin static fbgemm": ("static", "tensor", "fbgemm", True),
+    "qlin static pertoken": ("static", "tensor", "pertoken", True),
 }
 INT_MM_METHOD = "qlin int_mm per-token (dynamic)"  # the kernel whose parts are timed one by one
 FBGEMM_METHOD = "qlin fbgemm (dynamic, per-tensor)"
@@ -178,8 +184,19 @@ def static_qparams(calib: torch.Tensor):
     return obs.qparams(symmetric=False)
 
 
-def build_methods(lin: nn.Linear, calib: torch.Tensor, workdir: Path, peers: bool, log) -> tuple[dict, dict]:
-    """name -> callable(x), and name -> info (kernel, reason, build seconds, or unavailable)."""
+def build_methods(lin: nn.Linear, calib: torch.Tensor, workdir: Path, peers: bool, log,
+                  only: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """name -> callable(x), and name -> info (kernel, reason, build seconds, or unavailable);
+    with `only`, the float layer and the methods whose names contain one of those words."""
+    fns, info = _build_methods(lin, calib, workdir, peers, log)
+    if only:
+        keep = [name for name in fns if name == "float" or any(w in name for w in only)]
+        fns = {name: fns[name] for name in keep}
+        info = {name: i for name, i in info.items() if name in keep or "unavailable" in i and any(w in name for w in only)}
+    return fns, info
+
+
+def _build_methods(lin: nn.Linear, calib: torch.Tensor, workdir: Path, peers: bool, log) -> tuple[dict, dict]:
     from qlin_cli import PER_CHANNEL, LayerScheme, QuantConfig, QuantizedLinear, quantize_model
 
     fns: dict = {"float": lin}
@@ -557,6 +574,8 @@ def main(argv=None) -> int:
                    "3072x768 at 128, 512 and 4096 tokens, no outlier set; writes kernels_bert.json and the "
                    "kernels-bert section (--shapes/--tokens/--md-section/--out still override)")
     p.add_argument("--md-section", help="the RESULTS.md section to (re)write (default: kernels; kernels-bert with --bert)")
+    p.add_argument("--only", help="time only the float layer and the methods whose names contain one of these "
+                   "comma-separated words (e.g. 'static'); probes off")
     p.add_argument("--max-wait", type=float, help="seconds to wait, before each configuration, for other "
                    "processes to leave the CPUs (default 60, quick 5)")
     args = p.parse_args(argv)
@@ -595,14 +614,16 @@ def main(argv=None) -> int:
             kinds = ["gaussian"] + ([] if args.no_outliers else ["outliers"])
             for kind in kinds:
                 calib = make_input(CALIB_TOKENS, k, seed=7 + k, outliers=kind == "outliers")
-                fns, info = build_methods(lin, calib, Path(tmp), not args.no_peers, log)
+                only = tuple(args.only.split(",")) if args.only else None
+                fns, info = build_methods(lin, calib, Path(tmp), not args.no_peers and not only, log, only)
                 for name, i in info.items():
                     result["methods"].setdefault(name, i)
                 for m in (tokens if kind == "gaussian" else [OUTLIER_TOKENS]):
                     t0 = time.perf_counter()
                     best = None
                     for attempt in range(1 + RETRIES):  # a run disturbed by other processes is redone
-                        rows, bd = run_config(lin, fns, info, m, k, n, kind, budget, kind == "gaussian", log, max_wait)
+                        rows, bd = run_config(lin, fns, info, m, k, n, kind, budget, kind == "gaussian" and not only,
+                                              log, max_wait)
                         load = rows[0].get("kept_disturbed_rounds", 0)
                         if best is None or load < best[0]:
                             best = (load, rows, bd)

@@ -66,11 +66,11 @@ def test_static_layers_report_ranges_and_output_sqnr(calib):
     assert all(r.batch_invariant for r in result.layers)
 
 
-@pytest.mark.parametrize("kernel", ["int_mm", "fbgemm"])
+@pytest.mark.parametrize("kernel", ["int_mm", "fbgemm", "pertoken"])
 def test_static_mode_is_batch_invariant(kernel, calib, digits_test):
     model = load_encoder()
     result = quantize_model(model, QuantConfig(mode="static", kernel=kernel), calib=calib)
-    if kernel == "fbgemm" and result.layers[0].kernel != "fbgemm":
+    if result.layers[0].kernel != kernel:
         pytest.skip(result.layers[0].kernel_reason)
     x = digits_test[0][:40]
     q = model.blocks[0].fc1

@@ -166,6 +166,8 @@ FBGEMM_TOKEN = _fbgemm_unusable(torch.device("cpu"), torch.float32) is None and 
 ONEDNN = _onednn_missing(torch.device("cpu"), torch.float32) is None
 PERTOKEN = pertoken.missing(torch.device("cpu"), torch.float32) is None and pertoken.isa() != "scalar"
 PER_TOKEN_HERE = "onednn" if ONEDNN else "pertoken" if PERTOKEN else "fbgemm" if FBGEMM_TOKEN else "int_mm"
+# static: fbgemm's prepacked GEMM on VNNI CPUs, qlin's own without VNNI, else torch's _int_mm
+STATIC_HERE = "fbgemm" if FBGEMM_TOKEN else "pertoken" if PERTOKEN and reduce_range() else "int_mm"
 
 
 def test_auto_selection_table():
@@ -174,7 +176,7 @@ def test_auto_selection_table():
     c = _select(device="cuda")
     assert (c.name, c.batch_invariant) == ("int_mm", True)
     c = _select(mode="static", act_granularity="tensor")
-    assert (c.name, c.batch_invariant) == ("fbgemm" if FBGEMM_TOKEN else "int_mm", True)
+    assert (c.name, c.batch_invariant) == (STATIC_HERE, True)
     c = _select(act_granularity="tensor")
     assert (c.name, c.batch_invariant) == ("fbgemm", False)
     c = _select(mode="weight-only", act_granularity=None)
@@ -182,6 +184,34 @@ def test_auto_selection_table():
     c = _select(request="int_mm", act_granularity="tensor")
     assert (c.name, c.batch_invariant, c.reason) == ("int_mm", False, "requested")
     assert _select() == _select()  # deterministic
+
+
+@pytest.mark.parametrize("isa, no_vnni, picked", [("avx2", True, "pertoken"), ("avx2", False, "not pertoken"),
+                                                  ("avx512_vnni", False, "not pertoken"), ("scalar", True, "int_mm")])
+def test_static_layers_take_qlins_gemm_on_cpus_without_vnni(monkeypatch, isa, no_vnni, picked):
+    """Both branches of the choice, whatever this CPU is: without VNNI (fbgemm's static GEMM would
+    saturate, torch's CPU _int_mm is a plain loop) `auto` gives static layers qlin's GEMM where
+    the build has a SIMD one; with VNNI it leaves them to fbgemm; on CUDA and at 65,536 input
+    features or more, int_mm. A request for `pertoken` takes a static layer anywhere on CPU."""
+    if not PERTOKEN:
+        pytest.skip("qlin's fused kernels do not run here")
+    monkeypatch.setattr(pertoken, "isa", lambda: isa)
+    monkeypatch.setattr(pertoken, "reduce_range", lambda: no_vnni)
+    c = _select(mode="static", act_granularity="tensor")
+    if picked == "pertoken":
+        assert (c.name, c.batch_invariant, c.fallback) == ("pertoken", True, False)
+        assert c.reason == "auto: static int8 activations, qlin's avx2 GEMM"
+    elif picked == "int_mm":
+        assert c.name == "int_mm"
+    else:
+        assert c.name != "pertoken"
+    assert _select(mode="static", act_granularity="tensor", device="cuda").name == "int_mm"
+    wide = _select(mode="static", act_granularity="tensor", in_features=65536)
+    assert wide.name != "pertoken"
+    asked = _select(mode="static", act_granularity="tensor", request="pertoken")
+    assert (asked.name, asked.reason) == ("pertoken", "requested")
+    refused = _select(mode="static", act_granularity="tensor", request="pertoken", in_features=65536)
+    assert refused.name != "pertoken" and "fewer than 65536 input features" in refused.reason
 
 
 def test_small_layers_are_kept_float_at_plan_time_never_by_the_loading_machine():
@@ -372,7 +402,7 @@ def test_onednn_request_falls_back_with_a_reason():
     c = _select(request="onednn", act_granularity="tensor")
     assert c.name == "fbgemm" and c.fallback and "per-token layers only" in c.reason
     c = _select(request="onednn", mode="static", act_granularity="tensor")
-    assert c.name in ("fbgemm", "int_mm") and c.fallback
+    assert c.name == STATIC_HERE and c.fallback
     c = _select(request="onednn", device="cuda")
     assert c.name == "int_mm" and c.fallback and "CPU only" in c.reason
     c = _select(request="onednn", dtype=torch.float16)

@@ -270,3 +270,126 @@ def test_bad_operands_are_refused():
         for case, message in cases:
             with pytest.raises(RuntimeError, match=message):
                 getattr(KERNELS, path)(*case)
+
+
+# ----------------------------------------------------------------------------- static activations
+
+STATIC_PATHS = ["static_linear", "_static_linear_scalar"]
+
+
+def _static_from(q, s, z, b, s_x, z_x, smooth=None):
+    """The static layer (q, s, z, b), activations (s_x, z_x), packed for `pertoken`
+    (static_linear) and for `int_mm` (torch's `_int_mm`: the bits the static kernel must give)."""
+    layer = LayerTensors(q, s, z, b, input_qparams=(torch.tensor(s_x), torch.tensor(z_x, dtype=torch.int8)),
+                         smooth=smooth)
+    scheme = LayerScheme(mode="static", act_granularity="tensor", smooth=None if smooth is None else 0.5)
+    return [pack(KernelChoice(name, "test", True, False), layer, scheme, device="cpu", dtype=torch.float32)
+            for name in ("pertoken", "int_mm")]
+
+
+def _static_pair(n, k, sym=True, smooth=False, bias=True, z_x=0, s_x=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    if not sym:
+        w += torch.rand(n, 1, generator=g)
+    s, z = choose_qparams(w, PER_CHANNEL, sym)
+    b = torch.randn(n, generator=g) if bias else None
+    sm = torch.rand(k, generator=g) + 0.5 if smooth else None
+    return _static_from(quantize(w, s, z, sym), s, z, b, s_x, z_x, sm)
+
+
+def _static_inputs(m, k, seed=1):
+    """Values past the int8 range both ways, exact .5 ties of x / s_x, a NaN and infinities."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 4
+    if m > 2:
+        x[1, : min(k, 40)] = torch.arange(min(k, 40)) * 0.025 - 0.5  # multiples of s_x / 2: ties
+        x[2, 0] = float("nan")
+        x[2, -1] = float("inf")
+        x[0, k // 2] = -float("inf")
+    return x
+
+
+def _static_fused(path, run, x):
+    return getattr(KERNELS, path)(x, run.weight, run.out_scale, run.corr, run.zw, run.bias, run.divisor,
+                                  run.zero_point, run.wsum_i)
+
+
+@pytest.mark.parametrize("sym, smooth, bias", list(itertools.product([True, False], repeat=3)))
+@pytest.mark.parametrize("z_x", [0, -7, 100])
+def test_static_layers_give_int_mms_bits(sym, smooth, bias, z_x):
+    """Static activations through qlin's GEMM (the path built here, and the portable one) are the
+    int_mm kernel's codes, integers and roundings: its result bit for bit, at every shape and row
+    count (the one-row tile with row sums included), with NaN, infinities and ties."""
+    for n, k in SHAPES:
+        run, ref = _static_pair(n, k, sym, smooth, bias, z_x, seed=n + k)
+        assert bool(run.zw.numel()) == (not sym) and (run.wsum_i.numel() or not sym)  # symmetric: no -128
+        for m in ROWS:
+            x = _static_inputs(m, k, seed=m)
+            expect = ref(x)
+            assert not expect.isnan().any()  # a NaN input is code 0, as torch converts it
+            assert torch.equal(run(x), expect), (n, k, m)
+            if m <= 33:
+                assert torch.equal(_static_fused("_static_linear_scalar", run, x), expect), (n, k, m)
+
+
+def test_static_sums_past_float32s_integers_and_int8s_ends():
+    """Codes at both ends of int8 (z_x = -128) times weights holding -128 (so no row-sum tile)
+    over 4097 inputs, with zero points: sums past 2**24 that both kernels round alike; and each
+    row alone gives the bits it has in the batch."""
+    k = 4097
+    q = torch.full((33, k), 127, dtype=torch.int8)
+    q[0] = -128
+    q[1, ::3] = 0
+    s, z = torch.rand(33) * 1e-2 + 1e-3, torch.zeros(33, dtype=torch.int8)
+    z[::2] = 5
+    run, ref = _static_from(q, s, z, torch.randn(33), 1e-3, -128)
+    assert not run.wsum_i.numel() and run.zw.numel()
+    x = torch.full((5, k), 7.0)
+    x[1, ::3] = -7.0
+    x[3] = 0.0
+    full = ref(x)
+    for path in STATIC_PATHS:
+        assert torch.equal(_static_fused(path, run, x), full), path
+    for i in range(5):
+        assert torch.equal(run(x[i : i + 1]), full[i : i + 1]), i
+
+
+@pytest.mark.parametrize("m", [1, 40])
+def test_static_bfloat16_and_other_inputs(m):
+    """bf16 rows in, bf16 out (int_mm computes in float32 and rounds with .to); float16 in,
+    float16 out; a strided input; no rows; the thread count changes no bit."""
+    run, ref = _static_pair(50, 1000, smooth=True, z_x=3, seed=4)
+    x = _static_inputs(m, 1000)
+    xb = x.bfloat16()
+    y = run(xb)
+    assert y.dtype == torch.bfloat16 and torch.equal(y.view(torch.int16), ref(xb).view(torch.int16))
+    assert torch.equal(run(x.half()), ref(x.half()))
+    xt = torch.cat([x, x], dim=1)[:, ::2]
+    assert torch.equal(run(xt), ref(xt.contiguous()))
+    assert run(torch.empty(0, 1000)).shape == (0, 50)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, ref(x))
+
+
+def test_static_bad_operands_are_refused():
+    run, _ = _static_pair(32, 64)
+    x = _static_inputs(4, 64)
+    args = [run.weight, run.out_scale, run.corr, run.zw, run.bias, run.divisor, run.zero_point, run.wsum_i]
+    cases = [
+        ((x[:, :60], *args), "x \\(M, K\\) with K < 65536"),
+        ((x, *args[:2], run.corr.float(), *args[3:]), "corr and zw must be contiguous int32"),
+        ((x, *args[:3], torch.ones(3, dtype=torch.int32), *args[4:]), "corr and zw must be contiguous int32"),
+        ((x, *args[:5], torch.ones(3), *args[6:]), "divisor must be contiguous float32"),
+        ((x, *args[:6], 128, args[7]), "zero_point must be in"),
+        ((x, *args[:4], torch.ones(3), *args[5:]), "must be contiguous float32"),
+    ]
+    for path in STATIC_PATHS:
+        for case, message in cases:
+            with pytest.raises(RuntimeError, match=message):
+                getattr(KERNELS, path)(*case)

@@ -297,6 +297,58 @@ void quantize_into(const T* x, const float* sm, int64_t M, int64_t K, uint8_t* u
   });
 }
 
+// Static activations (a calibrated scale s_x and zero point z_x; `d` = s_x, or s_x * smooth[k]
+// as int_mm.py multiplies them, `per_k`): the int_mm kernel's codes, q = clamp(rne(x / d) + z_x,
+// -128, 127) in float as torch computes them (a NaN: 0, as torch's conversion to int8 gives),
+// stored as u = q + 128 for the unsigned GEMMs; returns the sum of u
+template <typename T>
+int64_t quantize_row_static(const T* x, const float* d, bool per_k, float zx, uint8_t* u, int64_t K) {
+  int64_t k = 0, total = 0;
+#ifdef QLIN_AVX2_ROWS  // (an AVX-512 build runs the scalar loop: auto picks this path on CPUs without VNNI)
+  {
+    const __m256 vz = _mm256_set1_ps(zx), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f),
+                 vd = _mm256_set1_ps(per_k ? 0.0f : d[0]);
+    const __m256i off = _mm256_set1_epi32(128);
+    const __m256i bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                           0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256i acc = _mm256_setzero_si256();
+    for (; k + 8 <= K; k += 8) {
+      __m256 v = _mm256_div_ps(load8(x + k), per_k ? _mm256_loadu_ps(d + k) : vd);
+      v = _mm256_add_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+      v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));         // a NaN stays NaN (the second operand)
+      v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN -> 0
+      const __m256i i = _mm256_add_epi32(_mm256_cvtps_epi32(v), off);
+      acc = _mm256_add_epi32(acc, i);
+      const __m256i b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(i, bytes), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(u + k), _mm256_castsi256_si128(b));
+    }
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+    for (int j = 0; j < 8; ++j) total += lanes[j];
+  }
+#endif
+  for (; k < K; ++k) {
+    float r = std::nearbyint(to_float(x[k]) / d[per_k ? k : 0]) + zx;
+    r = r < -128.0f ? -128.0f : (r > 127.0f ? 127.0f : r);
+    const int32_t i = (r == r ? static_cast<int32_t>(r) : 0) + 128;
+    total += i;
+    u[k] = static_cast<uint8_t>(i);
+  }
+  return total;
+}
+
+template <typename T>
+void quantize_static_into(const T* x, const float* d, bool per_k, float zx, int64_t M, int64_t K, uint8_t* u,
+                          int64_t ku, float* rowsum) {
+  const int64_t grain = std::max<int64_t>(1, WORK_PER_TASK / std::max<int64_t>(K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      rowsum[m] = static_cast<float>(quantize_row_static(x + m * K, d, per_k, zx, u + m * ku, K));  // exact: K < 65536
+      std::fill(u + m * ku + K, u + (m + 1) * ku, uint8_t(0));
+    }
+  });
+}
+
 std::vector<at::Tensor> quantize_rows(const at::Tensor& x, const at::Tensor& smooth) {
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
                   x.is_contiguous() && x.is_cpu(),
@@ -413,12 +465,22 @@ struct PertokenArgs {
   const int8_t* w;         // (N, K)
   const float *scale, *wsum, *bias, *zs;  // (N,); bias and zs may be nullptr
   const int32_t* wsum_i;   // (N,) sum_k w[n, k] where w holds no -128 (the AVX2 one-row tile's), or nullptr
+  // static activations (static_linear): scale holds s_x * s[n], rowsum the codes' sums; corr[n] =
+  // o * sum_k w[n, k] - K * o * z[n] with o = 128 + z_x (int32, wrapping as int_mm's sums do),
+  // zw[n] = z[n] (asymmetric weights) or nullptr. corr is nullptr for per-token layers.
+  const int32_t *corr, *zw;
   float* y;                // (M, N) float32 output, or nullptr when
   bf16* yb;                //   the output is bfloat16 (M, N)
   int64_t M, N, K;
 };
 
 inline float pt_output(const PertokenArgs& p, int64_t m, int64_t n, int32_t acc) {
+  if (p.corr) {  // static: sum_k (u - o) * (w - z) = sum_k (q - z_x) * (w - z), then int_mm.py's two roundings
+    uint32_t t = static_cast<uint32_t>(acc) - static_cast<uint32_t>(p.corr[n]);
+    if (p.zw) t -= static_cast<uint32_t>(p.zw[n]) * static_cast<uint32_t>(static_cast<int32_t>(p.rowsum[m]));
+    const float v = static_cast<float>(static_cast<int32_t>(t)) * p.scale[n];
+    return p.bias ? v + p.bias[n] : v;
+  }
   float v = static_cast<float>(acc) * p.scale[n];
   if (p.zs) v = std::fma(-p.rowsum[m], p.zs[n], v);
   const float t = p.bias ? std::fma(p.c[m], p.wsum[n], p.bias[n]) : p.c[m] * p.wsum[n];
@@ -496,6 +558,17 @@ void pertoken_tile_vnni(const PertokenArgs& p, int64_t m0, int64_t n0, int64_t r
   _Pragma("GCC unroll 16") for (int i = 0; i < PT_NB; ++i) acc[i] = _mm512_setzero_si512();
   for (int64_t k = 0; k < kmain; k += 64) pt_step<MB>(acc, ur, wr, k, ~0ULL);
   if (ktail) pt_step<MB>(acc, ur, wr, kmain, ~0ULL >> (64 - ktail));  // codes are zero padded
+  if (p.corr) {  // static: the integer corrections and two roundings per output (pt_output)
+    alignas(64) int32_t sums[PT_NB];
+    _mm512_store_si512(sums, pt_sum16(acc));
+    for (int j = 0; j < PT_NB; ++j) {  // lane j: output (m0 + j / NR, n0 + j % NR)
+      const int64_t m = m0 + j / NR, n = n0 + j % NR;
+      if (j % NR >= rows) continue;
+      const float v = pt_output(p, m, n, sums[j]);
+      p.yb ? store_out(p.yb + m * p.N + n, v) : store_out(p.y + m * p.N + n, v);
+    }
+    return;
+  }
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i in = _mm512_and_si512(lane, _mm512_set1_epi32(NR - 1)), im = _mm512_srli_epi32(lane, NR == 16 ? 4 : NR == 8 ? 3 : 2);
   const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1), rowmask = static_cast<__mmask16>((1u << MB) - 1);
@@ -684,9 +757,19 @@ void pertoken_blocks_avx2(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
 }
 #endif
 
+// static_linear's activations: the divisor d (one value, or K: `per_k`), z_x, and the epilogue's
+// integer corrections (PertokenArgs)
+struct StaticAct {
+  const float* d;
+  bool per_k;
+  float zx;
+  const int32_t *corr, *zw;
+};
+
 at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
                                 const at::Tensor& wsum, const at::Tensor& bias, const at::Tensor& zs,
-                                const at::Tensor& smooth, const at::Tensor& wsum_i, bool force_scalar) {
+                                const at::Tensor& smooth, const at::Tensor& wsum_i, bool force_scalar,
+                                const StaticAct* st = nullptr) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.is_cpu(), "pertoken_linear: x must be a 2-D CPU (M, K) tensor");
   // float32 and bfloat16 rows are read as they are, and the output has their dtype; others
   // (float16) are converted to float32 and back
@@ -699,7 +782,7 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
     return (optional && t.numel() == 0) ||
            (t.dim() == 1 && t.size(0) == N && t.scalar_type() == at::kFloat && t.is_contiguous());
   };
-  TORCH_CHECK(vec(scale, false) && vec(wsum, false) && vec(bias, true) && vec(zs, true),
+  TORCH_CHECK(vec(scale, false) && vec(wsum, st != nullptr) && vec(bias, true) && vec(zs, true),
               "pertoken_linear: scale, wsum, bias and zs must be contiguous float32 (N,) (bias, zs may be empty)");
   const bool has_smooth = smooth.numel() > 0;
   TORCH_CHECK(!has_smooth || (smooth.dim() == 1 && smooth.size(0) == K && smooth.scalar_type() == at::kFloat &&
@@ -723,13 +806,18 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
   if (static_cast<int64_t>(rowp.size()) < 3 * M) rowp.resize(3 * M);
   float *a = rowp.data(), *c = a + M, *rs = c + M;
   const float* sp = has_smooth ? smooth.data_ptr<float>() : nullptr;
-  if (is_bf16)
+  if (st && is_bf16)
+    quantize_static_into(x.data_ptr<bf16>(), st->d, st->per_k, st->zx, M, K, codes.data(), ku, rs);
+  else if (st)
+    quantize_static_into(x.data_ptr<float>(), st->d, st->per_k, st->zx, M, K, codes.data(), ku, rs);
+  else if (is_bf16)
     quantize_into(x.data_ptr<bf16>(), sp, M, K, codes.data(), ku, a, c, rs);
   else
     quantize_into(x.data_ptr<float>(), sp, M, K, codes.data(), ku, a, c, rs);
   PertokenArgs p{codes.data(), ku, a, c, rs, w.data_ptr<int8_t>(), scale.data_ptr<float>(),
-                 wsum.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr,
+                 wsum.numel() ? wsum.data_ptr<float>() : nullptr, bias.numel() ? bias.data_ptr<float>() : nullptr,
                  zs.numel() ? zs.data_ptr<float>() : nullptr, wsum_i.numel() ? wsum_i.data_ptr<int32_t>() : nullptr,
+                 st ? st->corr : nullptr, st ? st->zw : nullptr,
                  is_bf16 ? nullptr : y.data_ptr<float>(),
                  is_bf16 ? y.data_ptr<bf16>() : nullptr, M, N, K};
   const int64_t blocks = (N + PT_NB - 1) / PT_NB;
@@ -779,6 +867,47 @@ at::Tensor pertoken_linear_scalar(const at::Tensor& x, const at::Tensor& w, cons
                                   const at::Tensor& wsum, const at::Tensor& bias, const at::Tensor& zs,
                                   const at::Tensor& smooth, const at::Tensor& wsum_i) {
   return pertoken_linear_impl(x, w, scale, wsum, bias, zs, smooth, wsum_i, true);
+}
+
+// static_linear: a static int8 layer (calibrated activation scale and zero point) through
+// pertoken_linear's GEMMs, bit for bit what the int_mm kernel computes (int_mm.py):
+//   q = clamp(rne(x / d) + z_x, -128, 127), d = s_x (or s_x * smooth, given per k);
+//   acc[m, n] = sum_k (q[m, k] - z_x) * (w[n, k] - z[n])   (int32, exact below K = 33026);
+//   y = float(acc) * (s_x * s[n]) (+ b[n]): two roundings, as int_mm.py's mul_ and add_.
+// The GEMMs take u = q + 128 (unsigned codes) and the corrections come after (pt_output):
+//   acc = sum u * w - z[n] * sum u - (o * sum_k w[n, k] - K * o * z[n]),  o = 128 + z_x.
+at::Tensor static_linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out_scale,
+                              const at::Tensor& corr, const at::Tensor& zw, const at::Tensor& bias,
+                              const at::Tensor& divisor, int64_t zero_point, const at::Tensor& wsum_i,
+                              bool force_scalar) {
+  TORCH_CHECK(w.dim() == 2 && x.dim() == 2 && x.size(1) == w.size(1) && w.size(1) < 65536,
+              "static_linear: w must be (N, K) and x (M, K) with K < 65536");
+  const int64_t N = w.size(0), K = w.size(1);
+  auto ints = [N](const at::Tensor& t) {
+    return t.dim() == 1 && t.size(0) == N && t.scalar_type() == at::kInt && t.is_contiguous();
+  };
+  TORCH_CHECK(ints(corr) && (zw.numel() == 0 || ints(zw)),
+              "static_linear: corr and zw must be contiguous int32 (N,) (zw may be empty)");
+  TORCH_CHECK(divisor.dim() == 1 && (divisor.size(0) == 1 || divisor.size(0) == K) &&
+                  divisor.scalar_type() == at::kFloat && divisor.is_contiguous(),
+              "static_linear: divisor must be contiguous float32 (1,) or (K,)");
+  TORCH_CHECK(zero_point >= -128 && zero_point <= 127, "static_linear: zero_point must be in [-128, 127]");
+  const StaticAct st{divisor.data_ptr<float>(), divisor.size(0) != 1, static_cast<float>(zero_point),
+                     corr.data_ptr<int32_t>(), zw.numel() ? zw.data_ptr<int32_t>() : nullptr};
+  const at::Tensor none = at::empty({0}, w.options().dtype(at::kFloat));
+  return pertoken_linear_impl(x, w, out_scale, none, bias, none, none, wsum_i, force_scalar, &st);
+}
+
+at::Tensor static_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out_scale, const at::Tensor& corr,
+                         const at::Tensor& zw, const at::Tensor& bias, const at::Tensor& divisor, int64_t zero_point,
+                         const at::Tensor& wsum_i) {
+  return static_linear_impl(x, w, out_scale, corr, zw, bias, divisor, zero_point, wsum_i, false);
+}
+
+at::Tensor static_linear_scalar(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out_scale,
+                                const at::Tensor& corr, const at::Tensor& zw, const at::Tensor& bias,
+                                const at::Tensor& divisor, int64_t zero_point, const at::Tensor& wsum_i) {
+  return static_linear_impl(x, w, out_scale, corr, zw, bias, divisor, zero_point, wsum_i, true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1680,6 +1809,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("epilogue_", &epilogue_, "y = a * (y - rowsum * zs) + c * wsum + b, in place or into out");
   m.def("pertoken_linear", &pertoken_linear, "the per-token int8 layer in one call, any rows (kernels pertoken, onednn)");
   m.def("_pertoken_linear_scalar", &pertoken_linear_scalar, "pertoken_linear's portable path (for tests)");
+  m.def("static_linear", &static_linear, "a static int8 layer in one call, any rows (kernel pertoken; int_mm's bits)");
+  m.def("_static_linear_scalar", &static_linear_scalar, "static_linear's portable path (for tests)");
   m.attr("pertoken_max_rows") = PT_MAX_ROWS;
 #if defined(QLIN_VNNI)
   m.attr("pertoken_isa") = "avx512_vnni";

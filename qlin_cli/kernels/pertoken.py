@@ -10,6 +10,11 @@ exact sums), and a lone row (a decode step) runs vpmaddubsw on codes shifted by 
 weight's integer row sums added back (exact for weights without -128: `wsum_i`; RESULTS.md,
 "pertoken-decode"). Its codes, integer sums and float operations are the `onednn` kernel's, so a
 file gives the same bits on a CPU with VNNI and on one without, at every batch size.
+
+It also runs static layers (`static_linear`, `PertokenStatic`): the int_mm kernel's codes,
+integer sums and roundings, so int_mm's bits, through the same GEMMs. `auto` gives it static
+layers on CPUs without VNNI, where fbgemm's static GEMM would saturate and torch's CPU `_int_mm`
+is a plain loop (0.02-0.27x float32 against 0.8-6.6x here: RESULTS.md "kernels-static").
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import torch
 
 from . import native
 from .common import EMPTY as _EMPTY
+from .common import reduce_range
 from .common import weight_int_sums as _weight_int_sums
 from .common import weight_row_sums as _weight_row_sums
 from .registry import Kernel, KernelChoice
 
-__all__ = ["UNTRACEABLE", "Pertoken", "KERNEL"]
+__all__ = ["UNTRACEABLE", "Pertoken", "PertokenStatic", "KERNEL"]
 
 # What torch.jit.trace and torch.export cannot record, said plainly instead of torch's own error
 # deep inside the kernel: the fused kernels are C++ functions that torch's dispatcher does not know.
@@ -70,7 +76,44 @@ class Pertoken:
         return self.linear(x, self.weight, self.scale, self.wsum, self.bias, self.zs, self.smooth, self.wsum_i)
 
 
+class PertokenStatic:
+    """A static layer (calibrated activation scale s_x and zero point z_x) through the same C++
+    GEMMs, `static_linear`: the int_mm kernel's codes q = clamp(rne(x / d) + z_x, -128, 127), d =
+    s_x (times SmoothQuant's factors), its exact integer sums of (q - z_x) * (qw - z[n]) and its
+    two roundings, float(acc) * (s_x * s[n]) + b[n]: the same bits as `int_mm` (tested), at the
+    speed of qlin's own GEMM where torch's CPU `_int_mm` is a plain loop (CPUs without VNNI, where
+    fbgemm's static GEMM would saturate full-range codes)."""
+
+    def __init__(self, weight, scale, zero_point, bias, act_qparams, smooth):
+        n, k = weight.shape
+        s_x, z_x = act_qparams
+        self.zero_point = int(z_x)
+        self.out_scale = (scale.float().reshape(-1).expand(n) * s_x.float()).contiguous()
+        divisor = s_x.float().reshape(1) if smooth is None else s_x.float() * smooth.float()
+        self.divisor = divisor.contiguous()  # as int_mm.py's act_divisor: the same products
+        int_sums = _weight_int_sums(weight)
+        zp = zero_point.to(torch.int64).reshape(-1).expand(n)
+        o = 128 + self.zero_point  # the codes u = q + 128 stand for q - z_x = u - o
+        corr = o * int_sums.long() - k * o * zp
+        self.corr = ((corr + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32)  # wrapping, as int32 sums do
+        self.zw = zp.to(torch.int32).contiguous() if bool(zp.any()) else _EMPTY_I32
+        self.wsum_i = int_sums.contiguous() if _no_minus_128(weight) else _EMPTY_I32
+        self.bias = _EMPTY if bias is None else bias.float().contiguous()
+        self.weight = weight.contiguous()
+        self.linear = native.load().static_linear
+
+    def __deepcopy__(self, memo) -> "PertokenStatic":
+        return copy.copy(self)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_tracing()
+        return self.linear(x, self.weight, self.out_scale, self.corr, self.zw, self.bias, self.divisor,
+                           self.zero_point, self.wsum_i)
+
+
 _EMPTY_I32 = torch.empty(0, dtype=torch.int32)
+# static_linear's codes' sums are exact float32 integers and its int32 sums hold below this
+STATIC_MAX_K = 65536
 
 
 def _no_minus_128(weight: torch.Tensor) -> bool:
@@ -107,11 +150,15 @@ class _PertokenKernel(Kernel):
     name, activations, rank = "pertoken", "int8", 15
 
     def refusal(self, scheme, target):
-        if not scheme.per_token:
-            return "the pertoken kernel runs dynamic per-token layers only"
+        if not (scheme.per_token or scheme.static):
+            return "the pertoken kernel runs dynamic per-token and static layers only"
+        if scheme.static and target.in_features >= STATIC_MAX_K:
+            return f"the pertoken kernel takes static layers of fewer than {STATIC_MAX_K} input features"
         return missing(target.device, target.dtype)
 
     def offer(self, scheme, target, why, fallback):
+        if scheme.static:
+            return self._offer_static(scheme, target, why, fallback)
         if not scheme.per_token or target.device.type != "cpu":
             return None
         why_not = missing(target.device, target.dtype)
@@ -123,7 +170,21 @@ class _PertokenKernel(Kernel):
         reason = f"fallback: {why}" if fallback else f"auto: per-token int8 activations, qlin's {isa()} GEMM{said}"
         return KernelChoice(self.name, reason, True, fallback)
 
+    def _offer_static(self, scheme, target, why, fallback):
+        """Static layers on a CPU without VNNI (`reduce_range`), where this build has a SIMD GEMM:
+        there fbgemm's static GEMM would saturate full-range codes and `int_mm` is torch's plain
+        CPU loop (8-50x float32). With VNNI, fbgemm's prepacked static GEMM (measured) is asked
+        next; without a SIMD GEMM, int_mm."""
+        if target.device.type != "cpu" or isa() == "scalar" or not reduce_range() or self.refusal(scheme, target):
+            return None
+        said = f" ({why})" if why and not fallback else ""
+        reason = f"fallback: {why}" if fallback else f"auto: static int8 activations, qlin's {isa()} GEMM{said}"
+        return KernelChoice(self.name, reason, True, fallback)
+
     def pack(self, layer, scheme, device, dtype):
+        if scheme.static:
+            return PertokenStatic(layer.weight, layer.scale, layer.zero_point, layer.bias, layer.input_qparams,
+                                  layer.smooth)
         return Pertoken(layer.weight, layer.scale, layer.zero_point, layer.bias, layer.smooth)
 
 
