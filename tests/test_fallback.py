@@ -23,11 +23,11 @@ def data():
 def test_fallback_reaches_the_target_on_the_sample_encoder(data, tmp_path):
     calib, test = data
     reference = model_output(load_encoder(), test, 64)
-    all_int8 = quantize_to_target(load_encoder(), QuantConfig(kernel="fbgemm", mode="static"), min_sqnr_db=0.0, eval_inputs=test, calib=calib)
+    all_int8 = quantize_to_target(load_encoder(), QuantConfig(kernel="pertoken", mode="static"), min_sqnr_db=0.0, eval_inputs=test, calib=calib)
     initial = all_int8.fallback.initial_sqnr_db
     assert all_int8.fallback.steps == () and len(all_int8.quantized) == 10
     target = initial + 2.0
-    result = quantize_to_target(load_encoder(), QuantConfig(kernel="fbgemm", mode="static"), min_sqnr_db=target, eval_inputs=test, calib=calib)
+    result = quantize_to_target(load_encoder(), QuantConfig(kernel="pertoken", mode="static"), min_sqnr_db=target, eval_inputs=test, calib=calib)
     fb = result.fallback
     assert fb.initial_sqnr_db == pytest.approx(initial)
     assert fb.steps and fb.final_sqnr_db >= target
