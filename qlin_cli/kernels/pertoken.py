@@ -14,7 +14,7 @@ file gives the same bits on a CPU with VNNI and on one without, at every batch s
 It also runs static layers (`static_linear`, `PertokenStatic`): the int_mm kernel's codes,
 integer sums and roundings, so int_mm's bits, through the same GEMMs. `auto` gives it static
 layers on CPUs without VNNI, where fbgemm's static GEMM would saturate and torch's CPU `_int_mm`
-is a plain loop (0.02-0.27x float32 against 0.8-6.6x here: RESULTS.md "kernels-static").
+is a plain loop (0.02-0.26x float32 against 0.76-5.8x here: RESULTS.md "kernels-static").
 """
 
 from __future__ import annotations
