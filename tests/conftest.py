@@ -84,6 +84,16 @@ def isolate_imports(monkeypatch, tmp_path_factory):
             del sys.modules[name]
 
 
+def fbgemm_fallback() -> str:
+    """The kernel a per-token or static layer that asks for fbgemm runs on a CPU without VNNI
+    (fbgemm's full-range codes would saturate there): qlin's own GEMM where it is built with
+    SIMD, else torch's int_mm."""
+    from qlin_cli.kernels import pertoken
+
+    ok = pertoken.missing(torch.device("cpu"), torch.float32) is None and pertoken.isa() != "scalar"
+    return "pertoken" if ok else "int_mm"
+
+
 def cli(capsys, *args) -> tuple[int, str, str]:
     """Run `qlin ARGS` in-process: (exit code, stdout, stderr)."""
     from qlin_cli.cli import main

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import cli, cli_json
+from conftest import cli, cli_json, fbgemm_fallback
 from warm_qlin import warm_subprocess_qlin
 from qlin_cli.cli import main
 
@@ -152,7 +152,7 @@ def test_quantize_pickled_module_json(tmp_path, capsys):
     for layer in r["layers"]:
         assert layer["status"] == "quantized"
         assert layer["granularity"] == "channel" and layer["symmetric"] is True
-        assert layer["kernel"] in ("int_mm", "fbgemm")  # int_mm: fbgemm's fallback without VNNI
+        assert layer["kernel"] in (fbgemm_fallback(), "fbgemm")  # fbgemm's fallback without VNNI
         assert layer["weight_sqnr_db"] > 30
         assert layer["bytes_int8"] < layer["bytes_float"] / 3
     t = r["totals"]
@@ -288,7 +288,7 @@ def test_quantize_kernel_fbgemm(tmp_path, capsys):
     assert r["config"]["act_granularity"] == "token"  # fbgemm runs per-token activations too
     if reduce_range():  # no VNNI: fbgemm's per-token codes would saturate; the request falls back, saying why
         assert {(l["kernel"], l["kernel_reason"]) for l in r["layers"]} == {
-            ("int_mm", "fallback: full-range uint8 activations can saturate fbgemm without VNNI")}
+            (fbgemm_fallback(), "fallback: full-range uint8 activations can saturate fbgemm without VNNI")}
     else:
         assert [l["kernel"] for l in r["layers"]] == ["fbgemm"] * 3
     assert [l["act_granularity"] for l in r["layers"]] == ["token"] * 3

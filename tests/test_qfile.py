@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import load_digits_mlp, load_encoder, tamper
+from conftest import fbgemm_fallback, load_digits_mlp, load_encoder, tamper
 from qlin_cli import QuantConfig, load_quantized, quantize_model, read_qfile, save_quantized
 from qlin_cli.errors import FormatError, OutputError
 from qlin_cli.files import write_atomic
@@ -282,7 +282,7 @@ def test_load_packs_on_threads_with_the_same_results(tmp_path, digits_test):
     assert warnings.filters == filters
     single = load_quantized(load_encoder(), path)
     layers = [m for m in single.modules() if isinstance(m, QuantizedLinear)]
-    fbgemm = "int_mm" if reduce_range() else "fbgemm"  # without VNNI fbgemm's per-token path falls back
+    fbgemm = fbgemm_fallback() if reduce_range() else "fbgemm"  # without VNNI fbgemm's per-token path falls back
     assert len(layers) > 2 and all(q.kernel.name == fbgemm for q in layers)
     pack_all(layers)  # one worker per torch thread; with 1 thread the plain loop
     with torch.inference_mode():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import SAMPLES
+from conftest import SAMPLES, fbgemm_fallback
 from qlin_cli.api import QuantizeOptions, quantize_checkpoint
 from qlin_cli.config import QuantConfig
 from qlin_cli.errors import InputError
@@ -167,5 +167,5 @@ def test_report_files_of_a_real_run(tmp_path):
         elif r.name == "0":  # under 2**17 weights `auto` keeps it float, and the note says why, shape (out, in)
             assert r.kernel is None and cells[3] == "float" and note.startswith("kept float for speed:") and "(256, 64)" in note
         else:  # the kernel named by a rule: int8 whatever the size, nothing to note
-            assert r.kernel in ("fbgemm", "int_mm") and note == ("" if r.kernel == "fbgemm" else r.kernel_reason)
+            assert r.kernel in ("fbgemm", fbgemm_fallback()) and note == ("" if r.kernel == "fbgemm" else r.kernel_reason)
     assert "- note: 1 of 3 Linear layers are too small for int8" in md

@@ -6,9 +6,12 @@ Selection is a pure function of the layer's scheme (kernel request, mode, bits, 
 granularity), the device, dtype and shape, and of what this torch build and CPU offer; it never
 times anything, so the same machine always picks the same kernel and the saved file never depends
 on it:
-- a named kernel runs where it can (`refusal` is None); where it cannot, the kernels after it in
-  `rank` order that are not low-bit ones are asked (`offer`) and the one that takes the layer is
-  a reported fallback (`KernelChoice.fallback`), its reason "fallback: " and why;
+- a named kernel runs where it can (`refusal` is None); where it cannot, the other kernels of its
+  family that are not low-bit ones are asked in `rank` order, as `auto` asks them (`offer`), and
+  the one that takes the layer is a reported fallback (`KernelChoice.fallback`), its reason
+  "fallback: " and why. (Only the kernels ranked after the request were asked before: `--kernel
+  fbgemm` on a CPU without VNNI then fell back to `int_mm`, torch's plain CPU loop, 8-50x slower
+  than float32, where `pertoken` computes the same per-token codes at float's speed or better);
 - `auto` asks the kernels whose activations fit the mode (int8 for dynamic and static, float
   for weight-only; for grouped dynamic layers only the `grouped_int8` ones), in `rank` order,
   and the first that offers itself runs.
@@ -81,8 +84,8 @@ def select_kernel(
     why = requested.refusal(scheme, target)
     if why is None:
         return requested.requested(scheme, target)
-    after = [k for k in family if k.rank > requested.rank and not k.low_bit]
-    return _first_offer(after, scheme, target, why, fallback=True)
+    others = [k for k in family if k is not requested and not k.low_bit]
+    return _first_offer(others, scheme, target, why, fallback=True)
 
 
 def _first_offer(kernels: list[registry.Kernel], scheme: LayerScheme, target: Target, why: str | None,
