@@ -169,11 +169,14 @@ def test_eval_of_a_language_model_keeps_no_logits(docs_lm_q, tmp_path):
 
 def test_eval_numbers_do_not_depend_on_the_batch_size(digits_q, capsys):
     """The metrics gathered batch by batch are those of the whole outputs (to float rounding);
-    tests/test_report.py checks them against the whole-output formulas."""
+    tests/test_report.py checks them against the whole-output formulas. The float model's rows
+    change in their last bits with the batch size (F.linear: up to 3.8e-6 here), and an error
+    metric of a ~30 dB difference magnifies that ~30x (mse: 1.0e-6 relative between these two
+    runs), so the bound is 1e-4: a batch miscounted or averaged twice is off by far more."""
     runs = [cli_json(capsys, "eval", DIGITS_PT, digits_q, "--inputs", DIGITS_TEST, "--batch-size", b, "--repeats", "1")
             for b in ("7", "1000")]
     for key in ("sqnr_db", "cosine", "max_abs_err", "mse", "top1_agreement"):
-        assert runs[0][key] == pytest.approx(runs[1][key], rel=1e-6), key
+        assert runs[0][key] == pytest.approx(runs[1][key], rel=1e-4), key
 
 
 # ----------------------------------------------------------------------------- 8: text of megabytes
