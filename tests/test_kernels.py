@@ -214,6 +214,26 @@ def test_static_layers_take_qlins_gemm_on_cpus_without_vnni(monkeypatch, isa, no
     assert refused.name != "pertoken" and "fewer than 65536 input features" in refused.reason
 
 
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_a_refused_request_falls_back_to_what_auto_would_pick(monkeypatch, isa):
+    """fbgemm asked for per-token or static layers on a CPU without VNNI (its codes would
+    saturate): the other kernels are asked in auto's order, so qlin's GEMM (ranked before fbgemm)
+    takes them where it is built with SIMD, torch's int_mm where not; the reason is fbgemm's."""
+    if not PERTOKEN:
+        pytest.skip("qlin's fused kernels do not run here")
+    import qlin_cli.kernels.fbgemm as fbgemm_room
+
+    monkeypatch.setattr(fbgemm_room, "reduce_range", lambda: True)
+    monkeypatch.setattr(pertoken, "reduce_range", lambda: True)
+    monkeypatch.setattr(pertoken, "isa", lambda: isa)
+    for mode, act in (("dynamic", "token"), ("static", "tensor")):
+        c = _select(request="fbgemm", mode=mode, act_granularity=act)
+        assert c.name == ("pertoken" if isa == "avx2" else "int_mm") and c.fallback and c.batch_invariant, mode
+        assert c.reason == "fallback: full-range uint8 activations can saturate fbgemm without VNNI"
+    c = _select(request="fbgemm", act_granularity="tensor", dtype=torch.bfloat16)  # per tensor: int_mm alone
+    assert c.name == "int_mm" and c.fallback
+
+
 def test_small_layers_are_kept_float_at_plan_time_never_by_the_loading_machine():
     """Below SMALL_LAYER weights int8 loses to float on CPU (benchmarks/RESULTS.md): `auto` keeps
     such a layer float, decided from its shape and scheme alone (the plan records it), and says
