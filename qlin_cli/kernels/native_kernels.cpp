@@ -153,6 +153,20 @@ inline __m256 load8(const bf16* x) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+// the low byte of each of the 8 int32 lanes of i (codes in [0, 255]) into u[0 .. 8)
+inline void store_codes8(uint8_t* u, __m256i i) {
+  const __m256i bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                         0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(i, bytes), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(u), _mm256_castsi256_si128(b));
+}
+inline int64_t sum8(__m256i acc) {
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+  int64_t total = 0;
+  for (int j = 0; j < 8; ++j) total += lanes[j];
+  return total;
+}
 #endif
 
 // a vector loop's lanes into lo, hi in lane order, compared as the scalar loop compares
@@ -245,19 +259,14 @@ int64_t quantize_row(const T* x, uint8_t* u, int64_t K, float lo, float inv, flo
   {  // the same operations; vcvtps2dq rounds to nearest even as nearbyint does (default MXCSR)
     const __m256 vlo = _mm256_set1_ps(lo), vinv = _mm256_set1_ps(inv), vs = _mm256_set1_ps(inv_s);
     const __m256i zero = _mm256_setzero_si256(), top = _mm256_set1_epi32(255);
-    const __m256i bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                           0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     __m256i acc = _mm256_setzero_si256();
     for (; k + 8 <= K; k += 8) {
       const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x + k), vlo), vinv), vs);
       const __m256i i = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), zero), top);
       acc = _mm256_add_epi32(acc, i);
-      const __m256i b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(i, bytes), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(u + k), _mm256_castsi256_si128(b));
+      store_codes8(u + k, i);
     }
-    alignas(32) int32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
-    for (int j = 0; j < 8; ++j) total += lanes[j];
+    total = sum8(acc);
   }
 #endif
   for (; k < K; ++k) {
@@ -309,8 +318,6 @@ int64_t quantize_row_static(const T* x, const float* d, bool per_k, float zx, ui
     const __m256 vz = _mm256_set1_ps(zx), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f),
                  vd = _mm256_set1_ps(per_k ? 0.0f : d[0]);
     const __m256i off = _mm256_set1_epi32(128);
-    const __m256i bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                           0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     __m256i acc = _mm256_setzero_si256();
     for (; k + 8 <= K; k += 8) {
       __m256 v = _mm256_div_ps(load8(x + k), per_k ? _mm256_loadu_ps(d + k) : vd);
@@ -319,12 +326,9 @@ int64_t quantize_row_static(const T* x, const float* d, bool per_k, float zx, ui
       v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN -> 0
       const __m256i i = _mm256_add_epi32(_mm256_cvtps_epi32(v), off);
       acc = _mm256_add_epi32(acc, i);
-      const __m256i b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(i, bytes), _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(u + k), _mm256_castsi256_si128(b));
+      store_codes8(u + k, i);
     }
-    alignas(32) int32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
-    for (int j = 0; j < 8; ++j) total += lanes[j];
+    total = sum8(acc);
   }
 #endif
   for (; k < K; ++k) {
