@@ -913,9 +913,9 @@ def test_without_the_fused_kernels_qlin_says_so_once_and_runs(tmp_path):
     done = subprocess_qlin("quantize", DIGITS_PT, "-o", out, "--kernel", "onednn", "--json", QLIN_NATIVE="0")
     assert done.returncode == 0, done.stderr
     notes = [ln for ln in done.stderr.splitlines() if ln.strip()]
-    assert notes == ["note: qlin runs without its fused kernels (turned off by QLIN_NATIVE=0): per-token int8 "
-                     "layers use torch ops (the same results to float rounding, but slower) and low-bit "
-                     "weight-only layers their dequantized float weight"]
+    assert notes == ["note: qlin runs without its fused kernels (turned off by QLIN_NATIVE=0): per-token and "
+                     "static int8 layers use torch ops (the same results to float rounding, but slower) and "
+                     "low-bit weight-only layers their dequantized float weight"]
     layers = json.loads(done.stdout)["layers"]
     from qlin_cli.kernels.common import reduce_range
 

@@ -82,8 +82,8 @@ def test_the_loaded_module_is_the_one_named_for_this_source_and_machine():
 
 # ----------------------------------------------------------------------------- running without it
 
-WARNING = ("qlin runs without its fused kernels ({}): per-token int8 layers use torch ops (the same results to float "
-           "rounding, but slower) and low-bit weight-only layers their dequantized float weight\n")
+WARNING = ("qlin runs without its fused kernels ({}): per-token and static int8 layers use torch ops (the same "
+           "results to float rounding, but slower) and low-bit weight-only layers their dequantized float weight\n")
 
 
 def test_qlin_native_0_turns_the_kernels_off_and_says_why_once(tmp_path):

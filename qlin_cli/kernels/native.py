@@ -135,6 +135,6 @@ def unavailable_reason() -> str | None:
 
 @functools.cache
 def _say_once(reason: str) -> None:
-    log.warning("qlin runs without its fused kernels (%s): per-token int8 layers use torch ops (the same "
-                "results to float rounding, but slower) and low-bit weight-only layers their dequantized "
-                "float weight", reason)
+    log.warning("qlin runs without its fused kernels (%s): per-token and static int8 layers use torch "
+                "ops (the same results to float rounding, but slower) and low-bit weight-only layers their "
+                "dequantized float weight", reason)
