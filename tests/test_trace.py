@@ -66,9 +66,9 @@ def test_fbgemm_exports_but_does_not_trace(mode):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kernel", ["onednn", "pertoken"])
-def test_fused_per_token_kernels_neither_trace_nor_export(kernel):
-    model = _mlp(kernel)
+@pytest.mark.parametrize("kernel, mode", [("onednn", "dynamic"), ("pertoken", "dynamic"), ("pertoken", "static")])
+def test_fused_kernels_neither_trace_nor_export(kernel, mode):
+    model = _mlp(kernel, mode)
     with pytest.raises(RuntimeError) as exc:
         _trace(model, X)
     assert ONEDNN_UNTRACEABLE in str(exc.value)

@@ -148,6 +148,8 @@ inline void store16(bf16* y, __m512 v, __mmask16 m = 0xFFFF) { _mm256_mask_store
 
 #if defined(__AVX2__) && !defined(QLIN_AVX512)
 #define QLIN_AVX2_ROWS 1  // quantize_into's AVX2 loops (a decode step's codes: ~10-20 us a layer in scalar)
+#endif
+#if defined(__AVX2__)  // (also in AVX-512 builds: the static rows' loop)
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 inline __m256 load8(const bf16* x) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
@@ -313,7 +315,7 @@ void quantize_into(const T* x, const float* sm, int64_t M, int64_t K, uint8_t* u
 template <typename T>
 int64_t quantize_row_static(const T* x, const float* d, bool per_k, float zx, uint8_t* u, int64_t K) {
   int64_t k = 0, total = 0;
-#ifdef QLIN_AVX2_ROWS  // (an AVX-512 build runs the scalar loop: auto picks this path on CPUs without VNNI)
+#if defined(__AVX2__)  // AVX2 and AVX-512 builds (auto runs static layers here on CPUs without VNNI, Skylake-SP too)
   {
     const __m256 vz = _mm256_set1_ps(zx), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f),
                  vd = _mm256_set1_ps(per_k ? 0.0f : d[0]);

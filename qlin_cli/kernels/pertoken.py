@@ -35,9 +35,9 @@ __all__ = ["UNTRACEABLE", "Pertoken", "PertokenStatic", "KERNEL"]
 # What torch.jit.trace and torch.export cannot record, said plainly instead of torch's own error
 # deep inside the kernel: the fused kernels are C++ functions that torch's dispatcher does not know.
 UNTRACEABLE = (
-    "qlin's fused per-token kernels (onednn, pertoken) cannot be traced or exported (their C++ functions are "
-    "not torch ops): set QLIN_NATIVE=0 before loading the model to run the fbgemm or int_mm kernel instead, "
-    "which torch.export exports"
+    "qlin's fused kernels (onednn, pertoken: per-token and static layers) cannot be traced or exported (their "
+    "C++ functions are not torch ops): set QLIN_NATIVE=0 before loading the model to run the fbgemm or int_mm "
+    "kernel instead, which torch.export exports"
 )
 
 # activation dtypes read and written as they are (a bf16 model's int8 layer: no conversion passes)
