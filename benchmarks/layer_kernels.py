@@ -190,9 +190,11 @@ def build_methods(lin: nn.Linear, calib: torch.Tensor, workdir: Path, peers: boo
     with `only`, the float layer and the methods whose names contain one of those words."""
     fns, info = _build_methods(lin, calib, workdir, peers, log)
     if only:
-        keep = [name for name in fns if name == "float" or any(w in name for w in only)]
-        fns = {name: fns[name] for name in keep}
-        info = {name: i for name, i in info.items() if name in keep or "unavailable" in i and any(w in name for w in only)}
+        def wanted(name: str) -> bool:
+            return name == "float" or any(w in name for w in only)
+
+        fns = {name: f for name, f in fns.items() if wanted(name)}
+        info = {name: i for name, i in info.items() if wanted(name)}
     return fns, info
 
 

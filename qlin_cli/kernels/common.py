@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-__all__ = ["cpu_features", "reduce_range", "weight_int_sums", "weight_row_sums", "EMPTY"]
+__all__ = ["cpu_features", "reduce_range", "static_operands", "weight_int_sums", "weight_row_sums", "EMPTY"]
 
 EMPTY = torch.empty(0)
 
@@ -45,6 +45,18 @@ def weight_row_sums(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch
     sums = weight_int_sums(weight) if int_sums is None else int_sums
     sums = sums - weight.shape[1] * zero_point.to(torch.int32).reshape(-1)  # (N,) exact
     return sums.float() * scale.float().reshape(-1)
+
+
+def static_operands(scale: torch.Tensor, input_qparams: tuple[torch.Tensor, torch.Tensor],
+                    smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A static layer's float operands, one computation for the kernels that must give the same
+    bits (int_mm, pertoken's static_linear): the activations' divisor, s_x, or s_x * smooth
+    `(K,)` (SmoothQuant's division folded in), and the output scale s_x * s[n], `()` or `(N,)`
+    as the weight scale is per tensor or per channel."""
+    s_x = input_qparams[0].float()
+    divisor = s_x if smooth is None else s_x * smooth.float()
+    weight_scale = scale.float().reshape(-1) if scale.dim() else scale.float()
+    return divisor, weight_scale * s_x
 
 
 def reduce_range() -> bool:

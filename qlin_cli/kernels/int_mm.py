@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..primitives import QMAX, QMIN, quantize_activations
-from .common import weight_row_sums
+from .common import static_operands, weight_row_sums
 from .registry import Kernel, KernelChoice
 
 __all__ = ["IntMMRules", "INT_MM_RULES", "KERNEL"]
@@ -66,11 +66,9 @@ class _IntMM:
         self.static = act_qparams is not None
         self.wsum = None if self.static else weight_row_sums(weight, self.scale, zp)
         if self.static:
-            s_x, z_x = act_qparams
-            z_x = int(z_x)
-            self.act_divisor = s_x.float() if self.smooth is None else s_x.float() * self.smooth  # () or (K,)
+            z_x = int(act_qparams[1])
+            self.act_divisor, self.out_scale = static_operands(scale, act_qparams, smooth)  # () or (K,); () or (N,)
             self.act_zero_point = z_x
-            self.out_scale = self.scale * s_x.float()  # (N,) or ()
             correction = torch.zeros(n, dtype=torch.int32, device=weight.device)
             if z_x:
                 correction += z_x * weight.sum(dim=1, dtype=torch.int32)  # no int32 copy of the weight

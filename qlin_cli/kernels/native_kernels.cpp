@@ -812,14 +812,12 @@ at::Tensor pertoken_linear_impl(const at::Tensor& x_in, const at::Tensor& w, con
   if (static_cast<int64_t>(rowp.size()) < 3 * M) rowp.resize(3 * M);
   float *a = rowp.data(), *c = a + M, *rs = c + M;
   const float* sp = has_smooth ? smooth.data_ptr<float>() : nullptr;
-  if (st && is_bf16)
-    quantize_static_into(x.data_ptr<bf16>(), st->d, st->per_k, st->zx, M, K, codes.data(), ku, rs);
-  else if (st)
-    quantize_static_into(x.data_ptr<float>(), st->d, st->per_k, st->zx, M, K, codes.data(), ku, rs);
-  else if (is_bf16)
-    quantize_into(x.data_ptr<bf16>(), sp, M, K, codes.data(), ku, a, c, rs);
-  else
-    quantize_into(x.data_ptr<float>(), sp, M, K, codes.data(), ku, a, c, rs);
+  auto quantize = [&](const auto* xp) {  // the rows' codes: static parameters, or each row's range
+    if (st) quantize_static_into(xp, st->d, st->per_k, st->zx, M, K, codes.data(), ku, rs);
+    else quantize_into(xp, sp, M, K, codes.data(), ku, a, c, rs);
+  };
+  if (is_bf16) quantize(x.data_ptr<bf16>());
+  else quantize(x.data_ptr<float>());
   PertokenArgs p{codes.data(), ku, a, c, rs, w.data_ptr<int8_t>(), scale.data_ptr<float>(),
                  wsum.numel() ? wsum.data_ptr<float>() : nullptr, bias.numel() ? bias.data_ptr<float>() : nullptr,
                  zs.numel() ? zs.data_ptr<float>() : nullptr, wsum_i.numel() ? wsum_i.data_ptr<int32_t>() : nullptr,

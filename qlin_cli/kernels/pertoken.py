@@ -25,7 +25,7 @@ import torch
 
 from . import native
 from .common import EMPTY as _EMPTY
-from .common import reduce_range
+from .common import reduce_range, static_operands
 from .common import weight_int_sums as _weight_int_sums
 from .common import weight_row_sums as _weight_row_sums
 from .registry import Kernel, KernelChoice
@@ -86,11 +86,10 @@ class PertokenStatic:
 
     def __init__(self, weight, scale, zero_point, bias, act_qparams, smooth):
         n, k = weight.shape
-        s_x, z_x = act_qparams
-        self.zero_point = int(z_x)
-        self.out_scale = (scale.float().reshape(-1).expand(n) * s_x.float()).contiguous()
-        divisor = s_x.float().reshape(1) if smooth is None else s_x.float() * smooth.float()
-        self.divisor = divisor.contiguous()  # as int_mm.py's act_divisor: the same products
+        self.zero_point = int(act_qparams[1])
+        divisor, out_scale = static_operands(scale, act_qparams, smooth)  # int_mm's own products
+        self.divisor = divisor.reshape(-1).contiguous()  # (1,) or (K,)
+        self.out_scale = out_scale.expand(n).contiguous()
         int_sums = _weight_int_sums(weight)
         zp = zero_point.to(torch.int64).reshape(-1).expand(n)
         o = 128 + self.zero_point  # the codes u = q + 128 stand for q - z_x = u - o
