@@ -5,6 +5,7 @@ quantizes its activations, on every machine."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..primitives import dequantize
