@@ -8,6 +8,9 @@ head: 418 M weights in its Linear layers), random weights (seed 0), float32. `--
 
 Formats, each loaded in a fresh process (so that its resident memory is its own):
 - `float32`: the weights as built; `bf16`: the whole model cast to bfloat16;
+- opt-in (`--formats f32,f16,int8,int8-f16`): `float16`, the model cast to float16, and `int8
+  float16`, that float16 model quantized with `QuantConfig()` and loaded into a float16 skeleton
+  (a float16 checkpoint as transformers and `qlin quantize DIR` load it: `dtype="auto"`);
 - `int8`: qlin's default (`QuantConfig()`: dynamic, int8 per channel, per-token activations);
 - `int8 weight-only`: `QuantConfig(mode="weight-only")`;
 - `4-bit g32`, `4-bit g128`: `QuantConfig(bits=4, group_size=32 / 128)` (weight-only low-bit);
@@ -93,12 +96,18 @@ FORMATS: dict[str, dict[str, Any] | None] = {
     "4-bit g128": {"bits": 4, "group_size": 128},
     "W4A8 g32": {"mode": "dynamic", "bits": 4, "group_size": 32},
     "W4A8 g128": {"mode": "dynamic", "bits": 4, "group_size": 128},
+    "float16": None,
+    "int8 float16": {},
 }
+# the model's dtype where it is not float32 (float formats: cast; qlin ones: quantized and loaded in it)
+DTYPES = {"bf16": "bfloat16", "float16": "float16", "int8 float16": "float16"}
 SHORT = {"f32": "float32", "bf16": "bf16", "int8": "int8", "int8-wo": "int8 weight-only",
-         "q4g32": "4-bit g32", "q4g128": "4-bit g128", "w4a8g32": "W4A8 g32", "w4a8g128": "W4A8 g128"}
+         "q4g32": "4-bit g32", "q4g128": "4-bit g128", "w4a8g32": "W4A8 g32", "w4a8g128": "W4A8 g128",
+         "f16": "float16", "int8-f16": "int8 float16"}
+DEFAULT_FORMATS = [k for k in SHORT if k not in ("f16", "int8-f16")]
 # the llama.cpp type with the same bytes per weight as a format (None: no such type measured)
 PEER = {"float32": "F32", "bf16": None, "int8": "Q8_0", "int8 weight-only": "Q8_0", "4-bit g32": "Q4_0",
-        "4-bit g128": None, "W4A8 g32": "Q4_0", "W4A8 g128": None}
+        "4-bit g128": None, "W4A8 g32": "Q4_0", "W4A8 g128": None, "float16": None, "int8 float16": "Q8_0"}
 GGUF_TYPES = {"F32": 0, "Q8_0": 7, "Q4_0": 2}  # llama_ftype values (llama.h)
 GGUF_BYTES_PER_WEIGHT = {"F32": 4.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}  # blocks of 32: codes + fp16 scale
 
@@ -393,14 +402,13 @@ def worker(fmt: str, args) -> dict[str, Any]:
     res: dict[str, Any] = {"format": fmt, "rss_imports_bytes": common.rss_bytes()}
     reset = common.reset_peak_rss()  # the peak while loading, below
     t0 = time.perf_counter()
+    dtype = getattr(torch, DTYPES.get(fmt, "float32"))
     if FORMATS[fmt] is None:
-        model = load_float(args.small, workdir / "float32.safetensors")
-        if fmt == "bf16":
-            model = model.to(torch.bfloat16)
+        model = load_float(args.small, workdir / "float32.safetensors").to(dtype)
     else:
         from qlin_cli import load_quantized
 
-        model = load_quantized(skeleton(args.small), qlin_path(workdir, fmt))
+        model = load_quantized(skeleton(args.small).to(dtype), qlin_path(workdir, fmt))
     load_s = time.perf_counter() - t0
     peak = common.peak_rss_bytes() if reset else None
     gc.collect()
@@ -444,7 +452,7 @@ def prepare(formats: list[str], args) -> dict[str, Any]:
     for fmt in formats:
         if FORMATS[fmt] is None:
             continue
-        model = load_float(args.small, workdir / "float32.safetensors")
+        model = load_float(args.small, workdir / "float32.safetensors").to(getattr(torch, DTYPES.get(fmt, "float32")))
         t0 = time.perf_counter()
         with torch.inference_mode():
             result = quantize_model(model, QuantConfig(**FORMATS[fmt]))
@@ -706,7 +714,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--small", action="store_true", help="a 2-layer hidden-512 model: a smoke run")
-    p.add_argument("--formats", default=",".join(SHORT), help=f"comma-separated, of {', '.join(SHORT)}")
+    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                   help=f"comma-separated, of {', '.join(SHORT)} (default: all but the float16 ones)")
     p.add_argument("--modes", default="decode,prefill,bandwidth")
     p.add_argument("--new-tokens", type=int, help="decode: one-token steps per run (default 64; --small 16)")
     p.add_argument("--prompt", type=int, help="prefill: tokens in the one forward (default 512; --small 128)")
@@ -719,6 +728,7 @@ def main(argv=None) -> int:
                    help="prefill: a call estimated slower than this runs once, untimed call included")
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--write-results", action="store_true", help="rewrite the decode section of benchmarks/RESULTS.md")
+    p.add_argument("--md-section", help="rewrite this section of benchmarks/RESULTS.md instead (e.g. fp16-host)")
     p.add_argument("--out", help="JSON output (default benchmarks/results/decode[_small].json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
@@ -738,8 +748,8 @@ def main(argv=None) -> int:
     if bad or set(args.modes) - {"decode", "prefill", "bandwidth", "compiled"}:
         p.error(f"unknown format or mode: {', '.join(bad) or args.modes} (formats: {', '.join(SHORT)}; "
                 "modes: decode, prefill, bandwidth, compiled)")
-    if args.write_results and args.small:
-        p.error("--write-results records the full model only (leave out --small)")
+    if (args.write_results or args.md_section) and args.small:
+        p.error("--write-results and --md-section record the full model only (leave out --small)")
     formats = [SHORT[f] for f in args.formats.split(",")]
     return run(args, formats, argv)
 
@@ -796,7 +806,8 @@ def run(args, formats: list[str], argv) -> int:
             result["stream_counts"] = streams.pop("streams")
             result["bandwidth"]["streams"] = streams
     result["loadavg_end"] = os.getloadavg()
-    common.publish(result, markdown, _out_path(args), "decode" if args.write_results else None, start)
+    section = args.md_section or ("decode" if args.write_results else None)
+    common.publish(result, markdown, _out_path(args), section, start)
     return 0
 
 
@@ -952,6 +963,8 @@ def markdown(result: dict) -> str:
                     notes.append(f"{fmt}: its first step took over --max-mode-s / 8, so it ran {m['tokens']} tokens "
                                  "once after that one step, with the Linear layers' hooks on (its profile below is "
                                  "that run).")
+            if FORMATS[fmt] is not None and DTYPES.get(fmt) == "float16" and tps.get("float16"):
+                notes.append(f"{fmt}: {t / tps['float16']:.2f}x the float16 model.")
             peer = PEER.get(fmt)
             peer_t = (ISSUE_LLAMA_CPP.get(peer, {}).get(mode) if quoted else tps.get(f"llama.cpp {peer}")) if peer else None
             table.append(_row(fmt, cell, t, tps, r["linear_bytes"], bound, mode, r.get("rss_bytes"),

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qlin_cli import QuantConfig, quantize_model
 from qlin_cli.kernels import SMALL_LAYER, KernelChoice, LayerTensors, kept_float_for_speed, pack, select_kernel
 from qlin_cli.kernels.common import reduce_range
 from qlin_cli.kernels.fbgemm import _fbgemm_unusable
@@ -293,6 +294,46 @@ def test_one_sided_inputs_use_the_whole_int8_range(name, device):
     assert sqnr_db(F.linear(x, dequantize(q, s, z), b), y) > 48
 
 
+@pytest.mark.parametrize("keys", [dict(), dict(mode="static", act_granularity="tensor"),
+                                  dict(mode="dynamic", group_size=32), dict(request="pertoken")])
+def test_float16_layers_get_the_kernels_of_float32_ones(keys):
+    """qlin's C++ kernels take float16 rows (converted to float32 and the output rounded back):
+    a float16 model's int8 layers no longer fall to torch's plain-loop CPU `_int_mm` (9x slower
+    than the float16 layer at one token, RESULTS.md "fp16-host")."""
+    keys = dict(keys)
+    scheme = dict(mode=keys.pop("mode", "dynamic"), act_granularity=keys.pop("act_granularity", "token"),
+                  request=keys.pop("request", "auto"))
+    if "group_size" in keys:
+        s = LayerScheme(mode="dynamic", bits=4, group_size=32)
+        c16, c32 = (select_kernel(s, device="cpu", dtype=dt, in_features=768, out_features=768)
+                    for dt in (torch.float16, torch.float32))
+    else:
+        c16, c32 = (_select(**scheme, dtype=dt) for dt in (torch.float16, torch.float32))
+    assert (c16.name, c16.fallback, c16.batch_invariant) == (c32.name, c32.fallback, c32.batch_invariant)
+    if PERTOKEN:
+        assert c16.name != "int_mm" and not c16.fallback
+
+
+def test_a_float16_model_runs_the_float32_paths_bits_rounded_once():
+    """End to end: a float16 model quantized with the defaults runs the kernel a float32 one
+    gets, in float16; each layer's output is its float32 result rounded to float16 (one rounding,
+    bit for bit), a row's result does not depend on the batch, and the model stays close to its
+    float16 self."""
+    g = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 384), torch.nn.ReLU(), torch.nn.Linear(384, 512)).half()
+    x = (torch.randn(7, 512, generator=g) * 2).half()
+    with torch.inference_mode():
+        ref = model(x)
+        quantize_model(model, QuantConfig())
+        assert [model[i].kernel.name for i in (0, 2)] == [PER_TOKEN_HERE] * 2
+        y = model(x)
+        assert y.dtype == torch.float16 and sqnr_db(ref.float(), y.float()) > 30
+        assert torch.equal(torch.cat([model(x[i:i + 1]) for i in range(7)]), y)
+        if PER_TOKEN_HERE in ("pertoken", "onednn"):
+            h = model[0](x)
+            assert torch.equal(h, model[0](x.float()).half())
+
+
 def test_fbgemm_falls_back_with_a_reason_where_it_cannot_run():
     c = _select(request="fbgemm", act_granularity="tensor", device="cuda")
     assert c.name == "int_mm" and c.fallback and "CPU only" in c.reason
@@ -425,8 +466,8 @@ def test_onednn_request_falls_back_with_a_reason():
     assert c.name == STATIC_HERE and c.fallback
     c = _select(request="onednn", device="cuda")
     assert c.name == "int_mm" and c.fallback and "CPU only" in c.reason
-    c = _select(request="onednn", dtype=torch.float16)
-    assert c.fallback and "float32 or bfloat16" in c.reason
+    c = _select(request="onednn", dtype=torch.float64)
+    assert c.fallback and "float32, bfloat16 or float16" in c.reason
 
 
 def test_without_the_fused_kernels_auto_runs_the_torch_op_path_and_says_why(monkeypatch):

@@ -37,7 +37,7 @@ from ..primitives import dequantize as _dequantize
 from . import native
 from .common import EMPTY as _EMPTY_F32
 from .lowbit import PANEL, _from_panel_rows, _to_panel_rows, pack_slices, packed_by_slices
-from .pertoken import HOSTS, refuse_tracing
+from .pertoken import ACCEPTED, refuse_tracing
 from .registry import Kernel, KernelChoice, Target
 
 __all__ = [
@@ -208,7 +208,7 @@ def isa() -> str | None:
 class _LowBitDynamic:
     """The C++ kernel on the layer's `DotPanels` (one copy: `absorbed` names the layer's tensors
     they hold, `rebuild` gives each back exactly), float32 or bfloat16 activations read and
-    written as they are."""
+    written as they are (float16: converted to float32 and the result rounded back)."""
 
     absorbed = ("weight", "weight_scale", "weight_zero_point")
 
@@ -248,8 +248,8 @@ def _native_missing(scheme, target) -> str | None:
     """Why the C++ kernel cannot run this layer here (the torch path runs it), or None."""
     if target.device.type != "cpu":
         return f"qlin's C++ kernels run on CPU only (torch._int_mm has no per-group scale on {target.device.type})"
-    if target.dtype not in HOSTS:
-        return f"qlin's kernel takes float32 or bfloat16 activations, not {target.dtype}"
+    if target.dtype not in ACCEPTED:
+        return f"qlin's kernel takes float32, bfloat16 or float16 activations, not {target.dtype}"
     if min(scheme.group_size or target.in_features, target.in_features) > MAX_GROUP:
         return f"groups of more than {MAX_GROUP} inputs could overflow its int32 sums"
     return native.unavailable_reason()

@@ -1,6 +1,7 @@
 """`onednn`: dynamic per-token (asymmetric) activations on oneDNN's u8 x s8 GEMM
 (`onednn.qlinear_pointwise`, VNNI), with the codes and the epilogue computed by qlin's fused C++
-kernels (native.py, native_kernels.cpp); CPU, float32 or bfloat16 activations. Up to 16 rows it
+kernels (native.py, native_kernels.cpp); CPU, float32 or bfloat16 activations (float16:
+converted to float32 and the result rounded back). Up to 16 rows it
 runs the `pertoken` kernel's one call. Where it cannot run (no VNNI: oneDNN's u8 GEMM would
 saturate), a request falls back to `pertoken` (qlin's own exact GEMM) or fbgemm, and `auto` says
 why in that kernel's reason."""
@@ -11,7 +12,7 @@ import torch
 
 from . import native
 from .common import reduce_range
-from .pertoken import HOSTS, UNTRACEABLE, Pertoken, refuse_tracing
+from .pertoken import ACCEPTED, HOSTS, UNTRACEABLE, Pertoken, refuse_tracing
 from .registry import Kernel, KernelChoice
 
 __all__ = ["ONEDNN_UNTRACEABLE", "KERNEL"]
@@ -23,8 +24,8 @@ def _onednn_missing(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the fused per-token oneDNN kernel cannot run this layer here, or None."""
     if device.type != "cpu":
         return "the oneDNN kernel runs on CPU only"
-    if dtype not in HOSTS:
-        return f"the oneDNN kernel takes float32 or bfloat16 activations, not {dtype}"
+    if dtype not in ACCEPTED:
+        return f"the oneDNN kernel takes float32, bfloat16 or float16 activations, not {dtype}"
     if not hasattr(torch.ops.onednn, "qlinear_pointwise") or "onednn" not in torch.backends.quantized.supported_engines:
         return "this torch build has no oneDNN quantized linear"
     if reduce_range():

@@ -1,6 +1,6 @@
 """`pertoken`: dynamic per-token (asymmetric) int8 activations times int8 weights in one C++ call
 at any token count (native_kernels.cpp, `pertoken_linear`): the row's codes, an exact int32 GEMM
-and the epilogue, activations read and written in float32 or bfloat16.
+and the epilogue, activations read and written in float32 or bfloat16 (float16: converted).
 
 It is the per-token kernel of x86 CPUs without VNNI (AVX2 only: AMD Zen 1-3, Intel before Cascade
 Lake). There, oneDNN's and fbgemm's u8 x s8 GEMMs would saturate full-range codes (vpmaddubsw's
@@ -30,7 +30,7 @@ from .common import weight_int_sums as _weight_int_sums
 from .common import weight_row_sums as _weight_row_sums
 from .registry import Kernel, KernelChoice
 
-__all__ = ["UNTRACEABLE", "Pertoken", "PertokenStatic", "KERNEL"]
+__all__ = ["ACCEPTED", "HOSTS", "UNTRACEABLE", "Pertoken", "PertokenStatic", "KERNEL"]
 
 # What torch.jit.trace and torch.export cannot record, said plainly instead of torch's own error
 # deep inside the kernel: the fused kernels are C++ functions that torch's dispatcher does not know.
@@ -42,6 +42,11 @@ UNTRACEABLE = (
 
 # activation dtypes read and written as they are (a bf16 model's int8 layer: no conversion passes)
 HOSTS = (torch.float32, torch.bfloat16)
+# ... and those the C++ kernels take too: float16 rows converted to float32 (one pass) and the
+# output rounded back (`Tensor.to`), the float32 result's bits rounded once. Without them a float16
+# model's int8 layers ran torch's plain-loop CPU `_int_mm` (9x slower than its float16 layer at
+# one token, RESULTS.md "fp16-host").
+ACCEPTED = HOSTS + (torch.float16,)
 
 
 class Pertoken:
@@ -133,8 +138,8 @@ def missing(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why `pertoken_linear` cannot run a layer here at all, or None."""
     if device.type != "cpu":
         return "qlin's per-token C++ kernel runs on CPU only"
-    if dtype not in HOSTS:
-        return f"qlin's per-token C++ kernel takes float32 or bfloat16 activations, not {dtype}"
+    if dtype not in ACCEPTED:
+        return f"qlin's per-token C++ kernel takes float32, bfloat16 or float16 activations, not {dtype}"
     return native.unavailable_reason()
 
 
