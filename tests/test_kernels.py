@@ -231,7 +231,7 @@ def test_a_refused_request_falls_back_to_what_auto_would_pick(monkeypatch, isa):
         c = _select(request="fbgemm", mode=mode, act_granularity=act)
         assert c.name == ("pertoken" if isa == "avx2" else "int_mm") and c.fallback and c.batch_invariant, mode
         assert c.reason == "fallback: full-range uint8 activations can saturate fbgemm without VNNI"
-    c = _select(request="fbgemm", act_granularity="tensor", dtype=torch.bfloat16)  # per tensor: int_mm alone
+    c = _select(request="fbgemm", act_granularity="tensor", dtype=torch.float64)  # per tensor: int_mm alone
     assert c.name == "int_mm" and c.fallback
 
 
@@ -334,11 +334,33 @@ def test_a_float16_model_runs_the_float32_paths_bits_rounded_once():
             assert torch.equal(h, model[0](x.float()).half())
 
 
+@pytest.mark.parametrize("act", ["tensor", "token", "static"])
+def test_fbgemm_runs_half_precision_rows_as_their_float32_copies(act):
+    """fbgemm's ops take float32: a bfloat16 or float16 row runs as its float32 copy and the
+    result is rounded once to the row's dtype, bit for bit (packed directly: this CPU's refusal
+    of full-range codes does not matter to the identity)."""
+    if _fbgemm_unusable(torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("fbgemm does not run here")
+    q, s, z, b = _layer(out_f=40, in_f=64, seed=5)
+    scheme = LayerScheme(mode="static" if act == "static" else "dynamic",
+                         act_granularity="tensor" if act == "static" else act)
+    tensors = LayerTensors(q, s, z, b, (torch.tensor(0.02), torch.tensor(-3)) if act == "static" else None)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(6))
+    for dtype in (torch.bfloat16, torch.float16):
+        run = pack(KernelChoice("fbgemm", "test", act != "tensor", False), tensors, scheme, device="cpu", dtype=dtype)
+        xh = x.to(dtype)
+        y = run(xh)
+        assert y.dtype == dtype and torch.equal(y, run(xh.float()).to(dtype)), dtype
+
+
 def test_fbgemm_falls_back_with_a_reason_where_it_cannot_run():
     c = _select(request="fbgemm", act_granularity="tensor", device="cuda")
     assert c.name == "int_mm" and c.fallback and "CPU only" in c.reason
-    c = _select(request="fbgemm", act_granularity="tensor", dtype=torch.bfloat16)
-    assert c.name == "int_mm" and "float32" in c.reason
+    c = _select(request="fbgemm", act_granularity="tensor", dtype=torch.float64)
+    assert c.name == "int_mm" and "float32, bfloat16 or float16" in c.reason
+    for dtype in (torch.bfloat16, torch.float16):  # converted to float32 and back, not int_mm's plain loop
+        c = _select(act_granularity="tensor", dtype=dtype)
+        assert c.name == "fbgemm" and not c.fallback, dtype
     c = _select(act_granularity="tensor", device="cuda")  # auto: no fbgemm on CUDA, int_mm
     assert c.name == "int_mm" and not c.fallback
 

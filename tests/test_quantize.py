@@ -13,6 +13,7 @@ from plan_models import GainLinear, Net, ScaledLinear, SquashLinear
 from qlin_cli import QuantConfig, QuantizedLinear, quantize_model
 from qlin_cli.errors import InputError
 from qlin_cli.plan import make_plan
+from qlin_cli.kernels.common import reduce_range
 from qlin_cli.primitives import sqnr_db
 from qlin_cli.scheme import PER_CHANNEL, PER_TOKEN, LayerScheme
 
@@ -183,9 +184,12 @@ def test_half_precision_models_keep_their_dtype(dtype, config, tmp_path):
         result = quantize_model(model, config)
         out = model(x)
     assert out.dtype == dtype and sqnr_db(ref.float(), out.float()) > 30
-    if config.kernel == "fbgemm":  # fbgemm takes float32 only: a reported fallback (pertoken reads bf16 rows)
-        expect = fbgemm_fallback() if dtype == torch.bfloat16 else "int_mm"
-        assert result.layers[0].kernel == expect and "fallback: fbgemm takes float32" in result.layers[0].kernel_reason
+    if config.kernel == "fbgemm":  # per token: float32 copies of the rows with VNNI, a reported fallback without
+        layer = result.layers[0]
+        if reduce_range():
+            assert layer.kernel == fbgemm_fallback() and "fallback: full-range uint8" in layer.kernel_reason
+        else:
+            assert (layer.kernel, layer.kernel_reason) == ("fbgemm", "requested")
     loaded = load_quantized(build(), save_quantized(result, tmp_path / "h.safetensors"))
     with torch.no_grad():
         assert torch.equal(loaded(x), out)

@@ -1,7 +1,8 @@
 """`fbgemm`: torch's prepacked fbgemm ops (x86 CPU) with uint8 activations: per token (rows
-normalized), per tensor (the scale follows the batch) or static. The one room that touches
-quantized tensors (qint8) and `torch.ops.quantized`; their deprecation warnings are kept from the
-user."""
+normalized), per tensor (the scale follows the batch) or static. The ops take float32: bfloat16
+and float16 rows are converted to float32 and the result rounded back (until this release such
+layers fell back to torch's plain-loop CPU `_int_mm`). The one room that touches quantized
+tensors (qint8) and `torch.ops.quantized`; their deprecation warnings are kept from the user."""
 
 from __future__ import annotations
 
@@ -48,14 +49,18 @@ def _fbgemm_missing() -> str | None:
     return None
 
 
+# the ops run float32; the others are converted to it and the result back (rows stay independent)
+ACTIVATIONS = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _fbgemm_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why fbgemm cannot run this layer here, or None."""
     if device.type != "cpu":
         return "fbgemm runs on CPU only"
     if _fbgemm_missing() is not None:
         return _fbgemm_missing()
-    if dtype != torch.float32:
-        return f"fbgemm takes float32 activations, not {dtype}"
+    if dtype not in ACTIVATIONS:
+        return f"fbgemm takes float32, bfloat16 or float16 activations, not {dtype}"
     return None
 
 
@@ -98,6 +103,11 @@ class _Fbgemm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_tracing():
             raise RuntimeError(FBGEMM_UNTRACEABLE)
+        if x.dtype != torch.float32:  # bfloat16, float16: the float32 result rounded once
+            return self._float32(x.float()).to(x.dtype)
+        return self._float32(x)
+
+    def _float32(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
             x = x / self.smooth
         x = x.contiguous()
