@@ -24,6 +24,8 @@ are noisy and thread CPU times are the steadier figure.
     python benchmarks/layer_cost.py --threads 1 --budget 0.2 --out /tmp/x.json
     python benchmarks/layer_cost.py --threads 1 --shapes 64x64,128x128,256x256,128x512 \
         --out benchmarks/results/layer_cost_small.json    # below auto's SMALL_LAYER (2**17 weights)
+    python benchmarks/layer_cost.py --threads 2 --float16 --shapes 768x768,2048x2048,2048x5632 \
+        --md-section fp16-layers --out benchmarks/results/layer_cost_fp16.json   # float16 models too
 
 This is a script run by hand, never a test.
 """
@@ -53,7 +55,7 @@ TOKENS = [1, 16, 128]
 OUT = common.RESULTS_DIR / "layer_cost.json"
 
 
-def _methods(lin: nn.Linear, m: int) -> dict:
+def _methods(lin: nn.Linear, m: int, float16: bool = False) -> dict:
     """name -> (callable, its input) for one layer and token count."""
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, lin.in_features, generator=g)
@@ -71,6 +73,16 @@ def _methods(lin: nn.Linear, m: int) -> dict:
     methods["qlin module"] = (q, x)
     qb = QuantizedLinear.from_float(lin, LayerScheme()).pack("cpu").to(torch.bfloat16)
     methods["qlin module, bf16 in/out"] = (qb, xb)  # the int8 layer of a model cast to bf16
+    if float16:  # a float16 model (transformers loads float16 checkpoints so): its layer, and qlin's int8 one
+        lh = nn.Linear(lin.in_features, lin.out_features).half()
+        lh.load_state_dict(lin.state_dict())
+        methods["float16"] = (lambda x: F.linear(x, lh.weight, lh.bias), x.half())
+        qh = QuantizedLinear.from_float(lh, LayerScheme()).pack("cpu")
+        assert qh.kernel.name in ("onednn", "pertoken"), qh.kernel
+        methods["qlin module, float16"] = (qh, x.half())
+        if m * lin.in_features * lin.out_features <= 1 << 25:  # what auto ran for float16 before (int_mm)
+            methods["qlin int_mm, float16"] = (QuantizedLinear.from_float(lh, LayerScheme(kernel="int_mm")).pack("cpu"),
+                                               x.half())
     try:
         methods["torch.ao dynamic"] = (common.torch_ao_dynamic(lin), x)
     except Unavailable as exc:
@@ -107,6 +119,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.3, help="seconds per method per configuration")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="in x out, e.g. 128x128,256x256")
+    parser.add_argument("--float16", action="store_true",
+                        help="also a float16 layer, qlin's int8 layer of it, and int_mm's (what float16 layers ran before)")
     parser.add_argument("--md-section", default="layer-cost", help="the RESULTS.md section to rewrite ('' for none)")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -120,7 +134,7 @@ def main() -> None:
             torch.manual_seed(0)
             lin.reset_parameters()
             for m in TOKENS:
-                timings = _time(_methods(lin, m), args.budget)
+                timings = _time(_methods(lin, m, args.float16), args.budget)
                 result["runs"].append({"threads": threads, "in": k, "out": n, "tokens": m, "loadavg_before": load,
                                        "loadavg_after": os.getloadavg(), "methods": timings})
                 common.log(f"  {k}x{n} M={m}: " + ", ".join(
@@ -141,17 +155,24 @@ def markdown(result: dict) -> str:
              "every call took before the one-call path (and still takes above 16 rows); `qlin int_mm` (CPUs "
              "without VNNI) is what `auto` ran there before the `pertoken` kernel; `qlin module` is the whole "
              "`QuantizedLinear` call, `bf16 in/out` the same layer in a model cast to bf16; `x f32` / `x bf16` = "
-             "that method's time / qlin module's."]
-    names = list(result["runs"][0]["methods"])
+             "that method's time / qlin module's" + ("; `float16` (`--float16`): the layer in float16, `qlin module, "
+             "float16` qlin's int8 layer of it (float16 in and out), `qlin int_mm, float16` what `auto` ran for "
+             "float16 layers before this release (torch's plain-loop CPU `_int_mm`; left out above 2**25 "
+             "multiply-adds), `x f16` = float16 / qlin module, float16." if any(
+                 "float16" in r["methods"] for r in result["runs"]) else ".")]
+    names = list(dict.fromkeys(k for r in result["runs"] for k in r["methods"]))
+    f16 = "float16" in names
     for threads in sorted({r["threads"] for r in result["runs"]}):
         rows = []
         for r in (r for r in result["runs"] if r["threads"] == threads):
             t = {k: v["wall_us"] for k, v in r["methods"].items()}
             rows.append([f"{r['in']}x{r['out']}", r["tokens"], *(common.fmt(t.get(k)) for k in names),
-                         common.fmt(t["float32"] / t["qlin module"], 2), common.fmt(t["bf16"] / t["qlin module"], 2)])
+                         common.fmt(t["float32"] / t["qlin module"], 2), common.fmt(t["bf16"] / t["qlin module"], 2),
+                         *([common.fmt(t["float16"] / t["qlin module, float16"], 2)] if f16 else [])])
         load = next(r["loadavg_before"] for r in result["runs"] if r["threads"] == threads)
         parts += [f"{threads} thread(s), load average {load[0]:.2f} before:",
-                  common.md_table(["layer (in x out)", "tokens", *names, "x f32", "x bf16"], rows)]
+                  common.md_table(["layer (in x out)", "tokens", *names, "x f32", "x bf16", *(["x f16"] if f16 else [])],
+                                  rows)]
     return "\n\n".join(parts)
 
 
