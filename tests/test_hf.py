@@ -335,3 +335,24 @@ def test_a_bin_shard_is_scanned_before_transformers_loads_it(folders, tmp_path, 
 def test_a_folder_over_max_memory(folders, capsys):
     msg = _error(capsys, "quantize", folders["bert"], "--max-memory", "1kB")
     assert "of tensors, more than --max-memory 1.0 kB" in msg
+
+
+def test_a_float16_folder_stays_float16_and_runs_qlins_kernel(folders, tmp_path, capsys):
+    """transformers' `from_pretrained` (dtype="auto") and qlin load a float16 checkpoint as float16;
+    its int8 layers run qlin's per-token kernel on float16 rows, not torch's plain-loop CPU
+    `_int_mm` (where they fell until this release), and the file reloads into a float16 model."""
+    from qlin_cli.kernels import pertoken
+
+    folder = tmp_path / "llama-f16"
+    torch.manual_seed(0)
+    model = _llama(tied=False).half()
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(folder)
+    assert load_hf_folder(folder).model.dtype == torch.float16
+    out = tmp_path / "f16.int8.safetensors"
+    report = cli_json(capsys, "quantize", folder, "-o", out, "--inputs", folders["inputs"], "--kernel", "pertoken")
+    expect = "pertoken" if pertoken.missing(torch.device("cpu"), torch.float32) is None else "int_mm"  # C++ built
+    assert report["totals"]["kernels"] == {expect: 15}  # 2 x 7 and the untied head
+    assert report["probe"]["cosine"] > 0.99
+    ev = cli_json(capsys, "eval", folder, out, "--inputs", folders["inputs"], "--repeats", "1")
+    assert ev["sqnr_db"] > 20
