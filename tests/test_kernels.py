@@ -165,7 +165,7 @@ def _select(request="auto", mode="dynamic", act_granularity="token", **kw):
 
 FBGEMM_TOKEN = _fbgemm_unusable(torch.device("cpu"), torch.float32) is None and not reduce_range()
 ONEDNN = _onednn_missing(torch.device("cpu"), torch.float32) is None
-PERTOKEN = pertoken.missing(torch.device("cpu"), torch.float32) is None and pertoken.isa() != "scalar"
+PERTOKEN = pertoken.missing(torch.device("cpu"), torch.float32) is None
 PER_TOKEN_HERE = "onednn" if ONEDNN else "pertoken" if PERTOKEN else "fbgemm" if FBGEMM_TOKEN else "int_mm"
 # static: fbgemm's prepacked GEMM on VNNI CPUs, qlin's own without VNNI, else torch's _int_mm
 STATIC_HERE = "fbgemm" if FBGEMM_TOKEN else "pertoken" if PERTOKEN and reduce_range() else "int_mm"
@@ -188,12 +188,13 @@ def test_auto_selection_table():
 
 
 @pytest.mark.parametrize("isa, no_vnni, picked", [("avx2", True, "pertoken"), ("avx2", False, "not pertoken"),
-                                                  ("avx512_vnni", False, "not pertoken"), ("scalar", True, "int_mm")])
+                                                  ("avx512_vnni", False, "not pertoken"), ("scalar", True, "pertoken"),
+                                                  ("scalar", False, "not pertoken")])
 def test_static_layers_take_qlins_gemm_on_cpus_without_vnni(monkeypatch, isa, no_vnni, picked):
     """Both branches of the choice, whatever this CPU is: without VNNI (fbgemm's static GEMM would
-    saturate, torch's CPU _int_mm is a plain loop) `auto` gives static layers qlin's GEMM where
-    the build has a SIMD one; with VNNI it leaves them to fbgemm; on CUDA and at 65,536 input
-    features or more, int_mm. A request for `pertoken` takes a static layer anywhere on CPU."""
+    saturate, torch's CPU _int_mm is a plain loop) `auto` gives static layers qlin's GEMM, its
+    scalar loops too where the build has no SIMD ones; with VNNI it leaves them to fbgemm; on
+    CUDA and at 65,536 input features or more, int_mm. A request for `pertoken` takes a static layer anywhere on CPU."""
     if not PERTOKEN:
         pytest.skip("qlin's fused kernels do not run here")
     monkeypatch.setattr(pertoken, "isa", lambda: isa)
@@ -201,7 +202,7 @@ def test_static_layers_take_qlins_gemm_on_cpus_without_vnni(monkeypatch, isa, no
     c = _select(mode="static", act_granularity="tensor")
     if picked == "pertoken":
         assert (c.name, c.batch_invariant, c.fallback) == ("pertoken", True, False)
-        assert c.reason == "auto: static int8 activations, qlin's avx2 GEMM"
+        assert c.reason == f"auto: static int8 activations, qlin's {isa} GEMM"
     elif picked == "int_mm":
         assert c.name == "int_mm"
     else:
@@ -219,7 +220,8 @@ def test_static_layers_take_qlins_gemm_on_cpus_without_vnni(monkeypatch, isa, no
 def test_a_refused_request_falls_back_to_what_auto_would_pick(monkeypatch, isa):
     """fbgemm asked for per-token or static layers on a CPU without VNNI (its codes would
     saturate): the other kernels are asked in auto's order, so qlin's GEMM (ranked before fbgemm)
-    takes them where it is built with SIMD, torch's int_mm where not; the reason is fbgemm's."""
+    takes them, with SIMD loops or without (its scalar loops: 8-15x faster than torch's int_mm
+    loop, RESULTS.md "scalar-build"); the reason is fbgemm's."""
     if not PERTOKEN:
         pytest.skip("qlin's fused kernels do not run here")
     import qlin_cli.kernels.fbgemm as fbgemm_room
@@ -229,7 +231,7 @@ def test_a_refused_request_falls_back_to_what_auto_would_pick(monkeypatch, isa):
     monkeypatch.setattr(pertoken, "isa", lambda: isa)
     for mode, act in (("dynamic", "token"), ("static", "tensor")):
         c = _select(request="fbgemm", mode=mode, act_granularity=act)
-        assert c.name == ("pertoken" if isa == "avx2" else "int_mm") and c.fallback and c.batch_invariant, mode
+        assert c.name == "pertoken" and c.fallback and c.batch_invariant, mode
         assert c.reason == "fallback: full-range uint8 activations can saturate fbgemm without VNNI"
     c = _select(request="fbgemm", act_granularity="tensor", dtype=torch.float64)  # per tensor: int_mm alone
     assert c.name == "int_mm" and c.fallback
@@ -298,8 +300,8 @@ def test_one_sided_inputs_use_the_whole_int8_range(name, device):
                                   dict(mode="dynamic", group_size=32), dict(request="pertoken")])
 def test_float16_layers_get_the_kernels_of_float32_ones(keys):
     """qlin's C++ kernels take float16 rows (converted to float32 and the output rounded back):
-    a float16 model's int8 layers no longer fall to torch's plain-loop CPU `_int_mm` (9x slower
-    than the float16 layer at one token, RESULTS.md "fp16-host")."""
+    a float16 model's int8 layers no longer fall to torch's plain-loop CPU `_int_mm` (4.5-38x
+    slower than the float16 layer at one token, RESULTS.md "fp16-layers")."""
     keys = dict(keys)
     scheme = dict(mode=keys.pop("mode", "dynamic"), act_granularity=keys.pop("act_granularity", "token"),
                   request=keys.pop("request", "auto"))
@@ -330,8 +332,11 @@ def test_a_float16_model_runs_the_float32_paths_bits_rounded_once():
         assert y.dtype == torch.float16 and sqnr_db(ref.float(), y.float()) > 30
         assert torch.equal(torch.cat([model(x[i:i + 1]) for i in range(7)]), y)
         if PER_TOKEN_HERE in ("pertoken", "onednn"):
-            h = model[0](x)
-            assert torch.equal(h, model[0](x.float()).half())
+            many = (torch.randn(40, 512, generator=g) * 2).half()  # onednn: its three calls above 16 rows
+            for rows in (x, many):
+                h = model[0](rows)
+                assert torch.equal(h, model[0](rows.float()).half())
+            assert torch.equal(model(many)[:7], model(many[:7]))
 
 
 @pytest.mark.parametrize("act", ["tensor", "token", "static"])
@@ -346,11 +351,15 @@ def test_fbgemm_runs_half_precision_rows_as_their_float32_copies(act):
                          act_granularity="tensor" if act == "static" else act)
     tensors = LayerTensors(q, s, z, b, (torch.tensor(0.02), torch.tensor(-3)) if act == "static" else None)
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(6))
+    ref = F.linear(x, dequantize(q, s, z), b)
     for dtype in (torch.bfloat16, torch.float16):
         run = pack(KernelChoice("fbgemm", "test", act != "tensor", False), tensors, scheme, device="cpu", dtype=dtype)
         xh = x.to(dtype)
         y = run(xh)
         assert y.dtype == dtype and torch.equal(y, run(xh.float()).to(dtype)), dtype
+        assert sqnr_db(ref, y.float()) > 20, dtype  # 7-bit codes without VNNI; a scale this static layer fits
+        if act != "tensor":  # fixed activation parameters: a row's result is its own
+            assert torch.equal(torch.cat([run(xh[i:i + 1]) for i in range(6)]), y), dtype
 
 
 def test_fbgemm_falls_back_with_a_reason_where_it_cannot_run():
@@ -510,24 +519,26 @@ def test_without_the_fused_kernels_auto_runs_the_torch_op_path_and_says_why(monk
 @pytest.mark.parametrize("vnni, isa, expect", [
     (True, "avx512_vnni", "onednn"),   # oneDNN's u8 GEMM is exact with VNNI
     (False, "avx2", "pertoken"),       # without it: qlin's own exact AVX2 GEMM
-    (False, "scalar", "int_mm"),       # no SIMD GEMM built: torch's int8 matmul
+    (False, "scalar", "pertoken"),     # no SIMD loops built: its scalar ones, 8-15x torch's _int_mm loop
+    (True, "scalar", "onednn"),        # VNNI: oneDNN's GEMM above 16 rows whatever qlin's build
 ])
 def test_per_token_kernel_follows_the_cpus_flags(monkeypatch, vnni, isa, expect):
     """Both branches of the CPU-dependent choice, whatever this CPU is: per-token layers run
-    `onednn` where the CPU has VNNI, `pertoken` on AVX2 CPUs without it, else int_mm (fbgemm's
-    per-token codes saturate without VNNI too)."""
+    `onednn` where the CPU has VNNI, `pertoken` on CPUs without it, even where its build has no
+    SIMD loops (fbgemm's per-token codes saturate without VNNI too, and int_mm, the other choice,
+    is torch's plain CPU loop: RESULTS.md "scalar-build")."""
     from qlin_cli.kernels import common, fbgemm, onednn
 
     if not ONEDNN and vnni and not hasattr(torch.ops.onednn, "qlinear_pointwise"):
         pytest.skip("this torch build has no oneDNN quantized linear")
     monkeypatch.setattr(native, "_load", lambda: (_FakeNative(isa), None))
-    for room in (common, onednn, fbgemm):
+    for room in (common, onednn, fbgemm, pertoken):
         if hasattr(room, "reduce_range"):
             monkeypatch.setattr(room, "reduce_range", lambda: not vnni)
     c = _select()
     assert (c.name, c.batch_invariant, c.fallback) == (expect, True, False)
     if expect == "pertoken":
-        assert c.reason == ("auto: per-token int8 activations, qlin's avx2 GEMM "
+        assert c.reason == (f"auto: per-token int8 activations, qlin's {isa} GEMM "
                             "(onednn: full-range uint8 activations can saturate without VNNI)")
     assert _select(dtype=torch.bfloat16).name == expect  # bf16 activations: the same kernels
     assert _select(act_granularity="tensor").name == "fbgemm"  # per tensor: not these kernels

@@ -169,8 +169,9 @@ def test_recipe_rules_apply_per_layer(digits_test):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", [QuantConfig(kernel="int_mm"), QuantConfig(kernel="fbgemm"), QuantConfig(mode="weight-only")],
-                         ids=["int_mm", "fbgemm", "weight-only"])
+@pytest.mark.parametrize("config", [QuantConfig(kernel="int_mm"), QuantConfig(kernel="fbgemm"),
+                                    QuantConfig(kernel="fbgemm", act_granularity="tensor"), QuantConfig(mode="weight-only")],
+                         ids=["int_mm", "fbgemm", "fbgemm-per-tensor", "weight-only"])
 def test_half_precision_models_keep_their_dtype(dtype, config, tmp_path):
     from qlin_cli import load_quantized, save_quantized
 
@@ -184,7 +185,9 @@ def test_half_precision_models_keep_their_dtype(dtype, config, tmp_path):
         result = quantize_model(model, config)
         out = model(x)
     assert out.dtype == dtype and sqnr_db(ref.float(), out.float()) > 30
-    if config.kernel == "fbgemm":  # per token: float32 copies of the rows with VNNI, a reported fallback without
+    if config.kernel == "fbgemm" and str(config.act_granularity) == "tensor":  # float32 copies of the rows anywhere
+        assert result.layers[0].kernel == "fbgemm" and result.layers[0].kernel_reason.startswith("requested")
+    elif config.kernel == "fbgemm":  # per token: float32 copies of the rows with VNNI, a reported fallback without
         layer = result.layers[0]
         if reduce_range():
             assert layer.kernel == fbgemm_fallback() and "fallback: full-range uint8" in layer.kernel_reason

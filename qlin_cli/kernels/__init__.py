@@ -8,7 +8,7 @@ Kernels (weights `(N, K)` int8 = `(out_features, in_features)`, activations `x` 
 | `int_mm`      | int8: dynamic asymmetric (scale and offset) per token/tensor, or static | `torch._int_mm` (int32 accumulation) | CPU, CUDA |
 | `fbgemm`      | uint8: per token (rows normalized), per tensor (batch-dependent), or static | prepacked fbgemm ops | CPU |
 | `onednn`      | uint8: per token; up to 16 rows one C++ call (qlin's VNNI GEMM), more: qlin's codes and epilogue around oneDNN | `pertoken_linear` / `onednn.qlinear_pointwise` (VNNI) | CPU |
-| `pertoken`    | uint8: per token, or static (int_mm's codes and bits); one C++ call at any row count (qlin's AVX2 or VNNI GEMM) | `pertoken_linear` / `static_linear` | CPU |
+| `pertoken`    | uint8: per token, or static (int_mm's codes and bits); one C++ call at any row count (qlin's AVX2, VNNI or scalar GEMM) | `pertoken_linear` / `static_linear` | CPU |
 | `lowbit_dynamic` | uint8: per token (dynamic), grouped B-bit weights (W4A8) | qlin's integer dot per group (lowbit_dynamic.py, `lowbit_dynamic_linear`); CUDA / no C++ build: dequantized codes x weights through `F.linear` | CPU (CUDA: torch ops) |
 | `weight_only` | float (int8 per channel)           | CPU: qlin's panel kernel (lowbit.py); CUDA, or no C++ build: `torch._weight_int8pack_mm` | CPU, CUDA |
 | `lowbit`      | float (weight-only; 2-8 bits, any group size, 4 bits and narrower two per byte) | qlin's panel kernel (lowbit.py, `lowbit_linear`) | CPU |

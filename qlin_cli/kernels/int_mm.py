@@ -1,7 +1,7 @@
 """`int_mm`: `torch._int_mm` (int32 accumulation) with int8 activations, dynamic (asymmetric, per
 token or per tensor: scale and offset) or static; CPU and CUDA. Never refused: it is where fbgemm
 and onednn fall back to where qlin's own GEMM (`pertoken`) cannot take the layer (CUDA, per-tensor
-activations, float16, no C++ build). On CPU torch's `_int_mm` is a plain loop (8-50x slower than float32 from
+activations, no C++ build). On CPU torch's `_int_mm` is a plain loop (8-50x slower than float32 from
 16 tokens): `auto` takes it for static layers only where neither fbgemm (VNNI) nor qlin's own GEMM
 (`pertoken`'s `static_linear`, int_mm's bits) runs."""
 

@@ -36,7 +36,8 @@ def _onednn_missing(device: torch.device, dtype: torch.dtype) -> str | None:
 class _Onednn(Pertoken):
     """Dynamic per-token (asymmetric) activations times int8 weights, in three steps
     (activations float32 or bfloat16, read and written in their own dtype: a bf16 row's codes
-    are its float32 copy's, and the bf16 output is the float32 result rounded as torch rounds):
+    are its float32 copy's, and the bf16 output is the float32 result rounded as torch rounds;
+    float16 rows are converted to float32 and the result rounded back):
 
         quantize_rows: u[m] = rne((x[m] - lo[m]) / w[m] * 255) in [0, 255] (the codes of the
             fbgemm per-token path, bit for bit; SmoothQuant's division folded in),

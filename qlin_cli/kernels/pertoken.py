@@ -44,8 +44,8 @@ UNTRACEABLE = (
 HOSTS = (torch.float32, torch.bfloat16)
 # ... and those the C++ kernels take too: float16 rows converted to float32 (one pass) and the
 # output rounded back (`Tensor.to`), the float32 result's bits rounded once. Without them a float16
-# model's int8 layers ran torch's plain-loop CPU `_int_mm` (9x slower than its float16 layer at
-# one token, RESULTS.md "fp16-host").
+# model's int8 layers ran torch's plain-loop CPU `_int_mm` (4.5-38x slower than its float16 layer
+# at one token, RESULTS.md "fp16-layers").
 ACCEPTED = HOSTS + (torch.float16,)
 
 
@@ -168,18 +168,19 @@ class _PertokenKernel(Kernel):
         why_not = missing(target.device, target.dtype)
         if why_not is not None:
             return None if fallback else why_not
-        if isa() == "scalar":  # no SIMD GEMM built here: the next kernel (torch's) is the better bet
-            return None
+        if isa() == "scalar" and not reduce_range():  # a VNNI CPU whose build has no SIMD loops: fbgemm's
+            return None  # VNNI GEMM. Elsewhere the scalar loops (compiled -O3 -march=native) still ran
+            # 8-15x faster than torch's plain-loop CPU `_int_mm`, the other choice (RESULTS.md "scalar-build")
         said = f" (onednn: {why})" if why else ""
         reason = f"fallback: {why}" if fallback else f"auto: per-token int8 activations, qlin's {isa()} GEMM{said}"
         return KernelChoice(self.name, reason, True, fallback)
 
     def _offer_static(self, scheme, target, why, fallback):
-        """Static layers on a CPU without VNNI (`reduce_range`), where this build has a SIMD GEMM:
-        there fbgemm's static GEMM would saturate full-range codes and `int_mm` is torch's plain
-        CPU loop (8-50x float32). With VNNI, fbgemm's prepacked static GEMM (measured) is asked
-        next; without a SIMD GEMM, int_mm."""
-        if target.device.type != "cpu" or isa() == "scalar" or not reduce_range() or self.refusal(scheme, target):
+        """Static layers on a CPU without VNNI (`reduce_range`; any CPU but x86 with VNNI): there
+        fbgemm's static GEMM would saturate full-range codes (or is not built: it is x86's) and
+        `int_mm` is torch's plain CPU loop (8-50x float32), slower even than this kernel's scalar
+        loops (RESULTS.md "scalar-build"). With VNNI, fbgemm's prepacked static GEMM is asked next."""
+        if target.device.type != "cpu" or not reduce_range() or self.refusal(scheme, target):
             return None
         said = f" ({why})" if why and not fallback else ""
         reason = f"fallback: {why}" if fallback else f"auto: static int8 activations, qlin's {isa()} GEMM{said}"
