@@ -7,6 +7,7 @@ own tests in test_lowbit.py.)"""
 from __future__ import annotations
 
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -67,8 +68,21 @@ def test_the_cpu_key_is_the_model_name_and_flags_once_each():
         pytest.skip("no /proc/cpuinfo on this system")
     lines = native._cpu().splitlines()
     assert lines and len(lines) == len(set(lines))  # one line per distinct value, not one per core
-    assert {ln.split(":")[0].strip() for ln in lines} <= {"model name", "flags"}
-    assert any(ln.startswith("flags") for ln in lines)
+    assert {ln.split(":")[0].strip() for ln in lines} <= set(native.CPU_KEYS)
+    assert any(ln.startswith(("flags", "Features")) for ln in lines)
+
+
+def test_an_arm_cpu_is_named_by_its_part_and_features():
+    """ARM's /proc/cpuinfo has no "model name" line on most kernels: two ARM CPUs (here a
+    Neoverse N1 and a V1, same implementer) must not share a -march=native module."""
+    def arm(part, features):
+        core = (f"processor\t: {{}}\nBogoMIPS\t: 243.75\nFeatures\t: {features}\nCPU implementer\t: 0x41\n"
+                f"CPU architecture: 8\nCPU variant\t: 0x1\nCPU part\t: {part}\nCPU revision\t: 1\n\n")
+        return "".join(core.format(i) for i in range(4))
+    n1, v1 = arm("0xd0c", "fp asimd aes crc32 asimddp"), arm("0xd40", "fp asimd aes crc32 asimddp sve bf16 i8mm")
+    assert native._cpu(n1) != native._cpu(v1) and len(native._cpu(n1).splitlines()) == 6  # once each, not per core
+    assert "0xd0c" in native._cpu(n1) and "asimddp" in native._cpu(n1)
+    assert native._cpu("processor\t: 0\n") == f"{platform.machine()} {platform.processor()}"
 
 
 @needs_native

@@ -50,14 +50,22 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlin"
 
 
-def _cpu() -> str:
-    """The CPU's model and flags: a -march=native module runs only where it was built."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keep = ("model name", "flags")
-    return "\n".join(dict.fromkeys(ln for ln in text.splitlines() if ln.startswith(keep)))
+# /proc/cpuinfo's lines that name a CPU: x86's model and flags; ARM's (no "model name" on most
+# Linux kernels) implementer, part, variant, revision and features
+CPU_KEYS = ("model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part",
+            "CPU revision")
+
+
+def _cpu(text: str | None = None) -> str:
+    """The CPU's model and flags, each distinct line once: a -march=native module runs only where
+    it was built, so they are part of its cached name. Without such lines, the machine's name."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            text = ""
+    kept = "\n".join(dict.fromkeys(ln for ln in text.splitlines() if ln.startswith(CPU_KEYS)))
+    return kept or f"{platform.machine()} {platform.processor()}"
 
 
 def _module_path(source: str, cxx: str) -> Path:
