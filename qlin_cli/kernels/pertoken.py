@@ -9,7 +9,9 @@ layer (RESULTS.md, "pertoken-avx2"); qlin's AVX2 GEMM widens both operands to in
 exact sums), and a lone row (a decode step) runs vpmaddubsw on codes shifted by 128 with the
 weight's integer row sums added back (exact for weights without -128: `wsum_i`; RESULTS.md,
 "pertoken-decode"). Its codes, integer sums and float operations are the `onednn` kernel's, so a
-file gives the same bits on a CPU with VNNI and on one without, at every batch size.
+file gives the same bits on a CPU with VNNI and on one without, at every batch size. Where the
+kernels build without SIMD loops (an x86 CPU without AVX2, another architecture) `auto` takes its
+scalar loops too: torch's `_int_mm` loop, the alternative there, was 8-15x slower ("scalar-build").
 
 It also runs static layers (`static_linear`, `PertokenStatic`): the int_mm kernel's codes,
 integer sums and roundings, so int_mm's bits, through the same GEMMs. `auto` gives it static
