@@ -141,7 +141,48 @@ def test_a_failed_build_gives_the_compilers_first_error_and_leaves_no_file(monke
     module, reason = _load_afresh(monkeypatch, tmp_path, str(cxx))
     assert module is None
     assert reason == f"the fused kernels could not be built (RuntimeError: {cxx} failed: x.cpp:3:1: error: expected declaration)"
-    assert list((tmp_path / "cache").iterdir()) == []
+    # no module: only the record that qlin's flags failed (the portable build failed too)
+    full = native._module_path(native.SOURCE.read_text(), str(cxx))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{full.name}.failed"]
+
+
+def test_a_compiler_that_refuses_qlins_flags_builds_the_portable_kernels(monkeypatch, tmp_path, caplog):
+    """A compiler without OpenMP (Apple's clang, a clang without libomp) or without
+    -march=native for this CPU: the portable build follows (neither flag: the scalar loops on
+    one thread), qlin says so, and later runs load it without trying qlin's flags again until
+    the `.failed` record is deleted. The compiler here is a script that refuses -fopenmp and
+    otherwise writes its output; loading is stubbed (what it wrote is no module)."""
+    cxx = tmp_path / "no-openmp-c++"
+    log = tmp_path / "flags.log"
+    cxx.write_text("#!/bin/sh\n"
+                   f"echo \"$*\" >> {log}\n"
+                   "case \" $* \" in *' -fopenmp '*) echo \"clang: error: unsupported option '-fopenmp'\" >&2; exit 1;; esac\n"
+                   "while [ $# -gt 0 ]; do [ \"$1\" = -o ] && echo built > \"$2\"; shift; done\n")
+    cxx.chmod(0o755)
+    loaded = []
+    monkeypatch.setattr(native, "_import", lambda path: loaded.append(path) or f"module {path.name}")
+    with caplog.at_level("INFO", logger="qlin"):
+        module, reason = _load_afresh(monkeypatch, tmp_path, str(cxx))
+    source = native.SOURCE.read_text()
+    full, portable = native._module_path(source, str(cxx)), native._module_path(source, str(cxx), portable=True)
+    assert (module, reason) == (f"module {portable.name}", None) and portable != full
+    first, second = log.read_text().splitlines()
+    assert " -march=native " in f" {first} " and " -fopenmp " in f" {first} "
+    assert " -march=native " not in f" {second} " and " -fopenmp " not in f" {second} " and " -O3 " in f" {second} "
+    assert "unsupported option '-fopenmp'" in Path(f"{full}.failed").read_text() and not full.exists()
+    assert any("portable fused kernels" in r.getMessage() and f"{full}.failed" in r.getMessage() for r in caplog.records)
+    assert _load_afresh(monkeypatch, tmp_path, str(cxx)) == (f"module {portable.name}", None)  # a later run
+    assert len(log.read_text().splitlines()) == 2  # built nothing
+    Path(f"{full}.failed").unlink()  # retry qlin's flags: refused again, the portable module still serves
+    assert _load_afresh(monkeypatch, tmp_path, str(cxx)) == (f"module {portable.name}", None)
+    assert len(log.read_text().splitlines()) == 3 and Path(f"{full}.failed").exists()
+
+
+def test_the_build_flags_of_each_kind_and_platform(monkeypatch):
+    assert native._flags() == [*native.CFLAGS, "-fopenmp"]
+    assert native._flags(portable=True) == [f for f in native.CFLAGS if f != "-march=native"]
+    monkeypatch.setattr(native.platform, "system", lambda: "Darwin")  # as torch's extensions link there
+    assert native._flags()[-2:] == native._flags(portable=True)[-2:] == ["-undefined", "dynamic_lookup"]
 
 
 def test_the_warning_is_given_once_per_reason(caplog):

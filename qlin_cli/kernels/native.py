@@ -13,9 +13,15 @@ Build: one `c++` command (compile and link against this torch), into the cache f
 the source, the flags, the torch and Python versions and the CPU (the code is built for this
 CPU), written to a temporary file and renamed into place, so concurrent or interrupted builds
 never leave a broken or locked module behind. The first build takes ~25 s; later loads ~0.1 s.
-Where it cannot be built (no compiler, no headers, unwritable cache, `QLIN_NATIVE=0`), `load()`
-returns None, qlin runs the torch-op path instead (same results to float rounding) and says why
-once, through the `qlin` logger.
+Where the compiler refuses qlin's flags (Apple's clang has no `-fopenmp`, a clang without libomp
+cannot link it, an old one may not know `-march=native` on an ARM CPU), a second, portable build
+follows without those two: the scalar loops on one thread (the same bits; on the Zen 1 the
+scalar loops on two threads ran 8-15x faster than torch's `_int_mm` loop, which is what the
+torch-op path runs for per-token layers on a CPU without VNNI), said once;
+a `.failed` file beside the module keeps later runs from trying qlin's flags again (delete it to
+retry). Where nothing builds (no compiler, no headers, unwritable cache, `QLIN_NATIVE=0`),
+`load()` returns None, qlin runs the torch-op path instead (same results to float rounding) and
+says why once, through the `qlin` logger.
 """
 
 from __future__ import annotations
@@ -68,13 +74,21 @@ def _cpu(text: str | None = None) -> str:
     return kept or f"{platform.machine()} {platform.processor()}"
 
 
-def _module_path(source: str, cxx: str) -> Path:
-    key = "\0".join((source, " ".join(CFLAGS), cxx, torch.__version__, sys.version, _cpu()))
+def _flags(portable: bool = False) -> list[str]:
+    """The compiler flags of a build: qlin's (`CFLAGS` and OpenMP for the kernels' threads), or
+    the portable ones (without `-march=native` and OpenMP). On macOS the linker is told to leave
+    Python's symbols to the interpreter, as torch's own extension builds do."""
+    flags = [f for f in CFLAGS if not (portable and f == "-march=native")] + ([] if portable else ["-fopenmp"])
+    return flags + (["-undefined", "dynamic_lookup"] if platform.system() == "Darwin" else [])
+
+
+def _module_path(source: str, cxx: str, portable: bool = False) -> Path:
+    key = "\0".join((source, " ".join(CFLAGS), cxx, torch.__version__, sys.version, _cpu()) + (("portable",) if portable else ()))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return _cache_dir() / f"qlin_native_{digest}{sysconfig.get_config_var('EXT_SUFFIX')}"
 
 
-def _build(path: Path, cxx: str) -> None:
+def _build(path: Path, cxx: str, flags: list[str]) -> None:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,8 +96,8 @@ def _build(path: Path, cxx: str) -> None:
     tmp = Path(base + ".tmp")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [
-        cxx, *CFLAGS, f"-DTORCH_EXTENSION_NAME={path.name.split('.')[0]}", "-DTORCH_API_INCLUDE_EXTENSION_H",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-fopenmp",
+        cxx, *flags, f"-DTORCH_EXTENSION_NAME={path.name.split('.')[0]}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-isystem{p}" for p in (*include_paths(), sysconfig.get_paths()["include"])),
         str(SOURCE), "-o", str(tmp),
         *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python",
@@ -109,18 +123,40 @@ def _load() -> tuple[ModuleType | None, str | None]:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return None, f"no C++ compiler ({cxx}) on PATH"
-    path = _module_path(SOURCE.read_text(), cxx)
+    source = SOURCE.read_text()
+    path, portable = _module_path(source, cxx), _module_path(source, cxx, portable=True)
+    failed = Path(f"{path}.failed")  # qlin's flags failed here once: the portable build serves
+    first: Exception | None = None
     try:
-        if not path.exists():
+        if not path.exists() and not failed.exists():
             log.info("building qlin's fused kernels for this machine (once, ~25 s): %s", path)
-            _build(path, cxx)
-        spec = importlib.util.spec_from_file_location(path.name.split(".")[0], path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+            try:
+                _build(path, cxx, _flags())
+            except RuntimeError as exc:  # the compiler refused qlin's flags: the portable build next
+                first = exc
+                failed.write_text(f"{exc}\n")
+        if not path.exists():
+            if not portable.exists():
+                log.info("building qlin's portable kernels (no -march=native, no OpenMP) after %s: %s",
+                         first or f"the failure {failed} records", portable)
+                _build(portable, cxx, _flags(portable=True))
+            log.warning("qlin runs its portable fused kernels (built without -march=native and OpenMP: scalar "
+                        "loops on one thread, the same results, slower); delete %s to build them with qlin's "
+                        "flags again", failed)
+            path = portable
+        module = _import(path)
     except Exception as exc:  # a compiler or loader problem: qlin runs without the fused kernels
+        exc = first or exc
         text = str(exc).strip().splitlines()
         return None, f"the fused kernels could not be built ({type(exc).__name__}: {text[0][:200] if text else ''})"
     return module, None
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.name.split(".")[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load() -> ModuleType | None:
