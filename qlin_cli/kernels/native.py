@@ -83,7 +83,8 @@ def _flags(portable: bool = False) -> list[str]:
 
 
 def _module_path(source: str, cxx: str, portable: bool = False) -> Path:
-    key = "\0".join((source, " ".join(CFLAGS), cxx, torch.__version__, sys.version, _cpu()) + (("portable",) if portable else ()))
+    parts = (source, " ".join(CFLAGS), cxx, torch.__version__, sys.version, _cpu())
+    key = "\0".join(parts + (("portable",) if portable else ()))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return _cache_dir() / f"qlin_native_{digest}{sysconfig.get_config_var('EXT_SUFFIX')}"
 
