@@ -101,6 +101,13 @@ FORMATS: dict[str, dict[str, Any] | None] = {
 }
 # the model's dtype where it is not float32 (float formats: cast; qlin ones: quantized and loaded in it)
 DTYPES = {"bf16": "bfloat16", "float16": "float16", "int8 float16": "float16"}
+
+
+def model_dtype(fmt: str):
+    """The torch dtype a format's model runs in."""
+    import torch
+
+    return getattr(torch, DTYPES.get(fmt, "float32"))
 SHORT = {"f32": "float32", "bf16": "bf16", "int8": "int8", "int8-wo": "int8 weight-only",
          "q4g32": "4-bit g32", "q4g128": "4-bit g128", "w4a8g32": "W4A8 g32", "w4a8g128": "W4A8 g128",
          "f16": "float16", "int8-f16": "int8 float16"}
@@ -402,7 +409,7 @@ def worker(fmt: str, args) -> dict[str, Any]:
     res: dict[str, Any] = {"format": fmt, "rss_imports_bytes": common.rss_bytes()}
     reset = common.reset_peak_rss()  # the peak while loading, below
     t0 = time.perf_counter()
-    dtype = getattr(torch, DTYPES.get(fmt, "float32"))
+    dtype = model_dtype(fmt)
     if FORMATS[fmt] is None:
         model = load_float(args.small, workdir / "float32.safetensors").to(dtype)
     else:
@@ -452,7 +459,7 @@ def prepare(formats: list[str], args) -> dict[str, Any]:
     for fmt in formats:
         if FORMATS[fmt] is None:
             continue
-        model = load_float(args.small, workdir / "float32.safetensors").to(getattr(torch, DTYPES.get(fmt, "float32")))
+        model = load_float(args.small, workdir / "float32.safetensors").to(model_dtype(fmt))
         t0 = time.perf_counter()
         with torch.inference_mode():
             result = quantize_model(model, QuantConfig(**FORMATS[fmt]))

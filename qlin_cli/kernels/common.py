@@ -7,9 +7,14 @@ import functools
 
 import torch
 
-__all__ = ["cpu_features", "reduce_range", "static_operands", "weight_int_sums", "weight_row_sums", "EMPTY"]
+__all__ = ["ACCEPTED", "cpu_features", "reduce_range", "static_operands", "weight_int_sums", "weight_row_sums", "EMPTY"]
 
 EMPTY = torch.empty(0)
+# the activation dtypes qlin's CPU int8 kernels take: each reads float32 (and some bf16) as it is,
+# the others converted to float32 and the result rounded back once. Without float16 a float16
+# model's int8 layers ran torch's plain-loop CPU `_int_mm` (4.5-38x slower than its float16 layer
+# at one token, RESULTS.md "fp16-layers").
+ACCEPTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.cache

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from ..primitives import QMAX, QMIN, row_ranges
-from .common import reduce_range, weight_row_sums
+from .common import ACCEPTED, reduce_range, weight_row_sums
 from .registry import Kernel, KernelChoice
 
 __all__ = ["FBGEMM_UNTRACEABLE", "KERNEL"]
@@ -49,17 +49,13 @@ def _fbgemm_missing() -> str | None:
     return None
 
 
-# the ops run float32; the others are converted to it and the result back (rows stay independent)
-ACTIVATIONS = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _fbgemm_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why fbgemm cannot run this layer here, or None."""
     if device.type != "cpu":
         return "fbgemm runs on CPU only"
     if _fbgemm_missing() is not None:
         return _fbgemm_missing()
-    if dtype not in ACTIVATIONS:
+    if dtype not in ACCEPTED:
         return f"fbgemm takes float32, bfloat16 or float16 activations, not {dtype}"
     return None
 

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from ..primitives import MIN_SCALE
 from ..primitives import dequantize as _dequantize
 from . import native
+from .common import ACCEPTED
 from .common import EMPTY as _EMPTY_F32
 from .lowbit import PANEL, _from_panel_rows, _to_panel_rows, pack_slices, packed_by_slices
-from .pertoken import ACCEPTED, refuse_tracing
+from .pertoken import refuse_tracing
 from .registry import Kernel, KernelChoice, Target
 
 __all__ = [

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .common import reduce_range
-from .pertoken import ACCEPTED, HOSTS, UNTRACEABLE, Pertoken, refuse_tracing
+from .common import ACCEPTED, reduce_range
+from .pertoken import HOSTS, UNTRACEABLE, Pertoken, refuse_tracing
 from .registry import Kernel, KernelChoice
 
 __all__ = ["ONEDNN_UNTRACEABLE", "KERNEL"]

@@ -27,12 +27,12 @@ import torch
 
 from . import native
 from .common import EMPTY as _EMPTY
-from .common import reduce_range, static_operands
+from .common import ACCEPTED, reduce_range, static_operands
 from .common import weight_int_sums as _weight_int_sums
 from .common import weight_row_sums as _weight_row_sums
 from .registry import Kernel, KernelChoice
 
-__all__ = ["ACCEPTED", "HOSTS", "UNTRACEABLE", "Pertoken", "PertokenStatic", "KERNEL"]
+__all__ = ["HOSTS", "UNTRACEABLE", "Pertoken", "PertokenStatic", "KERNEL"]
 
 # What torch.jit.trace and torch.export cannot record, said plainly instead of torch's own error
 # deep inside the kernel: the fused kernels are C++ functions that torch's dispatcher does not know.
@@ -42,13 +42,9 @@ UNTRACEABLE = (
     "kernel instead, which torch.export exports"
 )
 
-# activation dtypes read and written as they are (a bf16 model's int8 layer: no conversion passes)
+# activation dtypes read and written as they are (a bf16 model's int8 layer: no conversion passes);
+# float16 (common.ACCEPTED) is converted to float32 and the result rounded back once
 HOSTS = (torch.float32, torch.bfloat16)
-# ... and those the C++ kernels take too: float16 rows converted to float32 (one pass) and the
-# output rounded back (`Tensor.to`), the float32 result's bits rounded once. Without them a float16
-# model's int8 layers ran torch's plain-loop CPU `_int_mm` (4.5-38x slower than its float16 layer
-# at one token, RESULTS.md "fp16-layers").
-ACCEPTED = HOSTS + (torch.float16,)
 
 
 class Pertoken:
