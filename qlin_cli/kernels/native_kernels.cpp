@@ -706,8 +706,15 @@ void pertoken_tile1_sign_avx2(const PertokenArgs& p, int64_t m0, const int64_t* 
   alignas(32) int32_t sums[NR];
   _mm256_store_si256(reinterpret_cast<__m256i*>(sums), pt2_sum8(acc));
   for (int r = 0; r < live; ++r) {
-    int32_t total = sums[r] + 128 * p.wsum_i[n[r]];  // |each term| < 2**31 for K < 65536
-    for (int64_t k = kmain; k < p.K; ++k) total += (static_cast<int32_t>(ur[k]) - 128) * static_cast<int32_t>(wr[r][k]);
+    // the tail as sum u * w and sum w: GCC 12.2 at -O3 with AVX-VNNI or AVX-512 VNNI (-march=native
+    // on Alder Lake, Zen 4-5) vectorizes `total += (u - 128) * w` into vpdpbusd wrongly, as the sum
+    // of u * w without the - 128 (tests/test_pertoken_kernel.py caught it in the AVX2 build on a Zen 5)
+    int32_t tail = 0, tail_w = 0;
+    for (int64_t k = kmain; k < p.K; ++k) {
+      tail += static_cast<int32_t>(ur[k]) * static_cast<int32_t>(wr[r][k]);
+      tail_w += wr[r][k];
+    }
+    const int32_t total = sums[r] + 128 * (p.wsum_i[n[r]] - tail_w) + tail;  // |each term| < 2**31 for K < 65536
     const float v = pt_output(p, m0, n[r], total);
     p.yb ? store_out(p.yb + m0 * p.N + n[r], v) : store_out(p.y + m0 * p.N + n[r], v);
   }
