@@ -34,6 +34,10 @@ Modes:
   one step: the time inside the Linear layers (forward hooks) against the rest;
 - `prefill`: tokens/s of one forward of --prompt random tokens into an empty cache (logits of the
   last token only, as llama-bench computes), best of --repeats after an untimed call.
+With --rounds N every format and then llama.cpp are measured N times in turn and each figure is
+the best round's: this VM's read bandwidth moves by up to 2x from minute to minute (AMD EPYC Zen
+5: 42-77 GB/s with 2 threads within one run), and one round measures llama.cpp minutes after the
+qlin formats.
 For each: the Linear layers' weight bytes read per token (codes at their width plus float32
 scales; the embedding lookup and the KV cache are left out), the bytes/s that implies at the
 measured tokens/s, and that against the measured bandwidth (% of bound); the resident memory
@@ -688,29 +692,60 @@ def llama_cpp_rows(cfg, args, workdir: Path, linear_params: int) -> dict[str, An
 
             torch.save({"name": f"llama.cpp {name}", "logits": torch.tensor([float(v) for v in logits.stdout.split()])},
                        workdir / f"logits.llama.cpp_{name}.pt")
-        cmd = [str(lc.bench), "-m", str(path), "-p", str(args.prompt), "-n", str(args.new_tokens),
-               "-t", str(args.threads), "-r", str(args.repeats), "-o", "json"]
-        rc, out, err, peak = common.run_child(cmd, timeout=900)
-        entry: dict[str, Any] = {"file_bytes": path.stat().st_size,
-                                 "linear_bytes": int(linear_params * GGUF_BYTES_PER_WEIGHT[name])}
-        if rc != 0:
-            entry["error"] = (err.strip().splitlines() or [f"exit {rc}"])[-1][:300]
-        else:
-            for test in json.loads(out):
-                mode = "prefill" if test["n_prompt"] else "decode"
-                # llama-bench's avg_ts is the mean of tokens/s over its repetitions; the best:
-                samples = test.get("samples_ts") or [test["avg_ts"]]
-                entry[mode] = {"tokens_per_s": max(samples), "samples_ts": samples,
-                               "tokens": test["n_prompt"] or test["n_gen"]}
-            backend = re.search(r"loaded CPU backend from (\S+)", err)
-            entry["cpu_backend"] = Path(backend.group(1)).name if backend else None
-        entry["peak_rss_bytes"] = peak
-        rows["types"][name] = entry
-        common.log(f"  llama.cpp {name}: " + ", ".join(f"{m} {entry[m]['tokens_per_s']:.1f} tokens/s"
-                                                        for m in ("decode", "prefill") if m in entry))
+        rows["types"][name] = keep_best(None, {"file_bytes": path.stat().st_size, "path": str(path),
+                                               "linear_bytes": int(linear_params * GGUF_BYTES_PER_WEIGHT[name]),
+                                               **llama_bench(name, path, args, lc.bench)})
     cmd_show = f"llama-bench -m MODEL.gguf -p {args.prompt} -n {args.new_tokens} -t {args.threads} -r {args.repeats}"
     rows["command"] = cmd_show
     return rows
+
+
+def llama_bench(name: str, path: Path, args, bench: Path | None = None) -> dict[str, Any]:
+    """llama-bench's best decode and prefill tokens/s for one GGUF file, its CPU backend and
+    peak RSS (or an error)."""
+    bench = bench or install_llama_cpp().bench  # (cached: the second call finds it built)
+    cmd = [str(bench), "-m", str(path), "-p", str(args.prompt), "-n", str(args.new_tokens),
+           "-t", str(args.threads), "-r", str(args.repeats), "-o", "json"]
+    rc, out, err, peak = common.run_child(cmd, timeout=900)
+    entry: dict[str, Any] = {}
+    if rc != 0:
+        entry["error"] = (err.strip().splitlines() or [f"exit {rc}"])[-1][:300]
+    else:
+        for test in json.loads(out):
+            mode = "prefill" if test["n_prompt"] else "decode"
+            if mode not in args.modes:  # llama-bench runs both; a mode left out is not reported
+                continue
+            # llama-bench's avg_ts is the mean of tokens/s over its repetitions; the best:
+            samples = test.get("samples_ts") or [test["avg_ts"]]
+            entry[mode] = {"tokens_per_s": max(samples), "samples_ts": samples,
+                           "tokens": test["n_prompt"] or test["n_gen"]}
+        backend = re.search(r"loaded CPU backend from (\S+)", err)
+        entry["cpu_backend"] = Path(backend.group(1)).name if backend else None
+    entry["peak_rss_bytes"] = peak
+    common.log(f"  llama.cpp {name}: " + ", ".join(f"{m} {entry[m]['tokens_per_s']:.1f} tokens/s"
+                                                    for m in ("decode", "prefill") if m in entry))
+    return entry
+
+
+def keep_best(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """One format's entry over --rounds: the first round's, each mode's figures (and the decode
+    profile) from the round with the most tokens/s in that mode, every round's tokens/s kept in
+    `rounds`. This VM's read bandwidth moves by up to 2x from minute to minute, and llama.cpp
+    runs after the qlin formats: rounds give every format and llama.cpp several minutes each."""
+    if old is None or "error" in old:
+        return {**new, "rounds": {m: [new[m]["tokens_per_s"]] for m in ("decode", "prefill", "compiled")
+                                  if isinstance(new.get(m), dict) and "tokens_per_s" in new[m]}}
+    out = dict(old)
+    for mode in ("decode", "prefill", "compiled"):
+        cell = new.get(mode)
+        if not isinstance(cell, dict) or "tokens_per_s" not in cell:
+            continue
+        out.setdefault("rounds", {}).setdefault(mode, []).append(cell["tokens_per_s"])
+        if cell["tokens_per_s"] > out.get(mode, {}).get("tokens_per_s", 0):
+            out[mode] = cell
+            if mode == "decode" and "profile" in new:
+                out["profile"] = new["profile"]
+    return out
 
 
 # ----------------------------------------------------------------------------------- the run
@@ -727,6 +762,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, help="decode: one-token steps per run (default 64; --small 16)")
     p.add_argument("--prompt", type=int, help="prefill: tokens in the one forward (default 512; --small 128)")
     p.add_argument("--repeats", type=int, help="timed runs per figure, the best kept (default 2; --small 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every format and llama.cpp this many times in turn, each figure the best round's "
+                        "(a machine whose bandwidth moves from minute to minute)")
     p.add_argument("--profile-steps", type=int, default=8, help="decode steps averaged in the profile")
     p.add_argument("--max-mode-s", type=float, default=40.0,
                    help="seconds a format may spend on one mode: a slower one runs fewer tokens (decode) or "
@@ -770,7 +808,7 @@ def run(args, formats: list[str], argv) -> int:
         "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": describe_config(cfg), "loadavg_start": os.getloadavg(), "settings": {
             "threads": args.threads, "new_tokens": args.new_tokens, "prompt": args.prompt,
-            "repeats": args.repeats, "modes": args.modes, "profile_steps": args.profile_steps,
+            "repeats": args.repeats, "rounds": args.rounds, "modes": args.modes, "profile_steps": args.profile_steps,
             "max_mode_s": args.max_mode_s},
         "formats": {}, "bandwidth": {},
     }
@@ -786,22 +824,27 @@ def run(args, formats: list[str], argv) -> int:
         child_args += ["--dir", str(workdir)]
         common.log(f"building the float32 weights ({describe_config(cfg)}) and quantizing ...")
         prepared = run_child(["--prepare", *child_args], timeout=1800)
-        for fmt in formats:
-            common.log(f"{fmt} ...")
-            entry: dict[str, Any] = dict(prepared.get(fmt, {}))
-            if "error" in prepared:
-                entry = {"error": f"preparing: {prepared['error']}"}
-            else:
-                entry.update(run_child(["--worker", fmt, *child_args], timeout=1800))
-                qlin_path(workdir, fmt).unlink(missing_ok=True)
-            result["formats"][fmt] = entry
-            common.write_json(_out_path(args), result)  # a cut-short run keeps its part
-        if args.no_llama_cpp:
-            result["llama_cpp"] = {"unavailable": "left out (--no-llama-cpp)"}
-        else:
-            result["llama_cpp"] = llama_cpp_rows(cfg, args, workdir, _linear_params(cfg))
-            if "unavailable" in result["llama_cpp"]:
-                common.log(f"llama.cpp unavailable: {result['llama_cpp']['unavailable']}; quoting issue 24's figures")
+        for r in range(args.rounds):  # each round every format, then llama.cpp: each sees every minute
+            for fmt in formats:
+                common.log(f"{fmt} ..." + (f" (round {r + 1} of {args.rounds})" if args.rounds > 1 else ""))
+                entry: dict[str, Any] = dict(prepared.get(fmt, {}))
+                if "error" in prepared:
+                    entry = {"error": f"preparing: {prepared['error']}"}
+                else:
+                    entry.update(run_child(["--worker", fmt, *child_args], timeout=1800))
+                    if r == args.rounds - 1:
+                        qlin_path(workdir, fmt).unlink(missing_ok=True)
+                result["formats"][fmt] = keep_best(result["formats"].get(fmt), entry)
+                common.write_json(_out_path(args), result)  # a cut-short run keeps its part
+            if args.no_llama_cpp:
+                result["llama_cpp"] = {"unavailable": "left out (--no-llama-cpp)"}
+            elif r == 0:
+                result["llama_cpp"] = llama_cpp_rows(cfg, args, workdir, _linear_params(cfg))
+                if "unavailable" in result["llama_cpp"]:
+                    common.log(f"llama.cpp unavailable: {result['llama_cpp']['unavailable']}; quoting issue 24's figures")
+            elif "types" in result["llama_cpp"]:
+                for name, entry in result["llama_cpp"]["types"].items():
+                    result["llama_cpp"]["types"][name] = keep_best(entry, llama_bench(name, Path(entry["path"]), args))
         result["logits_sqnr_db"] = logits_sqnr(workdir)
     if "bandwidth" in args.modes:
         result["bandwidth"]["end"] = _bandwidth(args.threads)
@@ -901,7 +944,9 @@ def markdown(result: dict) -> str:
         f"start, {la1[0]:.2f} at the end. Model: {result['model']}. Each format runs in a fresh process; the qlin "
         "formats are loaded from the file `save_quantized` wrote into an `empty_weights()` skeleton. decode: "
         f"{s['new_tokens']} one-token greedy steps from an empty KV cache; prefill: one forward of {s['prompt']} "
-        f"tokens into an empty cache (logits of the last token only); best of {s['repeats']} runs. Linear MB/token: "
+        f"tokens into an empty cache (logits of the last token only); best of {s['repeats']} runs"
+        + (f", and of {s['rounds']} rounds (each round every format in turn, then llama.cpp: all "
+           f"tokens/s of each round in the JSON's `rounds`)" if s.get("rounds", 1) > 1 else "") + ". Linear MB/token: "
         "the Linear layers' weights as a token reads them (codes at their width plus float32 scales); GB/s: those "
         "bytes times tokens/s; % bound: that against the read bandwidth measured in this run. RSS: the process's "
         "resident memory after loading the model and running both modes (in brackets: less the RSS after its "
