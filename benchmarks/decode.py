@@ -36,7 +36,7 @@ Modes:
   last token only, as llama-bench computes), best of --repeats after an untimed call.
 With --rounds N every format and then llama.cpp are measured N times in turn and each figure is
 the best round's: this VM's read bandwidth moves by up to 2x from minute to minute (AMD EPYC Zen
-5: 42-77 GB/s with 2 threads within one run), and one round measures llama.cpp minutes after the
+5: 42-87 GB/s with 2 threads within one run), and one round measures llama.cpp minutes after the
 qlin formats.
 For each: the Linear layers' weight bytes read per token (codes at their width plus float32
 scales; the embedding lookup and the KV cache are left out), the bytes/s that implies at the
@@ -727,24 +727,44 @@ def llama_bench(name: str, path: Path, args, bench: Path | None = None) -> dict[
     return entry
 
 
-def keep_best(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """One format's entry over --rounds: the first round's, each mode's figures (and the decode
-    profile) from the round with the most tokens/s in that mode, every round's tokens/s kept in
-    `rounds`. This VM's read bandwidth moves by up to 2x from minute to minute, and llama.cpp
-    runs after the qlin formats: rounds give every format and llama.cpp several minutes each."""
-    if old is None or "error" in old:
-        return {**new, "rounds": {m: [new[m]["tokens_per_s"]] for m in ("decode", "prefill", "compiled")
-                                  if isinstance(new.get(m), dict) and "tokens_per_s" in new[m]}}
-    out = dict(old)
-    for mode in ("decode", "prefill", "compiled"):
-        cell = new.get(mode)
-        if not isinstance(cell, dict) or "tokens_per_s" not in cell:
+def keep_best(old: dict[str, Any] | None, new: dict[str, Any], rounds_before: int = 0) -> dict[str, Any]:
+    """One format's entry over --rounds: the keys of the rounds so far (a file's path and size),
+    each mode's figures (and the decode profile) from the round with the most tokens/s in that
+    mode, every round's tokens/s in `rounds` (None for a round without it; `rounds_before`: how
+    many rounds `old` holds) and every round's error in `errors`. This VM's read bandwidth moves
+    by up to 2x from minute to minute, and llama.cpp runs after the qlin formats: rounds give
+    every format and llama.cpp several minutes each."""
+    modes = ("decode", "prefill", "compiled")
+
+    def tps(entry: dict[str, Any], mode: str) -> float | None:
+        cell = entry.get(mode)
+        return cell.get("tokens_per_s") if isinstance(cell, dict) else None
+
+    out = {k: v for k, v in (old or {}).items() if k not in ("error", *modes, "profile")}
+    out.update({k: v for k, v in new.items() if k not in ("error", *modes, "profile")})
+    for mode in modes:
+        if old is not None and tps(old, mode) is not None:
+            out[mode] = old[mode]
+    if old is not None and "profile" in old:
+        out["profile"] = old["profile"]
+    errors = [*(old or {}).get("errors", []), *([old["error"]] if old and "error" in old and not old.get("errors") else [])]
+    if "error" in new:
+        errors.append(new["error"])
+    rounds = {m: list(v) for m, v in (old or {}).get("rounds", {}).items()}
+    for mode in modes:
+        t = tps(new, mode)
+        if t is None and mode not in rounds:
             continue
-        out.setdefault("rounds", {}).setdefault(mode, []).append(cell["tokens_per_s"])
-        if cell["tokens_per_s"] > out.get(mode, {}).get("tokens_per_s", 0):
-            out[mode] = cell
+        rounds.setdefault(mode, [None] * rounds_before).append(t)
+        if t is not None and t > (tps(out, mode) or 0):
+            out[mode] = new[mode]
             if mode == "decode" and "profile" in new:
                 out["profile"] = new["profile"]
+    out["rounds"] = rounds
+    if errors:
+        out["errors"] = errors
+        if not any(tps(out, m) is not None for m in modes):
+            out["error"] = errors[-1]  # no round gave a figure
     return out
 
 
@@ -834,17 +854,18 @@ def run(args, formats: list[str], argv) -> int:
                     entry.update(run_child(["--worker", fmt, *child_args], timeout=1800))
                     if r == args.rounds - 1:
                         qlin_path(workdir, fmt).unlink(missing_ok=True)
-                result["formats"][fmt] = keep_best(result["formats"].get(fmt), entry)
+                result["formats"][fmt] = keep_best(result["formats"].get(fmt), entry, r)
                 common.write_json(_out_path(args), result)  # a cut-short run keeps its part
             if args.no_llama_cpp:
                 result["llama_cpp"] = {"unavailable": "left out (--no-llama-cpp)"}
             elif r == 0:
                 result["llama_cpp"] = llama_cpp_rows(cfg, args, workdir, _linear_params(cfg))
+                gguf = {name: Path(e.pop("path")) for name, e in result["llama_cpp"].get("types", {}).items()}
                 if "unavailable" in result["llama_cpp"]:
                     common.log(f"llama.cpp unavailable: {result['llama_cpp']['unavailable']}; quoting issue 24's figures")
             elif "types" in result["llama_cpp"]:
                 for name, entry in result["llama_cpp"]["types"].items():
-                    result["llama_cpp"]["types"][name] = keep_best(entry, llama_bench(name, Path(entry["path"]), args))
+                    result["llama_cpp"]["types"][name] = keep_best(entry, llama_bench(name, gguf[name], args), r)
         result["logits_sqnr_db"] = logits_sqnr(workdir)
     if "bandwidth" in args.modes:
         result["bandwidth"]["end"] = _bandwidth(args.threads)

@@ -1,12 +1,13 @@
 """A decode step's Linear layers one at a time, against the memory bound (issue 24, item 1): for
 each format the Llama-shaped model's layers (q/o 2048x2048, k/v 256x2048, gate/up 5632x2048, down
-2048x5632, head 32000x2048) at 1, 2 and 4 tokens: the bytes a call reads (codes at their width,
-scales, zero points, bias) over its wall time, against the read bandwidth measured in the same run
-(`torch.sum` and `read_bandwidth.cpp`'s streams, as decode.py measures it, at the start and the
-end: the best of the four is the bound).
+2048x5632, head 32000x2048; no bias) at 1, 2 and 4 tokens: the bytes a call reads (codes at their
+width, scales, zero points) over its wall time, against the read bandwidth measured in the same
+run: `torch.sum` and `read_bandwidth.cpp`'s streams, as decode.py measures them, at the start and
+the end (the best of the four is the bound), and `torch.sum` over as many bytes between each
+configuration's own passes (this VM's bandwidth moves by up to 2x from minute to minute).
 
-Each (format, shape) packs enough copies of its layer (>= 256 MB of weights, more than any last
-level cache here) that every call reads its weights from memory, as a decode step does; a pass
+Each (format, shape) packs enough copies of its layer (>= 256 MB as a call reads them, more than
+any last level cache here) that every call reads its weights from memory, as a decode step does; a pass
 calls every copy once, and the figure is the best of the passes (>= 5, ~budget seconds each) of
 that pass's total bytes over its total time. Formats: float32 and bf16 (`F.linear`), int8
 per-token (auto: `onednn`'s one call up to 16 rows on VNNI CPUs, `pertoken` elsewhere), int8
@@ -22,6 +23,7 @@ A script run by hand, never a test.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -47,20 +49,23 @@ OUT = common.RESULTS_DIR / "decode_layers.json"
 SECTION = "decode-layers"
 
 
-def build(fmt: str, out_f: int, in_f: int, copies: int) -> tuple[list, torch.dtype, str]:
-    """`copies` layers of one format and shape, the dtype of their input, and their kernel."""
-    layers, kernel = [], "float"
+def build(fmt: str, out_f: int, in_f: int, min_bytes: int) -> tuple[list, torch.dtype, str]:
+    """Layers of one format and shape (at least two, and `min_bytes` of weights as a call reads
+    them), the dtype of their input, and their kernel. No bias, as a Llama model's layers."""
+    layers, kernel, held = [], "float", 0
     dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
-    for i in range(copies):
-        lin = nn.Linear(in_f, out_f)
+    for i in itertools.count():
+        if len(layers) >= 2 and held >= min_bytes:
+            break
+        lin = nn.Linear(in_f, out_f, bias=False)
         with torch.no_grad():
             torch.nn.init.normal_(lin.weight, std=0.02, generator=torch.Generator().manual_seed(i))
         if FORMATS[fmt] is None:
             layers.append(lin.to(dtype))
-            continue
-        q = QuantizedLinear.from_float(lin, LayerScheme(**FORMATS[fmt])).pack("cpu")
-        kernel = q.kernel.name
-        layers.append(q)
+        else:
+            layers.append(QuantizedLinear.from_float(lin, LayerScheme(**FORMATS[fmt])).pack("cpu"))
+            kernel = layers[-1].kernel.name
+        held += linear_weight_bytes(layers[-1])
     return layers, dtype, kernel
 
 
@@ -99,14 +104,12 @@ def bandwidth(threads: int, when: str) -> dict[str, float]:
 def run(args) -> dict:
     common.setup_threads(args.threads)
     bw = bandwidth(args.threads, "start")
-    buf = torch.ones(args.min_bytes // 4)  # as large as a configuration's copies
+    buf = torch.ones(args.min_bytes // 4)  # as large as a configuration's copies (at least)
     rows = []
     for fmt in args.formats:
         for name in args.shapes:
             out_f, in_f = SHAPES[name]
-            per_copy = out_f * in_f * (4 if FORMATS[fmt] is None and fmt != "bf16" else 2 if fmt == "bf16" else 1)
-            copies = max(2, -(-args.min_bytes // per_copy))
-            layers, dtype, kernel = build(fmt, out_f, in_f, copies)
+            layers, dtype, kernel = build(fmt, out_f, in_f, args.min_bytes)
             nbytes = sum(linear_weight_bytes(q) for q in layers)  # decode.py's Linear MB/token
             for m in args.tokens:
                 x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(m)).to(dtype)
@@ -119,7 +122,7 @@ def run(args) -> dict:
                            f"(torch.sum between its passes {local / 1e9:5.1f}) [{kernel}]")
             del layers
     bw.update(bandwidth(args.threads, "end"))
-    bound = max(bw.values())  # this VM's bandwidth moves by up to 2x from minute to minute: the best seen
+    bound = max(bw.values())  # of the start and end measurements (each row also has its own minute's)
     for r in rows:
         r["pct_bound"] = 100 * r["gb_s"] * 1e9 / bound
     common.log(f"bound {bound / 1e9:.1f} GB/s")
@@ -131,7 +134,7 @@ def markdown(result: dict) -> str:
     bw = ", ".join(f"{k} {v:.1f} GB/s" for k, v in result["bandwidth"].items())
     lines = ["## A decode step's layers against the read bandwidth (`benchmarks/decode_layers.py`)", "",
              f"CPU: {result['cpu']}. {common.machine_md(result['machine'])}", "",
-             f"Command: `{result['command']}` ({result['elapsed_s']:.0f} s). Bound: the best read bandwidth measured in this run "
+             f"Command: `{result['command']}` ({result['elapsed_s']:.0f} s). Bound: the best read bandwidth measured at the run's start and end "
              f"({bw}): **{result['bound_gb_s']:.1f} GB/s**. Each cell: GB/s read (the layer's stored bytes "
              f"over the wall time of a call, its weights from memory); in brackets, % of the bound and % of "
              f"`torch.sum`'s bandwidth measured between the configuration's own passes (over as many bytes: the "
@@ -166,10 +169,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         args.formats = [SHORT[f] for f in args.formats.split(",")]
-        args.shapes = [SHAPES[s] and s for s in args.shapes.split(",")]
     except KeyError as exc:
-        p.error(f"unknown format or layer {exc}")
-    args.tokens = [int(t) for t in args.tokens.split(",")]
+        p.error(f"unknown format {exc} (formats: {', '.join(SHORT)})")
+    args.shapes = args.shapes.split(",")
+    if set(args.shapes) - set(SHAPES):
+        p.error(f"unknown layer {', '.join(sorted(set(args.shapes) - set(SHAPES)))} (layers: {', '.join(SHAPES)})")
+    try:
+        args.tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        p.error(f"--tokens takes comma-separated token counts, not {args.tokens!r}")
     args.min_bytes = args.min_mb << 20
     start = time.perf_counter()
     result = run(args)

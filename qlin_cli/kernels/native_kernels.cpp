@@ -549,14 +549,16 @@ __attribute__((always_inline)) inline void pt_step(__m512i* acc, const uint8_t* 
 // One row of codes against the NR weight rows of a tile, each row whole before the next
 // (acc[r] += codes . weight row r over all k): the tile's NR * K bytes are one sequential stream
 // instead of NR strided ones, and the stream `PT_PREFETCH` bytes ahead is fetched meanwhile, so
-// that the multiply-adds overlap the reads (AMD EPYC Zen 5, 2 threads, one token: +5-15% GB/s
-// over the k-interleaved tile, RESULTS.md "decode-layers"). The same int32 sums in another order.
+// that the multiply-adds overlap the reads (AMD EPYC Zen 5, 2 threads, one token: -1 to +15% GB/s
+// over the k-interleaved tile by shape and minute, RESULTS.md "Issue 24 on an AMD EPYC Zen 5").
+// The same int32 sums in another order.
 constexpr int64_t PT_PREFETCH = 4096;
 template <int R>
 __attribute__((always_inline)) inline void pt_row(__m512i* acc, const uint8_t* ur, const int8_t* wr, int64_t kmain,
                                                   int64_t ktail) {
   for (int64_t k = 0; k < kmain; k += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(wr + k + PT_PREFETCH), _MM_HINT_T0);  // never faults
+    // never faults, past the weight's end too (the address computed as an integer, not a pointer)
+    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(wr + k) + PT_PREFETCH), _MM_HINT_T0);
     pt_dot(acc[R], _mm512_loadu_si512(ur + k), _mm512_loadu_si512(wr + k));
   }
   if (ktail) pt_dot(acc[R], _mm512_loadu_si512(ur + kmain), _mm512_maskz_loadu_epi8(~0ULL >> (64 - ktail), wr + kmain));
@@ -730,7 +732,7 @@ void pertoken_tile1_sign_avx2(const PertokenArgs& p, int64_t m0, const int64_t* 
   _mm256_store_si256(reinterpret_cast<__m256i*>(sums), pt2_sum8(acc));
   for (int r = 0; r < live; ++r) {
     // the tail as sum u * w and sum w: GCC 12.2 at -O3 with AVX-VNNI or AVX-512 VNNI (-march=native
-    // on Alder Lake, Zen 4-5) vectorizes `total += (u - 128) * w` into vpdpbusd wrongly, as the sum
+    // on Alder Lake and later, Zen 5) vectorizes `total += (u - 128) * w` into vpdpbusd wrongly, as the sum
     // of u * w without the - 128 (tests/test_pertoken_kernel.py caught it in the AVX2 build on a Zen 5)
     int32_t tail = 0, tail_w = 0;
     for (int64_t k = kmain; k < p.K; ++k) {
@@ -1661,7 +1663,7 @@ void panels1_streams_avx2(const Args& a, int64_t pb, int64_t pe) {
 #endif
 
 #ifdef QLIN_VNNI
-// AVX-512 VNNI (run in the tests under SIMDe, tests/other_build.py; not yet on an AVX-512 CPU):
+// AVX-512 VNNI (run in the tests on an AMD EPYC Zen 5, and under SIMDe elsewhere, tests/other_build.py):
 // vpdpbusd on a unit of 16 rows x 4 k, one int32 lane per row
 template <int MB>
 void tile_vnni(const Args& a, int64_t p, int64_t m0) {
