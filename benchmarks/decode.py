@@ -674,13 +674,13 @@ def llama_cpp_rows(cfg, args, workdir: Path, linear_params: int) -> dict[str, An
         lc = install_llama_cpp()
     except (common.Unavailable, OSError, subprocess.SubprocessError) as exc:
         return {"unavailable": str(exc) if isinstance(exc, common.Unavailable) else common.short_error(exc)}
-    f32 = workdir / "model.F32.gguf"
+    f32 = gguf_path(workdir, "F32")
     try:
         common.log("llama.cpp: writing GGUF files ...")
         write_gguf(cfg, workdir / "float32.safetensors", f32, lc.gguf_py)
         files = {"F32": f32}
         for name in ("Q8_0", "Q4_0"):
-            files[name] = workdir / f"model.{name}.gguf"
+            files[name] = gguf_path(workdir, name)
             _sh([str(lc.quantize), str(f32), str(files[name]), str(GGUF_TYPES[name]), str(args.threads)])
     except (common.Unavailable, OSError, ImportError, subprocess.SubprocessError) as exc:
         return {"unavailable": f"writing the GGUF files failed: {common.short_error(exc)}"}
@@ -692,12 +692,17 @@ def llama_cpp_rows(cfg, args, workdir: Path, linear_params: int) -> dict[str, An
 
             torch.save({"name": f"llama.cpp {name}", "logits": torch.tensor([float(v) for v in logits.stdout.split()])},
                        workdir / f"logits.llama.cpp_{name}.pt")
-        rows["types"][name] = keep_best(None, {"file_bytes": path.stat().st_size, "path": str(path),
+        rows["types"][name] = keep_best(None, {"file_bytes": path.stat().st_size,
                                                "linear_bytes": int(linear_params * GGUF_BYTES_PER_WEIGHT[name]),
                                                **llama_bench(name, path, args, lc.bench)})
     cmd_show = f"llama-bench -m MODEL.gguf -p {args.prompt} -n {args.new_tokens} -t {args.threads} -r {args.repeats}"
     rows["command"] = cmd_show
     return rows
+
+
+def gguf_path(workdir: Path, name: str) -> Path:
+    """The GGUF file of one llama.cpp type (F32, Q8_0, Q4_0) in a run's folder."""
+    return workdir / f"model.{name}.gguf"
 
 
 def llama_bench(name: str, path: Path, args, bench: Path | None = None) -> dict[str, Any]:
@@ -728,29 +733,22 @@ def llama_bench(name: str, path: Path, args, bench: Path | None = None) -> dict[
 
 
 def keep_best(old: dict[str, Any] | None, new: dict[str, Any], rounds_before: int = 0) -> dict[str, Any]:
-    """One format's entry over --rounds: the keys of the rounds so far (a file's path and size),
-    each mode's figures (and the decode profile) from the round with the most tokens/s in that
-    mode, every round's tokens/s in `rounds` (None for a round without it; `rounds_before`: how
-    many rounds `old` holds) and every round's error in `errors`. This VM's read bandwidth moves
-    by up to 2x from minute to minute, and llama.cpp runs after the qlin formats: rounds give
-    every format and llama.cpp several minutes each."""
+    """One format's entry over --rounds: the facts of every round (a file's size), each mode's
+    figures (and the decode profile) from the round with the most tokens/s in that mode, every
+    round's tokens/s in `rounds` (None for a round without it; `rounds_before`: how many rounds
+    `old` holds) and every round's error in `errors`. This VM's read bandwidth moves by up to 2x
+    from minute to minute, and llama.cpp runs after the qlin formats: rounds give every format
+    and llama.cpp several minutes each."""
     modes = ("decode", "prefill", "compiled")
 
     def tps(entry: dict[str, Any], mode: str) -> float | None:
         cell = entry.get(mode)
         return cell.get("tokens_per_s") if isinstance(cell, dict) else None
 
-    out = {k: v for k, v in (old or {}).items() if k not in ("error", *modes, "profile")}
-    out.update({k: v for k, v in new.items() if k not in ("error", *modes, "profile")})
-    for mode in modes:
-        if old is not None and tps(old, mode) is not None:
-            out[mode] = old[mode]
-    if old is not None and "profile" in old:
-        out["profile"] = old["profile"]
-    errors = [*(old or {}).get("errors", []), *([old["error"]] if old and "error" in old and not old.get("errors") else [])]
-    if "error" in new:
-        errors.append(new["error"])
-    rounds = {m: list(v) for m, v in (old or {}).get("rounds", {}).items()}
+    out = {k: v for k, v in (old or {}).items() if k != "error"}  # the earlier rounds' best figures
+    out.update({k: v for k, v in new.items() if k not in ("error", "errors", "rounds", "profile", *modes)})
+    errors = [*out.pop("errors", []), *([new["error"]] if "error" in new else [])]
+    rounds = out["rounds"] = {m: list(v) for m, v in out.get("rounds", {}).items()}
     for mode in modes:
         t = tps(new, mode)
         if t is None and mode not in rounds:
@@ -760,7 +758,6 @@ def keep_best(old: dict[str, Any] | None, new: dict[str, Any], rounds_before: in
             out[mode] = new[mode]
             if mode == "decode" and "profile" in new:
                 out["profile"] = new["profile"]
-    out["rounds"] = rounds
     if errors:
         out["errors"] = errors
         if not any(tps(out, m) is not None for m in modes):
@@ -860,12 +857,12 @@ def run(args, formats: list[str], argv) -> int:
                 result["llama_cpp"] = {"unavailable": "left out (--no-llama-cpp)"}
             elif r == 0:
                 result["llama_cpp"] = llama_cpp_rows(cfg, args, workdir, _linear_params(cfg))
-                gguf = {name: Path(e.pop("path")) for name, e in result["llama_cpp"].get("types", {}).items()}
                 if "unavailable" in result["llama_cpp"]:
                     common.log(f"llama.cpp unavailable: {result['llama_cpp']['unavailable']}; quoting issue 24's figures")
-            elif "types" in result["llama_cpp"]:
-                for name, entry in result["llama_cpp"]["types"].items():
-                    result["llama_cpp"]["types"][name] = keep_best(entry, llama_bench(name, gguf[name], args), r)
+            else:  # the GGUF files llama_cpp_rows wrote, measured again
+                for name, entry in result["llama_cpp"].get("types", {}).items():
+                    again = llama_bench(name, gguf_path(workdir, name), args)
+                    result["llama_cpp"]["types"][name] = keep_best(entry, again, r)
         result["logits_sqnr_db"] = logits_sqnr(workdir)
     if "bandwidth" in args.modes:
         result["bandwidth"]["end"] = _bandwidth(args.threads)
