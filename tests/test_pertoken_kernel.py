@@ -128,9 +128,10 @@ def test_sums_past_float32s_integers(w):
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_the_row_sum_path_at_one_to_four_rows_is_the_exact_reference(sym):
-    """The AVX2 one-row tile (vpmaddubsw on codes shifted by 128, plus 128 times the weight's
-    integer row sums `wsum_i`) against the exact reference and the paths without row sums, at 1
-    to 4 rows (and 5, 7: one-row tiles after the 4- and 2-row ones), inputs of K = 1 to 1000
+    """The AVX2 row-sum tiles (vpmaddubsw on codes shifted by 128, plus 128 times the weight's
+    integer row sums `wsum_i`) against the exact reference and the paths without row sums (the
+    vpmaddwd tiles), at 1 to 4 rows (and 5, 7: one-row tiles after the 4- and 2-row ones; the
+    weight rows' count N not a multiple of the tiles' 8, 4 or 2), inputs of K = 1 to 1000
     (below, at and past its 32-wide step), float32 and bfloat16 rows, symmetric and
     asymmetric weights (their extremes, 127 and -127, included; -128 takes no row sums)."""
     for n, k in [(9, 1), (8, 31), (17, 32), (23, 33), (24, 64), (40, 65), (33, 127), (70, 200), (25, 1000)]:

@@ -643,14 +643,15 @@ void pertoken_blocks_vnni(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
 #define QLIN_AVX2_INT8 1
 // AVX2 without VNNI (e.g. AMD Zen 1-3, Intel before Cascade Lake): vpmaddubsw (u8 x s8) would
 // saturate int16 pair sums with full-range codes, which is why oneDNN and fbgemm keep codes to 7
-// bits on these CPUs. Here both operands are widened to int16 and multiplied by vpmaddwd: exact
-// int32 sums, the same integers as the VNNI path, so the same bits out. A tile is MB rows of
-// codes x NR = 8 / MB weight rows: 8 accumulators of 8 int32 lanes (k mod 16 pairs), summed by a
-// transposing add tree into one vector of 8 outputs; k past the last multiple of 16 and the
-// epilogue (pt_output, the scalar path's own function) run per output. A row left over after the
-// 4- and 2-row tiles (decode's one row) takes vpmaddubsw instead where the caller gives the
-// weight's integer row sums (pertoken_tile1_sign_avx2). Any number of rows: the same integers
-// for every M, whichever tile computes them, so a row's result never depends on the batch.
+// bits on these CPUs. Where the caller gives the weight's integer row sums (weights without -128,
+// p.wsum_i) every tile takes vpmaddubsw on shifted codes whose pair sums cannot saturate
+// (pertoken_tile_sign_avx2); otherwise both operands are widened to int16 and multiplied by
+// vpmaddwd (pertoken_tile_avx2). Both give exact int32 sums, the same integers as the VNNI path,
+// so the same bits out. A tile is MB rows of codes x NR = 8 / MB weight rows: 8 accumulators of
+// 8 int32 lanes, summed by a transposing add tree into one vector of 8 outputs; k past the last
+// multiple of the vector width and the epilogue (pt_output, the scalar path's own function) run
+// per output. Any number of rows: the same integers for every M, whichever tile computes them,
+// so a row's result never depends on the batch.
 constexpr int64_t PT2_NB = 8;   // outputs per tile (MB x NR)
 constexpr int64_t PT2_MBLOCK = 64;  // rows of codes per pass over a thread's weight rows (L2)
 
@@ -701,75 +702,95 @@ void pertoken_tile_avx2(const PertokenArgs& p, int64_t m0, int64_t n0, int64_t r
   }
 }
 
-// One row of codes against 8 weight rows with vpmaddubsw (32 multiply-adds an instruction, twice
-// vpmaddwd's), for weights without -128 (p.wsum_i, their integer row sums, given): the codes are
-// shifted to x = u - 128 in [-128, 127] and the product taken as |x| * sign(w, x), so that
-// vpmaddubsw's int16 pair sums are at most 2 * 128 * 127 = 32512 and never saturate (sign(w, x)
-// negates w, exact for w in [-127, 127]); vpmaddwd by ones widens them to int32. Then
-// sum_k u * w = sum_k x * w + 128 * sum_k w: the same int32 as the other paths (no sum here
-// leaves int32 for K < 65536, as theirs), so the same bits out. The 8 weight rows are any rows
-// (`n`, the first `live` of them stored; the others repeat a live one): at one row of codes they
-// are decode's streams (pertoken_row1_streams_avx2), left over after the 2- and 4-row tiles the
-// block's adjacent rows, already in cache.
-void pertoken_tile1_sign_avx2(const PertokenArgs& p, int64_t m0, const int64_t* n, int live) {
-  constexpr int NR = PT2_NB;
+// MB rows of codes from m0 against NR = 8 / MB weight rows with vpmaddubsw (32 multiply-adds an
+// instruction, twice vpmaddwd's), for weights without -128 (p.wsum_i, their integer row sums,
+// given): the codes are shifted to x = u - 128 in [-128, 127] and the product taken as
+// |x| * sign(w, x), so that vpmaddubsw's int16 pair sums are at most 2 * 128 * 127 = 32512 and
+// never saturate (sign(w, x) negates w, exact for w in [-127, 127]); vpmaddwd by ones widens them
+// to int32. Then sum_k u * w = sum_k x * w + 128 * sum_k w: the same int32 as the other paths (no
+// sum here leaves int32 for K < 65536, as theirs), so the same bits out. No operand is widened
+// across lanes (vpmovsxbw, vpmovzxbw: one a cycle on AMD Zen 3, the limit of pertoken_tile_avx2):
+// 4 x 2 at 62-65 G multiply-adds/s a core from cache against 36 (AMD EPYC Zen 3, by hand). The
+// NR weight rows are any rows (`n`, the first `live` of them stored; the others repeat a live
+// one): rows of pertoken_streams_avx2's streams.
+template <int MB>
+void pertoken_tile_sign_avx2(const PertokenArgs& p, int64_t m0, const int64_t* n, int live) {
+  constexpr int NR = PT2_NB / MB;
   const int64_t kmain = p.K / 32 * 32;
   const int8_t* wr[NR];
   _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) wr[r] = p.w + n[r] * p.K;
-  const uint8_t* ur = p.u + m0 * p.ku;
-  __m256i acc[NR];
-  _Pragma("GCC unroll 8") for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_si256();
+  const uint8_t* ur[MB];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) ur[i] = p.u + (m0 + i) * p.ku;
+  __m256i acc[PT2_NB];
+  _Pragma("GCC unroll 8") for (int i = 0; i < PT2_NB; ++i) acc[i] = _mm256_setzero_si256();
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
   for (int64_t k = 0; k < kmain; k += 32) {
-    const __m256i x = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ur + k)), flip);
-    const __m256i ax = _mm256_abs_epi8(x);  // -128 -> 0x80: 128 as vpmaddubsw's unsigned operand
-    _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k));
-      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), ones));
+    __m256i wv[NR];
+    _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k));
+    _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) {
+      const __m256i x = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ur[i] + k)), flip);
+      const __m256i ax = _mm256_abs_epi8(x);  // -128 -> 0x80: 128 as vpmaddubsw's unsigned operand
+      _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+        acc[i * NR + r] = _mm256_add_epi32(acc[i * NR + r],
+                                           _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[r], x)), ones));
     }
   }
-  alignas(32) int32_t sums[NR];
+  alignas(32) int32_t sums[PT2_NB];
   _mm256_store_si256(reinterpret_cast<__m256i*>(sums), pt2_sum8(acc));
-  for (int r = 0; r < live; ++r) {
+  for (int j = 0; j < PT2_NB; ++j) {  // lane j: output (m0 + j / NR, n[j % NR])
+    const int i = j / NR, r = j % NR;
+    if (r >= live) continue;
     // the tail as sum u * w and sum w: GCC 12.2 at -O3 with AVX-VNNI or AVX-512 VNNI (-march=native
     // on Alder Lake and later, Zen 5) vectorizes `total += (u - 128) * w` into vpdpbusd wrongly, as the sum
     // of u * w without the - 128 (tests/test_pertoken_kernel.py caught it in the AVX2 build on a Zen 5)
     int32_t tail = 0, tail_w = 0;
     for (int64_t k = kmain; k < p.K; ++k) {
-      tail += static_cast<int32_t>(ur[k]) * static_cast<int32_t>(wr[r][k]);
+      tail += static_cast<int32_t>(ur[i][k]) * static_cast<int32_t>(wr[r][k]);
       tail_w += wr[r][k];
     }
-    const int32_t total = sums[r] + 128 * (p.wsum_i[n[r]] - tail_w) + tail;  // |each term| < 2**31 for K < 65536
-    const float v = pt_output(p, m0, n[r], total);
-    p.yb ? store_out(p.yb + m0 * p.N + n[r], v) : store_out(p.y + m0 * p.N + n[r], v);
+    const int32_t total = sums[j] + 128 * (p.wsum_i[n[r]] - tail_w) + tail;  // |each term| < 2**31 for K < 65536
+    const int64_t m = m0 + i;
+    const float v = pt_output(p, m, n[r], total);
+    p.yb ? store_out(p.yb + m * p.N + n[r], v) : store_out(p.y + m * p.N + n[r], v);
   }
 }
 
-// Decode's one row of codes against weight rows [n_begin, n_end): the rows cut into 8 runs of
-// adjacent rows, and a tile takes the next row of each run. A run's rows are one stretch of
-// memory, so a thread reads 8 long sequential streams, which the hardware prefetchers follow;
-// 8 adjacent rows a tile are 8 strided streams of K bytes that restart every tile (AMD EPYC Zen 1,
-// 2 threads, 2048 x 2048: ~19 GB/s against ~16 with the prefetches they needed; RESULTS.md
-// "pertoken-decode"). Which tile computes a row changes none of its bits.
-void pertoken_row1_streams_avx2(const PertokenArgs& p, int64_t n_begin, int64_t n_end) {
+// All rows of codes against weight rows [n_begin, n_end) with the row sums given (every tile
+// vpmaddubsw's, pertoken_tile_sign_avx2): the rows cut into 8 runs of adjacent rows, and a step
+// takes the next row of each run, 8 rows that the step's 4-, 2- and 1-row tiles share (from L1).
+// A run's rows are one stretch of memory, so a thread reads 8 long sequential streams, which the
+// hardware prefetchers follow; 8 adjacent rows a step are 8 strided streams of K bytes that
+// restart every step (AMD EPYC Zen 1, 2 threads, one row, 2048 x 2048: ~19 GB/s against ~16
+// with the prefetches they needed; RESULTS.md "pertoken-decode"). Rows of codes PT2_MBLOCK at a
+// time (they stay in L2 while the weight rows pass). Which tile computes a row changes none of
+// its bits.
+void pertoken_streams_avx2(const PertokenArgs& p, int64_t n_begin, int64_t n_end) {
   const int64_t rows = n_end - n_begin, run = (rows + PT2_NB - 1) / PT2_NB;
-  for (int64_t t = 0; t < run; ++t) {
-    int64_t n[PT2_NB];
-    int live = 0;
-    for (int64_t j = 0; j < PT2_NB; ++j)
-      if (j * run + t < rows) n[live++] = n_begin + j * run + t;
-    for (int j = live; j < PT2_NB; ++j) n[j] = n[live - 1];
-    pertoken_tile1_sign_avx2(p, 0, n, live);
+  for (int64_t mb = 0; mb < p.M; mb += PT2_MBLOCK) {
+    const int64_t me = std::min(p.M, mb + PT2_MBLOCK);
+    const int64_t m4 = mb + (me - mb) / 4 * 4, m2 = m4 + (me - m4) / 2 * 2;
+    for (int64_t t = 0; t < run; ++t) {
+      int64_t n[PT2_NB];  // the step's rows, the last live one repeated past them
+      int live = 0;
+      for (int64_t j = 0; j < PT2_NB; ++j)
+        if (j * run + t < rows) n[live++] = n_begin + j * run + t;
+      for (int j = live; j < PT2_NB; ++j) n[j] = n[live - 1];
+      for (int r = 0; r < live; r += 2)
+        for (int64_t m = mb; m < m4; m += 4) pertoken_tile_sign_avx2<4>(p, m, n + r, std::min(2, live - r));
+      for (int r = 0; r < live; r += 4)
+        for (int64_t m = m4; m < m2; m += 2) pertoken_tile_sign_avx2<2>(p, m, n + r, std::min(4, live - r));
+      for (int64_t m = m2; m < me; ++m) pertoken_tile_sign_avx2<1>(p, m, n, live);
+    }
   }
 }
 
-// blocks [nb0, nb1) of 8 weight rows against all rows of codes, PT2_MBLOCK rows at a time (they
-// stay in L2 while the blocks' weight rows pass): 4 rows a tile, then 2, then 1 (one row alone,
-// with the row sums given: decode's streams, pertoken_row1_streams_avx2)
+// blocks [nb0, nb1) of 8 weight rows against all rows of codes: with the row sums given, in
+// streams (pertoken_streams_avx2); otherwise the vpmaddwd tiles on each block's 8 adjacent rows,
+// PT2_MBLOCK rows of codes at a time: 4 rows a tile, then 2, then 1
 void pertoken_blocks_avx2(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
   const int64_t n_begin = nb0 * PT2_NB, n_end = std::min(p.N, nb1 * PT2_NB);
-  if (p.M == 1 && p.wsum_i) {
-    pertoken_row1_streams_avx2(p, n_begin, n_end);
+  if (p.wsum_i) {
+    pertoken_streams_avx2(p, n_begin, n_end);
     return;
   }
   for (int64_t mb = 0; mb < p.M; mb += PT2_MBLOCK) {
@@ -781,15 +802,7 @@ void pertoken_blocks_avx2(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
         for (int64_t m = mb; m < m4; m += 4) pertoken_tile_avx2<4>(p, m, n, std::min<int64_t>(2, ne - n));
       for (int64_t n = nb; n < ne; n += 4)
         for (int64_t m = m4; m < m2; m += 2) pertoken_tile_avx2<2>(p, m, n, std::min<int64_t>(4, ne - n));
-      for (int64_t m = m2; m < me; ++m) {
-        if (!p.wsum_i) {
-          pertoken_tile_avx2<1>(p, m, nb, ne - nb);
-          continue;
-        }
-        int64_t n[PT2_NB];
-        for (int64_t r = 0; r < PT2_NB; ++r) n[r] = std::min(nb + r, ne - 1);
-        pertoken_tile1_sign_avx2(p, m, n, static_cast<int>(ne - nb));
-      }
+      for (int64_t m = m2; m < me; ++m) pertoken_tile_avx2<1>(p, m, nb, ne - nb);
     }
   }
 }
