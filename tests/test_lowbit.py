@@ -147,6 +147,26 @@ def test_kernel_equals_float64_reference_on_every_path(bits, asym, k, group):
 
 
 @needs_native
+@pytest.mark.parametrize("bits,asym,group", [(8, False, 300), (8, True, 300), (8, False, 32), (4, False, 32)])
+def test_decode_tiles_of_several_panels(bits, asym, group):
+    """Decode (M = 1 to 4) over 6 panels (83 rows, the last panel partial), where a tile takes up
+    to 4 panels at once (symmetric int8 per channel at 1 and 2 rows on AVX2; every format on
+    AVX-512), then the panels left over: every path the scalar path's bits, one thread or two."""
+    w, scale, zp, b = _operands(83, 300, group, bits, asym, True, seed=bits + group)
+    threads = torch.get_num_threads()
+    try:
+        for m, t in itertools.product((1, 2, 3, 4), (1, 2)):
+            torch.set_num_threads(t)
+            x = torch.randn(m, 300, generator=torch.Generator().manual_seed(m))
+            y = _run(x, w, bits, scale, zp, group, b)
+            _float64_check(x, w, bits, scale, zp, group, b, y)
+            for path in BUILT:
+                assert torch.equal(_run(x, w, bits, scale, zp, group, b, path), y), (path, m, t)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
 @pytest.mark.parametrize("k,group", [(37, 5), (101, 7), (64, 1), (50, 48), (33, 1000), (1, 1), (1, 32)])
 def test_kernel_any_group_size(k, group):
     """Group sizes that are not multiples of 16 (odd group starts in a 4-bit row), one weight per
