@@ -321,7 +321,7 @@ def _static_fused(path, run, x):
 def test_static_layers_give_int_mms_bits(sym, smooth, bias, z_x):
     """Static activations through qlin's GEMM (the path built here, and the portable one) are the
     int_mm kernel's codes, integers and roundings: its result bit for bit, at every shape and row
-    count (the one-row tile with row sums included), with NaN, infinities and ties."""
+    count (the AVX2 tiles with row sums included), with NaN, infinities and ties."""
     for n, k in SHAPES:
         run, ref = _static_pair(n, k, sym, smooth, bias, z_x, seed=n + k)
         assert bool(run.zw.numel()) == (not sym) and (run.wsum_i.numel() or not sym)  # symmetric: no -128

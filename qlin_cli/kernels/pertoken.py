@@ -5,10 +5,10 @@ and the epilogue, activations read and written in float32 or bfloat16 (float16: 
 It is the per-token kernel of x86 CPUs without VNNI (AVX2 only: AMD Zen 1-3, Intel before Cascade
 Lake). There, oneDNN's and fbgemm's u8 x s8 GEMMs would saturate full-range codes (vpmaddubsw's
 int16 pair sums), and `torch._int_mm`, the kernel `auto` fell back to, cost 8-17x float32 per
-layer (RESULTS.md, "pertoken-avx2"); qlin's AVX2 GEMM widens both operands to int16 (vpmaddwd:
-exact sums), and a lone row (a decode step) runs vpmaddubsw on codes shifted by 128 with the
-weight's integer row sums added back (exact for weights without -128: `wsum_i`; RESULTS.md,
-"pertoken-decode"). Its codes, integer sums and float operations are the `onednn` kernel's, so a
+layer (RESULTS.md, "pertoken-avx2"); qlin's AVX2 GEMM runs vpmaddubsw on codes shifted by 128
+with the weight's integer row sums added back (exact for weights without -128: `wsum_i`), at every
+row count, and widens both operands to int16 (vpmaddwd: exact, slower) for a weight holding -128
+(RESULTS.md, "pertoken-decode", "Issue 24 on an AMD EPYC Zen 3"). Its codes, integer sums and float operations are the `onednn` kernel's, so a
 file gives the same bits on a CPU with VNNI and on one without, at every batch size. Where the
 kernels build without SIMD loops (an x86 CPU without AVX2, another architecture) `auto` takes its
 scalar loops too: torch's `_int_mm` loop, the alternative there, was 8-15x slower ("scalar-build").
@@ -60,7 +60,7 @@ class Pertoken:
         self.zs = (s * zp.float()).contiguous() if bool(zp.any()) else _EMPTY  # asymmetric weights
         int_sums = _weight_int_sums(weight)
         self.wsum = _weight_row_sums(weight, scale, zero_point, int_sums).contiguous()
-        # the integer row sums, for the AVX2 one-row tile's vpmaddubsw (exact only without -128 in
+        # the integer row sums, for the AVX2 tiles' vpmaddubsw (exact only without -128 in
         # the weight: symmetric weights are in [-127, 127], asymmetric ones may reach -128)
         self.wsum_i = int_sums.contiguous() if _no_minus_128(weight) else _EMPTY_I32
         self.bias = _EMPTY if bias is None else bias.float().contiguous()
