@@ -32,6 +32,7 @@ __all__ = [
     "check_finite",
     "qparams_from_range",
     "choose_qparams",
+    "half_scales",
     "quantize",
     "dequantize",
     "qrange",
@@ -142,15 +143,32 @@ def qparams_from_range(
     return scale, zero_point
 
 
+def half_scales(scale: torch.Tensor) -> torch.Tensor:
+    """Group scales as float16 values (still float32 tensors): each one rounded up to the nearest
+    float16 (never down, so that a group's range still fits its codes), where that is a normal
+    float16 (2^-14 to 65504); the others (an all-zero group's MIN_SCALE, say) as they were.
+    GPTQ, AWQ, llama.cpp and compressed-tensors keep group scales in 16 bits too; qlin's file
+    keeps float32, and a kernel whose scales are all float16 values holds them in 2 bytes
+    instead of 4 (`lowbit_dynamic`: at 4 bits, groups of 32, a tenth fewer bytes a token).
+    The rounding changes a scale by at most 2^-10 of itself."""
+    s = scale.float()
+    h = s.to(torch.float16)
+    below = h.float() < s
+    h = torch.where(below, (h.view(torch.int16) + 1).view(torch.float16), h)  # the next float16 up (s > 0)
+    up = h.float()
+    return torch.where(torch.isfinite(up) & (up >= 2.0**-14), up, s)
+
+
 def choose_qparams(
     x: torch.Tensor, granularity: Granularity, symmetric: bool = True, bits: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float32) and zero point (int8) for `x` `(out, in)`: shapes `()`, `(out,)` or, per
-    group, `(out, ceil(in / G))`."""
+    group, `(out, ceil(in / G))` (float16 values, `half_scales`)."""
     if isinstance(granularity, PerGroup):
         lo, hi = amin_amax(grouped(x, granularity.size), PER_CHANNEL)
         shape = granularity.scale_shape(tuple(x.shape))
-        return tuple(t.reshape(shape) for t in qparams_from_range(lo, hi, symmetric, bits))
+        scale, zero_point = qparams_from_range(lo, hi, symmetric, bits)
+        return half_scales(scale).reshape(shape), zero_point.reshape(shape)
     lo, hi = amin_amax(x, granularity)
     return qparams_from_range(lo, hi, symmetric, bits)
 

@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from .data import Inputs, batches, first_tensor, run_model
 from .observers import make_observer
-from .primitives import dequantize, grouped, qrange, quantize, sqnr_db
+from .primitives import dequantize, grouped, half_scales, qrange, quantize, sqnr_db
 from .scheme import PER_CHANNEL, LayerScheme
 
 __all__ = ["InputStats", "round_to_nearest", "fake_quantize", "gptq", "AwqChoice", "awq_search", "apply_awq",
@@ -90,13 +90,15 @@ class InputStats:
 
 
 def _observed(rows: torch.Tensor, scheme: LayerScheme, name: str, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scale and zero point `scheme`'s weight observer gives `rows` (per row, or as the
+    """The scale and zero point `scheme`'s weight observer gives `rows` (per row: the rows of a
+    grouped view, whose scales are rounded up to float16 values, `half_scales`; or as the
     scheme's granularity says)."""
     options = {"percentile": scheme.percentile} if scheme.weight_observer == "percentile" else {}
     observer = make_observer(scheme.weight_observer, PER_CHANNEL if per_row else scheme.granularity, axis=0,
                              what=f"layer {name!r}: weight", **options)
     observer.update(rows)
-    return observer.qparams(scheme.symmetric, scheme.bits)
+    scale, zp = observer.qparams(scheme.symmetric, scheme.bits)
+    return (half_scales(scale), zp) if per_row else (scale, zp)
 
 
 def _qparams(w: torch.Tensor, scheme: LayerScheme, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ reference, the torch path, selection, and whole models through the API and the C
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,11 +14,12 @@ import torch
 import torch.nn as nn
 
 from conftest import assert_one_error_line, cli, cli_json
+from qlin_cli import quantize_model
 from qlin_cli.config import QuantConfig
 from qlin_cli.errors import ConfigError
 from qlin_cli.kernels import lowbit, lowbit_dynamic as ld
 from qlin_cli.kernels import native, select_kernel
-from qlin_cli.primitives import dequantize, sqnr_db
+from qlin_cli.primitives import MIN_SCALE, dequantize, half_scales, sqnr_db
 from qlin_cli.scheme import LayerScheme
 
 KERNELS = native.load()
@@ -164,6 +166,57 @@ def test_one_row_decode_tiles_give_the_batch_s_bits(n, k, group, asym):
         for path in KERNELS.lowbit_dynamic_paths:
             assert torch.equal(_run(row, p, bias, path=PATH_IDS[path]), first), path
         assert torch.equal(_run(row, p, bias), first)
+
+
+@pytest.mark.parametrize("bits, n, k, group, asym", [
+    (4, 40, 64, 32, False), (4, 33, 96, 32, True), (4, 300, 256, 128, False), (3, 18, 45, 7, True),
+    (8, 19, 72, 24, True),
+])
+def test_float16_scales_are_held_in_two_bytes_with_the_same_bits(bits, n, k, group, asym):
+    """Scales that are all float16 values (qlin's group scales, `half_scales`) are held as
+    float16 panels: the round trip gives the file's float32 tensor exactly, the panels are
+    smaller, and every path (and one row's decode tiles) gives the bits of float32 panels of the
+    same values. One scale that is not a float16 value keeps the float32 panels."""
+    q, scale, zp, bias = _operands(n, k, group, bits, asym)
+    scale = half_scales(scale)
+    p16 = ld.to_dot_panels(q, bits, scale, zp if asym else None, group)
+    p32 = dataclasses.replace(p16, scale=p16.scale.float())
+    assert p16.scale.dtype == torch.float16 and p16.nbytes() == p32.nbytes() - p16.scale.numel() * 2
+    back = ld.from_dot_panels(p16)
+    assert back[1].dtype == torch.float32 and torch.equal(back[1], scale) and torch.equal(back[0], q)
+    odd = scale.clone()
+    odd[-1, -1] = odd[-1, -1].item() * (1 + 2.0**-20)
+    assert ld.to_dot_panels(q, bits, odd, zp if asym else None, group).scale.dtype == torch.float32
+    if KERNELS is None:
+        return
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(3))
+    for rows in (x[:1], x[:2], x):
+        expect = _run(rows, p32, bias, path=1)
+        for path in (0, *(PATH_IDS[name] for name in KERNELS.lowbit_dynamic_paths)):
+            assert torch.equal(_run(rows, p16, bias, path=path), expect), (path, rows.shape[0])
+    assert torch.equal(_run(x.bfloat16(), p16, bias), _run(x.bfloat16(), p32, bias))
+
+
+def test_quantized_group_scales_take_the_float16_panels():
+    """A dynamic grouped layer quantized by qlin holds float16 scale panels (the file's scales
+    stay float32, with float16 values), except where a group's scale is no normal float16 (an
+    all-zero group's MIN_SCALE): that layer keeps float32 panels, with the file's values."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    cfg = QuantConfig(mode="dynamic", bits=4, group_size=32, kernel="lowbit_dynamic")
+    with torch.no_grad():
+        layer = quantize_model(lin, cfg).model
+        lin.weight[3, :32] = 0.0
+        zeroed = quantize_model(lin, cfg).model
+    if KERNELS is not None:
+        assert layer.kernel.name == "lowbit_dynamic"
+        assert layer._run.panels.scale.dtype == torch.float16
+        assert zeroed._run.panels.scale.dtype == torch.float32
+    for m in (layer, zeroed):
+        s = m.weight_scale
+        assert s.dtype == torch.float32 and s.shape == (40, 3)
+    assert torch.equal(layer.weight_scale.half().float(), layer.weight_scale)
+    assert float(zeroed.weight_scale[3, 0]) == MIN_SCALE
 
 
 @needs_native

@@ -16,7 +16,7 @@ from qlin_cli import QuantConfig, load_quantized, quantize_model, save_quantized
 from qlin_cli.errors import ConfigError
 from qlin_cli.kernels import KernelChoice, LayerTensors, native, pack, select_kernel
 from qlin_cli.kernels.int4pack import int4pack_missing
-from qlin_cli.primitives import choose_qparams, dequantize, qrange, quantize, sqnr_db
+from qlin_cli.primitives import choose_qparams, dequantize, half_scales, qrange, quantize, sqnr_db
 from qlin_cli.qfile import pack_bits, read_qfile, unpack_bits
 from qlin_cli.quantize import LayerResult
 from qlin_cli.scheme import PER_CHANNEL, PER_TENSOR, LayerScheme, PerGroup
@@ -98,9 +98,12 @@ def test_quantize_ranges_and_last_short_group(bits, symmetric):
     q = quantize(w, scale, zp, symmetric, bits, 32)
     qmin, qmax = qrange(bits, symmetric)
     assert q.dtype == torch.int8 and int(q.min()) >= qmin and int(q.max()) <= qmax
-    if symmetric:  # s = amax / (2^(B-1) - 1) per group, the last group over its own 4 channels
-        assert torch.allclose(scale[:, 3], w[:, 96:].abs().amax(1) / qmax)
-        assert torch.allclose(scale[:, 0], w[:, :32].abs().amax(1) / qmax)
+    # group scales are float16 values (`half_scales`)
+    assert scale.dtype == torch.float32 and torch.equal(scale.half().float(), scale)
+    if symmetric:  # s = amax / (2^(B-1) - 1) per group rounded up to a float16, the last group over its own 4 channels
+        for s, exact in ((scale[:, 3], w[:, 96:].abs().amax(1) / qmax), (scale[:, 0], w[:, :32].abs().amax(1) / qmax)):
+            assert bool((s >= exact).all()) and bool((s <= exact * (1 + 2.0**-10)).all())
+            assert torch.equal(s, half_scales(exact))
         assert bool((zp == 0).all())
     deq = dequantize(q, scale, zp, 32)
     # round to nearest: every error within half a step of its group

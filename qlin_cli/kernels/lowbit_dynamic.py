@@ -78,8 +78,10 @@ class DotPanels:
     - `codes`: bits <= 4: uint8 (P, U, 32), byte 4i + j holding u = q + 8 of row 16p + i (low
       nibble) and of row 16p + 8 + i (high nibble) at the unit's k j; else int8 (P, U, 64), byte
       4r + j = q of row 16p + r at the unit's k j. Rows past N hold q = 0.
-    - `scale` float32 (P, ngroups, 16); `zq` int8 (P, ngroups, 16), z (+ 8 for nibbles), or empty
-      where every zero point is 0; `wsum` float32 (N,), the dequantized weight's row sums.
+    - `scale` (P, ngroups, 16): float16 where every scale is a float16 value (as qlin's grouped
+      scales are, `primitives.half_scales`: 2 bytes a scale instead of 4, the same numbers),
+      else float32; `zq` int8 (P, ngroups, 16), z (+ 8 for nibbles), or empty where every zero
+      point is 0; `wsum` float32 (N,), the dequantized weight's row sums.
     """
 
     codes: torch.Tensor
@@ -148,7 +150,14 @@ def to_dot_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: t
     lengths[-1] = k - (ngroups - 1) * g
     sums = _group_sums(q, g).to(torch.int64) - lengths * z2.to(torch.int64)
     wsum = (sums.double() * s2.double()).sum(1).float()
-    return DotPanels(codes, _to_panel_rows(s2.contiguous(), 0.0), zq, wsum, n, k, g, bits, tuple(scale.shape))
+    sp = _to_panel_rows(s2.contiguous(), 0.0)
+    return DotPanels(codes, _narrowest(sp), zq, wsum, n, k, g, bits, tuple(scale.shape))
+
+
+def _narrowest(scale: torch.Tensor) -> torch.Tensor:
+    """float32 `scale` as float16 where that holds every value exactly, else as it is."""
+    half = scale.to(torch.float16)
+    return half if torch.equal(half.float(), scale) else scale
 
 
 def from_dot_panels(p: DotPanels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,7 +174,7 @@ def from_dot_panels(p: DotPanels) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     else:
         qp = p.codes.reshape(npan, units, PANEL, UNIT)
     q = qp.transpose(1, 2).reshape(npan * PANEL, units * UNIT)[:p.n, pos].contiguous()
-    s2 = _from_panel_rows(p.scale, p.n)
+    s2 = _from_panel_rows(p.scale.float(), p.n)
     nibble = 8 if p.bits <= 4 else 0
     z2 = ((_from_panel_rows(p.zq, p.n).to(torch.int16) - nibble).to(torch.int8) if p.zq.numel()
           else torch.zeros(s2.shape, dtype=torch.int8))

@@ -1470,7 +1470,8 @@ struct Args {
   const int32_t* usum;   // (M, ngroups): sum of a row's codes over each group
   const float *a, *c;    // (M,)
   const uint8_t* w;      // (P, U, ub)
-  const float* scale;    // (P, ngroups, 16)
+  const float* scale;    // (P, ngroups, 16), or nullptr when
+  const uint16_t* scale_h;  //   they are float16 values, held as float16 (half the bytes)
   const int8_t* zq;      // (P, ngroups, 16) or nullptr (then z = 0; nibbles: 8)
   const float* wsum;     // (N,)
   const float* bias;     // (N,) or nullptr
@@ -1483,6 +1484,10 @@ struct Args {
 inline int64_t unit_end(const Args& a, int64_t g) { return std::min(a.U, (g + 1) * a.UG); }
 inline const uint8_t* unit(const Args& a, int64_t p, int64_t t) { return a.w + (p * a.U + t) * a.ub; }
 inline int32_t codes4(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
+// scale `at` as float32 (a float16 one converted exactly)
+inline float scale_at(const Args& a, int64_t at) {
+  return a.scale_h ? c10::detail::fp16_ieee_to_fp32_value(a.scale_h[at]) : a.scale[at];
+}
 
 // the epilogue of 16 outputs of row m in panel p (v: their sums over the groups); rows past N not stored
 inline void store_row(const Args& a, int64_t m, int64_t p, const float* v) {
@@ -1517,21 +1522,27 @@ void tile_scalar(const Args& a, int64_t p, int64_t m0) {
         }
         const int64_t at = (p * a.ngroups + g) * PR + r;
         acc -= (a.zq ? static_cast<int32_t>(a.zq[at]) : (a.p4 ? 8 : 0)) * us;
-        v[r] = std::fma(static_cast<float>(acc), a.scale[at], v[r]);
+        v[r] = std::fma(static_cast<float>(acc), scale_at(a, at), v[r]);
       }
     }
     store_row(a, m, p, v);
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define QLIN_LD_AVX2 1
+// 8 scales from `at` as float32 (float16 ones converted exactly, vcvtph2ps)
+inline __m256 scales8(const Args& a, int64_t at) {
+  return a.scale_h ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.scale_h + at)))
+                   : _mm256_loadu_ps(a.scale + at);
+}
+
 // v[i][h] = fma(float(acc - zq * usum), s, v[i][h]) for rows 8h .. 8h + 7 of the panel
 template <int MB>
 __attribute__((always_inline)) inline void finish_group_avx2(const Args& a, int64_t p, int64_t g, int64_t m0,
                                                              __m256i (&acc)[MB][2], __m256 (&v)[MB][2]) {
   const int64_t at = (p * a.ngroups + g) * PR;
-  const __m256 s0 = _mm256_loadu_ps(a.scale + at), s1 = _mm256_loadu_ps(a.scale + at + 8);
+  const __m256 s0 = scales8(a, at), s1 = scales8(a, at + 8);
   __m256i z0 = _mm256_setzero_si256(), z1 = z0;
   if (a.zq) {
     z0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.zq + at)));
@@ -1707,7 +1718,8 @@ void tile_vnni(const Args& a, int64_t p, int64_t m0) {
         acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_set1_epi32(codes4(ur[i] + t * 4)), w);
     }
     const int64_t at = (p * a.ngroups + g) * PR;
-    const __m512 s = _mm512_loadu_ps(a.scale + at);
+    const __m512 s = a.scale_h ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.scale_h + at)))
+                               : _mm512_loadu_ps(a.scale + at);
     const __m512i z = a.zq ? _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zq + at)))
                            : _mm512_set1_epi32(a.p4 ? 8 : 0);
     _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
@@ -1777,8 +1789,9 @@ at::Tensor lowbit_dynamic_linear(const at::Tensor& x_in, const at::Tensor& codes
               "lowbit_dynamic_linear: codes must be contiguous dot panels (", P, ", ", U, ", ", ub, "), got ",
               codes.sizes());
   TORCH_CHECK(scale.dim() == 3 && scale.size(0) == P && scale.size(1) == ngroups && scale.size(2) == PR &&
-                  scale.scalar_type() == at::kFloat && scale.is_contiguous(),
-              "lowbit_dynamic_linear: scale must be contiguous float32 (", P, ", ", ngroups, ", 16)");
+                  (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous(),
+              "lowbit_dynamic_linear: scale must be contiguous float32 or float16 (", P, ", ", ngroups, ", 16)");
+  const bool half = scale.scalar_type() == at::kHalf;
   const bool has_z = zq.numel() > 0, has_b = bias.numel() > 0, has_smooth = smooth.numel() > 0;
   TORCH_CHECK(!has_z || (zq.sizes() == scale.sizes() && zq.scalar_type() == at::kChar && zq.is_contiguous()),
               "lowbit_dynamic_linear: zq must be contiguous int8 of scale's shape, or empty");
@@ -1838,8 +1851,9 @@ at::Tensor lowbit_dynamic_linear(const at::Tensor& x_in, const at::Tensor& codes
       }
     }
   });
-  const Args a{up, ku, usp, ap, cp, reinterpret_cast<const uint8_t*>(codes.data_ptr()), scale.data_ptr<float>(),
-               has_z ? zq.data_ptr<int8_t>() : nullptr, wsum.data_ptr<float>(), has_b ? bias.data_ptr<float>() : nullptr,
+  const Args a{up, ku, usp, ap, cp, reinterpret_cast<const uint8_t*>(codes.data_ptr()),
+               half ? nullptr : scale.data_ptr<float>(),
+               half ? reinterpret_cast<const uint16_t*>(scale.data_ptr()) : nullptr, has_z ? zq.data_ptr<int8_t>() : nullptr, wsum.data_ptr<float>(), has_b ? bias.data_ptr<float>() : nullptr,
                is_bf16 ? nullptr : y.data_ptr<float>(), is_bf16 ? y.data_ptr<bf16>() : nullptr,
                M, N, ngroups, UG, U, P, ub, p4};
   void (*const scalar)(const Args&, int64_t, int64_t) = &panels<tile_scalar<2>, tile_scalar<1>>;
