@@ -38,8 +38,8 @@ With --rounds N every format and then llama.cpp are measured N times in turn and
 the best round's: this VM's read bandwidth moves by up to 2x from minute to minute (AMD EPYC Zen
 5: 42-87 GB/s with 2 threads within one run), and one round measures llama.cpp minutes after the
 qlin formats.
-For each: the Linear layers' weight bytes read per token (codes at their width plus float32
-scales; the embedding lookup and the KV cache are left out), the bytes/s that implies at the
+For each: the Linear layers' weight bytes read per token (codes at their width plus scales as the
+kernel holds them, float16 for group scales; the embedding lookup and the KV cache are left out), the bytes/s that implies at the
 measured tokens/s, and that against the measured bandwidth (% of bound); the resident memory
 after the run. A format may spend --max-mode-s on a mode (its first steps or a prompt/8-token
 probe estimate the cost): a slower one decodes fewer tokens once, or reports its probe's prefill
@@ -184,7 +184,8 @@ def load_float(small: bool, weights: Path):
 
 def linear_weight_bytes(model) -> int:
     """Bytes of the Linear layers' weights as a decode step reads them: float weights at their
-    dtype; qlin's at their width (4-bit packed two per byte) plus float32 scales (and the zero
+    dtype; qlin's at their width (4-bit packed two per byte) plus scales at the width the kernel
+    holds them (float32, or float16 for group scales, `primitives.half_scales`; and the zero
     points of asymmetric schemes); biases."""
     import torch.nn as nn
 
@@ -194,7 +195,9 @@ def linear_weight_bytes(model) -> int:
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
             s = m.scheme
-            total += m.out_features * ((m.in_features * s.bits + 7) // 8) + m.weight_scale.numel() * 4
+            panels = getattr(getattr(m, "_run", None), "panels", None)  # lowbit, lowbit_dynamic: their scales' width
+            scale_bytes = 4 if panels is None else panels.scale.element_size()
+            total += m.out_features * ((m.in_features * s.bits + 7) // 8) + m.weight_scale.numel() * scale_bytes
             total += 0 if s.symmetric else m.weight_zero_point.numel()
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
@@ -965,7 +968,8 @@ def markdown(result: dict) -> str:
         f"tokens into an empty cache (logits of the last token only); best of {s['repeats']} runs"
         + (f", and of {s['rounds']} rounds (each round every format in turn, then llama.cpp: all "
            f"tokens/s of each round in the JSON's `rounds`)" if s.get("rounds", 1) > 1 else "") + ". Linear MB/token: "
-        "the Linear layers' weights as a token reads them (codes at their width plus float32 scales); GB/s: those "
+        "the Linear layers' weights as a token reads them (codes at their width plus scales as the kernel holds "
+        "them: float16 group scales, float32 others); GB/s: those "
         "bytes times tokens/s; % bound: that against the read bandwidth measured in this run. RSS: the process's "
         "resident memory after loading the model and running both modes (in brackets: less the RSS after its "
         "imports, once the model is loaded / after both modes, whose freed activations the C library keeps; "

@@ -6,13 +6,14 @@ copy of the weights with its byte-identical save."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
 from qlin_cli.kernels import lowbit, native
-from qlin_cli.primitives import sqnr_db
+from qlin_cli.primitives import half_scales, sqnr_db
 
 KERNELS = native.load()
 needs_native = pytest.mark.skipif(
@@ -166,6 +167,34 @@ def test_decode_tiles_of_several_panels(bits, asym, group):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("bits,asym,k,group", [(4, False, 300, 32), (4, True, 1100, 64), (3, True, 101, 7),
+                                                (8, False, 300, 300), (8, True, 256, 128)])
+def test_float16_scales_are_held_in_two_bytes_with_the_same_bits(bits, asym, k, group):
+    """Scales that are all float16 values (qlin's group scales, `half_scales`) are held as
+    float16 panels: the round trip gives the file's float32 tensor exactly, the panels are
+    smaller, and every path, decode (several panels a tile) and prefill, gives the bits of
+    float32 panels of the same values; one scale that is not a float16 value keeps float32."""
+    w, scale, zp, b = _operands(83, k, group, bits, asym, True, seed=k)
+    scale = half_scales(scale)
+    q = lowbit.unpack_int4(w, k) if bits == 4 else w
+    p16 = lowbit.to_panels(q, bits, scale, zp if asym else None, group)
+    p32 = dataclasses.replace(p16, scale=p16.scale.float())
+    assert p16.scale.dtype == torch.float16 and p16.nbytes() == p32.nbytes() - p16.scale.numel() * 2
+    back = lowbit.from_panels(p16)
+    assert back[1].dtype == torch.float32 and torch.equal(back[1], scale) and torch.equal(back[0], q)
+    odd = scale.clone()
+    odd[0, 0] = odd[0, 0].item() * (1 + 2.0**-20)
+    assert lowbit.to_panels(q, bits, odd, zp if asym else None, group).scale.dtype == torch.float32
+    if KERNELS is None:
+        return
+    for m in (1, 2, 4, 17):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        y = lowbit.panel_linear(x, p32, b, PATHS["scalar"])
+        _float64_check(x, w, bits, scale, zp, group, b, y)
+        for path in ("scalar", *BUILT):
+            assert torch.equal(lowbit.panel_linear(x, p16, b, PATHS[path]), y), (path, m)
+
+
 @needs_native
 @pytest.mark.parametrize("k,group", [(37, 5), (101, 7), (64, 1), (50, 48), (33, 1000), (1, 1), (1, 32)])
 def test_kernel_any_group_size(k, group):
@@ -298,6 +327,8 @@ def test_packed_layers_hold_the_weights_once_and_save_the_same_bytes(keys, tmp_p
         assert not {"weight", "weight_scale", "weight_zero_point"} & set(q._buffers)
         assert q.weight.dtype == torch.int8 and q.weight.shape == (q.out_features, q.in_features)
         assert list(q.state_dict())[:3] == ["weight", "weight_scale", "weight_zero_point"]
+        # group scales are float16 values, held as float16 panels; per-channel ones stay float32
+        assert q._run.panels.scale.dtype == (torch.float16 if q.scheme.group_size else torch.float32)
     first = save_quantized(result, tmp_path / "a.safetensors")
     loaded = load_quantized(load_encoder(), first)
     again = save_quantized(type(result)(model=loaded, config=result.config, layers=result.layers),

@@ -152,8 +152,10 @@ class Panels:
     - `codes`: for bits <= 4, uint8 (P, ceil(K/2), 16): byte [p, j, r] holds u = q + 8 of row
       16p + r at k = 2j in its low nibble and at k = 2j + 1 in its high one; else int8 (P, K, 16),
       q of row 16p + r at k. Rows past N (and the high nibble past an odd K) hold q = 0.
-    - `scale`: float32 (P, ngroups, 16); `zq`: int8 (P, ngroups, 16), z (+ 8 for nibbles), or
-      empty where every zero point is 0.
+    - `scale`: (P, ngroups, 16), float16 where every scale is a float16 value (as qlin's group
+      scales are, `primitives.half_scales`: 2 bytes a scale instead of 4, the same numbers),
+      else float32; `zq`: int8 (P, ngroups, 16), z (+ 8 for nibbles), or empty where every zero
+      point is 0.
     """
 
     codes: torch.Tensor
@@ -180,6 +182,12 @@ def _to_panel_rows(t: torch.Tensor, fill) -> torch.Tensor:
     if pad:
         t = torch.cat([t, t.new_full((pad, c), fill)])
     return t.reshape(t.shape[0] // PANEL, PANEL, c).transpose(1, 2).contiguous()
+
+
+def _narrowest(scale: torch.Tensor) -> torch.Tensor:
+    """float32 scale panels as float16 where that holds every value exactly, else as they are."""
+    half = scale.to(torch.float16)
+    return half if torch.equal(half.float(), scale) else scale
 
 
 def _from_panel_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -245,7 +253,7 @@ def to_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: torch
         codes = _to_panel_rows(q.contiguous(), 0)
     zq = (_to_panel_rows(z2.to(torch.int16) + (8 if bits <= 4 else 0), 0).to(torch.int8) if bool(z2.any())
           else _EMPTY_I8)
-    return Panels(codes, _to_panel_rows(s2.contiguous(), 0.0), zq, n, k, g, bits, tuple(scale.shape))
+    return Panels(codes, _narrowest(_to_panel_rows(s2.contiguous(), 0.0)), zq, n, k, g, bits, tuple(scale.shape))
 
 
 def from_panels(p: Panels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -257,7 +265,7 @@ def from_panels(p: Panels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q = (u.to(torch.int16) - 8).to(torch.int8)
     else:
         q = _from_panel_rows(p.codes, p.n)
-    s2 = _from_panel_rows(p.scale, p.n)
+    s2 = _from_panel_rows(p.scale.float(), p.n)
     z2 = (_from_panel_rows(p.zq, p.n).to(torch.int16) - (8 if p.nibbles else 0)).to(torch.int8) if p.zq.numel() \
         else torch.zeros(s2.shape, dtype=torch.int8)
 

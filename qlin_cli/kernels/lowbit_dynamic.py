@@ -37,7 +37,7 @@ from ..primitives import dequantize as _dequantize
 from . import native
 from .common import ACCEPTED
 from .common import EMPTY as _EMPTY_F32
-from .lowbit import PANEL, _from_panel_rows, _to_panel_rows, pack_slices, packed_by_slices
+from .lowbit import PANEL, _from_panel_rows, _narrowest, _to_panel_rows, pack_slices, packed_by_slices
 from .pertoken import refuse_tracing
 from .registry import Kernel, KernelChoice, Target
 
@@ -150,14 +150,8 @@ def to_dot_panels(q: torch.Tensor, bits: int, scale: torch.Tensor, zero_point: t
     lengths[-1] = k - (ngroups - 1) * g
     sums = _group_sums(q, g).to(torch.int64) - lengths * z2.to(torch.int64)
     wsum = (sums.double() * s2.double()).sum(1).float()
-    sp = _to_panel_rows(s2.contiguous(), 0.0)
-    return DotPanels(codes, _narrowest(sp), zq, wsum, n, k, g, bits, tuple(scale.shape))
-
-
-def _narrowest(scale: torch.Tensor) -> torch.Tensor:
-    """float32 `scale` as float16 where that holds every value exactly, else as it is."""
-    half = scale.to(torch.float16)
-    return half if torch.equal(half.float(), scale) else scale
+    return DotPanels(codes, _narrowest(_to_panel_rows(s2.contiguous(), 0.0)), zq, wsum, n, k, g, bits,
+                     tuple(scale.shape))
 
 
 def from_dot_panels(p: DotPanels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

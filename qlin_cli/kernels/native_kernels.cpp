@@ -1003,7 +1003,8 @@ constexpr int64_t LB_BLOCK = 4;                // panels per task unit
 struct Args {
   const float* x;        // (M, K)
   const uint8_t* w;      // panels, panel p at w + p * pbytes
-  const float* scale;    // (P, ngroups, 16)
+  const float* scale;    // (P, ngroups, 16), or nullptr when
+  const uint16_t* scale_h;  //   they are float16 values, held as float16 (half the bytes)
   const int8_t* zq;      // (P, ngroups, 16) or nullptr
   const float* bias;     // (N,) or nullptr
   float* y;              // (M, N)
@@ -1025,6 +1026,9 @@ struct VScalar {
   static int np_direct(int, bool) { return 1; }
   static W zero() { W w; for (int r = 0; r < PR; ++r) w.v[r] = 0.0f; return w; }
   static W load(const float* p) { W w; for (int r = 0; r < PR; ++r) w.v[r] = p[r]; return w; }
+  static W load(const uint16_t* p) {
+    W w; for (int r = 0; r < PR; ++r) w.v[r] = c10::detail::fp16_ieee_to_fp32_value(p[r]); return w;
+  }
   static void store(float* p, const W& w) { for (int r = 0; r < PR; ++r) p[r] = w.v[r]; }
   static W fma(const W& w, float x, const W& acc) {
     W o; for (int r = 0; r < PR; ++r) o.v[r] = std::fma(w.v[r], x, acc.v[r]); return o;
@@ -1034,11 +1038,12 @@ struct VScalar {
   static W fmaw(const W& a, const W& b, const W& c) {
     W o; for (int r = 0; r < PR; ++r) o.v[r] = std::fma(a.v[r], b.v[r], c.v[r]); return o;
   }
-  template <bool P4, bool ZP, bool PC> static GP params(const float* s, const int8_t* z) {
+  template <bool P4, bool ZP, bool PC, class S> static GP params(const S* s, const int8_t* z) {
     GP g;
+    const W sv = PC ? zero() : load(s);
     for (int r = 0; r < PR; ++r) {
-      g.s[r] = s[r];
-      g.o[r] = -8.0f * s[r];
+      g.s[r] = sv.v[r];
+      g.o[r] = -8.0f * sv.v[r];
       g.z[r] = ZP ? z[r] : (PC && P4 ? 8 : 0);
     }
     return g;
@@ -1056,7 +1061,7 @@ struct VScalar {
   }
 };
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define QLIN_LB_AVX2 1
 // ---- AVX2: a panel row is two 8-lane vectors
 struct VAvx2 {
@@ -1072,6 +1077,10 @@ struct VAvx2 {
   static int np_direct(int mb, bool bare) { return mb == 1 ? (bare ? 4 : 2) : mb == 2 && bare ? 2 : 1; }
   static W zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
   static W load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static W load(const uint16_t* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+  }
   static void store(float* p, const W& w) { _mm256_storeu_ps(p, w.a); _mm256_storeu_ps(p + 8, w.b); }
   static W fma(const W& w, float x, const W& acc) {
     const __m256 xv = _mm256_set1_ps(x);
@@ -1080,7 +1089,7 @@ struct VAvx2 {
   static W add(const W& a, const W& b) { return {_mm256_add_ps(a.a, b.a), _mm256_add_ps(a.b, b.b)}; }
   static W mul(const W& a, const W& b) { return {_mm256_mul_ps(a.a, b.a), _mm256_mul_ps(a.b, b.b)}; }
   static W fmaw(const W& a, const W& b, const W& c) { return {_mm256_fmadd_ps(a.a, b.a, c.a), _mm256_fmadd_ps(a.b, b.b, c.b)}; }
-  template <bool P4, bool ZP, bool PC> static GP params(const float* s, const int8_t* z) {
+  template <bool P4, bool ZP, bool PC, class S> static GP params(const S* s, const int8_t* z) {
     GP g;
     if (!PC) {
       g.s = load(s);
@@ -1124,15 +1133,16 @@ struct VAvx512 {
   static int np_direct(int, bool) { return 4; }
   static W zero() { return {_mm512_setzero_ps()}; }
   static W load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static W load(const uint16_t* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
   static void store(float* p, const W& w) { _mm512_storeu_ps(p, w.v); }
   static W fma(const W& w, float x, const W& acc) { return {_mm512_fmadd_ps(w.v, _mm512_set1_ps(x), acc.v)}; }
   static W add(const W& a, const W& b) { return {_mm512_add_ps(a.v, b.v)}; }
   static W mul(const W& a, const W& b) { return {_mm512_mul_ps(a.v, b.v)}; }
   static W fmaw(const W& a, const W& b, const W& c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-  template <bool P4, bool ZP, bool PC> static GP params(const float* s, const int8_t* z) {
+  template <bool P4, bool ZP, bool PC, class S> static GP params(const S* s, const int8_t* z) {
     GP g;
     if (!PC) {
-      g.s = _mm512_loadu_ps(s);
+      g.s = load(s).v;
       g.o = _mm512_mul_ps(_mm512_set1_ps(-8.0f), g.s);
     }
     if (ZP) g.z = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z)));
@@ -1166,7 +1176,8 @@ __attribute__((always_inline)) inline void walk(const Args& a, int64_t p0, int64
     typename V::GP gp[NP];
     _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) {
       const int64_t at = ((p0 + j) * a.ngroups + g) * PR;
-      gp[j] = V::template params<P4, ZP, PC>(a.scale + at, ZP ? a.zq + at : nullptr);
+      const int8_t* z = ZP ? a.zq + at : nullptr;
+      gp[j] = a.scale_h ? V::template params<P4, ZP, PC>(a.scale_h + at, z) : V::template params<P4, ZP, PC>(a.scale + at, z);
     }
     int64_t k = ks;
     if (P4) {
@@ -1209,7 +1220,7 @@ __attribute__((always_inline)) inline void store_tile(const Args& a, int64_t m0,
       if (live == PR) b = V::load(a.bias + (p0 + j) * PR);
       else { std::fill(t, t + PR, 0.0f); std::copy(a.bias + (p0 + j) * PR, a.bias + (p0 + j) * PR + live, t); b = V::load(t); }
     }
-    if (PC && last) s = V::load(a.scale + (p0 + j) * PR);  // one group: (P, 1, 16)
+    if (PC && last) s = a.scale_h ? V::load(a.scale_h + (p0 + j) * PR) : V::load(a.scale + (p0 + j) * PR);  // (P, 1, 16)
     _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) {
       const W v = !last ? acc[i][j]
                   : PC ? (a.bias ? V::fmaw(acc[i][j], s, b) : V::mul(acc[i][j], s))
@@ -1391,9 +1402,11 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
               "lowbit_linear: codes must be contiguous panels (ceil(N/16), ", p4 ? "ceil(K/2)" : "K", ", 16) = (", P,
               ", ", krows, ", 16), got ", codes.sizes());
   TORCH_CHECK(scale.dim() == 3 && scale.size(0) == P && scale.size(1) == ngroups && scale.size(2) == PR &&
-                  scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.is_cpu(),
-              "lowbit_linear: scale must be contiguous float32 (ceil(N/16), ceil(K/group_size), 16) = (", P, ", ",
-              ngroups, ", 16), got ", scale.scalar_type(), " ", scale.sizes());
+                  (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous() &&
+                  scale.is_cpu(),
+              "lowbit_linear: scale must be contiguous float32 or float16 (ceil(N/16), ceil(K/group_size), 16) = (",
+              P, ", ", ngroups, ", 16), got ", scale.scalar_type(), " ", scale.sizes());
+  const bool half = scale.scalar_type() == at::kHalf;
   const bool has_z = zq.numel() > 0;
   TORCH_CHECK(!has_z || (zq.sizes() == scale.sizes() && zq.scalar_type() == at::kChar && zq.is_contiguous()),
               "lowbit_linear: zq must be contiguous int8 of scale's shape, or empty, got ", zq.scalar_type(), " ",
@@ -1406,7 +1419,8 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   TORCH_CHECK(path >= AUTO && path <= AVX512, "lowbit_linear: path must be 0 (auto) .. 3, got ", path);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  const Args a{x.data_ptr<float>(), reinterpret_cast<const uint8_t*>(codes.data_ptr()), scale.data_ptr<float>(),
+  const Args a{x.data_ptr<float>(), reinterpret_cast<const uint8_t*>(codes.data_ptr()),
+               half ? nullptr : scale.data_ptr<float>(), half ? reinterpret_cast<const uint16_t*>(scale.data_ptr()) : nullptr,
                has_z ? zq.data_ptr<int8_t>() : nullptr, has_b ? bias.data_ptr<float>() : nullptr,
                y.data_ptr<float>(), M, N, K, group_size, ngroups, P, krows * PR, p4};
   void (*fn)(const Args&, int64_t, int64_t) = &run<VScalar>;
