@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import sysconfig
+import types
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,7 @@ def test_a_compiler_that_refuses_qlins_flags_builds_the_portable_kernels(monkeyp
     cxx.chmod(0o755)
     loaded = []
     monkeypatch.setattr(native, "_import", lambda path: loaded.append(path) or f"module {path.name}")
+    monkeypatch.setattr(native, "_self_check", lambda module: None)  # no module to run: the build is checked here
     with caplog.at_level("INFO", logger="qlin"):
         module, reason = _load_afresh(monkeypatch, tmp_path, str(cxx))
     source = native.SOURCE.read_text()
@@ -176,6 +178,52 @@ def test_a_compiler_that_refuses_qlins_flags_builds_the_portable_kernels(monkeyp
     Path(f"{full}.failed").unlink()  # retry qlin's flags: refused again, the portable module still serves
     assert _load_afresh(monkeypatch, tmp_path, str(cxx)) == (f"module {portable.name}", None)
     assert len(log.read_text().splitlines()) == 3 and Path(f"{full}.failed").exists()
+
+
+def _wrong(names: str, fault):
+    """The module built here, with each kernel of `names` (a space-separated list) replaced by
+    `fault(real, *args)`."""
+    fake = types.SimpleNamespace(**{a: getattr(KERNELS, a) for a in dir(KERNELS) if not a.startswith("__")})
+    for name in names.split():
+        setattr(fake, name, lambda *args, real=getattr(KERNELS, name): fault(real, *args))
+    return fake
+
+
+def _one_ulp_off(real, *args):  # the last output one float32 step off
+    y = real(*args).clone()
+    y.view(-1)[-1:] = torch.nextafter(y.view(-1)[-1:], torch.tensor(float("inf")))
+    return y
+
+
+def _vector_paths_off(real, *args):  # the paths but the scalar one (`path` last) one step off
+    return real(*args) if args[-1] == 1 else _one_ulp_off(real, *args)
+
+
+def _codes_off_by_one(real, x, *args):  # the same wrong sums on every path (GCC 12.2's kind of fault)
+    return real(x + 0.5 * (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / 255, *args)
+
+
+@needs_native
+@pytest.mark.parametrize("name, fault, reason", [
+    ("pertoken_linear", _one_ulp_off, "pertoken_linear, 1 row(s)"),
+    ("_pertoken_linear_scalar", _one_ulp_off, "pertoken_linear, 1 row(s)"),
+    ("pertoken_linear _pertoken_linear_scalar", _codes_off_by_one, "pertoken_linear, 1 row(s)"),
+    ("static_linear", _one_ulp_off, "static_linear, 1 row(s)"),
+    ("lowbit_linear", _vector_paths_off, "lowbit_linear, 4 bits, 1 row(s)"),
+    ("lowbit_linear", _codes_off_by_one, "lowbit_linear, 4 bits, 1 row(s)"),
+    ("lowbit_dynamic_linear", _vector_paths_off, "lowbit_dynamic_linear, 1 row(s)"),
+    ("lowbit_dynamic_linear", _codes_off_by_one, "lowbit_dynamic_linear, 1 row(s)"),
+])
+def test_a_module_that_computes_wrongly_is_not_used(monkeypatch, name, fault, reason):
+    """A module whose vector loops part from its scalar ones by one float32 step, or whose
+    loops all compute the same wrong sums, is not loaded: `_load` answers None with the failed
+    check (and the module's path) as the reason, so qlin runs the torch-op path and says why.
+    The module built here passes the same checks."""
+    assert native._self_check(KERNELS) is None
+    monkeypatch.setattr(native, "_import", lambda path: _wrong(name, fault))
+    module, why = native._load.__wrapped__()
+    assert module is None
+    assert why.startswith(f"the fused kernels built here give wrong results ({reason}; ") and why.endswith(".so)")
 
 
 def test_the_build_flags_of_each_kind_and_platform(monkeypatch):

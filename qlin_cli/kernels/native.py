@@ -22,6 +22,13 @@ a `.failed` file beside the module keeps later runs from trying qlin's flags aga
 retry). Where nothing builds (no compiler, no headers, unwritable cache, `QLIN_NATIVE=0`),
 `load()` returns None, qlin runs the torch-op path instead (same results to float rounding) and
 says why once, through the `qlin` logger.
+
+Before a loaded module serves a layer, `_self_check` runs each kernel on small operands (a few
+milliseconds): every instruction set built must give the scalar loops' bits, as the design says
+and the tests check, and the scalar loops must match a float64 reference. A compiler that builds
+wrong code for this CPU (GCC 12.2 once vectorized a loop of `pertoken_linear` into `vpdpbusd`
+wrongly, caught by the tests on an AMD Zen 5) then costs speed, not results: `load()` returns
+None, with the failed check as the reason.
 """
 
 from __future__ import annotations
@@ -150,7 +157,67 @@ def _load() -> tuple[ModuleType | None, str | None]:
         exc = first or exc
         text = str(exc).strip().splitlines()
         return None, f"the fused kernels could not be built ({type(exc).__name__}: {text[0][:200] if text else ''})"
+    wrong = _self_check(module)
+    if wrong is not None:
+        return None, f"the fused kernels built here give wrong results ({wrong}; {path})"
     return module, None
+
+
+def _self_check(module) -> str | None:
+    """What a loaded module computes wrongly on small operands (rows 1 and 5: decode and batch
+    tiles; K = 100: vector loops and their tails), or None: per-token and static int8 (each
+    vector path against its scalar twin, bit for bit; the scalar one against float64), 4-bit
+    weight-only and W4A8 in groups of 32 with float16 scales and int8 weight-only per channel
+    (every path built against the scalar one, bit for bit; that one against float64). It calls
+    the module itself (load() would come back here)."""
+    from ..primitives import half_scales
+    from . import lowbit, lowbit_dynamic  # here, not at the top: both import this module
+    from .common import weight_int_sums, weight_row_sums
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 40, 100
+    x = torch.randn(5, k, generator=g)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g) * 0.01 + 1e-3
+    b = torch.randn(n, generator=g)
+    u, a, c = lowbit_dynamic.dynamic_codes(x)
+    seen = (u * a + c).double()  # the activations as the per-token codes give them
+    e, z, e32 = torch.empty(0), torch.zeros(n, dtype=torch.int8), torch.empty(0, dtype=torch.int32)
+    sums = weight_int_sums(w)
+    ids = {"scalar": 1, "avx2": 2, "avx512": 3, "avx512_vnni": 3}  # the kernels' `path` by the names they list
+
+    def off(y: torch.Tensor, ref: torch.Tensor) -> bool:  # further apart than float32 rounding
+        return not bool(((y.double() - ref).abs() <= 1e-4 * (ref.abs() + ref.abs().mean())).all())
+
+    for rows in (x[:1], x):
+        m = rows.shape[0]
+        for wsum_i in (sums, e32):  # AVX2: the vpmaddubsw tiles, then the vpmaddwd ones
+            ops = (rows, w, s, weight_row_sums(w, s, z, sums), b, e, e, wsum_i)
+            y = module._pertoken_linear_scalar(*ops)
+            if not torch.equal(module.pertoken_linear(*ops), y) or off(y, seen[:m] @ (w.double() * s[:, None]).T + b):
+                return f"pertoken_linear, {m} row(s)"
+        ops = (rows, w, 0.02 * s, 128 * sums, e32, b, torch.tensor([0.02]), 0, sums)  # s_x 0.02, z_x 0
+        if not torch.equal(module.static_linear(*ops), module._static_linear_scalar(*ops)):
+            return f"static_linear, {m} row(s)"
+        for bits, group in ((4, 32), (8, None)):
+            q = w.clamp(-7, 7) if bits == 4 else w
+            scale = half_scales(torch.rand(n, -(-k // 32), generator=g) * 0.01 + 1e-3) if group else s
+            weight = q.double() * (scale.repeat_interleave(32, 1)[:, :k] if group else scale[:, None]).double()
+            p = lowbit.to_panels(q, bits, scale, None, group)
+            run = lambda path: module.lowbit_linear(rows, p.codes, p.scale, p.zq, b, p.n, p.k, p.group_size, path)
+            y = run(1)
+            if off(y, rows.double() @ weight.T + b) or any(
+                    not torch.equal(run(path), y) for path in (0, *(ids[name] for name in module.lowbit_paths))):
+                return f"lowbit_linear, {bits} bits, {m} row(s)"
+            if group:
+                d = lowbit_dynamic.to_dot_panels(q, bits, scale, None, group)
+                run = lambda path: module.lowbit_dynamic_linear(rows, d.codes, d.scale, d.zq, d.wsum, b, e, d.n, d.k,
+                                                                d.group_size, path)
+                y = run(1)
+                if off(y, seen[:m] @ weight.T + b) or any(
+                        not torch.equal(run(path), y) for path in (0, *(ids[name] for name in module.lowbit_dynamic_paths))):
+                    return f"lowbit_dynamic_linear, {m} row(s)"
+    return None
 
 
 def _import(path: Path) -> ModuleType:
