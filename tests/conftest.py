@@ -3,6 +3,7 @@ helpers that run qlin (in process, or as a subprocess) and read its files."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -264,3 +265,19 @@ def raising(exc: BaseException):
         raise exc
 
     return fn
+
+
+def float16_panels(pack, unpack, q, bits, scale, zp, group):
+    """A kernel's panels of `scale` (all float16 values) by `pack` (`lowbit.to_panels`,
+    `lowbit_dynamic.to_dot_panels`), checked: float16 scales (2 bytes each instead of 4), the
+    file's tensors back exactly through `unpack`, and float32 panels again where one scale is not
+    a float16 value. Returns the panels and their float32 twin (the same values)."""
+    p16 = pack(q, bits, scale, zp, group)
+    p32 = dataclasses.replace(p16, scale=p16.scale.float())
+    assert p16.scale.dtype == torch.float16 and p16.nbytes() == p32.nbytes() - p16.scale.numel() * 2
+    back = unpack(p16)
+    assert back[1].dtype == torch.float32 and torch.equal(back[1], scale) and torch.equal(back[0], q)
+    odd = scale.clone()
+    odd[-1, -1] = odd[-1, -1].item() * (1 + 2.0**-20)
+    assert pack(q, bits, odd, zp, group).scale.dtype == torch.float32
+    return p16, p32

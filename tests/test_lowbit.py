@@ -6,12 +6,12 @@ copy of the weights with its byte-identical save."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import pytest
 import torch
 
+from conftest import float16_panels
 from qlin_cli.kernels import lowbit, native
 from qlin_cli.primitives import half_scales, sqnr_db
 
@@ -177,14 +177,7 @@ def test_float16_scales_are_held_in_two_bytes_with_the_same_bits(bits, asym, k, 
     w, scale, zp, b = _operands(83, k, group, bits, asym, True, seed=k)
     scale = half_scales(scale)
     q = lowbit.unpack_int4(w, k) if bits == 4 else w
-    p16 = lowbit.to_panels(q, bits, scale, zp if asym else None, group)
-    p32 = dataclasses.replace(p16, scale=p16.scale.float())
-    assert p16.scale.dtype == torch.float16 and p16.nbytes() == p32.nbytes() - p16.scale.numel() * 2
-    back = lowbit.from_panels(p16)
-    assert back[1].dtype == torch.float32 and torch.equal(back[1], scale) and torch.equal(back[0], q)
-    odd = scale.clone()
-    odd[0, 0] = odd[0, 0].item() * (1 + 2.0**-20)
-    assert lowbit.to_panels(q, bits, odd, zp if asym else None, group).scale.dtype == torch.float32
+    p16, p32 = float16_panels(lowbit.to_panels, lowbit.from_panels, q, bits, scale, zp if asym else None, group)
     if KERNELS is None:
         return
     for m in (1, 2, 4, 17):

@@ -6,14 +6,13 @@ reference, the torch path, selection, and whole models through the API and the C
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_one_error_line, cli, cli_json
+from conftest import assert_one_error_line, cli, cli_json, float16_panels
 from qlin_cli import quantize_model
 from qlin_cli.config import QuantConfig
 from qlin_cli.errors import ConfigError
@@ -178,15 +177,8 @@ def test_float16_scales_are_held_in_two_bytes_with_the_same_bits(bits, n, k, gro
     smaller, and every path (and one row's decode tiles) gives the bits of float32 panels of the
     same values. One scale that is not a float16 value keeps the float32 panels."""
     q, scale, zp, bias = _operands(n, k, group, bits, asym)
-    scale = half_scales(scale)
-    p16 = ld.to_dot_panels(q, bits, scale, zp if asym else None, group)
-    p32 = dataclasses.replace(p16, scale=p16.scale.float())
-    assert p16.scale.dtype == torch.float16 and p16.nbytes() == p32.nbytes() - p16.scale.numel() * 2
-    back = ld.from_dot_panels(p16)
-    assert back[1].dtype == torch.float32 and torch.equal(back[1], scale) and torch.equal(back[0], q)
-    odd = scale.clone()
-    odd[-1, -1] = odd[-1, -1].item() * (1 + 2.0**-20)
-    assert ld.to_dot_panels(q, bits, odd, zp if asym else None, group).scale.dtype == torch.float32
+    p16, p32 = float16_panels(ld.to_dot_panels, ld.from_dot_panels, q, bits, half_scales(scale),
+                              zp if asym else None, group)
     if KERNELS is None:
         return
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(3))
