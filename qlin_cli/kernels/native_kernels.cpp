@@ -656,6 +656,14 @@ void pertoken_blocks_vnni(const PertokenArgs& p, int64_t nb0, int64_t nb1) {
 // so a row's result never depends on the batch.
 constexpr int64_t PT2_NB = 8;   // outputs per tile (MB x NR)
 constexpr int64_t PT2_MBLOCK = 64;  // rows of codes per pass over a thread's weight rows (L2)
+// bytes ahead that the 2- and 4-row sign tiles fetch each weight stream (as PT_PREFETCH on VNNI):
+// each tile of a step reads only its own rows, so the step's streams stop and start by turns,
+// which the hardware prefetchers follow less well (AMD EPYC Zen 3, 2 threads, weights from
+// memory, alternated twice: 4 rows 270/277 -> 242/230 us a 2048 x 2048 layer, 3372/3734 ->
+// 3206/2860 the 32000 x 2048 head, 2 rows within the noise; the one-row tile, which reads all 8
+// streams at once, took 10-30% longer with it in one A/B and as long in the minute's bandwidth
+// terms: it has none)
+constexpr int64_t PT2_PREFETCH = 4096;
 
 // lane j = the sum of the 8 int32 lanes of v[j]
 __attribute__((always_inline)) inline __m256i pt2_sum8(const __m256i* v) {
@@ -735,6 +743,9 @@ void pertoken_tile_sign_avx2(const PertokenArgs& p, int64_t m0, const int64_t* n
   _Pragma("GCC unroll 8") for (int i = 0; i < PT2_NB; ++i) acc[i] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t k = 0; k < kmain; k += 32) {
+    if (MB > 1 && !(k & 32))  // each stream PT2_PREFETCH bytes ahead, a cache line at a time
+      _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(wr[r] + k) + PT2_PREFETCH), _MM_HINT_T0);
     __m256i wv[NR];
     _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k));
     _Pragma("GCC unroll 8") for (int i = 0; i < MB; ++i) {
