@@ -180,6 +180,14 @@ def test_a_compiler_that_refuses_qlins_flags_builds_the_portable_kernels(monkeyp
     assert len(log.read_text().splitlines()) == 3 and Path(f"{full}.failed").exists()
 
 
+def test_a_module_that_fails_its_self_check_fails_the_suite_instead_of_skipping_it():
+    """Kernel tests skip where the kernels cannot be had (no compiler); a module that computes
+    wrongly must not turn into such skips and a green run: this test fails with the check's
+    reason instead."""
+    reason = native.unavailable_reason()
+    assert reason is None or "give wrong results" not in reason, reason
+
+
 def _wrong(names: str, fault):
     """The module built here, with each kernel of `names` (a space-separated list) replaced by
     `fault(real, *args)`."""
