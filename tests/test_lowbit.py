@@ -115,7 +115,7 @@ def test_panels_round_trip_exactly(bits, n, k, group, asym, shape, monkeypatch):
 
 # the kernel against float64 -------------------------------------------------------------------
 
-PATHS = {"scalar": 1, "avx2": 2, "avx512": 3}
+PATHS = lowbit.PATHS
 BUILT = [p for p in PATHS if KERNELS is not None and p in getattr(KERNELS, "lowbit_paths", ())]
 
 

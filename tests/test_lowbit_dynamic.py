@@ -22,7 +22,7 @@ from qlin_cli.primitives import MIN_SCALE, dequantize, half_scales, sqnr_db
 from qlin_cli.scheme import LayerScheme
 
 KERNELS = native.load()
-PATH_IDS = {"scalar": 1, "avx2": 2, "avx512_vnni": 3}  # lowbit_dynamic_linear's `path`, by the names it lists
+PATH_IDS = lowbit.PATHS  # lowbit_dynamic_linear's `path`, by the names it lists
 needs_native = pytest.mark.skipif(
     KERNELS is None or not hasattr(KERNELS, "lowbit_dynamic_linear"),
     reason=f"qlin's fused kernels are not built here: {native.unavailable_reason()}")

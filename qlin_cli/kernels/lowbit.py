@@ -34,7 +34,7 @@ from .registry import Kernel, KernelChoice, low_bit_layer
 
 __all__ = [
     "pack_bits", "unpack_bits", "pack_int4", "unpack_int4", "dequantize", "lowbit_linear_reference", "Panels",
-    "to_panels", "from_panels", "panel_linear", "lowbit_linear", "KERNEL",
+    "to_panels", "from_panels", "panel_linear", "lowbit_linear", "KERNEL", "PATHS",
 ]
 
 _EMPTY_F32 = torch.empty(0)
@@ -141,6 +141,9 @@ def lowbit_linear_reference(x: torch.Tensor, w: torch.Tensor, bits: int, scale: 
 
 
 PANEL = 16  # output rows per panel of the kernel's layout
+# the `path` of lowbit_linear and lowbit_dynamic_linear (0: the best built here) by the names of the
+# instruction sets their module lists as built (`lowbit_paths`, `lowbit_dynamic_paths`)
+PATHS = {"scalar": 1, "avx2": 2, "avx512": 3, "avx512_vnni": 3}
 
 
 @dataclass(frozen=True)

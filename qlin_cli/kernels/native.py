@@ -49,6 +49,8 @@ from types import ModuleType
 import torch
 
 from ..files import forget_temporary, temporary_name
+from ..primitives import half_scales
+from .common import weight_int_sums, weight_row_sums
 
 __all__ = ["load", "unavailable_reason"]
 
@@ -170,9 +172,7 @@ def _self_check(module) -> str | None:
     weight-only and W4A8 in groups of 32 with float16 scales and int8 weight-only per channel
     (every path built against the scalar one, bit for bit; that one against float64). It calls
     the module itself (load() would come back here)."""
-    from ..primitives import half_scales
     from . import lowbit, lowbit_dynamic  # here, not at the top: both import this module
-    from .common import weight_int_sums, weight_row_sums
 
     g = torch.Generator().manual_seed(0)
     n, k = 40, 100
@@ -184,10 +184,12 @@ def _self_check(module) -> str | None:
     seen = (u * a + c).double()  # the activations as the per-token codes give them
     e, z, e32 = torch.empty(0), torch.zeros(n, dtype=torch.int8), torch.empty(0, dtype=torch.int32)
     sums = weight_int_sums(w)
-    ids = {"scalar": 1, "avx2": 2, "avx512": 3, "avx512_vnni": 3}  # the kernels' `path` by the names they list
 
     def off(y: torch.Tensor, ref: torch.Tensor) -> bool:  # further apart than float32 rounding
         return not bool(((y.double() - ref).abs() <= 1e-4 * (ref.abs() + ref.abs().mean())).all())
+
+    def parts(run, y: torch.Tensor, built: list[str]) -> bool:  # a path (0: auto, or one built) not y's bits
+        return any(not torch.equal(run(path), y) for path in (0, *(lowbit.PATHS[name] for name in built)))
 
     for rows in (x[:1], x):
         m = rows.shape[0]
@@ -206,16 +208,14 @@ def _self_check(module) -> str | None:
             p = lowbit.to_panels(q, bits, scale, None, group)
             run = lambda path: module.lowbit_linear(rows, p.codes, p.scale, p.zq, b, p.n, p.k, p.group_size, path)
             y = run(1)
-            if off(y, rows.double() @ weight.T + b) or any(
-                    not torch.equal(run(path), y) for path in (0, *(ids[name] for name in module.lowbit_paths))):
+            if off(y, rows.double() @ weight.T + b) or parts(run, y, module.lowbit_paths):
                 return f"lowbit_linear, {bits} bits, {m} row(s)"
             if group:
                 d = lowbit_dynamic.to_dot_panels(q, bits, scale, None, group)
                 run = lambda path: module.lowbit_dynamic_linear(rows, d.codes, d.scale, d.zq, d.wsum, b, e, d.n, d.k,
                                                                 d.group_size, path)
                 y = run(1)
-                if off(y, seen[:m] @ weight.T + b) or any(
-                        not torch.equal(run(path), y) for path in (0, *(ids[name] for name in module.lowbit_dynamic_paths))):
+                if off(y, seen[:m] @ weight.T + b) or parts(run, y, module.lowbit_dynamic_paths):
                     return f"lowbit_dynamic_linear, {m} row(s)"
     return None
 

@@ -123,14 +123,17 @@ float inv_s_fbgemm() {
 // rounds on CPU (round to nearest even; NaN -> 0xFFFF, ATen's vectorized conversion), so
 // y.to(bfloat16) and a bf16 output are the same bits.
 using bf16 = at::BFloat16;
+using f16 = at::Half;  // the low-bit kernels' scales where they are float16 values (converted exactly)
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) { return static_cast<float>(v); }
+inline float to_float(f16 v) { return static_cast<float>(v); }
 inline void store_out(float* y, float v) { *y = v; }
 inline void store_out(bf16* y, float v) {
   *y = std::isnan(v) ? bf16(0xFFFF, bf16::from_bits()) : bf16(v);  // c10's round to nearest even
 }
 #ifdef QLIN_AVX512
 inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const f16* x) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))); }
 inline __m512 load16(const bf16* x) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -152,6 +155,9 @@ inline void store16(bf16* y, __m512 v, __mmask16 m = 0xFFFF) { _mm256_mask_store
 #endif
 #if defined(__AVX2__)  // (also in AVX-512 builds: the static rows' loop)
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+#if defined(__F16C__)
+inline __m256 load8(const f16* x) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))); }
+#endif
 inline __m256 load8(const bf16* x) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -1007,6 +1013,16 @@ at::Tensor static_linear_scalar(const at::Tensor& x, const at::Tensor& w, const 
   return static_linear_impl(x, w, out_scale, corr, zw, bias, divisor, zero_point, wsum_i, true);
 }
 
+// the low-bit kernels' scale panels: float32, or float16 where every scale is a float16 value
+inline bool float_or_half(const at::Tensor& s) {
+  return s.scalar_type() == at::kFloat || s.scalar_type() == at::kHalf;
+}
+// their data as one of two pointers (the other nullptr)
+inline std::pair<const float*, const f16*> scale_data(const at::Tensor& s) {
+  if (s.scalar_type() == at::kHalf) return {nullptr, s.data_ptr<f16>()};
+  return {s.data_ptr<float>(), nullptr};
+}
+
 // ---------------------------------------------------------------------------------------------
 // lowbit_linear: weight-only layers (lowbit.py packs the operands and holds the reference):
 //   y[m, n] = sum_k w[n, k] * x[m, k] (+ bias[n]),  w[n, k] = float(q[n, k] - z[n, g]) * s[n, g],
@@ -1052,7 +1068,7 @@ struct Args {
   const float* x;        // (M, K)
   const uint8_t* w;      // panels, panel p at w + p * pbytes
   const float* scale;    // (P, ngroups, 16), or nullptr when
-  const uint16_t* scale_h;  //   they are float16 values, held as float16 (half the bytes)
+  const f16* scale_h;    //   they are float16 values, held as float16 (half the bytes)
   const int8_t* zq;      // (P, ngroups, 16) or nullptr
   const float* bias;     // (N,) or nullptr
   float* y;              // (M, N)
@@ -1074,9 +1090,7 @@ struct VScalar {
   static int np_direct(int, bool) { return 1; }
   static W zero() { W w; for (int r = 0; r < PR; ++r) w.v[r] = 0.0f; return w; }
   static W load(const float* p) { W w; for (int r = 0; r < PR; ++r) w.v[r] = p[r]; return w; }
-  static W load(const uint16_t* p) {
-    W w; for (int r = 0; r < PR; ++r) w.v[r] = c10::detail::fp16_ieee_to_fp32_value(p[r]); return w;
-  }
+  static W load(const f16* p) { W w; for (int r = 0; r < PR; ++r) w.v[r] = to_float(p[r]); return w; }
   static void store(float* p, const W& w) { for (int r = 0; r < PR; ++r) p[r] = w.v[r]; }
   static W fma(const W& w, float x, const W& acc) {
     W o; for (int r = 0; r < PR; ++r) o.v[r] = std::fma(w.v[r], x, acc.v[r]); return o;
@@ -1125,10 +1139,7 @@ struct VAvx2 {
   static int np_direct(int mb, bool bare) { return mb == 1 ? (bare ? 4 : 2) : mb == 2 && bare ? 2 : 1; }
   static W zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
   static W load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-  static W load(const uint16_t* p) {
-    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
-  }
+  static W load(const f16* p) { return {load8(p), load8(p + 8)}; }
   static void store(float* p, const W& w) { _mm256_storeu_ps(p, w.a); _mm256_storeu_ps(p + 8, w.b); }
   static W fma(const W& w, float x, const W& acc) {
     const __m256 xv = _mm256_set1_ps(x);
@@ -1181,7 +1192,7 @@ struct VAvx512 {
   static int np_direct(int, bool) { return 4; }
   static W zero() { return {_mm512_setzero_ps()}; }
   static W load(const float* p) { return {_mm512_loadu_ps(p)}; }
-  static W load(const uint16_t* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+  static W load(const f16* p) { return {load16(p)}; }
   static void store(float* p, const W& w) { _mm512_storeu_ps(p, w.v); }
   static W fma(const W& w, float x, const W& acc) { return {_mm512_fmadd_ps(w.v, _mm512_set1_ps(x), acc.v)}; }
   static W add(const W& a, const W& b) { return {_mm512_add_ps(a.v, b.v)}; }
@@ -1450,11 +1461,9 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
               "lowbit_linear: codes must be contiguous panels (ceil(N/16), ", p4 ? "ceil(K/2)" : "K", ", 16) = (", P,
               ", ", krows, ", 16), got ", codes.sizes());
   TORCH_CHECK(scale.dim() == 3 && scale.size(0) == P && scale.size(1) == ngroups && scale.size(2) == PR &&
-                  (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous() &&
-                  scale.is_cpu(),
+                  float_or_half(scale) && scale.is_contiguous() && scale.is_cpu(),
               "lowbit_linear: scale must be contiguous float32 or float16 (ceil(N/16), ceil(K/group_size), 16) = (",
               P, ", ", ngroups, ", 16), got ", scale.scalar_type(), " ", scale.sizes());
-  const bool half = scale.scalar_type() == at::kHalf;
   const bool has_z = zq.numel() > 0;
   TORCH_CHECK(!has_z || (zq.sizes() == scale.sizes() && zq.scalar_type() == at::kChar && zq.is_contiguous()),
               "lowbit_linear: zq must be contiguous int8 of scale's shape, or empty, got ", zq.scalar_type(), " ",
@@ -1467,8 +1476,8 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   TORCH_CHECK(path >= AUTO && path <= AVX512, "lowbit_linear: path must be 0 (auto) .. 3, got ", path);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  const Args a{x.data_ptr<float>(), reinterpret_cast<const uint8_t*>(codes.data_ptr()),
-               half ? nullptr : scale.data_ptr<float>(), half ? reinterpret_cast<const uint16_t*>(scale.data_ptr()) : nullptr,
+  const auto [sf, sh] = scale_data(scale);
+  const Args a{x.data_ptr<float>(), reinterpret_cast<const uint8_t*>(codes.data_ptr()), sf, sh,
                has_z ? zq.data_ptr<int8_t>() : nullptr, has_b ? bias.data_ptr<float>() : nullptr,
                y.data_ptr<float>(), M, N, K, group_size, ngroups, P, krows * PR, p4};
   void (*fn)(const Args&, int64_t, int64_t) = &run<VScalar>;
@@ -1540,7 +1549,7 @@ struct Args {
   const float *a, *c;    // (M,)
   const uint8_t* w;      // (P, U, ub)
   const float* scale;    // (P, ngroups, 16), or nullptr when
-  const uint16_t* scale_h;  //   they are float16 values, held as float16 (half the bytes)
+  const f16* scale_h;    //   they are float16 values, held as float16 (half the bytes)
   const int8_t* zq;      // (P, ngroups, 16) or nullptr (then z = 0; nibbles: 8)
   const float* wsum;     // (N,)
   const float* bias;     // (N,) or nullptr
@@ -1555,7 +1564,7 @@ inline const uint8_t* unit(const Args& a, int64_t p, int64_t t) { return a.w + (
 inline int32_t codes4(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
 // scale `at` as float32 (a float16 one converted exactly)
 inline float scale_at(const Args& a, int64_t at) {
-  return a.scale_h ? c10::detail::fp16_ieee_to_fp32_value(a.scale_h[at]) : a.scale[at];
+  return a.scale_h ? to_float(a.scale_h[at]) : a.scale[at];
 }
 
 // the epilogue of 16 outputs of row m in panel p (v: their sums over the groups); rows past N not stored
@@ -1601,10 +1610,7 @@ void tile_scalar(const Args& a, int64_t p, int64_t m0) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define QLIN_LD_AVX2 1
 // 8 scales from `at` as float32 (float16 ones converted exactly, vcvtph2ps)
-inline __m256 scales8(const Args& a, int64_t at) {
-  return a.scale_h ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.scale_h + at)))
-                   : _mm256_loadu_ps(a.scale + at);
-}
+inline __m256 scales8(const Args& a, int64_t at) { return a.scale_h ? load8(a.scale_h + at) : load8(a.scale + at); }
 
 // v[i][h] = fma(float(acc - zq * usum), s, v[i][h]) for rows 8h .. 8h + 7 of the panel
 template <int MB>
@@ -1790,8 +1796,7 @@ void tile_vnni(const Args& a, int64_t p, int64_t m0) {
         acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_set1_epi32(codes4(ur[i] + t * 4)), w);
     }
     const int64_t at = (p * a.ngroups + g) * PR;
-    const __m512 s = a.scale_h ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.scale_h + at)))
-                               : _mm512_loadu_ps(a.scale + at);
+    const __m512 s = a.scale_h ? load16(a.scale_h + at) : load16(a.scale + at);
     const __m512i z = a.zq ? _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zq + at)))
                            : _mm512_set1_epi32(a.p4 ? 8 : 0);
     _Pragma("GCC unroll 4") for (int i = 0; i < MB; ++i) {
@@ -1861,9 +1866,8 @@ at::Tensor lowbit_dynamic_linear(const at::Tensor& x_in, const at::Tensor& codes
               "lowbit_dynamic_linear: codes must be contiguous dot panels (", P, ", ", U, ", ", ub, "), got ",
               codes.sizes());
   TORCH_CHECK(scale.dim() == 3 && scale.size(0) == P && scale.size(1) == ngroups && scale.size(2) == PR &&
-                  (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous(),
+                  float_or_half(scale) && scale.is_contiguous(),
               "lowbit_dynamic_linear: scale must be contiguous float32 or float16 (", P, ", ", ngroups, ", 16)");
-  const bool half = scale.scalar_type() == at::kHalf;
   const bool has_z = zq.numel() > 0, has_b = bias.numel() > 0, has_smooth = smooth.numel() > 0;
   TORCH_CHECK(!has_z || (zq.sizes() == scale.sizes() && zq.scalar_type() == at::kChar && zq.is_contiguous()),
               "lowbit_dynamic_linear: zq must be contiguous int8 of scale's shape, or empty");
@@ -1923,9 +1927,9 @@ at::Tensor lowbit_dynamic_linear(const at::Tensor& x_in, const at::Tensor& codes
       }
     }
   });
-  const Args a{up, ku, usp, ap, cp, reinterpret_cast<const uint8_t*>(codes.data_ptr()),
-               half ? nullptr : scale.data_ptr<float>(),
-               half ? reinterpret_cast<const uint16_t*>(scale.data_ptr()) : nullptr, has_z ? zq.data_ptr<int8_t>() : nullptr, wsum.data_ptr<float>(), has_b ? bias.data_ptr<float>() : nullptr,
+  const auto [sf, sh] = scale_data(scale);
+  const Args a{up, ku, usp, ap, cp, reinterpret_cast<const uint8_t*>(codes.data_ptr()), sf, sh,
+               has_z ? zq.data_ptr<int8_t>() : nullptr, wsum.data_ptr<float>(), has_b ? bias.data_ptr<float>() : nullptr,
                is_bf16 ? nullptr : y.data_ptr<float>(), is_bf16 ? y.data_ptr<bf16>() : nullptr,
                M, N, ngroups, UG, U, P, ub, p4};
   void (*const scalar)(const Args&, int64_t, int64_t) = &panels<tile_scalar<2>, tile_scalar<1>>;
